@@ -1,0 +1,12 @@
+"""dcnv2: Deformable ConvNets v2 for detectron2.
+
+``import dcnv2`` registers the backbones (``build_dcnv2_resnet_backbone``,
+``build_dcnv2_resnet_fpn_backbone``) and the synthetic datasets in detectron2's registries.
+"""
+from . import data  # noqa: F401  (registers the synthetic datasets)
+from . import modeling  # noqa: F401  (registers the backbones)
+from .config import add_dcnv2_config
+from .model_zoo import get_config_file, list_config_files
+
+__version__ = "0.1.0"
+__all__ = ["add_dcnv2_config", "get_config_file", "list_config_files"]

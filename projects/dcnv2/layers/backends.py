@@ -1,0 +1,172 @@
+"""Implementations ("backends") of the deformable convolution op, and how one is chosen.
+
+Every backend computes the same function with the layout detectron2, mmcv and torchvision share:
+for deformable group ``g`` and kernel tap ``k = i * kw + j``, offset channel
+``g * 2 * kh * kw + 2 * k`` is the vertical shift (dy) and ``+ 1`` the horizontal one (dx);
+mask channel ``g * kh * kw + k`` scales that tap. ``mask=None`` means DCNv1 (no modulation).
+
+Backends:
+    ``"detectron2"``: detectron2's compiled CUDA kernels; CUDA tensors only, and only when
+        ``detectron2._C`` imports (a from-source build of detectron2).
+    ``"torchvision"``: ``torchvision.ops.deform_conv2d``; CPU and CUDA.
+    ``"native"``: this package's implementation (``dcnv2.layers.native``) with detectron2's
+        exact CUDA semantics, forward and backward, on any device.
+"""
+import functools
+import logging
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["available_backends", "get_backend", "resolve_backend", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+# name -> fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg) -> output
+# stride/padding/dilation are (h, w) int tuples; mask and bias may be None.
+BackendFn = Callable[..., torch.Tensor]
+BACKENDS: Dict[str, BackendFn] = {}
+# Preference order of "auto" per device type; the first available one wins.
+_AUTO_ORDER = {"cuda": ("detectron2", "native", "torchvision"), "cpu": ("native", "torchvision")}
+
+
+def register_backend(name: str) -> Callable[[BackendFn], BackendFn]:
+    def deco(fn: BackendFn) -> BackendFn:
+        BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+@functools.lru_cache(maxsize=None)
+def _detectron2_ops():
+    """detectron2's compiled deformable-conv functions, or None when ``detectron2._C`` is absent."""
+    try:
+        from detectron2 import _C  # noqa: F401
+        from detectron2.layers.deform_conv import deform_conv, modulated_deform_conv
+    except ImportError:
+        return None
+    return deform_conv, modulated_deform_conv
+
+
+@functools.lru_cache(maxsize=None)
+def _native_ops():
+    try:
+        from . import native
+    except ImportError:  # the native backend is optional: say so once and carry on
+        logger.warning("dcnv2: native deformable-conv backend unavailable", exc_info=True)
+        return None
+    return native
+
+
+def _supports(name: str, device_type: str) -> bool:
+    if name == "torchvision":
+        return True
+    if name == "detectron2":
+        return device_type == "cuda" and _detectron2_ops() is not None
+    if name == "native":
+        return _native_ops() is not None
+    return False
+
+
+def available_backends(device: Optional[torch.device] = None) -> List[str]:
+    """Names of the backends that can run here.
+
+    Args:
+        device: only list backends that accept tensors on this device. By default, list every
+            backend usable on some device of this machine (CPU, and CUDA if present).
+    """
+    if device is not None:
+        device_types = [torch.device(device).type]
+    else:
+        device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    names = []
+    for name in ("detectron2", "native", "torchvision"):
+        if name in BACKENDS and any(_supports(name, t) for t in device_types):
+            names.append(name)
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into a concrete backend for ``device`` and check the choice is usable."""
+    device_type = torch.device(device).type
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device_type, ("native", "torchvision")):
+            if name in BACKENDS and _supports(name, device_type):
+                return name
+        raise RuntimeError(f"No deformable-conv backend supports device {device}")
+    if backend not in ("detectron2", "native", "torchvision"):
+        raise ValueError(
+            f"Unknown deformable-conv backend {backend!r}; expected one of "
+            f"'auto', 'detectron2', 'native', 'torchvision'"
+        )
+    if backend not in BACKENDS or not _supports(backend, device_type):
+        reason = ""
+        if backend == "detectron2":
+            reason = (
+                " (it needs CUDA tensors and a detectron2 built with its compiled ops, "
+                "i.e. `from detectron2 import _C` must work)"
+            )
+        raise ValueError(
+            f"Deformable-conv backend {backend!r} is not available for {device_type} tensors"
+            f"{reason}; available here: {available_backends(device)}"
+        )
+    return backend
+
+
+def get_backend(name: str) -> BackendFn:
+    return BACKENDS[name]
+
+
+@register_backend("torchvision")
+def _torchvision_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+    # torchvision infers groups from the weight and deformable groups from the offset.
+    from torchvision.ops import deform_conv2d
+
+    del groups, dg
+    return deform_conv2d(
+        input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
+    )
+
+
+def _square(name: str, value: Tuple[int, int]) -> int:
+    if value[0] != value[1]:
+        raise ValueError(
+            f"The detectron2 backend supports only equal vertical and horizontal {name}, "
+            f"got {value}; use backend='native' or 'torchvision'"
+        )
+    return value[0]
+
+
+@register_backend("detectron2")
+def _detectron2_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+    ops = _detectron2_ops()
+    deform_conv, modulated_deform_conv = ops
+    if mask is None:
+        # detectron2's DCNv1 kernel takes (h, w) pairs and has no bias.
+        out = deform_conv(input, offset, weight, stride, padding, dilation, groups, dg)
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)
+        return out
+    # detectron2's modulated kernel takes one int for both directions.
+    return modulated_deform_conv(
+        input,
+        offset,
+        mask,
+        weight,
+        bias,
+        _square("stride", stride),
+        _square("padding", padding),
+        _square("dilation", dilation),
+        groups,
+        dg,
+    )
+
+
+# Registration of the native backend is deferred to first use (see _native_ops) so that an
+# import problem there never breaks ``import dcnv2``.
+@register_backend("native")
+def _native_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+    return _native_ops().deform_conv2d(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, dg
+    )

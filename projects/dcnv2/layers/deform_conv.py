@@ -1,0 +1,287 @@
+"""Deformable convolution (DCNv1) and modulated deformable convolution (DCNv2) for detectron2.
+
+The functional op and the modules keep detectron2's signatures (``detectron2.layers.deform_conv``)
+and add ``backend``: see :mod:`dcnv2.layers.backends` for what each backend is.
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .backends import get_backend, resolve_backend
+
+__all__ = ["modulated_deform_conv", "deform_conv", "ModulatedDeformConv", "DeformConv"]
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _as_pair(name: str, value: IntOrPair, minimum: int) -> Tuple[int, int]:
+    pair = _pair(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return tuple(pair)
+
+
+def _check_tensor(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_args(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+    """Validate shapes; return the output spatial size (Ho, Wo)."""
+    _check_tensor("input", input, 4, "(N, C_in, H, W)")
+    _check_tensor("weight", weight, 4, "(C_out, C_in // groups, kh, kw)")
+    _check_tensor("offset", offset, 4, "(N, 2 * deformable_groups * kh * kw, Ho, Wo)")
+    if mask is not None:
+        _check_tensor("mask", mask, 4, "(N, deformable_groups * kh * kw, Ho, Wo)")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(dg, int) or dg < 1:
+        raise ValueError(f"deformable_groups must be a positive int, got {dg!r}")
+    n, c_in, h, w = input.shape
+    c_out, c_per_group, kh, kw = weight.shape
+    if c_in % groups != 0 or c_out % groups != 0:
+        raise ValueError(
+            f"in_channels ({c_in}) and out_channels ({c_out}) must both be divisible by "
+            f"groups ({groups})"
+        )
+    if c_in % dg != 0:
+        raise ValueError(
+            f"in_channels ({c_in}) must be divisible by deformable_groups ({dg})"
+        )
+    if c_per_group * groups != c_in:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}, expected (C_out, {c_in // groups}, kh, kw) "
+            f"for input with {c_in} channels and groups={groups}"
+        )
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)} with "
+            f"padding {padding}, dilation {dilation} and stride {stride}: output would be "
+            f"{(ho, wo)}"
+        )
+    expected = (n, 2 * dg * kh * kw, ho, wo)
+    if tuple(offset.shape) != expected:
+        raise ValueError(
+            f"offset has shape {tuple(offset.shape)}, expected {expected} "
+            f"(N, 2 * deformable_groups * kh * kw, Ho, Wo) with deformable_groups={dg}"
+        )
+    if mask is not None and tuple(mask.shape) != (n, dg * kh * kw, ho, wo):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected {(n, dg * kh * kw, ho, wo)} "
+            f"(N, deformable_groups * kh * kw, Ho, Wo) with deformable_groups={dg}"
+        )
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({c_out},)")
+    for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    return ho, wo
+
+
+def modulated_deform_conv(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    deformable_groups: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2); with ``mask=None``, DCNv1.
+
+    Args:
+        input (Tensor): (N, C_in, H, W).
+        offset (Tensor): (N, 2*G*kh*kw, Ho, Wo), G = ``deformable_groups``; channel
+            ``g*2*kh*kw + 2*k`` is dy and ``+1`` is dx of kernel tap ``k = i*kw + j``.
+        mask (Tensor or None): (N, G*kh*kw, Ho, Wo), modulation of each tap (usually a sigmoid).
+        weight (Tensor): (C_out, C_in // groups, kh, kw).
+        bias (Tensor or None): (C_out,).
+        stride, padding, dilation (int or (int, int)): as in ``conv2d``.
+        groups (int): convolution groups (ResNeXt).
+        deformable_groups (int): groups of input channels that share one offset field.
+        backend (str): "auto", "detectron2", "native" or "torchvision".
+
+    Returns:
+        Tensor: (N, C_out, Ho, Wo). Under autocast the op runs in float32 and returns float32.
+    """
+    stride = _as_pair("stride", stride, 1)
+    padding = _as_pair("padding", padding, 0)
+    dilation = _as_pair("dilation", dilation, 1)
+    ho, wo = _check_args(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups
+    )
+    if input.shape[0] == 0:
+        # Empty batch: an empty output of the right shape that still connects to every input,
+        # so backward() gives zero gradients instead of failing.
+        out = input.new_zeros((0, weight.shape[0], ho, wo))
+        for t in (input, offset, mask, weight, bias):
+            if t is not None:
+                out = out + t.sum() * 0
+        return out
+    name = resolve_backend(backend, input.device)
+    fn = get_backend(name)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type) or _mixed_dtypes(input, offset, mask, weight, bias):
+        # The kernels need one dtype; float32 keeps the bilinear weights and the offset gradient
+        # accurate (the long-standing autocast failure of detectron2's op).
+        with torch.autocast(device_type=device_type, enabled=False):
+            args = [t.float() if t is not None else None for t in (input, offset, mask, weight, bias)]
+            return fn(*args, stride, padding, dilation, groups, deformable_groups)
+    return fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups)
+
+
+def _mixed_dtypes(*tensors) -> bool:
+    return len({t.dtype for t in tensors if t is not None}) > 1
+
+
+def deform_conv(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    deformable_groups: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable convolution (DCNv1) with detectron2's ``deform_conv`` signature.
+
+    Args and shapes as :func:`modulated_deform_conv` without mask and bias.
+    """
+    return modulated_deform_conv(
+        input, offset, None, weight, None, stride, padding, dilation, groups, deformable_groups,
+        backend,
+    )
+
+
+class _DeformConvBase(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        deformable_groups: int = 1,
+        bias: bool = True,
+        norm: Optional[nn.Module] = None,
+        activation=None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if in_channels % groups != 0 or out_channels % groups != 0:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                f"divisible by groups ({groups})"
+            )
+        if in_channels % deformable_groups != 0:
+            raise ValueError(
+                f"in_channels ({in_channels}) must be divisible by deformable_groups "
+                f"({deformable_groups})"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _as_pair("kernel_size", kernel_size, 1)
+        self.stride = _as_pair("stride", stride, 1)
+        self.padding = _as_pair("padding", padding, 0)
+        self.dilation = _as_pair("dilation", dilation, 1)
+        self.groups = groups
+        self.deformable_groups = deformable_groups
+        self.with_bias = bias
+        self.norm = norm
+        self.activation = activation
+        self.backend = backend
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def offset_channels(self) -> int:
+        """Channels of the offset tensor this layer expects: 2 * G * kh * kw."""
+        return 2 * self.deformable_groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def _forward(self, x, offset, mask):
+        x = modulated_deform_conv(
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.deformable_groups,
+            self.backend,
+        )
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, groups={self.groups}, "
+            f"deformable_groups={self.deformable_groups}, bias={self.with_bias}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class ModulatedDeformConv(_DeformConvBase):
+    """Modulated deformable convolution (DCNv2), detectron2's constructor plus ``backend``.
+
+    ``forward(x, offset, mask)``: x (N, C_in, H, W), offset (N, 2*G*kh*kw, Ho, Wo),
+    mask (N, G*kh*kw, Ho, Wo); returns (N, C_out, Ho, Wo) after ``norm`` and ``activation``.
+    """
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, offset, mask)
+
+
+class DeformConv(_DeformConvBase):
+    """Deformable convolution (DCNv1), detectron2's constructor (``bias=False`` default) plus
+    ``backend``. ``forward(x, offset)`` with offset (N, 2*G*kh*kw, Ho, Wo)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        deformable_groups: int = 1,
+        bias: bool = False,
+        norm: Optional[nn.Module] = None,
+        activation=None,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            deformable_groups, bias, norm, activation, backend,
+        )
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, offset, None)

@@ -1,0 +1,10 @@
+"""Models: importing this module registers the backbones in detectron2's BACKBONE_REGISTRY."""
+from .fpn import build_dcnv2_resnet_fpn_backbone
+from .resnet import DCNv2BottleneckBlock, build_dcnv2_resnet_backbone, make_dcnv2_stages
+
+__all__ = [
+    "DCNv2BottleneckBlock",
+    "make_dcnv2_stages",
+    "build_dcnv2_resnet_backbone",
+    "build_dcnv2_resnet_fpn_backbone",
+]

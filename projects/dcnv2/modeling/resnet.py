@@ -1,0 +1,227 @@
+"""ResNet / ResNeXt backbones with (modulated) deformable 3x3 convolutions in chosen stages.
+
+The block keeps the parameter names of detectron2's ``DeformBottleneckBlock`` (``conv1``,
+``conv2``, ``conv2_offset``, ``conv3``, ``shortcut``), so detectron2 checkpoints with deformable
+layers load as they are, and everything else is detectron2's own ``ResNet``, ``BasicStem``,
+``BottleneckBlock`` and ``ResNet.make_stage``.
+"""
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
+from fvcore.nn import weight_init
+from torch import nn
+
+from ..layers import DeformConv, ModulatedDeformConv
+
+__all__ = ["DCNv2BottleneckBlock", "make_dcnv2_stages", "build_dcnv2_resnet_backbone"]
+
+_BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+
+
+class DCNv2BottleneckBlock(CNNBlockBase):
+    """Bottleneck block whose 3x3 conv is deformable: modulated (DCNv2) or not (DCNv1).
+
+    A plain 3x3 conv (``conv2_offset``) predicts, per deformable group, 2*9 offsets and (DCNv2)
+    9 modulation logits; it is zero-initialised, so the block starts as a plain bottleneck with
+    every tap weighted by sigmoid(0) = 0.5 (DCNv2) or 1 (DCNv1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        bottleneck_channels: int,
+        stride: int = 1,
+        num_groups: int = 1,
+        norm: str = "BN",
+        stride_in_1x1: bool = False,
+        dilation: int = 1,
+        deform_modulated: bool = True,
+        deform_num_groups: int = 1,
+        backend: str = "auto",
+    ):
+        super().__init__(in_channels, out_channels, stride)
+        self.deform_modulated = deform_modulated
+        if in_channels != out_channels:
+            self.shortcut = Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size=1,
+                stride=stride,
+                bias=False,
+                norm=get_norm(norm, out_channels),
+            )
+        else:
+            self.shortcut = None
+
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = Conv2d(
+            in_channels,
+            bottleneck_channels,
+            kernel_size=1,
+            stride=stride_1x1,
+            bias=False,
+            norm=get_norm(norm, bottleneck_channels),
+        )
+        # Per deformable group: 18 offsets (dy, dx for 9 taps), plus 9 mask logits for DCNv2.
+        channels_per_group = 27 if deform_modulated else 18
+        self.conv2_offset = Conv2d(
+            bottleneck_channels,
+            channels_per_group * deform_num_groups,
+            kernel_size=3,
+            stride=stride_3x3,
+            padding=dilation,
+            dilation=dilation,
+        )
+        conv_class = ModulatedDeformConv if deform_modulated else DeformConv
+        self.conv2 = conv_class(
+            bottleneck_channels,
+            bottleneck_channels,
+            kernel_size=3,
+            stride=stride_3x3,
+            padding=dilation,
+            dilation=dilation,
+            groups=num_groups,
+            deformable_groups=deform_num_groups,
+            bias=False,
+            norm=get_norm(norm, bottleneck_channels),
+            backend=backend,
+        )
+        self.conv3 = Conv2d(
+            bottleneck_channels,
+            out_channels,
+            kernel_size=1,
+            bias=False,
+            norm=get_norm(norm, out_channels),
+        )
+        for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
+            if layer is not None:
+                weight_init.c2_msra_fill(layer)
+        nn.init.zeros_(self.conv2_offset.weight)
+        nn.init.zeros_(self.conv2_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu_(self.conv1(x))
+        offset_mask = self.conv2_offset(out)
+        if self.deform_modulated:
+            # Same split as detectron2 and mmcv: first 2/3 of the channels are offsets.
+            num_offsets = offset_mask.shape[1] * 2 // 3
+            offset = offset_mask[:, :num_offsets]
+            mask = offset_mask[:, num_offsets:].sigmoid()
+            out = self.conv2(out, offset, mask)
+        else:
+            out = self.conv2(out, offset_mask)
+        out = F.relu_(out)
+        out = self.conv3(out)
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        out += shortcut
+        return F.relu_(out)
+
+
+def make_dcnv2_stages(
+    *,
+    depth: int = 50,
+    deform_on_per_stage: Sequence[bool] = (False, True, True, True),
+    deform_modulated: bool = True,
+    deform_num_groups: int = 1,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    in_channels: int = 64,
+    out_channels: int = 256,
+    stride_in_1x1: bool = True,
+    res5_dilation: int = 1,
+    norm: str = "FrozenBN",
+    backend: str = "auto",
+) -> List[List[CNNBlockBase]]:
+    """The four stages (res2-res5) of a ResNet/ResNeXt with deformable 3x3 convs where asked.
+
+    Keyword-only so it can be wrapped in ``L(...)`` in a LazyConfig, for example
+    ``L(ResNet)(stem=..., stages=L(make_dcnv2_stages)(depth=50), out_features=[...])``.
+
+    Args:
+        depth: 50, 101 or 152.
+        deform_on_per_stage: four booleans, res2 to res5.
+        deform_modulated: True for DCNv2 (mdconv), False for DCNv1 (dconv).
+        deform_num_groups: deformable groups of each deformable conv.
+        num_groups, width_per_group: ResNeXt cardinality and width (1, 64 for ResNet).
+        in_channels: channels out of the stem; out_channels: channels out of res2.
+        stride_in_1x1: True for caffe2/MSRA-style weights, False for pytorch-style ones.
+        res5_dilation: 1 or 2 (then res5 keeps stride 16).
+        norm: a detectron2 norm name ("FrozenBN", "BN", "SyncBN", "GN", ...).
+        backend: deformable-conv backend, see :mod:`dcnv2.layers.backends`.
+
+    Returns:
+        list[list[CNNBlockBase]]: the blocks of each stage, for ``detectron2``'s ``ResNet``.
+    """
+    if depth not in _BLOCKS_PER_STAGE:
+        raise ValueError(
+            f"ResNet depth {depth} is not supported with deformable convs; expected one of "
+            f"{sorted(_BLOCKS_PER_STAGE)} (R18/R34 have no bottleneck 3x3 to deform)"
+        )
+    if len(deform_on_per_stage) != 4:
+        raise ValueError(
+            f"deform_on_per_stage needs 4 booleans (res2..res5), got {list(deform_on_per_stage)}"
+        )
+    if res5_dilation not in (1, 2):
+        raise ValueError(f"res5_dilation must be 1 or 2, got {res5_dilation}")
+    bottleneck_channels = num_groups * width_per_group
+    stages = []
+    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth]):
+        dilation = res5_dilation if idx == 3 else 1
+        first_stride = 1 if idx == 0 or (idx == 3 and dilation == 2) else 2
+        kwargs = dict(
+            num_blocks=num_blocks,
+            stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+            in_channels=in_channels,
+            out_channels=out_channels,
+            bottleneck_channels=bottleneck_channels,
+            num_groups=num_groups,
+            norm=norm,
+            stride_in_1x1=stride_in_1x1,
+            dilation=dilation,
+        )
+        if deform_on_per_stage[idx]:
+            kwargs.update(
+                block_class=DCNv2BottleneckBlock,
+                deform_modulated=deform_modulated,
+                deform_num_groups=deform_num_groups,
+                backend=backend,
+            )
+        else:
+            kwargs["block_class"] = BottleneckBlock
+        stages.append(ResNet.make_stage(**kwargs))
+        in_channels = out_channels
+        out_channels *= 2
+        bottleneck_channels *= 2
+    return stages
+
+
+@BACKBONE_REGISTRY.register()
+def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """detectron2's ResNet built from ``MODEL.RESNETS`` with deformable convs per
+    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` (DCNv2 when ``DEFORM_MODULATED``) and the op backend
+    from ``MODEL.DCNV2.BACKEND``."""
+    r = cfg.MODEL.RESNETS
+    stem = BasicStem(
+        in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
+    )
+    stages = make_dcnv2_stages(
+        depth=r.DEPTH,
+        deform_on_per_stage=r.DEFORM_ON_PER_STAGE,
+        deform_modulated=r.DEFORM_MODULATED,
+        deform_num_groups=r.DEFORM_NUM_GROUPS,
+        num_groups=r.NUM_GROUPS,
+        width_per_group=r.WIDTH_PER_GROUP,
+        in_channels=r.STEM_OUT_CHANNELS,
+        out_channels=r.RES2_OUT_CHANNELS,
+        stride_in_1x1=r.STRIDE_IN_1X1,
+        res5_dilation=r.RES5_DILATION,
+        norm=r.NORM,
+        backend=cfg.MODEL.DCNV2.BACKEND,
+    )
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
