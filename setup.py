@@ -5,7 +5,7 @@ The package lives in ``projects/dcnv2`` (detectron2's layout for projects) and i
 ``dcnv2``. The repository's ``configs/`` folder is shipped inside the package (through the
 ``projects/dcnv2/configs`` link), so ``dcnv2.get_config_file(name)`` works without a checkout.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dcnv2",
@@ -15,13 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.8",
-    packages=[
-        "dcnv2",
-        "dcnv2.layers",
-        "dcnv2.modeling",
-        "dcnv2.data",
-        "dcnv2.engine",
-    ],
+    packages=["dcnv2"] + [f"dcnv2.{p}" for p in find_packages("projects/dcnv2")],
     package_dir={"dcnv2": "projects/dcnv2"},
     package_data={"dcnv2": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"]},
     # detectron2 is not on PyPI under its own name and must match the user's torch/CUDA build,

@@ -5,8 +5,8 @@
 """
 from . import data  # noqa: F401  (registers the synthetic datasets)
 from . import modeling  # noqa: F401  (registers the backbones)
-from .config import add_dcnv2_config
+from .config import add_dcnv2_config, get_cfg
 from .model_zoo import get_config_file, list_config_files
 
 __version__ = "0.1.0"
-__all__ = ["add_dcnv2_config", "get_config_file", "list_config_files"]
+__all__ = ["add_dcnv2_config", "get_cfg", "get_config_file", "list_config_files"]

@@ -1,0 +1,62 @@
+"""Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator
+and distributed training that also works on CPU (gloo)."""
+import contextlib
+import logging
+import os
+from typing import Optional
+
+import detectron2.engine.defaults as d2_defaults
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+
+__all__ = ["Trainer", "create_ddp_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(model, **kwargs):
+    """detectron2's ``create_ddp_model`` that also accepts CPU models.
+
+    detectron2 always passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
+    for a module whose parameters are on the CPU (multi-process CPU training with gloo).
+    """
+    if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
+        kwargs["device_ids"] = None
+    return _D2_CREATE_DDP_MODEL(model, **kwargs)
+
+
+_D2_CREATE_DDP_MODEL = d2_defaults.create_ddp_model
+
+
+@contextlib.contextmanager
+def _cpu_friendly_ddp():
+    # DefaultTrainer.__init__ calls the module-level create_ddp_model; swap it only while the
+    # trainer is being built.
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = _D2_CREATE_DDP_MODEL
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP."""
+
+    def __init__(self, cfg):
+        with _cpu_friendly_ddp():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg, dataset_name: str, output_folder: Optional[str] = None
+    ) -> DatasetEvaluator:
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type != "coco":
+            raise ValueError(
+                f"dcnv2's Trainer evaluates COCO-format datasets; {dataset_name!r} has "
+                f"evaluator_type={evaluator_type!r}. Override Trainer.build_evaluator for it."
+            )
+        return COCOEvaluator(dataset_name, output_dir=output_folder)

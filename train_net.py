@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Train or evaluate a dcnv2 model with detectron2.
+
+    python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --eval-only \
+        MODEL.WEIGHTS path/to/model_final.pth
+
+Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
+"""
+import sys
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+import dcnv2
+from dcnv2.data import DatasetNotFoundError, check_datasets
+from dcnv2.engine import Trainer
+
+
+def setup(args):
+    cfg = dcnv2.get_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def datasets_used(cfg, eval_only: bool):
+    return list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
+
+
+def main(args):
+    cfg = setup(args)
+    check_datasets(datasets_used(cfg, args.eval_only))
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    # Fail once, in the launching process, before any worker or model is started.
+    try:
+        check_datasets(datasets_used(dcnv2.get_cfg(args.config_file, args.opts), args.eval_only))
+    except DatasetNotFoundError as e:
+        sys.exit(f"error: {e}")
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
