@@ -1,4 +1,5 @@
 """The deformable ResNet/FPN backbones: shapes, strides, parameter names, deformable layers."""
+
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
@@ -19,7 +20,9 @@ def _cfg(**resnets):
 
 
 def _deform_layers(module):
-    return [n for n, m in module.named_modules() if isinstance(m, (ModulatedDeformConv, DeformConv))]
+    return [
+        n for n, m in module.named_modules() if isinstance(m, (ModulatedDeformConv, DeformConv))
+    ]
 
 
 def test_backbones_registered():
@@ -49,9 +52,13 @@ def test_seed_has_13_modulated_deformable_convs_in_res3_to_res5():
     bottom_up = build_backbone(_cfg()).bottom_up
     layers = _deform_layers(bottom_up)
     assert len(layers) == 13
-    per_stage = {s: sum(n.startswith(s + ".") for n in layers) for s in ("res2", "res3", "res4", "res5")}
+    per_stage = {
+        s: sum(n.startswith(s + ".") for n in layers) for s in ("res2", "res3", "res4", "res5")
+    }
     assert per_stage == {"res2": 0, "res3": 4, "res4": 6, "res5": 3}
-    assert all(isinstance(m, ModulatedDeformConv) for n, m in bottom_up.named_modules() if n in layers)
+    assert all(
+        isinstance(m, ModulatedDeformConv) for n, m in bottom_up.named_modules() if n in layers
+    )
     # 27 = 18 offsets + 9 mask logits per deformable group
     assert bottom_up.res3[0].conv2_offset.out_channels == 27
 
@@ -116,7 +123,9 @@ def test_resnext_depth_freeze_and_dilation():
     cfg.MODEL.BACKBONE.NAME = "build_dcnv2_resnet_backbone"  # dilated res5 does not fit FPN
     bottom_up = build_backbone(cfg)
     assert len(bottom_up.res4) == 23
-    assert bottom_up.res4[0].conv2.groups == 32 and bottom_up.res4[0].conv2.out_channels == 256
+    assert (
+        bottom_up.res4[0].conv2.groups == 32 and bottom_up.res4[0].conv2.out_channels == 512
+    )  # 32x4d: 128 at res2, doubled per stage
     assert bottom_up.res5[0].conv2.dilation == (2, 2)
     assert bottom_up.output_shape()["res5"].stride == 16
     # FREEZE_AT=2 freezes the stem and res2 (and turns their BN into FrozenBN), not res3.
