@@ -1,0 +1,93 @@
+"""The installable package: registration on import, shipped configs, dataset checks."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import dcnv2
+import pytest
+from dcnv2.data import DatasetNotFoundError, check_datasets
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_import_registers_backbones_in_a_fresh_process():
+    code = (
+        "from detectron2.modeling import BACKBONE_REGISTRY as R\n"
+        "assert 'build_dcnv2_resnet_fpn_backbone' not in R\n"
+        "import dcnv2\n"
+        "assert 'build_dcnv2_resnet_fpn_backbone' in R and 'build_dcnv2_resnet_backbone' in R\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_repository_config_is_shipped_with_the_package():
+    in_repo = set()
+    for root, _, files in os.walk(os.path.join(ROOT, "configs")):
+        for f in files:
+            if f.endswith((".yaml", ".py")):
+                in_repo.add(os.path.relpath(os.path.join(root, f), os.path.join(ROOT, "configs")))
+    assert "faster_rcnn_R50_mdconv_FPN_1x.yaml" in in_repo
+    assert in_repo <= set(dcnv2.list_config_files())
+    for name in in_repo:
+        assert os.path.isfile(dcnv2.get_config_file(name))
+
+
+def test_unknown_config_name_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="faster_rcnn_R50_mdconv_FPN_1x.yaml"):
+        dcnv2.get_config_file("faster_rcnn_R50_nothing.yaml")
+
+
+def test_get_cfg_has_dcnv2_keys_and_seed_recipe():
+    cfg = dcnv2.get_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["SOLVER.MAX_ITER", "10"])
+    assert cfg.MODEL.DCNV2.BACKEND == "auto"
+    assert cfg.MODEL.BACKBONE.NAME == "build_dcnv2_resnet_fpn_backbone"
+    assert list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) == [False, True, True, True]
+    assert cfg.MODEL.RESNETS.DEFORM_MODULATED and cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS == 1
+    assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+    assert tuple(cfg.SOLVER.STEPS) == (60000, 80000)
+    assert cfg.SOLVER.MAX_ITER == 10  # the override
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 672, 704, 736, 768, 800)
+    assert cfg.INPUT.MIN_SIZE_TEST == 800
+
+
+def test_missing_coco_is_one_clear_error(tmp_path, monkeypatch):
+    name = "dcnv2_test_missing_coco"
+    json_file = str(tmp_path / "coco" / "annotations" / "instances_val2017.json")
+    DatasetCatalog.register(name, lambda: [])
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=str(tmp_path / "coco" / "val"))
+    try:
+        with pytest.raises(DatasetNotFoundError) as e:
+            check_datasets([name])
+        assert json_file in str(e.value) and "instances_{train,val}2017.json" in str(e.value)
+        with pytest.raises(DatasetNotFoundError, match="not registered"):
+            check_datasets(["no_such_dataset"])
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_wheel_contains_package_and_configs(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            ROOT,
+        ],
+        check=True,
+    )
+    (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert "dcnv2/__init__.py" in names and "dcnv2/layers/deform_conv.py" in names
+    assert "dcnv2/configs/faster_rcnn_R50_mdconv_FPN_1x.yaml" in names
+    assert "dcnv2/configs/Base-DCNv2-RCNN-FPN.yaml" in names
