@@ -5,6 +5,7 @@ The package lives in ``projects/dcnv2`` (detectron2's layout for projects) and i
 ``dcnv2``. The repository's ``configs/`` folder is shipped inside the package (through the
 ``projects/dcnv2/configs`` link), so ``dcnv2.get_config_file(name)`` works without a checkout.
 """
+
 from setuptools import find_packages, setup
 
 setup(

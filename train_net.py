@@ -7,6 +7,7 @@
 
 Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
 """
+
 import sys
 
 import detectron2.utils.comm as comm

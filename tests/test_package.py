@@ -5,10 +5,11 @@ import subprocess
 import sys
 import zipfile
 
-import dcnv2
 import pytest
-from dcnv2.data import DatasetNotFoundError, check_datasets
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+import dcnv2
+from dcnv2.data import DatasetNotFoundError, check_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,6 +3,7 @@
 ``import dcnv2`` registers the backbones (``build_dcnv2_resnet_backbone``,
 ``build_dcnv2_resnet_fpn_backbone``) and the synthetic datasets in detectron2's registries.
 """
+
 from . import data  # noqa: F401  (registers the synthetic datasets)
 from . import modeling  # noqa: F401  (registers the backbones)
 from .config import add_dcnv2_config, get_cfg

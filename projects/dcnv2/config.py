@@ -4,6 +4,7 @@ Which stages are deformable and how is said with detectron2's own keys:
 ``MODEL.RESNETS.DEFORM_ON_PER_STAGE``, ``DEFORM_MODULATED`` (True: DCNv2) and
 ``DEFORM_NUM_GROUPS``.
 """
+
 import os
 from typing import Optional, Sequence
 

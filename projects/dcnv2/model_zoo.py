@@ -1,4 +1,5 @@
 """Config files shipped with the package (the repository's ``configs/`` folder)."""
+
 import os
 
 __all__ = ["get_config_file", "list_config_files"]

@@ -1,4 +1,5 @@
 """Check that the datasets a config names are on disk, before any model is built."""
+
 import os
 from typing import Iterable
 

@@ -1,5 +1,6 @@
 """Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator
 and distributed training that also works on CPU (gloo)."""
+
 import contextlib
 import logging
 import os

@@ -12,6 +12,7 @@ Backends:
     ``"native"``: this package's implementation (``dcnv2.layers.native``) with detectron2's
         exact CUDA semantics, forward and backward, on any device.
 """
+
 import functools
 import logging
 from typing import Callable, Dict, List, Optional, Tuple

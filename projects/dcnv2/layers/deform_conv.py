@@ -3,6 +3,7 @@
 The functional op and the modules keep detectron2's signatures (``detectron2.layers.deform_conv``)
 and add ``backend``: see :mod:`dcnv2.layers.backends` for what each backend is.
 """
+
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -52,9 +53,7 @@ def _check_args(input, offset, mask, weight, bias, stride, padding, dilation, gr
             f"groups ({groups})"
         )
     if c_in % dg != 0:
-        raise ValueError(
-            f"in_channels ({c_in}) must be divisible by deformable_groups ({dg})"
-        )
+        raise ValueError(f"in_channels ({c_in}) must be divisible by deformable_groups ({dg})")
     if c_per_group * groups != c_in:
         raise ValueError(
             f"weight has shape {tuple(weight.shape)}, expected (C_out, {c_in // groups}, kh, kw) "
@@ -138,9 +137,13 @@ def modulated_deform_conv(
         # The kernels need one dtype; float32 keeps the bilinear weights and the offset gradient
         # accurate (the long-standing autocast failure of detectron2's op).
         with torch.autocast(device_type=device_type, enabled=False):
-            args = [t.float() if t is not None else None for t in (input, offset, mask, weight, bias)]
+            args = [
+                t.float() if t is not None else None for t in (input, offset, mask, weight, bias)
+            ]
             return fn(*args, stride, padding, dilation, groups, deformable_groups)
-    return fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups)
+    return fn(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups
+    )
 
 
 def _mixed_dtypes(*tensors) -> bool:
@@ -163,7 +166,16 @@ def deform_conv(
     Args and shapes as :func:`modulated_deform_conv` without mask and bias.
     """
     return modulated_deform_conv(
-        input, offset, None, weight, None, stride, padding, dilation, groups, deformable_groups,
+        input,
+        offset,
+        None,
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        groups,
+        deformable_groups,
         backend,
     )
 
@@ -279,8 +291,18 @@ class DeformConv(_DeformConvBase):
         backend: str = "auto",
     ):
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            deformable_groups, bias, norm, activation, backend,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            deformable_groups,
+            bias,
+            norm,
+            activation,
+            backend,
         )
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Models: importing this module registers the backbones in detectron2's BACKBONE_REGISTRY."""
+
 from .fpn import build_dcnv2_resnet_fpn_backbone
 from .resnet import DCNv2BottleneckBlock, build_dcnv2_resnet_backbone, make_dcnv2_stages
 

@@ -1,4 +1,5 @@
 """FPN on top of the deformable ResNet, as detectron2's ``build_resnet_fpn_backbone``."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool

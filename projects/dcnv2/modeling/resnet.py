@@ -5,6 +5,7 @@ The block keeps the parameter names of detectron2's ``DeformBottleneckBlock`` (`
 layers load as they are, and everything else is detectron2's own ``ResNet``, ``BasicStem``,
 ``BottleneckBlock`` and ``ResNet.make_stage``.
 """
+
 from typing import List, Sequence
 
 import torch
