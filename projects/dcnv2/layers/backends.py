@@ -141,8 +141,11 @@ def _square(name: str, value: Tuple[int, int]) -> int:
 
 @register_backend("detectron2")
 def _detectron2_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
-    ops = _detectron2_ops()
-    deform_conv, modulated_deform_conv = ops
+    deform_conv, modulated_deform_conv = _detectron2_ops()
+    # The CUDA kernels index raw memory: they need contiguous tensors.
+    input, offset, weight = input.contiguous(), offset.contiguous(), weight.contiguous()
+    if mask is not None:
+        mask = mask.contiguous()
     if mask is None:
         # detectron2's DCNv1 kernel takes (h, w) pairs and has no bias.
         out = deform_conv(input, offset, weight, stride, padding, dilation, groups, dg)

@@ -133,7 +133,7 @@ def modulated_deform_conv(
     name = resolve_backend(backend, input.device)
     fn = get_backend(name)
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type) or _mixed_dtypes(input, offset, mask, weight, bias):
+    if _autocast_enabled(device_type) or _mixed_dtypes(input, offset, mask, weight, bias):
         # The kernels need one dtype; float32 keeps the bilinear weights and the offset gradient
         # accurate (the long-standing autocast failure of detectron2's op).
         with torch.autocast(device_type=device_type, enabled=False):
@@ -144,6 +144,15 @@ def modulated_deform_conv(
     return fn(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups
     )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has one query per device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def _mixed_dtypes(*tensors) -> bool:
