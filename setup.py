@@ -30,8 +30,19 @@ setup(
         "fvcore",
         "iopath",
         "tqdm",
+        "matplotlib",  # tools/visualize_sampling.py and tools/plot_metrics.py
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "black", "isort", "ruff"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout",
+            "hypothesis",
+            "black",
+            "isort",
+            "ruff",
+            # tools/demo.py reads and writes videos with OpenCV; 4.11+ needs numpy 2, which
+            # detectron2 0.7 does not support.
+            "opencv-python-headless<4.11",
+        ],
     },
 )

@@ -1,0 +1,5 @@
+"""Logic of the command-line tools in ``tools/``: demo, sampling-location pictures, model
+analysis (FLOPs, activations, parameters), training-curve plots, benchmark and export.
+
+Each module is importable on its own; the scripts in ``tools/`` only parse arguments.
+"""
