@@ -1,0 +1,441 @@
+"""Where stacked deformable layers look: the DCNv2 paper's sampling-location pictures.
+
+For a position in the image, the last deformable layer samples ``kh*kw`` points of its input
+(regular grid + learned offsets), each scaled by its modulation; each of those points is an
+output position of the previous deformable layer, which samples ``kh*kw`` points of its own
+input, and so on. Tracing ``L`` layers gives ``(kh*kw)**L`` image positions, each weighted by
+the product of the modulations along its path (arXiv 1811.11168, Fig. 1 and Fig. 3).
+
+Conventions:
+    * Positions are ``(y, x)`` in pixels of the network's input image (after resizing).
+    * A feature map of stride ``s`` has its cell ``(i, j)`` at image position ``(s*i, s*j)``
+      (detectron2's anchor convention, ``ANCHOR_GENERATOR.OFFSET = 0``); with it, a stride-2
+      1x1 conv or a stride-2 padded 3x3 conv maps positions exactly, so the layers between two
+      deformable layers (1x1 convs, residual adds) are transparent.
+    * Offsets and modulations at a fractional position are interpolated bilinearly from the
+      layer's offset field, clamped at the border.
+    * With deformable groups ``G > 1`` the first group's offsets and masks are traced.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.modeling.backbone.resnet import ResNet
+from torch import nn
+
+from ..layers import DeformConv, ModulatedDeformConv
+from .cli import UserInputError
+
+__all__ = [
+    "DeformableLayerRecord",
+    "find_resnet",
+    "deformable_layers",
+    "record_deformable_layers",
+    "trace_sampling_locations",
+    "randomize_offsets",
+    "sample_image",
+    "plot_sampling_locations",
+]
+
+
+@dataclass
+class DeformableLayerRecord:
+    """What one deformable conv did on one image.
+
+    Attributes:
+        name: module name.
+        offset (Tensor): (2*kh*kw, Ho, Wo), first deformable group; channel ``2k`` is dy and
+            ``2k+1`` is dx of tap ``k = i*kw + j``, in input-feature-map cells.
+        mask (Tensor): (kh*kw, Ho, Wo), modulation of each tap (ones for DCNv1).
+        kernel_size, stride, padding, dilation: (h, w) pairs of the conv.
+        in_stride: stride of the conv's input feature map, in image pixels.
+    """
+
+    name: str
+    offset: torch.Tensor
+    mask: torch.Tensor
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    in_stride: int
+
+    @property
+    def out_stride(self) -> int:
+        """Stride of the conv's output feature map (= of its offset field), in image pixels."""
+        return self.in_stride * self.stride[0]
+
+
+def find_resnet(model: nn.Module) -> ResNet:
+    """The detectron2 ``ResNet`` inside ``model`` (itself, an FPN's ``bottom_up``, ...).
+
+    Raises:
+        UserInputError: there is none.
+    """
+    for module in model.modules():
+        if isinstance(module, ResNet):
+            return module
+    raise UserInputError(
+        f"{type(model).__name__} has no detectron2 ResNet backbone with deformable layers"
+    )
+
+
+def deformable_layers(resnet: ResNet) -> List[Tuple[str, nn.Module, int]]:
+    """The deformable convs of a ResNet in execution order.
+
+    Returns:
+        list of ``(name, conv, in_stride)``: module name (relative to ``resnet``), the
+        ``DeformConv``/``ModulatedDeformConv`` and the stride of its input feature map.
+    """
+    names = {module: name for name, module in resnet.named_modules()}
+    layers = []
+    stride = resnet.stem.stride
+    for stage in resnet.stages:
+        for block in stage:
+            block_in_stride = stride
+            stride *= block.stride
+            for module in block.modules():
+                if isinstance(module, (DeformConv, ModulatedDeformConv)):
+                    # The block's stride sits either in this conv or before it (stride_in_1x1):
+                    # the conv's output has the block's output stride either way.
+                    in_stride = stride // module.stride[0]
+                    assert in_stride in (block_in_stride, stride), (module, in_stride)
+                    layers.append((names[module], module, in_stride))
+    return layers
+
+
+@contextlib.contextmanager
+def record_deformable_layers(
+    model: nn.Module, batch_index: int = 0
+) -> Iterator[List[DeformableLayerRecord]]:
+    """Record the offsets and masks of every deformable conv of ``model``'s ResNet.
+
+    The hooks sit on the deformable convs themselves (``conv2`` of each
+    ``DCNv2BottleneckBlock``), so they see exactly the offset and mask the op receives, after
+    the block has split ``conv2_offset``'s output and applied the sigmoid.
+
+    Yields:
+        list[DeformableLayerRecord]: filled, in execution order, during the forward passes run
+        inside the ``with`` block (cleared at each new forward).
+    """
+    resnet = find_resnet(model)
+    layers = deformable_layers(resnet)
+    if not layers:
+        raise UserInputError(
+            "the model's ResNet has no deformable layer (MODEL.RESNETS.DEFORM_ON_PER_STAGE is "
+            "all False): nothing to visualise"
+        )
+    records: List[DeformableLayerRecord] = []
+    handles = []
+
+    def make_hook(name: str, in_stride: int, is_first: bool):
+        def hook(module, args, kwargs, output):
+            if is_first:
+                records.clear()
+            values = list(args[1:]) + [kwargs.get(k) for k in ("offset", "mask") if k in kwargs]
+            offset = values[0][batch_index].detach().float()
+            mask = values[1] if len(values) > 1 else None
+            kh, kw = module.kernel_size
+            taps = kh * kw
+            if mask is None:
+                mask = torch.ones((taps,) + tuple(offset.shape[1:]))
+            else:
+                mask = mask[batch_index].detach().float()
+            records.append(
+                DeformableLayerRecord(
+                    name=name,
+                    offset=offset[: 2 * taps].cpu(),
+                    mask=mask[:taps].cpu(),
+                    kernel_size=tuple(module.kernel_size),
+                    stride=tuple(module.stride),
+                    padding=tuple(module.padding),
+                    dilation=tuple(module.dilation),
+                    in_stride=in_stride,
+                )
+            )
+
+        return hook
+
+    for i, (name, module, in_stride) in enumerate(layers):
+        hook = make_hook(name, in_stride, is_first=i == 0)
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _bilinear(field: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Sample ``field`` (C, H, W) at fractional cells ``y``, ``x`` (any equal shapes S), with
+    positions outside clamped to the border. Returns (C, *S)."""
+    h, w = field.shape[-2:]
+    y = y.clamp(0, h - 1)
+    x = x.clamp(0, w - 1)
+    y0 = y.floor().long()
+    x0 = x.floor().long()
+    y1 = (y0 + 1).clamp(max=h - 1)
+    x1 = (x0 + 1).clamp(max=w - 1)
+    ly = (y - y0).to(field.dtype)
+    lx = (x - x0).to(field.dtype)
+    return (
+        field[:, y0, x0] * (1 - ly) * (1 - lx)
+        + field[:, y0, x1] * (1 - ly) * lx
+        + field[:, y1, x0] * ly * (1 - lx)
+        + field[:, y1, x1] * ly * lx
+    )
+
+
+def trace_sampling_locations(
+    layers: Sequence[DeformableLayerRecord], points: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Trace image positions back through stacked deformable layers.
+
+    Args:
+        layers: the deformable layers in execution order; the last one is applied last, so the
+            trace starts there and goes backwards.
+        points (Tensor): (P, 2) query positions ``(y, x)`` in image pixels.
+
+    Returns:
+        (locations, weights):
+            locations (Tensor): (P, T, 2) sampled image positions ``(y, x)``,
+            ``T = prod(kh*kw)`` over the layers; the last layer's tap is the slowest index.
+            weights (Tensor): (P, T), the product of the modulations along each path.
+    """
+    if not len(layers):
+        raise ValueError("trace_sampling_locations needs at least one deformable layer")
+    points = torch.as_tensor(points, dtype=torch.float64)
+    if points.dim() != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must be (P, 2) (y, x) positions, got shape {tuple(points.shape)}")
+    locations = points[:, None, :]  # (P, M=1, 2)
+    weights = torch.ones(points.shape[0], 1, dtype=torch.float64)
+    for layer in reversed(layers):
+        kh, kw = layer.kernel_size
+        taps = kh * kw
+        # Position in the layer's output grid (where its offset field lives).
+        cells = locations / layer.out_stride
+        fy, fx = cells[..., 0], cells[..., 1]
+        offset = _bilinear(layer.offset.double(), fy, fx)  # (2*taps, P, M)
+        mask = _bilinear(layer.mask.double(), fy, fx)  # (taps, P, M)
+        dy, dx = offset[0::2].permute(1, 2, 0), offset[1::2].permute(1, 2, 0)  # (P, M, taps)
+        ty = torch.arange(kh, dtype=torch.float64).repeat_interleave(kw)
+        tx = torch.arange(kw, dtype=torch.float64).repeat(kh)
+        # Input cell of tap k: out * stride - pad + tap * dilation + learned offset.
+        in_y = fy[..., None] * layer.stride[0] - layer.padding[0] + ty * layer.dilation[0] + dy
+        in_x = fx[..., None] * layer.stride[1] - layer.padding[1] + tx * layer.dilation[1] + dx
+        locations = torch.stack([in_y, in_x], dim=-1).flatten(1, 2) * layer.in_stride
+        weights = (weights[..., None] * mask.permute(1, 2, 0)).flatten(1, 2)
+        assert locations.shape[1] == weights.shape[1] and weights.shape[1] % taps == 0
+    return locations, weights
+
+
+def randomize_offsets(
+    model: nn.Module, inputs: List[dict], offset_rms: float, seed: int = 0, mask_logit_rms=2.0
+) -> int:
+    """Give the offset/mask predictors (``conv2_offset``) random weights, scaled so that on
+    ``inputs`` the offsets have an RMS of about ``offset_rms`` feature-map cells and the mask
+    logits about ``mask_logit_rms``.
+
+    For illustration only: a model without trained weights has zero offsets (a regular grid)
+    and constant modulation, which hides what the tool draws. The scale comes from one forward
+    pass: a conv with N(0, s^2) weights on input ``x`` has output variance ``s^2 * E[sum of x^2
+    over the window]``.
+
+    Args:
+        model: the detector, in eval mode.
+        inputs: one batch, as the model takes it.
+        offset_rms, mask_logit_rms: target RMS of the offsets (cells) and of the mask logits.
+        seed: seed of the random weights.
+
+    Returns:
+        int: how many predictors were changed.
+    """
+    predictors = [
+        (name, module)
+        for name, module in find_resnet(model).named_modules()
+        if name.endswith("conv2_offset") and isinstance(module, nn.Conv2d)
+    ]
+    energy = {}
+
+    def make_hook(name):
+        def hook(module, args, output):
+            x = args[0].detach().double()
+            kh, kw = module.kernel_size
+            energy[name] = float((x**2).mean()) * x.shape[1] * kh * kw
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in predictors]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    generator = torch.Generator().manual_seed(seed)
+    for name, module in predictors:
+        weight = torch.randn(module.weight.shape, generator=generator, dtype=torch.float64)
+        # The first 2/3 of the channels are offsets, the rest mask logits (DCNv2 layout);
+        # DCNv1 predictors have offsets only.
+        channels = weight.shape[0]
+        num_offsets = channels * 2 // 3 if channels % 27 == 0 else channels
+        scale = torch.full((channels, 1, 1, 1), mask_logit_rms, dtype=torch.float64)
+        scale[:num_offsets] = offset_rms
+        weight *= scale / max(energy[name], 1e-12) ** 0.5
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if module.bias is not None:
+                module.bias.zero_()
+    return len(predictors)
+
+
+def sample_image(
+    model: nn.Module,
+    cfg,
+    image_bgr: np.ndarray,
+    points_xy: Optional[Sequence[Tuple[float, float]]] = None,
+    max_boxes: int = 3,
+    num_layers: int = 3,
+    random_offsets: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """Run a detector on one image and trace the last ``num_layers`` deformable layers.
+
+    Args:
+        model: a detectron2 meta-architecture in eval mode (``GeneralizedRCNN`` ...).
+        cfg: its config (``INPUT.MIN_SIZE_TEST``, ``MAX_SIZE_TEST``, ``FORMAT``).
+        image_bgr: (H, W, 3) uint8 BGR image.
+        points_xy: query positions ``(x, y)`` in pixels of ``image_bgr``; by default the
+            centres of the ``max_boxes`` highest-scoring detections.
+        max_boxes: how many detections to use when ``points_xy`` is None.
+        num_layers: how many of the last deformable layers to trace (``9**num_layers`` points
+            per query for 3x3 kernels).
+        random_offsets: if > 0, first give the offset predictors random weights with offsets
+            of about this RMS, in cells (see :func:`randomize_offsets`; illustration only).
+        seed: seed of ``random_offsets``.
+
+    Returns:
+        dict: ``image_rgb`` (h, w, 3) uint8 at the network's resolution, ``points`` (P, 2),
+        ``locations`` (P, T, 2), ``weights`` (P, T) (numpy; positions ``(y, x)`` in that
+        image's pixels), ``layers`` (names of the traced layers), ``scale`` (network pixels
+        per input pixel).
+
+    Raises:
+        UserInputError: bad ``num_layers``, a point outside the image, or no detection to use.
+    """
+    from detectron2.data import transforms as T
+
+    height, width = image_bgr.shape[:2]
+    if points_xy is not None:
+        for x, y in points_xy:
+            if not (0 <= x < width and 0 <= y < height):
+                raise UserInputError(
+                    f"point ({x}, {y}) is outside the {width}x{height} image; give x,y pixels"
+                )
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    resized = resize.get_transform(image_bgr).apply_image(image_bgr)
+    scale = resized.shape[0] / height
+    net_input = resized[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else resized
+    tensor = torch.as_tensor(np.ascontiguousarray(net_input.transpose(2, 0, 1)).astype("float32"))
+    h, w = resized.shape[:2]
+    inputs = [{"image": tensor, "height": h, "width": w}]
+    if random_offsets > 0:
+        randomize_offsets(model, inputs, random_offsets, seed)
+    with record_deformable_layers(model) as records, torch.no_grad():
+        outputs = model(inputs)
+    layers = list(records)
+    if not 1 <= num_layers <= len(layers):
+        raise UserInputError(
+            f"--layers must be between 1 and {len(layers)} (the model's deformable layers), "
+            f"got {num_layers}"
+        )
+    if points_xy is None:
+        instances = outputs[0]["instances"].to("cpu")
+        if len(instances) == 0:
+            raise UserInputError(
+                "the model detected nothing to take box centres from: give --points or lower "
+                "--confidence-threshold"
+            )
+        top = instances.scores.argsort(descending=True)[:max_boxes]
+        centres = instances.pred_boxes.get_centers()[top]  # (P, 2) as (x, y), network pixels
+        points = centres[:, [1, 0]].double()
+    else:
+        points = torch.tensor([[y * scale, x * scale] for x, y in points_xy], dtype=torch.float64)
+    traced = layers[-num_layers:]
+    locations, weights = trace_sampling_locations(traced, points)
+    return {
+        "image_rgb": np.ascontiguousarray(resized[:, :, ::-1]),
+        "points": points.numpy(),
+        "locations": locations.numpy(),
+        "weights": weights.numpy(),
+        "layers": [layer.name for layer in traced],
+        "scale": scale,
+    }
+
+
+def plot_sampling_locations(
+    image_rgb: np.ndarray,
+    points: np.ndarray,
+    locations: np.ndarray,
+    weights: np.ndarray,
+    path: str,
+    title: Optional[str] = None,
+    dpi: int = 100,
+) -> None:
+    """Draw each query point's sampling locations over the image and save a PNG.
+
+    One row per query point: on the left every sampled location coloured by its modulation
+    weight (product of masks); on the right the effective sampling locations, each point's
+    size and opacity proportional to its weight.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 image (the network's input resolution).
+        points: (P, 2) query positions ``(y, x)``.
+        locations: (P, T, 2) sampled positions ``(y, x)``.
+        weights: (P, T) path weights.
+        path: output PNG.
+        title: figure title.
+        dpi: resolution (the figure is 11 inches wide).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num = len(points)
+    h, w = image_rgb.shape[:2]
+    fig_w = 11.0
+    fig, axes = plt.subplots(
+        num, 2, figsize=(fig_w, fig_w / 2 * h / w * num + 0.6 * (title is not None)), squeeze=False
+    )
+    vmax = float(weights.max()) if weights.size else 1.0
+    for row, (point, locs, wts) in enumerate(zip(points, locations, weights)):
+        order = np.argsort(wts)  # heaviest drawn last, on top
+        left, right = axes[row]
+        for ax in (left, right):
+            ax.imshow(image_rgb)
+            ax.set_xlim(0, w - 1)
+            ax.set_ylim(h - 1, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        scatter = left.scatter(
+            locs[order, 1], locs[order, 0], c=wts[order], s=6, cmap="plasma", vmin=0, vmax=vmax
+        )
+        rel = wts / (wts.max() if wts.max() > 0 else 1.0)
+        colours = np.zeros((len(rel), 4))
+        colours[:, 0] = 1.0
+        colours[:, 3] = 0.1 + 0.9 * rel
+        right.scatter(locs[order, 1], locs[order, 0], s=2 + 40 * rel[order], c=colours[order])
+        for ax in (left, right):
+            ax.scatter([point[1]], [point[0]], marker="*", s=160, c="lime", edgecolors="black")
+        fig.colorbar(scatter, ax=left, fraction=0.035, pad=0.01, label="modulation (product)")
+        left.set_title(f"({point[1]:.0f}, {point[0]:.0f}): {locs.shape[0]} sampling locations")
+        right.set_title("effective sampling locations (size, opacity = weight)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
