@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Plot losses, learning rate and evaluation AP over iterations from detectron2 metrics.json
+files; several runs in one figure for comparison.
+
+Examples:
+    python tools/plot_metrics.py output/metrics.json --out curves.png
+    python tools/plot_metrics.py out_mdconv/ out_baseline/ --labels mdconv baseline \
+        --out compare.png --keys total_loss lr bbox/AP
+
+A folder stands for the metrics.json inside it. Malformed lines (for example the last line of a
+run still writing) are skipped with a warning.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("metrics", nargs="+", help="metrics.json files (or their folders)")
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--keys", nargs="+", help="metrics to plot (default: losses, lr, APs)")
+    parser.add_argument("--columns", type=int, default=3, help="panels per row (default 3)")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    return parser.parse_args(argv)
+
+
+def _label(path: str) -> str:
+    path = os.path.abspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    return os.path.basename(folder)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.labels and len(args.labels) != len(args.metrics):
+        raise UserInputError(
+            f"--labels has {len(args.labels)} label(s) for {len(args.metrics)} metrics file(s)"
+        )
+    if os.path.exists(args.out) and not args.force:
+        raise UserInputError(f"{args.out!r} exists; pass --force to overwrite it")
+    from dcnv2.utils.plotting import MetricsWarning, load_metrics, plot_runs
+
+    labels = args.labels or [_label(p) for p in args.metrics]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricsWarning)
+        runs = [(label, load_metrics(path)) for label, path in zip(labels, args.metrics)]
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    drawn = plot_runs(runs, args.out, keys=args.keys, columns=args.columns, dpi=args.dpi)
+    print(f"{len(runs)} run(s), {len(drawn)} panel(s) ({', '.join(drawn)}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="plot_metrics.py"))
