@@ -19,6 +19,23 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Deformable-conv implementation: "auto" (best for the device), "detectron2", "native"
     # or "torchvision". See dcnv2.layers.backends.
     cfg.MODEL.DCNV2.BACKEND = "auto"
+    # R-CNN feature mimicking (paper section 3.3; dcnv2.modeling.mimic), training only. Needs
+    # ROI_HEADS.NAME "MimicROIHeads" and META_ARCHITECTURE "MimicGeneralizedRCNN".
+    cfg.MODEL.DCNV2.MIMIC = CN()
+    # Add the R-CNN branch and its two losses.
+    cfg.MODEL.DCNV2.MIMIC.ENABLED = False
+    # Positive RoIs cropped per image (paper: 32).
+    cfg.MODEL.DCNV2.MIMIC.NUM_POSITIVES_PER_IMAGE = 32
+    # Side of the resized crops, a multiple of the backbone's size_divisibility (paper: 224).
+    cfg.MODEL.DCNV2.MIMIC.CROP_SIZE = 224
+    # Weight of the 1 - cos feature-mimic loss (paper: 0.1).
+    cfg.MODEL.DCNV2.MIMIC.LOSS_WEIGHT = 0.1
+    # Weight of the R-CNN branch's classification loss.
+    cfg.MODEL.DCNV2.MIMIC.CLS_LOSS_WEIGHT = 0.1
+    # R-CNN branch uses the box head's fcs (True) or its own copy of them (False).
+    cfg.MODEL.DCNV2.MIMIC.SHARE_HEAD_FCS = True
+    # Treat the R-CNN features as the target: no mimic gradient through the R-CNN branch.
+    cfg.MODEL.DCNV2.MIMIC.DETACH_RCNN_FEATURES = True
     return cfg
 
 

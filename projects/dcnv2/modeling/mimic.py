@@ -1,0 +1,340 @@
+"""R-CNN feature mimicking (DCNv2 paper, section 3.3, Figure 3): a training-only R-CNN branch.
+
+During training, up to ``N`` positive RoIs per image are cropped from the (normalised, padded)
+input images, resized to ``S x S`` and passed through the *same* backbone; each crop is pooled as
+one whole-crop RoI by the heads' box pooler and run through the box head to a feature
+(1024-D with the 2fc head). Two losses are added:
+
+* ``loss_mimic``: ``1 - cos(f_frcnn, f_rcnn)`` averaged over the sampled RoIs, pushing the
+  Faster R-CNN RoI features (box head on the full-image feature maps) towards the R-CNN features
+  of the same RoIs. The R-CNN side is the teacher and is detached by default, so the mimic
+  gradient reaches the backbone through the Faster R-CNN branch only.
+* ``loss_rcnn_cls``: cross-entropy of the R-CNN branch's own classifier on the crops (class of
+  the matched ground truth), which trains the backbone through the R-CNN branch.
+
+At inference nothing of this runs: the heads are exactly their base class.
+
+Pieces:
+    :func:`crop_and_resize`, :func:`sample_positives`, :func:`cosine_mimic_loss`: pure functions.
+    :class:`RCNNMimicBranch`: the branch's own parameters and its losses.
+    :class:`MimicROIHeadsMixin` + :class:`MimicROIHeads`: ROI heads that add the branch; the
+        mixin composes with any ``StandardROIHeads`` subclass (e.g. a deformable-pooling one).
+    :class:`MimicGeneralizedRCNN`: ``GeneralizedRCNN`` that lends its backbone to such heads.
+"""
+
+import copy
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+__all__ = [
+    "crop_and_resize",
+    "sample_positives",
+    "cosine_mimic_loss",
+    "RCNNMimicBranch",
+    "MimicROIHeadsMixin",
+    "MimicROIHeads",
+    "MimicGeneralizedRCNN",
+]
+
+
+def crop_and_resize(
+    images: Tensor, boxes: Sequence[Tensor], size: int, sampling_ratio: int = 2
+) -> Tensor:
+    """Crop boxes from a batch of images and resize each crop to ``size x size`` (bilinear).
+
+    Pixel ``(i, j)`` of an image covers ``[j, j+1) x [i, i+1)`` in box coordinates (detectron2's
+    convention, hence ``aligned=True``). Each output pixel averages ``sampling_ratio**2``
+    bilinear samples of its bin, which anti-aliases crops of boxes larger than ``size``.
+
+    Args:
+        images (Tensor): (N, C, H, W).
+        boxes (list[Tensor]): N tensors of shape (R_i, 4), XYXY in image pixels.
+        size: side of the square output crops.
+        sampling_ratio: bilinear samples per bin side.
+
+    Returns:
+        Tensor: (sum R_i, C, size, size), crops in the order of ``boxes``.
+    """
+    if len(boxes) != images.shape[0]:
+        raise ValueError(f"got {len(boxes)} box lists for a batch of {images.shape[0]} images")
+    return roi_align(
+        images,
+        [b.to(images.dtype) for b in boxes],
+        output_size=(size, size),
+        spatial_scale=1.0,
+        sampling_ratio=sampling_ratio,
+        aligned=True,
+    )
+
+
+def sample_positives(
+    gt_classes: Sequence[Tensor], num_classes: int, max_per_image: int
+) -> List[Tensor]:
+    """Indices of up to ``max_per_image`` random foreground RoIs per image.
+
+    Args:
+        gt_classes (list[Tensor]): per image, (R_i,) int64 labels of the sampled proposals;
+            ``num_classes`` is background (detectron2's convention), ``-1`` ignored.
+        num_classes: number of foreground classes.
+        max_per_image: the cap; images with fewer positives keep all of them, images with none
+            give an empty index tensor.
+
+    Returns:
+        list[Tensor]: per image, (P_i,) int64 indices into that image's RoIs, P_i <= cap.
+    """
+    if max_per_image < 0:
+        raise ValueError(f"max_per_image must be >= 0, got {max_per_image}")
+    out = []
+    for labels in gt_classes:
+        fg = torch.nonzero((labels >= 0) & (labels < num_classes)).squeeze(1)
+        if fg.numel() > max_per_image:
+            fg = fg[torch.randperm(fg.numel(), device=fg.device)[:max_per_image]]
+        out.append(fg)
+    return out
+
+
+def cosine_mimic_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over RoIs of ``1 - cos(student, teacher)``; 0 when the two are parallel.
+
+    Args:
+        student (Tensor): (R, D) features to be pushed (Faster R-CNN branch).
+        teacher (Tensor): (R, D) target features (R-CNN branch); detach it to make it a target.
+
+    Returns:
+        Tensor: scalar in [0, 2].
+    """
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(
+            f"expected two (R, D) feature tensors of the same shape, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    return (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+
+
+class RCNNMimicBranch(nn.Module):
+    """The R-CNN branch's own parameters (classifier, optionally its own fcs) and its losses.
+
+    Everything it shares with the detector (backbone, box pooler, and by default the box head's
+    fcs) is passed to :meth:`losses`, so that nothing is registered twice.
+    """
+
+    def __init__(
+        self,
+        *,
+        feature_dim: int,
+        num_classes: int,
+        num_positives_per_image: int = 32,
+        crop_size: int = 224,
+        loss_weight: float = 0.1,
+        cls_loss_weight: float = 0.1,
+        box_head: Optional[nn.Module] = None,
+        detach_teacher: bool = True,
+        sampling_ratio: int = 2,
+    ):
+        """
+        Args:
+            feature_dim: channels of the box head's output (1024 for the 2fc head).
+            num_classes: foreground classes. The classifier has no background logit: only
+                positive RoIs ever reach it.
+            num_positives_per_image: cap on sampled positive RoIs per image (paper: 32).
+            crop_size: side of the resized crops (paper: 224).
+            loss_weight: weight of ``loss_mimic`` (paper: 0.1).
+            cls_loss_weight: weight of ``loss_rcnn_cls``.
+            box_head: the branch's own fcs; None shares the detector's box head.
+            detach_teacher: stop the mimic gradient at the R-CNN features (they are the target).
+            sampling_ratio: bilinear samples per bin side when cropping.
+        """
+        super().__init__()
+        if crop_size <= 0 or num_positives_per_image < 0:
+            raise ValueError(
+                f"crop_size must be > 0 and num_positives_per_image >= 0, got {crop_size} and "
+                f"{num_positives_per_image}"
+            )
+        self.num_classes = num_classes
+        self.num_positives_per_image = num_positives_per_image
+        self.crop_size = crop_size
+        self.loss_weight = loss_weight
+        self.cls_loss_weight = cls_loss_weight
+        self.detach_teacher = detach_teacher
+        self.sampling_ratio = sampling_ratio
+        self.box_head = box_head
+        self.cls_score = nn.Linear(feature_dim, num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.constant_(self.cls_score.bias, 0)
+
+    def losses(
+        self,
+        *,
+        images: Tensor,
+        features: Sequence[Tensor],
+        proposals: Sequence[Instances],
+        backbone: nn.Module,
+        box_pooler: nn.Module,
+        box_head: nn.Module,
+        in_features: Sequence[str],
+    ) -> Dict[str, Tensor]:
+        """The two losses for one batch.
+
+        Args:
+            images (Tensor): (N, 3, H, W) normalised, padded images (``ImageList.tensor``).
+            features (list[Tensor]): the detector's feature maps named by ``in_features``.
+            proposals (list[Instances]): N sampled proposals from ``label_and_sample_proposals``
+                with ``proposal_boxes`` and ``gt_classes``.
+            backbone: the detector's backbone; returns a dict with ``in_features``.
+            box_pooler: the heads' pooler, ``(list[Tensor], list[Boxes]) -> (R, C, k, k)``.
+            box_head: the detector's box head (the Faster R-CNN features, and the R-CNN ones
+                too unless the branch has its own fcs).
+            in_features: names of the pooled feature maps.
+
+        Returns:
+            dict: ``loss_mimic`` and ``loss_rcnn_cls``, scalars (weighted).
+        """
+        keep = sample_positives(
+            [p.gt_classes for p in proposals], self.num_classes, self.num_positives_per_image
+        )
+        boxes = [p.proposal_boxes.tensor[k] for p, k in zip(proposals, keep)]
+        labels = torch.cat([p.gt_classes[k] for p, k in zip(proposals, keep)])
+        if labels.numel() == 0:
+            # No positive RoI in the batch: zero losses that still touch every parameter of the
+            # branch, so DDP (find_unused_parameters=False) sees a gradient for all of them.
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return {"loss_mimic": zero, "loss_rcnn_cls": zero.clone()}
+
+        # Faster R-CNN branch: the same pooling + box head as the detector applies to these RoIs
+        # (recomputed for the few sampled ones rather than intercepting the heads' forward).
+        frcnn = box_head(box_pooler(list(features), [Boxes(b) for b in boxes]))
+
+        # R-CNN branch: the crops through the shared backbone, one whole-crop RoI each, pooled at
+        # the level the pooler picks for an S x S box (p4 for 224 with FPN's canonical mapping).
+        crops = crop_and_resize(images, boxes, self.crop_size, self.sampling_ratio)
+        crop_features = backbone(crops)
+        s = float(self.crop_size)
+        whole = torch.tensor([[0.0, 0.0, s, s]], device=crops.device, dtype=crops.dtype)
+        crop_boxes = [Boxes(whole) for _ in range(crops.shape[0])]
+        pooled = box_pooler([crop_features[f] for f in in_features], crop_boxes)
+        rcnn = (self.box_head if self.box_head is not None else box_head)(pooled)
+
+        teacher = rcnn.detach() if self.detach_teacher else rcnn
+        return {
+            "loss_mimic": self.loss_weight
+            * cosine_mimic_loss(frcnn.flatten(1), teacher.flatten(1)),
+            "loss_rcnn_cls": self.cls_loss_weight
+            * F.cross_entropy(self.cls_score(rcnn.flatten(1)), labels),
+        }
+
+
+class MimicROIHeadsMixin:
+    """Adds the R-CNN mimicking branch to a ``StandardROIHeads`` subclass (put it first).
+
+    ``MODEL.DCNV2.MIMIC.ENABLED=False`` builds no branch: the heads are then exactly the base
+    class. With it enabled, the heads need the backbone: build them inside
+    :class:`MimicGeneralizedRCNN` (``MODEL.META_ARCHITECTURE: "MimicGeneralizedRCNN"``).
+    """
+
+    @configurable
+    def __init__(self, *, mimic: Optional[RCNNMimicBranch] = None, **kwargs):
+        """
+        Args:
+            mimic: the branch, or None for the plain heads.
+            kwargs: the base heads' arguments.
+        """
+        super().__init__(**kwargs)
+        self.mimic = mimic
+        # The backbone belongs to the meta-architecture; a tuple keeps it out of this module's
+        # children so that its parameters are not registered (and saved) a second time.
+        self._backbone: tuple = ()
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        mc = cfg.MODEL.DCNV2.MIMIC
+        if mc.ENABLED:
+            out_shape = ret["box_head"].output_shape
+            feature_dim = out_shape.channels * (out_shape.height or 1) * (out_shape.width or 1)
+            ret["mimic"] = RCNNMimicBranch(
+                feature_dim=feature_dim,
+                num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                num_positives_per_image=mc.NUM_POSITIVES_PER_IMAGE,
+                crop_size=mc.CROP_SIZE,
+                loss_weight=mc.LOSS_WEIGHT,
+                cls_loss_weight=mc.CLS_LOSS_WEIGHT,
+                # Own fcs start as a copy of the detector's (same initial weights).
+                box_head=None if mc.SHARE_HEAD_FCS else copy.deepcopy(ret["box_head"]),
+                detach_teacher=mc.DETACH_RCNN_FEATURES,
+            )
+        return ret
+
+    def attach_backbone(self, backbone: nn.Module) -> None:
+        """Give the heads the backbone the R-CNN branch runs its crops through."""
+        size_div = getattr(backbone, "size_divisibility", 0) or 1
+        if self.mimic is not None and self.mimic.crop_size % size_div:
+            raise ValueError(
+                f"MODEL.DCNV2.MIMIC.CROP_SIZE={self.mimic.crop_size} must be a multiple of the "
+                f"backbone's size_divisibility ({size_div})"
+            )
+        self._backbone = (backbone,)
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ):
+        """The base heads' forward; in training also the R-CNN branch's losses.
+
+        In training the base ``StandardROIHeads.forward`` returns the sampled proposals (with
+        ``gt_classes``), which are exactly the RoIs the branch samples its positives from.
+        """
+        out, losses = super().forward(images, features, proposals, targets)
+        if self.training and self.mimic is not None:
+            if not self._backbone:
+                raise RuntimeError(
+                    f"{type(self).__name__} with MODEL.DCNV2.MIMIC.ENABLED needs the backbone: "
+                    "use MODEL.META_ARCHITECTURE 'MimicGeneralizedRCNN' (or call "
+                    "attach_backbone(backbone))"
+                )
+            losses.update(
+                self.mimic.losses(
+                    images=images.tensor,
+                    features=[features[f] for f in self.box_in_features],
+                    proposals=out,
+                    backbone=self._backbone[0],
+                    box_pooler=self.box_pooler,
+                    box_head=self.box_head,
+                    in_features=self.box_in_features,
+                )
+            )
+        return out, losses
+
+
+@ROI_HEADS_REGISTRY.register()
+class MimicROIHeads(MimicROIHeadsMixin, StandardROIHeads):
+    """``StandardROIHeads`` with the training-only R-CNN feature-mimicking branch."""
+
+
+@META_ARCH_REGISTRY.register()
+class MimicGeneralizedRCNN(GeneralizedRCNN):
+    """``GeneralizedRCNN`` whose ROI heads get its backbone (for the R-CNN mimicking branch).
+
+    Training and inference are ``GeneralizedRCNN``'s; the heads run the crops through the backbone
+    inside their own forward.
+    """
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(self.roi_heads, MimicROIHeadsMixin):
+            raise TypeError(
+                "MimicGeneralizedRCNN needs ROI heads with the mimicking branch "
+                f"(e.g. MODEL.ROI_HEADS.NAME 'MimicROIHeads'), got {type(self.roi_heads).__name__}"
+            )
+        self.roi_heads.attach_backbone(self.backbone)
