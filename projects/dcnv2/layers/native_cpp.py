@@ -1,0 +1,114 @@
+"""Compiled CPU column kernels of the native backend (``csrc/deform_conv_cpu.cpp``).
+
+The extension is JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use (about a
+minute on two cores) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``), so later processes load it at once. It needs only gcc and the
+installed torch. If the build fails, one warning says why and the native backend uses the
+PyTorch-op kernels of :mod:`dcnv2.layers.native_torch` instead. Set ``DCNV2_NATIVE_IMPL=torch``
+to skip the build altogether.
+
+Same functions and layouts as :mod:`dcnv2.layers.native_torch`; CPU float32/float64 only.
+"""
+
+import functools
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["is_available", "error", "im2col", "col2im_input", "col2im_coord"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "deform_conv_cpu.cpp")
+_error: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> bool:
+    global _error
+    try:
+        from torch.utils.cpp_extension import load
+
+        # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
+        load(
+            name="dcnv2_native_cpu",
+            sources=[_SOURCE],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        torch.ops.dcnv2_native.im2col  # noqa: B018 - raises if the library did not register
+    except Exception as e:  # any build or load failure: the PyTorch kernels still work
+        _error = f"{type(e).__name__}: {e}"
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once() -> None:
+    logger.warning(
+        "dcnv2: could not build the compiled native deformable-conv kernels (%s); using the "
+        "slower PyTorch-op kernels instead",
+        _error,
+    )
+
+
+def is_available(warn: bool = True) -> bool:
+    """Whether the compiled kernels load (building them on the first call)."""
+    ok = _load()
+    if not ok and warn:
+        _warn_once()
+    return ok
+
+
+def error() -> Optional[str]:
+    """Why the build failed, or None."""
+    _load()
+    return _error
+
+
+def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_end):
+    return torch.ops.dcnv2_native.im2col(
+        xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_end
+    )
+
+
+def col2im_input(
+    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, p_begin, p_end, grad_xp
+) -> None:
+    torch.ops.dcnv2_native.col2im_input(
+        xp,
+        offset,
+        mask,
+        grad_cols.contiguous(),
+        kernel,
+        stride,
+        padding,
+        dilation,
+        dg,
+        p_begin,
+        p_end,
+        grad_xp,
+    )
+
+
+def col2im_coord(
+    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, p_begin, p_end
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    grad_offset, grad_mask = torch.ops.dcnv2_native.col2im_coord(
+        xp,
+        offset,
+        mask,
+        grad_cols.contiguous(),
+        kernel,
+        stride,
+        padding,
+        dilation,
+        dg,
+        p_begin,
+        p_end,
+    )
+    return grad_offset, (grad_mask if mask is not None else None)
