@@ -19,6 +19,11 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Deformable-conv implementation: "auto" (best for the device), "detectron2", "native"
     # or "torchvision". See dcnv2.layers.backends.
     cfg.MODEL.DCNV2.BACKEND = "auto"
+    # Model family options (dcnv2.solver). Learning-rate factor of the convs that predict the
+    # offsets and masks (parameters named "*conv2_offset*"). 1.0 is what detectron2 and
+    # MMDetection (paramwise_cfg dcn_offset_lr_mult) use by default and what every shipped recipe
+    # uses; 0.1 is the lower rate of the DCNv2 paper's recipe for these layers.
+    cfg.MODEL.DCNV2.OFFSET_LR_MULTIPLIER = 1.0
     # R-CNN feature mimicking (paper section 3.3; dcnv2.modeling.mimic), training only. Needs
     # ROI_HEADS.NAME "MimicROIHeads" and META_ARCHITECTURE "MimicGeneralizedRCNN".
     cfg.MODEL.DCNV2.MIMIC = CN()

@@ -1,5 +1,5 @@
-"""Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator
-and distributed training that also works on CPU (gloo)."""
+"""Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator,
+distributed training and mixed precision that also work on CPU (gloo, bfloat16)."""
 
 import contextlib
 import logging
@@ -10,6 +10,9 @@ import detectron2.engine.defaults as d2_defaults
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+
+from ..solver import build_optimizer
+from .amp import amp_trainer
 
 __all__ = ["Trainer", "create_ddp_model"]
 
@@ -28,25 +31,33 @@ def create_ddp_model(model, **kwargs):
 
 
 _D2_CREATE_DDP_MODEL = d2_defaults.create_ddp_model
+_D2_AMP_TRAINER = d2_defaults.AMPTrainer
 
 
 @contextlib.contextmanager
-def _cpu_friendly_ddp():
-    # DefaultTrainer.__init__ calls the module-level create_ddp_model; swap it only while the
-    # trainer is being built.
+def _device_agnostic_parts():
+    # DefaultTrainer.__init__ calls the module-level create_ddp_model and AMPTrainer (which
+    # asserts CUDA); swap them only while the trainer is being built.
     d2_defaults.create_ddp_model = create_ddp_model
+    d2_defaults.AMPTrainer = amp_trainer
     try:
         yield
     finally:
         d2_defaults.create_ddp_model = _D2_CREATE_DDP_MODEL
+        d2_defaults.AMPTrainer = _D2_AMP_TRAINER
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP."""
+    """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP, mixed precision
+    (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``."""
 
     def __init__(self, cfg):
-        with _cpu_friendly_ddp():
+        with _device_agnostic_parts():
             super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(
