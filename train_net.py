@@ -4,6 +4,10 @@
     python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --eval-only \
         MODEL.WEIGHTS path/to/model_final.pth
+    python train_net.py --config-file configs/lazy/mask_rcnn_R50_mdconv_FPN_1x.py \
+        train.max_iter=1000 train.device=cpu
+
+A .py (LazyConfig) file runs through dcnv2.engine.lazy; overrides are then key=value.
 
 Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
 """
@@ -17,7 +21,8 @@ from detectron2.evaluation import verify_results
 
 import dcnv2
 from dcnv2.data import DatasetNotFoundError, check_datasets
-from dcnv2.engine import Trainer
+from dcnv2.engine import Trainer, lazy
+from dcnv2.lazy_config import is_lazy_config, load_config
 
 
 def setup(args):
@@ -32,6 +37,8 @@ def datasets_used(cfg, eval_only: bool):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return lazy.main(args)
     cfg = setup(args)
     check_datasets(datasets_used(cfg, args.eval_only))
     if args.eval_only:
@@ -52,7 +59,11 @@ def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     # Fail once, in the launching process, before any worker or model is started.
     try:
-        check_datasets(datasets_used(dcnv2.get_cfg(args.config_file, args.opts), args.eval_only))
+        if is_lazy_config(args.config_file):
+            names = lazy.datasets_used(load_config(args.config_file, args.opts), args.eval_only)
+        else:
+            names = datasets_used(dcnv2.get_cfg(args.config_file, args.opts), args.eval_only)
+        check_datasets(names)
     except DatasetNotFoundError as e:
         sys.exit(f"error: {e}")
     launch(

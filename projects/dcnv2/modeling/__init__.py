@@ -1,6 +1,6 @@
 """Models: importing this module registers the backbones in detectron2's BACKBONE_REGISTRY."""
 
-from .fpn import build_dcnv2_resnet_fpn_backbone
+from .fpn import build_dcnv2_resnet_fpn_backbone, build_dcnv2_retinanet_resnet_fpn_backbone
 from .mimic import MimicGeneralizedRCNN, MimicROIHeads, MimicROIHeadsMixin  # registers them
 from .resnet import DCNv2BottleneckBlock, build_dcnv2_resnet_backbone, make_dcnv2_stages
 
@@ -9,6 +9,7 @@ __all__ = [
     "make_dcnv2_stages",
     "build_dcnv2_resnet_backbone",
     "build_dcnv2_resnet_fpn_backbone",
+    "build_dcnv2_retinanet_resnet_fpn_backbone",
     "MimicROIHeads",
     "MimicROIHeadsMixin",
     "MimicGeneralizedRCNN",
