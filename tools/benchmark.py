@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Model-level speed and memory: inference and training iterations of several configs, each in
+a fresh process, as a table with ratios to the first config.
+
+Random-init weights and fixed random images; the RPN head's last layers are zeroed so every
+model gets the same number of proposals. Times are medians of --repeats runs after --warmup;
+peak RSS is the process's peak resident memory during the runs (reset after the model is built),
+weights and libraries included. Details: dcnv2/utils/benchmark_model.py.
+
+Examples:
+    python tools/benchmark.py                      # R50-FPN baseline vs the seed mdconv config
+    python tools/benchmark.py --height 512 --width 768 --modes inference --repeats 3 \
+        --json bench.json
+    python tools/benchmark.py --configs faster_rcnn_R50_mdconv_FPN_1x.yaml \
+        --opts MODEL.DCNV2.BACKEND torchvision
+"""
+
+import argparse
+import json
+import sys
+import warnings
+
+# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from dcnv2.utils.cli import run_cli  # noqa: E402
+
+# The baseline first, so the ratios read "mdconv / baseline".
+DEFAULT_CONFIGS = ["faster_rcnn_R50_FPN_1x.yaml", "faster_rcnn_R50_mdconv_FPN_1x.yaml"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        help="YAML paths or names of shipped configs; ratios are to the first "
+        f"(default: {' '.join(DEFAULT_CONFIGS)})",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=("inference", "train"), default=["inference", "train"]
+    )
+    parser.add_argument("--height", type=int, default=800, help="image height (default 800)")
+    parser.add_argument("--width", type=int, default=1216, help="image width (default 1216)")
+    parser.add_argument("--batch-size", type=int, default=2, help="training batch (default 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides for every config: KEY VALUE ...",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dcnv2.utils.benchmark_model import benchmark, format_table
+
+    results = benchmark(
+        args.configs,
+        modes=args.modes,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        opts=args.opts,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    threads = results[0]["threads"]
+    print(
+        f"{args.height}x{args.width}, inference batch 1, training batch {args.batch_size}, "
+        f"median of {args.repeats} after {args.warmup} warm-up, {threads} threads"
+    )
+    print(format_table(results))
+    busy = [r for r in results if max(r["loadavg"]) > r["cpus"]]
+    if busy:
+        print(
+            f"warning: {len(busy)} run(s) saw a load average above the {busy[0]['cpus']} CPUs: "
+            "other processes competed for the CPU, times are inflated"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="benchmark.py"))
