@@ -268,6 +268,8 @@ def test_eval_is_exactly_the_plain_detector():
 def test_misconfigurations_are_clear_errors():
     with pytest.raises(TypeError, match="MimicROIHeads"):
         _model(CONFIGS[0], "MODEL.ROI_HEADS.NAME", "StandardROIHeads")
+    with pytest.raises(ValueError, match="crop_size"):
+        RCNNMimicBranch(feature_dim=8, num_classes=3, crop_size=0)
     with pytest.raises(ValueError, match="size_divisibility"):
         _model(CONFIGS[0], "MODEL.DCNV2.MIMIC.CROP_SIZE", "100")
     heads = _model(
