@@ -41,6 +41,21 @@ def add_dcnv2_config(cfg: CN) -> CN:
     cfg.MODEL.DCNV2.MIMIC.SHARE_HEAD_FCS = True
     # Treat the R-CNN features as the target: no mimic gradient through the R-CNN branch.
     cfg.MODEL.DCNV2.MIMIC.DETACH_RCNN_FEATURES = True
+    # Modulated deformable RoI pooling (mdpool; dcnv2.modeling.poolers), used by a head whose
+    # POOLER_TYPE is "ModulatedDeformROIAlign" under ROI_HEADS.NAME "DCNv2StandardROIHeads" or
+    # "DCNv2CascadeROIHeads". Defaults are mmcv's ModulatedDeformRoIPoolPack.
+    cfg.MODEL.DCNV2.MDPOOL = CN()
+    # Scale of the predicted bin offsets, in units of the RoI's width and height.
+    cfg.MODEL.DCNV2.MDPOOL.GAMMA = 0.1
+    # Width of the hidden fc layers of the offset and modulation branches.
+    cfg.MODEL.DCNV2.MDPOOL.FC_DIM = 1024
+    # Hidden fc layers of the offset branch.
+    cfg.MODEL.DCNV2.MDPOOL.NUM_OFFSET_FC = 2
+    # Hidden fc layers of the modulation branch.
+    cfg.MODEL.DCNV2.MDPOOL.NUM_MASK_FC = 1
+    # One set of branch parameters for all FPN levels (True) or one per level (False, as
+    # MMDetection, whose SingleRoIExtractor builds one ModulatedDeformRoIPoolPack per level).
+    cfg.MODEL.DCNV2.MDPOOL.SHARE_ACROSS_LEVELS = False
     return cfg
 
 

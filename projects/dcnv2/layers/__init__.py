@@ -2,6 +2,7 @@
 
 from .backends import available_backends
 from .deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
+from .mdpool import ModulatedDeformRoIAlign, deform_roi_align
 
 __all__ = [
     "available_backends",
@@ -9,4 +10,6 @@ __all__ = [
     "ModulatedDeformConv",
     "deform_conv",
     "modulated_deform_conv",
+    "ModulatedDeformRoIAlign",
+    "deform_roi_align",
 ]

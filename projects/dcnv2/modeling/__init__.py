@@ -2,6 +2,12 @@
 
 from .fpn import build_dcnv2_resnet_fpn_backbone, build_dcnv2_retinanet_resnet_fpn_backbone
 from .mimic import MimicGeneralizedRCNN, MimicROIHeads, MimicROIHeadsMixin  # registers them
+from .poolers import (  # registers the ROI heads
+    DCNv2CascadeROIHeads,
+    DCNv2StandardROIHeads,
+    DeformablePoolingMixin,
+    DeformableROIPooler,
+)
 from .resnet import DCNv2BottleneckBlock, build_dcnv2_resnet_backbone, make_dcnv2_stages
 
 __all__ = [
@@ -13,4 +19,8 @@ __all__ = [
     "MimicROIHeads",
     "MimicROIHeadsMixin",
     "MimicGeneralizedRCNN",
+    "DeformableROIPooler",
+    "DeformablePoolingMixin",
+    "DCNv2StandardROIHeads",
+    "DCNv2CascadeROIHeads",
 ]
