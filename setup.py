@@ -43,6 +43,11 @@ setup(
             # tools/demo.py reads and writes videos with OpenCV; 4.11+ needs numpy 2, which
             # detectron2 0.7 does not support.
             "opencv-python-headless<4.11",
+            # tools/export_model.py: ONNX export (torch's dynamo exporter needs onnxscript) and
+            # the check of the exported backbone in onnxruntime.
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
         ],
     },
 )

@@ -73,17 +73,14 @@ def main(argv=None) -> int:
     from detectron2.modeling import build_model
 
     from dcnv2.utils.analysis import analyze_model, model_inputs
-    from dcnv2.utils.demo import setup_demo_cfg
+    from dcnv2.utils.demo import load_weights, setup_demo_cfg
 
     # Random init unless the user gives weights; seeded, because the heads' counts follow the
     # number of proposals, which follows the weights.
     cfg = setup_demo_cfg(args.config_file, ["MODEL.WEIGHTS", "", *args.opts])
     torch.manual_seed(args.seed)
     model = build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_weights(model, cfg.MODEL.WEIGHTS)
     inputs = model_inputs(args.height, args.width, seed=args.seed)
     report = analyze_model(model, inputs, args.tasks, args.max_depth)
     printed = set()

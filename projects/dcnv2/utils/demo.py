@@ -35,6 +35,7 @@ __all__ = [
     "read_image",
     "iter_video_frames",
     "DemoRunner",
+    "load_weights",
     "instances_to_coco",
     "run_demo",
 ]
@@ -233,7 +234,10 @@ class DemoRunner:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.predictor = DefaultPredictor(cfg)
+        try:
+            self.predictor = DefaultPredictor(cfg)
+        except OSError as e:  # includes a URL that cannot be fetched
+            raise UserInputError(f"cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: {e}") from None
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         self.metadata = MetadataCatalog.get(name)
 
@@ -245,6 +249,22 @@ class DemoRunner:
         """The image with the detections drawn, as an (H, W, 3) uint8 RGB array."""
         visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata)
         return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def load_weights(model: torch.nn.Module, weights: str) -> None:
+    """Load a checkpoint into ``model`` with detectron2's checkpointer ("" loads nothing).
+
+    Raises:
+        UserInputError: the file or URL cannot be read.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    if not weights:
+        return
+    try:
+        DetectionCheckpointer(model).load(weights)
+    except OSError as e:
+        raise UserInputError(f"cannot load MODEL.WEIGHTS {weights!r}: {e}") from None
 
 
 def coco_categories(metadata, num_classes: int) -> List[Dict]:
