@@ -18,8 +18,10 @@ Convention (fvcore's): one fused multiply-add is one flop. For a deformable conv
 The bilinear weights themselves (a few operations per tap and position, shared by the channels
 of a deformable group) and the bias are left out, as fvcore leaves out a conv's bias. The
 offset/mask predictor (``conv2_offset``) is a plain conv and is counted by fvcore as such.
-The modulated deformable RoI pooling (``dcnv2.modeling.mdpool``), when present, is made of
-standard PyTorch operators and is counted through them (see :func:`count_flops`).
+The modulated deformable RoI pooling (``dcnv2.layers.mdpool``) is made of standard PyTorch
+operators and is counted through them: its bilinear sampling as ``aten::grid_sampler`` (fvcore:
+4 per sampled value), its offset/mask predictor as ``linear``; the averaging of the samples
+(``aten::sum``) is not counted, like other reductions.
 """
 
 from collections import Counter
