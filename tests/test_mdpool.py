@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from detectron2.config import instantiate
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, Instances, PolygonMasks
@@ -15,6 +16,7 @@ from torchvision.ops import roi_align
 
 import dcnv2
 from dcnv2.layers import ModulatedDeformRoIAlign, deform_roi_align
+from dcnv2.lazy_config import load_config
 from dcnv2.modeling import DeformableROIPooler
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -277,3 +279,21 @@ def test_recipe_trains_one_step_on_cpu(name, opts, mdpool_heads):
         grads = [layer.mask_fc[-2].weight.grad for layer in pooler.level_poolers]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "faster_rcnn_R50_mdpool_FPN_1x",
+        "faster_rcnn_R50_mdconv_mdpool_FPN_1x",
+        "mask_rcnn_R50_mdconv_mdpool_FPN_1x",
+    ],
+)
+def test_lazy_config_builds_the_yaml_model(name):
+    yaml_model = build_model(dcnv2.get_cfg(name + ".yaml", SMALL))
+    lazy_cfg = load_config(f"lazy/{name}.py", ["model.roi_heads.box_pooler.fc_dim=32"])
+    lazy_model = instantiate(lazy_cfg.model)
+    assert isinstance(lazy_model.roi_heads.box_pooler, DeformableROIPooler)
+    shapes = [{n: p.shape for n, p in m.named_parameters()} for m in (yaml_model, lazy_model)]
+    assert shapes[0] == shapes[1]
+    lazy_model.load_state_dict(yaml_model.state_dict(), strict=True)
