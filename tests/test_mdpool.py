@@ -244,19 +244,16 @@ def _batch():
         ("faster_rcnn_R50_mdpool_FPN_1x", [], ["box_pooler"]),
         ("faster_rcnn_R50_mdconv_mdpool_FPN_1x", [], ["box_pooler"]),
         ("mask_rcnn_R50_mdconv_mdpool_FPN_1x", [], ["box_pooler"]),
-        # The optional variants: mdpool in the mask head too (shared across levels), Cascade.
+        # The optional variants in one model: Cascade R-CNN, mdpool in the mask head too (shared
+        # across levels).
         (
             "mask_rcnn_R50_mdconv_mdpool_FPN_1x",
-            ["MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ModulatedDeformROIAlign",
+            ["MODEL.ROI_HEADS.NAME", "DCNv2CascadeROIHeads",
+             "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True",
+             "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ModulatedDeformROIAlign",
              "MODEL.DCNV2.MDPOOL.SHARE_ACROSS_LEVELS", "True",
              "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, False, False]"],
             ["box_pooler", "mask_pooler"],
-        ),
-        (
-            "faster_rcnn_R50_mdpool_FPN_1x",
-            ["MODEL.ROI_HEADS.NAME", "DCNv2CascadeROIHeads",
-             "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"],
-            ["box_pooler"],
         ),
     ],
 )  # fmt: skip
@@ -267,6 +264,7 @@ def test_recipe_trains_one_step_on_cpu(name, opts, mdpool_heads):
         pooler = getattr(model.roi_heads, head, None)
         assert isinstance(pooler, DeformableROIPooler) == (head in mdpool_heads), head
     assert model.roi_heads.mask_on == cfg.MODEL.MASK_ON
+    assert type(model.roi_heads).__name__ == cfg.MODEL.ROI_HEADS.NAME
     torch.manual_seed(0)
     model.train()
     with EventStorage(0):
