@@ -2,9 +2,9 @@
 """Training-time cost of R-CNN feature mimicking: seconds per iteration with and without it.
 
 Both variants are the same config and the same random weights; "off" is the plain detector
-(GeneralizedRCNN + StandardROIHeads, MODEL.DCNV2.MIMIC.ENABLED False). One iteration is forward,
-backward and an SGD step on a fixed synthetic batch (random images, random boxes). Also reported:
-how many crops the R-CNN branch ran through the backbone per iteration.
+(GeneralizedRCNN + DCNv2StandardROIHeads, MODEL.DCNV2.MIMIC.ENABLED False). One iteration is
+forward, backward and an SGD step on a fixed synthetic batch (random images, random boxes). Also
+reported: how many crops the R-CNN branch ran through the backbone per iteration.
 
 Examples:
     python tools/benchmark_mimic.py --height 320 --width 480 --iters 5 --json mimic.json
@@ -32,7 +32,7 @@ from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x.yaml"
 PLAIN = [
     "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
-    "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
+    "MODEL.ROI_HEADS.NAME", "DCNv2StandardROIHeads",
     "MODEL.DCNV2.MIMIC.ENABLED", "False",
 ]  # fmt: skip
 

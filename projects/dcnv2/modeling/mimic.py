@@ -17,8 +17,11 @@ At inference nothing of this runs: the heads are exactly their base class.
 Pieces:
     :func:`crop_and_resize`, :func:`sample_positives`, :func:`cosine_mimic_loss`: pure functions.
     :class:`RCNNMimicBranch`: the branch's own parameters and its losses.
-    :class:`MimicROIHeadsMixin` + :class:`MimicROIHeads`: ROI heads that add the branch; the
-        mixin composes with any ``StandardROIHeads`` subclass (e.g. a deformable-pooling one).
+    :class:`MimicROIHeadsMixin` + :class:`MimicROIHeads`: ROI heads that add the branch. The
+        mixin composes with ``StandardROIHeads`` subclasses whose ``box_head`` is one module;
+        ``MimicROIHeads`` builds on ``DCNv2StandardROIHeads``, so the box pooler is mdpool when
+        ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` is "ModulatedDeformROIAlign" (the paper's setting:
+        the whole crop is then pooled by mdpool too) and detectron2's otherwise.
     :class:`MimicGeneralizedRCNN`: ``GeneralizedRCNN`` that lends its backbone to such heads.
 """
 
@@ -29,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
-from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+from .poolers import DCNv2StandardROIHeads
 
 __all__ = [
     "crop_and_resize",
@@ -317,8 +321,9 @@ class MimicROIHeadsMixin:
 
 
 @ROI_HEADS_REGISTRY.register()
-class MimicROIHeads(MimicROIHeadsMixin, StandardROIHeads):
-    """``StandardROIHeads`` with the training-only R-CNN feature-mimicking branch."""
+class MimicROIHeads(MimicROIHeadsMixin, DCNv2StandardROIHeads):
+    """``DCNv2StandardROIHeads`` (detectron2's standard heads, optional mdpool) with the
+    training-only R-CNN feature-mimicking branch."""
 
 
 @META_ARCH_REGISTRY.register()
