@@ -5,6 +5,8 @@ the offset learning-rate multiplier."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -402,3 +404,26 @@ def test_detectron2_config_pieces_and_errors():
         load_config("faster_rcnn_R50_mdconv_FPN_1x.yaml")
     with pytest.raises(FileNotFoundError, match="lazy/faster_rcnn_R50_mdconv_FPN_1x.py"):
         load_config("lazy/faster_rcnn_R50_nothing.py")
+
+
+def test_train_net_runs_lazy_configs_through_the_lazy_branch():
+    """train_net.py loads a .py config as a LazyConfig (key=value overrides) and checks its
+    datasets before starting any worker."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "train_net.py"),
+            "--config-file",
+            "lazy/faster_rcnn_R50_mdconv_FPN_1x.py",
+            "train.device=cpu",
+            "dataloader.train.dataset.names=dcnv2_no_such_dataset",
+            "dataloader.test.dataset.names=dcnv2_no_such_dataset",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "error:" in result.stderr and "dcnv2_no_such_dataset" in result.stderr
+    assert "not registered" in result.stderr
