@@ -2,10 +2,11 @@
 """Model-level speed and memory: inference and training iterations of several configs, each in
 a fresh process, as a table with ratios to the first config.
 
-Random-init weights and fixed random images; the RPN head's last layers are zeroed so every
-model gets the same number of proposals. Times are medians of --repeats runs after --warmup;
-peak RSS is the process's peak resident memory during the runs (reset after the model is built),
-weights and libraries included. Details: dcnv2/utils/benchmark_model.py.
+Random-init weights and fixed random images; the last layers of the RPN head and of the box
+predictor are zeroed so every model does the same work in its heads. Times are medians of
+--repeats runs after --warmup; peak RSS is the process's peak resident memory during the runs
+(reset after the model is built), weights and libraries included.
+Details: dcnv2/utils/benchmark_model.py.
 
 Examples:
     python tools/benchmark.py                      # R50-FPN baseline vs the seed mdconv config

@@ -3,13 +3,15 @@ resolution and training iterations, the logic of ``tools/benchmark.py``.
 
 Method (also printed by the tool):
     * Random-init weights (``MODEL.WEIGHTS ""``), fixed random images of the given size.
-    * The RPN head's last layers are zeroed, so every model proposes the anchors with equal
-      scores and gets the same number of proposals (``POST_NMS_TOPK_TEST`` at inference);
-      random weights otherwise give wildly different proposal counts, and so head costs, from
-      model to model.
+    * The last layers of the RPN head and of the box predictor are zeroed: every model then
+      proposes the anchors with equal scores, gets the same number of proposals
+      (``POST_NMS_TOPK_TEST`` at inference) and scores every class 1/(K+1), below the test
+      threshold, so no model pays for a final NMS. With random weights the proposal count and
+      the number of boxes above the threshold (and so the NMS cost, which can dominate) vary
+      wildly from model to model; a trained model's final NMS is cheap.
     * Inference: batch of 1 under ``torch.no_grad()``. Training: forward, backward and an SGD
-      step on a batch of ``batch_size`` images with 3 random boxes each, the stem and res2
-      frozen as in the recipes (``FREEZE_AT 2``).
+      step (learning rate 0, same cost) on a batch of ``batch_size`` images with 3 random boxes
+      each, the stem and res2 frozen as in the recipes (``FREEZE_AT 2``).
     * ``warmup`` untimed runs, then the median of ``repeats`` timed ones.
     * Memory: every (config, mode) runs in a fresh Python process; its peak resident set size
       (Linux ``VmHWM``) is reset after the model is built (``/proc/self/clear_refs``) and read
@@ -91,10 +93,17 @@ def run_worker(spec: Dict) -> Dict:
     cfg = get_cfg(spec["config"], ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *spec["opts"]])
     torch.manual_seed(spec["seed"])
     model = build_model(cfg)
+    # Equal work in the heads whatever the random backbone outputs (see the module docstring).
     head = model.proposal_generator.rpn_head
-    for conv in (head.objectness_logits, head.anchor_deltas):
-        nn.init.zeros_(conv.weight)
-        nn.init.zeros_(conv.bias)
+    predictors = [head.objectness_logits, head.anchor_deltas]
+    predictors += [
+        m
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("cls_score", "bbox_pred") and isinstance(m, nn.Linear)
+    ]
+    for layer in predictors:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
     backend = resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device("cpu"))
     deformable = any(getattr(m, "deformable_groups", None) for m in model.modules())
     rss_build = _read_status("VmRSS")
@@ -117,7 +126,9 @@ def run_worker(spec: Dict) -> Dict:
         images = _images(spec["batch_size"], spec["height"], spec["width"], spec["seed"])
         batch = _train_batch(images, cfg.MODEL.ROI_HEADS.NUM_CLASSES, spec["seed"])
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        # lr 0: the step costs the same, and random weights (no normalisation in a frozen-BN
+        # ResNet) diverge to Inf within a few real steps, which detectron2 then refuses.
+        optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
         def step():
             losses = model(batch)
