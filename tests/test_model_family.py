@@ -1,6 +1,6 @@
-"""The model family: every YAML and LazyConfig recipe builds, trains one step and infers on CPU;
-YAML and LazyConfig versions build the same model; mixed precision on CPU through the trainers;
-the offset learning-rate multiplier."""
+"""The model family: every YAML and LazyConfig recipe builds, trains one step and infers on CPU
+(R101/X101: build and infer); YAML and LazyConfig twins compute the same function; mixed
+precision on CPU through both training loops; the offset learning-rate multiplier."""
 
 import json
 import math
