@@ -1,0 +1,280 @@
+"""A small deterministic COCO-format detection dataset that the project generates itself.
+
+Images of flat-coloured rectangles, ellipses and triangles on a noisy, textured background, with
+COCO ``bbox``/``area``/``iscrowd`` and polygon ``segmentation`` (so box and mask models both
+train on it). It lets ``train_net.py`` run end to end with no download:
+
+    $DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/annotations.json
+    $DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/images/000001.png ...
+
+The fingerprint hashes the generation parameters and this module's source, so a changed
+generator writes a new folder instead of reusing stale data. A split is written into a temporary
+folder and renamed into place, so readers never see half a dataset and two processes that race
+both end up with the same, complete folder.
+
+``import dcnv2`` registers ``dcnv2_synthetic_train`` and ``dcnv2_synthetic_val`` without
+generating anything; the data is generated on first use (``dcnv2.data.check_datasets`` calls the
+metadata's ``prepare``, and loading the dataset does too).
+"""
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+__all__ = [
+    "CATEGORIES",
+    "SPLITS",
+    "generate_synthetic_coco",
+    "prepare_synthetic_split",
+    "register_synthetic_dataset",
+    "synthetic_split_dir",
+]
+
+# (name, RGB): saturated colours far from the grey background and from each other.
+CATEGORIES: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
+    ("rectangle", (220, 40, 40)),
+    ("ellipse", (40, 200, 60)),
+    ("triangle", (50, 80, 230)),
+)
+# Registered splits: name -> (number of images, seed).
+SPLITS: Dict[str, Tuple[int, int]] = {"train": (96, 0), "val": (24, 1)}
+SUBDIR = "dcnv2_synthetic"
+
+_MIN_SIDE, _MAX_SIDE = 160, 256  # image sides, drawn independently: odd and non-square sizes
+# Object box sides in pixels: COCO's small (< 32^2), medium and large (> 96^2) areas all occur.
+_MIN_OBJ, _MAX_OBJ = 16, 112
+_MAX_OBJECTS = 4
+_COLOUR_JITTER = 20  # per channel, so a category is a colour range, not one exact value
+
+
+def _source_hash() -> str:
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+# Hash of the code this process runs (read once: a file edited during a run must not move the
+# dataset), so any change to the generator invalidates the cache, with no version to bump.
+_CODE_HASH = _source_hash()
+
+
+def _fingerprint(params: dict) -> str:
+    text = json.dumps(params, sort_keys=True) + _CODE_HASH
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _params(split: str, num_images: int, seed: int) -> dict:
+    return {"split": split, "num_images": num_images, "seed": seed}
+
+
+def synthetic_split_dir(root: str, split: str, num_images: int, seed: int) -> str:
+    """Folder of one generated split (it may not exist yet).
+
+    Args:
+        root: the datasets folder (``$DETECTRON2_DATASETS``).
+        split: a name for the split, used in the folder name.
+        num_images: images in the split.
+        seed: seed of the split's random generator.
+    """
+    fp = _fingerprint(_params(split, num_images, seed))
+    return os.path.join(root, SUBDIR, f"{split}_{fp}")
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 grey texture: a random linear gradient, low-frequency blobs and noise."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gy, gx = rng.uniform(-0.15, 0.15, size=2)
+    base = rng.uniform(90, 160) + gy * yy + gx * xx
+    # Low-frequency texture: coarse noise upsampled with nearest-neighbour blocks.
+    coarse = rng.normal(0, 12, size=(h // 16 + 1, w // 16 + 1)).astype(np.float32)
+    blobs = np.kron(coarse, np.ones((16, 16), np.float32))[:h, :w]
+    grey = base + blobs
+    img = grey[..., None] + rng.normal(0, 8, size=(h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _shape_polygon(rng: np.random.Generator, cat: int, box: Tuple[float, float, float, float]):
+    """(K, 2) vertices (x, y) of a category-``cat`` shape inscribed in box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    if cat == 0:  # rectangle
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+    if cat == 1:  # ellipse, as a 32-gon so the polygon is what is drawn
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+    # triangle: a base on one side of the box and an apex on the opposite side
+    apex = x0 + rng.uniform(0.2, 0.8) * (x1 - x0)
+    if rng.random() < 0.5:
+        return np.array([[x0, y1], [x1, y1], [apex, y0]], np.float64)
+    return np.array([[x0, y0], [x1, y0], [apex, y1]], np.float64)
+
+
+def _polygon_area(poly: np.ndarray) -> float:
+    x, y = poly[:, 0], poly[:, 1]
+    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _overlaps(box, boxes, margin: float = 4.0) -> bool:
+    x0, y0, x1, y1 = box
+    return any(
+        x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin
+        for b in boxes
+    )
+
+
+def _make_image(rng: np.random.Generator, empty: bool):
+    """One image and its objects: (H, W, 3) uint8 array, list of (category index, polygon)."""
+    h, w = (int(s) for s in rng.integers(_MIN_SIDE, _MAX_SIDE + 1, size=2))
+    img = Image.fromarray(_background(rng, h, w))
+    draw = ImageDraw.Draw(img)
+    objects: List[Tuple[int, np.ndarray]] = []
+    boxes: List[Tuple[float, float, float, float]] = []
+    n = 0 if empty else int(rng.integers(1, _MAX_OBJECTS + 1))
+    for _ in range(50 * n):  # rejection sampling of non-overlapping boxes
+        if len(objects) == n:
+            break
+        bw, bh = rng.integers(_MIN_OBJ, _MAX_OBJ + 1, size=2)
+        x0 = int(rng.integers(0, w - bw + 1))
+        y0 = int(rng.integers(0, h - bh + 1))
+        # Integer corners, drawn up to x1 - 1 / y1 - 1: the pixels lie inside [x0, x1) x [y0, y1).
+        box = (x0, y0, x0 + int(bw), y0 + int(bh))
+        if _overlaps(box, boxes):
+            continue
+        cat = int(rng.integers(len(CATEGORIES)))
+        poly = _shape_polygon(rng, cat, box)
+        colour = np.array(CATEGORIES[cat][1]) + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)
+        colour = tuple(int(c) for c in np.clip(colour, 0, 255))
+        # PIL fills the pixels whose integer coordinates lie in the closed polygon, so the
+        # continuous shape (box [x0, x1)) is drawn shrunk to [x0, x1 - 1]: its pixels are then
+        # exactly the pixels of the annotated box.
+        lo, size = np.array(box[:2], np.float64), np.array([bw, bh], np.float64)
+        drawn = lo + (poly - lo) * (size - 1) / size
+        draw.polygon([tuple(p) for p in drawn], fill=colour)
+        objects.append((cat, poly))
+        boxes.append(box)
+    return np.asarray(img), objects
+
+
+def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str = "") -> None:
+    """Write ``num_images`` images and a COCO instances json into ``out_dir`` (must not exist).
+
+    The last image has no objects on purpose. Same ``seed`` and ``num_images``: byte-identical
+    json and identical pixels.
+
+    Args:
+        out_dir: folder to create; gets ``images/*.png`` and ``annotations.json``.
+        num_images: at least 1.
+        seed: seed of the numpy random generator.
+        desc: label of the progress bar.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    os.makedirs(os.path.join(out_dir, "images"))
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for i in tqdm(range(num_images), desc=desc or "dcnv2 synthetic data", unit="img"):
+        pixels, objects = _make_image(rng, empty=(i == num_images - 1))
+        file_name = f"{i + 1:06d}.png"
+        Image.fromarray(pixels).save(os.path.join(out_dir, "images", file_name))
+        h, w = pixels.shape[:2]
+        images.append({"id": i + 1, "file_name": file_name, "height": h, "width": w})
+        for cat, poly in objects:
+            x0, y0 = poly.min(axis=0)
+            x1, y1 = poly.max(axis=0)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat + 1,
+                    "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                    "area": round(_polygon_area(poly), 2),
+                    "iscrowd": 0,
+                    "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
+                }
+            )
+    coco = {
+        "info": {"description": "dcnv2 synthetic shapes", "version": "1"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": k + 1, "name": name, "supercategory": "shape"}
+            for k, (name, _) in enumerate(CATEGORIES)
+        ],
+    }
+    with open(os.path.join(out_dir, "annotations.json"), "w") as f:
+        json.dump(coco, f, indent=1, sort_keys=True)
+
+
+def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -> str:
+    """Generate a split unless its folder already exists; return the folder.
+
+    Safe to call from several processes at once: each generates into its own temporary folder
+    and renames it into place; a process that loses the race discards its copy.
+    """
+    out_dir = synthetic_split_dir(root, split, num_images, seed)
+    if os.path.isfile(os.path.join(out_dir, "annotations.json")):
+        return out_dir
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    try:
+        work = os.path.join(tmp, "split")
+        generate_synthetic_coco(work, num_images, seed, desc=f"{SUBDIR} {split} -> {parent}")
+        try:
+            os.rename(work, out_dir)
+        except OSError:
+            # Another process renamed its complete copy first (rename onto a non-empty folder
+            # fails); that copy is identical, so use it.
+            if not os.path.isfile(os.path.join(out_dir, "annotations.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _load(name: str, root: str, split: str, num_images: int, seed: int) -> List[dict]:
+    out_dir = prepare_synthetic_split(root, split, num_images, seed)
+    return load_coco_json(
+        os.path.join(out_dir, "annotations.json"), os.path.join(out_dir, "images"), name
+    )
+
+
+def register_synthetic_dataset(
+    name: str, root: str, split: str, num_images: int, seed: int
+) -> None:
+    """Register a synthetic split in detectron2's catalogs without generating it.
+
+    Metadata: ``json_file``, ``image_root``, ``evaluator_type="coco"``, ``thing_classes`` and
+    ``prepare`` (generates the split if missing; ``dcnv2.data.check_datasets`` calls it).
+    """
+    out_dir = synthetic_split_dir(root, split, num_images, seed)
+    args = (root, split, num_images, seed)
+    DatasetCatalog.register(name, functools.partial(_load, name, *args))
+    MetadataCatalog.get(name).set(
+        json_file=os.path.join(out_dir, "annotations.json"),
+        image_root=os.path.join(out_dir, "images"),
+        evaluator_type="coco",
+        thing_classes=[c[0] for c in CATEGORIES],
+        thing_colors=[c[1] for c in CATEGORIES],
+        prepare=functools.partial(prepare_synthetic_split, *args),
+    )
+
+
+def _register_default(root: Optional[str] = None) -> None:
+    # Resolved at import, like detectron2's builtin datasets.
+    root = os.path.expanduser(root or os.getenv("DETECTRON2_DATASETS", "datasets"))
+    for split, (num_images, seed) in SPLITS.items():
+        register_synthetic_dataset(f"dcnv2_synthetic_{split}", root, split, num_images, seed)
+
+
+_register_default()
