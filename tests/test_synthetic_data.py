@@ -181,3 +181,17 @@ def test_losing_a_generation_race_keeps_the_winners_copy(tmp_path, monkeypatch):
 def test_bad_number_of_images_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="num_images must be >= 1"):
         syn.generate_synthetic_coco(str(tmp_path / "x"), 0, seed=0)
+
+
+def test_cli_generates_both_splits_and_rejects_empty_ones(tmp_path):
+    script = os.path.join(REPO, "tools", "generate_synthetic_dataset.py")
+    args = [sys.executable, script, "--root", str(tmp_path), "--num-train", "3", "--num-val", "2"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    folders = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert folders == {
+        "train": syn.synthetic_split_dir(str(tmp_path), "train", 3, 0),
+        "val": syn.synthetic_split_dir(str(tmp_path), "val", 2, 1),
+    }
+    assert len(_load(folders["val"])[1]["images"]) == 2
+    bad = subprocess.run(args[:-1] + ["0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--num-val must be >= 1" in bad.stderr

@@ -51,9 +51,10 @@ SPLITS: Dict[str, Tuple[int, int]] = {"train": (96, 0), "val": (24, 1)}
 SUBDIR = "dcnv2_synthetic"
 
 _MIN_SIDE, _MAX_SIDE = 160, 256  # image sides, drawn independently: odd and non-square sizes
-# Object box sides in pixels: COCO's small (< 32^2), medium and large (> 96^2) areas all occur.
-_MIN_OBJ, _MAX_OBJ = 16, 112
-_MAX_OBJECTS = 4
+# Object scale sqrt(box area) in pixels, log-uniform as object sizes in natural images, so that
+# COCO's small (< 32^2), medium and large (> 96^2) areas all occur; aspect ratios 1:2 to 2:1.
+_MIN_SCALE, _MAX_SCALE = 16, 144
+_MAX_OBJECTS = 6
 _COLOUR_JITTER = 20  # per channel, so a category is a colour range, not one exact value
 
 
@@ -139,16 +140,21 @@ def _make_image(rng: np.random.Generator, empty: bool):
     objects: List[Tuple[int, np.ndarray]] = []
     boxes: List[Tuple[float, float, float, float]] = []
     n = 0 if empty else int(rng.integers(1, _MAX_OBJECTS + 1))
-    for _ in range(50 * n):  # rejection sampling of non-overlapping boxes
-        if len(objects) == n:
-            break
-        bw, bh = rng.integers(_MIN_OBJ, _MAX_OBJ + 1, size=2)
-        x0 = int(rng.integers(0, w - bw + 1))
-        y0 = int(rng.integers(0, h - bh + 1))
-        # Integer corners, drawn up to x1 - 1 / y1 - 1: the pixels lie inside [x0, x1) x [y0, y1).
-        box = (x0, y0, x0 + int(bw), y0 + int(bh))
-        if _overlaps(box, boxes):
-            continue
+    scales = np.exp(rng.uniform(np.log(_MIN_SCALE), np.log(_MAX_SCALE), size=n))
+    ratios = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=n))  # height / width
+    # Largest first: placed last, big objects would rarely find room, and large would be rare.
+    for scale, ratio in sorted(zip(scales, ratios), reverse=True):
+        bw = int(np.clip(round(scale / np.sqrt(ratio)), 8, w))
+        bh = int(np.clip(round(scale * np.sqrt(ratio)), 8, h))
+        for _ in range(20):  # rejection sampling of a position that overlaps no placed object
+            x0 = int(rng.integers(0, w - bw + 1))
+            y0 = int(rng.integers(0, h - bh + 1))
+            # The shape's pixels will lie inside [x0, x1) x [y0, y1).
+            box = (x0, y0, x0 + bw, y0 + bh)
+            if not _overlaps(box, boxes):
+                break
+        else:
+            continue  # no room for this one
         cat = int(rng.integers(len(CATEGORIES)))
         poly = _shape_polygon(rng, cat, box)
         colour = np.array(CATEGORIES[cat][1]) + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)

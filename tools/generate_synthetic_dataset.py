@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Generate the synthetic COCO-format shapes dataset (dcnv2.data.synthetic) ahead of time.
+
+    python tools/generate_synthetic_dataset.py                # what train_net.py would generate
+    python tools/generate_synthetic_dataset.py --root /data --num-train 500 --seed 3
+
+The defaults give exactly the folders of the registered ``dcnv2_synthetic_train`` /
+``dcnv2_synthetic_val``; a split that is already there is not written again. Other sizes or
+seeds go to their own folders: register them with
+``dcnv2.data.synthetic.register_synthetic_dataset``.
+"""
+
+import argparse
+import os
+
+from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--root",
+        default=os.getenv("DETECTRON2_DATASETS", "datasets"),
+        help="datasets folder (default: $DETECTRON2_DATASETS, else datasets/)",
+    )
+    parser.add_argument("--num-train", type=int, default=SPLITS["train"][0])
+    parser.add_argument("--num-val", type=int, default=SPLITS["val"][0])
+    parser.add_argument(
+        "--seed", type=int, default=SPLITS["train"][1], help="train seed; val uses seed + 1"
+    )
+    args = parser.parse_args()
+    if args.num_train < 1 or args.num_val < 1:
+        parser.error(
+            f"--num-train and --num-val must be >= 1, got {args.num_train}, {args.num_val}"
+        )
+    root = os.path.expanduser(args.root)
+    for split, num, seed in (
+        ("train", args.num_train, args.seed),
+        ("val", args.num_val, args.seed + 1),
+    ):
+        print(f"{split}: {prepare_synthetic_split(root, split, num, seed)}")
+
+
+if __name__ == "__main__":
+    main()
