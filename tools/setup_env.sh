@@ -86,14 +86,16 @@ PYEOF
 fi
 
 # 3. this package, editable, with test extras. Skipped when setup.py has not changed since the
-#    last successful install (the stamp records its hash).
+#    last successful install (the stamp records the hash of setup.py and of this script).
 stamp="$VENV/.dcnv2-setup-stamp"
-want="$(sha256sum "$ROOT/setup.py" | cut -d' ' -f1) $ROOT"
+want="$(cat "$ROOT/setup.py" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1) $ROOT"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && has dcnv2; then
   log "dcnv2 already installed (editable) from $ROOT"
 else
   log "installing dcnv2 (editable, with test extras)"
-  pip_install -e "$ROOT[test]"
+  # numpy<2 stays pinned here: detectron2 0.6/0.7 need it, and without the constraint the
+  # resolver takes numpy 2 for onnx's ml_dtypes.
+  pip_install -e "$ROOT[test]" "numpy<2"
   echo "$want" > "$stamp"
 fi
 

@@ -106,9 +106,11 @@ def run_worker(spec: Dict) -> Dict:
         nn.init.zeros_(layer.bias)
     backend = resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device("cpu"))
     deformable = any(getattr(m, "deformable_groups", None) for m in model.modules())
-    rss_build = _read_status("VmRSS")
     load_before = os.getloadavg()[0]
     peak_reset = _reset_peak_rss()
+    # Read after the reset: the high-water mark then bounds it from above (the allocator may
+    # hand pages back between a read before the reset and the reset itself).
+    rss_build = _read_status("VmRSS")
     mode = spec["mode"]
     if mode == "inference":
         model.eval()
