@@ -15,11 +15,11 @@ Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PO
 import sys
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 import dcnv2
+from dcnv2.checkpoint import build_checkpointer
 from dcnv2.data import DatasetNotFoundError, check_datasets
 from dcnv2.engine import Trainer, lazy
 from dcnv2.lazy_config import is_lazy_config, load_config
@@ -43,7 +43,7 @@ def main(args):
     check_datasets(datasets_used(cfg, args.eval_only))
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        build_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     cfg = setup_demo_cfg(args.config_file, ["MODEL.WEIGHTS", "", *args.opts])
     torch.manual_seed(args.seed)
     model = build_model(cfg).eval()
-    load_weights(model, cfg.MODEL.WEIGHTS)
+    load_weights(model, cfg.MODEL.WEIGHTS, allow_unsafe=cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS)
     inputs = model_inputs(args.height, args.width, seed=args.seed)
     report = analyze_model(model, inputs, args.tasks, args.max_depth)
     printed = set()

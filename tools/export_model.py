@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        load_weights(model, cfg.MODEL.WEIGHTS)
+        load_weights(model, cfg.MODEL.WEIGHTS, allow_unsafe=cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS)
     else:
         print("note: no MODEL.WEIGHTS given: exporting random-init weights")
     image = torch.randint(0, 256, (3, args.height, args.width)).float()

@@ -19,6 +19,8 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Deformable-conv implementation: "auto" (best for the device), "detectron2", "native"
     # or "torchvision". See dcnv2.layers.backends.
     cfg.MODEL.DCNV2.BACKEND = "auto"
+    # Unpickle any object when loading weights (dcnv2.checkpoint): only for trusted files.
+    cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS = False
     # Model family options (dcnv2.solver). Learning-rate factor of the convs that predict the
     # offsets and masks (parameters named "*conv2_offset*"). 1.0 is what detectron2 and
     # MMDetection (paramwise_cfg dcn_offset_lr_mult) use by default and what every shipped recipe

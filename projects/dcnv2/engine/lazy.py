@@ -3,21 +3,22 @@
 The loop of detectron2's ``tools/lazyconfig_train_net.py`` (``instantiate``, a trainer, hooks,
 ``DetectionCheckpointer``, ``inference_on_dataset``), with what dcnv2's YAML ``Trainer`` adds:
 DDP that works on CPU (gloo), mixed precision on any device (``train.amp.enabled``), datasets
-checked before anything is built. A config defines ``model``, ``dataloader`` (``train``,
-``test``, ``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train`` (detectron2's
-``common/train.py`` keys).
+checked before anything is built, safe weight loading (``DCNv2Checkpointer``; a trusted file
+that needs arbitrary pickled objects takes ``train.allow_unsafe_weights=True``). A config
+defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``,
+``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys).
 """
 
 import logging
 from typing import List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..checkpoint import DCNv2Checkpointer
 from ..data import check_datasets
 from ..lazy_config import load_config
 from .amp import amp_trainer
@@ -48,6 +49,13 @@ def _check_device(cfg) -> None:
             f"train.device is {cfg.train.device!r} but CUDA is not available; "
             "add train.device=cpu to the command line to run on the CPU"
         )
+
+
+def _checkpointer(cfg, model, **checkpointables) -> DCNv2Checkpointer:
+    allow_unsafe = bool(cfg.train.get("allow_unsafe_weights", False))
+    return DCNv2Checkpointer(
+        model, cfg.train.output_dir, allow_unsafe=allow_unsafe, **checkpointables
+    )
 
 
 def do_test(cfg, model) -> Optional[dict]:
@@ -86,7 +94,7 @@ def do_train(cfg, args) -> None:
     trainer = (amp_trainer if cfg.train.amp.enabled else SimpleTrainer)(
         model, train_loader, optimizer
     )
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = _checkpointer(cfg, model, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -125,7 +133,5 @@ def main(args):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-        cfg.train.init_checkpoint, resume=args.resume
-    )
+    _checkpointer(cfg, model).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     return do_test(cfg, model)

@@ -11,6 +11,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
+from ..checkpoint import dcnv2_checkpointer_in_d2_defaults
 from ..solver import build_optimizer
 from .amp import amp_trainer
 
@@ -35,13 +36,15 @@ _D2_AMP_TRAINER = d2_defaults.AMPTrainer
 
 
 @contextlib.contextmanager
-def _device_agnostic_parts():
+def _device_agnostic_parts(cfg):
     # DefaultTrainer.__init__ calls the module-level create_ddp_model and AMPTrainer (which
-    # asserts CUDA); swap them only while the trainer is being built.
+    # asserts CUDA) and DetectionCheckpointer (unpickles anything); swap them only while the
+    # trainer is being built.
     d2_defaults.create_ddp_model = create_ddp_model
     d2_defaults.AMPTrainer = amp_trainer
     try:
-        yield
+        with dcnv2_checkpointer_in_d2_defaults(cfg):
+            yield
     finally:
         d2_defaults.create_ddp_model = _D2_CREATE_DDP_MODEL
         d2_defaults.AMPTrainer = _D2_AMP_TRAINER
@@ -49,10 +52,11 @@ def _device_agnostic_parts():
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP, mixed precision
-    (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``."""
+    (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``, safe weight
+    loading (``dcnv2.checkpoint.DCNv2Checkpointer``, ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``)."""
 
     def __init__(self, cfg):
-        with _device_agnostic_parts():
+        with _device_agnostic_parts(cfg):
             super().__init__(cfg)
 
     @classmethod

@@ -23,6 +23,11 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
+from ..checkpoint import (
+    DCNv2Checkpointer,
+    UnsafeCheckpointError,
+    dcnv2_checkpointer_in_d2_defaults,
+)
 from ..config import get_cfg
 from .cli import UserInputError
 
@@ -235,8 +240,9 @@ class DemoRunner:
     def __init__(self, cfg):
         self.cfg = cfg
         try:
-            self.predictor = DefaultPredictor(cfg)
-        except OSError as e:  # includes a URL that cannot be fetched
+            with dcnv2_checkpointer_in_d2_defaults(cfg):
+                self.predictor = DefaultPredictor(cfg)
+        except (OSError, UnsafeCheckpointError) as e:  # OSError: also a URL that cannot be fetched
             raise UserInputError(f"cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: {e}") from None
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         self.metadata = MetadataCatalog.get(name)
@@ -251,19 +257,21 @@ class DemoRunner:
         return visualizer.draw_instance_predictions(instances).get_image()
 
 
-def load_weights(model: torch.nn.Module, weights: str) -> None:
-    """Load a checkpoint into ``model`` with detectron2's checkpointer ("" loads nothing).
+def load_weights(model: torch.nn.Module, weights: str, *, allow_unsafe: bool = False) -> None:
+    """Load a checkpoint into ``model`` with dcnv2's checkpointer ("" loads nothing).
+
+    Args:
+        allow_unsafe: also load files that need arbitrary pickled objects
+            (``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``).
 
     Raises:
-        UserInputError: the file or URL cannot be read.
+        UserInputError: the file or URL cannot be read, or it is refused as unsafe.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
-
     if not weights:
         return
     try:
-        DetectionCheckpointer(model).load(weights)
-    except OSError as e:
+        DCNv2Checkpointer(model, allow_unsafe=allow_unsafe).load(weights)
+    except (OSError, UnsafeCheckpointError) as e:
         raise UserInputError(f"cannot load MODEL.WEIGHTS {weights!r}: {e}") from None
 
 

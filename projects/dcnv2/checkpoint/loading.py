@@ -1,0 +1,135 @@
+"""Reading checkpoint files without running code hidden in them.
+
+A ``torch.save`` file (``.pth``/``.pt``) and a detectron2 model-zoo ``.pkl`` are pickles, and
+unpickling can call any importable function. By default both are read by unpicklers that only
+rebuild data:
+
+* ``.pth``/``.pt``/``.pyth`` (anything but ``.pkl``): ``torch.load(..., weights_only=True)``:
+  tensors, numbers, strings and the built-in containers.
+* ``.pkl``: an unpickler that only rebuilds numpy arrays, numpy scalars and ``OrderedDict`` (what
+  detectron2's and Detectron's model-zoo files hold), read with ``encoding="latin1"`` as
+  detectron2 does, for the Python 2 files of the MSRA ImageNet models.
+
+A file that needs anything else is refused with :class:`UnsafeCheckpointError`, which names what
+the file asked for. ``allow_unsafe=True`` loads it with plain pickle: only do this for files from
+a source you trust.
+"""
+
+import io
+import pickle
+import re
+from typing import Any, Union
+
+import torch
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "UNSAFE_OVERRIDE_HINT",
+    "UnsafeCheckpointError",
+    "load_checkpoint_file",
+    "load_pickle_file",
+    "load_torch_file",
+]
+
+UNSAFE_OVERRIDE_HINT = (
+    "If you trust the file's source, allow it explicitly: MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS True "
+    "(YAML configs), train.allow_unsafe_weights=True (LazyConfigs), --allow-unsafe (the convert "
+    "tools) or allow_unsafe=True (DCNv2Checkpointer and dcnv2.checkpoint.load_checkpoint_file)."
+)
+
+# (module, name) pairs the .pkl unpickler may rebuild. numpy 2 moved numpy.core to numpy._core.
+_PKL_ALLOWED_GLOBALS = frozenset(
+    [
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+        # Python 3 pickles (protocol < 3) write bytes as _codecs.encode(str, "latin1").
+        ("_codecs", "encode"),
+    ]
+)
+
+# torch's weights-only unpickler reports an object it will not build with one of these phrases
+# (the wording changed across torch versions); any other failure means a damaged file.
+_TORCH_REFUSAL = re.compile(
+    r"Unsupported global: GLOBAL (\S+)|Unsupported class (\S+)|(\S+) was not an allowed global"
+)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs arbitrary Python objects, which could run code when unpickled."""
+
+
+def _refuse(path: str, global_name: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"Refusing to load {path!r}: besides tensors/arrays, numbers, strings and containers it "
+        f"asks the unpickler for the Python global {global_name!r}, and unpickling arbitrary "
+        f"objects can run arbitrary code. {UNSAFE_OVERRIDE_HINT}"
+    )
+
+
+class _NotAllowed(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PKL_ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise _NotAllowed(f"{module}.{name}")
+
+
+def load_pickle_file(path: str, *, allow_unsafe: bool = False) -> Any:
+    """Unpickle a ``.pkl`` checkpoint (numpy arrays in dicts), refusing anything else.
+
+    Args:
+        path: a local path or a detectron2 ``PathManager`` URI.
+        allow_unsafe: use plain ``pickle`` (runs whatever the file says).
+
+    Raises:
+        UnsafeCheckpointError: the file needs a Python global other than numpy's array
+            constructors (only when ``allow_unsafe`` is False).
+    """
+    with PathManager.open(path, "rb") as f:
+        data = f.read()
+    if allow_unsafe:
+        return pickle.loads(data, encoding="latin1")
+    try:
+        return _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if isinstance(e, _NotAllowed):
+            raise _refuse(path, str(e)) from None
+        raise
+
+
+def load_torch_file(path: str, *, allow_unsafe: bool = False) -> Any:
+    """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``.
+
+    Args:
+        path: a local path (a ``PathManager`` URI is fetched first).
+        allow_unsafe: ``weights_only=False`` (runs whatever the file says).
+
+    Raises:
+        UnsafeCheckpointError: the file needs Python objects other than tensors, numbers,
+            strings and containers (only when ``allow_unsafe`` is False).
+    """
+    local = PathManager.get_local_path(path)
+    if allow_unsafe:
+        return torch.load(local, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(local, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _TORCH_REFUSAL.search(str(e))
+        if found:
+            raise _refuse(path, next(g for g in found.groups() if g).rstrip(".,")) from None
+        raise
+
+
+def load_checkpoint_file(path: str, *, allow_unsafe: bool = False) -> Union[dict, Any]:
+    """Load a ``.pkl`` with :func:`load_pickle_file`, anything else with :func:`load_torch_file`."""
+    if path.endswith(".pkl"):
+        return load_pickle_file(path, allow_unsafe=allow_unsafe)
+    return load_torch_file(path, allow_unsafe=allow_unsafe)
