@@ -8,7 +8,8 @@ detectron2's kernels. Two implementations of the column kernels share that drive
 - ``"torch"`` (:mod:`dcnv2.layers.native_torch`): PyTorch ops; CUDA, other dtypes, and the
   fallback when the extension cannot be built.
 
-Memory: forward saves only its inputs and backward recomputes the columns; columns are built for
+Memory: forward saves only its inputs and backward recomputes the columns (in the same pass
+as the input, offset and mask gradients); columns are built for
 chunks of images, or of output positions, of at most ``_CHUNK_ELEMENTS`` elements, so the peak
 does not grow with the batch or the image size.
 """
@@ -170,23 +171,33 @@ class _DeformConv2d(torch.autograd.Function):
                 grad_xp = torch.zeros_like(xp) if need_x else None
             m = None if mask is None else mask[sl]
             go = go_all[sl, :, :, p0:p1]
-            if need_weight:
+            if need_x or need_offset or need_mask:
+                grad_cols = torch.matmul(w.transpose(1, 2), go).view(go.shape[0], -1, p1 - p0)
+                # One pass gives the input gradient (into grad_xp), the offset and mask
+                # gradients, and the columns for the weight gradient.
+                g_offset, g_mask, cols = kernels.backward(
+                    xp,
+                    offset[sl],
+                    m,
+                    grad_cols,
+                    *geometry,
+                    p0,
+                    p1,
+                    grad_xp,
+                    need_offset or need_mask,
+                    need_weight,
+                )
+                del grad_cols
+            elif need_weight:
                 cols = kernels.im2col(xp, offset[sl], m, *geometry, p0, p1)
+            if need_offset:
+                grad_offset[sl, :, p0:p1] = g_offset
+            if need_mask:
+                grad_mask[sl, :, p0:p1] = g_mask
+            if need_weight:
                 cols = cols.view(cols.shape[0], groups, -1, p1 - p0)
                 grad_w += torch.matmul(go, cols.transpose(2, 3)).sum(0)
                 del cols  # at most two column-sized tensors alive at once
-            if not (need_x or need_offset or need_mask):
-                continue
-            grad_cols = torch.matmul(w.transpose(1, 2), go).view(go.shape[0], -1, p1 - p0)
-            args = (xp, offset[sl], m, grad_cols, *geometry, p0, p1)
-            if need_x:
-                kernels.col2im_input(*args, grad_xp)
-            if need_offset or need_mask:
-                g_offset, g_mask = kernels.col2im_coord(*args)
-                if need_offset:
-                    grad_offset[sl, :, p0:p1] = g_offset
-                if need_mask:
-                    grad_mask[sl, :, p0:p1] = g_mask
         if need_x and images is not None:
             # The padding collected corners outside the image, which detectron2 drops.
             grad_x[images] = grad_xp[:, :, 1:-1, 1:-1]

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["is_available", "error", "im2col", "col2im_input", "col2im_coord"]
+__all__ = ["is_available", "error", "im2col", "backward"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,23 @@ def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_e
     )
 
 
-def col2im_input(
-    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, p_begin, p_end, grad_xp
-) -> None:
-    torch.ops.dcnv2_native.col2im_input(
+def backward(
+    xp,
+    offset,
+    mask,
+    grad_cols,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    dg,
+    p_begin,
+    p_end,
+    grad_xp,
+    need_coord,
+    need_cols,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    grad_offset, grad_mask, cols = torch.ops.dcnv2_native.backward(
         xp,
         offset,
         mask,
@@ -92,23 +105,11 @@ def col2im_input(
         p_begin,
         p_end,
         grad_xp,
+        need_coord,
+        need_cols,
     )
-
-
-def col2im_coord(
-    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, p_begin, p_end
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    grad_offset, grad_mask = torch.ops.dcnv2_native.col2im_coord(
-        xp,
-        offset,
-        mask,
-        grad_cols.contiguous(),
-        kernel,
-        stride,
-        padding,
-        dilation,
-        dg,
-        p_begin,
-        p_end,
+    return (
+        grad_offset if need_coord else None,
+        grad_mask if need_coord and mask is not None else None,
+        cols if need_cols else None,
     )
-    return grad_offset, (grad_mask if mask is not None else None)

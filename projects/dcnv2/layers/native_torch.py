@@ -180,3 +180,32 @@ def col2im_coord(
     if mask is not None:
         grad_mask = sum(b * sq for b, sq in zip(taps.bilinear, s)).view(n, dg * k, pc)
     return grad_offset, grad_mask
+
+
+def backward(
+    xp: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    grad_cols: torch.Tensor,
+    kernel: Pair,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    dg: int,
+    p_begin: int,
+    p_end: int,
+    grad_xp: Optional[torch.Tensor],
+    need_coord: bool,
+    need_cols: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """What backward needs from a chunk's column gradient ``grad_cols`` (n, C*kh*kw, Pc): adds
+    the input gradient to ``grad_xp`` when given, and returns the offset and mask gradients
+    (when ``need_coord``; see :func:`col2im_coord`) and the columns (when ``need_cols``)."""
+    args = (xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, p_begin, p_end)
+    if grad_xp is not None:
+        col2im_input(*args, grad_xp)
+    grad_offset, grad_mask = col2im_coord(*args) if need_coord else (None, None)
+    cols = None
+    if need_cols:
+        cols = im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_end)
+    return grad_offset, grad_mask, cols

@@ -6,15 +6,18 @@
 // held fixed. Columns are (n, C*K, P), K = kh*kw taps, P = Ho*Wo output positions.
 //
 // The sampling geometry (Taps) is computed once per call and reused for every channel. Work is
-// split so that no two threads write the same element (no atomics): im2col and the offset/mask
-// gradient by (image, deformable group, block of positions); the input gradient by ranges of
-// (image, channel) planes.
+// split so that no two threads write the same element (no atomics): im2col by (image, deformable
+// group, block of positions); backward, which computes the input, offset and mask gradients and
+// the columns for the weight gradient in one pass, by ranges of (image, channel) planes, with
+// per-thread sums for the offset and mask gradients.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -134,77 +137,70 @@ void im2col_impl(const Geometry& g, const Taps<T>& taps, const T* xp, T* cols) {
   });
 }
 
+// Everything backward needs from one chunk's column gradient, in a single pass over (channel,
+// tap, position): the input gradient (added to grad_xp when given), the sums behind the offset
+// and mask gradients (gh, gw, gm over (image, group, tap, position); when given), and the columns
+// themselves for the weight gradient (when cols is given). Threads own ranges of (image,
+// channel) planes, so the input gradient needs no atomics; each thread sums its planes' share of
+// gh/gw/gm privately and adds it to the totals at the end. Within a range, blocks of positions go
+// outermost so that a block's taps and sums stay cached.
 template <typename T>
-void col2im_input_impl(const Geometry& g, const Taps<T>& taps, const T* grad_cols, T* grad_xp) {
+void backward_impl(const Geometry& g, const Taps<T>& taps, const T* xp, const T* grad_cols,
+                   T* grad_xp, T* cols, T* gh, T* gw, T* gm) {
   const int64_t P = g.positions(), K = g.taps(), cg = g.group_channels(), wp = g.padded_width();
-  // Each thread owns a range of (image, channel) gradient planes: no two threads add to the same
-  // element. Within the range, blocks of positions go outermost so a block's taps stay cached.
+  const int64_t sums = g.n * g.dg * K * P;
+  const bool coord = gh != nullptr;
+  std::mutex total;
   at::parallel_for(0, g.n * g.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sh(coord ? sums : 0, T(0)), sw(coord ? sums : 0, T(0));
+    std::vector<T> sm(coord ? sums : 0, T(0));
     for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
       const int64_t p1 = std::min(P, p0 + kBlock);
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / g.channels, grp = (bc % g.channels) / cg;
-        T* plane = grad_xp + bc * g.padded_plane();
+        const T* plane = xp + bc * g.padded_plane();
+        T* grad_plane = grad_xp ? grad_xp + bc * g.padded_plane() : nullptr;
         for (int64_t k = 0; k < K; ++k) {
           const int64_t t0 = ((b * g.dg + grp) * K + k) * P;
           const int64_t* index = taps.index.data() + t0;
           const T *lh = taps.lh.data() + t0, *lw = taps.lw.data() + t0;
           const T* m = taps.mask.data() + t0;
-          const T* col = grad_cols + (bc * K + k) * P;
+          const T* top = grad_cols + (bc * K + k) * P;
+          T* col = cols ? cols + (bc * K + k) * P : nullptr;
           for (int64_t p = p0; p < p1; ++p) {
-            const T top = col[p] * m[p], hh = 1 - lh[p], hw = 1 - lw[p];
-            T* v = plane + index[p];
-            v[0] += hh * hw * top;
-            v[1] += hh * lw[p] * top;
-            v[wp] += lh[p] * hw * top;
-            v[wp + 1] += lh[p] * lw[p] * top;
+            const T hh = 1 - lh[p], hw = 1 - lw[p];
+            const T w00 = hh * hw, w01 = hh * lw[p], w10 = lh[p] * hw, w11 = lh[p] * lw[p];
+            if (grad_plane) {
+              // detectron2's modulated_deformable_col2im (dmcn_get_gradient_weight).
+              const T tm = top[p] * m[p];
+              T* gv = grad_plane + index[p];
+              gv[0] += w00 * tm;
+              gv[1] += w01 * tm;
+              gv[wp] += w10 * tm;
+              gv[wp + 1] += w11 * tm;
+            }
+            if (coord || col) {
+              const T* v = plane + index[p];
+              const T val = w00 * v[0] + w01 * v[1] + w10 * v[wp] + w11 * v[wp + 1];
+              if (col) col[p] = val * m[p];
+              if (coord) {
+                // detectron2's dmcn_get_coordinate_weight: the slope with floor(h), floor(w)
+                // fixed. Outside the box lh = lw = 0 and index 0 reads the padding's 0.
+                sm[t0 + p] += top[p] * val;
+                sh[t0 + p] += top[p] * (hw * (v[wp] - v[0]) + lw[p] * (v[wp + 1] - v[1]));
+                sw[t0 + p] += top[p] * (hh * (v[1] - v[0]) + lh[p] * (v[wp + 1] - v[wp]));
+              }
+            }
           }
         }
       }
     }
-  });
-}
-
-template <typename T>
-void col2im_coord_impl(const Geometry& g, const Taps<T>& taps, const T* xp, const T* grad_cols,
-                       T* grad_offset, T* grad_mask) {
-  const int64_t P = g.positions(), K = g.taps(), cg = g.group_channels(), wp = g.padded_width();
-  for_each_block(g, [&](int64_t b, int64_t grp, int64_t p0, int64_t p1) {
-    // Sums over the group's channels of grad_col times d(value)/dh, d/dw and the value.
-    std::vector<T> gh(K * kBlock, T(0)), gw(K * kBlock, T(0)), gm(K * kBlock, T(0));
-    for (int64_t c = grp * cg; c < (grp + 1) * cg; ++c) {
-      const T* plane = xp + (b * g.channels + c) * g.padded_plane();
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t t0 = ((b * g.dg + grp) * K + k) * P;
-        const int64_t* index = taps.index.data() + t0;
-        const T *lh = taps.lh.data() + t0, *lw = taps.lw.data() + t0;
-        const T* col = grad_cols + ((b * g.channels + c) * K + k) * P;
-        T *ah = gh.data() + k * kBlock - p0, *aw = gw.data() + k * kBlock - p0;
-        T* am = gm.data() + k * kBlock - p0;
-        for (int64_t p = p0; p < p1; ++p) {
-          const T* v = plane + index[p];
-          const T hh = 1 - lh[p], hw = 1 - lw[p], top = col[p];
-          am[p] += top * (hh * hw * v[0] + hh * lw[p] * v[1] + lh[p] * hw * v[wp] +
-                          lh[p] * lw[p] * v[wp + 1]);
-          // detectron2's dmcn_get_coordinate_weight: the slope with floor(h), floor(w) fixed.
-          ah[p] += top * (hw * (v[wp] - v[0]) + lw[p] * (v[wp + 1] - v[1]));
-          aw[p] += top * (hh * (v[1] - v[0]) + lh[p] * (v[wp + 1] - v[wp]));
-        }
-      }
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t t0 = ((b * g.dg + grp) * K + k) * P;
-      const T* m = taps.mask.data() + t0;
-      T* out_h = grad_offset + ((b * g.dg + grp) * 2 * K + 2 * k) * P;
-      T* out_w = out_h + P;
-      T* out_m = grad_mask ? grad_mask + t0 : nullptr;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t q = k * kBlock + p - p0;
-        // m is 0 outside the box, where detectron2's offset gradient is 0.
-        out_h[p] = gh[q] * m[p];
-        out_w[p] = gw[q] * m[p];
-        // Outside the box lh = lw = 0 and index 0 reads the padding: the value term is 0 too.
-        if (out_m) out_m[p] = gm[q];
+    if (coord) {
+      const std::lock_guard<std::mutex> lock(total);
+      for (int64_t t = 0; t < sums; ++t) {
+        gh[t] += sh[t];
+        gw[t] += sw[t];
+        gm[t] += sm[t];
       }
     }
   });
@@ -246,46 +242,56 @@ at::Tensor im2col(const at::Tensor& xp, const at::Tensor& offset,
   return cols;
 }
 
-// Adds the input gradient of these columns to grad_xp (same shape as xp). What lands on the
-// padding belongs to corners outside the image, which detectron2 drops: the caller crops it.
-void col2im_input(const at::Tensor& xp, const at::Tensor& offset,
-                  const std::optional<at::Tensor>& mask, const at::Tensor& grad_cols,
-                  at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                  at::IntArrayRef dilation, int64_t dg, int64_t p_begin, int64_t p_end,
-                  at::Tensor grad_xp) {
-  check_inputs(xp, offset, mask);
-  const Geometry g =
-      make_geometry(xp, offset, kernel, stride, padding, dilation, dg, p_begin, p_end);
-  check_cols(g, xp, grad_cols);
-  TORCH_CHECK(grad_xp.is_contiguous() && grad_xp.sizes() == xp.sizes() &&
-                  grad_xp.scalar_type() == xp.scalar_type(),
-              "grad_xp: contiguous, like xp");
-  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "dcnv2_col2im_input", [&] {
-    const Taps<scalar_t> taps(g, offset.data_ptr<scalar_t>(), mask_ptr<scalar_t>(mask));
-    col2im_input_impl<scalar_t>(g, taps, grad_cols.data_ptr<scalar_t>(),
-                                grad_xp.data_ptr<scalar_t>());
-  });
-}
-
-// Offset gradient (n, 2*dg*K, positions) and mask gradient (n, dg*K, positions; empty for DCNv1).
-std::tuple<at::Tensor, at::Tensor> col2im_coord(
+// One backward pass over a chunk's columns (see backward_impl). Adds the input gradient to
+// grad_xp when given (what lands on the padding belongs to corners outside the image, which
+// detectron2 drops: the caller crops it). Returns the offset gradient (n, 2*dg*K, positions) and
+// mask gradient (n, dg*K, positions) when need_coord (the mask one empty for DCNv1), and the
+// columns (n, C*K, positions) when need_cols; empty tensors otherwise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& xp, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
     const at::Tensor& grad_cols, at::IntArrayRef kernel, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t dg, int64_t p_begin,
-    int64_t p_end) {
+    int64_t p_end, const std::optional<at::Tensor>& grad_xp, bool need_coord, bool need_cols) {
   check_inputs(xp, offset, mask);
   const Geometry g =
       make_geometry(xp, offset, kernel, stride, padding, dilation, dg, p_begin, p_end);
   check_cols(g, xp, grad_cols);
-  auto grad_offset = at::empty({g.n, 2 * dg * g.taps(), g.positions()}, xp.options());
-  auto grad_mask = at::empty({mask ? g.n : 0, dg * g.taps(), g.positions()}, xp.options());
-  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "dcnv2_col2im_coord", [&] {
-    const Taps<scalar_t> taps(g, offset.data_ptr<scalar_t>(), mask_ptr<scalar_t>(mask));
-    col2im_coord_impl<scalar_t>(g, taps, xp.data_ptr<scalar_t>(),
-                                grad_cols.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
-                                mask ? grad_mask.data_ptr<scalar_t>() : nullptr);
+  TORCH_CHECK(!grad_xp || (grad_xp->is_contiguous() && grad_xp->sizes() == xp.sizes() &&
+                           grad_xp->scalar_type() == xp.scalar_type()),
+              "grad_xp: contiguous, like xp");
+  const int64_t K = g.taps(), P = g.positions();
+  auto cols = at::empty({need_cols ? g.n : 0, g.channels * K, P}, xp.options());
+  auto grad_offset = at::empty({need_coord ? g.n : 0, 2 * dg * K, P}, xp.options());
+  auto grad_mask = at::empty({need_coord && mask ? g.n : 0, dg * K, P}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "dcnv2_backward", [&] {
+    using T = scalar_t;
+    const Taps<T> taps(g, offset.data_ptr<T>(), mask_ptr<T>(mask));
+    const int64_t rows = g.n * dg * K;
+    std::vector<T> gh(need_coord ? rows * P : 0, T(0)), gw(gh.size(), T(0)), gm(gh.size(), T(0));
+    backward_impl<T>(g, taps, xp.data_ptr<T>(), grad_cols.data_ptr<T>(),
+                     grad_xp ? grad_xp->data_ptr<T>() : nullptr,
+                     need_cols ? cols.data_ptr<T>() : nullptr, need_coord ? gh.data() : nullptr,
+                     gw.data(), gm.data());
+    if (!need_coord) return;
+    T* out = grad_offset.data_ptr<T>();
+    T* out_m = mask ? grad_mask.data_ptr<T>() : nullptr;
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        // Offset channels of a group: (dy, dx) for tap 0, then tap 1, ...
+        const int64_t k = row % K, b_grp = row / K;
+        T* out_h = out + (b_grp * 2 * K + 2 * k) * P;
+        T* out_w = out_h + P;
+        const T* m = taps.mask.data() + row * P;
+        for (int64_t p = 0; p < P; ++p) {
+          // m is 0 outside the box, where detectron2's offset gradient is 0.
+          out_h[p] = gh[row * P + p] * m[p];
+          out_w[p] = gw[row * P + p] * m[p];
+          if (out_m) out_m[row * P + p] = gm[row * P + p];
+        }
+      }
+    });
   });
-  return {grad_offset, grad_mask};
+  return {grad_offset, grad_mask, cols};
 }
 
 }  // namespace
@@ -293,16 +299,12 @@ std::tuple<at::Tensor, at::Tensor> col2im_coord(
 TORCH_LIBRARY(dcnv2_native, m) {
   m.def("im2col(Tensor xp, Tensor offset, Tensor? mask, int[2] kernel, int[2] stride, "
         "int[2] padding, int[2] dilation, int dg, int p_begin, int p_end) -> Tensor");
-  m.def("col2im_input(Tensor xp, Tensor offset, Tensor? mask, Tensor grad_cols, int[2] kernel, "
+  m.def("backward(Tensor xp, Tensor offset, Tensor? mask, Tensor grad_cols, int[2] kernel, "
         "int[2] stride, int[2] padding, int[2] dilation, int dg, int p_begin, int p_end, "
-        "Tensor(a!) grad_xp) -> ()");
-  m.def("col2im_coord(Tensor xp, Tensor offset, Tensor? mask, Tensor grad_cols, int[2] kernel, "
-        "int[2] stride, int[2] padding, int[2] dilation, int dg, int p_begin, int p_end) "
-        "-> (Tensor, Tensor)");
+        "Tensor(a!)? grad_xp, bool need_coord, bool need_cols) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dcnv2_native, CPU, m) {
   m.impl("im2col", &im2col);
-  m.impl("col2im_input", &col2im_input);
-  m.impl("col2im_coord", &col2im_coord);
+  m.impl("backward", &backward);
 }
