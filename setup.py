@@ -18,7 +18,10 @@ setup(
     python_requires=">=3.8",
     packages=["dcnv2"] + [f"dcnv2.{p}" for p in find_packages("projects/dcnv2")],
     package_dir={"dcnv2": "projects/dcnv2"},
-    package_data={"dcnv2": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"]},
+    package_data={
+        # configs resolve by name without a checkout; the C++ source is compiled on first use
+        "dcnv2": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py", "layers/csrc/*.cpp"]
+    },
     # detectron2 is not on PyPI under its own name and must match the user's torch/CUDA build,
     # so it is not a requirement here: see README (tools/setup_env.sh installs it).
     install_requires=[

@@ -92,3 +92,5 @@ def test_wheel_contains_package_and_configs(tmp_path):
     assert "dcnv2/__init__.py" in names and "dcnv2/layers/deform_conv.py" in names
     assert "dcnv2/configs/faster_rcnn_R50_mdconv_FPN_1x.yaml" in names
     assert "dcnv2/configs/Base-DCNv2-RCNN-FPN.yaml" in names
+    # the native backend compiles this source on first use
+    assert "dcnv2/layers/csrc/deform_conv_cpu.cpp" in names

@@ -54,8 +54,8 @@ def _detectron2_ops():
 def _native_ops():
     try:
         from . import native
-    except ImportError:  # the native backend is optional: say so once and carry on
-        logger.warning("dcnv2: native deformable-conv backend unavailable", exc_info=True)
+    except ImportError as e:  # the native backend is optional: say so once and carry on
+        logger.warning("dcnv2: native deformable-conv backend unavailable (%s)", e)
         return None
     return native
 
