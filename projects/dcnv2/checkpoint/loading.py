@@ -53,9 +53,12 @@ _PKL_ALLOWED_GLOBALS = frozenset(
 )
 
 # torch's weights-only unpickler reports an object it will not build with one of these phrases
-# (the wording changed across torch versions); any other failure means a damaged file.
+# (the wording varies across torch versions and with why it refuses); any other failure means a
+# damaged file.
 _TORCH_REFUSAL = re.compile(
-    r"Unsupported global: GLOBAL (\S+)|Unsupported class (\S+)|(\S+) was not an allowed global"
+    r"unsupported GLOBAL (\S+) whose module|Unsupported global: GLOBAL (\S+)"
+    r"|Unsupported class (\S+)|(\S+) was not an allowed global"
+    r"|reduce for unrecognized function (\S+)|allowlisted via `add_safe_globals`,? but got (.+)"
 )
 
 
