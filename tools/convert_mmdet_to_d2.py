@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Convert an MMDetection (v2/v3) Faster or Mask R-CNN checkpoint with a ResNet/ResNeXt + FPN
+backbone, with or without DCN, into a detectron2 checkpoint for dcnv2, and print the config
+overrides the converted model needs.
+
+Example:
+    python tools/convert_mmdet_to_d2.py \
+        faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco_20200130-d099253b.pth mmdet_mdconv_r50.pth
+    python train_net.py --config-file configs/mmdet/faster_rcnn_R50_mdconv_FPN_1x_mmdet.yaml \
+        --eval-only MODEL.WEIGHTS mmdet_mdconv_r50.pth
+
+The input is read tensors-only; a checkpoint that needs other pickled objects (an mmengine
+training checkpoint keeps its message hub) is refused unless --allow-unsafe is given.
+Logic: dcnv2.checkpoint.convert_mmdet.
+"""
+
+import argparse
+import sys
+import warnings
+
+# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", help="MMDetection checkpoint (.pth)")
+    parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="unpickle arbitrary objects in INPUT (only for files from a trusted source)",
+    )
+    parser.add_argument(
+        "--deform-modulated",
+        choices=["true", "false"],
+        help="DCNv2 (true) or DCN (false), when the offset-conv channels fit both",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dcnv2.checkpoint import UnsafeCheckpointError
+    from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
+    from dcnv2.checkpoint.convert_torchvision import ConversionError
+
+    modulated = None if args.deform_modulated is None else args.deform_modulated == "true"
+    try:
+        spec = convert_mmdet_checkpoint(
+            args.input,
+            args.output,
+            allow_unsafe=args.allow_unsafe,
+            overwrite=args.overwrite,
+            deform_modulated=modulated,
+        )
+    except (ConversionError, UnsafeCheckpointError) as e:
+        # The whole message: it lists the tensors or the object at fault.
+        print(f"convert_mmdet_to_d2.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        raise UserInputError(f"cannot read {args.input!r}: {e}") from None
+    print(conversion_report(spec, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="convert_mmdet_to_d2.py"))

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Convert torchvision ImageNet ResNet/ResNeXt weights into a detectron2 initialisation (.pkl),
+the one MMDetection trains from, and print the config overrides it needs.
+
+Example:
+    python tools/convert_torchvision_to_d2.py resnet50-0676ba61.pth R-50-torchvision.pkl
+    python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml \
+        MODEL.WEIGHTS R-50-torchvision.pkl MODEL.RESNETS.STRIDE_IN_1X1 False INPUT.FORMAT RGB \
+        MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]" MODEL.PIXEL_STD "[58.395, 57.12, 57.375]"
+
+The input is read tensors-only (torchvision's files are plain state dicts); --allow-unsafe
+unpickles anything. Logic: dcnv2.checkpoint.convert_torchvision.
+"""
+
+import argparse
+import sys
+import warnings
+
+# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", help="torchvision ResNet state dict (.pth)")
+    parser.add_argument("output", help="detectron2 weights to write (.pkl)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="unpickle arbitrary objects in INPUT (only for files from a trusted source)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dcnv2.checkpoint import UnsafeCheckpointError
+    from dcnv2.checkpoint.convert_torchvision import (
+        ConversionError,
+        conversion_report,
+        convert_torchvision_checkpoint,
+    )
+
+    try:
+        spec, dropped = convert_torchvision_checkpoint(
+            args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite
+        )
+    except (ConversionError, UnsafeCheckpointError) as e:
+        print(f"convert_torchvision_to_d2.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        raise UserInputError(f"cannot read {args.input!r}: {e}") from None
+    print(conversion_report(spec, dropped, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="convert_torchvision_to_d2.py"))
