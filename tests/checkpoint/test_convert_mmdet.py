@@ -263,6 +263,22 @@ def test_resnext_with_four_deformable_groups_and_caffe_style_meta(tmp_path):
     assert incompatible.missing_keys == [] and incompatible.unexpected_keys == []
 
 
+def test_dcn_v1_checkpoint_computes_the_same_features():
+    mmdet = ref.TwoStageDetector(
+        dcn=dict(deform_groups=1, modulated=False), stage_with_dcn=(False, True, True, True)
+    )
+    mmdet = ref.randomize_(mmdet, seed=11)
+    weights, spec = convert_mmdet_state_dict(mmdet.state_dict())
+    assert dict(spec.overrides())["MODEL.RESNETS.DEFORM_MODULATED"] == "False"
+    model = build_model(dcnv2.get_cfg(FASTER, CPU + _opts(spec))).eval()
+    model.load_state_dict(weights)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = mmdet.backbone(x)[2]
+        got = model.backbone.bottom_up(x)["res4"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def test_offset_channels_that_fit_dcn_and_dcnv2_need_the_meta_or_the_option():
     # 108 = 27 x 4 (DCNv2, 4 groups: MMDetection's group4 model) = 18 x 6 (DCN, 6 groups)
     state_dict = ref.mdconv_c3_c5(deform_groups=4).state_dict()

@@ -510,7 +510,11 @@ def conversion_report(spec: MMDetModelSpec, output_path: str) -> str:
     mask_yaml = "mask_rcnn" if spec.mask_on else "faster_rcnn"
     lines = [
         f"wrote {output_path}: {head}, {arch}-FPN, {dcn}, {spec.num_classes} classes",
-        f"input/ResNet style from the checkpoint's {spec.preprocessing_source}",
+        *(
+            ["ResNet style and input normalisation: read from the checkpoint's meta config"]
+            if spec.preprocessing_source == "meta config"
+            else []
+        ),
         *[f"note: {n}" for n in spec.notes],
         "config overrides these weights need:",
         "  " + format_overrides(spec.overrides()),

@@ -296,8 +296,10 @@ def write_atomically(path: str, write) -> None:
 
 
 def check_output_path(input_path: str, output_path: str, overwrite: bool, suffixes: tuple) -> None:
-    """Refuse an output that is the input, has the wrong extension, or exists (unless
-    ``overwrite``), before anything is read or written."""
+    """Refuse a missing input, and an output that is the input, has the wrong extension, or
+    exists (unless ``overwrite``), before anything is read or written."""
+    if "://" not in input_path and not os.path.isfile(input_path):
+        raise ConversionError(f"input {input_path!r} does not exist or is not a file")
     if not output_path.endswith(suffixes):
         raise ConversionError(
             f"output {output_path!r} must end with {' or '.join(suffixes)}, the format "
