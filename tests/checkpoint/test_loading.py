@@ -195,3 +195,15 @@ def test_demo_tools_turn_a_refusal_into_a_user_error(tmp_path):
     with pytest.raises(UserInputError, match="ALLOW_UNSAFE_WEIGHTS"):
         load_weights(_tiny(), path)
     assert not marker.exists()
+
+
+def test_pycls_pyth_checkpoint_loads_tensors_only(tmp_path):
+    model = _tiny()
+    path = str(tmp_path / "regnet.pyth")
+    torch.save({"model_state": model.state_dict(), "epoch": 100}, path)
+    loaded = DCNv2Checkpointer(_tiny())._load_file(path)
+    assert loaded["__author__"] == "pycls" and loaded["matching_heuristics"] is True
+    assert "1.num_batches_tracked" not in loaded["model"]
+    torch.save({"model_state": model.state_dict(), "note": _Plain()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="_Plain"):
+        DCNv2Checkpointer(_tiny())._load_file(path)
