@@ -12,23 +12,28 @@ A .py (LazyConfig) file runs through dcnv2.engine.lazy; overrides are then key=v
 Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
 """
 
+import functools
 import sys
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 import dcnv2
 from dcnv2.checkpoint import build_checkpointer
-from dcnv2.data import DatasetNotFoundError, check_datasets
+from dcnv2.data import check_datasets
 from dcnv2.engine import Trainer, lazy
-from dcnv2.lazy_config import is_lazy_config, load_config
+from dcnv2.engine.preflight import USER_ERRORS, check_before_launch, report_user_errors
+from dcnv2.lazy_config import is_lazy_config
 
 
 def setup(args):
     cfg = dcnv2.get_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dcnv2")
     return cfg
 
 
@@ -55,25 +60,23 @@ def main(args):
     return trainer.train()
 
 
-def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
-    # Fail once, in the launching process, before any worker or model is started.
+def invoke_main(argv=None) -> None:
+    args = default_argument_parser().parse_args(argv)
     try:
-        if is_lazy_config(args.config_file):
-            names = lazy.datasets_used(load_config(args.config_file, args.opts), args.eval_only)
-        else:
-            names = datasets_used(dcnv2.get_cfg(args.config_file, args.opts), args.eval_only)
-        check_datasets(names)
-    except DatasetNotFoundError as e:
+        # Fail once, in the launching process, before any worker or model is started.
+        check_before_launch(args)
+        launch(
+            functools.partial(report_user_errors, main),
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except USER_ERRORS as e:
         sys.exit(f"error: {e}")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    except ProcessExitedException:
+        sys.exit(1)  # a worker printed its error and exited
 
 
 if __name__ == "__main__":

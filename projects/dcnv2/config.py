@@ -1,4 +1,5 @@
-"""The project's config keys: ``add_dcnv2_config(cfg)`` adds them, under ``MODEL.DCNV2``.
+"""The project's config keys: ``add_dcnv2_config(cfg)`` adds them, under ``MODEL.DCNV2`` (and
+``DATASETS.DCNV2``, ``SOLVER.DCNV2`` for the reliability options).
 
 Which stages are deformable and how is said with detectron2's own keys:
 ``MODEL.RESNETS.DEFORM_ON_PER_STAGE``, ``DEFORM_MODULATED`` (True: DCNv2) and
@@ -9,6 +10,8 @@ import os
 from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
+
+from .errors import ConfigFileNotFoundError, config_errors
 
 __all__ = ["add_dcnv2_config", "get_cfg"]
 
@@ -21,6 +24,9 @@ def add_dcnv2_config(cfg: CN) -> CN:
     cfg.MODEL.DCNV2.BACKEND = "auto"
     # Unpickle any object when loading weights (dcnv2.checkpoint): only for trusted files.
     cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS = False
+    # Load weights whose tensors' shapes differ from the model's by skipping those tensors
+    # (detectron2's behaviour, e.g. to fine-tune on other classes); False: a clear error.
+    cfg.MODEL.DCNV2.ALLOW_SHAPE_MISMATCH = False
     # Model family options (dcnv2.solver). Learning-rate factor of the convs that predict the
     # offsets and masks (parameters named "*conv2_offset*"). 1.0 is what detectron2 and
     # MMDetection (paramwise_cfg dcn_offset_lr_mult) use by default and what every shipped recipe
@@ -58,6 +64,14 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # One set of branch parameters for all FPN levels (True) or one per level (False, as
     # MMDetection, whose SingleRoIExtractor builds one ModulatedDeformRoIPoolPack per level).
     cfg.MODEL.DCNV2.MDPOOL.SHARE_ACROSS_LEVELS = False
+    # Reliability options (dcnv2.data.validation, dcnv2.engine.hooks).
+    cfg.DATASETS.DCNV2 = CN()
+    # Bad annotation entries or unreadable images in a training set: "fail" (stop, listing
+    # them) or "skip" (warn and train without them).
+    cfg.DATASETS.DCNV2.ON_BAD_DATA = "fail"
+    cfg.SOLVER.DCNV2 = CN()
+    # Iterations with a non-finite loss to skip (no update) before stopping; 0: stop at the first.
+    cfg.SOLVER.DCNV2.MAX_NONFINITE_SKIPS = 0
     return cfg
 
 
@@ -75,7 +89,16 @@ def get_cfg(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
     cfg = add_dcnv2_config(d2_get_cfg())
     if config_file:
         if not os.path.isfile(config_file):
-            config_file = get_config_file(config_file)
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+            try:
+                config_file = get_config_file(config_file)
+            except FileNotFoundError:
+                raise ConfigFileNotFoundError(
+                    f"Config file {config_file} does not exist (looked at "
+                    f"{os.path.abspath(config_file)}); expected a YAML config path, or the name "
+                    "of a config shipped with dcnv2 (dcnv2.list_config_files())"
+                ) from None
+        with config_errors(cfg, f"config file {config_file}"):
+            cfg.merge_from_file(config_file)
+    with config_errors(cfg, "the command line"):
+        cfg.merge_from_list(list(opts))
     return cfg

@@ -8,24 +8,29 @@ from typing import Any, Dict, Iterator, Optional
 import detectron2.engine.defaults as d2_defaults
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .atomic import AtomicCheckpointMixin
+from .integrity import CheckedLoadMixin
 from .loading import load_pickle_file, load_torch_file
 
 __all__ = ["DCNv2Checkpointer", "build_checkpointer", "dcnv2_checkpointer_in_d2_defaults"]
 
 
-class DCNv2Checkpointer(DetectionCheckpointer):
+class DCNv2Checkpointer(AtomicCheckpointMixin, CheckedLoadMixin, DetectionCheckpointer):
     """``DetectionCheckpointer`` that reads weight files without running code hidden in them.
 
     ``.pth``/``.pt`` files are loaded tensors-only and ``.pkl`` files with an unpickler that only
     rebuilds numpy arrays (see :mod:`dcnv2.checkpoint.loading`); a file that needs anything else
     raises :class:`~dcnv2.checkpoint.loading.UnsafeCheckpointError` unless ``allow_unsafe``.
-    Everything else (model-zoo formats, Caffe2 name matching, URL queries, saving) is
-    detectron2's.
+    Everything else (model-zoo formats, Caffe2 name matching, URL queries) is detectron2's.
+    Checkpoints and ``last_checkpoint`` are written atomically (:mod:`.atomic`); a missing,
+    truncated or ill-fitting weights file is one clear error (:mod:`.integrity`).
 
     Args:
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
         allow_unsafe: unpickle any object (``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``). Only for files
             from a trusted source.
+        allow_shape_mismatch: skip tensors whose shape differs from the model's instead of
+            raising (``MODEL.DCNV2.ALLOW_SHAPE_MISMATCH``; never when resuming).
     """
 
     def __init__(
@@ -34,11 +39,13 @@ class DCNv2Checkpointer(DetectionCheckpointer):
         save_dir: str = "",
         *,
         allow_unsafe: bool = False,
+        allow_shape_mismatch: bool = False,
         save_to_disk: Optional[bool] = None,
         **checkpointables: Any,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_unsafe = allow_unsafe
+        self.allow_shape_mismatch = allow_shape_mismatch
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
@@ -77,12 +84,18 @@ def _pycls_checkpoint(filename: str, data: Any) -> Dict[str, Any]:
 
 
 def build_checkpointer(cfg, model, save_dir: str = "", **kwargs: Any) -> DCNv2Checkpointer:
-    """A :class:`DCNv2Checkpointer` that follows ``cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``."""
-    return DCNv2Checkpointer(model, save_dir, allow_unsafe=_allow_unsafe(cfg), **kwargs)
+    """A :class:`DCNv2Checkpointer` that follows ``cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS`` and
+    ``ALLOW_SHAPE_MISMATCH``."""
+    return DCNv2Checkpointer(model, save_dir, **_options(cfg), **kwargs)
 
 
 def _allow_unsafe(cfg) -> bool:
     return bool(cfg.MODEL.get("DCNV2", {}).get("ALLOW_UNSAFE_WEIGHTS", False))
+
+
+def _options(cfg) -> Dict[str, bool]:
+    shapes = bool(cfg.MODEL.get("DCNV2", {}).get("ALLOW_SHAPE_MISMATCH", False))
+    return {"allow_unsafe": _allow_unsafe(cfg), "allow_shape_mismatch": shapes}
 
 
 @contextlib.contextmanager
@@ -94,9 +107,7 @@ def dcnv2_checkpointer_in_d2_defaults(cfg) -> Iterator[None]:
     only inside the ``with`` block.
     """
     original = d2_defaults.DetectionCheckpointer
-    d2_defaults.DetectionCheckpointer = functools.partial(
-        DCNv2Checkpointer, allow_unsafe=_allow_unsafe(cfg)
-    )
+    d2_defaults.DetectionCheckpointer = functools.partial(DCNv2Checkpointer, **_options(cfg))
     try:
         yield
     finally:

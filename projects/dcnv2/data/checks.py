@@ -5,6 +5,8 @@ from typing import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..errors import DCNv2Error
+
 __all__ = ["DatasetNotFoundError", "check_datasets"]
 
 _COCO_LAYOUT = """expected layout (detectron2's builtin COCO):
@@ -14,7 +16,7 @@ DETECTRON2_DATASETS is {root!r} here{note}. Point it at the folder that holds co
 your COCO 2017 folder there: ln -s /path/to/coco2017 $DETECTRON2_DATASETS/coco)."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DCNv2Error, FileNotFoundError):
     """A dataset named by the config is not on disk where detectron2 looks for it."""
 
 

@@ -7,13 +7,17 @@ import os
 from typing import Optional
 
 import detectron2.engine.defaults as d2_defaults
+import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
 from ..checkpoint import dcnv2_checkpointer_in_d2_defaults
+from ..data.resumable import build_resumable_train_loader
+from ..errors import NonFiniteLossError
 from ..solver import build_optimizer
 from .amp import amp_trainer
+from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
 
 __all__ = ["Trainer", "create_ddp_model"]
 
@@ -56,8 +60,39 @@ class Trainer(DefaultTrainer):
     loading (``dcnv2.checkpoint.DCNv2Checkpointer``, ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``)."""
 
     def __init__(self, cfg):
+        quiet_user_error_tracebacks()
         with _device_agnostic_parts(cfg):
             super().__init__(cfg)
+        # Whatever loop DefaultTrainer picked (plain, AMP, autocast): check the losses on every
+        # process before the optimizer step (dcnv2.engine.hooks). The subclass only adds methods.
+        self._trainer.__class__ = guard_nonfinite_losses(type(self._trainer))
+        skips = cfg.SOLVER.get("DCNV2", {}).get("MAX_NONFINITE_SKIPS", 0)
+        self._trainer.max_nonfinite_skips = skips
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg)
+
+    def build_hooks(self):
+        seed = getattr(self.data_loader, "seed", None)
+        if seed is None:
+            seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
+        # First, so every other hook's before_step already sees this iteration's seeds.
+        return [ResumableDataHook(seed)] + super().build_hooks()
+
+    def train(self):
+        try:
+            return super().train()
+        except NonFiniteLossError as e:
+            if self.checkpointer.has_checkpoint():
+                kept = (
+                    f" The last checkpoint, {self.checkpointer.get_checkpoint_file()}, was "
+                    "written before this iteration and is unchanged: continue from it with "
+                    "--resume once the cause is fixed."
+                )
+            else:
+                kept = " No checkpoint had been written yet (SOLVER.CHECKPOINT_PERIOD)."
+            raise NonFiniteLossError(str(e) + kept) from None
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -1,0 +1,307 @@
+"""A training data loader that resumes where it stopped and shards the same global batches over
+any number of processes.
+
+detectron2's ``TrainingSampler`` restarts its stream when a run is resumed (the resumed run sees
+the first images again), its aspect-ratio buckets live in memory, and its augmentations draw from
+per-worker random states. Here every batch is a pure function of ``(seed, iteration)``:
+
+* one infinite stream of dataset indices, ``shuffle(range(N)) + shuffle(range(N)) + ...`` from
+  ``seed`` (the stream ``TrainingSampler`` draws), the same on every process;
+* global batches of ``SOLVER.IMS_PER_BATCH`` images cut from it, with detectron2's two
+  aspect-ratio groups (width > height or not) when ``DATALOADER.ASPECT_RATIO_GROUPING``; process
+  ``r`` of ``W`` takes the ``r``-th slice of each global batch;
+* each sample is mapped (read, augmented) with the random generators seeded from
+  ``(seed, its position in the stream)``, and restored afterwards.
+
+So a run resumed at iteration ``k`` (:meth:`ResumableTrainLoader.start_at`) reads exactly the
+batches an uninterrupted run reads from iteration ``k`` on, and 2 processes with 1 image each
+see the images (and augmentations) 1 process with 2 images sees, whatever ``NUM_WORKERS`` is.
+"""
+
+import contextlib
+import logging
+import random
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import (
+    DatasetFromList,
+    DatasetMapper,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.detection_utils import SizeMismatchError
+from detectron2.utils import comm
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import ImageReadError
+from .validation import checked_training_catalog
+
+__all__ = [
+    "GlobalBatchSampler",
+    "ResumableTrainLoader",
+    "build_resumable_train_loader",
+    "sample_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+# What reading a missing, unreadable, truncated or wrongly sized image raises inside the mapper
+# (PIL: OSError / UnidentifiedImageError / SyntaxError for broken PNG chunks; detectron2:
+# SizeMismatchError).
+_IMAGE_ERRORS = (OSError, SyntaxError, SizeMismatchError)
+# Replacement attempts, in "skip" mode, before giving up on a run of unreadable images.
+_MAX_REPLACEMENTS = 16
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """Seed of the random generators while the sample at ``position`` of the stream is mapped."""
+    return int(np.random.SeedSequence([seed % 2**32, position]).generate_state(1)[0]) % 2**31
+
+
+class GlobalBatchSampler(Sampler):
+    """This process's share of each global batch, as lists of ``(dataset index, sample seed)``.
+
+    Args:
+        size: number of dataset items.
+        total_batch_size: images per iteration over all processes.
+        seed: seed of the stream (``TrainingSampler``'s) and of the per-sample seeds.
+        aspect_groups: per item, 0 if width > height else 1; None for no grouping.
+        shuffle: shuffle each pass over the data.
+        rank, world_size: this process and the number of processes (default: from comm).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        total_batch_size: int,
+        *,
+        seed: int,
+        aspect_groups: Optional[Sequence[int]] = None,
+        shuffle: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ):
+        self.rank = comm.get_rank() if rank is None else rank
+        self.world_size = comm.get_world_size() if world_size is None else world_size
+        if size < 1:
+            raise ValueError(f"the training set is empty (size={size})")
+        if total_batch_size < 1 or total_batch_size % self.world_size != 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the "
+                f"number of processes ({self.world_size})"
+            )
+        if aspect_groups is not None and len(aspect_groups) != size:
+            raise ValueError(f"aspect_groups has {len(aspect_groups)} entries for {size} items")
+        self.size = size
+        self.total_batch_size = total_batch_size
+        self.batch_size = total_batch_size // self.world_size
+        self.seed = int(seed)
+        self.aspect_groups = aspect_groups
+        self.shuffle = shuffle
+        self.start_iter = 0
+
+    def _stream(self) -> Iterator[Tuple[int, int]]:
+        """(position, dataset index) forever."""
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        position = 0
+        while True:
+            order = torch.randperm(self.size, generator=g) if self.shuffle else range(self.size)
+            for idx in order.tolist() if self.shuffle else order:
+                yield position, idx
+                position += 1
+
+    def global_batches(self) -> Iterator[List[Tuple[int, int]]]:
+        """Every process's batches together: lists of (position, dataset index)."""
+        stream = self._stream()
+        if self.aspect_groups is None:
+            while True:
+                yield [next(stream) for _ in range(self.total_batch_size)]
+        buckets: Tuple[list, list] = ([], [])
+        for item in stream:
+            bucket = buckets[self.aspect_groups[item[1]]]
+            bucket.append(item)
+            if len(bucket) == self.total_batch_size:
+                yield bucket[:]
+                del bucket[:]
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        lo = self.rank * self.batch_size
+        for it, batch in enumerate(self.global_batches()):
+            if it >= self.start_iter:
+                yield [
+                    (idx, sample_seed(self.seed, pos))
+                    for pos, idx in batch[lo : lo + self.batch_size]
+                ]
+
+
+class _BadImage:
+    """Returned by a worker instead of a sample whose image cannot be read ("fail" mode)."""
+
+    def __init__(self, file_name: Optional[str], reason: str):
+        self.file_name, self.reason = file_name, reason
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """Seed python's, numpy's and torch's global generators, and restore them afterwards (the
+    model's own random draws then do not depend on how many samples this process mapped)."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+class _SeededMapDataset(Dataset):
+    def __init__(self, dicts: Dataset, mapper: Callable, skip_bad_images: bool):
+        self.dicts = dicts
+        self.mapper = mapper
+        self.skip_bad_images = skip_bad_images
+        self._warned = set()
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        idx, seed = key
+        n = len(self.dicts)
+        for attempt in range(min(n, _MAX_REPLACEMENTS)):
+            # "skip": the next item stands in for a bad one, the same one on every run.
+            d = self.dicts[(idx + attempt) % n]
+            try:
+                with _seeded_rng(seed):
+                    out = self.mapper(d)
+            except _IMAGE_ERRORS as e:
+                name = d.get("file_name") if isinstance(d, dict) else None
+                reason = f"{type(e).__name__}: {e}"
+                if not self.skip_bad_images:
+                    return _BadImage(name, reason)
+                if name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning(f"Skipping image {name}, which cannot be read ({reason})")
+                continue
+            if out is not None:  # a mapper may return None to drop an item
+                return out
+        return _BadImage(None, f"{_MAX_REPLACEMENTS} consecutive items could not be used")
+
+
+class ResumableTrainLoader:
+    """Iterable of this process's training batches (lists of mapped dicts); see the module
+    docstring.
+
+    Args:
+        dataset_dicts: the training set (detectron2 dataset dicts).
+        mapper: maps a dataset dict to the model's input (``DatasetMapper``).
+        total_batch_size: ``SOLVER.IMS_PER_BATCH``.
+        seed: seed of the data order and augmentations.
+        aspect_ratio_grouping: batch images of the same orientation together.
+        num_workers: ``DATALOADER.NUM_WORKERS``.
+        skip_bad_images: replace an unreadable image by the next item (True) or stop the
+            run with :class:`~dcnv2.errors.ImageReadError` naming it (False).
+    """
+
+    def __init__(
+        self,
+        dataset_dicts: List[dict],
+        mapper: Callable,
+        total_batch_size: int,
+        *,
+        seed: int,
+        aspect_ratio_grouping: bool = True,
+        num_workers: int = 0,
+        skip_bad_images: bool = False,
+    ):
+        groups = (
+            [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
+            if aspect_ratio_grouping
+            else None
+        )
+        self.sampler = GlobalBatchSampler(
+            len(dataset_dicts), total_batch_size, seed=seed, aspect_groups=groups
+        )
+        self.dataset = _SeededMapDataset(
+            DatasetFromList(dataset_dicts, copy=False), mapper, skip_bad_images
+        )
+        self.num_workers = num_workers
+
+    @property
+    def seed(self) -> int:
+        return self.sampler.seed
+
+    def start_at(self, iteration: int, seed: Optional[int] = None) -> None:
+        """Make the next ``iter()`` begin with the batch of ``iteration`` (of the stream of
+        ``seed``, when given)."""
+        self.sampler.start_iter = int(iteration)
+        if seed is not None:
+            self.sampler.seed = int(seed)
+
+    def __iter__(self) -> Iterator[List[dict]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=list,
+        )
+        for batch in loader:
+            for item in batch:
+                if isinstance(item, _BadImage):
+                    what = "image " + item.file_name if item.file_name else "images"
+                    raise ImageReadError(
+                        f"Cannot read training {what}: {item.reason}. Expected "
+                        "a readable image file of the size its annotation gives. Replace the "
+                        "file, or set DATASETS.DCNV2.ON_BAD_DATA skip to train without it."
+                    )
+            yield batch
+
+
+def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
+    """The training loader of a config: a :class:`ResumableTrainLoader` over
+    ``DATASETS.TRAIN`` (loaded and filtered as detectron2 does), or detectron2's own loader for
+    samplers other than ``TrainingSampler`` (which then restarts its stream on resume).
+
+    With ``DATASETS.DCNV2.ON_BAD_DATA "skip"`` the bad entries of COCO-format training sets are
+    dropped and unreadable images replaced; with ``"fail"`` an unreadable image stops the run
+    (annotation files are checked before launch by ``train_net.py``:
+    :func:`dcnv2.data.validation.validate_datasets`).
+
+    Args:
+        cfg: a detectron2 config.
+        mapper: defaults to ``DatasetMapper(cfg, True)``.
+    """
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        logger.warning(
+            f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "
+            "loader, whose data order restarts when a run is resumed"
+        )
+        return build_detection_train_loader(cfg, mapper=mapper)
+    mode = cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail")
+    names = list(cfg.DATASETS.TRAIN)
+    with checked_training_catalog(names if mode == "skip" else [], mode):
+        dicts = get_detection_dataset_dicts(
+            names,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+    if isinstance(dicts, Dataset):  # a registered torch Dataset, not a list of dicts
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    return ResumableTrainLoader(
+        dicts,
+        mapper if mapper is not None else DatasetMapper(cfg, True),
+        cfg.SOLVER.IMS_PER_BATCH,
+        seed=seed,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        skip_bad_images=mode == "skip",
+    )

@@ -1,0 +1,190 @@
+"""Training-loop pieces for runs that survive interruption and bad iterations.
+
+* :func:`guard_nonfinite_losses`: a training loop (``SimpleTrainer``, ``AMPTrainer``,
+  ``AutocastTrainer``) whose non-finite losses stop the run with a message naming the iteration
+  and the loss terms, before the optimizer step (the weights and the last checkpoint stay good),
+  or skip up to a bounded number of such iterations. All processes decide together.
+* :class:`ResumableDataHook`: seeds the random generators from ``(seed, iteration, rank)`` before
+  every step and starts a :class:`~dcnv2.data.resumable.ResumableTrainLoader` at the iteration
+  training starts from, so a resumed run continues the data order, augmentations and sampling
+  of an uninterrupted one.
+"""
+
+import logging
+import random
+from typing import Dict, List, Type
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.utils import comm
+
+from ..data.resumable import ResumableTrainLoader
+from ..errors import DCNv2Error, NonFiniteLossError
+
+__all__ = ["ResumableDataHook", "guard_nonfinite_losses", "quiet_user_error_tracebacks"]
+
+logger = logging.getLogger(__name__)
+
+SKIP_OPTION = "SOLVER.DCNV2.MAX_NONFINITE_SKIPS"
+
+
+class _SkipStep(Exception):
+    """Raised between backward and the optimizer step to drop this iteration's update."""
+
+
+def _nonfinite_terms(loss_dict: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    values = {k: float(v.detach().float().sum()) for k, v in loss_dict.items()}
+    bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+    if not bad and not np.isfinite(sum(values.values())):
+        bad["total_loss"] = sum(values.values())
+    return bad
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    if comm.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _NonFiniteLossGuard:
+    """Mixin for ``SimpleTrainer`` and its subclasses (see :func:`guard_nonfinite_losses`)."""
+
+    max_nonfinite_skips: int = 0
+
+    def _write_metrics(self, loss_dict, data_time, prefix: str = "", iter=None):
+        # SimpleTrainer and AMPTrainer call this after backward and before the optimizer step,
+        # and detectron2 raises FloatingPointError here, on the main process only (the others
+        # then hang in their next collective). Every process checks and decides together.
+        it = self.iter if iter is None else iter
+        values = list(loss_dict.values())
+        device = values[0].device if values else torch.device("cpu")
+        local_bad = _nonfinite_terms(loss_dict)
+        if _any_process(bool(local_bad), device):
+            self._on_nonfinite(it, local_bad)
+        super()._write_metrics(loss_dict, data_time, prefix, iter)
+
+    def _on_nonfinite(self, it: int, local_bad: Dict[str, float]) -> None:
+        per_rank = comm.all_gather(local_bad)
+        multi = len(per_rank) > 1
+        terms = ", ".join(
+            f"{k}={v}" + (f" (process {rank})" if multi else "")
+            for rank, bad in enumerate(per_rank)
+            for k, v in bad.items()
+        )
+        skipped: List[int] = self.nonfinite_skipped
+        if len(skipped) < self.max_nonfinite_skips:
+            skipped.append(it)
+            logger.warning(
+                f"Non-finite loss at iteration {it}: {terms}. Skipped this iteration's update "
+                f"({len(skipped)} of at most {self.max_nonfinite_skips}, {SKIP_OPTION})."
+            )
+            raise _SkipStep()
+        earlier = (
+            f" Iterations skipped before for the same reason: {skipped} (at most "
+            f"{self.max_nonfinite_skips}, {SKIP_OPTION})."
+            if self.max_nonfinite_skips
+            else f" To skip up to N such iterations instead, set {SKIP_OPTION} N."
+        )
+        raise NonFiniteLossError(
+            f"Loss became non-finite at iteration {it}: {terms}. Training stopped before the "
+            f"optimizer step, so the weights were not updated with it.{earlier} Usual causes: "
+            "a learning rate too high for the batch size (SOLVER.BASE_LR, "
+            "SOLVER.WARMUP_ITERS), no gradient clipping (SOLVER.CLIP_GRADIENTS), bad boxes."
+        )
+
+    @property
+    def nonfinite_skipped(self) -> List[int]:
+        if "_nonfinite_skipped" not in self.__dict__:
+            self._nonfinite_skipped = []
+        return self._nonfinite_skipped
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except _SkipStep:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["nonfinite_skipped"] = list(self.nonfinite_skipped)
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._nonfinite_skipped = list(state_dict.get("nonfinite_skipped", []))
+
+
+_GUARDED: Dict[type, type] = {}
+
+
+def guard_nonfinite_losses(loop_class: Type[SimpleTrainer]) -> Type[SimpleTrainer]:
+    """A subclass of ``loop_class`` whose non-finite losses stop the run with
+    :class:`~dcnv2.errors.NonFiniteLossError`, or skip the iteration's update while fewer than
+    its ``max_nonfinite_skips`` (class attribute, or set on the instance) were skipped.
+
+    The check replaces detectron2's (which raises on the main process only) at the same point:
+    after backward, before the optimizer step. Needs synchronous metrics
+    (``async_write_metrics=False``, detectron2's default).
+    """
+    if loop_class not in _GUARDED:
+        _GUARDED[loop_class] = type(
+            f"Guarded{loop_class.__name__}", (_NonFiniteLossGuard, loop_class), {}
+        )
+    return _GUARDED[loop_class]
+
+
+def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**32, iteration, rank, 1]).generate_state(1)[0])
+
+
+class ResumableDataHook(HookBase):
+    """Continue data order and random draws exactly where a resumed run stopped.
+
+    Its state (the seed) is saved in checkpoints with the trainer's, so a run started with a
+    random seed (``SEED -1``) resumes the same stream.
+
+    Args:
+        seed: seed of the data stream and of the per-iteration generators.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def before_train(self):
+        loader = self.trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.start_at(self.trainer.iter, self.seed)
+        elif self.trainer.iter > 0:
+            logger.warning(
+                f"Resuming at iteration {self.trainer.iter} with a {type(loader).__name__}, "
+                "which starts its data stream from the beginning again."
+            )
+
+    def before_step(self):
+        s = _iteration_seed(self.seed, self.trainer.iter, comm.get_rank())
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+    def state_dict(self):
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict):
+        self.seed = int(state_dict["seed"])
+
+
+class _QuietUserErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DCNv2Error))
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Stop detectron2's training loop from logging a traceback for a :class:`DCNv2Error`
+    (its message is reported once, by ``train_net.py``)."""
+    loop_logger = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _QuietUserErrors) for f in loop_logger.filters):
+        loop_logger.addFilter(_QuietUserErrors())
