@@ -25,7 +25,12 @@ import dcnv2
 from dcnv2.checkpoint import build_checkpointer
 from dcnv2.data import check_datasets
 from dcnv2.engine import Trainer, lazy
-from dcnv2.engine.preflight import USER_ERRORS, check_before_launch, report_user_errors
+from dcnv2.engine.preflight import (
+    USER_ERROR_EXIT,
+    USER_ERRORS,
+    check_before_launch,
+    report_user_errors,
+)
 from dcnv2.lazy_config import is_lazy_config
 
 
@@ -75,7 +80,9 @@ def invoke_main(argv=None) -> None:
         )
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
-    except ProcessExitedException:
+    except ProcessExitedException as e:
+        if e.exit_code != USER_ERROR_EXIT:
+            raise
         sys.exit(1)  # a worker printed its error and exited
 
 

@@ -21,16 +21,17 @@ FAULTY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faulty_train_
 DATASET = "_reliability_tiny"
 
 # The embedded default, made tiny and free of sampling randomness: 64x64 images (never resized),
-# narrow layers, every anchor and every proposal sampled (so each image weighs the same in a
-# batch of 2 as on its own process). The random flip stays: data order and augmentation both
-# have to be reproduced on resume.
+# narrow layers with frozen BN (GroupNorm needs 32 channels), every anchor and every proposal
+# sampled (so each image weighs the same in a batch of 2 as on its own process). The random flip
+# stays: data order and augmentation both have to be reproduced on resume.
 TINY = [
     "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()",
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "32", "MODEL.RESNETS.WIDTH_PER_GROUP", "32",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "32",
-    "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", "",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "32", "MODEL.FPN.OUT_CHANNELS", "16",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
     "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "100000", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", "20", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "1000",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",

@@ -5,8 +5,8 @@ re-run this file as ``__mp_main__``) inject the same faults:
 
 * ``DCNV2_TEST_DATASET``: ``name,json_file,image_root``: register a COCO-format dataset.
 * ``DCNV2_TEST_FLOAT64=1``: train the model in float64 (NMS too).
-* ``DCNV2_TEST_NAN_AT=ITER[,RANK]``: make ``loss_box_reg`` NaN at that iteration (on that process
-  only, when given).
+* ``DCNV2_TEST_NAN_AT=ITER[,ITER...][@RANK]``: make ``loss_box_reg`` NaN at these iterations (on
+  process RANK only, when given).
 * ``DCNV2_TEST_KILL_IN_SAVE=NAME``: SIGKILL the process halfway through writing checkpoint NAME
   (e.g. ``model_0000003.pth``): half its bytes are on disk, fsync-ed, when the process dies.
 
@@ -34,13 +34,13 @@ def float64_nms(boxes, scores, threshold):
     return _NMS(boxes.double(), scores.double(), threshold)
 
 
-def with_nan_loss(model, iteration: int, rank=None):
-    """Make ``model``'s ``loss_box_reg`` NaN at ``iteration`` (on process ``rank`` only)."""
+def with_nan_loss(model, iterations, rank=None):
+    """Make ``model``'s ``loss_box_reg`` NaN at ``iterations`` (on process ``rank`` only)."""
     forward = model.forward
 
     def nan_forward(*args, **kwargs):
         out = forward(*args, **kwargs)
-        if model.training and get_event_storage().iter == iteration:
+        if model.training and get_event_storage().iter in iterations:
             if rank is None or comm.get_rank() == rank:
                 out = dict(out, loss_box_reg=out["loss_box_reg"] * float("nan"))
         return out
@@ -54,8 +54,9 @@ def faulty_model(model, env):
     if env.get("DCNV2_TEST_FLOAT64") == "1":
         model = model.double()
     if env.get("DCNV2_TEST_NAN_AT"):
-        parts = [int(p) for p in env["DCNV2_TEST_NAN_AT"].split(",")]
-        model = with_nan_loss(model, parts[0], parts[1] if len(parts) > 1 else None)
+        iterations, _, rank = env["DCNV2_TEST_NAN_AT"].partition("@")
+        iterations = {int(i) for i in iterations.split(",")}
+        model = with_nan_loss(model, iterations, int(rank) if rank else None)
     return model
 
 

@@ -15,12 +15,19 @@ def _checkpoint_state(out_dir):
     return pointer, partial
 
 
+# Random subsets of anchors and proposals: the random draws must continue where they stopped too.
+SAMPLED = ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "8"]
+
+
 def test_sigkill_while_writing_a_checkpoint_then_resume_equals_uninterrupted_run(
-    rel, train_net, tiny_dataset, reference_run, tmp_path
+    rel, train_net, tiny_dataset, tmp_path
 ):
+    reference_run = tmp_path / "uninterrupted"
+    rel.run_in_process(train_net, rel.tiny_args(reference_run, *SAMPLED), rel.FLOAT64)
+    tmp_path = tmp_path / "interrupted"
     # Killed halfway through writing the second checkpoint (after iteration 3 of 0..3).
     killed = rel.run_faulty(
-        rel.tiny_args(tmp_path),
+        rel.tiny_args(tmp_path, *SAMPLED),
         tiny_dataset,
         dict(rel.FLOAT64, DCNV2_TEST_KILL_IN_SAVE="model_0000003.pth"),
     )
@@ -33,7 +40,9 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_equals_uninterrupted_run
     assert not os.path.exists(tmp_path / "model_final.pth")
     torch.load(tmp_path / "model_0000001.pth", weights_only=True)  # complete and loadable
 
-    rel.run_in_process(train_net, rel.tiny_args(tmp_path, flags=["--resume"]), rel.FLOAT64)
+    rel.run_in_process(
+        train_net, rel.tiny_args(tmp_path, *SAMPLED, flags=["--resume"]), rel.FLOAT64
+    )
 
     log = (tmp_path / "log.txt").read_text()
     assert "Starting training from iteration 2" in log

@@ -244,11 +244,16 @@ class ResumableTrainLoader:
             self.sampler.seed = int(seed)
 
     def __iter__(self) -> Iterator[List[dict]]:
+        # Its own generator: creating the iterator draws from it, which would otherwise shift the
+        # global generator the model samples from, at the iteration the run (re)started.
+        generator = torch.Generator()
+        generator.manual_seed(self.sampler.seed)
         loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
             collate_fn=list,
+            generator=generator,
         )
         for batch in loader:
             for item in batch:

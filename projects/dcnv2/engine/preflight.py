@@ -22,6 +22,7 @@ from ..lazy_config import is_lazy_config, load_config
 
 __all__ = [
     "USER_ERRORS",
+    "USER_ERROR_EXIT",
     "check_before_launch",
     "check_devices",
     "check_output_dir",
@@ -33,6 +34,8 @@ __all__ = [
 
 # Problems with the user's input: reported as one "error: ..." line, without a traceback.
 USER_ERRORS = (DCNv2Error, UnsafeCheckpointError)
+# Exit status of a worker process that reported a user error (argparse uses 2 for its own).
+USER_ERROR_EXIT = 3
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +210,8 @@ def _resume_file_or_none(args, cfg) -> Optional[str]:
 
 def report_user_errors(main_func: Callable, *args):
     """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
-    one ``error: ...`` line, and the process exits with status 1 (the launcher then stops the
-    others). With one process it propagates to the caller, the launching process."""
+    one ``error: ...`` line, and the process exits with status ``USER_ERROR_EXIT`` (the launcher
+    then stops the others). With one process it propagates to the caller, the launching process."""
     try:
         return main_func(*args)
     except USER_ERRORS as e:
@@ -219,4 +222,4 @@ def report_user_errors(main_func: Callable, *args):
             # whose exit makes the launcher stop this one during the wait.
             time.sleep(5)
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(USER_ERROR_EXIT)

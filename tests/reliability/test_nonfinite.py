@@ -1,0 +1,60 @@
+"""Non-finite losses: the run stops before the optimizer step with a message naming the
+iteration and the loss terms, the last good checkpoint stays as it was (and resumes), all
+processes stop together (test_distributed.py); or a bounded number of bad iterations is skipped
+without update."""
+
+import os
+
+import pytest
+import torch
+
+
+def _error(excinfo) -> str:
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and message.count("error:") == 1, message
+    return message
+
+
+def test_nan_stops_before_the_update_keeps_the_checkpoint_and_resumes(
+    rel, train_net, tiny_dataset, reference_run, tmp_path
+):
+    env = dict(rel.FLOAT64, DCNV2_TEST_NAN_AT="2")
+    with pytest.raises(SystemExit) as excinfo:
+        rel.run_in_process(train_net, rel.tiny_args(tmp_path), env)
+    message = _error(excinfo)
+    assert "Loss became non-finite at iteration 2: loss_box_reg=nan." in message
+    assert "weights were not updated" in message
+    assert f"The last checkpoint, {tmp_path / 'model_0000001.pth'}, was written before" in message
+    assert "SOLVER.DCNV2.MAX_NONFINITE_SKIPS" in message
+    # Nothing written after the good checkpoint, which is the uninterrupted run's.
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("model_") and "0001" not in f]
+    good = rel.final_weights(tmp_path, "model_0000001.pth")
+    rel.assert_same_weights(good, rel.final_weights(reference_run, "model_0000001.pth"))
+    assert "Traceback" not in (tmp_path / "log.txt").read_text()
+
+    # Once the cause is gone, --resume continues from it to the uninterrupted run's weights.
+    rel.run_in_process(train_net, rel.tiny_args(tmp_path, flags=["--resume"]), rel.FLOAT64)
+    rel.assert_same_weights(
+        rel.final_weights(tmp_path), rel.final_weights(reference_run), rtol=1e-12, atol=1e-15
+    )
+
+
+def test_bounded_skips_drop_the_update_then_stop(rel, train_net, tiny_dataset, tmp_path):
+    opts = ["SOLVER.DCNV2.MAX_NONFINITE_SKIPS", "1", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    with pytest.raises(SystemExit) as excinfo:
+        rel.run_in_process(train_net, rel.tiny_args(tmp_path, *opts), {"DCNV2_TEST_NAN_AT": "1,2"})
+    message = _error(excinfo)
+    assert "non-finite at iteration 2: loss_box_reg=nan." in message
+    assert "skipped before for the same reason: [1] (at most 1" in message
+    log = (tmp_path / "log.txt").read_text()
+    assert (
+        "Non-finite loss at iteration 1: loss_box_reg=nan. Skipped this iteration's update" in log
+    )
+    # Iteration 1 changed nothing (no step: no momentum, no weight decay); iteration 0 did.
+    w0, w1 = (rel.final_weights(tmp_path, f"model_000000{i}.pth") for i in (0, 1))
+    rel.assert_same_weights(w1, w0)
+    assert all(torch.isfinite(v).all() for v in w1.values())
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    state = torch.load(tmp_path / "model_0000001.pth", weights_only=True)["trainer"]
+    assert state["_trainer"]["nonfinite_skipped"] == [1]  # resumed runs keep counting
