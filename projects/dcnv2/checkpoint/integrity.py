@@ -91,6 +91,7 @@ class CheckedLoadMixin:
 
     def _load_model(self, checkpoint: Any):
         num_tensors = len(checkpoint.get("model", {}))
+        heuristics = bool(checkpoint.get("matching_heuristics", False))
         incompatible = super()._load_model(checkpoint)
         shapes = incompatible.incorrect_shapes
         if shapes and (self._resuming or not self.allow_shape_mismatch):
@@ -112,16 +113,14 @@ class CheckedLoadMixin:
                 f"{len(shapes)} tensor(s) of the weights ({self._source()}) do not fit the "
                 "model:\n" + "\n".join(listed) + "\n" + hint
             )
-        model_keys = set(self.model.state_dict())
-        # detectron2 drops pixel_mean/pixel_std from the missing keys: they never count as fitted.
-        fitted = model_keys - set(incompatible.missing_keys) - {s[0] for s in shapes}
-        fitted -= {"pixel_mean", "pixel_std"}
-        if num_tensors and not fitted:
+        # Name matching (Caffe2/pycls files) drops what it cannot match and logs it itself.
+        used = num_tensors - len(incompatible.unexpected_keys) - len(shapes)
+        if num_tensors and used <= 0 and not heuristics:
             raise WeightsError(
                 f"None of the {num_tensors} tensors of the weights ({self._source()}) matches a "
                 f"parameter of the model by name, e.g. the file has "
                 f"{sorted(incompatible.unexpected_keys)[:3]}, the model "
-                f"{sorted(model_keys)[:3]}. Expected weights of a detectron2 model of this "
-                "architecture (convert other formats with the tools in tools/)."
+                f"{sorted(self.model.state_dict())[:3]}. Expected weights of a detectron2 model "
+                "of this architecture (convert other formats with the tools in tools/)."
             )
         return incompatible
