@@ -114,7 +114,9 @@ def modulated_deform_conv(
         backend (str): "auto", "detectron2", "native" or "torchvision".
 
     Returns:
-        Tensor: (N, C_out, Ho, Wo). Under autocast the op runs in float32 and returns float32.
+        Tensor: (N, C_out, Ho, Wo), in the promoted floating dtype of the tensors (float16 and
+        bfloat16 are computed in float32 and rounded once). Under autocast the op runs in
+        float32 and returns float32.
     """
     stride = _as_pair("stride", stride, 1)
     padding = _as_pair("padding", padding, 0)
@@ -122,28 +124,50 @@ def modulated_deform_conv(
     ho, wo = _check_args(
         input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups
     )
+    dtype = _result_dtype(input, offset, mask, weight, bias)
+    device_type = input.device.type
+    autocast = _autocast_enabled(device_type)
+    if autocast:
+        dtype = torch.float32
     if input.shape[0] == 0:
         # Empty batch: an empty output of the right shape that still connects to every input,
         # so backward() gives zero gradients instead of failing.
-        out = input.new_zeros((0, weight.shape[0], ho, wo))
+        out = input.new_zeros((0, weight.shape[0], ho, wo), dtype=dtype)
         for t in (input, offset, mask, weight, bias):
-            if t is not None:
-                out = out + t.sum() * 0
+            if t is not None and t.is_floating_point():
+                out = out + t.sum().to(dtype) * 0
         return out
     name = resolve_backend(backend, input.device)
     fn = get_backend(name)
-    device_type = input.device.type
-    if _autocast_enabled(device_type) or _mixed_dtypes(input, offset, mask, weight, bias):
-        # The kernels need one dtype; float32 keeps the bilinear weights and the offset gradient
-        # accurate (the long-standing autocast failure of detectron2's op).
+    # The kernels need one dtype. Half precision runs in float32 and is rounded once at the end:
+    # sampling coordinates in float16/bfloat16 are off by up to a pixel on large maps, and some
+    # kernels have no bfloat16 version (the long-standing autocast failure of detectron2's op).
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    tensors = (input, offset, mask, weight, bias)
+    if autocast or any(t is not None and t.dtype != compute for t in tensors):
         with torch.autocast(device_type=device_type, enabled=False):
-            args = [
-                t.float() if t is not None else None for t in (input, offset, mask, weight, bias)
-            ]
-            return fn(*args, stride, padding, dilation, groups, deformable_groups)
-    return fn(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups
-    )
+            args = [t.to(compute) if t is not None else None for t in tensors]
+            out = fn(*args, stride, padding, dilation, groups, deformable_groups)
+        return out.to(dtype)
+    return fn(*tensors, stride, padding, dilation, groups, deformable_groups)
+
+
+def _result_dtype(input, offset, mask, weight, bias) -> torch.dtype:
+    """The floating dtype of the result: input's, promoted with the other floating tensors'.
+    Offsets and masks may also be integer or bool (exact in any float dtype)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("offset", offset), ("mask", mask)):
+        if t is not None and t.is_complex():
+            raise TypeError(
+                f"{name} must be a real (floating, integer or bool) tensor, got {t.dtype}"
+            )
+    dtype = input.dtype
+    for t in (offset, mask, weight, bias):
+        if t is not None and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -153,10 +177,6 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
-
-
-def _mixed_dtypes(*tensors) -> bool:
-    return len({t.dtype for t in tensors if t is not None}) > 1
 
 
 def deform_conv(
@@ -206,6 +226,14 @@ class _DeformConvBase(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+            ("deformable_groups", deformable_groups),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if in_channels % groups != 0 or out_channels % groups != 0:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
