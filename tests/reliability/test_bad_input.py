@@ -337,3 +337,10 @@ def test_command_line_prints_one_line_and_no_traceback(rel, tmp_path):
     ], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_weights_that_cannot_be_fetched(tmp_path, monkeypatch):
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path))  # nothing cached from an earlier try
+    url = "https://127.0.0.1:9/model_final.pth"  # a closed local port: refused at once
+    with pytest.raises(WeightsError, match=f"Cannot fetch weights {url} \\(given by MODEL.WEIGHTS"):
+        DCNv2Checkpointer(torch.nn.Linear(2, 2)).load(url)

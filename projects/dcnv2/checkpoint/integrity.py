@@ -61,7 +61,15 @@ class CheckedLoadMixin:
             )
             what = "is a folder" if os.path.isdir(path) else "does not exist"
             raise WeightsError(f"Weights file {path} ({self._source()}) {what}{hint}")
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        except OSError as e:
+            if not path or _is_local(path) or isinstance(e, WeightsError):
+                raise
+            raise WeightsError(
+                f"Cannot fetch weights {path} ({self._source()}): {e}. Download the file "
+                "yourself and give its local path instead."
+            ) from None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:

@@ -53,9 +53,11 @@ def _check_device(cfg) -> None:
 
 def _checkpointer(cfg, model, **checkpointables) -> DCNv2Checkpointer:
     allow_unsafe = bool(cfg.train.get("allow_unsafe_weights", False))
-    return DCNv2Checkpointer(
+    checkpointer = DCNv2Checkpointer(
         model, cfg.train.output_dir, allow_unsafe=allow_unsafe, **checkpointables
     )
+    checkpointer.weights_option = "train.init_checkpoint"  # named in weight errors
+    return checkpointer
 
 
 def do_test(cfg, model) -> Optional[dict]:

@@ -57,7 +57,12 @@ def _device_agnostic_parts(cfg):
 class Trainer(DefaultTrainer):
     """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP, mixed precision
     (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``, safe weight
-    loading (``dcnv2.checkpoint.DCNv2Checkpointer``, ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``)."""
+    loading (``dcnv2.checkpoint.DCNv2Checkpointer``, ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``).
+
+    Reliability: atomic checkpoints; a training loader and per-iteration seeds that make a resumed
+    run continue exactly (``dcnv2.data.resumable``, ``dcnv2.engine.hooks``); non-finite losses
+    stop the run, or skip up to ``SOLVER.DCNV2.MAX_NONFINITE_SKIPS`` iterations, on every process
+    together; ``DATASETS.DCNV2.ON_BAD_DATA`` for bad annotations and unreadable images."""
 
     def __init__(self, cfg):
         quiet_user_error_tracebacks()
