@@ -58,3 +58,16 @@ def test_bounded_skips_drop_the_update_then_stop(rel, train_net, tiny_dataset, t
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     state = torch.load(tmp_path / "model_0000001.pth", weights_only=True)["trainer"]
     assert state["_trainer"]["nonfinite_skipped"] == [1]  # resumed runs keep counting
+
+
+def test_real_divergence_stops_with_a_clear_message(rel, train_net, tiny_dataset, tmp_path):
+    # No injected fault: a learning rate far too high blows the weights up after iteration 0;
+    # detectron2's RPN then finds non-finite predictions in the forward pass of iteration 1.
+    opts = ["SOLVER.BASE_LR", "1000.0", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    with pytest.raises(SystemExit) as excinfo:
+        rel.run_in_process(train_net, rel.tiny_args(tmp_path, *opts))
+    message = _error(excinfo)
+    assert "outputs became non-finite at iteration 1" in message
+    assert "the weights diverged in an earlier update" in message
+    assert "It may already hold diverged weights" in message
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"

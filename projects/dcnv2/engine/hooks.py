@@ -107,6 +107,19 @@ class _NonFiniteLossGuard:
             super().run_step()
         except _SkipStep:
             self.optimizer.zero_grad(set_to_none=True)
+        except FloatingPointError as e:
+            if isinstance(e, NonFiniteLossError):
+                raise
+            # detectron2's RPN raises this in the forward pass when its predictions are not
+            # finite: the weights already diverged in an earlier update whose loss was finite.
+            # Skipping cannot help, and the other processes are already in backward: stop.
+            raise NonFiniteLossError(
+                f"The model's outputs became non-finite at iteration {self.iter} ({e}): the "
+                "weights diverged in an earlier update, whose loss was still finite. Usual "
+                "causes: a learning rate too high for the batch size (SOLVER.BASE_LR, "
+                "SOLVER.WARMUP_ITERS), no gradient clipping (SOLVER.CLIP_GRADIENTS).",
+                "diverged",
+            ) from None
 
     def state_dict(self):
         ret = super().state_dict()

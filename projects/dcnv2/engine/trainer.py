@@ -95,6 +95,8 @@ class Trainer(DefaultTrainer):
                     "written before this iteration and is unchanged: continue from it with "
                     "--resume once the cause is fixed."
                 )
+                if "diverged" in e.args[1:]:
+                    kept += " It may already hold diverged weights: if so, use an earlier one."
             else:
                 kept = " No checkpoint had been written yet (SOLVER.CHECKPOINT_PERIOD)."
             raise NonFiniteLossError(str(e) + kept) from None
