@@ -10,6 +10,8 @@ import difflib
 import re
 from typing import Iterable, Iterator, List
 
+import yaml
+
 __all__ = [
     "AnnotationError",
     "ConfigError",
@@ -105,6 +107,8 @@ def config_errors(cfg, source: str) -> Iterator[None]:
     an unknown key, the closest valid ones."""
     try:
         yield
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source[0].upper()}{source[1:]} is not valid YAML: {e}") from None
     except FileNotFoundError as e:  # a _BASE_ file
         raise ConfigFileNotFoundError(
             f"{source[0].upper()}{source[1:]} names a file that does not exist: {e.filename} "

@@ -203,6 +203,11 @@ def test_config_file_errors(train_net, tmp_path):
     bad_key.write_text("SOLVER:\n  BASE_LRR: 0.1\n")
     message = _error(train_net, ["--config-file", bad_key])
     assert f"Unknown config key SOLVER.BASE_LRR in config file {bad_key}; did you mean" in message
+    not_yaml = tmp_path / "not_yaml.yaml"
+    not_yaml.write_text("SOLVER:\n  BASE_LR: [0.1\n")  # cut short
+    assert f"Config file {not_yaml} is not valid YAML: " in _error(
+        train_net, ["--config-file", not_yaml]
+    )
     bad_base = tmp_path / "bad_base.yaml"
     bad_base.write_text('_BASE_: "missing_base.yaml"\n')
     message = _error(train_net, ["--config-file", bad_base])
@@ -318,6 +323,8 @@ def test_more_processes_than_gpus(rel, train_net, tiny_dataset, output_dir, monk
     with pytest.raises(LaunchError, match=r"--num-gpus 2 but this machine has 1 CUDA GPU\(s\)"):
         check_devices("cuda", 2)
     check_devices("cuda", 1)
+    message = _error(train_net, _args(rel, output_dir, None, "DATASETS.DCNV2.ON_BAD_DATA", "warn"))
+    assert "DATASETS.DCNV2.ON_BAD_DATA is 'warn'; expected one of 'fail', 'skip'" in message
     message = _error(train_net, _args(rel, output_dir, flags=["--num-gpus", "0"]))
     assert "--num-gpus is 0; expected at least 1" in message
     assert _snapshot(output_dir) == before

@@ -35,8 +35,8 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import ImageReadError
-from .validation import checked_training_catalog
+from ..errors import AnnotationError, ImageReadError
+from .validation import BAD_DATA_MODES, checked_training_catalog
 
 __all__ = [
     "GlobalBatchSampler",
@@ -288,6 +288,11 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
         )
         return build_detection_train_loader(cfg, mapper=mapper)
     mode = cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail")
+    if mode not in BAD_DATA_MODES:
+        raise AnnotationError(
+            f"DATASETS.DCNV2.ON_BAD_DATA is {mode!r}; expected one of "
+            f"{', '.join(map(repr, BAD_DATA_MODES))}"
+        )
     names = list(cfg.DATASETS.TRAIN)
     with checked_training_catalog(names if mode == "skip" else [], mode):
         dicts = get_detection_dataset_dicts(

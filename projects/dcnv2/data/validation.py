@@ -28,7 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from ..errors import AnnotationError
 
 __all__ = [
-    "BAD_ANNOTATION_MODES",
+    "BAD_DATA_MODES",
     "CocoReport",
     "checked_training_catalog",
     "validate_coco_json",
@@ -37,7 +37,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BAD_ANNOTATION_MODES = ("fail", "skip")
+BAD_DATA_MODES = ("fail", "skip")
 _MAX_LISTED = 10
 _OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
 
@@ -256,9 +256,9 @@ def validate_datasets(
     Raises:
         AnnotationError: the first dataset whose problems stop the run.
     """
-    if mode not in BAD_ANNOTATION_MODES:
+    if mode not in BAD_DATA_MODES:
         raise AnnotationError(
-            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_ANNOTATION_MODES))}"
+            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
         )
     reports = {}
     for name in dict.fromkeys(list(train_names) + list(test_names)):
