@@ -116,7 +116,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         collect_inputs([str(tmp_path / "p"), str(tmp_path / "q")])
     with pytest.raises(UserInputError, match="confidence-threshold"):
         setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=1.5)
-    with pytest.raises(UserInputError, match="no config"):
+    with pytest.raises(UserInputError, match="nope.yaml does not exist"):
         setup_demo_cfg("nope.yaml", TINY)
     with pytest.raises(UserInputError, match="MODEL.WEIGHTS"):
         setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "/no/such.pth"])

@@ -23,7 +23,16 @@ __all__ = ["CheckedLoadMixin", "SHAPE_OPTION"]
 SHAPE_OPTION = "MODEL.DCNV2.ALLOW_SHAPE_MISMATCH"
 _MAX_LISTED = 12
 # What torch.load / pickle raise on a file cut short or not written by torch.save / pickle.
-_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+# A truncated torch.save file fails in any of these ways, depending on where it was cut (an
+# OSError "Invalid argument" from torch's zip reader included).
+_UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+)
 
 
 def _is_local(path: str) -> bool:
