@@ -27,7 +27,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import dcnv2  # noqa: E402
-from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x.yaml"
 PLAIN = [
@@ -38,11 +38,7 @@ PLAIN = [
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser(__doc__, skip=2)
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="a mimic config")
     parser.add_argument("--height", type=int, default=320, help="image height (default 320)")
     parser.add_argument("--width", type=int, default=480, help="image width (default 480)")

@@ -14,22 +14,17 @@ training checkpoint keeps its message hub) is refused unless --allow-unsafe is g
 Logic: dcnv2.checkpoint.convert_mmdet.
 """
 
-import argparse
 import sys
 import warnings
 
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser(__doc__)
     parser.add_argument("input", help="MMDetection checkpoint (.pth)")
     parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -12,22 +12,17 @@ The input is read tensors-only (torchvision's files are plain state dicts); --al
 unpickles anything. Logic: dcnv2.checkpoint.convert_torchvision.
 """
 
-import argparse
 import sys
 import warnings
 
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser(__doc__)
     parser.add_argument("input", help="torchvision ResNet state dict (.pth)")
     parser.add_argument("output", help="detectron2 weights to write (.pkl)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -11,7 +11,6 @@ A folder stands for the metrics.json inside it. Malformed lines (for example the
 run still writing) are skipped with a warning.
 """
 
-import argparse
 import os
 import sys
 import warnings
@@ -19,15 +18,11 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import UserInputError, run_cli  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser(__doc__)
     parser.add_argument("metrics", nargs="+", help="metrics.json files (or their folders)")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder)")
     parser.add_argument("--out", required=True, help="the PNG to write")

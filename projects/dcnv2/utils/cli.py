@@ -1,14 +1,25 @@
 """What every ``tools/*.py`` script shares: bad input ends in one clear line, not a traceback."""
 
+import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-__all__ = ["UserInputError", "run_cli"]
+__all__ = ["UserInputError", "run_cli", "tool_parser"]
 
 
 class UserInputError(Exception):
     """Something the user gave (a path, an option) is missing or unusable; the message says what
     was wrong and what was expected."""
+
+
+def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
+    """The argument parser of a tool: its docstring's first paragraph as the description, and
+    the paragraphs after the first ``skip`` ones (examples, notes) verbatim as the epilog."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", skip)[skip],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 # Errors that come from what the user passed in; anything else is a bug and keeps its traceback.
