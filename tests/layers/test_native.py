@@ -257,14 +257,27 @@ def test_compiled_and_pytorch_kernels_agree(config, dtype, chunk, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_pytorch_kernels_handle_positions_ranges():
-    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
-    offset = torch.randn(1, 18, 4, 4, dtype=torch.float64)
-    geometry = ((3, 3), (1, 1), (1, 1), (1, 1), 1)
-    full = native_torch.im2col(xp, offset, None, *geometry, 0, 16)
-    part = native_torch.im2col(xp, offset, None, *geometry, 5, 11)
-    torch.testing.assert_close(part, full[:, :, 5:11])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernels_handle_position_ranges(impl):
+    kernels = native_cpp if impl == "cpp" else native_torch
+    x = torch.randn(2, 4, 4, 5, dtype=torch.float64)
+    xp = native._pad_channels_last(x)
+    offset = torch.randn(2, 36, 4, 5, dtype=torch.float64)
+    mask = torch.rand(2, 18, 4, 5, dtype=torch.float64)
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1), 2, 2)
+    full = kernels.im2col(xp, offset, mask, *geometry, 0, 20)
+    part = kernels.im2col(xp, offset, mask, *geometry, 5, 11)
+    torch.testing.assert_close(part, full[:, 5:11])
+    grad_cols = torch.randn(2, 20, 36, dtype=torch.float64)
+    offset_full, mask_full, cols_full = kernels.backward(
+        xp, offset, mask, grad_cols, *geometry, 0, 20, None, True, True
+    )
+    offset_part, mask_part, cols_part = kernels.backward(
+        xp, offset, mask, grad_cols[:, 5:11].contiguous(), *geometry, 5, 11, None, True, True
+    )
+    torch.testing.assert_close(offset_part, offset_full[:, :, 5:11])
+    torch.testing.assert_close(mask_part, mask_full[:, :, 5:11])
+    torch.testing.assert_close(cols_part, cols_full[:, 5:11])
 
 
 def test_impl_validation():

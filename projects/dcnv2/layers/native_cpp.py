@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["is_available", "error", "im2col", "backward"]
+__all__ = ["is_available", "error", "im2col", "backward", "crop_channels_first"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def error() -> Optional[str]:
     return _error
 
 
-def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_end):
+def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_begin, p_end):
     return torch.ops.dcnv2_native.im2col(
-        xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_end
+        xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_begin, p_end
     )
 
 
@@ -86,6 +86,7 @@ def backward(
     padding,
     dilation,
     dg,
+    groups,
     p_begin,
     p_end,
     grad_xp,
@@ -102,6 +103,7 @@ def backward(
         padding,
         dilation,
         dg,
+        groups,
         p_begin,
         p_end,
         grad_xp,
@@ -113,3 +115,8 @@ def backward(
         grad_mask if need_coord and mask is not None else None,
         cols if need_cols else None,
     )
+
+
+def crop_channels_first(xp: torch.Tensor) -> torch.Tensor:
+    """(n, H+2, W+2, C) -> (n, C, H, W) without the one-pixel padding."""
+    return torch.ops.dcnv2_native.crop_channels_first(xp)

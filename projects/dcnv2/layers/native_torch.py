@@ -7,50 +7,52 @@ corners outside the image reading 0. The gradients are the exact derivatives of 
 with ``floor`` held fixed (so at integer coordinates the high corner's slope is used, and it
 reads 0 past the last row or column), and are 0 for taps outside the open box.
 
-Interface and layouts shared with :mod:`dcnv2.layers.native_cpp`: the input comes zero-padded by
-one pixel (``xp``) so corners outside the image read 0 without a test; columns are
-``(n, C*kh*kw, Pc)`` with channel-major rows (a grouped convolution is one batched matmul) for a
-range ``[p_begin, p_end)`` of the flattened ``Ho*Wo`` output positions, so the driver can bound
-their size.
+Interface and layouts shared with :mod:`dcnv2.layers.native_cpp`: the input comes channels-last
+and zero-padded by one pixel (``xp``, (n, H+2, W+2, C)) so corners outside the image read 0
+without a test and a tap's channels are one contiguous row; columns are ``(n, Pc, G, K, C/G)``
+(G convolution groups, K = kh*kw taps) for a range ``[p_begin, p_end)`` of the flattened
+``Ho*Wo`` output positions, so the driver can bound their size.
 """
 
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["im2col", "col2im_input", "col2im_coord"]
+__all__ = ["im2col", "backward", "crop_channels_first"]
 
 Pair = Tuple[int, int]
 
 
 class _Taps(NamedTuple):
-    """Where every tap samples, for a chunk of images: tensors of shape (n, G, K*Pc)."""
+    """Where every tap samples, for a chunk of images: tensors of shape (n, Pc, K, G_d)."""
 
-    corner: torch.Tensor  # flat index of the top-left corner in the 1-pixel zero-padded image
+    corner: torch.Tensor  # flat pixel index of the top-left corner in the padded image
     lh: torch.Tensor  # fractional parts, 0 for taps outside the open box
     lw: torch.Tensor
     bilinear: List[torch.Tensor]  # corner weights (tl, tr, bl, br) times the inside indicator
     inside: torch.Tensor  # 1 for taps inside the open box, else 0 (as the float dtype)
+    mask: Optional[torch.Tensor]  # modulation, None for DCNv1
 
 
-def _taps(xp, offset, kernel, stride, padding, dilation, dg, positions) -> _Taps:
+def _taps(xp, offset, mask, kernel, stride, padding, dilation, dg, positions) -> _Taps:
     n, _, ho, wo = offset.shape
-    height, width = xp.shape[2] - 2, xp.shape[3] - 2
+    height, width = xp.shape[1] - 2, xp.shape[2] - 2
     kh, kw = kernel
     dtype, device = offset.dtype, offset.device
     ar = torch.arange
-    # Integer part of each tap's position, (K, Pc), before the learned shift.
+    # Integer part of each tap's position, (Pc, K), before the learned shift.
     base_h = (ar(kh, device=device) * dilation[0]).view(kh, 1, 1, 1) + (
         ar(ho, device=device) * stride[0] - padding[0]
     ).view(1, 1, ho, 1)
     base_w = (ar(kw, device=device) * dilation[1]).view(1, kw, 1, 1) + (
         ar(wo, device=device) * stride[1] - padding[1]
     ).view(1, 1, 1, wo)
-    base_h = base_h.expand(kh, kw, ho, wo).reshape(kh * kw, ho * wo)[:, positions].to(dtype)
-    base_w = base_w.expand(kh, kw, ho, wo).reshape(kh * kw, ho * wo)[:, positions].to(dtype)
-    off = offset.view(n, dg, kh * kw, 2, ho * wo)[..., positions]
-    h = (base_h + off[:, :, :, 0]).reshape(n, dg, -1)
-    w = (base_w + off[:, :, :, 1]).reshape(n, dg, -1)
+    base_h = base_h.expand(kh, kw, ho, wo).reshape(kh * kw, ho * wo)[:, positions].t().to(dtype)
+    base_w = base_w.expand(kh, kw, ho, wo).reshape(kh * kw, ho * wo)[:, positions].t().to(dtype)
+    # Offset channels of a group: (dy, dx) for tap 0, then tap 1, ...
+    off = offset.view(n, dg, kh * kw, 2, ho * wo)[..., positions].permute(0, 4, 2, 1, 3)
+    h = base_h[None, :, :, None] + off[..., 0]
+    w = base_w[None, :, :, None] + off[..., 1]
     inside = (h > -1) & (h < height) & (w > -1) & (w < width)
     # Outside taps get a harmless in-range corner and zero weights (also keeps NaN out of .long()).
     h_low = torch.where(inside, h.floor(), torch.zeros_like(h))
@@ -61,19 +63,37 @@ def _taps(xp, offset, kernel, stride, padding, dilation, dg, positions) -> _Taps
     inside_f = inside.to(dtype)
     hh, hw = 1 - lh, 1 - lw
     bilinear = [hh * hw * inside_f, hh * lw * inside_f, lh * hw * inside_f, lh * lw * inside_f]
-    return _Taps(corner, lh, lw, bilinear, inside_f)
+    if mask is not None:
+        mask = mask.view(n, dg, kh * kw, ho * wo)[..., positions].permute(0, 3, 2, 1)
+    return _Taps(corner, lh, lw, bilinear, inside_f, mask)
 
 
-def _corner_shifts(xp: torch.Tensor) -> Tuple[int, int, int, int]:
-    wp = xp.shape[3]
-    return (0, 1, wp, wp + 1)
+def _corners(xp: torch.Tensor, taps: _Taps, dg: int):
+    """For each corner: (gather index over the flat pixels of xp viewed (n, HW, G_d, C/G_d),
+    its bilinear weights viewed to broadcast over the channels)."""
+    n, pc, k, _ = taps.corner.shape
+    wp, c = xp.shape[2], xp.shape[3]
+    for shift, weight in zip((0, 1, wp, wp + 1), taps.bilinear):
+        index = (taps.corner + shift).reshape(n, pc * k, dg, 1).expand(-1, -1, -1, c // dg)
+        yield index, weight.reshape(n, pc * k, dg, 1)
 
 
-def _mask(mask: Optional[torch.Tensor], dg: int, kernel: Pair, positions: slice):
-    if mask is None:
-        return None
-    n, _, ho, wo = mask.shape
-    return mask.view(n, dg, kernel[0] * kernel[1], ho * wo)[..., positions].reshape(n, dg, -1)
+def _flat(xp: torch.Tensor, dg: int) -> torch.Tensor:
+    n, hp, wp, c = xp.shape
+    return xp.view(n, hp * wp, dg, c // dg)
+
+
+def _to_columns(v: torch.Tensor, groups: int) -> torch.Tensor:
+    """(n, Pc, K, C) -> the columns (n, Pc, K*C) ordered (group, tap, channel in group)."""
+    n, pc, k, c = v.shape
+    return v.view(n, pc, k, groups, c // groups).transpose(2, 3).reshape(n, pc, k * c)
+
+
+def _from_columns(cols: torch.Tensor, k: int, groups: int) -> torch.Tensor:
+    """The columns (n, Pc, K*C) -> (n, Pc, K, C)."""
+    n, pc, kc = cols.shape
+    c = kc // k
+    return cols.view(n, pc, groups, k, c // groups).transpose(2, 3).reshape(n, pc, k, c)
 
 
 def im2col(
@@ -85,101 +105,32 @@ def im2col(
     padding: Pair,
     dilation: Pair,
     dg: int,
+    groups: int,
     p_begin: int,
     p_end: int,
 ) -> torch.Tensor:
     """Sampled, modulated columns of output positions [p_begin, p_end) of the Ho*Wo grid.
 
     Args:
-        xp (Tensor): (n, C, H+2, W+2), the input zero-padded by one pixel on each side.
-        offset (Tensor): (n, 2*G*kh*kw, Ho, Wo).
-        mask (Tensor or None): (n, G*kh*kw, Ho, Wo).
+        xp (Tensor): (n, H+2, W+2, C), the input channels-last, zero-padded by one pixel.
+        offset (Tensor): (n, 2*G_d*kh*kw, Ho, Wo), G_d = ``dg`` deformable groups.
+        mask (Tensor or None): (n, G_d*kh*kw, Ho, Wo).
 
     Returns:
-        Tensor: (n, C*kh*kw, Pc), Pc = p_end - p_begin; row ``c*kh*kw + k`` holds channel c
-        sampled by tap k.
+        Tensor: (n, Pc, kh*kw*C), Pc = p_end - p_begin; row p holds, for each convolution group,
+        its channels sampled by tap 0, then by tap 1, ...
     """
-    n, c = xp.shape[:2]
-    positions = slice(p_begin, p_end)
-    taps = _taps(xp, offset, kernel, stride, padding, dilation, dg, positions)
-    flat = xp.reshape(n, dg, c // dg, -1)
-    m = _mask(mask, dg, kernel, positions)
-    cols = None
-    for shift, b in zip(_corner_shifts(xp), taps.bilinear):
-        index = (taps.corner + shift).unsqueeze(2).expand(-1, -1, c // dg, -1)
-        a = (b if m is None else b * m).unsqueeze(2)
-        v = flat.gather(3, index)
-        cols = v.mul_(a) if cols is None else cols.addcmul_(v, a)
-    return cols.view(n, c * kernel[0] * kernel[1], p_end - p_begin)
-
-
-def col2im_input(
-    xp: torch.Tensor,
-    offset: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    grad_cols: torch.Tensor,
-    kernel: Pair,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    dg: int,
-    p_begin: int,
-    p_end: int,
-    grad_xp: torch.Tensor,
-) -> None:
-    """Add the input gradient of columns ``grad_cols`` (n, C*kh*kw, Pc) to ``grad_xp`` (like xp).
-
-    What lands on the padding belongs to corners outside the image: the caller crops it.
-    """
-    n, c = xp.shape[:2]
-    positions = slice(p_begin, p_end)
-    taps = _taps(xp, offset, kernel, stride, padding, dilation, dg, positions)
-    m = _mask(mask, dg, kernel, positions)
-    gc = grad_cols.reshape(n, dg, c // dg, -1)
-    flat = grad_xp.view(n, dg, c // dg, -1)
-    for shift, b in zip(_corner_shifts(xp), taps.bilinear):
-        index = (taps.corner + shift).unsqueeze(2).expand(-1, -1, c // dg, -1)
-        a = (b if m is None else b * m).unsqueeze(2)
-        flat.scatter_add_(3, index, gc * a)
-
-
-def col2im_coord(
-    xp: torch.Tensor,
-    offset: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    grad_cols: torch.Tensor,
-    kernel: Pair,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    dg: int,
-    p_begin: int,
-    p_end: int,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients of offset (n, 2*G*kh*kw, Pc) and mask (n, G*kh*kw, Pc; None for DCNv1)."""
-    n, c = xp.shape[:2]
-    positions = slice(p_begin, p_end)
-    taps = _taps(xp, offset, kernel, stride, padding, dilation, dg, positions)
-    flat = xp.reshape(n, dg, c // dg, -1)
-    gc = grad_cols.reshape(n, dg, c // dg, -1)
-    # s[q] = sum over the group's channels of grad_col * corner value q.
-    s = []
-    for shift in _corner_shifts(xp):
-        index = (taps.corner + shift).unsqueeze(2).expand(-1, -1, c // dg, -1)
-        s.append((flat.gather(3, index) * gc).sum(2))
-    lh, lw = taps.lh, taps.lw
-    # d/dh and d/dw of the bilinear formula with floor(h), floor(w) fixed.
-    grad_h = (1 - lw) * (s[2] - s[0]) + lw * (s[3] - s[1])
-    grad_w = (1 - lh) * (s[1] - s[0]) + lh * (s[3] - s[2])
-    m = _mask(mask, dg, kernel, positions)
-    scale = taps.inside if m is None else taps.inside * m
-    k, pc = kernel[0] * kernel[1], p_end - p_begin
-    grad_offset = torch.stack([grad_h * scale, grad_w * scale], 2)  # (n, G, 2, K*Pc)
-    grad_offset = grad_offset.view(n, dg, 2, k, pc).transpose(2, 3).reshape(n, 2 * dg * k, pc)
-    grad_mask = None
-    if mask is not None:
-        grad_mask = sum(b * sq for b, sq in zip(taps.bilinear, s)).view(n, dg * k, pc)
-    return grad_offset, grad_mask
+    n, c = xp.shape[0], xp.shape[3]
+    k = kernel[0] * kernel[1]
+    taps = _taps(xp, offset, mask, kernel, stride, padding, dilation, dg, slice(p_begin, p_end))
+    flat = _flat(xp, dg)
+    v = None
+    for index, weight in _corners(xp, taps, dg):
+        term = flat.gather(1, index).mul_(weight)
+        v = term if v is None else v.add_(term)
+    if taps.mask is not None:  # detectron2: bilinear value, then the modulation
+        v = v.mul_(taps.mask.reshape(n, -1, dg, 1))
+    return _to_columns(v.view(n, p_end - p_begin, k, c), groups)
 
 
 def backward(
@@ -192,20 +143,56 @@ def backward(
     padding: Pair,
     dilation: Pair,
     dg: int,
+    groups: int,
     p_begin: int,
     p_end: int,
     grad_xp: Optional[torch.Tensor],
     need_coord: bool,
     need_cols: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """What backward needs from a chunk's column gradient ``grad_cols`` (n, C*kh*kw, Pc): adds
-    the input gradient to ``grad_xp`` when given, and returns the offset and mask gradients
-    (when ``need_coord``; see :func:`col2im_coord`) and the columns (when ``need_cols``)."""
-    args = (xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, p_begin, p_end)
+    """What backward needs from a chunk's column gradient ``grad_cols`` (n, Pc, kh*kw*C): adds
+    the input gradient to ``grad_xp`` (like xp) when given; returns the offset gradient
+    (n, 2*G_d*kh*kw, Pc) and mask gradient (n, G_d*kh*kw, Pc; None for DCNv1) when
+    ``need_coord``, and the columns when ``need_cols``.
+
+    What lands on the padding of ``grad_xp`` belongs to corners outside the image: the caller
+    crops it. Outside the open box every gradient is 0, as in detectron2.
+    """
+    n, c = xp.shape[0], xp.shape[3]
+    k, pc = kernel[0] * kernel[1], p_end - p_begin
+    taps = _taps(xp, offset, mask, kernel, stride, padding, dilation, dg, slice(p_begin, p_end))
+    gc = _from_columns(grad_cols, k, groups).reshape(n, pc * k, dg, c // dg)
+    scale = taps.inside if taps.mask is None else taps.inside * taps.mask  # (n, Pc, K, G_d)
     if grad_xp is not None:
-        col2im_input(*args, grad_xp)
-    grad_offset, grad_mask = col2im_coord(*args) if need_coord else (None, None)
-    cols = None
+        # detectron2's modulated_deformable_col2im: corner weight * (grad_col * mask).
+        top = gc if taps.mask is None else gc * taps.mask.reshape(n, -1, dg, 1)
+        target = _flat(grad_xp, dg)
+        for index, weight in _corners(xp, taps, dg):
+            target.scatter_add_(1, index, top * weight)
+    grad_offset = grad_mask = cols = None
+    if need_coord:
+        flat = _flat(xp, dg)
+        # s[q] = sum over the group's channels of grad_col * corner value q: (n, Pc, K, G_d).
+        s = [
+            (flat.gather(1, index) * gc).sum(3).view_as(scale)
+            for index, _ in _corners(xp, taps, dg)
+        ]
+        lh, lw = taps.lh, taps.lw
+        # d/dh and d/dw of the bilinear formula with floor(h), floor(w) fixed.
+        grad_h = ((1 - lw) * (s[2] - s[0]) + lw * (s[3] - s[1])) * scale
+        grad_w = ((1 - lh) * (s[1] - s[0]) + lh * (s[3] - s[2])) * scale
+        # (n, Pc, K, G_d, 2) -> channels (group, tap, dy/dx).
+        grad_offset = torch.stack([grad_h, grad_w], 4).permute(0, 3, 2, 4, 1).reshape(n, -1, pc)
+        if mask is not None:
+            grad_mask = sum(b * sq for b, sq in zip(taps.bilinear, s))
+            grad_mask = grad_mask.permute(0, 3, 2, 1).reshape(n, -1, pc)
     if need_cols:
-        cols = im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, p_begin, p_end)
+        cols = im2col(
+            xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_begin, p_end
+        )
     return grad_offset, grad_mask, cols
+
+
+def crop_channels_first(xp: torch.Tensor) -> torch.Tensor:
+    """(n, H+2, W+2, C) -> (n, C, H, W) without the one-pixel padding."""
+    return xp[:, 1:-1, 1:-1].permute(0, 3, 1, 2).contiguous()
