@@ -106,3 +106,15 @@ def test_detectron2s_checkpointer_breaks_under_the_same_kills(tmp_path):
     # The control: writing in place, detectron2 leaves last_checkpoint naming a truncated file.
     broken, _ = _kill_at_random_moments(DetectionCheckpointer, str(tmp_path))
     assert broken > 0
+
+
+def test_a_save_removes_partial_writes_of_the_checkpoint_and_of_the_pointer(tmp_path):
+    """What kills leave (one cut-short write of the checkpoint, one of last_checkpoint) goes at
+    the next save; other files stay."""
+    left = [".model_best.pth.k1x.tmp", ".last_checkpoint.k2y.tmp"]
+    kept = [".model_final.pth.k3z.tmp", "notes.tmp"]  # another checkpoint's write; not ours
+    for name in left + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    DCNv2Checkpointer(_Holder(), str(tmp_path)).save("model_best")
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["last_checkpoint", "model_best.pth"])
+    assert (tmp_path / "last_checkpoint").read_text() == "model_best.pth"

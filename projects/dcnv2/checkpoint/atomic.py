@@ -124,9 +124,12 @@ class AtomicCheckpointMixin:
         save_file = os.path.join(self.save_dir, basename)
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
-        removed = remove_stale_temporaries(save_file)
-        if removed:
-            self.logger.info(f"Removed {removed} partial write(s) of {save_file} left by a kill")
+        # Partial writes left by a kill, of this file and of the pointer (a kill between two
+        # saves may cut either short): at most the write in progress is ever left over.
+        for path in (save_file, os.path.join(self.save_dir, "last_checkpoint")):
+            removed = remove_stale_temporaries(self.path_manager.get_local_path(path))
+            if removed:
+                self.logger.info(f"Removed {removed} partial write(s) of {path} left by a kill")
         self.logger.info(f"Saving checkpoint to {save_file}")
         with atomic_write(self.path_manager.get_local_path(save_file), "wb") as f:
             torch.save(data, f)
