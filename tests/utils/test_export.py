@@ -73,14 +73,26 @@ def test_traced_detector_gives_the_eager_boxes(model_and_image, tmp_path):
     traced.save(str(tmp_path / "model.ts"))
     loaded = torch.jit.load(str(tmp_path / "model.ts"))
     got = detector_outputs(loaded, adapter, inputs)[0]["instances"]
-    with torch.no_grad():
+    # The trace runs torchvision's op: the eager model through the same op gives the same boxes.
+    with deform_backend(model, "torchvision"), torch.no_grad():
         eager = model(inputs)[0]["instances"]
     assert len(got) == len(eager) > 0
     np.testing.assert_allclose(_sorted(got), _sorted(eager), rtol=1e-4, atol=1e-3)
-    # The backends agree, so tracing through torchvision's op changes nothing.
-    with deform_backend(model, "torchvision"), torch.no_grad():
-        via_torchvision = model(inputs)[0]["instances"]
-    np.testing.assert_allclose(_sorted(via_torchvision), _sorted(eager), rtol=1e-4, atol=1e-3)
+
+
+def test_backends_give_the_same_features(model_and_image):
+    """Exporting through torchvision's op changes nothing beyond float32 rounding: the FPN
+    features of native and torchvision agree to 1e-5 of their range. (Boxes of this
+    random-weight detector amplify such rounding ~100x, so they are not compared across ops.)"""
+    model, image = model_and_image
+    x = model.preprocess_image([{"image": image}]).tensor
+    features = {}
+    for backend in ("native", "torchvision"):
+        with deform_backend(model, backend), torch.no_grad():
+            features[backend] = model.backbone(x)
+    for name, native_feature in features["native"].items():
+        tv_feature = features["torchvision"][name]
+        assert (native_feature - tv_feature).abs().max() <= 1e-5 * native_feature.abs().max()
 
 
 def test_tool_refuses_bad_sizes_and_existing_files(tmp_path):
