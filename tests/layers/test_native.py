@@ -257,6 +257,34 @@ def test_compiled_and_pytorch_kernels_agree(config, dtype, chunk, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.skipif("cpp" not in IMPLS, reason="compiled kernels did not build")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compiled_input_gradient_split_across_groups(threads):
+    """The compiled input gradient runs in blocks of channels (one per thread, whole vectors of
+    16): with 48 channels, blocks [0, 32), [32, 48) for 2 threads and [0, 16), [16, 32),
+    [32, 48) for 3 cut through the deformable and convolution groups of 24 channels. Every
+    gradient matches the PyTorch kernels."""
+    g = torch.Generator().manual_seed(3)
+    c, dg, groups = 48, 2, 2
+    x = torch.randn(1, c, 6, 7, generator=g, dtype=torch.float64)
+    offset = (torch.rand(1, 2 * dg * 9, 6, 7, generator=g, dtype=torch.float64) - 0.5) * 6
+    mask = torch.rand(1, dg * 9, 6, 7, generator=g, dtype=torch.float64)
+    weight = torch.randn(8, c // groups, 3, 3, generator=g, dtype=torch.float64)
+    upstream = torch.randn(1, 8, 6, 7, generator=g, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for impl in ("torch", "cpp"):
+            leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
+            out = _native(*leaves, None, 1, 1, 1, groups, dg, impl=impl)
+            results.append([out, *torch.autograd.grad(out, leaves, upstream)])
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_kernels_handle_position_ranges(impl):
     kernels = native_cpp if impl == "cpp" else native_torch

@@ -210,8 +210,9 @@ void col2im_impl(const Geometry& g, const T* offset, const T* mask, const T* gra
                  T* grad_xp) {
   const int64_t K = g.taps(), cd = g.dg_channels(), C = g.channels, wp = g.padded_width();
   const int64_t P = g.positions();
-  // Enough blocks to keep every thread busy, each a whole number of vectors.
-  const int64_t want = std::max<int64_t>(1, (2 * at::get_num_threads() + g.n - 1) / g.n);
+  // One block per thread (more, narrower blocks measured 6-11% slower at res3/res4: each
+  // recomputes every tap), each a whole number of vectors.
+  const int64_t want = std::max<int64_t>(1, (at::get_num_threads() + g.n - 1) / g.n);
   int64_t width = (C + want - 1) / want;
   width = std::min(C, (width + kChannelAlign - 1) / kChannelAlign * kChannelAlign);
   const int64_t blocks = (C + width - 1) / width;
