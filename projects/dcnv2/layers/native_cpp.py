@@ -1,7 +1,7 @@
 """Compiled CPU column kernels of the native backend (``csrc/deform_conv_cpu.cpp``).
 
-The extension is JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use (about a
-minute on two cores) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default
+The extension is JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use (8-20 s
+on two cores) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``), so later processes load it at once. It needs only gcc and the
 installed torch. If the build fails, one warning says why and the native backend uses the
 PyTorch-op kernels of :mod:`dcnv2.layers.native_torch` instead. Set ``DCNV2_NATIVE_IMPL=torch``
