@@ -27,8 +27,6 @@ __all__ = ["ResumableDataHook", "guard_nonfinite_losses", "quiet_user_error_trac
 
 logger = logging.getLogger(__name__)
 
-SKIP_OPTION = "SOLVER.DCNV2.MAX_NONFINITE_SKIPS"
-
 
 class _SkipStep(Exception):
     """Raised between backward and the optimizer step to drop this iteration's update."""
@@ -54,6 +52,16 @@ class _NonFiniteLossGuard:
     """Mixin for ``SimpleTrainer`` and its subclasses (see :func:`guard_nonfinite_losses`)."""
 
     max_nonfinite_skips: int = 0
+    # The config keys its messages name: a YAML config's (the LazyConfig loop sets its own).
+    skip_option: str = "SOLVER.DCNV2.MAX_NONFINITE_SKIPS"
+    lr_options: str = "SOLVER.BASE_LR, SOLVER.WARMUP_ITERS"
+    clip_option: str = "SOLVER.CLIP_GRADIENTS"
+
+    def _usual_causes(self) -> str:
+        return (
+            f"Usual causes: a learning rate too high for the batch size ({self.lr_options}), "
+            f"no gradient clipping ({self.clip_option})"
+        )
 
     def _write_metrics(self, loss_dict, data_time, prefix: str = "", iter=None):
         # SimpleTrainer and AMPTrainer call this after backward and before the optimizer step,
@@ -80,20 +88,19 @@ class _NonFiniteLossGuard:
             skipped.append(it)
             logger.warning(
                 f"Non-finite loss at iteration {it}: {terms}. Skipped this iteration's update "
-                f"({len(skipped)} of at most {self.max_nonfinite_skips}, {SKIP_OPTION})."
+                f"({len(skipped)} of at most {self.max_nonfinite_skips}, {self.skip_option})."
             )
             raise _SkipStep()
         earlier = (
             f" Iterations skipped before for the same reason: {skipped} (at most "
-            f"{self.max_nonfinite_skips}, {SKIP_OPTION})."
+            f"{self.max_nonfinite_skips}, {self.skip_option})."
             if self.max_nonfinite_skips
-            else f" To skip up to N such iterations instead, set {SKIP_OPTION} N."
+            else f" To skip up to N such iterations instead, set {self.skip_option} N."
         )
         raise NonFiniteLossError(
             f"Loss became non-finite at iteration {it}: {terms}. Training stopped before the "
-            f"optimizer step, so the weights were not updated with it.{earlier} Usual causes: "
-            "a learning rate too high for the batch size (SOLVER.BASE_LR, "
-            "SOLVER.WARMUP_ITERS), no gradient clipping (SOLVER.CLIP_GRADIENTS), bad boxes."
+            f"optimizer step, so the weights were not updated with it.{earlier} "
+            f"{self._usual_causes()}, bad boxes."
         )
 
     @property
@@ -115,9 +122,8 @@ class _NonFiniteLossGuard:
             # Skipping cannot help, and the other processes are already in backward: stop.
             raise NonFiniteLossError(
                 f"The model's outputs became non-finite at iteration {self.iter} ({e}): the "
-                "weights diverged in an earlier update, whose loss was still finite. Usual "
-                "causes: a learning rate too high for the batch size (SOLVER.BASE_LR, "
-                "SOLVER.WARMUP_ITERS), no gradient clipping (SOLVER.CLIP_GRADIENTS).",
+                "weights diverged in an earlier update, whose loss was still finite. "
+                f"{self._usual_causes()}.",
                 "diverged",
             ) from None
 

@@ -4,13 +4,27 @@ The loop of detectron2's ``tools/lazyconfig_train_net.py`` (``instantiate``, a t
 ``DetectionCheckpointer``, ``inference_on_dataset``), with what dcnv2's YAML ``Trainer`` adds:
 DDP that works on CPU (gloo), mixed precision on any device (``train.amp.enabled``), datasets
 checked before anything is built, safe weight loading (``DCNv2Checkpointer``; a trusted file
-that needs arbitrary pickled objects takes ``train.allow_unsafe_weights=True``). A config
-defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``,
-``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys).
+that needs arbitrary pickled objects takes ``train.allow_unsafe_weights=True``), atomic
+checkpoints, and the same reliability as the YAML ``Trainer``:
+
+- when ``dataloader.train`` is detectron2's ``build_detection_train_loader`` with its default
+  sampler (as in detectron2's ``common/data`` configs), it is built as a
+  :class:`~dcnv2.data.resumable.ResumableTrainLoader` from the same dataset, mapper, batch size,
+  aspect-ratio grouping and workers, and per-iteration random seeds are set
+  (:class:`~dcnv2.engine.hooks.ResumableDataHook`), so ``--resume`` continues exactly where the
+  run stopped; the stream's seed is ``train.seed`` (random when negative or absent) and is
+  saved in the checkpoints. Any other loader is used as configured (its stream restarts on
+  resume; a warning says so).
+- a non-finite loss stops the run on every process, naming the iteration and the checkpoint to
+  resume from, or skips up to ``train.max_nonfinite_skips`` (default 0) updates.
+
+A config defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``,
+``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys, plus the optional
+``seed``, ``max_nonfinite_skips`` and ``allow_unsafe_weights``).
 """
 
 import logging
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from detectron2.config import instantiate
@@ -20,11 +34,17 @@ from detectron2.utils import comm
 
 from ..checkpoint import DCNv2Checkpointer
 from ..data import check_datasets
+from ..data.resumable import ResumableTrainLoader
+from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
 from .amp import amp_trainer
-from .trainer import create_ddp_model
+from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
+from .trainer import create_ddp_model, explain_nonfinite_stop
 
-__all__ = ["datasets_used", "do_test", "do_train", "main"]
+__all__ = ["build_train_loader", "datasets_used", "do_test", "do_train", "main"]
+
+# What dataloader.train calls in detectron2's common/data configs.
+_D2_TRAIN_LOADER = "detectron2.data.build.build_detection_train_loader"
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +80,49 @@ def _checkpointer(cfg, model, **checkpointables) -> DCNv2Checkpointer:
     return checkpointer
 
 
+def _target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+
+
+def build_train_loader(cfg) -> Tuple[Any, int]:
+    """The training loader of a LazyConfig and the seed of its data stream.
+
+    A :class:`~dcnv2.data.resumable.ResumableTrainLoader` when ``cfg.dataloader.train`` is
+    detectron2's ``build_detection_train_loader`` over a list of dataset dicts with its default
+    sampler and collation; else ``instantiate(cfg.dataloader.train)``.
+
+    Returns:
+        (loader, seed): the seed is ``cfg.train.seed``, or one drawn and shared by all
+        processes when that is negative or absent.
+    """
+    seed = cfg.train.get("seed", -1)
+    seed = int(seed) if seed is not None and seed >= 0 else comm.shared_random_seed()
+    train = cfg.dataloader.train
+    custom = [key for key in ("sampler", "collate_fn") if train.get(key) is not None]
+    if _target_name(train.get("_target_")) == _D2_TRAIN_LOADER and not custom:
+        dataset = instantiate(train.dataset)
+        if isinstance(dataset, list):  # dataset dicts (get_detection_dataset_dicts)
+            loader = ResumableTrainLoader(
+                dataset,
+                instantiate(train.mapper),
+                train.total_batch_size,
+                seed=seed,
+                aspect_ratio_grouping=train.get("aspect_ratio_grouping", True),
+                num_workers=train.get("num_workers", 0),
+            )
+            return loader, seed
+    what = f"its {' and '.join(custom)}" if custom else _target_name(train.get("_target_"))
+    logger.warning(
+        "dataloader.train is built as configured (%s): its data stream restarts when a run is "
+        "resumed. detectron2's build_detection_train_loader with the default sampler resumes "
+        "exactly.",
+        what,
+    )
+    return instantiate(train), seed
+
+
 def do_test(cfg, model) -> Optional[dict]:
     """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``.
 
@@ -83,6 +146,7 @@ def do_train(cfg, args) -> None:
         cfg: a LazyConfig (see the module docstring).
         args: the command line of ``train_net.py``; only ``args.resume`` is read.
     """
+    quiet_user_error_tracebacks()
     _check_device(cfg)
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
@@ -90,16 +154,24 @@ def do_train(cfg, args) -> None:
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader, seed = build_train_loader(cfg)
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (amp_trainer if cfg.train.amp.enabled else SimpleTrainer)(
         model, train_loader, optimizer
     )
+    # Non-finite losses are checked on every process before the optimizer step.
+    trainer.__class__ = guard_nonfinite_losses(type(trainer))
+    trainer.max_nonfinite_skips = int(cfg.train.get("max_nonfinite_skips", 0))
+    trainer.skip_option = "train.max_nonfinite_skips"
+    trainer.lr_options = "optimizer.lr, lr_multiplier's warmup"
+    trainer.clip_option = "detectron2.solver.build.maybe_add_gradient_clipping"
     checkpointer = _checkpointer(cfg, model, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
+            # First, so every other hook's before_step already sees this iteration's seeds.
+            ResumableDataHook(seed),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
@@ -121,7 +193,10 @@ def do_train(cfg, args) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint stores the iteration that just finished: go on from the next one.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except NonFiniteLossError as e:
+        raise explain_nonfinite_stop(e, checkpointer, "train.checkpointer.period") from None
 
 
 def main(args):

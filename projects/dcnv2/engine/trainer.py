@@ -54,6 +54,24 @@ def _device_agnostic_parts(cfg):
         d2_defaults.AMPTrainer = _D2_AMP_TRAINER
 
 
+def explain_nonfinite_stop(
+    error: NonFiniteLossError, checkpointer, period_option: str
+) -> NonFiniteLossError:
+    """``error`` with what the run left behind: the last checkpoint to ``--resume`` from (and
+    whether it may hold diverged weights), or that none was written (``period_option``)."""
+    if checkpointer.has_checkpoint():
+        kept = (
+            f" The last checkpoint, {checkpointer.get_checkpoint_file()}, was written before "
+            "this iteration and is unchanged: continue from it with --resume once the cause is "
+            "fixed."
+        )
+        if "diverged" in error.args[1:]:
+            kept += " It may already hold diverged weights: if so, use an earlier one."
+    else:
+        kept = f" No checkpoint had been written yet ({period_option})."
+    return NonFiniteLossError(str(error) + kept)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP, mixed precision
     (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``, safe weight
@@ -89,17 +107,7 @@ class Trainer(DefaultTrainer):
         try:
             return super().train()
         except NonFiniteLossError as e:
-            if self.checkpointer.has_checkpoint():
-                kept = (
-                    f" The last checkpoint, {self.checkpointer.get_checkpoint_file()}, was "
-                    "written before this iteration and is unchanged: continue from it with "
-                    "--resume once the cause is fixed."
-                )
-                if "diverged" in e.args[1:]:
-                    kept += " It may already hold diverged weights: if so, use an earlier one."
-            else:
-                kept = " No checkpoint had been written yet (SOLVER.CHECKPOINT_PERIOD)."
-            raise NonFiniteLossError(str(e) + kept) from None
+            raise explain_nonfinite_stop(e, self.checkpointer, "SOLVER.CHECKPOINT_PERIOD") from None
 
     @classmethod
     def build_optimizer(cls, cfg, model):
