@@ -54,3 +54,17 @@ def test_mdconv_configs_have_13_modulated_deformable_convs_in_c3_to_c5(name):
 def test_baseline_config_has_no_deformable_conv():
     model = build_model(dcnv2.get_cfg("faster_rcnn_R50_FPN_1x.yaml", ON_CPU))
     assert not _deformable_convs_per_stage(model)
+
+
+def test_every_dcnv2_recipe_has_a_lazy_config_twin():
+    """Each top-level YAML recipe has configs/lazy/<name>.py (the plain baseline excepted: it is
+    detectron2's own common/models recipe)."""
+    names = dcnv2.list_config_files()
+    lazy = {n[len("lazy/") : -len(".py")] for n in names if n.startswith("lazy/")}
+    recipes = {
+        n[: -len(".yaml")]
+        for n in names
+        if n.endswith(".yaml") and "/" not in n and not n.startswith("Base-")
+    }
+    assert "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x" in recipes
+    assert recipes - lazy == {"faster_rcnn_R50_FPN_1x"}

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from detectron2.config import instantiate
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import BitMasks, Boxes, Instances
@@ -9,6 +10,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import dcnv2
+from dcnv2.lazy_config import load_config
 from dcnv2.modeling import DeformableROIPooler
 from dcnv2.modeling.mimic import (
     MimicGeneralizedRCNN,
@@ -283,3 +285,39 @@ def test_misconfigurations_are_clear_errors():
     heads = _model(CONFIGS[0], "MODEL.META_ARCHITECTURE", "GeneralizedRCNN")
     with pytest.raises(RuntimeError, match="MimicGeneralizedRCNN"):
         _train_losses(heads, _batch())
+
+
+# The LazyConfig twins with TINY's settings.
+LAZY_TINY = [
+    "model.backbone.bottom_up.stages.backend=torchvision",
+    "model.roi_heads.num_classes=3",
+    "model.roi_heads.batch_size_per_image=32",
+    "model.roi_heads.box_predictor.test_score_thresh=0.0",
+    "model.proposal_generator.pre_nms_topk=[100,100]",
+    "model.proposal_generator.post_nms_topk=[50,20]",
+    "model.roi_heads.mimic.crop_size=64",
+    "model.roi_heads.mimic.num_positives_per_image=3",
+    "model.roi_heads.box_pooler.fc_dim=64",
+    "model.roi_heads.box_pooler.share_across_levels=True",
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_lazy_twin_builds_the_yaml_model_and_its_losses(config):
+    yaml_model = _model(config)
+    lazy_cfg = load_config("lazy/" + config.replace(".yaml", ".py"), LAZY_TINY)
+    lazy_model = instantiate(lazy_cfg.model)
+    assert isinstance(lazy_model, MimicGeneralizedRCNN)
+    shapes = [{n: p.shape for n, p in m.named_parameters()} for m in (yaml_model, lazy_model)]
+    assert shapes[0] == shapes[1]
+    lazy_model.load_state_dict(yaml_model.state_dict(), strict=True)
+    batch = _batch(mask_on="mask_rcnn" in config)
+    losses = []
+    for model in (yaml_model, lazy_model):
+        torch.manual_seed(5)  # the same proposal and RoI samples
+        losses.append(_train_losses(model, batch))
+    assert {"loss_mimic", "loss_rcnn_cls"} <= set(losses[0]) and losses[0].keys() == losses[
+        1
+    ].keys()
+    for name, value in losses[0].items():
+        torch.testing.assert_close(losses[1][name], value, msg=name)
