@@ -7,6 +7,8 @@ re-run this file as ``__mp_main__``) inject the same faults:
 * ``DCNV2_TEST_FLOAT64=1``: train the model in float64 (NMS too).
 * ``DCNV2_TEST_NAN_AT=ITER[,ITER...][@RANK]``: make ``loss_box_reg`` NaN at these iterations (on
   process RANK only, when given).
+* ``DCNV2_TEST_NAN_GRAD_AT=ITER[,ITER...]``: make the gradient of the box regressor's weight NaN
+  at these iterations, the loss staying finite.
 * ``DCNV2_TEST_KILL_IN_SAVE=NAME``: SIGKILL the process halfway through writing checkpoint NAME
   (e.g. ``model_0000003.pth``): half its bytes are on disk, fsync-ed, when the process dies.
 
@@ -49,14 +51,31 @@ def with_nan_loss(model, iterations, rank=None):
     return model
 
 
+NAN_GRAD_PARAMETER = "roi_heads.box_predictor.bbox_pred.weight"
+
+
+def with_nan_gradient(model, iterations):
+    """Make the gradient of ``NAN_GRAD_PARAMETER`` NaN at ``iterations`` (the loss is finite)."""
+    parameter = dict(model.named_parameters())[NAN_GRAD_PARAMETER]
+
+    def hook(grad):
+        return grad * float("nan") if get_event_storage().iter in iterations else grad
+
+    parameter.register_hook(hook)
+    return model
+
+
 def faulty_model(model, env):
-    """``model`` with the faults ``env`` asks for (DCNV2_TEST_FLOAT64, DCNV2_TEST_NAN_AT)."""
+    """``model`` with the faults ``env`` asks for (DCNV2_TEST_FLOAT64, DCNV2_TEST_NAN_AT,
+    DCNV2_TEST_NAN_GRAD_AT)."""
     if env.get("DCNV2_TEST_FLOAT64") == "1":
         model = model.double()
     if env.get("DCNV2_TEST_NAN_AT"):
         iterations, _, rank = env["DCNV2_TEST_NAN_AT"].partition("@")
         iterations = {int(i) for i in iterations.split(",")}
         model = with_nan_loss(model, iterations, int(rank) if rank else None)
+    if env.get("DCNV2_TEST_NAN_GRAD_AT"):
+        model = with_nan_gradient(model, {int(i) for i in env["DCNV2_TEST_NAN_GRAD_AT"].split(",")})
     return model
 
 

@@ -1,7 +1,7 @@
-"""Non-finite losses: the run stops before the optimizer step with a message naming the
-iteration and the loss terms, the last good checkpoint stays as it was (and resumes), all
-processes stop together (test_distributed.py); or a bounded number of bad iterations is skipped
-without update."""
+"""Non-finite losses (or non-finite gradients of a finite loss): the run stops before the
+optimizer step with a message naming the iteration and the loss terms (or parameters), the last
+good checkpoint stays as it was (and resumes), all processes stop together
+(test_distributed.py); or a bounded number of bad iterations is skipped without update."""
 
 import os
 
@@ -71,3 +71,34 @@ def test_real_divergence_stops_with_a_clear_message(rel, train_net, tiny_dataset
     assert "the weights diverged in an earlier update" in message
     assert "It may already hold diverged weights" in message
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+
+
+def test_nonfinite_gradient_of_a_finite_loss_stops_before_the_update(
+    rel, train_net, tiny_dataset, reference_run, tmp_path
+):
+    env = dict(rel.FLOAT64, DCNV2_TEST_NAN_GRAD_AT="2")
+    with pytest.raises(SystemExit) as excinfo:
+        rel.run_in_process(train_net, rel.tiny_args(tmp_path), env)
+    message = _error(excinfo)
+    assert (
+        "Gradients became non-finite at iteration 2 while the loss was finite, in 1 "
+        f"parameter(s): {rel.faulty.NAN_GRAD_PARAMETER}." in message
+    )
+    assert "weights were not updated" in message
+    assert f"The last checkpoint, {tmp_path / 'model_0000001.pth'}, was written before" in message
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    good = rel.final_weights(tmp_path, "model_0000001.pth")
+    rel.assert_same_weights(good, rel.final_weights(reference_run, "model_0000001.pth"))
+
+
+def test_nonfinite_gradients_can_be_skipped(rel, train_net, tiny_dataset, tmp_path):
+    opts = ["SOLVER.DCNV2.MAX_NONFINITE_SKIPS", "1", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    rel.run_in_process(train_net, rel.tiny_args(tmp_path, *opts), {"DCNV2_TEST_NAN_GRAD_AT": "1"})
+    log = (tmp_path / "log.txt").read_text()
+    assert f"Non-finite gradients at iteration 1: {rel.faulty.NAN_GRAD_PARAMETER}." in log
+    # Iteration 1 changed nothing; the run went on to the end with finite weights.
+    w0, w1 = (rel.final_weights(tmp_path, f"model_000000{i}.pth") for i in (0, 1))
+    rel.assert_same_weights(w1, w0)
+    final = rel.final_weights(tmp_path)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert rel.weights_moved(final, w1) > 0

@@ -1,9 +1,10 @@
 """Training-loop pieces for runs that survive interruption and bad iterations.
 
 * :func:`guard_nonfinite_losses`: a training loop (``SimpleTrainer``, ``AMPTrainer``,
-  ``AutocastTrainer``) whose non-finite losses stop the run with a message naming the iteration
-  and the loss terms, before the optimizer step (the weights and the last checkpoint stay good),
-  or skip up to a bounded number of such iterations. All processes decide together.
+  ``AutocastTrainer``) whose non-finite losses, or non-finite gradients of a finite loss, stop
+  the run with a message naming the iteration and the loss terms (or parameters), before the
+  optimizer step (the weights and the last checkpoint stay good), or skip up to a bounded number
+  of such iterations. All processes decide together.
 * :class:`ResumableDataHook`: seeds the random generators from ``(seed, iteration, rank)`` before
   every step and starts a :class:`~dcnv2.data.resumable.ResumableTrainLoader` at the iteration
   training starts from, so a resumed run continues the data order, augmentations and sampling
@@ -71,24 +72,66 @@ class _NonFiniteLossGuard:
         values = list(loss_dict.values())
         device = values[0].device if values else torch.device("cpu")
         local_bad = _nonfinite_terms(loss_dict)
-        if _any_process(bool(local_bad), device):
-            self._on_nonfinite(it, local_bad)
+        # A finite loss can still have non-finite gradients (a backward that overflows); the
+        # optimizer step would then write them into the weights. Not with a GradScaler
+        # (detectron2's AMPTrainer): its scaled gradients may be inf, and it skips those steps.
+        local_grads = {} if local_bad else self._nonfinite_gradients()
+        if _any_process(bool(local_bad or local_grads), device):
+            self._on_nonfinite(it, local_bad, local_grads)
         super()._write_metrics(loss_dict, data_time, prefix, iter)
 
-    def _on_nonfinite(self, it: int, local_bad: Dict[str, float]) -> None:
-        per_rank = comm.all_gather(local_bad)
+    def _nonfinite_gradients(self) -> Dict[str, float]:
+        """Names of the parameters whose gradient has a NaN or Inf, with the gradient's norm."""
+        if getattr(self, "grad_scaler", None) is not None:
+            return {}
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        if not named:
+            return {}
+        norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in named])])
+        finite = torch.isfinite(norms)
+        if bool(finite.all()):
+            return {}
+        return {
+            named[i][0].removeprefix("module."): float(norms[i])
+            for i in torch.nonzero(~finite).flatten().tolist()
+        }
+
+    def _on_nonfinite(
+        self, it: int, local_bad: Dict[str, float], local_grads: Dict[str, float]
+    ) -> None:
+        per_rank = comm.all_gather((local_bad, local_grads))
         multi = len(per_rank) > 1
-        terms = ", ".join(
-            f"{k}={v}" + (f" (process {rank})" if multi else "")
-            for rank, bad in enumerate(per_rank)
-            for k, v in bad.items()
-        )
+        if any(bad for bad, _ in per_rank):
+            terms = ", ".join(
+                f"{k}={v}" + (f" (process {rank})" if multi else "")
+                for rank, (bad, _) in enumerate(per_rank)
+                for k, v in bad.items()
+            )
+            what, headline = "loss", f"Loss became non-finite at iteration {it}: {terms}."
+            causes = f"{self._usual_causes()}, bad boxes."
+        else:
+            # After DDP's all-reduce every process holds the same gradients: list them once.
+            names = list(dict.fromkeys(n for _, grads in per_rank for n in grads))
+            listed = ", ".join(names[:5]) + (
+                f" and {len(names) - 5} more" if len(names) > 5 else ""
+            )
+            what = "gradients"
+            headline = (
+                f"Gradients became non-finite at iteration {it} while the loss was finite, in "
+                f"{len(names)} parameter(s): {listed}."
+            )
+            causes = (
+                "Usual causes: a layer whose backward overflows or divides by zero (in float16 "
+                f"or bfloat16 training, on degenerate boxes), a learning rate too high for the "
+                f"batch size ({self.lr_options})."
+            )
         skipped: List[int] = self.nonfinite_skipped
         if len(skipped) < self.max_nonfinite_skips:
             skipped.append(it)
             logger.warning(
-                f"Non-finite loss at iteration {it}: {terms}. Skipped this iteration's update "
-                f"({len(skipped)} of at most {self.max_nonfinite_skips}, {self.skip_option})."
+                f"Non-finite {what} at iteration {it}: {headline.split(': ', 1)[1]} Skipped this "
+                f"iteration's update ({len(skipped)} of at most {self.max_nonfinite_skips}, "
+                f"{self.skip_option})."
             )
             raise _SkipStep()
         earlier = (
@@ -98,9 +141,8 @@ class _NonFiniteLossGuard:
             else f" To skip up to N such iterations instead, set {self.skip_option} N."
         )
         raise NonFiniteLossError(
-            f"Loss became non-finite at iteration {it}: {terms}. Training stopped before the "
-            f"optimizer step, so the weights were not updated with it.{earlier} "
-            f"{self._usual_causes()}, bad boxes."
+            f"{headline} Training stopped before the optimizer step, so the weights were not "
+            f"updated with it.{earlier} {causes}"
         )
 
     @property
