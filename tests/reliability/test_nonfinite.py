@@ -102,3 +102,28 @@ def test_nonfinite_gradients_can_be_skipped(rel, train_net, tiny_dataset, tmp_pa
     final = rel.final_weights(tmp_path)
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     assert rel.weights_moved(final, w1) > 0
+
+
+def test_gradient_scan_names_parameters_and_leaves_grad_scalers_alone():
+    from detectron2.engine import SimpleTrainer
+
+    from dcnv2.engine.hooks import guard_nonfinite_losses
+
+    class Wrapped(torch.nn.Module):  # DDP-like: parameters named "module.<name>"
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+
+    model = Wrapped()
+    loop = guard_nonfinite_losses(SimpleTrainer)(
+        model, [], torch.optim.SGD(model.parameters(), 0.1)
+    )
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert loop._nonfinite_gradients() == {}
+    model.module[1].weight.grad[0, 1] = float("inf")
+    model.module[0].bias.grad[0] = float("nan")
+    bad = loop._nonfinite_gradients()
+    assert list(bad) == ["0.bias", "1.weight"] and bad["1.weight"] == float("inf")
+    loop.grad_scaler = object()  # detectron2's AMPTrainer: inf gradients are the scaler's job
+    assert loop._nonfinite_gradients() == {}
