@@ -144,6 +144,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
+def _image_groups(images: slice, groups: int, group_out: int):
+    """Yield (i, b, grp, rows): image ``b`` (``i``-th of the chunk ``images``), convolution group
+    ``grp`` and its output channels ``rows``: one matmul each."""
+    for i, b in enumerate(range(images.start, images.stop)):
+        for grp in range(groups):
+            yield i, b, grp, slice(grp * group_out, (grp + 1) * group_out)
+
+
 class _DeformConv2d(torch.autograd.Function):
     """im2col into channels-last columns (n, Pc, G, K, C/G) and one matmul per image and group
     against the weight as (G, C_out/G, K*C/G); the matmuls take the columns transposed, so the
@@ -168,10 +176,8 @@ class _DeformConv2d(torch.autograd.Function):
             m = None if mask is None else mask[sl]
             cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
             cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
-            for i, b in enumerate(range(sl.start, sl.stop)):
-                for grp in range(groups):
-                    rows = slice(grp * cog, (grp + 1) * cog)
-                    _mm(w[grp], cols[i, :, grp].t(), out[b, rows, p0:p1])
+            for i, b, grp, rows in _image_groups(sl, groups, cog):
+                _mm(w[grp], cols[i, :, grp].t(), out[b, rows, p0:p1])
             del cols
         out = out.view(n, c_out, ho, wo)
         if bias is not None:
@@ -203,10 +209,8 @@ class _DeformConv2d(torch.autograd.Function):
             pc = p1 - p0
             if need_x or need_coord:
                 grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-                for i, b in enumerate(range(sl.start, sl.stop)):
-                    for grp in range(groups):
-                        rows = slice(grp * cog, (grp + 1) * cog)
-                        _mm(go_all[b, rows, p0:p1].t(), w[grp], grad_cols[i, :, grp])
+                for i, b, grp, rows in _image_groups(sl, groups, cog):
+                    _mm(go_all[b, rows, p0:p1].t(), w[grp], grad_cols[i, :, grp])
                 # One pass gives the input gradient (into grad_xp), the offset and mask
                 # gradients, and the columns for the weight gradient.
                 g_offset, g_mask, cols = kernels.backward(
@@ -230,10 +234,8 @@ class _DeformConv2d(torch.autograd.Function):
                 grad_mask[sl, :, p0:p1] = g_mask
             if need_weight:
                 cols = cols.view(cols.shape[0], pc, groups, -1)
-                for i, b in enumerate(range(sl.start, sl.stop)):
-                    for grp in range(groups):
-                        rows = slice(grp * cog, (grp + 1) * cog)
-                        grad_w[grp].addmm_(go_all[b, rows, p0:p1], cols[i, :, grp])
+                for i, b, grp, rows in _image_groups(sl, groups, cog):
+                    grad_w[grp].addmm_(go_all[b, rows, p0:p1], cols[i, :, grp])
                 del cols  # at most two column-sized tensors alive at once
         grad_x = None
         if need_x:
