@@ -102,23 +102,24 @@ class _NonFiniteLossGuard:
         per_rank = comm.all_gather((local_bad, local_grads))
         multi = len(per_rank) > 1
         if any(bad for bad, _ in per_rank):
-            terms = ", ".join(
+            what = "loss"
+            detail = ", ".join(
                 f"{k}={v}" + (f" (process {rank})" if multi else "")
                 for rank, (bad, _) in enumerate(per_rank)
                 for k, v in bad.items()
             )
-            what, headline = "loss", f"Loss became non-finite at iteration {it}: {terms}."
+            headline = f"Loss became non-finite at iteration {it}: {detail}."
             causes = f"{self._usual_causes()}, bad boxes."
         else:
             # After DDP's all-reduce every process holds the same gradients: list them once.
             names = list(dict.fromkeys(n for _, grads in per_rank for n in grads))
-            listed = ", ".join(names[:5]) + (
+            what = "gradients"
+            detail = ", ".join(names[:5]) + (
                 f" and {len(names) - 5} more" if len(names) > 5 else ""
             )
-            what = "gradients"
             headline = (
                 f"Gradients became non-finite at iteration {it} while the loss was finite, in "
-                f"{len(names)} parameter(s): {listed}."
+                f"{len(names)} parameter(s): {detail}."
             )
             causes = (
                 "Usual causes: a layer whose backward overflows or divides by zero (in float16 "
@@ -129,9 +130,8 @@ class _NonFiniteLossGuard:
         if len(skipped) < self.max_nonfinite_skips:
             skipped.append(it)
             logger.warning(
-                f"Non-finite {what} at iteration {it}: {headline.split(': ', 1)[1]} Skipped this "
-                f"iteration's update ({len(skipped)} of at most {self.max_nonfinite_skips}, "
-                f"{self.skip_option})."
+                f"Non-finite {what} at iteration {it}: {detail}. Skipped this iteration's update "
+                f"({len(skipped)} of at most {self.max_nonfinite_skips}, {self.skip_option})."
             )
             raise _SkipStep()
         earlier = (
