@@ -15,22 +15,30 @@ def _error(excinfo) -> str:
     return message
 
 
+def _stop_at_iteration_2(rel, train_net, reference_run, tmp_path, fault) -> str:
+    """Run the tiny float64 config with ``fault`` at iteration 2; check it stopped before the
+    update with the good checkpoint of iteration 1 (the uninterrupted run's) left as it was.
+    Returns the error message."""
+    with pytest.raises(SystemExit) as excinfo:
+        rel.run_in_process(train_net, rel.tiny_args(tmp_path), dict(rel.FLOAT64, **fault))
+    message = _error(excinfo)
+    assert "weights were not updated" in message
+    assert f"The last checkpoint, {tmp_path / 'model_0000001.pth'}, was written before" in message
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    good = rel.final_weights(tmp_path, "model_0000001.pth")
+    rel.assert_same_weights(good, rel.final_weights(reference_run, "model_0000001.pth"))
+    return message
+
+
 def test_nan_stops_before_the_update_keeps_the_checkpoint_and_resumes(
     rel, train_net, tiny_dataset, reference_run, tmp_path
 ):
-    env = dict(rel.FLOAT64, DCNV2_TEST_NAN_AT="2")
-    with pytest.raises(SystemExit) as excinfo:
-        rel.run_in_process(train_net, rel.tiny_args(tmp_path), env)
-    message = _error(excinfo)
+    fault = {"DCNV2_TEST_NAN_AT": "2"}
+    message = _stop_at_iteration_2(rel, train_net, reference_run, tmp_path, fault)
     assert "Loss became non-finite at iteration 2: loss_box_reg=nan." in message
-    assert "weights were not updated" in message
-    assert f"The last checkpoint, {tmp_path / 'model_0000001.pth'}, was written before" in message
     assert "SOLVER.DCNV2.MAX_NONFINITE_SKIPS" in message
-    # Nothing written after the good checkpoint, which is the uninterrupted run's.
-    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    # Nothing written after the good checkpoint.
     assert not [f for f in os.listdir(tmp_path) if f.startswith("model_") and "0001" not in f]
-    good = rel.final_weights(tmp_path, "model_0000001.pth")
-    rel.assert_same_weights(good, rel.final_weights(reference_run, "model_0000001.pth"))
     assert "Traceback" not in (tmp_path / "log.txt").read_text()
 
     # Once the cause is gone, --resume continues from it to the uninterrupted run's weights.
@@ -76,19 +84,12 @@ def test_real_divergence_stops_with_a_clear_message(rel, train_net, tiny_dataset
 def test_nonfinite_gradient_of_a_finite_loss_stops_before_the_update(
     rel, train_net, tiny_dataset, reference_run, tmp_path
 ):
-    env = dict(rel.FLOAT64, DCNV2_TEST_NAN_GRAD_AT="2")
-    with pytest.raises(SystemExit) as excinfo:
-        rel.run_in_process(train_net, rel.tiny_args(tmp_path), env)
-    message = _error(excinfo)
+    fault = {"DCNV2_TEST_NAN_GRAD_AT": "2"}
+    message = _stop_at_iteration_2(rel, train_net, reference_run, tmp_path, fault)
     assert (
         "Gradients became non-finite at iteration 2 while the loss was finite, in 1 "
         f"parameter(s): {rel.faulty.NAN_GRAD_PARAMETER}." in message
     )
-    assert "weights were not updated" in message
-    assert f"The last checkpoint, {tmp_path / 'model_0000001.pth'}, was written before" in message
-    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
-    good = rel.final_weights(tmp_path, "model_0000001.pth")
-    rel.assert_same_weights(good, rel.final_weights(reference_run, "model_0000001.pth"))
 
 
 def test_nonfinite_gradients_can_be_skipped(rel, train_net, tiny_dataset, tmp_path):
