@@ -6,7 +6,7 @@ Random-init weights and fixed random images; the last layers of the RPN head and
 predictor are zeroed so every model does the same work in its heads. Times are medians of
 --repeats runs after --warmup; peak RSS is the process's peak resident memory during the runs
 (reset after the model is built), weights and libraries included.
-Details: dcnv2/utils/benchmark_model.py.
+Details: dcnv2/benchmark/model.py.
 
 Examples:
     python tools/benchmark.py                      # R50-FPN baseline vs the seed mdconv config
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.utils.benchmark_model import benchmark, format_table
+    from dcnv2.benchmark.model import benchmark, format_table
 
     results = benchmark(
         args.configs,

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dcnv2.checkpoint import UnsafeCheckpointError
     from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
-    from dcnv2.checkpoint.convert_torchvision import ConversionError
+    from dcnv2.checkpoint.weights_io import ConversionError
 
     modulated = None if args.deform_modulated is None else args.deform_modulated == "true"
     try:

@@ -38,10 +38,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dcnv2.checkpoint import UnsafeCheckpointError
     from dcnv2.checkpoint.convert_torchvision import (
-        ConversionError,
         conversion_report,
         convert_torchvision_checkpoint,
     )
+    from dcnv2.checkpoint.weights_io import ConversionError
 
     try:
         spec, dropped = convert_torchvision_checkpoint(

@@ -6,6 +6,7 @@ compute (backbone + FPN, RPN head, box head, mask head, anchors, box decoding, R
 
 import importlib.util
 import os
+import stat
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from dcnv2.checkpoint.convert_mmdet import (
     convert_mmdet_checkpoint,
     convert_mmdet_state_dict,
 )
-from dcnv2.checkpoint.convert_torchvision import ConversionError
+from dcnv2.checkpoint.weights_io import ConversionError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -227,7 +228,12 @@ def test_faster_rcnn_file_converts_and_loads_through_the_checkpointer(tmp_path):
     mmdet = ref.randomize_(ref.mdconv_c3_c5(), seed=7)
     src, out = str(tmp_path / "mmdet.pth"), str(tmp_path / "d2.pth")
     sd = _save_mmdet_checkpoint(src, mmdet, V3_META, legacy_offsets=True)
-    spec = convert_mmdet_checkpoint(src, out)
+    umask = os.umask(0o022)
+    try:
+        spec = convert_mmdet_checkpoint(src, out)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644  # as any file the user creates
     assert spec.preprocessing_source == "meta config" and not spec.mask_on
     saved = torch.load(out, weights_only=True)  # safe to read back
     assert saved["classes"][:2] == ["class0", "class1"]

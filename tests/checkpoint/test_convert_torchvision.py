@@ -14,10 +14,10 @@ from detectron2.modeling import build_model
 import dcnv2
 from dcnv2.checkpoint import DCNv2Checkpointer
 from dcnv2.checkpoint.convert_torchvision import (
-    ConversionError,
     convert_torchvision_checkpoint,
     convert_torchvision_state_dict,
 )
+from dcnv2.checkpoint.weights_io import ConversionError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]

@@ -374,17 +374,3 @@ def test_native_matches_detectron2_backend_on_cuda():
         results.append([t.cpu() for t in (out, *grads)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_benchmark_runs_on_a_tiny_shape(tmp_path):
-    from dcnv2.layers import benchmark
-
-    out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rows = benchmark.main(
-        ["--shapes", "tiny", "--repeats", "1", "--threads", "1", "--out", str(out)]
-        + ["--plot", str(png)]
-    )
-    methods = {r["method"] for r in rows}
-    assert {"conv2d", "native", "torchvision"} <= methods and out.exists() and png.exists()
-    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
-    assert "| tiny" in benchmark.format_table(rows)

@@ -102,6 +102,42 @@ def test_parameter_names_match_detectron2_deform_bottleneck(monkeypatch):
             torch.testing.assert_close(our_out[k], ref_out[k])
 
 
+@pytest.mark.parametrize("modulated", [True, False])
+def test_block_is_detectron2s_deform_bottleneck_with_the_same_keys_and_init(monkeypatch, modulated):
+    """Same arguments, same seed: the same state dict (names, order, values) as detectron2's
+    DeformBottleneckBlock, and the same outputs from the same weights."""
+    # detectron2's block without its compiled op cannot construct its deformable conv; ours
+    # stands in for it (same constructor, same parameters), in the reference only.
+    monkeypatch.setattr(d2_resnet, "ModulatedDeformConv", ModulatedDeformConv)
+    monkeypatch.setattr(d2_resnet, "DeformConv", DeformConv)
+    kwargs = dict(
+        bottleneck_channels=8,
+        stride=2,
+        num_groups=2,
+        norm="BN",
+        stride_in_1x1=True,
+        dilation=1,
+        deform_modulated=modulated,
+        deform_num_groups=2,
+    )
+    torch.manual_seed(0)
+    ref = d2_resnet.DeformBottleneckBlock(16, 32, **kwargs).eval()
+    torch.manual_seed(0)
+    ours = DCNv2BottleneckBlock(16, 32, backend="native", **kwargs).eval()
+    assert isinstance(ours, d2_resnet.DeformBottleneckBlock)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(ref_sd)
+    for key in ref_sd:
+        torch.testing.assert_close(our_sd[key], ref_sd[key], rtol=0, atol=0, msg=key)
+    assert ours.conv2.backend == "native" and type(ours.conv2) is type(ref.conv2)
+    with torch.no_grad():
+        torch.nn.init.normal_(ours.conv2_offset.weight, std=0.1)
+        torch.nn.init.normal_(ours.conv2_offset.bias, std=0.5)
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(2, 16, 9, 11)
+        torch.testing.assert_close(ours(x), ref(x))
+
+
 def test_offset_conv_zero_initialised_so_block_starts_as_plain_bottleneck():
     torch.manual_seed(0)
     block = DCNv2BottleneckBlock(64, 256, bottleneck_channels=64, norm="BN").eval()

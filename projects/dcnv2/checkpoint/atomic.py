@@ -3,7 +3,8 @@ never a truncated one.
 
 A file is written into a temporary file in the same folder, flushed and ``fsync``-ed, then renamed
 over its target (``os.replace``, atomic on POSIX and Windows) and the folder is ``fsync``-ed so the
-rename itself survives a power loss. :class:`AtomicCheckpointMixin` gives a detectron2/fvcore
+rename itself survives a power loss. The file gets the permissions of any file the user creates
+(``0o666`` less the umask). :class:`AtomicCheckpointMixin` gives a detectron2/fvcore
 ``Checkpointer`` this for checkpoints and the ``last_checkpoint`` pointer, written in that order:
 the pointer only ever names a complete file.
 """
@@ -12,13 +13,15 @@ import contextlib
 import glob
 import logging
 import os
-import tempfile
-from typing import IO, Any, Iterator
+import pickle
+import secrets
+from typing import IO, Any, Iterator, Tuple
 
 import torch
 
 __all__ = [
     "AtomicCheckpointMixin",
+    "atomic_pickle",
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
@@ -44,13 +47,32 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _create_temporary(folder: str, name: str) -> Tuple[int, str]:
+    """Create ``.<name>.<random>.tmp`` in ``folder`` for writing; return (descriptor, path).
+
+    Created with mode ``0o666``, which the kernel reduces by the umask exactly as for any file
+    the user creates (0644 under umask 022). ``tempfile.mkstemp`` would give 0600, and reading
+    the umask to ``chmod`` afterwards takes ``os.umask`` twice, a process-wide change another
+    thread can observe.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name for {name!r} in {folder!r}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the ``with`` block ends without error.
 
     On an exception the temporary file is removed and ``path`` is left as it was. A process
     killed inside the block leaves ``path`` untouched and at most a ``.<name>.*.tmp`` file next
-    to it (see :func:`remove_stale_temporaries`).
+    to it (see :func:`remove_stale_temporaries`). The new file has the permissions a plain
+    ``open(path, "w")`` of a new file would give (``0o666`` less the umask).
 
     Args:
         path: the file to write; its folder must exist.
@@ -59,16 +81,12 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write opens files for writing, mode 'w' or 'wb'; got {mode!r}")
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=folder)
+    fd, tmp = _create_temporary(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -81,6 +99,13 @@ def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)``, atomically."""
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
+
+
+def atomic_pickle(obj: Any, path: str) -> None:
+    """``pickle.dump(obj, file, protocol=2)`` to ``path``, atomically (detectron2's ``.pkl``
+    weights format)."""
+    with atomic_write(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -34,31 +34,31 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .convert_torchvision import (
+from .loading import load_torch_file
+from .weights_io import (
     IMAGENET_RGB_MEAN,
     IMAGENET_RGB_STD,
     ConversionError,
     ResNetSpec,
-    _float_list,
     check_output_path,
     check_shapes,
     expected_resnet_shapes,
+    float_list,
+    format_overrides,
     infer_resnet_spec,
     resnet_key_to_d2,
-    write_atomically,
+    save_weights,
 )
-from .loading import load_torch_file
 
 __all__ = [
     "MMDetModelSpec",
+    "conversion_report",
     "convert_mmdet_checkpoint",
     "convert_mmdet_state_dict",
     "expected_mmdet_shapes",
     "infer_mmdet_spec",
     "mmdet_key_to_d2",
 ]
-
-_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ class MMDetModelSpec:
             ("MODEL.RESNETS.DEFORM_MODULATED", str(self.deform_modulated)),
             ("MODEL.RESNETS.DEFORM_NUM_GROUPS", str(self.deform_num_groups)),
             ("INPUT.FORMAT", self.input_format),
-            ("MODEL.PIXEL_MEAN", _float_list(self.pixel_mean)),
-            ("MODEL.PIXEL_STD", _float_list(self.pixel_std)),
+            ("MODEL.PIXEL_MEAN", float_list(self.pixel_mean)),
+            ("MODEL.PIXEL_STD", float_list(self.pixel_std)),
             ("MODEL.ROI_HEADS.NUM_CLASSES", str(self.num_classes)),
             ("MODEL.MASK_ON", str(self.mask_on)),
         ]
@@ -488,15 +488,13 @@ def convert_mmdet_checkpoint(
         "config_overrides": [x for pair in spec.overrides() for x in pair],
         "classes": [str(c) for c in classes],
     }
-    write_atomically(output_path, lambda f: torch.save(data, f))
+    save_weights(data, output_path)
     return spec
 
 
 def conversion_report(spec: MMDetModelSpec, output_path: str) -> str:
     """What :func:`convert_mmdet_checkpoint` wrote and the overrides to use it with, as printed
     by ``tools/convert_mmdet_to_d2.py``."""
-    from .convert_torchvision import format_overrides
-
     stages = [f"res{i + 2}" for i, on in enumerate(spec.deform_on_per_stage) if on]
     dcn = (
         f"{'DCNv2 (mdconv)' if spec.deform_modulated else 'DCN (dconv)'} in {', '.join(stages)}, "

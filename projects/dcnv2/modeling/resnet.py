@@ -1,18 +1,21 @@
 """ResNet / ResNeXt backbones with (modulated) deformable 3x3 convolutions in chosen stages.
 
-The block keeps the parameter names of detectron2's ``DeformBottleneckBlock`` (``conv1``,
-``conv2``, ``conv2_offset``, ``conv3``, ``shortcut``), so detectron2 checkpoints with deformable
-layers load as they are, and everything else is detectron2's own ``ResNet``, ``BasicStem``,
-``BottleneckBlock`` and ``ResNet.make_stage``.
+The block is a subclass of detectron2's ``DeformBottleneckBlock`` (its forward, its parameter
+names ``conv1``, ``conv2``, ``conv2_offset``, ``conv3``, ``shortcut``, so detectron2 checkpoints
+with deformable layers load as they are) with this plugin's deformable conv; everything else is
+detectron2's own ``ResNet``, ``BasicStem``, ``BottleneckBlock`` and ``ResNet.make_stage``.
 """
 
 from typing import List, Sequence
 
-import torch
-import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
+from detectron2.modeling.backbone.resnet import (
+    BasicStem,
+    BottleneckBlock,
+    DeformBottleneckBlock,
+    ResNet,
+)
 from fvcore.nn import weight_init
 from torch import nn
 
@@ -23,12 +26,26 @@ __all__ = ["DCNv2BottleneckBlock", "make_dcnv2_stages", "build_dcnv2_resnet_back
 _BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
-class DCNv2BottleneckBlock(CNNBlockBase):
-    """Bottleneck block whose 3x3 conv is deformable: modulated (DCNv2) or not (DCNv1).
+class DCNv2BottleneckBlock(DeformBottleneckBlock):
+    """detectron2's ``DeformBottleneckBlock`` with this plugin's deformable conv, so the 3x3 conv
+    runs on the chosen backend: modulated (DCNv2) or not (DCNv1).
 
-    A plain 3x3 conv (``conv2_offset``) predicts, per deformable group, 2*9 offsets and (DCNv2)
-    9 modulation logits; it is zero-initialised, so the block starts as a plain bottleneck with
-    every tap weighted by sigmoid(0) = 0.5 (DCNv2) or 1 (DCNv1).
+    The ``forward`` is detectron2's. The constructor is detectron2's written out, in the same
+    order (so one seed gives the same initial weights) with the same names and shapes (so
+    detectron2 checkpoints load as they are), with :class:`~dcnv2.layers.ModulatedDeformConv` /
+    :class:`~dcnv2.layers.DeformConv` and their ``backend`` as ``conv2``. It cannot call
+    detectron2's: that one instantiates ``detectron2.layers``' deformable convs, which a
+    detectron2 built without its compiled ops refuses to construct.
+
+    ``conv2_offset`` predicts, per deformable group, 2*9 offsets and (DCNv2) 9 modulation logits;
+    it is zero-initialised, so the block starts as a plain bottleneck with every tap weighted by
+    sigmoid(0) = 0.5 (DCNv2) or 1 (DCNv1).
+
+    Args:
+        in_channels, out_channels, bottleneck_channels, stride, num_groups, norm,
+            stride_in_1x1, dilation, deform_num_groups: as detectron2's block.
+        deform_modulated: True for DCNv2 (the default here), False for DCNv1.
+        backend: deformable-conv backend, see :mod:`dcnv2.layers.backends`.
     """
 
     def __init__(
@@ -46,7 +63,7 @@ class DCNv2BottleneckBlock(CNNBlockBase):
         deform_num_groups: int = 1,
         backend: str = "auto",
     ):
-        super().__init__(in_channels, out_channels, stride)
+        CNNBlockBase.__init__(self, in_channels, out_channels, stride)  # not detectron2's, above
         self.deform_modulated = deform_modulated
         if in_channels != out_channels:
             self.shortcut = Conv2d(
@@ -86,10 +103,10 @@ class DCNv2BottleneckBlock(CNNBlockBase):
             kernel_size=3,
             stride=stride_3x3,
             padding=dilation,
-            dilation=dilation,
-            groups=num_groups,
-            deformable_groups=deform_num_groups,
             bias=False,
+            groups=num_groups,
+            dilation=dilation,
+            deformable_groups=deform_num_groups,
             norm=get_norm(norm, bottleneck_channels),
             backend=backend,
         )
@@ -103,25 +120,8 @@ class DCNv2BottleneckBlock(CNNBlockBase):
         for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
             if layer is not None:
                 weight_init.c2_msra_fill(layer)
-        nn.init.zeros_(self.conv2_offset.weight)
-        nn.init.zeros_(self.conv2_offset.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu_(self.conv1(x))
-        offset_mask = self.conv2_offset(out)
-        if self.deform_modulated:
-            # Same split as detectron2 and mmcv: first 2/3 of the channels are offsets.
-            num_offsets = offset_mask.shape[1] * 2 // 3
-            offset = offset_mask[:, :num_offsets]
-            mask = offset_mask[:, num_offsets:].sigmoid()
-            out = self.conv2(out, offset, mask)
-        else:
-            out = self.conv2(out, offset_mask)
-        out = F.relu_(out)
-        out = self.conv3(out)
-        shortcut = x if self.shortcut is None else self.shortcut(x)
-        out += shortcut
-        return F.relu_(out)
+        nn.init.constant_(self.conv2_offset.weight, 0)
+        nn.init.constant_(self.conv2_offset.bias, 0)
 
 
 def make_dcnv2_stages(

@@ -1,4 +1,4 @@
-"""dcnv2.utils.benchmark_model and tools/benchmark.py, on tiny images (no speed asserted)."""
+"""dcnv2.benchmark.model and tools/benchmark.py, on tiny images (no speed asserted)."""
 
 import importlib.util
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dcnv2.utils.benchmark_model import benchmark, format_table, run_worker
+from dcnv2.benchmark.model import benchmark, format_table, run_worker
 from dcnv2.utils.cli import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,206 @@
+"""What the op, model and mimicking benchmarks share: the synthetic detection batch, the timing
+of repeated runs, the peak resident memory of a run, one fresh process per case, and the
+table writer.
+
+Timing: ``warmup`` untimed calls, then ``repeats`` calls each timed with ``time.perf_counter``;
+the benchmarks report every time and their median. (``torch.utils.benchmark.Timer`` would run
+one thread unless told otherwise and report block averages, not each run.)
+
+Peak memory: the process's resident-set high-water mark (Linux ``VmHWM``) is reset to the
+current resident set (``/proc/self/clear_refs``) just before the measured runs and read after
+them, so it counts every page torch touched during the runs (the allocator's freed-but-kept
+pages included) on top of what was resident before, and nothing from imports or model building.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..utils.cli import UserInputError
+
+__all__ = [
+    "PeakRSS",
+    "detection_batch",
+    "run_in_fresh_process",
+    "sgd_step",
+    "text_table",
+    "time_runs",
+    "worker_main",
+]
+
+
+def detection_batch(
+    num_images: int,
+    height: int,
+    width: int,
+    *,
+    boxes_per_image: int = 0,
+    num_classes: int = 80,
+    seed: int = 0,
+) -> List[Dict[str, Any]]:
+    """A fixed random batch in detectron2's input format.
+
+    Args:
+        num_images, height, width: the batch's size; images are float32 (3, height, width)
+            with integer values in [0, 255].
+        boxes_per_image: random ground-truth boxes per image (at least 16 px a side, inside the
+            image) under ``"instances"``, for training; 0 for inference (no ``"instances"``).
+        num_classes: classes of the random ``gt_classes``.
+        seed: the same seed gives the same batch.
+
+    Returns:
+        list[dict]: ``{"image", "height", "width"[, "instances"]}`` per image.
+    """
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        image = torch.randint(0, 256, (3, height, width), generator=g).float()
+        item = {"image": image, "height": height, "width": width}
+        if boxes_per_image:
+            k = boxes_per_image
+            xy = torch.rand(k, 2, generator=g) * torch.tensor([width - 16.0, height - 16.0])
+            room = torch.tensor([width, height]) - 16 - xy  # the box stays inside the image
+            wh = 16 + torch.rand(k, 2, generator=g) * room * 0.9
+            instances = Instances((height, width), gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)))
+            instances.gt_classes = torch.randint(0, num_classes, (k,), generator=g)
+            item["instances"] = instances
+        batch.append(item)
+    return batch
+
+
+def time_runs(step: Callable[[], Any], warmup: int, repeats: int) -> List[float]:
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def sgd_step(model: torch.nn.Module, batch: List[Dict[str, Any]], lr: float, momentum: float = 0.0):
+    """A function running one training iteration of ``model`` on ``batch``: forward (the loss
+    dict), backward of the summed losses and an SGD step. Call it inside an ``EventStorage``
+    (detectron2's training-mode models log to it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    def step():
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def _status_kib(field: str) -> Optional[int]:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakRSS:
+    """Peak resident memory of the runs inside a ``with`` block (see the module docstring).
+
+    Attributes (MiB, None where ``/proc`` cannot tell): ``start_mib``, the resident set when the
+    block starts; ``peak_mib``, the high-water mark during the block (at least ``start_mib``);
+    ``run_only``, whether the mark was reset at the start (else it includes earlier peaks).
+    """
+
+    def __init__(self) -> None:
+        self.start_mib: Optional[float] = None
+        self.peak_mib: Optional[float] = None
+        self.run_only = False
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.run_only = True
+        except OSError:
+            self.run_only = False
+        # Read after the reset: the high-water mark then bounds it from above (the allocator may
+        # hand pages back between a read before the reset and the reset itself).
+        start = _status_kib("VmRSS")
+        self.start_mib = None if start is None else start / 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _status_kib("VmHWM")
+        if peak is None or self.start_mib is None:
+            return
+        # The kernel's RSS counters are batched per CPU, so a later high-water mark can read a
+        # few pages below an earlier RSS; the peak is at least the size the block started at.
+        self.peak_mib = max(peak / 1024, self.start_mib)
+
+    @property
+    def growth_mib(self) -> Optional[float]:
+        """``peak_mib - start_mib``: what the runs added on top of the inputs and weights."""
+        if self.peak_mib is None or self.start_mib is None:
+            return None
+        return self.peak_mib - self.start_mib
+
+
+def run_in_fresh_process(module: str, spec: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """``python -m <module> '<spec as JSON>'`` in a new process (so that no allocator state or
+    peak memory carries over from another case); its result is the JSON on the last line of
+    its stdout (see :func:`worker_main`).
+
+    Raises:
+        UserInputError: the worker failed; the message quotes its last error line.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise UserInputError(
+            f"benchmark of {what} failed: {lines[-1] if lines else proc.returncode}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_main(measure: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+    """Entry point of a worker process: one JSON spec in ``sys.argv[1]``, one JSON result
+    printed on the last line of stdout."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
+    """The benchmarks' tables, cells as given (``str()`` of each).
+
+    Args:
+        header: column titles.
+        rows: one sequence of cells per row.
+        markdown: a Markdown table (``| a | b |``, cells unpadded, as pasted into the README);
+            else columns aligned with spaces for a console, the first one left-aligned and the
+            others right-aligned.
+    """
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "|" + "---|" * len(header))
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        " ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    )
