@@ -137,7 +137,7 @@ class _NonFiniteLossGuard:
             causes = (
                 "Usual causes: a layer whose backward overflows or divides by zero (in float16 "
                 f"or bfloat16 training, on degenerate boxes), a learning rate too high for the "
-                f"batch size ({self.lr_options})."
+                f"batch size ({self.keys.lr})."
             )
         skipped: List[int] = self.nonfinite_skipped
         if len(skipped) < self.max_nonfinite_skips:

@@ -51,12 +51,12 @@ def check_devices(device: str, num_gpus: int, keys: RunKeys = YAML_KEYS) -> None
     """
     if num_gpus < 1:
         raise LaunchError(f"--num-gpus is {num_gpus}; expected at least 1 (processes per machine)")
-    device_option = keys.device
+    key = keys.device
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise LaunchError(
-            f"{device_option} is {device!r}; expected a torch device such as 'cuda' or 'cpu'"
+            f"{key} is {device!r}; expected a torch device such as 'cuda' or 'cpu'"
         ) from None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     note = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
@@ -64,8 +64,8 @@ def check_devices(device: str, num_gpus: int, keys: RunKeys = YAML_KEYS) -> None
         count = torch.cuda.device_count()
         if count == 0:
             raise LaunchError(
-                f"{device_option} is {device!r} but no CUDA GPU is visible{note}. To train on the "
-                f"CPU add {device_option} cpu (--num-gpus then counts CPU processes)."
+                f"{key} is {device!r} but no CUDA GPU is visible{note}. To train on the "
+                f"CPU add {key} cpu (--num-gpus then counts CPU processes)."
             )
         if num_gpus > count:
             raise LaunchError(
