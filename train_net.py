@@ -23,15 +23,12 @@ from torch.multiprocessing import ProcessExitedException
 
 import dcnv2
 from dcnv2.checkpoint import build_checkpointer
-from dcnv2.data import check_datasets
 from dcnv2.engine import Trainer, lazy
-from dcnv2.engine.preflight import (
-    USER_ERROR_EXIT,
-    USER_ERRORS,
-    check_before_launch,
-    report_user_errors,
-)
+from dcnv2.engine.preflight import check_before_launch, report_user_errors
+from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 from dcnv2.lazy_config import is_lazy_config
+
+PROG = "train_net.py"
 
 
 def setup(args):
@@ -42,15 +39,12 @@ def setup(args):
     return cfg
 
 
-def datasets_used(cfg, eval_only: bool):
-    return list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
-
-
 def main(args):
+    """One process of the run; the launching process has checked the input
+    (:func:`dcnv2.engine.preflight.check_before_launch`)."""
     if is_lazy_config(args.config_file):
         return lazy.main(args)
     cfg = setup(args)
-    check_datasets(datasets_used(cfg, args.eval_only))
     if args.eval_only:
         model = Trainer.build_model(cfg)
         build_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -66,12 +60,14 @@ def main(args):
 
 
 def invoke_main(argv=None) -> None:
+    """Parse the command line, check the input once, then launch the processes. A user error
+    (:data:`dcnv2.errors.USER_ERRORS`) ends as one ``train_net.py: error: ...`` line and exit
+    status 2, as the tools in tools/ do."""
     args = default_argument_parser().parse_args(argv)
     try:
-        # Fail once, in the launching process, before any worker or model is started.
         check_before_launch(args)
         launch(
-            functools.partial(report_user_errors, main),
+            functools.partial(report_user_errors, PROG, main),
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
@@ -79,11 +75,11 @@ def invoke_main(argv=None) -> None:
             args=(args,),
         )
     except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+        sys.exit(report_user_error(PROG, e))
     except ProcessExitedException as e:
         if e.exit_code != USER_ERROR_EXIT:
             raise
-        sys.exit(1)  # a worker printed its error and exited
+        sys.exit(USER_ERROR_EXIT)  # a worker printed its error and exited
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 import dcnv2
+from dcnv2.dialects import datasets_used
 from dcnv2.engine import Trainer
 from dcnv2.engine.amp import AutocastTrainer, amp_trainer
-from dcnv2.engine.lazy import datasets_used, do_test, do_train
+from dcnv2.engine.lazy import do_test, do_train
 from dcnv2.layers import DeformConv, ModulatedDeformConv
 from dcnv2.lazy_config import get_detectron2_config, load_config
 from dcnv2.solver import build_optimizer, offset_lr_factor_func
@@ -372,8 +373,9 @@ def test_lazy_amp_config_trains_and_evaluates_through_do_train(tiny_dataset, tmp
         device="cpu", max_iter=2, eval_period=0, init_checkpoint="", output_dir=str(tmp_path)
     )
     cfg.train.checkpointer.period = 100000
-    assert datasets_used(cfg, eval_only=False) == [tiny_dataset, tiny_dataset]
-    assert datasets_used(cfg, eval_only=True) == [tiny_dataset]
+    train, test = datasets_used(cfg)
+    assert list(test) + list(train) == [tiny_dataset, tiny_dataset]
+    assert list(test) == [tiny_dataset]
 
     class Args:
         resume = False

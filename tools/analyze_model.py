@@ -12,7 +12,6 @@ Examples:
     python tools/analyze_model.py --config-file faster_rcnn_R50_FPN_1x.yaml --tasks structure
 """
 
-import argparse
 import json
 import sys
 import warnings
@@ -20,19 +19,13 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
-DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
 TASKS = ("flop", "activation", "parameter", "structure")
 
 
 def parse_args(argv=None):
-    parser = tool_parser(__doc__)
-    parser.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        help=f"YAML path or name of a config shipped with dcnv2 (default: {DEFAULT_CONFIG})",
-    )
+    parser = add_config_arguments(tool_parser(__doc__))
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -46,9 +39,6 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="also write the totals (and flops per operator) here")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights and image (default 0)"
-    )
-    parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
     )
     return parser.parse_args(argv)
 
@@ -69,14 +59,14 @@ def main(argv=None) -> int:
     from detectron2.modeling import build_model
 
     from dcnv2.utils.analysis import analyze_model, model_inputs
-    from dcnv2.utils.demo import load_weights, setup_demo_cfg
+    from dcnv2.utils.cli import load_weights, setup_cfg
 
     # Random init unless the user gives weights; seeded, because the heads' counts follow the
     # number of proposals, which follows the weights.
-    cfg = setup_demo_cfg(args.config_file, ["MODEL.WEIGHTS", "", *args.opts])
+    cfg = setup_cfg(args.config_file, ["MODEL.WEIGHTS", "", *args.opts])
     torch.manual_seed(args.seed)
     model = build_model(cfg).eval()
-    load_weights(model, cfg.MODEL.WEIGHTS, allow_unsafe=cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS)
+    load_weights(model, cfg)
     inputs = model_inputs(args.height, args.width, seed=args.seed)
     report = analyze_model(model, inputs, args.tasks, args.max_depth)
     printed = set()

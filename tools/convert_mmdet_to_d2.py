@@ -20,7 +20,10 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+from dcnv2.errors import report_user_error  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+
+PROG = "convert_mmdet_to_d2.py"
 
 
 def parse_args(argv=None):
@@ -57,9 +60,7 @@ def main(argv=None) -> int:
             deform_modulated=modulated,
         )
     except (ConversionError, UnsafeCheckpointError) as e:
-        # The whole message: it lists the tensors or the object at fault.
-        print(f"convert_mmdet_to_d2.py: error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None
     print(conversion_report(spec, args.output))
@@ -67,4 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="convert_mmdet_to_d2.py"))
+    sys.exit(run_cli(main, prog=PROG))

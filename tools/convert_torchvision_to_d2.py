@@ -18,7 +18,10 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+from dcnv2.errors import report_user_error  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+
+PROG = "convert_torchvision_to_d2.py"
 
 
 def parse_args(argv=None):
@@ -48,8 +51,7 @@ def main(argv=None) -> int:
             args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite
         )
     except (ConversionError, UnsafeCheckpointError) as e:
-        print(f"convert_torchvision_to_d2.py: error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None
     print(conversion_report(spec, dropped, args.output))
@@ -57,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="convert_torchvision_to_d2.py"))
+    sys.exit(run_cli(main, prog=PROG))

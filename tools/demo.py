@@ -10,26 +10,17 @@ Drawings keep the input's file name in --output (videos are written as .mp4); ex
 never overwritten unless --force. Runs on the CPU unless --opts MODEL.DEVICE cuda.
 """
 
-import argparse
 import sys
 import warnings
 
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
-
-DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
+from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = tool_parser(__doc__)
-    parser.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        help="a YAML config path or the name of a config shipped with dcnv2 "
-        f"(default: {DEFAULT_CONFIG})",
-    )
+    parser = add_config_arguments(tool_parser(__doc__), force="existing output files")
     parser.add_argument(
         "--input", nargs="+", required=True, help="image files, folders of images, video files"
     )
@@ -41,24 +32,18 @@ def parse_args(argv=None):
         default=0.5,
         help="minimum score of a detection to draw and save (default: 0.5)",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--opts",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth",
-    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so --help is instant.
-    from dcnv2.utils.demo import DemoRunner, collect_inputs, run_demo, setup_demo_cfg
+    from dcnv2.utils.cli import setup_cfg
+    from dcnv2.utils.demo import DemoRunner, collect_inputs, run_demo
 
     inputs = collect_inputs(args.input)
-    cfg = setup_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
     summary = run_demo(
         DemoRunner(cfg),
         inputs,

@@ -13,7 +13,6 @@ Examples:
     python tools/export_model.py --format torchscript --output model.ts --height 800 --width 1216
 """
 
-import argparse
 import os
 import sys
 import warnings
@@ -21,26 +20,15 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
-
-DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
+from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = tool_parser(__doc__)
-    parser.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        help=f"YAML path or name of a config shipped with dcnv2 (default: {DEFAULT_CONFIG})",
-    )
+    parser = add_config_arguments(tool_parser(__doc__), force="--output if it exists")
     parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     parser.add_argument("--output", required=True, help="file to write")
     parser.add_argument("--height", type=int, default=800, help="input height (default 800)")
     parser.add_argument("--width", type=int, default=1216, help="input width (default 1216)")
-    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
-    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +43,7 @@ def main(argv=None) -> int:
     import torch
     from detectron2.modeling import build_model
 
-    from dcnv2.utils.demo import load_weights, setup_demo_cfg
+    from dcnv2.utils.cli import load_weights, setup_cfg
     from dcnv2.utils.export import (
         BackboneForExport,
         detector_outputs,
@@ -65,11 +53,11 @@ def main(argv=None) -> int:
         trace_detector,
     )
 
-    cfg = setup_demo_cfg(args.config_file, args.opts, confidence_threshold=0.05)
+    cfg = setup_cfg(args.config_file, args.opts, confidence_threshold=0.05)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        load_weights(model, cfg.MODEL.WEIGHTS, allow_unsafe=cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS)
+        load_weights(model, cfg)
     else:
         print("note: no MODEL.WEIGHTS given: exporting random-init weights")
     image = torch.randint(0, 256, (3, args.height, args.width)).float()

@@ -10,14 +10,15 @@ seeds go to their own folders: register them with
 ``dcnv2.data.synthetic.register_synthetic_dataset``.
 """
 
-import argparse
 import os
+import sys
 
 from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    parser = tool_parser(__doc__)
     parser.add_argument(
         "--root",
         default=os.getenv("DETECTRON2_DATASETS", "datasets"),
@@ -28,9 +29,13 @@ def main() -> None:
     parser.add_argument(
         "--seed", type=int, default=SPLITS["train"][1], help="train seed; val uses seed + 1"
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.num_train < 1 or args.num_val < 1:
-        parser.error(
+        raise UserInputError(
             f"--num-train and --num-val must be >= 1, got {args.num_train}, {args.num_val}"
         )
     root = os.path.expanduser(args.root)
@@ -39,7 +44,8 @@ def main() -> None:
         ("val", args.num_val, args.seed + 1),
     ):
         print(f"{split}: {prepare_synthetic_split(root, split, num, seed)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="generate_synthetic_dataset.py"))

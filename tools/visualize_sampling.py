@@ -23,9 +23,7 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
-
-DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
+from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def _point(text: str):
@@ -39,12 +37,7 @@ def _point(text: str):
 
 
 def parse_args(argv=None):
-    parser = tool_parser(__doc__)
-    parser.add_argument(
-        "--config-file",
-        default=DEFAULT_CONFIG,
-        help=f"YAML path or name of a config shipped with dcnv2 (default: {DEFAULT_CONFIG})",
-    )
+    parser = add_config_arguments(tool_parser(__doc__), force="--output if it exists")
     parser.add_argument("--input", required=True, help="an image file")
     parser.add_argument("--output", required=True, help="the PNG to write")
     parser.add_argument(
@@ -76,10 +69,6 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-offsets")
     parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
-    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
-    )
     return parser.parse_args(argv)
 
 
@@ -91,11 +80,12 @@ def main(argv=None) -> int:
         raise UserInputError(
             f"--layers {args.layers} would trace 9**{args.layers} points; use <= 5"
         )
-    from dcnv2.utils.demo import DemoRunner, read_image, setup_demo_cfg
+    from dcnv2.utils.cli import setup_cfg
+    from dcnv2.utils.demo import DemoRunner, read_image
     from dcnv2.utils.sampling import plot_sampling_locations, sample_image
 
     image = read_image(args.input)
-    cfg = setup_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
     model = DemoRunner(cfg).predictor.model
     result = sample_image(
         model,

@@ -1,16 +1,19 @@
-"""Errors caused by what the user gave (files, config, command line), not by a bug.
+"""The one error family of dcnv2, and how every entry point reports it.
 
-``train_net.py`` prints each as one ``error: ...`` line, without a traceback. Every message says
-what is wrong, which file or key, and what was expected. The classes also derive from the
-built-in exception a caller would catch without dcnv2 (``FileNotFoundError``, ``KeyError``...).
+Every exception class defined in dcnv2 derives from :class:`DCNv2Error`: errors caused by what
+the user gave (files, config, command line), not by a bug. Every message says what is wrong,
+which file or key, and what was expected. The classes also derive from the built-in exception a
+caller would catch without dcnv2 (``FileNotFoundError``, ``KeyError``, ``pickle.UnpicklingError``
+...).
+
+Exit convention, shared by ``train_net.py`` and every script in ``tools/``
+(:func:`report_user_error`): an error in :data:`USER_ERRORS` is printed as one
+``<prog>: error: <message>`` on stderr, without a traceback, and the process exits with status
+:data:`USER_ERROR_EXIT` (2). That is argparse's convention for a bad command line, so a mistyped
+option and a missing file read the same. Anything else is a bug and keeps its traceback.
 """
 
-import contextlib
-import difflib
-import re
-from typing import Iterable, Iterator, List
-
-import yaml
+import sys
 
 __all__ = [
     "AnnotationError",
@@ -21,14 +24,15 @@ __all__ = [
     "LaunchError",
     "NonFiniteLossError",
     "OutputDirError",
+    "USER_ERRORS",
+    "USER_ERROR_EXIT",
     "WeightsError",
-    "closest_keys",
-    "config_errors",
+    "report_user_error",
 ]
 
 
 class DCNv2Error(Exception):
-    """Base class: a problem with the user's input, reported as one message."""
+    """Root of every dcnv2 exception: a problem with the user's input, reported as one message."""
 
     def __str__(self) -> str:
         # KeyError's str() is the repr of its argument; keep the message readable.
@@ -64,71 +68,33 @@ class LaunchError(DCNv2Error, ValueError):
 
 
 class NonFiniteLossError(DCNv2Error, FloatingPointError):
-    """A training loss became NaN or infinite; the weights were not updated with it."""
+    """A training loss (or gradient) became NaN or infinite; the weights were not updated with it.
 
-
-def closest_keys(key: str, valid: Iterable[str], n: int = 3) -> List[str]:
-    """The valid config keys closest to a mistyped ``key`` (full dotted names), best first.
-
-    The last component weighs most (``SOLVER.BASE_LRR`` -> ``SOLVER.BASE_LR``), but a key put
-    under the wrong node (``MODEL.BASE_LR``) is found too.
+    Attributes:
+        diverged: the weights already diverged in an earlier update whose loss was finite (the
+            last checkpoint may hold them), rather than this iteration's loss being the first
+            non-finite value.
     """
-    valid = list(valid)
-    by_full = difflib.get_close_matches(key, valid, n=n, cutoff=0.6)
-    leaf = key.rsplit(".", 1)[-1]
-    leaves = {}
-    for k in valid:
-        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
-    by_leaf = [
-        full for name in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.75)
-        for full in sorted(leaves[name])
-    ]  # fmt: skip
-    out: List[str] = []
-    for k in by_full + by_leaf:
-        if k not in out:
-            out.append(k)
-    return out[:n]
+
+    def __init__(self, message: str, *, diverged: bool = False):
+        super().__init__(message)
+        self.diverged = diverged
 
 
-def _all_keys(cfg, prefix: str = "") -> List[str]:
-    keys = []
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            keys += _all_keys(v, f"{prefix}{k}.")
-        else:
-            keys.append(f"{prefix}{k}")
-    return keys
+# Problems with the user's input: one "<prog>: error: ..." line, without a traceback. Plain
+# FileNotFoundError/IsADirectoryError/PermissionError name a path the user gave.
+USER_ERRORS = (DCNv2Error, FileNotFoundError, IsADirectoryError, PermissionError)
+# Exit status of an entry point stopped by a user error (argparse's, for its own errors).
+USER_ERROR_EXIT = 2
 
 
-@contextlib.contextmanager
-def config_errors(cfg, source: str) -> Iterator[None]:
-    """Turn yacs's errors while merging into ``cfg`` into :class:`ConfigError` /
-    :class:`ConfigFileNotFoundError` naming ``source`` (a file, or "the command line") and, for
-    an unknown key, the closest valid ones."""
-    try:
-        yield
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source[0].upper()}{source[1:]} is not valid YAML: {e}") from None
-    except FileNotFoundError as e:  # a _BASE_ file
-        raise ConfigFileNotFoundError(
-            f"{source[0].upper()}{source[1:]} names a file that does not exist: {e.filename} "
-            "(paths in _BASE_ are relative to the file that names them)"
-        ) from None
-    except (KeyError, AssertionError) as e:
-        # yacs: KeyError "Non-existent config key: K" from a file, AssertionError "Non-existent
-        # key: K" or "Override list has odd length" from a list of overrides.
-        msg = str(e.args[0]) if e.args else ""
-        found = re.search(r"Non-existent (?:config )?key: (\S+)", msg)
-        if found:
-            key = found.group(1)
-            close = closest_keys(key, _all_keys(cfg), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"Unknown config key {key} in {source}{hint}") from None
-        if isinstance(e, AssertionError):
-            raise ConfigError(
-                f"Bad overrides on {source}: {msg}. Expected KEY VALUE pairs, e.g. "
-                "SOLVER.BASE_LR 0.01"
-            ) from None
-        raise ConfigError(f"Config key problem in {source}: {msg}") from None
-    except ValueError as e:  # yacs: "Type mismatch (...) with values (...) for config key: K"
-        raise ConfigError(f"Bad config value in {source}: {e}") from None
+def report_user_error(prog: str, error: BaseException) -> int:
+    """Print ``error`` as ``<prog>: error: <message>`` on stderr; return :data:`USER_ERROR_EXIT`.
+
+    Args:
+        prog: the entry point's name, e.g. ``"train_net.py"``.
+        error: an instance of one of :data:`USER_ERRORS`.
+    """
+    message = str(error) or type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT

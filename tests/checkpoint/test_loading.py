@@ -19,7 +19,6 @@ from dcnv2.checkpoint import (
     DCNv2Checkpointer,
     UnsafeCheckpointError,
     build_checkpointer,
-    dcnv2_checkpointer_in_d2_defaults,
     load_checkpoint_file,
 )
 
@@ -165,35 +164,54 @@ def test_config_key_defaults_to_safe_and_build_checkpointer_follows_it():
     assert build_checkpointer(cfg, _tiny()).allow_unsafe is True
 
 
-def test_detectron2_defaults_build_the_safe_checkpointer_only_inside_the_block():
-    from dcnv2.engine.trainer import _device_agnostic_parts
+def test_trainer_and_demo_predictor_load_through_the_safe_checkpointer(tmp_path):
+    from detectron2.engine import DefaultTrainer
 
+    from dcnv2.engine import Trainer
+    from dcnv2.utils.cli import setup_cfg
+    from dcnv2.utils.demo import DemoRunner
+
+    class NoDataTrainer(Trainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return []
+
+    # Built explicitly: detectron2's defaults module is left as it is, and the trainer's
+    # checkpointer is dcnv2's, following the config.
     original = d2_defaults.DetectionCheckpointer
-    for ctx in (dcnv2_checkpointer_in_d2_defaults, _device_agnostic_parts):
-        with ctx(dcnv2.get_cfg(opts=["MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS", "True"])):
-            built = d2_defaults.DetectionCheckpointer(_tiny())
-        assert isinstance(built, DCNv2Checkpointer) and built.allow_unsafe
-        assert d2_defaults.DetectionCheckpointer is original
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS", "True"]
+    cfg = dcnv2.get_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", opts + ["OUTPUT_DIR", str(tmp_path)])
+    trainer = NoDataTrainer(cfg)
+    assert isinstance(trainer.checkpointer, DCNv2Checkpointer) and trainer.checkpointer.allow_unsafe
+    assert d2_defaults.DetectionCheckpointer is original
+    assert Trainer.__init__ is not DefaultTrainer.__init__
+    # The demo predictor's weights come through the same checkpointer: a refusal names the key.
+    path, marker = _tampered(tmp_path, ".pth")
+    demo_cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", path])
+    from dcnv2.utils.cli import UserInputError
+
+    with pytest.raises(UserInputError, match="ALLOW_UNSAFE_WEIGHTS"):
+        DemoRunner(demo_cfg)
+    assert not marker.exists()
 
 
 def test_lazy_config_loop_reads_train_allow_unsafe_weights(tmp_path):
     from omegaconf import OmegaConf
 
-    from dcnv2.engine.lazy import _checkpointer
-
     cfg = OmegaConf.create({"train": {"output_dir": str(tmp_path)}})
-    assert _checkpointer(cfg, _tiny()).allow_unsafe is False
+    assert build_checkpointer(cfg, _tiny()).allow_unsafe is False
     cfg.train.allow_unsafe_weights = True
-    assert _checkpointer(cfg, _tiny()).allow_unsafe is True
+    assert build_checkpointer(cfg, _tiny()).allow_unsafe is True
+    # Its weight errors name the LazyConfig key.
+    assert build_checkpointer(cfg, _tiny()).keys.weights == "train.init_checkpoint"
 
 
 def test_demo_tools_turn_a_refusal_into_a_user_error(tmp_path):
-    from dcnv2.utils.cli import UserInputError
-    from dcnv2.utils.demo import load_weights
+    from dcnv2.utils.cli import UserInputError, load_weights
 
     path, marker = _tampered(tmp_path, ".pth")
     with pytest.raises(UserInputError, match="ALLOW_UNSAFE_WEIGHTS"):
-        load_weights(_tiny(), path)
+        load_weights(_tiny(), dcnv2.get_cfg(opts=["MODEL.WEIGHTS", path]))
     assert not marker.exists()
 
 

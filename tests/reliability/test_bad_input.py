@@ -1,7 +1,10 @@
-"""Bad input to train_net.py: each case is one "error: ..." message saying what is wrong, which
-file or key, and what was expected, raised before anything is written (the output folder's files
-keep their bytes); bad annotation entries and unreadable images can be skipped instead."""
+"""Bad input to train_net.py: each case is one "train_net.py: error: ..." message saying what is
+wrong, which file or key, and what was expected, raised before anything is written (the output
+folder's files keep their bytes); bad annotation entries and unreadable images can be skipped
+instead."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -59,10 +62,13 @@ def _snapshot(folder):
 
 
 def _error(train_net, argv) -> str:
-    with pytest.raises(SystemExit) as excinfo:
+    # dcnv2.errors' exit convention: one "train_net.py: error: ..." on stderr, exit status 2.
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as excinfo, contextlib.redirect_stderr(stderr):
         train_net.invoke_main([str(a) for a in argv])
-    message = str(excinfo.value.code)
-    assert message.startswith("error: ") and message.count("error:") == 1, message
+    message = stderr.getvalue()
+    assert excinfo.value.code == 2, message
+    assert message.startswith("train_net.py: error: ") and message.count("error:") == 1, message
     assert "Traceback" not in message
     return message
 
@@ -146,6 +152,29 @@ def test_skip_mode_trains_without_the_bad_entries(rel, train_net, make_dataset, 
     # Image 2 is gone with its 2 annotations; image 3 lost its unknown-category box.
     assert "Loaded 3 images in COCO format" in log
     assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 1
+
+
+def test_skip_mode_filters_the_loaded_dicts_and_leaves_the_catalog_alone(make_dataset, monkeypatch):
+    from dcnv2.data.validation import load_training_dicts
+
+    def edit(coco, image_root):
+        for fault in (_drop_image_2, _negative_box, _unknown_category):
+            fault(coco, image_root)
+
+    name, _, _ = make_dataset(edit)
+    registered = DatasetCatalog[name]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dataset catalog was changed")
+
+    monkeypatch.setattr(DatasetCatalog, "register", refuse)
+    monkeypatch.setattr(DatasetCatalog, "remove", refuse)
+    dicts = load_training_dicts([name], "skip", filter_empty=False)
+    monkeypatch.undo()
+    assert DatasetCatalog[name] is registered
+    # Image 2 is gone with its 2 annotations; image 3 lost its unknown-category box.
+    annotations = {d["image_id"]: len(d["annotations"]) for d in dicts}
+    assert annotations == {1: 2, 3: 1, 4: 2}
 
 
 def _truncate(path):
@@ -336,11 +365,11 @@ def test_command_line_prints_one_line_and_no_traceback(rel, tmp_path):
          "SOLVER.BASE_LRR", "0.1", "OUTPUT_DIR", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [
-        "error: Unknown config key SOLVER.BASE_LRR in the command line; did you mean "
-        "SOLVER.BASE_LR?"
+        "train_net.py: error: Unknown config key SOLVER.BASE_LRR in the command line; did you "
+        "mean SOLVER.BASE_LR?"
     ], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not os.path.exists(tmp_path / "out")

@@ -3,15 +3,23 @@ optimizer step with a message naming the iteration and the loss terms (or parame
 good checkpoint stays as it was (and resumes), all processes stop together
 (test_distributed.py); or a bounded number of bad iterations is skipped without update."""
 
+import contextlib
+import io
 import os
 
 import pytest
 import torch
 
 
-def _error(excinfo) -> str:
-    message = str(excinfo.value.code)
-    assert message.startswith("error: ") and message.count("error:") == 1, message
+def _error(call) -> str:
+    """Run ``call()``, train_net.py in this process, which must stop with one user error:
+    ``train_net.py: error: ...`` on stderr and exit status 2 (dcnv2.errors); its message."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as excinfo, contextlib.redirect_stderr(stderr):
+        call()
+    message = stderr.getvalue()
+    assert excinfo.value.code == 2, message
+    assert message.startswith("train_net.py: error: ") and message.count("error:") == 1, message
     return message
 
 
@@ -19,9 +27,9 @@ def _stop_at_iteration_2(rel, train_net, reference_run, tmp_path, fault) -> str:
     """Run the tiny float64 config with ``fault`` at iteration 2; check it stopped before the
     update with the good checkpoint of iteration 1 (the uninterrupted run's) left as it was.
     Returns the error message."""
-    with pytest.raises(SystemExit) as excinfo:
-        rel.run_in_process(train_net, rel.tiny_args(tmp_path), dict(rel.FLOAT64, **fault))
-    message = _error(excinfo)
+    message = _error(
+        lambda: rel.run_in_process(train_net, rel.tiny_args(tmp_path), dict(rel.FLOAT64, **fault))
+    )
     assert "weights were not updated" in message
     assert f"The last checkpoint, {tmp_path / 'model_0000001.pth'}, was written before" in message
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
@@ -50,9 +58,11 @@ def test_nan_stops_before_the_update_keeps_the_checkpoint_and_resumes(
 
 def test_bounded_skips_drop_the_update_then_stop(rel, train_net, tiny_dataset, tmp_path):
     opts = ["SOLVER.DCNV2.MAX_NONFINITE_SKIPS", "1", "SOLVER.CHECKPOINT_PERIOD", "1"]
-    with pytest.raises(SystemExit) as excinfo:
-        rel.run_in_process(train_net, rel.tiny_args(tmp_path, *opts), {"DCNV2_TEST_NAN_AT": "1,2"})
-    message = _error(excinfo)
+    message = _error(
+        lambda: rel.run_in_process(
+            train_net, rel.tiny_args(tmp_path, *opts), {"DCNV2_TEST_NAN_AT": "1,2"}
+        )
+    )
     assert "non-finite at iteration 2: loss_box_reg=nan." in message
     assert "skipped before for the same reason: [1] (at most 1" in message
     log = (tmp_path / "log.txt").read_text()
@@ -72,9 +82,7 @@ def test_real_divergence_stops_with_a_clear_message(rel, train_net, tiny_dataset
     # No injected fault: a learning rate far too high blows the weights up after iteration 0;
     # detectron2's RPN then finds non-finite predictions in the forward pass of iteration 1.
     opts = ["SOLVER.BASE_LR", "1000.0", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1"]
-    with pytest.raises(SystemExit) as excinfo:
-        rel.run_in_process(train_net, rel.tiny_args(tmp_path, *opts))
-    message = _error(excinfo)
+    message = _error(lambda: rel.run_in_process(train_net, rel.tiny_args(tmp_path, *opts)))
     assert "outputs became non-finite at iteration 1" in message
     assert "the weights diverged in an earlier update" in message
     assert "It may already hold diverged weights" in message

@@ -17,7 +17,7 @@ from dcnv2.utils.analysis import (
     flop_count_analysis,
     model_inputs,
 )
-from dcnv2.utils.demo import setup_demo_cfg
+from dcnv2.utils.cli import setup_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU_BACKENDS = [
@@ -63,7 +63,7 @@ def test_single_deformable_conv(backend, modulated, bias):
 
 def _detector(config: str, backend: str = "auto"):
     opts = ["MODEL.WEIGHTS", "", "MODEL.RPN.POST_NMS_TOPK_TEST", "40"]
-    cfg = setup_demo_cfg(config, opts + ["MODEL.DCNV2.BACKEND", backend])
+    cfg = setup_cfg(config, opts + ["MODEL.DCNV2.BACKEND", backend])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     # Same proposals in both models (the anchors, equal scores), so the heads cost the same and

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dcnv2.utils.cli import UserInputError
-from dcnv2.utils.demo import DemoRunner, collect_inputs, run_demo, setup_demo_cfg
+from dcnv2.utils.cli import UserInputError, setup_cfg
+from dcnv2.utils.demo import DemoRunner, collect_inputs, run_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "demo.py")
@@ -29,7 +29,7 @@ def _load_tool():
 
 @pytest.fixture(scope="module")
 def runner():
-    cfg = setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=0.0)
+    cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=0.0)
     return DemoRunner(cfg)
 
 
@@ -115,11 +115,11 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(UserInputError, match="both be drawn"):
         collect_inputs([str(tmp_path / "p"), str(tmp_path / "q")])
     with pytest.raises(UserInputError, match="confidence-threshold"):
-        setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=1.5)
+        setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=1.5)
     with pytest.raises(UserInputError, match="nope.yaml does not exist"):
-        setup_demo_cfg("nope.yaml", TINY)
+        setup_cfg("nope.yaml", TINY)
     with pytest.raises(UserInputError, match="MODEL.WEIGHTS"):
-        setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "/no/such.pth"])
+        setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "/no/such.pth"])
 
 
 def test_unreadable_image_is_a_clear_error(runner, tmp_path):

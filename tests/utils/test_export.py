@@ -8,7 +8,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from dcnv2.utils.demo import setup_demo_cfg
+from dcnv2.utils.cli import setup_cfg
 from dcnv2.utils.export import (
     BackboneForExport,
     deform_backend,
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def model_and_image():
     opts = ["MODEL.WEIGHTS", "", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
-    cfg = setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", opts, confidence_threshold=0.0)
+    cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", opts, confidence_threshold=0.0)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(1))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcnv2.utils.cli import UserInputError
-from dcnv2.utils.demo import DemoRunner, setup_demo_cfg
+from dcnv2.utils.cli import UserInputError, setup_cfg
+from dcnv2.utils.demo import DemoRunner
 from dcnv2.utils.sampling import (
     DeformableLayerRecord,
     record_deformable_layers,
@@ -103,7 +103,7 @@ def test_bad_points_shape():
 
 @pytest.fixture(scope="module")
 def model_and_cfg():
-    cfg = setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=0.0)
+    cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", TINY, confidence_threshold=0.0)
     return DemoRunner(cfg).predictor.model, cfg
 
 

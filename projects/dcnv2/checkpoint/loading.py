@@ -23,6 +23,8 @@ from typing import Any, Union
 import torch
 from detectron2.utils.file_io import PathManager
 
+from ..errors import DCNv2Error
+
 __all__ = [
     "UNSAFE_OVERRIDE_HINT",
     "UnsafeCheckpointError",
@@ -62,7 +64,7 @@ _TORCH_REFUSAL = re.compile(
 )
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(DCNv2Error, pickle.UnpicklingError):
     """A checkpoint needs arbitrary Python objects, which could run code when unpickled."""
 
 
@@ -74,8 +76,8 @@ def _refuse(path: str, global_name: str) -> UnsafeCheckpointError:
     )
 
 
-class _NotAllowed(pickle.UnpicklingError):
-    pass
+class _NotAllowed(UnsafeCheckpointError):
+    """Raised inside the unpickler with the refused global's name; :func:`_refuse` words it."""
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):

@@ -29,14 +29,13 @@ from detectron2.data import (
     DatasetFromList,
     DatasetMapper,
     build_detection_train_loader,
-    get_detection_dataset_dicts,
 )
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import AnnotationError, ImageReadError
-from .validation import BAD_DATA_MODES, checked_training_catalog
+from .validation import BAD_DATA_MODES, load_training_dicts
 
 __all__ = [
     "GlobalBatchSampler",
@@ -293,16 +292,15 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
             f"DATASETS.DCNV2.ON_BAD_DATA is {mode!r}; expected one of "
             f"{', '.join(map(repr, BAD_DATA_MODES))}"
         )
-    names = list(cfg.DATASETS.TRAIN)
-    with checked_training_catalog(names if mode == "skip" else [], mode):
-        dicts = get_detection_dataset_dicts(
-            names,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=(
-                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
-            ),
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
+    dicts = load_training_dicts(
+        list(cfg.DATASETS.TRAIN),
+        mode,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=(
+            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+        ),
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
     if isinstance(dicts, Dataset):  # a registered torch Dataset, not a list of dicts
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()

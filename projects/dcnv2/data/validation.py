@@ -14,14 +14,13 @@ Images are decoded only when training reads them: an unreadable or truncated fil
 run naming the file (``"fail"``) or is replaced by the next readable image (``"skip"``).
 """
 
-import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -30,7 +29,7 @@ from ..errors import AnnotationError
 __all__ = [
     "BAD_DATA_MODES",
     "CocoReport",
-    "checked_training_catalog",
+    "load_training_dicts",
     "validate_coco_json",
     "validate_datasets",
 ]
@@ -287,29 +286,88 @@ def validate_datasets(
     return reports
 
 
-@contextlib.contextmanager
-def checked_training_catalog(names: Sequence[str], mode: str) -> Iterator[None]:
-    """Inside the block, ``DatasetCatalog.get(name)`` of a COCO-format training set with
-    problems returns its dicts without the bad entries (``mode="skip"``) or raises
-    :class:`AnnotationError` (``mode="fail"``). Valid datasets load as registered."""
-    reports = validate_datasets(names, (), mode)
-    originals: Dict[str, Callable] = {}
-    with tempfile.TemporaryDirectory(prefix="dcnv2_clean_annotations_") as tmp:
-        try:
-            for name, report in reports.items():
-                from detectron2.data.datasets import load_coco_json
+def load_training_dicts(
+    names: Sequence[str],
+    mode: str = "fail",
+    *,
+    filter_empty: bool = True,
+    min_keypoints: int = 0,
+    proposal_files: Optional[Sequence[str]] = None,
+):
+    """The dataset dicts of training sets, as detectron2's ``get_detection_dataset_dicts``
+    loads and filters them; with ``mode="skip"``, the COCO-format sets with problems are read
+    without their bad entries (:meth:`CocoReport.cleaned`). The registered datasets are used as
+    they are: the catalog is not changed.
 
-                clean_file = os.path.join(tmp, f"{len(originals)}.json")
-                with open(clean_file, "w") as f:
-                    json.dump(report.cleaned(), f)
-                image_root = _coco_files(name)[1]
-                originals[name] = DatasetCatalog[name]
-                DatasetCatalog.remove(name)
-                DatasetCatalog.register(
-                    name, lambda c=clean_file, r=image_root, n=name: load_coco_json(c, r, n)
-                )
-            yield
-        finally:
-            for name, fn in originals.items():
-                DatasetCatalog.remove(name)
-                DatasetCatalog.register(name, fn)
+    Args:
+        names: ``DATASETS.TRAIN``.
+        mode: ``DATASETS.DCNV2.ON_BAD_DATA``.
+        filter_empty, min_keypoints, proposal_files: as ``get_detection_dataset_dicts``.
+
+    Returns:
+        list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
+    """
+    from detectron2.data import get_detection_dataset_dicts
+
+    reports = validate_datasets(names, (), mode) if mode == "skip" else {}
+    if not reports:
+        return get_detection_dataset_dicts(
+            list(names),
+            filter_empty=filter_empty,
+            min_keypoints=min_keypoints,
+            proposal_files=proposal_files,
+        )
+    per_dataset = [
+        _cleaned_dicts(name, reports[name]) if name in reports else DatasetCatalog.get(name)
+        for name in names
+    ]
+    return _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files)
+
+
+def _cleaned_dicts(name: str, report: CocoReport) -> List[dict]:
+    # What the registered loader of a COCO-format set (register_coco_instances) returns, read
+    # from the cleaned JSON; load_coco_json also fills the dataset's metadata, as it would.
+    from detectron2.data.datasets import load_coco_json
+
+    with tempfile.TemporaryDirectory(prefix="dcnv2_clean_annotations_") as tmp:
+        clean_file = os.path.join(tmp, "annotations.json")
+        with open(clean_file, "w") as f:
+            json.dump(report.cleaned(), f)
+        return load_coco_json(clean_file, _coco_files(name)[1], name)
+
+
+def _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files) -> List[dict]:
+    # The steps of detectron2's get_detection_dataset_dicts after DatasetCatalog.get, through
+    # its public helpers (it takes dataset names, not loaded dicts).
+    from detectron2.data.build import (
+        filter_images_with_few_keypoints,
+        filter_images_with_only_crowd_annotations,
+        load_proposals_into_dataset,
+        print_instances_class_histogram,
+    )
+    from detectron2.data.detection_utils import check_metadata_consistency
+
+    for name, dicts in zip(names, per_dataset):
+        if not len(dicts):
+            raise AnnotationError(f"Dataset {name!r} has no image left to train on")
+    if proposal_files is not None:
+        per_dataset = [
+            load_proposals_into_dataset(dicts, proposal_file)
+            for dicts, proposal_file in zip(per_dataset, proposal_files)
+        ]
+    dataset_dicts = [d for dicts in per_dataset for d in dicts]
+    has_instances = "annotations" in dataset_dicts[0]
+    if filter_empty and has_instances:
+        dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
+    if min_keypoints > 0 and has_instances:
+        dataset_dicts = filter_images_with_few_keypoints(dataset_dicts, min_keypoints)
+    if has_instances:
+        try:
+            class_names = MetadataCatalog.get(names[0]).thing_classes
+            check_metadata_consistency("thing_classes", names)
+            print_instances_class_histogram(dataset_dicts, class_names)
+        except AttributeError:  # class names are not available for this dataset
+            pass
+    if not dataset_dicts:
+        raise AnnotationError(f"No image left to train on in {', '.join(names)}")
+    return dataset_dicts

@@ -1,3 +1,3 @@
-from .trainer import Trainer, create_ddp_model
+from .trainer import Trainer, build_training_loop, create_ddp_model
 
-__all__ = ["Trainer", "create_ddp_model"]
+__all__ = ["Trainer", "build_training_loop", "create_ddp_model"]

@@ -7,11 +7,12 @@ op itself always runs in float32 under autocast (see ``dcnv2.layers.deform_conv`
 """
 
 import time
+from typing import Any, Dict, Tuple, Type
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["AutocastTrainer", "amp_trainer"]
+__all__ = ["AutocastTrainer", "amp_loop", "amp_trainer"]
 
 
 class AutocastTrainer(SimpleTrainer):
@@ -62,18 +63,22 @@ class AutocastTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
-def amp_trainer(model, data_loader, optimizer, **kwargs) -> SimpleTrainer:
-    """The mixed-precision training loop for the device ``model``'s parameters are on.
-
-    Called as detectron2 calls ``AMPTrainer(model, data_loader, optimizer)``, so it can stand in
-    for it. Extra keyword arguments go to the trainer (``precision``: float16 by default on CUDA,
-    bfloat16 elsewhere; ``grad_scaler`` only on CUDA).
+def amp_loop(device_type: str) -> Tuple[Type[SimpleTrainer], Dict[str, Any]]:
+    """The mixed-precision training-loop class for a device, and the keyword arguments it needs
+    besides detectron2's ``(model, data_loader, optimizer)``.
 
     Returns:
-        ``AMPTrainer`` (float16 + GradScaler) on CUDA, ``AutocastTrainer`` (bfloat16) otherwise.
+        ``(AMPTrainer, {})`` (float16 + GradScaler) on CUDA; ``(AutocastTrainer,
+        {"device_type", "precision": bfloat16})`` elsewhere.
     """
-    device_type = next(model.parameters()).device.type
     if device_type == "cuda":
-        return AMPTrainer(model, data_loader, optimizer, **kwargs)
-    kwargs.setdefault("precision", torch.bfloat16)
-    return AutocastTrainer(model, data_loader, optimizer, device_type=device_type, **kwargs)
+        return AMPTrainer, {}
+    return AutocastTrainer, {"device_type": device_type, "precision": torch.bfloat16}
+
+
+def amp_trainer(model, data_loader, optimizer, **kwargs) -> SimpleTrainer:
+    """The mixed-precision training loop for the device ``model``'s parameters are on
+    (:func:`amp_loop`). Extra keyword arguments go to the loop (``precision``, ``grad_scaler``
+    only on CUDA)."""
+    loop_class, defaults = amp_loop(next(model.parameters()).device.type)
+    return loop_class(model, data_loader, optimizer, **{**defaults, **kwargs})

@@ -1,10 +1,10 @@
 """Training-loop pieces for runs that survive interruption and bad iterations.
 
-* :func:`guard_nonfinite_losses`: a training loop (``SimpleTrainer``, ``AMPTrainer``,
-  ``AutocastTrainer``) whose non-finite losses, or non-finite gradients of a finite loss, stop
-  the run with a message naming the iteration and the loss terms (or parameters), before the
-  optimizer step (the weights and the last checkpoint stay good), or skip up to a bounded number
-  of such iterations. All processes decide together.
+* :func:`guard_nonfinite_losses`: the subclass of a training loop (``SimpleTrainer``,
+  ``AMPTrainer``, ``AutocastTrainer``) whose non-finite losses, or non-finite gradients of a
+  finite loss, stop the run with a message naming the iteration and the loss terms (or
+  parameters), before the optimizer step (the weights and the last checkpoint stay good), or
+  skip up to a bounded number of such iterations. All processes decide together.
 * :class:`ResumableDataHook`: seeds the random generators from ``(seed, iteration, rank)`` before
   every step and starts a :class:`~dcnv2.data.resumable.ResumableTrainLoader` at the iteration
   training starts from, so a resumed run continues the data order, augmentations and sampling
@@ -22,6 +22,7 @@ from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils import comm
 
 from ..data.resumable import ResumableTrainLoader
+from ..dialects import YAML_KEYS, RunKeys
 from ..errors import DCNv2Error, NonFiniteLossError
 
 __all__ = ["ResumableDataHook", "guard_nonfinite_losses", "quiet_user_error_tracebacks"]
@@ -29,8 +30,9 @@ __all__ = ["ResumableDataHook", "guard_nonfinite_losses", "quiet_user_error_trac
 logger = logging.getLogger(__name__)
 
 
-class _SkipStep(Exception):
-    """Raised between backward and the optimizer step to drop this iteration's update."""
+class _SkipStep(DCNv2Error):
+    """Raised between backward and the optimizer step to drop this iteration's update; caught
+    by the guard's ``run_step``, never seen outside it."""
 
 
 def _nonfinite_terms(loss_dict: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -50,25 +52,37 @@ def _any_process(flag: bool, device: torch.device) -> bool:
 
 
 class _NonFiniteLossGuard:
-    """Mixin for ``SimpleTrainer`` and its subclasses (see :func:`guard_nonfinite_losses`)."""
+    """Base placed before a ``SimpleTrainer`` class by :func:`guard_nonfinite_losses`.
 
-    max_nonfinite_skips: int = 0
-    # The config keys its messages name: a YAML config's (the LazyConfig loop sets its own).
-    skip_option: str = "SOLVER.DCNV2.MAX_NONFINITE_SKIPS"
-    lr_options: str = "SOLVER.BASE_LR, SOLVER.WARMUP_ITERS"
-    clip_option: str = "SOLVER.CLIP_GRADIENTS"
+    Args (keyword-only, besides the loop class's own):
+        max_nonfinite_skips: iterations to skip before stopping.
+        keys: the config keys its messages name.
+    """
+
+    def __init__(
+        self, *args, max_nonfinite_skips: int = 0, keys: RunKeys = YAML_KEYS, **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_nonfinite_skips = int(max_nonfinite_skips)
+        self.keys = keys
+        self.nonfinite_skipped: List[int] = []
 
     def _usual_causes(self) -> str:
         return (
-            f"Usual causes: a learning rate too high for the batch size ({self.lr_options}), "
-            f"no gradient clipping ({self.clip_option})"
+            f"Usual causes: a learning rate too high for the batch size ({self.keys.lr}), "
+            f"no gradient clipping ({self.keys.clip})"
         )
 
+    # detectron2 offers no public hook that sees the loss dict between backward and the
+    # optimizer step (``after_backward`` gets no losses), and it raises FloatingPointError in
+    # ``_write_metrics``, on the main process only (the others then hang in their next
+    # collective). SimpleTrainer and AMPTrainer call it at that point: the override checks first,
+    # on every process together, then leaves the rest to detectron2.
     def _write_metrics(self, loss_dict, data_time, prefix: str = "", iter=None):
-        # SimpleTrainer and AMPTrainer call this after backward and before the optimizer step,
-        # and detectron2 raises FloatingPointError here, on the main process only (the others
-        # then hang in their next collective). Every process checks and decides together.
-        it = self.iter if iter is None else iter
+        self._check_finite(loss_dict, self.iter if iter is None else iter)
+        super()._write_metrics(loss_dict, data_time, prefix, iter)
+
+    def _check_finite(self, loss_dict: Dict[str, torch.Tensor], it: int) -> None:
         values = list(loss_dict.values())
         device = values[0].device if values else torch.device("cpu")
         local_bad = _nonfinite_terms(loss_dict)
@@ -78,7 +92,6 @@ class _NonFiniteLossGuard:
         local_grads = {} if local_bad else self._nonfinite_gradients()
         if _any_process(bool(local_bad or local_grads), device):
             self._on_nonfinite(it, local_bad, local_grads)
-        super()._write_metrics(loss_dict, data_time, prefix, iter)
 
     def _nonfinite_gradients(self) -> Dict[str, float]:
         """Names of the parameters whose gradient has a NaN or Inf, with the gradient's norm."""
@@ -124,32 +137,27 @@ class _NonFiniteLossGuard:
             causes = (
                 "Usual causes: a layer whose backward overflows or divides by zero (in float16 "
                 f"or bfloat16 training, on degenerate boxes), a learning rate too high for the "
-                f"batch size ({self.lr_options})."
+                f"batch size ({self.keys.lr})."
             )
         skipped: List[int] = self.nonfinite_skipped
         if len(skipped) < self.max_nonfinite_skips:
             skipped.append(it)
             logger.warning(
                 f"Non-finite {what} at iteration {it}: {detail}. Skipped this iteration's update "
-                f"({len(skipped)} of at most {self.max_nonfinite_skips}, {self.skip_option})."
+                f"({len(skipped)} of at most {self.max_nonfinite_skips}, "
+                f"{self.keys.max_nonfinite_skips})."
             )
             raise _SkipStep()
         earlier = (
             f" Iterations skipped before for the same reason: {skipped} (at most "
-            f"{self.max_nonfinite_skips}, {self.skip_option})."
+            f"{self.max_nonfinite_skips}, {self.keys.max_nonfinite_skips})."
             if self.max_nonfinite_skips
-            else f" To skip up to N such iterations instead, set {self.skip_option} N."
+            else f" To skip up to N such iterations instead, set {self.keys.max_nonfinite_skips} N."
         )
         raise NonFiniteLossError(
             f"{headline} Training stopped before the optimizer step, so the weights were not "
             f"updated with it.{earlier} {causes}"
         )
-
-    @property
-    def nonfinite_skipped(self) -> List[int]:
-        if "_nonfinite_skipped" not in self.__dict__:
-            self._nonfinite_skipped = []
-        return self._nonfinite_skipped
 
     def run_step(self):
         try:
@@ -166,7 +174,7 @@ class _NonFiniteLossGuard:
                 f"The model's outputs became non-finite at iteration {self.iter} ({e}): the "
                 "weights diverged in an earlier update, whose loss was still finite. "
                 f"{self._usual_causes()}.",
-                "diverged",
+                diverged=True,
             ) from None
 
     def state_dict(self):
@@ -176,7 +184,7 @@ class _NonFiniteLossGuard:
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        self._nonfinite_skipped = list(state_dict.get("nonfinite_skipped", []))
+        self.nonfinite_skipped = list(state_dict.get("nonfinite_skipped", []))
 
 
 _GUARDED: Dict[type, type] = {}
@@ -185,7 +193,7 @@ _GUARDED: Dict[type, type] = {}
 def guard_nonfinite_losses(loop_class: Type[SimpleTrainer]) -> Type[SimpleTrainer]:
     """A subclass of ``loop_class`` whose non-finite losses stop the run with
     :class:`~dcnv2.errors.NonFiniteLossError`, or skip the iteration's update while fewer than
-    its ``max_nonfinite_skips`` (class attribute, or set on the instance) were skipped.
+    ``max_nonfinite_skips`` (a keyword argument of its constructor) were skipped.
 
     The check replaces detectron2's (which raises on the main process only) at the same point:
     after backward, before the optimizer step. Needs synchronous metrics

@@ -3,9 +3,10 @@
 The loop of detectron2's ``tools/lazyconfig_train_net.py`` (``instantiate``, a trainer, hooks,
 ``DetectionCheckpointer``, ``inference_on_dataset``), with what dcnv2's YAML ``Trainer`` adds:
 DDP that works on CPU (gloo), mixed precision on any device (``train.amp.enabled``), datasets
-checked before anything is built, safe weight loading (``DCNv2Checkpointer``; a trusted file
-that needs arbitrary pickled objects takes ``train.allow_unsafe_weights=True``), atomic
-checkpoints, and the same reliability as the YAML ``Trainer``:
+checked before anything is built (by ``train_net.py``'s preflight), safe weight loading
+(``DCNv2Checkpointer``; a trusted file that needs arbitrary pickled objects takes
+``train.allow_unsafe_weights=True``), atomic checkpoints, and the same reliability as the YAML
+``Trainer``:
 
 - when ``dataloader.train`` is detectron2's ``build_detection_train_loader`` with its default
   sampler (as in detectron2's ``common/data`` configs), it is built as a
@@ -24,42 +25,28 @@ A config defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``),
 """
 
 import logging
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from detectron2.config import instantiate
-from detectron2.engine import SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..checkpoint import DCNv2Checkpointer
-from ..data import check_datasets
+from ..checkpoint import build_checkpointer
 from ..data.resumable import ResumableTrainLoader
+from ..dialects import LAZY_KEYS
 from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
-from .amp import amp_trainer
-from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
-from .trainer import create_ddp_model, explain_nonfinite_stop
+from .hooks import ResumableDataHook, quiet_user_error_tracebacks
+from .trainer import build_training_loop, create_ddp_model, explain_nonfinite_stop
 
-__all__ = ["build_train_loader", "datasets_used", "do_test", "do_train", "main"]
+__all__ = ["build_train_loader", "do_test", "do_train", "main"]
 
 # What dataloader.train calls in detectron2's common/data configs.
 _D2_TRAIN_LOADER = "detectron2.data.build.build_detection_train_loader"
 
 logger = logging.getLogger(__name__)
-
-
-def _names(dataset_cfg) -> List[str]:
-    names = dataset_cfg.names
-    return [names] if isinstance(names, str) else list(names)
-
-
-def datasets_used(cfg, eval_only: bool) -> List[str]:
-    """Names of the datasets a run of ``cfg`` reads: test set, and train set unless eval-only."""
-    names = _names(cfg.dataloader.test.dataset) if "test" in cfg.dataloader else []
-    if not eval_only:
-        names += _names(cfg.dataloader.train.dataset)
-    return names
 
 
 def _check_device(cfg) -> None:
@@ -69,15 +56,6 @@ def _check_device(cfg) -> None:
             f"train.device is {cfg.train.device!r} but CUDA is not available; "
             "add train.device=cpu to the command line to run on the CPU"
         )
-
-
-def _checkpointer(cfg, model, **checkpointables) -> DCNv2Checkpointer:
-    allow_unsafe = bool(cfg.train.get("allow_unsafe_weights", False))
-    checkpointer = DCNv2Checkpointer(
-        model, cfg.train.output_dir, allow_unsafe=allow_unsafe, **checkpointables
-    )
-    checkpointer.weights_option = "train.init_checkpoint"  # named in weight errors
-    return checkpointer
 
 
 def _target_name(target: Any) -> str:
@@ -157,16 +135,15 @@ def do_train(cfg, args) -> None:
     train_loader, seed = build_train_loader(cfg)
 
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (amp_trainer if cfg.train.amp.enabled else SimpleTrainer)(
-        model, train_loader, optimizer
+    trainer = build_training_loop(
+        model,
+        train_loader,
+        optimizer,
+        amp=cfg.train.amp.enabled,
+        max_nonfinite_skips=LAZY_KEYS.value(cfg, LAZY_KEYS.max_nonfinite_skips, 0),
+        keys=LAZY_KEYS,
     )
-    # Non-finite losses are checked on every process before the optimizer step.
-    trainer.__class__ = guard_nonfinite_losses(type(trainer))
-    trainer.max_nonfinite_skips = int(cfg.train.get("max_nonfinite_skips", 0))
-    trainer.skip_option = "train.max_nonfinite_skips"
-    trainer.lr_options = "optimizer.lr, lr_multiplier's warmup"
-    trainer.clip_option = "detectron2.solver.build.maybe_add_gradient_clipping"
-    checkpointer = _checkpointer(cfg, model, trainer=trainer)
+    checkpointer = build_checkpointer(cfg, model, cfg.train.output_dir, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -196,19 +173,22 @@ def do_train(cfg, args) -> None:
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except NonFiniteLossError as e:
-        raise explain_nonfinite_stop(e, checkpointer, "train.checkpointer.period") from None
+        raise explain_nonfinite_stop(e, checkpointer, LAZY_KEYS) from None
 
 
 def main(args):
-    """``train_net.py``'s entry point for a ``.py`` config (``--eval-only``, ``--resume``)."""
+    """``train_net.py``'s entry point for a ``.py`` config (``--eval-only``, ``--resume``), in
+    each process; the launching process has checked the datasets
+    (:func:`dcnv2.engine.preflight.check_before_launch`)."""
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
-    check_datasets(datasets_used(cfg, args.eval_only))
     if not args.eval_only:
         return do_train(cfg, args)
     _check_device(cfg)
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    _checkpointer(cfg, model).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    build_checkpointer(cfg, model, cfg.train.output_dir).resume_or_load(
+        cfg.train.init_checkpoint, resume=args.resume
+    )
     return do_test(cfg, model)

@@ -8,40 +8,42 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from ..checkpoint import UnsafeCheckpointError
 from ..config import get_cfg
 from ..data import check_datasets
 from ..data.validation import validate_datasets
-from ..errors import ConfigFileNotFoundError, DCNv2Error, LaunchError, OutputDirError, WeightsError
+from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
+from ..errors import (
+    USER_ERRORS,
+    ConfigFileNotFoundError,
+    LaunchError,
+    OutputDirError,
+    WeightsError,
+    report_user_error,
+)
 from ..lazy_config import is_lazy_config, load_config
 
 __all__ = [
-    "USER_ERRORS",
-    "USER_ERROR_EXIT",
     "check_before_launch",
     "check_devices",
     "check_output_dir",
     "check_weights",
     "check_weights_fit",
+    "load_run_config",
     "preflight",
     "report_user_errors",
 ]
 
-# Problems with the user's input: reported as one "error: ..." line, without a traceback.
-USER_ERRORS = (DCNv2Error, UnsafeCheckpointError)
-# Exit status of a worker process that reported a user error (argparse uses 2 for its own).
-USER_ERROR_EXIT = 3
-
 logger = logging.getLogger(__name__)
 
 
-def check_devices(device: str, num_gpus: int, device_option: str = "MODEL.DEVICE") -> None:
-    """``--num-gpus`` processes on ``device`` fit this machine.
+def check_devices(device: str, num_gpus: int, keys: RunKeys = YAML_KEYS) -> None:
+    """``--num-gpus`` processes on ``device`` fit this machine (``keys.device`` names it).
 
     Raises:
         LaunchError: fewer than 1 process, a CUDA device without CUDA, or more processes than
@@ -49,11 +51,12 @@ def check_devices(device: str, num_gpus: int, device_option: str = "MODEL.DEVICE
     """
     if num_gpus < 1:
         raise LaunchError(f"--num-gpus is {num_gpus}; expected at least 1 (processes per machine)")
+    key = keys.device
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise LaunchError(
-            f"{device_option} is {device!r}; expected a torch device such as 'cuda' or 'cpu'"
+            f"{key} is {device!r}; expected a torch device such as 'cuda' or 'cpu'"
         ) from None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     note = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
@@ -61,8 +64,8 @@ def check_devices(device: str, num_gpus: int, device_option: str = "MODEL.DEVICE
         count = torch.cuda.device_count()
         if count == 0:
             raise LaunchError(
-                f"{device_option} is {device!r} but no CUDA GPU is visible{note}. To train on the "
-                f"CPU add {device_option} cpu (--num-gpus then counts CPU processes)."
+                f"{key} is {device!r} but no CUDA GPU is visible{note}. To train on the "
+                f"CPU add {key} cpu (--num-gpus then counts CPU processes)."
             )
         if num_gpus > count:
             raise LaunchError(
@@ -76,9 +79,10 @@ def check_devices(device: str, num_gpus: int, device_option: str = "MODEL.DEVICE
         )
 
 
-def check_output_dir(output_dir: str, option: str = "OUTPUT_DIR") -> None:
+def check_output_dir(output_dir: str, keys: RunKeys = YAML_KEYS) -> None:
     """``output_dir`` exists, or can be created, and a file can be created in it (by trying:
     permission bits do not tell for root, read-only mounts or quotas)."""
+    option = keys.output_dir
     if not output_dir:
         return
     try:
@@ -93,8 +97,9 @@ def check_output_dir(output_dir: str, option: str = "OUTPUT_DIR") -> None:
         ) from None
 
 
-def check_weights(weights: str, option: str = "MODEL.WEIGHTS") -> None:
+def check_weights(weights: str, keys: RunKeys = YAML_KEYS) -> None:
     """A local weights path names an existing file (URLs are fetched later)."""
+    option = keys.weights
     if not weights or "://" in weights:
         return
     if not os.path.isfile(weights):
@@ -130,35 +135,23 @@ def _resume_file(output_dir: str) -> Optional[str]:
         return os.path.join(output_dir, f.read().strip())
 
 
-def preflight(
-    *,
-    train_datasets: Sequence[str],
-    test_datasets: Sequence[str],
-    device: str,
-    num_gpus: int,
-    output_dir: str,
-    weights: str,
-    resume: bool,
-    on_bad_data: str = "fail",
-    keys: Optional[dict] = None,
-) -> None:
-    """Every check above, cheapest first, in the launching process.
+def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
+    """Every check above, cheapest first, in the launching process, for a YAML config or a
+    LazyConfig; the datasets are checked (and the synthetic ones generated) here only.
 
     Args:
-        train_datasets, test_datasets: dataset names the run reads (train empty for eval-only).
-        device, num_gpus: the model's device and ``--num-gpus``.
-        output_dir, weights: the run's output folder and initial weights.
-        resume: ``--resume``: the checkpoint ``last_checkpoint`` names, if any, replaces
-            ``weights``.
-        on_bad_data: ``DATASETS.DCNV2.ON_BAD_DATA``.
-        keys: the config keys to name in messages, if not the YAML ones: ``device``,
-            ``output_dir``, ``weights``.
+        cfg: the run's config (:func:`load_run_config`).
+        num_gpus: ``--num-gpus``.
+        resume: ``--resume``: the checkpoint ``last_checkpoint`` names, if any, replaces the
+            initial weights.
+        eval_only: ``--eval-only``: the training sets are not read.
     """
-    keys = dict(
-        {"device": "MODEL.DEVICE", "output_dir": "OUTPUT_DIR", "weights": "MODEL.WEIGHTS"},
-        **(keys or {}),
-    )
-    check_devices(device, num_gpus, keys["device"])
+    keys = run_keys(cfg)
+    train, test = datasets_used(cfg)
+    if eval_only:
+        train = ()
+    output_dir = keys.value(cfg, keys.output_dir, "")
+    check_devices(keys.value(cfg, keys.device), num_gpus, keys)
     resume_file = _resume_file(output_dir) if resume and output_dir else None
     if resume_file is not None:
         if not os.path.isfile(resume_file):
@@ -167,51 +160,36 @@ def preflight(
                 "which does not exist; restore it, or start without --resume"
             )
     else:
-        check_weights(weights, keys["weights"])
-    check_datasets(list(test_datasets) + list(train_datasets))
-    validate_datasets(train_datasets, test_datasets, on_bad_data)
-    check_output_dir(output_dir, keys["output_dir"])
-
-
-def check_before_launch(args) -> None:
-    """:func:`preflight` for ``train_net.py``'s command line (a YAML or a LazyConfig file)."""
-    if is_lazy_config(args.config_file):
-        from . import lazy
-
-        try:
-            cfg = load_config(args.config_file, args.opts)
-        except FileNotFoundError as e:
-            raise ConfigFileNotFoundError(str(e)) from None
-        test = lazy.datasets_used(cfg, eval_only=True)
-        train = lazy.datasets_used(cfg, eval_only=False)[len(test) :]
-        keys = {"device": "train.device", "output_dir": "train.output_dir"}
-        keys["weights"] = "train.init_checkpoint"
-        run = dict(device=cfg.train.device, output_dir=cfg.train.output_dir, keys=keys)
-        run.update(weights=cfg.train.init_checkpoint)
-    else:
-        cfg = get_cfg(args.config_file, args.opts)
-        test, train = list(cfg.DATASETS.TEST), list(cfg.DATASETS.TRAIN)
-        run = dict(device=cfg.MODEL.DEVICE, output_dir=cfg.OUTPUT_DIR, weights=cfg.MODEL.WEIGHTS)
-        run.update(on_bad_data=cfg.DATASETS.DCNV2.ON_BAD_DATA)
-    preflight(
-        train_datasets=[] if args.eval_only else train,
-        test_datasets=test,
-        num_gpus=args.num_gpus,
-        resume=args.resume,
-        **run,
-    )
-    if not is_lazy_config(args.config_file) and _resume_file_or_none(args, cfg) is None:
+        check_weights(keys.value(cfg, keys.weights, ""), keys)
+    check_datasets(test + train)
+    validate_datasets(train, test, keys.value(cfg, keys.on_bad_data, "fail"))
+    check_output_dir(output_dir, keys)
+    if resume_file is None and isinstance(cfg, CfgNode):
         check_weights_fit(cfg)
 
 
-def _resume_file_or_none(args, cfg) -> Optional[str]:
-    return _resume_file(cfg.OUTPUT_DIR) if args.resume and cfg.OUTPUT_DIR else None
+def load_run_config(config_file: str, opts):
+    """The config ``train_net.py``'s command line names: a YAML config (``CfgNode``) or a
+    LazyConfig, with the command line's overrides."""
+    if not is_lazy_config(config_file):
+        return get_cfg(config_file, opts)
+    try:
+        return load_config(config_file, opts)
+    except FileNotFoundError as e:
+        raise ConfigFileNotFoundError(str(e)) from None
 
 
-def report_user_errors(main_func: Callable, *args):
+def check_before_launch(args) -> None:
+    """:func:`preflight` for ``train_net.py``'s command line."""
+    cfg = load_run_config(args.config_file, args.opts)
+    preflight(cfg, num_gpus=args.num_gpus, resume=args.resume, eval_only=args.eval_only)
+
+
+def report_user_errors(prog: str, main_func: Callable, *args):
     """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
-    one ``error: ...`` line, and the process exits with status ``USER_ERROR_EXIT`` (the launcher
-    then stops the others). With one process it propagates to the caller, the launching process."""
+    ``<prog>: error: ...`` (:func:`dcnv2.errors.report_user_error`), and the process exits with
+    status ``USER_ERROR_EXIT`` (the launcher then stops the others). With one process it
+    propagates to the caller, the launching process."""
     try:
         return main_func(*args)
     except USER_ERRORS as e:
@@ -221,5 +199,4 @@ def report_user_errors(main_func: Callable, *args):
             # Most such errors happen on every process: leave the report to the main one,
             # whose exit makes the launcher stop this one during the wait.
             time.sleep(5)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(report_user_error(prog, e))

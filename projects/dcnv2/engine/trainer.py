@@ -1,30 +1,33 @@
 """Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator,
 distributed training and mixed precision that also work on CPU (gloo, bfloat16)."""
 
-import contextlib
 import logging
 import os
+import weakref
 from typing import Optional
 
-import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
+import torch
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import dcnv2_checkpointer_in_d2_defaults
+from ..checkpoint import build_checkpointer
 from ..data.resumable import build_resumable_train_loader
+from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
 from ..solver import build_optimizer
-from .amp import amp_trainer
+from .amp import amp_loop
 from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
 
-__all__ = ["Trainer", "create_ddp_model"]
+__all__ = ["Trainer", "build_training_loop", "create_ddp_model", "explain_nonfinite_stop"]
 
 logger = logging.getLogger(__name__)
 
 
-def create_ddp_model(model, **kwargs):
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """detectron2's ``create_ddp_model`` that also accepts CPU models.
 
     detectron2 always passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
@@ -32,44 +35,61 @@ def create_ddp_model(model, **kwargs):
     """
     if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
         kwargs["device_ids"] = None
-    return _D2_CREATE_DDP_MODEL(model, **kwargs)
+    return d2_create_ddp_model(model, **kwargs)
 
 
-_D2_CREATE_DDP_MODEL = d2_defaults.create_ddp_model
-_D2_AMP_TRAINER = d2_defaults.AMPTrainer
+def build_training_loop(
+    model: torch.nn.Module,
+    data_loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    amp: bool,
+    max_nonfinite_skips: int = 0,
+    keys: RunKeys = YAML_KEYS,
+) -> SimpleTrainer:
+    """The training loop of the YAML :class:`Trainer` and of the LazyConfig loop.
 
+    detectron2's ``SimpleTrainer``, or with ``amp`` the mixed-precision loop for the model's
+    device (:func:`~dcnv2.engine.amp.amp_loop`), whose non-finite losses are checked on every
+    process before the optimizer step (:func:`~dcnv2.engine.hooks.guard_nonfinite_losses`).
 
-@contextlib.contextmanager
-def _device_agnostic_parts(cfg):
-    # DefaultTrainer.__init__ calls the module-level create_ddp_model and AMPTrainer (which
-    # asserts CUDA) and DetectionCheckpointer (unpickles anything); swap them only while the
-    # trainer is being built.
-    d2_defaults.create_ddp_model = create_ddp_model
-    d2_defaults.AMPTrainer = amp_trainer
-    try:
-        with dcnv2_checkpointer_in_d2_defaults(cfg):
-            yield
-    finally:
-        d2_defaults.create_ddp_model = _D2_CREATE_DDP_MODEL
-        d2_defaults.AMPTrainer = _D2_AMP_TRAINER
+    Args:
+        model: the (possibly DDP-wrapped) model, on its device.
+        data_loader, optimizer: as ``SimpleTrainer``.
+        amp: ``SOLVER.AMP.ENABLED`` / ``train.amp.enabled``.
+        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping.
+        keys: the config keys its messages name.
+    """
+    loop_class, kwargs = (
+        amp_loop(next(model.parameters()).device.type) if amp else (SimpleTrainer, {})
+    )
+    return guard_nonfinite_losses(loop_class)(
+        model,
+        data_loader,
+        optimizer,
+        max_nonfinite_skips=max_nonfinite_skips,
+        keys=keys,
+        **kwargs,
+    )
 
 
 def explain_nonfinite_stop(
-    error: NonFiniteLossError, checkpointer, period_option: str
+    error: NonFiniteLossError, checkpointer, keys: RunKeys = YAML_KEYS
 ) -> NonFiniteLossError:
     """``error`` with what the run left behind: the last checkpoint to ``--resume`` from (and
-    whether it may hold diverged weights), or that none was written (``period_option``)."""
+    whether it may hold diverged weights), or that none was written (``keys.checkpoint_period``).
+    """
     if checkpointer.has_checkpoint():
         kept = (
             f" The last checkpoint, {checkpointer.get_checkpoint_file()}, was written before "
             "this iteration and is unchanged: continue from it with --resume once the cause is "
             "fixed."
         )
-        if "diverged" in error.args[1:]:
+        if error.diverged:
             kept += " It may already hold diverged weights: if so, use an earlier one."
     else:
-        kept = f" No checkpoint had been written yet ({period_option})."
-    return NonFiniteLossError(str(error) + kept)
+        kept = f" No checkpoint had been written yet ({keys.checkpoint_period})."
+    return NonFiniteLossError(str(error) + kept, diverged=error.diverged)
 
 
 class Trainer(DefaultTrainer):
@@ -83,14 +103,38 @@ class Trainer(DefaultTrainer):
     together; ``DATASETS.DCNV2.ON_BAD_DATA`` for bad annotations and unreadable images."""
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
+        # checkpointer in place of the ones it builds.
+        TrainerBase.__init__(self)
         quiet_user_error_tracebacks()
-        with _device_agnostic_parts(cfg):
-            super().__init__(cfg)
-        # Whatever loop DefaultTrainer picked (plain, AMP, autocast): check the losses on every
-        # process before the optimizer step (dcnv2.engine.hooks). The subclass only adds methods.
-        self._trainer.__class__ = guard_nonfinite_losses(type(self._trainer))
-        skips = cfg.SOLVER.get("DCNV2", {}).get("MAX_NONFINITE_SKIPS", 0)
-        self._trainer.max_nonfinite_skips = skips
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        # Built in this order, as DefaultTrainer does.
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = build_training_loop(
+            model,
+            data_loader,
+            optimizer,
+            amp=cfg.SOLVER.AMP.ENABLED,
+            max_nonfinite_skips=YAML_KEYS.value(cfg, YAML_KEYS.max_nonfinite_skips, 0),
+            keys=YAML_KEYS,
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # Checkpoints are saved with the logs and statistics, in OUTPUT_DIR.
+        self.checkpointer = build_checkpointer(
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -107,7 +151,7 @@ class Trainer(DefaultTrainer):
         try:
             return super().train()
         except NonFiniteLossError as e:
-            raise explain_nonfinite_stop(e, self.checkpointer, "SOLVER.CHECKPOINT_PERIOD") from None
+            raise explain_nonfinite_stop(e, self.checkpointer, YAML_KEYS) from None
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -1,13 +1,30 @@
-"""What every ``tools/*.py`` script shares: bad input ends in one clear line, not a traceback."""
+"""What every ``tools/*.py`` script shares: the config arguments and their reading, weights
+loading, and bad input ending in one clear line (:mod:`dcnv2.errors`'s exit convention), not a
+traceback."""
 
 import argparse
-import sys
+import os
 from typing import Callable, Optional, Sequence
 
-__all__ = ["UserInputError", "run_cli", "tool_parser"]
+import torch
+
+from ..errors import USER_ERRORS, DCNv2Error, report_user_error
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "UserInputError",
+    "add_config_arguments",
+    "load_weights",
+    "run_cli",
+    "setup_cfg",
+    "tool_parser",
+]
+
+# The config a tool reads when --config-file is not given.
+DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
 
 
-class UserInputError(Exception):
+class UserInputError(DCNv2Error):
     """Something the user gave (a path, an option) is missing or unusable; the message says what
     was wrong and what was expected."""
 
@@ -22,12 +39,98 @@ def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
     )
 
 
-# Errors that come from what the user passed in; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (UserInputError, FileNotFoundError, IsADirectoryError, PermissionError)
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str = DEFAULT_CONFIG,
+    force: Optional[str] = None,
+) -> argparse.ArgumentParser:
+    """Add ``--config-file`` (a YAML path or the name of a shipped config), ``--opts`` (``KEY
+    VALUE`` overrides, the rest of the command line) and, when ``force`` names what it
+    overwrites, ``--force``.
+
+    Returns:
+        ``parser``.
+    """
+    parser.add_argument(
+        "--config-file",
+        default=default,
+        help=f"YAML path or name of a config shipped with dcnv2 (default: {default})",
+    )
+    if force is not None:
+        parser.add_argument("--force", action="store_true", help=f"overwrite {force}")
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth",
+    )
+    return parser
+
+
+def setup_cfg(
+    config_file: str,
+    opts: Sequence[str] = (),
+    confidence_threshold: float = 0.5,
+    device: str = "cpu",
+):
+    """The frozen config a tool runs a model of.
+
+    Args:
+        config_file: a YAML path, or the name of a config shipped with dcnv2.
+        opts: ``KEY VALUE ...`` overrides; they win over ``device``.
+        confidence_threshold: minimum score of a drawn / saved detection, in [0, 1].
+        device: ``MODEL.DEVICE`` unless ``opts`` sets it.
+
+    Raises:
+        UserInputError: unknown config, bad override, threshold out of range, or a local
+            ``MODEL.WEIGHTS`` file that does not exist.
+    """
+    from ..config import get_cfg
+
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise UserInputError(
+            f"--confidence-threshold must be in [0, 1], got {confidence_threshold}"
+        )
+    if len(opts) % 2:
+        raise UserInputError(f"--opts needs KEY VALUE pairs, got an odd number: {list(opts)}")
+    try:
+        cfg = get_cfg(config_file, ["MODEL.DEVICE", device, *opts])
+    except FileNotFoundError as e:
+        raise UserInputError(str(e)) from None
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UserInputError(f"bad config override in --opts {list(opts)}: {e}") from None
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
+    cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = confidence_threshold
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise UserInputError(f"MODEL.WEIGHTS file {weights!r} does not exist")
+    cfg.freeze()
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, cfg) -> None:
+    """Load ``cfg.MODEL.WEIGHTS`` into ``model`` with dcnv2's checkpointer, following the
+    config's ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS`` and ``ALLOW_SHAPE_MISMATCH`` ("" loads nothing).
+
+    Raises:
+        UserInputError: the file or URL cannot be read, does not fit, or is refused as unsafe.
+    """
+    from ..checkpoint import build_checkpointer
+
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        return
+    try:
+        build_checkpointer(cfg, model).load(weights)
+    except (OSError, DCNv2Error) as e:  # OSError: also a URL that cannot be fetched
+        raise UserInputError(f"cannot load MODEL.WEIGHTS {weights!r}: {e}") from None
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv=None, prog: str = "") -> int:
-    """Run ``main(argv)``; on a user error print ``prog: error: <message>`` and return 2.
+    """Run ``main(argv)``; on a user error (:data:`dcnv2.errors.USER_ERRORS`) print
+    ``prog: error: <message>`` and return 2 (:func:`dcnv2.errors.report_user_error`).
 
     Args:
         main: the tool's entry point; returns an exit code.
@@ -36,7 +139,5 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv=None, prog: str
     """
     try:
         return main(argv)
-    except _USER_ERRORS as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{prog or 'error'}: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(prog or "error", e)

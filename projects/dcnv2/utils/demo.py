@@ -1,9 +1,10 @@
 """Run a detector on images, folders of images and videos; draw the detections and optionally
-save them as COCO-format JSON. The logic of ``tools/demo.py``.
+save them as COCO-format JSON. The logic of ``tools/demo.py``; the config comes from
+:func:`dcnv2.utils.cli.setup_cfg`.
 
 Typical use::
 
-    cfg = setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "model.pth"])
+    cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "model.pth"])
     runner = DemoRunner(cfg)
     run_demo(runner, collect_inputs(["images/"]), "out/", json_path="out/detections.json")
 """
@@ -23,24 +24,16 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from ..checkpoint import (
-    DCNv2Checkpointer,
-    UnsafeCheckpointError,
-    dcnv2_checkpointer_in_d2_defaults,
-)
-from ..config import get_cfg
-from .cli import UserInputError
+from .cli import UserInputError, load_weights
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "DemoInput",
     "collect_inputs",
-    "setup_demo_cfg",
     "read_image",
     "iter_video_frames",
     "DemoRunner",
-    "load_weights",
     "instances_to_coco",
     "run_demo",
 ]
@@ -134,46 +127,6 @@ def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
     return inputs
 
 
-def setup_demo_cfg(
-    config_file: str,
-    opts: Sequence[str] = (),
-    confidence_threshold: float = 0.5,
-    device: str = "cpu",
-):
-    """The frozen config for inference.
-
-    Args:
-        config_file: a YAML path, or the name of a config shipped with dcnv2.
-        opts: ``KEY VALUE ...`` overrides; they win over ``device``.
-        confidence_threshold: minimum score of a drawn / saved detection, in [0, 1].
-        device: ``MODEL.DEVICE`` unless ``opts`` sets it.
-
-    Raises:
-        UserInputError: unknown config, bad override, threshold out of range, or a local
-            ``MODEL.WEIGHTS`` file that does not exist.
-    """
-    if not 0.0 <= confidence_threshold <= 1.0:
-        raise UserInputError(
-            f"--confidence-threshold must be in [0, 1], got {confidence_threshold}"
-        )
-    if len(opts) % 2:
-        raise UserInputError(f"--opts needs KEY VALUE pairs, got an odd number: {list(opts)}")
-    try:
-        cfg = get_cfg(config_file, ["MODEL.DEVICE", device, *opts])
-    except FileNotFoundError as e:
-        raise UserInputError(str(e)) from None
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserInputError(f"bad config override in --opts {list(opts)}: {e}") from None
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
-    cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = confidence_threshold
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise UserInputError(f"MODEL.WEIGHTS file {weights!r} does not exist")
-    cfg.freeze()
-    return cfg
-
-
 def read_image(path: str) -> np.ndarray:
     """An image file as a (H, W, 3) uint8 BGR array (EXIF orientation applied).
 
@@ -233,17 +186,21 @@ def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]
 class DemoRunner:
     """A ``DefaultPredictor`` plus the dataset metadata used to name and draw the classes.
 
+    The predictor is built without weights; ``MODEL.WEIGHTS`` is then loaded into its model
+    with dcnv2's checkpointer (:func:`~dcnv2.utils.cli.load_weights`).
+
     Args:
-        cfg: a config from :func:`setup_demo_cfg`.
+        cfg: a config from :func:`~dcnv2.utils.cli.setup_cfg`.
     """
 
     def __init__(self, cfg):
         self.cfg = cfg
-        try:
-            with dcnv2_checkpointer_in_d2_defaults(cfg):
-                self.predictor = DefaultPredictor(cfg)
-        except (OSError, UnsafeCheckpointError) as e:  # OSError: also a URL that cannot be fetched
-            raise UserInputError(f"cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: {e}") from None
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""
+        unloaded.freeze()
+        self.predictor = DefaultPredictor(unloaded)
+        load_weights(self.predictor.model, cfg)
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         self.metadata = MetadataCatalog.get(name)
 
@@ -255,24 +212,6 @@ class DemoRunner:
         """The image with the detections drawn, as an (H, W, 3) uint8 RGB array."""
         visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata)
         return visualizer.draw_instance_predictions(instances).get_image()
-
-
-def load_weights(model: torch.nn.Module, weights: str, *, allow_unsafe: bool = False) -> None:
-    """Load a checkpoint into ``model`` with dcnv2's checkpointer ("" loads nothing).
-
-    Args:
-        allow_unsafe: also load files that need arbitrary pickled objects
-            (``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``).
-
-    Raises:
-        UserInputError: the file or URL cannot be read, or it is refused as unsafe.
-    """
-    if not weights:
-        return
-    try:
-        DCNv2Checkpointer(model, allow_unsafe=allow_unsafe).load(weights)
-    except (OSError, UnsafeCheckpointError) as e:
-        raise UserInputError(f"cannot load MODEL.WEIGHTS {weights!r}: {e}") from None
 
 
 def coco_categories(metadata, num_classes: int) -> List[Dict]:
