@@ -159,10 +159,11 @@ def modulated_deform_conv(
 
 def _backend_call(name: str, native_impl: str):
     """fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg) running
-    backend ``name``: through the custom operator, except under ``torch.jit.trace`` (which
-    records the backend's own op, as TorchScript files and fvcore's counters expect) and for
-    "detectron2" (its own ``autograd.Function``)."""
-    if name in OP_BACKENDS and not torch.jit.is_tracing():
+    backend ``name``: through the custom operator, except under ``torch.jit.trace`` outside an
+    ONNX export (which records the backend's own op, as TorchScript files and fvcore's counters
+    expect) and for "detectron2" (its own ``autograd.Function``)."""
+    tracing = torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+    if name in OP_BACKENDS and not tracing:
 
         def op(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
             return ops.deform_conv2d(
