@@ -9,7 +9,14 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from dcnv2.layers import available_backends, modulated_deform_conv, native, native_cpp, native_torch
+from dcnv2.layers import (
+    available_backends,
+    backends,
+    modulated_deform_conv,
+    native,
+    native_cpp,
+    native_torch,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 IMPLS = ["torch"] + (["cpp"] if native_cpp.is_available() else [])
@@ -339,12 +346,15 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     native_cpp._warn_once.cache_clear()
 
 
-def test_environment_variable_selects_pytorch_kernels(monkeypatch):
-    monkeypatch.setenv("DCNV2_NATIVE_IMPL", "torch")
-    assert native._kernels(torch.zeros(1), "auto") is native_torch
-    monkeypatch.delenv("DCNV2_NATIVE_IMPL")
+def test_environment_variable_selects_pytorch_kernels():
+    # The environment is read once (at import) into what "auto" stands for.
+    chosen = backends.native_impl_from_environment({"DCNV2_NATIVE_IMPL": "torch"})
+    assert native._kernels(torch.zeros(1), chosen) is native_torch
+    chosen = backends.native_impl_from_environment({})
     expected = native_cpp if "cpp" in IMPLS else native_torch
-    assert native._kernels(torch.zeros(1), "auto") is expected
+    assert native._kernels(torch.zeros(1), chosen) is expected
+    with pytest.raises(ValueError, match="DCNV2_NATIVE_IMPL must be"):
+        backends.native_impl_from_environment({"DCNV2_NATIVE_IMPL": "fast"})
 
 
 @CUDA

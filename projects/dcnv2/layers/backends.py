@@ -10,23 +10,48 @@ Backends:
         ``detectron2._C`` imports (a from-source build of detectron2).
     ``"torchvision"``: ``torchvision.ops.deform_conv2d``; CPU and CUDA.
     ``"native"``: this package's implementation (``dcnv2.layers.native``) with detectron2's
-        exact CUDA semantics, forward and backward, on any device.
+        exact CUDA semantics, forward and backward, on any device. Its column kernels are
+        chosen by ``native_impl``: "cpp" (compiled, CPU float32/float64), "torch" (PyTorch ops)
+        or "auto" (cpp where it applies and builds). The environment variable
+        ``DCNV2_NATIVE_IMPL``, read once at import, replaces "auto".
+
+"native" and "torchvision" run inside the custom operator ``torch.ops.dcnv2.deform_conv2d``
+(:mod:`dcnv2.layers.ops`), which ``torch.compile`` and ``torch.export`` see as one node; each
+has a forward (``BACKENDS``) and a backward (``BACKWARDS``) without autograd of their own.
+"detectron2" stays detectron2's own ``autograd.Function``, called directly.
 """
 
 import functools
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+import os
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["available_backends", "get_backend", "resolve_backend", "BACKENDS"]
+__all__ = [
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "resolve_native_impl",
+    "native_impl_from_environment",
+    "BACKENDS",
+    "BACKWARDS",
+    "OP_BACKENDS",
+]
 
 logger = logging.getLogger(__name__)
 
-# name -> fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg) -> output
-# stride/padding/dilation are (h, w) int tuples; mask and bias may be None.
+# name -> fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg,
+# native_impl) -> output; stride/padding/dilation are (h, w) int tuples; mask and bias may be
+# None. The forward of the backends in OP_BACKENDS records no autograd graph.
 BackendFn = Callable[..., torch.Tensor]
 BACKENDS: Dict[str, BackendFn] = {}
+# name -> fn(grad_out, input, offset, mask, weight, stride, padding, dilation, groups, dg, needs,
+# native_impl) -> [grad_input, grad_offset, grad_mask, grad_weight, grad_bias], None where
+# ``needs`` (5 bools) is False.
+BACKWARDS: Dict[str, Callable[..., List[Optional[torch.Tensor]]]] = {}
+# Backends that run inside torch.ops.dcnv2.deform_conv2d.
+OP_BACKENDS = ("native", "torchvision")
 # Preference order of "auto" per device type; the first available one wins.
 _AUTO_ORDER = {"cuda": ("detectron2", "native", "torchvision"), "cpu": ("native", "torchvision")}
 
@@ -60,7 +85,18 @@ def _native_ops():
     return native
 
 
+# (name, device type) -> usable; a plain dict, so that torch.compile reads it as a constant.
+_SUPPORTED: Dict[Tuple[str, str], bool] = {}
+
+
 def _supports(name: str, device_type: str) -> bool:
+    key = (name, device_type)
+    if key not in _SUPPORTED:
+        _SUPPORTED[key] = _check_support(name, device_type)
+    return _SUPPORTED[key]
+
+
+def _check_support(name: str, device_type: str) -> bool:
     if name == "torchvision":
         return True
     if name == "detectron2":
@@ -119,12 +155,51 @@ def get_backend(name: str) -> BackendFn:
     return BACKENDS[name]
 
 
+def native_impl_from_environment(environ: Mapping[str, str] = os.environ) -> str:
+    """The native implementation that ``native_impl="auto"`` stands for: ``DCNV2_NATIVE_IMPL``
+    ("auto", "cpp" or "torch") when set, else "auto"."""
+    value = environ.get("DCNV2_NATIVE_IMPL", "auto") or "auto"
+    if value not in ("auto", "cpp", "torch"):
+        raise ValueError(f"DCNV2_NATIVE_IMPL must be 'auto', 'cpp' or 'torch', got {value!r}")
+    return value
+
+
+# Read once: the library never reads (or writes) the environment on a call.
+_NATIVE_IMPL_DEFAULT = native_impl_from_environment()
+
+
+def resolve_native_impl(native_impl: str) -> str:
+    """``native_impl`` with "auto" replaced by the environment's choice (see the module doc)."""
+    if native_impl not in ("auto", "cpp", "torch"):
+        raise ValueError(
+            f"Unknown native implementation {native_impl!r}; expected one of "
+            "('auto', 'cpp', 'torch')"
+        )
+    return _NATIVE_IMPL_DEFAULT if native_impl == "auto" else native_impl
+
+
+def traceable_backend(name: str) -> BackendFn:
+    """The backend as ``torch.jit.trace`` should record it (outside the custom operator): the
+    "torchvision" op, the "native" ``autograd.Function``, detectron2's function."""
+    if name == "native":
+
+        def native_function(input, offset, mask, weight, bias, *geometry, native_impl="auto"):
+            return _native_ops().deform_conv2d(
+                input, offset, mask, weight, bias, *geometry, impl=native_impl
+            )
+
+        return native_function
+    return BACKENDS[name]
+
+
 @register_backend("torchvision")
-def _torchvision_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+def _torchvision_backend(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, native_impl="auto"
+):
     # torchvision infers groups from the weight and deformable groups from the offset.
     from torchvision.ops import deform_conv2d
 
-    del groups, dg
+    del groups, dg, native_impl
     return deform_conv2d(
         input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
     )
@@ -140,7 +215,9 @@ def _square(name: str, value: Tuple[int, int]) -> int:
 
 
 @register_backend("detectron2")
-def _detectron2_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+def _detectron2_backend(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, native_impl="auto"
+):
     deform_conv, modulated_deform_conv = _detectron2_ops()
     # The CUDA kernels index raw memory: they need contiguous tensors.
     input, offset, weight = input.contiguous(), offset.contiguous(), weight.contiguous()
@@ -167,10 +244,54 @@ def _detectron2_backend(input, offset, mask, weight, bias, stride, padding, dila
     )
 
 
+def _torchvision_backward(
+    grad_out, input, offset, mask, weight, stride, padding, dilation, groups, dg, needs, native_impl
+):
+    import torchvision  # noqa: F401  (registers torchvision's ops)
+
+    del native_impl
+    use_mask = mask is not None
+    zeros = input.new_zeros(())
+    grads = torch.ops.torchvision._deform_conv2d_backward(
+        grad_out.contiguous(),
+        input.contiguous(),
+        weight.contiguous(),
+        offset.contiguous(),
+        mask.contiguous() if use_mask else zeros.expand(offset.shape[0], 0, *offset.shape[2:]),
+        zeros.expand(weight.shape[0]).contiguous(),
+        *stride,
+        *padding,
+        *dilation,
+        groups,
+        dg,
+        use_mask,
+    )
+    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = grads
+    ordered = [grad_input, grad_offset, grad_mask if use_mask else None, grad_weight, grad_bias]
+    return [g if need else None for g, need in zip(ordered, needs)]
+
+
+BACKWARDS["torchvision"] = _torchvision_backward
+
+
 # Registration of the native backend is deferred to first use (see _native_ops) so that an
 # import problem there never breaks ``import dcnv2``.
 @register_backend("native")
-def _native_backend(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
-    return _native_ops().deform_conv2d(
-        input, offset, mask, weight, bias, stride, padding, dilation, groups, dg
+def _native_backend(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, native_impl="auto"
+):
+    return _native_ops().forward(
+        input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, native_impl
     )
+
+
+def _native_backward(
+    grad_out, input, offset, mask, weight, stride, padding, dilation, groups, dg, needs, native_impl
+):
+    return _native_ops().backward(
+        grad_out, input, offset, mask, weight, stride, padding, dilation, groups, dg, needs,
+        native_impl,
+    )  # fmt: skip
+
+
+BACKWARDS["native"] = _native_backward

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .backends import get_backend, resolve_backend
+from . import ops
+from .backends import OP_BACKENDS, resolve_backend, resolve_native_impl, traceable_backend
 
 __all__ = ["modulated_deform_conv", "deform_conv", "ModulatedDeformConv", "DeformConv"]
 
@@ -98,6 +99,8 @@ def modulated_deform_conv(
     groups: int = 1,
     deformable_groups: int = 1,
     backend: str = "auto",
+    *,
+    native_impl: str = "auto",
 ) -> torch.Tensor:
     """Modulated deformable convolution (DCNv2); with ``mask=None``, DCNv1.
 
@@ -112,6 +115,8 @@ def modulated_deform_conv(
         groups (int): convolution groups (ResNeXt).
         deformable_groups (int): groups of input channels that share one offset field.
         backend (str): "auto", "detectron2", "native" or "torchvision".
+        native_impl (str): kernels of the "native" backend: "auto", "cpp" or "torch" (see
+            :mod:`dcnv2.layers.backends`).
 
     Returns:
         Tensor: (N, C_out, Ho, Wo), in the promoted floating dtype of the tensors (float16 and
@@ -138,7 +143,7 @@ def modulated_deform_conv(
                 out = out + t.sum().to(dtype) * 0
         return out
     name = resolve_backend(backend, input.device)
-    fn = get_backend(name)
+    fn = _backend_call(name, resolve_native_impl(native_impl))
     # The kernels need one dtype. Half precision runs in float32 and is rounded once at the end:
     # sampling coordinates in float16/bfloat16 are off by up to a pixel on large maps, and some
     # kernels have no bfloat16 version (the long-standing autocast failure of detectron2's op).
@@ -150,6 +155,25 @@ def modulated_deform_conv(
             out = fn(*args, stride, padding, dilation, groups, deformable_groups)
         return out.to(dtype)
     return fn(*tensors, stride, padding, dilation, groups, deformable_groups)
+
+
+def _backend_call(name: str, native_impl: str):
+    """fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg) running
+    backend ``name``: through the custom operator, except under ``torch.jit.trace`` outside an
+    ONNX export (which records the backend's own op, as TorchScript files and fvcore's counters
+    expect) and for "detectron2" (its own ``autograd.Function``)."""
+    tracing = torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+    if name in OP_BACKENDS and not tracing:
+
+        def op(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+            return ops.deform_conv2d(
+                input, offset, mask, weight, bias, list(stride), list(padding), list(dilation),
+                groups, dg, name, native_impl,
+            )  # fmt: skip
+
+        return op
+    fn = traceable_backend(name)
+    return lambda *args: fn(*args, native_impl=native_impl)
 
 
 def _result_dtype(input, offset, mask, weight, bias) -> torch.dtype:
@@ -189,6 +213,8 @@ def deform_conv(
     groups: int = 1,
     deformable_groups: int = 1,
     backend: str = "auto",
+    *,
+    native_impl: str = "auto",
 ) -> torch.Tensor:
     """Deformable convolution (DCNv1) with detectron2's ``deform_conv`` signature.
 
@@ -206,6 +232,7 @@ def deform_conv(
         groups,
         deformable_groups,
         backend,
+        native_impl=native_impl,
     )
 
 
@@ -224,6 +251,8 @@ class _DeformConvBase(nn.Module):
         norm: Optional[nn.Module] = None,
         activation=None,
         backend: str = "auto",
+        *,
+        native_impl: str = "auto",
     ):
         super().__init__()
         for name, value in (
@@ -256,6 +285,7 @@ class _DeformConvBase(nn.Module):
         self.norm = norm
         self.activation = activation
         self.backend = backend
+        self.native_impl = native_impl
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
         )
@@ -280,6 +310,7 @@ class _DeformConvBase(nn.Module):
             self.groups,
             self.deformable_groups,
             self.backend,
+            native_impl=self.native_impl,
         )
         if self.norm is not None:
             x = self.norm(x)
@@ -294,11 +325,13 @@ class _DeformConvBase(nn.Module):
             f"dilation={self.dilation}, groups={self.groups}, "
             f"deformable_groups={self.deformable_groups}, bias={self.with_bias}, "
             f"backend={self.backend!r}"
+            + (f", native_impl={self.native_impl!r}" if self.native_impl != "auto" else "")
         )
 
 
 class ModulatedDeformConv(_DeformConvBase):
-    """Modulated deformable convolution (DCNv2), detectron2's constructor plus ``backend``.
+    """Modulated deformable convolution (DCNv2), detectron2's constructor plus ``backend`` and
+    ``native_impl`` (see :func:`modulated_deform_conv`).
 
     ``forward(x, offset, mask)``: x (N, C_in, H, W), offset (N, 2*G*kh*kw, Ho, Wo),
     mask (N, G*kh*kw, Ho, Wo); returns (N, C_out, Ho, Wo) after ``norm`` and ``activation``.
@@ -326,6 +359,8 @@ class DeformConv(_DeformConvBase):
         norm: Optional[nn.Module] = None,
         activation=None,
         backend: str = "auto",
+        *,
+        native_impl: str = "auto",
     ):
         super().__init__(
             in_channels,
@@ -340,6 +375,7 @@ class DeformConv(_DeformConvBase):
             norm,
             activation,
             backend,
+            native_impl=native_impl,
         )
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

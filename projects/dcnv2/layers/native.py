@@ -21,15 +21,14 @@ positions, of at most ``_CHUNK_ELEMENTS`` elements, so the peak does not grow wi
 the image size.
 """
 
-import os
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import native_torch
 
-__all__ = ["deform_conv2d"]
+__all__ = ["deform_conv2d", "forward", "backward", "IMPLS"]
 
 Pair = Tuple[int, int]
 
@@ -44,8 +43,6 @@ def _kernels(t: torch.Tensor, impl: str):
     """The column-kernel module to use for tensors like ``t``."""
     if impl not in IMPLS:
         raise ValueError(f"Unknown native implementation {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        impl = os.environ.get("DCNV2_NATIVE_IMPL", "auto")
     cpp_ok = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
     if impl == "torch" or (impl == "auto" and not cpp_ok):
         return native_torch
@@ -88,7 +85,7 @@ def deform_conv2d(
         stride, padding, dilation ((int, int)): vertical and horizontal.
         groups, deformable_groups (int): convolution and offset groups.
         impl (str): "auto" (compiled kernels on CPU when they build, else PyTorch ops), "cpp"
-            or "torch". The environment variable ``DCNV2_NATIVE_IMPL`` overrides "auto".
+            or "torch".
 
     Returns:
         Tensor: (N, C_out, Ho, Wo).
@@ -153,102 +150,173 @@ def _image_groups(images: slice, groups: int, group_out: int):
 
 
 class _DeformConv2d(torch.autograd.Function):
-    """im2col into channels-last columns (n, Pc, G, K, C/G) and one matmul per image and group
-    against the weight as (G, C_out/G, K*C/G); the matmuls take the columns transposed, so the
-    output comes out (N, C_out, Ho*Wo) without a copy."""
-
     @staticmethod
     def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-        offset = offset.contiguous()
-        mask = None if mask is None else mask.contiguous()
         ctx.conf = (stride, padding, dilation, groups, dg, kernels)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, offset, mask, weight)
-        n, c = x.shape[:2]
-        c_out, cg, kh, kw = weight.shape
-        ho, wo = offset.shape[2:]
-        geometry = ((kh, kw), stride, padding, dilation, dg, groups)
-        w = _weight_rows(weight, groups)
-        cog = c_out // groups
-        out = x.new_empty(n, c_out, ho * wo)
-        xp = _pad_channels_last(x)
-        for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
-            m = None if mask is None else mask[sl]
-            cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
-            cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
-            for i, b, grp, rows in _image_groups(sl, groups, cog):
-                _mm(w[grp], cols[i, :, grp].t(), out[b, rows, p0:p1])
-            del cols
-        out = out.view(n, c_out, ho, wo)
-        if bias is not None:
-            out += bias.view(1, -1, 1, 1)
-        return out
+        return _forward(
+            x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels
+        )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, offset, mask, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, dg, kernels = ctx.conf
-        need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
-        need_mask = need_mask and mask is not None
-        need_coord = need_offset or need_mask
-        n, c = x.shape[:2]
-        c_out, cg, kh, kw = weight.shape
-        ho, wo = offset.shape[2:]
-        geometry = ((kh, kw), stride, padding, dilation, dg, groups)
-        w = _weight_rows(weight, groups)
-        cog = c_out // groups
-        go_all = grad_out.contiguous().view(n, c_out, ho * wo)
-        xp = _pad_channels_last(x)
-        grad_xp = torch.zeros_like(xp) if need_x else None
-        grad_offset = offset.new_empty(n, offset.shape[1], ho * wo) if need_offset else None
-        grad_mask = mask.new_empty(n, mask.shape[1], ho * wo) if need_mask else None
-        grad_w = torch.zeros_like(w) if need_weight else None
-        for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
-            m = None if mask is None else mask[sl]
-            pc = p1 - p0
-            if need_x or need_coord:
-                grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-                for i, b, grp, rows in _image_groups(sl, groups, cog):
-                    _mm(go_all[b, rows, p0:p1].t(), w[grp], grad_cols[i, :, grp])
-                # One pass gives the input gradient (into grad_xp), the offset and mask
-                # gradients, and the columns for the weight gradient.
-                g_offset, g_mask, cols = kernels.backward(
-                    xp[sl],
-                    offset[sl],
-                    m,
-                    grad_cols.view(grad_cols.shape[0], pc, -1),
-                    *geometry,
-                    p0,
-                    p1,
-                    grad_xp[sl] if need_x else None,
-                    need_coord,
-                    need_weight,
-                )
-                del grad_cols
-            elif need_weight:
-                cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
-            if need_offset:
-                grad_offset[sl, :, p0:p1] = g_offset
-            if need_mask:
-                grad_mask[sl, :, p0:p1] = g_mask
-            if need_weight:
-                cols = cols.view(cols.shape[0], pc, groups, -1)
-                for i, b, grp, rows in _image_groups(sl, groups, cog):
-                    grad_w[grp].addmm_(go_all[b, rows, p0:p1], cols[i, :, grp])
-                del cols  # at most two column-sized tensors alive at once
-        grad_x = None
-        if need_x:
-            # The padding collected corners outside the image, which detectron2 drops.
-            grad_x = kernels.crop_channels_first(grad_xp)
+        needs = list(ctx.needs_input_grad[:5])
+        needs[4] = needs[4] and ctx.has_bias
+        grads = _backward(grad_out, x, offset, mask, weight, *ctx.conf, needs)
+        return tuple(grads) + (None,) * 6
+
+
+def forward(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    deformable_groups: int,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The forward computation of :func:`deform_conv2d`, without autograd: same arguments and
+    result. The custom operator ``torch.ops.dcnv2.deform_conv2d`` calls it."""
+    kernels = _kernels(input, impl)
+    geometry = (tuple(stride), tuple(padding), tuple(dilation))
+    return _forward(
+        input, offset, mask, weight, bias, *geometry, groups, deformable_groups, kernels
+    )
+
+
+def backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    deformable_groups: int,
+    needs: Sequence[bool],
+    impl: str = "auto",
+) -> List[Optional[torch.Tensor]]:
+    """Gradients of :func:`forward`.
+
+    Args:
+        grad_out (Tensor): (N, C_out, Ho, Wo).
+        input, offset, mask, weight: the forward's tensors (mask may be None).
+        stride, padding, dilation, groups, deformable_groups: the forward's geometry.
+        needs (5 bools): which of the gradients of input, offset, mask, weight, bias to compute.
+        impl (str): as in :func:`deform_conv2d`.
+
+    Returns:
+        list: [grad_input, grad_offset, grad_mask, grad_weight, grad_bias], shaped like the
+        forward's tensors (grad_bias: (C_out,)); None where not needed.
+    """
+    kernels = _kernels(input, impl)
+    geometry = (tuple(stride), tuple(padding), tuple(dilation))
+    return _backward(
+        grad_out, input, offset, mask, weight, *geometry, groups, deformable_groups, kernels, needs
+    )
+
+
+def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
+    """im2col into channels-last columns (n, Pc, G, K, C/G) and one matmul per image and group
+    against the weight as (G, C_out/G, K*C/G); the matmuls take the columns transposed, so the
+    output comes out (N, C_out, Ho*Wo) without a copy."""
+    offset = offset.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    n, c = x.shape[:2]
+    c_out, cg, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+    geometry = ((kh, kw), stride, padding, dilation, dg, groups)
+    w = _weight_rows(weight, groups)
+    cog = c_out // groups
+    out = x.new_empty(n, c_out, ho * wo)
+    xp = _pad_channels_last(x)
+    for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
+        m = None if mask is None else mask[sl]
+        cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
+        cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
+        for i, b, grp, rows in _image_groups(sl, groups, cog):
+            _mm(w[grp], cols[i, :, grp].t(), out[b, rows, p0:p1])
+        del cols
+    out = out.view(n, c_out, ho, wo)
+    if bias is not None:
+        out += bias.view(1, -1, 1, 1)
+    return out
+
+
+def _backward(
+    grad_out, x, offset, mask, weight, stride, padding, dilation, groups, dg, kernels, needs
+):
+    need_x, need_offset, need_mask, need_weight, need_bias = needs
+    offset = offset.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    need_mask = need_mask and mask is not None
+    need_coord = need_offset or need_mask
+    n, c = x.shape[:2]
+    c_out, cg, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+    geometry = ((kh, kw), stride, padding, dilation, dg, groups)
+    w = _weight_rows(weight, groups)
+    cog = c_out // groups
+    go_all = grad_out.contiguous().view(n, c_out, ho * wo)
+    xp = _pad_channels_last(x)
+    grad_xp = torch.zeros_like(xp) if need_x else None
+    grad_offset = offset.new_empty(n, offset.shape[1], ho * wo) if need_offset else None
+    grad_mask = mask.new_empty(n, mask.shape[1], ho * wo) if need_mask else None
+    grad_w = torch.zeros_like(w) if need_weight else None
+    for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
+        m = None if mask is None else mask[sl]
+        pc = p1 - p0
+        if need_x or need_coord:
+            grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
+            for i, b, grp, rows in _image_groups(sl, groups, cog):
+                _mm(go_all[b, rows, p0:p1].t(), w[grp], grad_cols[i, :, grp])
+            # One pass gives the input gradient (into grad_xp), the offset and mask
+            # gradients, and the columns for the weight gradient.
+            g_offset, g_mask, cols = kernels.backward(
+                xp[sl],
+                offset[sl],
+                m,
+                grad_cols.view(grad_cols.shape[0], pc, -1),
+                *geometry,
+                p0,
+                p1,
+                grad_xp[sl] if need_x else None,
+                need_coord,
+                need_weight,
+            )
+            del grad_cols
+        elif need_weight:
+            cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
         if need_offset:
-            grad_offset = grad_offset.view_as(offset)
+            grad_offset[sl, :, p0:p1] = g_offset
         if need_mask:
-            grad_mask = grad_mask.view_as(mask)
+            grad_mask[sl, :, p0:p1] = g_mask
         if need_weight:
-            grad_w = grad_w.view(groups, cog, kh * kw, cg).transpose(2, 3).reshape_as(weight)
-        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and need_bias else None
-        return (grad_x, grad_offset, grad_mask, grad_w, grad_bias) + (None,) * 6
+            cols = cols.view(cols.shape[0], pc, groups, -1)
+            for i, b, grp, rows in _image_groups(sl, groups, cog):
+                grad_w[grp].addmm_(go_all[b, rows, p0:p1], cols[i, :, grp])
+            del cols  # at most two column-sized tensors alive at once
+    grad_x = None
+    if need_x:
+        # The padding collected corners outside the image, which detectron2 drops.
+        grad_x = kernels.crop_channels_first(grad_xp)
+    if need_offset:
+        grad_offset = grad_offset.view_as(offset)
+    if need_mask:
+        grad_mask = grad_mask.view_as(mask)
+    if need_weight:
+        grad_w = grad_w.view(groups, cog, kh * kw, cg).transpose(2, 3).reshape_as(weight)
+    grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
+    return [grad_x, grad_offset, grad_mask, grad_w, grad_bias]
 
 
 def _weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:

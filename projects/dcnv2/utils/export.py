@@ -1,58 +1,112 @@
-"""Export dcnv2 models: TorchScript of the whole detector, ONNX of the backbone + FPN.
+"""Export dcnv2 models: ONNX of the whole detector or of the backbone + FPN, TorchScript.
 
-* TorchScript: detectron2's ``TracingAdapter`` flattens the detector's ``list[dict]`` inputs and
-  ``Instances`` outputs so ``torch.jit.trace`` can record it. The deformable convs are traced
-  with the "torchvision" backend, whose op (``torchvision::deform_conv2d``) is registered with
-  TorchScript and saved in the file; the "native" backend is a Python ``autograd.Function``,
-  which TorchScript cannot save. Loading the file needs ``import torchvision``. The trace is
-  specialised to the traced image size's control flow, as every traced detectron2 model is.
-* ONNX: the backbone + FPN (image tensor in, one tensor per FPN level out) exported with
-  ``torch.onnx.export(dynamo=True)`` through the "native" backend's PyTorch-op implementation,
-  so the graph has standard ONNX operators only (Gather/Where/MatMul...); fixed input size.
+* ONNX, detector (:func:`export_detector_onnx`): detectron2's ``TracingAdapter`` flattens the
+  detector's ``list[dict]`` input and ``Instances`` output, and ``torch.onnx.export``'s
+  TorchScript-based exporter records it with dynamic image height and width. Every deformable
+  conv (the custom operator ``torch.ops.dcnv2.deform_conv2d``) becomes one standard ONNX
+  ``DeformConv`` node (opset >= 19, with the DCNv2 mask input); post-processing (box decoding,
+  NMS, RoIAlign, top-k) is exported the way detectron2's own ONNX export does it, through
+  standard operators. No custom ONNX operator: onnxruntime >= 1.32 runs the file as is.
+* ONNX, backbone + FPN (:func:`export_backbone_onnx`): the same with ``DeformConv`` nodes, or
+  ``deform_op="decomposed"`` for runtimes without ``DeformConv``: the native backend's
+  PyTorch-op implementation (Gather/Where/MatMul...) through ``torch.onnx.export(dynamo=True)``,
+  at the one input size it was exported with.
+* TorchScript (:func:`trace_detector`): ``torch.jit.trace`` of the ``TracingAdapter``, the
+  deformable convs through torchvision's registered op (``torchvision::deform_conv2d``): load
+  the file after ``import torchvision``. Specialised to the traced image size's control flow,
+  as every traced detectron2 model is.
+
+A model with modulated deformable RoI pooling (``dcnv2.layers.mdpool``) cannot be exported:
+:class:`ExportError`.
 """
 
 import contextlib
-import os
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..layers import DeformConv, ModulatedDeformConv
+from ..errors import DCNv2Error
+from ..layers import DeformConv, ModulatedDeformConv, ModulatedDeformRoIAlign
 
 __all__ = [
+    "ExportError",
+    "ONNX_OPSET",
     "deform_backend",
     "trace_detector",
     "detector_outputs",
     "BackboneForExport",
     "export_backbone_onnx",
+    "export_detector_onnx",
+    "detector_output_names",
+    "onnx_detections",
+    "onnx_session",
     "run_onnx",
     "onnx_operators",
+    "compare_detections",
+    "relative_errors",
 ]
+
+# The first opset with DeformConv.
+ONNX_OPSET = 19
+
+
+class ExportError(DCNv2Error, ValueError):
+    """A model (or a part of it) that the chosen export format cannot represent."""
 
 
 @contextlib.contextmanager
-def deform_backend(model: nn.Module, backend: str, native_impl: str = "") -> Iterator[None]:
+def deform_backend(model: nn.Module, backend: str, native_impl: str = "auto") -> Iterator[None]:
     """Temporarily run every deformable conv of ``model`` with ``backend`` (and, for "native",
-    the implementation ``native_impl``: "torch" or "cpp"), restoring them afterwards."""
+    the kernels ``native_impl``: "auto", "torch" or "cpp"), restoring them afterwards."""
     convs = [m for m in model.modules() if isinstance(m, (DeformConv, ModulatedDeformConv))]
-    saved = [m.backend for m in convs]
-    saved_env = os.environ.get("DCNV2_NATIVE_IMPL")
+    saved = [(m.backend, m.native_impl) for m in convs]
     try:
         for m in convs:
-            m.backend = backend
-        if native_impl:
-            os.environ["DCNV2_NATIVE_IMPL"] = native_impl
+            m.backend, m.native_impl = backend, native_impl
         yield
     finally:
-        for m, b in zip(convs, saved):
-            m.backend = b
-        if native_impl:
-            if saved_env is None:
-                os.environ.pop("DCNV2_NATIVE_IMPL", None)
-            else:
-                os.environ["DCNV2_NATIVE_IMPL"] = saved_env
+        for m, (b, impl) in zip(convs, saved):
+            m.backend, m.native_impl = b, impl
+
+
+def _check_exportable(model: nn.Module) -> None:
+    if any(isinstance(m, ModulatedDeformRoIAlign) for m in model.modules()):
+        raise ExportError(
+            "This model uses modulated deformable RoI pooling (MODEL.DCNV2 mdpool), which has "
+            "no ONNX export; export a model without it (e.g. faster_rcnn_R50_mdconv_FPN_1x)"
+        )
+
+
+def _deform_conv_symbolic(
+    g, x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, backend, impl
+):
+    """dcnv2::deform_conv2d -> ONNX DeformConv(X, W, offset, B, mask)."""
+    from torch.onnx import symbolic_helper as sh
+
+    stride, padding, dilation = (sh._get_const(v, "is", n) for v, n in (
+        (stride, "stride"), (padding, "padding"), (dilation, "dilation")))  # fmt: skip
+    groups, dg = sh._get_const(groups, "i", "groups"), sh._get_const(dg, "i", "groups")
+    if sh._is_none(bias):
+        # DeformConv's optional inputs are positional: B comes before mask.
+        bias = g.op("Constant", value_t=torch.zeros(sh._get_tensor_sizes(weight)[0]))
+    inputs = [x, weight, offset, bias] + ([] if sh._is_none(mask) else [mask])
+    return g.op(
+        "DeformConv",
+        *inputs,
+        dilations_i=list(dilation),
+        group_i=groups,
+        offset_group_i=dg,
+        pads_i=list(padding) * 2,
+        strides_i=list(stride),
+    )
+
+
+def _register_symbolic(opset: int) -> None:
+    if opset < ONNX_OPSET:
+        raise ValueError(f"ONNX DeformConv needs opset >= {ONNX_OPSET}, got {opset}")
+    torch.onnx.register_custom_op_symbolic("dcnv2::deform_conv2d", _deform_conv_symbolic, opset)
 
 
 def trace_detector(model: nn.Module, inputs: List[Dict]) -> Tuple[torch.jit.ScriptModule, object]:
@@ -108,36 +162,164 @@ class BackboneForExport(nn.Module):
         return tuple(features[name] for name in self.output_names)
 
 
-def export_backbone_onnx(model: nn.Module, image: torch.Tensor, path: str) -> List[str]:
-    """Export ``BackboneForExport(model)`` to ONNX at ``image``'s size.
+def _onnx_export_traced(module, args, path, input_names, output_names, dynamic_axes, opset):
+    """torch.onnx.export's TorchScript-based exporter, deformable convs as DeformConv."""
+    _register_symbolic(opset)
+    with deform_backend(module, "native"), torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            path,
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+        )
+
+
+def _decompose_deform_conv(
+    input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, *names
+):
+    """dcnv2::deform_conv2d as functional PyTorch ops (the native backend's sampling, then one
+    einsum), for graphs without the custom operator."""
+    from ..layers import native, native_torch
+
+    n = input.shape[0]
+    c_out, _, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+    xp = nn.functional.pad(input, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()
+    geometry = ((kh, kw), tuple(stride), tuple(padding), tuple(dilation), dg)
+    # native_torch.im2col without its in-place updates (decompositions must be functional).
+    taps = native_torch._taps(xp, offset, mask, *geometry[:5], slice(0, ho * wo))
+    flat = native_torch._flat(xp, dg)
+    v = sum(flat.gather(1, index) * w for index, w in native_torch._corners(xp, taps, dg))
+    if taps.mask is not None:
+        v = v * taps.mask.reshape(n, -1, dg, 1)
+    cols = native_torch._to_columns(v.view(n, ho * wo, kh * kw, input.shape[1]), groups)
+    cols = cols.view(n, ho * wo, groups, -1)
+    out = torch.einsum("npgk,gok->ngop", cols, native._weight_rows(weight, groups))
+    out = out.reshape(n, c_out, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def export_backbone_onnx(
+    model: nn.Module,
+    image: torch.Tensor,
+    path: str,
+    *,
+    deform_op: str = "DeformConv",
+    opset: int = ONNX_OPSET,
+) -> List[str]:
+    """Export ``BackboneForExport(model)`` to ONNX.
 
     Args:
         model: a detector with ``backbone``, ``pixel_mean``, ``pixel_std`` (eval mode).
-        image: (1, 3, H, W) example input.
+        image: (1, 3, H, W) example input, 0-255, in ``cfg.INPUT.FORMAT`` channel order.
         path: the .onnx file to write.
+        deform_op: "DeformConv" (standard ONNX nodes; the file takes any H and W that are
+            multiples of the backbone's ``size_divisibility``) or "decomposed" (gathers and
+            matmuls, for runtimes without DeformConv; the file takes only ``image``'s size).
+        opset: ONNX opset, >= 19 for "DeformConv".
 
     Returns:
-        list[str]: output names (the FPN levels, e.g. p2..p6).
+        list[str]: output names (the FPN levels, e.g. p2..p6). The file's input is "image"
+        (1, 3, H, W) and its outputs are those levels, (1, C, H / stride, W / stride) each.
     """
     module = BackboneForExport(model).eval()
+    _check_exportable(module)
+    names = module.output_names
+    if deform_op == "DeformConv":
+        axes = {"image": {2: "height", 3: "width"}}
+        axes.update({n: {2: f"{n}_height", 3: f"{n}_width"} for n in names})
+        _onnx_export_traced(module, (image,), path, ["image"], names, axes, opset)
+        return names
+    if deform_op != "decomposed":
+        raise ValueError(f"deform_op must be 'DeformConv' or 'decomposed', got {deform_op!r}")
     with deform_backend(module, "native", native_impl="torch"), torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            (image,),
-            dynamo=True,
-            input_names=["image"],
-            output_names=module.output_names,
-            verbose=False,
+        program = torch.export.export(module, (image,))
+        program = program.run_decompositions(
+            {torch.ops.dcnv2.deform_conv2d.default: _decompose_deform_conv}
         )
-    program.save(path)
-    return module.output_names
+        onnx_program = torch.onnx.export(
+            program, (image,), dynamo=True, input_names=["image"], output_names=names
+        )
+    onnx_program.save(path)
+    return names
+
+
+class _DetectorInference:
+    """The TracingAdapter's inference function: one image tensor in, ``Instances`` out, in the
+    coordinates of the (unresized) input image."""
+
+    def __call__(self, model: nn.Module, image: torch.Tensor):
+        if hasattr(model, "roi_heads"):  # GeneralizedRCNN: masks stay (R, 1, 28, 28)
+            return model.inference([{"image": image}], do_postprocess=False)[0]
+        return model([{"image": image}])[0]["instances"]
+
+
+def detector_output_names(instances) -> List[str]:
+    """Names of the exported detector's outputs, in the TracingAdapter's flattening order: the
+    ``Instances`` fields sorted by name (``pred_boxes`` as its (R, 4) tensor), then
+    ``image_size``."""
+    return sorted(instances.get_fields()) + ["image_size"]
+
+
+def export_detector_onnx(
+    model: nn.Module, image: torch.Tensor, path: str, *, opset: int = ONNX_OPSET
+) -> Tuple[List[str], object]:
+    """Export a whole detector (``GeneralizedRCNN`` or ``RetinaNet``, eval mode) to ONNX, every
+    deformable conv as one ``DeformConv`` node.
+
+    The file's input is ``image``: (3, H, W) float32, 0-255, in ``cfg.INPUT.FORMAT`` channel
+    order, not resized (resize before, as ``DefaultPredictor`` does), H and W any multiples of
+    the backbone's ``size_divisibility`` (32 for FPN). Its outputs, for R detections
+    (``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` and ``TEST.DETECTIONS_PER_IMAGE`` applied):
+    ``pred_boxes`` (R, 4) float x0, y0, x1, y1 in input pixels, ``pred_classes`` (R,) int64,
+    ``scores`` (R,) float, ``pred_masks`` (R, 1, 28, 28) mask probabilities per box for
+    Mask R-CNN (to paste into the image as detectron2's ``paste_masks_in_image`` does), and
+    ``image_size`` (2,) int64 (H, W).
+
+    Args:
+        model: the detector, eval mode.
+        image: (3, H, W) example image.
+        path: the .onnx file to write.
+        opset: ONNX opset, >= 19.
+
+    Returns:
+        (output names, adapter): ``adapter.outputs_schema`` rebuilds ``Instances`` from the
+        outputs of a run (see :func:`onnx_detections`).
+    """
+    from detectron2.export import TracingAdapter
+
+    _check_exportable(model)
+    adapter = TracingAdapter(model, (image,), _DetectorInference()).eval()
+    with torch.no_grad():
+        instances = _DetectorInference()(model, image)
+    names = detector_output_names(instances)
+    axes = {"image": {1: "height", 2: "width"}}
+    axes.update({n: {0: "detections"} for n in names if n != "image_size"})
+    _onnx_export_traced(adapter, adapter.flattened_inputs, path, ["image"], names, axes, opset)
+    return names, adapter
+
+
+def onnx_detections(session, adapter, image: torch.Tensor):
+    """Run an exported detector (an onnxruntime ``InferenceSession``) on one (3, H, W) image and
+    rebuild its ``Instances``."""
+    outputs = session.run(None, {"image": image.numpy().astype(np.float32)})
+    return adapter.outputs_schema([torch.from_numpy(o) for o in outputs])
+
+
+def onnx_session(path: str):
+    """An onnxruntime CPU ``InferenceSession`` of an ONNX file."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(path: str, image: np.ndarray) -> List[np.ndarray]:
     """Run an exported backbone in onnxruntime (CPU) on a (1, 3, H, W) float32 image."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     name = session.get_inputs()[0].name
     return session.run(None, {name: image.astype(np.float32)})
 
@@ -162,3 +344,49 @@ def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
     for function in model.functions:
         visit(function.node)
     return counts
+
+
+def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str, float]:
+    """Match two ``Instances`` one to one after the same score threshold: each expected
+    detection, by decreasing score, takes the unmatched detection of ``got`` with its class
+    whose box is closest (so that two near-equal scores listed in either order still match).
+
+    Returns:
+        dict: ``count`` (expected detections kept), ``count_other`` (``got``'s), ``unmatched``
+        (expected detections without a partner of their class), ``max_box_diff`` (pixels, over
+        the pairs) and ``max_score_diff``; the differences are inf when anything is unmatched.
+    """
+    kept = []
+    for inst in (got, expected):
+        keep = inst.scores >= score_threshold
+        kept.append((inst.scores[keep], inst.pred_classes[keep], inst.pred_boxes.tensor[keep]))
+    (s1, c1, b1), (s0, c0, b0) = kept
+    free = torch.ones(len(s1), dtype=torch.bool)
+    box_diff, score_diff, unmatched = 0.0, 0.0, 0
+    for i in s0.argsort(descending=True, stable=True).tolist():
+        candidates = (free & (c1 == c0[i])).nonzero().flatten()
+        if len(candidates) == 0:
+            unmatched += 1
+            continue
+        diffs = (b1[candidates] - b0[i]).abs().max(dim=1).values
+        j = int(candidates[int(diffs.argmin())])
+        free[j] = False
+        box_diff = max(box_diff, float(diffs.min()))
+        score_diff = max(score_diff, float((s1[j] - s0[i]).abs()))
+    if unmatched or len(s0) != len(s1):
+        box_diff = score_diff = float("inf")
+    return {
+        "count": len(s0),
+        "count_other": len(s1),
+        "unmatched": unmatched,
+        "max_box_diff": box_diff,
+        "max_score_diff": score_diff,
+    }
+
+
+def relative_errors(got: Sequence[np.ndarray], expected: Sequence[torch.Tensor]) -> List[float]:
+    """max |got - expected| / max |expected| per output."""
+    return [
+        float(np.abs(g - e.numpy()).max() / max(float(e.abs().max()), 1e-12))
+        for g, e in zip(got, expected)
+    ]
