@@ -127,14 +127,17 @@ install_from() {  # $1: folder made by --download-wheels
     log "warning: no detectron2 (set DETECTRON2_SRC, or download with DCNV2_D2_WHEEL=1)"
   fi
   log "installing dcnv2 (editable, no dependencies)"
-  if ! "${pip[@]}" --no-deps --no-build-isolation -e "$ROOT" 2>"$dir/.dcnv2-install.log"; then
+  local pip_log
+  pip_log="$(mktemp)"
+  if ! "${pip[@]}" --no-deps --no-build-isolation -e "$ROOT" 2>"$pip_log"; then
     # An older setuptools without the wheel package cannot build editable installs offline:
     # a .pth file puts the package on the path all the same.
     local purelib
     purelib="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$ROOT/projects" > "$purelib/dcnv2-source.pth"
-    log "editable install unavailable here ($(tail -n 1 "$dir/.dcnv2-install.log")); added $purelib/dcnv2-source.pth"
+    log "editable install unavailable here ($(grep -m 1 -i "error: " "$pip_log" | sed 's/^ *//')); added $purelib/dcnv2-source.pth"
   fi
+  rm -f "$pip_log"
 }
 
 MODE="" MODE_DIR="" PY_VERSION=""
