@@ -121,6 +121,9 @@ def check_environment(ctx: Dict) -> Dict:
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         env["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
         env["cuda_arch_list"] = torch.cuda.get_arch_list()
+        # TF32 would change float32 results of the matmul-based native backend and of conv2d.
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total"
         proc = subprocess.run(
@@ -380,7 +383,7 @@ def check_speed(ctx: Dict) -> Dict:
         precisions = [torch.float32, torch.float16, torch.bfloat16]
     else:
         precisions = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    warmup, repeats, cap = (1, 2, 0.5) if quick else (3, 10, 2.0)
+    warmup, repeats, cap = (1, 2, 0.5) if quick else (3, 10, 1.5)
     methods = ["conv2d"] + available_backends(device)
     plan = [
         (p, s, b, m) for p in precisions for s in shapes for b in batches for m in methods
