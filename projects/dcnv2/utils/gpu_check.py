@@ -88,6 +88,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _safe(fn: Callable):
+    """``fn()``, or the error it raised as text: one missing fact must not lose the others."""
+    try:
+        return fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
 # --- environment -------------------------------------------------------------------------------
 
 
@@ -103,7 +111,7 @@ def check_environment(ctx: Dict) -> Dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn": _safe(torch.backends.cudnn.version),
         "torchvision": torchvision.__version__,
         "cuda_available": torch.cuda.is_available(),
         "device": str(device),
@@ -122,8 +130,8 @@ def check_environment(ctx: Dict) -> Dict:
         env["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
         env["cuda_arch_list"] = torch.cuda.get_arch_list()
         # TF32 would change float32 results of the matmul-based native backend and of conv2d.
-        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        env["tf32_matmul"] = _safe(lambda: torch.backends.cuda.matmul.allow_tf32)
+        env["tf32_cudnn"] = _safe(lambda: torch.backends.cudnn.allow_tf32)
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total"
         proc = subprocess.run(
@@ -608,7 +616,7 @@ def ddp_worker(config: Dict) -> Dict:
     device = torch.device(config["device"])
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # "cuda" without an index is refused here
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{_free_port()}", world_size=1, rank=0
     )
