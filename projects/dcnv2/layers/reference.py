@@ -1,0 +1,127 @@
+"""A float64 NumPy reference of the deformable convolution: forward and every gradient.
+
+Written from the semantics of detectron2's CUDA kernels (``modulated_deformable_im2col`` with
+``dmcn_im2col_bilinear``; ``col2im`` with ``dmcn_get_gradient_weight``; ``col2im_coord`` with
+``dmcn_get_coordinate_weight``), independently of every backend, one (image, channel, tap) at a
+time, vectorised over output positions. Slow; meant for small shapes (checks, not training).
+
+A sampling point outside ``(-1, H) x (-1, W)`` reads 0 and receives no gradient; inside, each of
+its four neighbours contributes only when it lies in the image, and the offset gradient is the
+one-sided slope that this gives at the border (detectron2's and mmcv's convention).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["deform_conv_reference", "output_size"]
+
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _corner_weights(lh: np.ndarray, lw: np.ndarray):
+    return ((1 - lh) * (1 - lw), (1 - lh) * lw, lh * (1 - lw), lh * lw)
+
+
+def deform_conv_reference(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    grad_out: torch.Tensor,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    dg: int = 1,
+) -> Dict[str, Optional[torch.Tensor]]:
+    """Output and gradients of ``sum(out * grad_out)``, in float64 on the CPU.
+
+    Args:
+        x: (N, C_in, H, W).
+        offset: (N, 2*dg*kh*kw, Ho, Wo); channel ``g*2*kh*kw + 2*k`` is dy of tap ``k``, ``+1`` dx.
+        mask: (N, dg*kh*kw, Ho, Wo), or None for DCNv1.
+        weight: (C_out, C_in // groups, kh, kw).
+        bias: (C_out,) or None.
+        grad_out: (N, C_out, Ho, Wo), the upstream gradient.
+        stride, padding, dilation: (h, w) pairs.
+        groups: convolution groups.
+        dg: deformable groups.
+
+    Returns:
+        ``{"out", "input", "offset", "mask", "weight", "bias"}``: float64 CPU tensors of the
+        shapes of the output and of each argument; ``mask``/``bias`` are None when not given.
+    """
+    xs, off, w, go = (t.detach().double().cpu().numpy() for t in (x, offset, weight, grad_out))
+    m = None if mask is None else mask.detach().double().cpu().numpy()
+    n, c_in, height, width = xs.shape
+    c_out, cin_g, kh, kw = w.shape
+    ho, wo = off.shape[2:]
+    taps, cout_g = kh * kw, c_out // groups
+    oh, ow = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+    out = np.zeros((n, c_out, ho, wo))
+    grad = {
+        "input": np.zeros_like(xs),
+        "offset": np.zeros_like(off),
+        "mask": None if m is None else np.zeros_like(m),
+        "weight": np.zeros_like(w),
+    }
+    for b in range(n):
+        for c in range(c_in):
+            g, grp = c // (c_in // dg), c // cin_g
+            outs = slice(grp * cout_g, (grp + 1) * cout_g)
+            plane = xs[b, c]
+            for i in range(kh):
+                for j in range(kw):
+                    k = i * kw + j
+                    dy_c, dx_c = g * 2 * taps + 2 * k, g * 2 * taps + 2 * k + 1
+                    h = oh * stride[0] - padding[0] + i * dilation[0] + off[b, dy_c]
+                    ww = ow * stride[1] - padding[1] + j * dilation[1] + off[b, dx_c]
+                    inside = (h > -1) & (h < height) & (ww > -1) & (ww < width)
+                    hl, wl = np.floor(h).astype(int), np.floor(ww).astype(int)
+                    lh, lw = h - hl, ww - wl
+                    values, valid = [], []
+                    for a, e in _CORNERS:
+                        y, xx = hl + a, wl + e
+                        ok = inside & (y >= 0) & (y < height) & (xx >= 0) & (xx < width)
+                        yc, xc = np.clip(y, 0, height - 1), np.clip(xx, 0, width - 1)
+                        values.append(np.where(ok, plane[yc, xc], 0.0))
+                        valid.append((ok, yc, xc))
+                    cw = _corner_weights(lh, lw)
+                    val = sum(c_w * v for c_w, v in zip(cw, values))
+                    mk = np.ones_like(h) if m is None else m[b, g * taps + k]
+                    col = val * mk
+                    wk = w[outs, c - grp * cin_g, i, j]  # (cout_g,)
+                    out[b, outs] += wk[:, None, None] * col
+                    grad["weight"][outs, c - grp * cin_g, i, j] += np.einsum(
+                        "ohw,hw->o", go[b, outs], col
+                    )
+                    top = np.einsum("o,ohw->hw", wk, go[b, outs])  # gradient of the column
+                    for c_w, (ok, yc, xc) in zip(cw, valid):
+                        np.add.at(grad["input"][b, c], (yc[ok], xc[ok]), (c_w * top * mk)[ok])
+                    v00, v01, v10, v11 = values
+                    coord_h = -(1 - lw) * v00 - lw * v01 + (1 - lw) * v10 + lw * v11
+                    coord_w = -(1 - lh) * v00 + (1 - lh) * v01 - lh * v10 + lh * v11
+                    grad["offset"][b, dy_c] += np.where(inside, coord_h * top * mk, 0.0)
+                    grad["offset"][b, dx_c] += np.where(inside, coord_w * top * mk, 0.0)
+                    if m is not None:
+                        grad["mask"][b, g * taps + k] += val * top
+    if bias is not None:
+        out += bias.detach().double().cpu().numpy()[None, :, None, None]
+    result = {"out": torch.from_numpy(out)}
+    for name, value in grad.items():
+        result[name] = None if value is None else torch.from_numpy(value)
+    result["bias"] = None if bias is None else torch.from_numpy(go.sum(axis=(0, 2, 3)))
+    return result
+
+
+def output_size(
+    size: Tuple[int, int], kernel: Tuple[int, int], stride, padding, dilation
+) -> Tuple[int, int]:
+    """(Ho, Wo) of a convolution of an (H, W) input."""
+    return tuple(
+        (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+        for d in range(2)
+    )

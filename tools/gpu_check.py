@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Check and measure dcnv2 on a GPU machine: op exactness, op speed and memory, the seed model,
+train_net.py --eval-only and a DDP run, into gpu_check.json and gpu_check.md (logic in
+dcnv2.utils.gpu_check, whose docstring lists the sections).
+
+Examples:
+    python tools/gpu_check.py --out gpu_report                 # one CUDA GPU, ~8 minutes
+    python tools/gpu_check.py --out gpu_report --time-budget 300
+    python tools/gpu_check.py --out cpu_report --device cpu --quick
+
+Exit status: 0 all passed; 1 an exactness check failed; 3 another section failed (see the
+report); 2 bad command line.
+"""
+
+import sys
+
+from dcnv2.utils.cli import run_cli
+from dcnv2.utils.gpu_check import main
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="gpu_check.py"))
