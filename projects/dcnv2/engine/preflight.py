@@ -98,7 +98,10 @@ def check_weights(weights: str, option: str = "MODEL.WEIGHTS") -> None:
     if not weights or "://" in weights:
         return
     if not os.path.isfile(weights):
-        what = "is a folder" if os.path.isdir(weights) else "does not exist"
+        if os.path.isdir(weights):
+            what = "is a folder"
+        else:  # a device file (/dev/null), a FIFO or a socket exists but is not a file
+            what = "is not a regular file" if os.path.exists(weights) else "does not exist"
         raise WeightsError(
             f"Weights file {weights} (given by {option}) {what}; expected a .pth/.pkl checkpoint "
             "file (or a URL such as detectron2://...)"
