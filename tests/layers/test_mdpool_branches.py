@@ -14,11 +14,11 @@ from dcnv2.layers import ModulatedDeformRoIAlign
 SIZE = (3, 4)  # (Ph, Pw): not square, so x and y cannot be swapped unnoticed
 
 
-def _layer(gamma, sampling_ratio, channels=3, seed=0):
+def _layer(gamma, sampling_ratio, aligned=True, channels=3, seed=0):
     torch.manual_seed(seed)
     layer = ModulatedDeformRoIAlign(
         output_size=SIZE, in_channels=channels, spatial_scale=0.25,
-        sampling_ratio=sampling_ratio, gamma=gamma, fc_dim=8,
+        sampling_ratio=sampling_ratio, gamma=gamma, fc_dim=8, aligned=aligned,
     ).double()  # fmt: skip
     # Trained branches: the last fcs (zero at init) get values giving offsets of order 1.
     for branch in (layer.offset_fc, layer.mask_fc):
@@ -45,8 +45,10 @@ def _inputs():
 
 def _reference(layer, features, rois):
     ph, pw = SIZE
-    scale, ratio = layer.spatial_scale, layer.sampling_ratio
-    x = roi_align(features, rois, SIZE, scale, ratio, True).flatten(1)
+    scale, ratio, aligned = layer.spatial_scale, layer.sampling_ratio, layer.aligned
+    # Every bin here is over a pixel of the map: the legacy (aligned=False) clamp of a 1x1
+    # pool's box to one pixel does not apply.
+    x = roi_align(features, rois, SIZE, scale, ratio, aligned).flatten(1)
     offset = layer.offset_fc(x).view(-1, 2, ph, pw)
     mask = layer.mask_fc(x).view(-1, 1, ph, pw)
     # The box of every bin (image coordinates), moved by gamma * offset * RoI size.
@@ -68,20 +70,22 @@ def _reference(layer, features, rois):
     batch = rois[:, 0, None, None].expand(-1, ph, pw)
     bins = torch.stack([batch, bx0, by0, bx1, by1], -1).reshape(-1, 5)
     # Adaptive sampling of a 1x1 pool over one bin = ceil(bin size), as over the whole RoI.
-    pooled = roi_align(features, bins, 1, scale, ratio, True)
+    pooled = roi_align(features, bins, 1, scale, ratio, aligned)
     pooled = pooled.view(len(rois), ph, pw, -1).permute(0, 3, 1, 2)
     return pooled * mask, offset, mask
 
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
-@pytest.mark.parametrize("gamma", [0.1, 0.3])
-def test_output_is_the_modulated_roialign_of_bins_moved_once_by_gamma(gamma, sampling_ratio):
-    layer = _layer(gamma, sampling_ratio)
+@pytest.mark.parametrize("gamma,aligned", [(0.1, True), (0.3, True), (0.1, False)])
+def test_output_is_the_modulated_roialign_of_bins_moved_once_by_gamma(
+    gamma, aligned, sampling_ratio
+):
+    layer = _layer(gamma, sampling_ratio, aligned)
     features, rois = _inputs()
     with torch.no_grad():
         out = layer(features, rois)
         reference, offset, mask = _reference(layer, features, rois)
-        unmoved = roi_align(features, rois, SIZE, 0.25, sampling_ratio, True) * mask
+        unmoved = roi_align(features, rois, SIZE, 0.25, sampling_ratio, aligned) * mask
     # The branches are far from their initial zero offsets and 0.5 modulation.
     assert offset.abs().mean() > 0.3 and (mask - 0.5).abs().mean() > 0.05
     assert (out - unmoved).abs().max() > 0.05  # the offsets move the bins visibly
