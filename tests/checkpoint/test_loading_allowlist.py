@@ -71,3 +71,19 @@ def test_the_same_file_without_the_extra_global_loads(tmp_path, protocol):
 def test_allow_unsafe_runs_what_the_file_asks_for(tmp_path):
     path = _zoo_pickle(tmp_path / "zoo.pkl", _Calls(codecs.decode, b"6869", "hex"))
     assert load_pickle_file(path, allow_unsafe=True)["extra"] == b"hi"
+
+
+def test_numpy2_module_names_load(tmp_path):
+    # numpy 2 writes its array rebuilders as numpy._core.multiarray.*, numpy 1 as
+    # numpy.core.multiarray.*: files from either load (numpy 1.26+ reads both names).
+    path = _zoo_pickle(tmp_path / "zoo.pkl", b"bytes", protocol=2)
+    data = open(path, "rb").read()
+    numpy2 = data.replace(b"cnumpy.core.multiarray\n", b"cnumpy._core.multiarray\n")
+    assert b"numpy.core" not in numpy2 and numpy2.count(b"numpy._core.multiarray\n") >= 2
+    for name in ("_reconstruct", "scalar"):
+        assert f"numpy._core.multiarray\n{name}\n".encode() in numpy2
+    with open(path, "wb") as f:
+        f.write(numpy2)
+    loaded = load_pickle_file(path)
+    np.testing.assert_array_equal(loaded["model"]["w"], np.arange(6).reshape(2, 3))
+    assert loaded["step"] == 3 and isinstance(loaded["step"], np.int64)
