@@ -8,11 +8,12 @@ from typing import Optional
 
 import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
 from ..checkpoint import dcnv2_checkpointer_in_d2_defaults
+from ..data import build_test_augmentation
 from ..data.resumable import build_resumable_train_loader
 from ..errors import NonFiniteLossError
 from ..solver import build_optimizer
@@ -108,6 +109,12 @@ class Trainer(DefaultTrainer):
             return super().train()
         except NonFiniteLossError as e:
             raise explain_nonfinite_stop(e, self.checkpointer, "SOLVER.CHECKPOINT_PERIOD") from None
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name: str):
+        # The resize of INPUT.DCNV2.RESIZE_BACKEND (MMDetection's with the configs/mmdet files).
+        mapper = DatasetMapper(cfg, False, augmentations=build_test_augmentation(cfg))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

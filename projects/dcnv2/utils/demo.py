@@ -17,18 +17,15 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image as d2_read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from ..checkpoint import (
-    DCNv2Checkpointer,
-    UnsafeCheckpointError,
-    dcnv2_checkpointer_in_d2_defaults,
-)
+from ..checkpoint import DCNv2Checkpointer, UnsafeCheckpointError
 from ..config import get_cfg
+from ..data.transforms import ResizeBackendError
+from ..engine.predictor import Predictor
 from .cli import UserInputError
 
 __all__ = [
@@ -231,7 +228,8 @@ def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]
 
 
 class DemoRunner:
-    """A ``DefaultPredictor`` plus the dataset metadata used to name and draw the classes.
+    """A :class:`~dcnv2.engine.predictor.Predictor` plus the dataset metadata used to name and
+    draw the classes.
 
     Args:
         cfg: a config from :func:`setup_demo_cfg`.
@@ -240,8 +238,9 @@ class DemoRunner:
     def __init__(self, cfg):
         self.cfg = cfg
         try:
-            with dcnv2_checkpointer_in_d2_defaults(cfg):
-                self.predictor = DefaultPredictor(cfg)
+            self.predictor = Predictor(cfg)
+        except ResizeBackendError as e:
+            raise UserInputError(str(e)) from None
         except (OSError, UnsafeCheckpointError) as e:  # OSError: also a URL that cannot be fetched
             raise UserInputError(f"cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: {e}") from None
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
