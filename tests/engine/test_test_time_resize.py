@@ -153,3 +153,16 @@ def test_demo_with_a_bad_resize_backend_is_a_user_error():
     cfg = setup_demo_cfg(MMDET, ["MODEL.WEIGHTS", "", "INPUT.DCNV2.RESIZE_BACKEND", "PIL"])
     with pytest.raises(UserInputError, match="INPUT.DCNV2.RESIZE_BACKEND is 'PIL'; expected one"):
         DemoRunner(cfg)
+
+
+def test_train_net_refuses_a_bad_resize_backend_before_writing_anything(dataset, tmp_path):
+    from dcnv2.data.transforms import ResizeBackendError
+    from dcnv2.engine.preflight import check_before_launch
+
+    out = tmp_path / "out"
+    argv = ["--config-file", MMDET, "--eval-only", "MODEL.DEVICE", "cpu",
+            "DATASETS.TEST", f"('{DATASET}',)", "OUTPUT_DIR", str(out),
+            "INPUT.DCNV2.RESIZE_BACKEND", "cv2"]  # fmt: skip
+    with pytest.raises(ResizeBackendError, match="RESIZE_BACKEND is 'cv2'; expected one of"):
+        check_before_launch(default_argument_parser().parse_args(argv))
+    assert not out.exists()

@@ -15,7 +15,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import UnsafeCheckpointError
 from ..config import get_cfg
-from ..data import check_datasets
+from ..data import build_test_augmentation, check_datasets
 from ..data.validation import validate_datasets
 from ..errors import ConfigFileNotFoundError, DCNv2Error, LaunchError, OutputDirError, WeightsError
 from ..lazy_config import is_lazy_config, load_config
@@ -193,6 +193,7 @@ def check_before_launch(args) -> None:
         run.update(weights=cfg.train.init_checkpoint)
     else:
         cfg = get_cfg(args.config_file, args.opts)
+        build_test_augmentation(cfg)  # INPUT.DCNV2.RESIZE_BACKEND known, OpenCV there if named
         test, train = list(cfg.DATASETS.TEST), list(cfg.DATASETS.TRAIN)
         run = dict(device=cfg.MODEL.DEVICE, output_dir=cfg.OUTPUT_DIR, weights=cfg.MODEL.WEIGHTS)
         run.update(on_bad_data=cfg.DATASETS.DCNV2.ON_BAD_DATA)
