@@ -52,5 +52,7 @@ setup(
             "onnxscript",
             "onnxruntime",
         ],
+        # INPUT.DCNV2.RESIZE_BACKEND "opencv" (the configs/mmdet files): MMDetection's resize.
+        "mmdet": ["opencv-python-headless<4.11"],
     },
 )

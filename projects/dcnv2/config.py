@@ -73,6 +73,10 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Bad annotation entries or unreadable images in a training set: "fail" (stop, listing
     # them) or "skip" (warn and train without them).
     cfg.DATASETS.DCNV2.ON_BAD_DATA = "fail"
+    cfg.INPUT.DCNV2 = CN()
+    # How images are resized (dcnv2.data.transforms): "pil", detectron2's ResizeShortestEdge; or
+    # "opencv", MMDetection's keep-ratio Resize (cv2.resize, mmcv's size rounding), bit for bit.
+    cfg.INPUT.DCNV2.RESIZE_BACKEND = "pil"
     cfg.SOLVER.DCNV2 = CN()
     # Iterations with a non-finite loss to skip (no update) before stopping; 0: stop at the first.
     cfg.SOLVER.DCNV2.MAX_NONFINITE_SKIPS = 0

@@ -35,6 +35,7 @@ from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import AnnotationError, ImageReadError
+from .transforms import build_train_augmentation
 from .validation import BAD_DATA_MODES, load_training_dicts
 
 __all__ = [
@@ -278,8 +279,11 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
 
     Args:
         cfg: a detectron2 config.
-        mapper: defaults to ``DatasetMapper(cfg, True)``.
+        mapper: defaults to ``DatasetMapper(cfg, True)`` with the resize method of
+            ``INPUT.DCNV2.RESIZE_BACKEND`` (:func:`dcnv2.data.build_train_augmentation`).
     """
+    if mapper is None:
+        mapper = DatasetMapper(cfg, True, augmentations=build_train_augmentation(cfg))
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         logger.warning(
             f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "
@@ -306,7 +310,7 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     return ResumableTrainLoader(
         dicts,
-        mapper if mapper is not None else DatasetMapper(cfg, True),
+        mapper,
         cfg.SOLVER.IMS_PER_BATCH,
         seed=seed,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,

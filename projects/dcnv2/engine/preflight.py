@@ -15,7 +15,7 @@ from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from ..config import get_cfg
-from ..data import check_datasets
+from ..data import build_test_augmentation, check_datasets
 from ..data.validation import validate_datasets
 from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
@@ -103,7 +103,10 @@ def check_weights(weights: str, keys: RunKeys = YAML_KEYS) -> None:
     if not weights or "://" in weights:
         return
     if not os.path.isfile(weights):
-        what = "is a folder" if os.path.isdir(weights) else "does not exist"
+        if os.path.isdir(weights):
+            what = "is a folder"
+        else:  # a device file (/dev/null), a FIFO or a socket exists but is not a file
+            what = "is not a regular file" if os.path.exists(weights) else "does not exist"
         raise WeightsError(
             f"Weights file {weights} (given by {option}) {what}; expected a .pth/.pkl checkpoint "
             "file (or a URL such as detectron2://...)"
@@ -147,6 +150,8 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
         eval_only: ``--eval-only``: the training sets are not read.
     """
     keys = run_keys(cfg)
+    if isinstance(cfg, CfgNode):
+        build_test_augmentation(cfg)  # INPUT.DCNV2.RESIZE_BACKEND known, OpenCV there if named
     train, test = datasets_used(cfg)
     if eval_only:
         train = ()

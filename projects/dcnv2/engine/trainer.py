@@ -8,13 +8,14 @@ from typing import Optional
 
 import detectron2.utils.comm as comm
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
+from ..data import build_test_augmentation
 from ..data.resumable import build_resumable_train_loader
 from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
@@ -152,6 +153,12 @@ class Trainer(DefaultTrainer):
             return super().train()
         except NonFiniteLossError as e:
             raise explain_nonfinite_stop(e, self.checkpointer, YAML_KEYS) from None
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name: str):
+        # The resize of INPUT.DCNV2.RESIZE_BACKEND (MMDetection's with the configs/mmdet files).
+        mapper = DatasetMapper(cfg, False, augmentations=build_test_augmentation(cfg))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

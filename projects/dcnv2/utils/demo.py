@@ -18,13 +18,15 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image as d2_read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from .cli import UserInputError, load_weights
+from ..data.transforms import ResizeBackendError
+from ..engine.predictor import Predictor
+from ..errors import DCNv2Error
+from .cli import UserInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -184,10 +186,11 @@ def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]
 
 
 class DemoRunner:
-    """A ``DefaultPredictor`` plus the dataset metadata used to name and draw the classes.
+    """A :class:`~dcnv2.engine.predictor.Predictor` plus the dataset metadata used to name and
+    draw the classes.
 
-    The predictor is built without weights; ``MODEL.WEIGHTS`` is then loaded into its model
-    with dcnv2's checkpointer (:func:`~dcnv2.utils.cli.load_weights`).
+    The predictor loads ``MODEL.WEIGHTS`` with dcnv2's checkpointer; a file that cannot be
+    read, does not fit or is refused is one :class:`~dcnv2.utils.cli.UserInputError`.
 
     Args:
         cfg: a config from :func:`~dcnv2.utils.cli.setup_cfg`.
@@ -195,12 +198,12 @@ class DemoRunner:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        unloaded = cfg.clone()
-        unloaded.defrost()
-        unloaded.MODEL.WEIGHTS = ""
-        unloaded.freeze()
-        self.predictor = DefaultPredictor(unloaded)
-        load_weights(self.predictor.model, cfg)
+        try:
+            self.predictor = Predictor(cfg)
+        except ResizeBackendError as e:
+            raise UserInputError(str(e)) from None
+        except (OSError, DCNv2Error) as e:  # OSError: also a URL that cannot be fetched
+            raise UserInputError(f"cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: {e}") from None
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         self.metadata = MetadataCatalog.get(name)
 

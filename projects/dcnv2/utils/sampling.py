@@ -26,6 +26,7 @@ import torch
 from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 
+from ..data import build_test_augmentation
 from ..layers import DeformConv, ModulatedDeformConv
 from .cli import UserInputError
 
@@ -306,7 +307,8 @@ def sample_image(
 
     Args:
         model: a detectron2 meta-architecture in eval mode (``GeneralizedRCNN`` ...).
-        cfg: its config (``INPUT.MIN_SIZE_TEST``, ``MAX_SIZE_TEST``, ``FORMAT``).
+        cfg: its config (the test-time resize of :func:`dcnv2.data.build_test_augmentation`,
+            ``INPUT.FORMAT``).
         image_bgr: (H, W, 3) uint8 BGR image.
         points_xy: query positions ``(x, y)`` in pixels of ``image_bgr``; by default the
             centres of the ``max_boxes`` highest-scoring detections.
@@ -335,8 +337,9 @@ def sample_image(
                 raise UserInputError(
                     f"point ({x}, {y}) is outside the {width}x{height} image; give x,y pixels"
                 )
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    resized = resize.get_transform(image_bgr).apply_image(image_bgr)
+    aug_input = T.AugInput(image_bgr)
+    T.AugmentationList(build_test_augmentation(cfg))(aug_input)
+    resized = aug_input.image
     scale = resized.shape[0] / height
     net_input = resized[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else resized
     tensor = torch.as_tensor(np.ascontiguousarray(net_input.transpose(2, 0, 1)).astype("float32"))

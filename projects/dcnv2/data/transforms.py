@@ -1,0 +1,214 @@
+"""Image resizing as detectron2 does it (PIL) or as MMDetection does it (OpenCV), chosen by
+``INPUT.DCNV2.RESIZE_BACKEND``, and the builders of the test- and train-time augmentation lists.
+
+MMDetection's keep-ratio ``Resize(scale=(1333, 800))`` computes the output size with mmcv's
+``rescale_size``: ``s = min(1333 / long side, 800 / short side)``, then
+``(int(w * s + 0.5), int(h * s + 0.5))``, and resizes with
+``cv2.resize(..., interpolation=cv2.INTER_LINEAR)``. detectron2's ``ResizeShortestEdge`` reaches
+nearly the same size by another computation and resizes with PIL's bilinear filter, whose output
+differs from OpenCV's by a grey level or so in many pixels. :class:`OpenCVResizeShortestEdge`
+reproduces MMDetection's image bytes exactly; boxes, polygons and keypoints are scaled by
+``new / old`` size along each axis (as MMDetection's ``scale_factor``) and masks resized with
+nearest-neighbour interpolation.
+"""
+
+import sys
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+from detectron2.data import transforms as T
+from detectron2.data.transforms import Transform
+
+from ..errors import DCNv2Error
+
+__all__ = [
+    "RESIZE_BACKENDS",
+    "OpenCVResizeShortestEdge",
+    "OpenCVResizeTransform",
+    "ResizeBackendError",
+    "build_test_augmentation",
+    "build_train_augmentation",
+    "mmdet_rescale_size",
+]
+
+# INPUT.DCNV2.RESIZE_BACKEND values: detectron2's resize (PIL) or MMDetection's (OpenCV).
+RESIZE_BACKENDS = ("pil", "opencv")
+
+
+class ResizeBackendError(DCNv2Error, ValueError):
+    """``INPUT.DCNV2.RESIZE_BACKEND`` is unknown, or names OpenCV where it is not installed."""
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ResizeBackendError(
+            "INPUT.DCNV2.RESIZE_BACKEND is 'opencv' but OpenCV is not installed: "
+            "pip install opencv-python-headless (or set INPUT.DCNV2.RESIZE_BACKEND pil)"
+        ) from None
+    return cv2
+
+
+def mmdet_rescale_size(h: int, w: int, short: float, long: float) -> Tuple[int, int]:
+    """The output size of MMDetection's keep-ratio resize (mmcv's ``rescale_size``).
+
+    Args:
+        h, w: input image size.
+        short, long: the target scale's short and long side (MMDetection's ``scale=(1333, 800)``
+            is ``long=1333, short=800``).
+
+    Returns:
+        (new_h, new_w): the largest size within ``short x long`` with the input's aspect ratio,
+        each side rounded as ``int(side * factor + 0.5)``.
+    """
+    factor = min(long / max(h, w), short / min(h, w))
+    return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
+
+
+class OpenCVResizeTransform(Transform):
+    """Resize to ``(new_h, new_w)`` with ``cv2.resize`` (bilinear, ``INTER_LINEAR``), as
+    MMDetection's ``Resize``; detectron2's ``ResizeTransform`` with OpenCV instead of PIL."""
+
+    def __init__(self, h: int, w: int, new_h: int, new_w: int):
+        """
+        Args:
+            h, w: input image size.
+            new_h, new_w: output image size.
+        """
+        super().__init__()
+        self._set_attributes(locals())
+
+    def _resize(self, img: np.ndarray, interpolation: int) -> np.ndarray:
+        if img.shape[:2] != (self.h, self.w):
+            raise ValueError(
+                f"OpenCVResizeTransform for {self.h}x{self.w} images got an image of shape "
+                f"{img.shape}"
+            )
+        out = _cv2().resize(
+            np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=interpolation
+        )
+        if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel
+            out = out[:, :, None]
+        return out
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        """(H, W) or (H, W, C) image (uint8 or float) -> (new_h, new_w[, C]), same dtype."""
+        return self._resize(img, _cv2().INTER_LINEAR)
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        """(H, W) label map or mask -> (new_h, new_w), nearest neighbour (as MMDetection)."""
+        if segmentation.dtype == bool:  # OpenCV does not resize boolean arrays
+            return self._resize(segmentation.view(np.uint8), _cv2().INTER_NEAREST).view(bool)
+        return self._resize(segmentation, _cv2().INTER_NEAREST)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """(N, 2) ``(x, y)`` points, scaled by ``new_w / w`` and ``new_h / h``."""
+        coords[:, 0] = coords[:, 0] * (self.new_w * 1.0 / self.w)
+        coords[:, 1] = coords[:, 1] * (self.new_h * 1.0 / self.h)
+        return coords
+
+    def inverse(self) -> "OpenCVResizeTransform":
+        return OpenCVResizeTransform(self.new_h, self.new_w, self.h, self.w)
+
+
+class OpenCVResizeShortestEdge(T.Augmentation):
+    """MMDetection's keep-ratio resize to ``(max_size, short)``, ``short`` drawn as detectron2's
+    ``ResizeShortestEdge`` draws it (the same arguments, the same use of ``np.random``).
+
+    With one ``short`` (``INPUT.MIN_SIZE_TEST`` 800, ``MAX_SIZE_TEST`` 1333) this is
+    MMDetection's test-time ``Resize(scale=(1333, 800), keep_ratio=True)``, bit for bit.
+    """
+
+    def __init__(
+        self,
+        short_edge_length: Union[int, Sequence[int]],
+        max_size: int = sys.maxsize,
+        sample_style: str = "range",
+    ):
+        """
+        Args:
+            short_edge_length: ``[min, max]`` to draw the short side from (``"range"``), or the
+                values to choose from (``"choice"``); an int is one value. 0 means no resize.
+            max_size: the longest side allowed.
+            sample_style: "range" or "choice".
+        """
+        super().__init__()
+        if sample_style not in ("range", "choice"):
+            raise ValueError(f"sample_style must be 'range' or 'choice', got {sample_style!r}")
+        if isinstance(short_edge_length, int):
+            short_edge_length = (short_edge_length, short_edge_length)
+        short_edge_length = tuple(short_edge_length)
+        if sample_style == "range" and len(short_edge_length) != 2:
+            raise ValueError(f"sample_style 'range' takes [min, max], got {short_edge_length}")
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> Transform:
+        h, w = image.shape[:2]
+        if self.sample_style == "range":
+            short = np.random.randint(self.short_edge_length[0], self.short_edge_length[1] + 1)
+        else:
+            short = np.random.choice(self.short_edge_length)
+        if short == 0:
+            return T.NoOpTransform()
+        new_h, new_w = mmdet_rescale_size(h, w, float(short), float(self.max_size))
+        return OpenCVResizeTransform(h, w, new_h, new_w)
+
+
+def _backend(cfg) -> str:
+    backend = cfg.INPUT.get("DCNV2", {}).get("RESIZE_BACKEND", "pil")
+    if backend not in RESIZE_BACKENDS:
+        raise ResizeBackendError(
+            f"INPUT.DCNV2.RESIZE_BACKEND is {backend!r}; expected one of "
+            + ", ".join(repr(b) for b in RESIZE_BACKENDS)
+        )
+    if backend == "opencv":
+        _cv2()
+    return backend
+
+
+def _resize(cfg, short: Sequence[int], max_size: int, sample_style: str) -> T.Augmentation:
+    if _backend(cfg) == "opencv":
+        return OpenCVResizeShortestEdge(short, max_size, sample_style)
+    return T.ResizeShortestEdge(short, max_size, sample_style)
+
+
+def build_test_augmentation(cfg) -> List[T.Augmentation]:
+    """The test-time augmentation of a config: the resize to ``INPUT.MIN_SIZE_TEST`` /
+    ``MAX_SIZE_TEST`` with ``INPUT.DCNV2.RESIZE_BACKEND``'s method ("pil": detectron2's
+    ``ResizeShortestEdge``; "opencv": :class:`OpenCVResizeShortestEdge`, MMDetection's).
+
+    Used by evaluation (``Trainer.build_test_loader``), the demo's predictor and the tools that
+    run a model on images.
+
+    Raises:
+        ResizeBackendError: an unknown backend, or "opencv" without OpenCV installed.
+    """
+    size = cfg.INPUT.MIN_SIZE_TEST
+    return [_resize(cfg, [size, size], cfg.INPUT.MAX_SIZE_TEST, "choice")]
+
+
+def build_train_augmentation(cfg) -> List[T.Augmentation]:
+    """The training augmentation of a config, as detectron2's ``DatasetMapper(cfg, True)``
+    builds it (optional ``INPUT.CROP``, the resize to ``INPUT.MIN_SIZE_TRAIN`` /
+    ``MAX_SIZE_TRAIN``, ``INPUT.RANDOM_FLIP``), with the resize's method from
+    ``INPUT.DCNV2.RESIZE_BACKEND`` ("pil", the default, gives detectron2's list unchanged).
+    """
+    augmentation = [
+        _resize(
+            cfg,
+            cfg.INPUT.MIN_SIZE_TRAIN,
+            cfg.INPUT.MAX_SIZE_TRAIN,
+            cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+        )
+    ]
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augmentation.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    if cfg.INPUT.CROP.ENABLED:
+        augmentation.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+    return augmentation

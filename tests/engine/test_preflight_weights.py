@@ -1,0 +1,48 @@
+"""``MODEL.WEIGHTS`` must name a regular file: a folder or a device file is refused by the
+preflight checks (before any model or output file), with what it is and what was expected."""
+
+import os
+
+import pytest
+
+from dcnv2.engine.preflight import check_weights, preflight
+from dcnv2.errors import DCNv2Error, WeightsError
+
+
+def _preflight(weights, output_dir):
+    preflight(
+        train_datasets=[],
+        test_datasets=[],
+        device="cpu",
+        num_gpus=1,
+        output_dir=str(output_dir),
+        weights=str(weights),
+        resume=False,
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_a_folder_or_a_device_file_as_weights_is_refused(tmp_path, kind):
+    weights = tmp_path / "weights.pth" if kind == "folder" else "/dev/null"
+    if kind == "folder":
+        weights.mkdir()
+    output_dir = tmp_path / "out"
+    with pytest.raises(WeightsError) as info:
+        _preflight(weights, output_dir)
+    assert isinstance(info.value, DCNv2Error)
+    what = "is a folder" if kind == "folder" else "is not a regular file"
+    assert f"Weights file {weights} (given by MODEL.WEIGHTS) {what}; expected a" in str(info.value)
+    assert not output_dir.exists()  # refused before the output folder is made
+    with pytest.raises(WeightsError, match=r"given by train.init_checkpoint\) " + what):
+        check_weights(str(weights), "train.init_checkpoint")
+
+
+def test_a_regular_file_passes_and_urls_are_left_for_later(tmp_path):
+    # The control for the test above: the same checks accept a file.
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"checked later, when loaded")
+    _preflight(weights, tmp_path / "out")
+    assert (tmp_path / "out").is_dir()
+    check_weights("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    check_weights("")
