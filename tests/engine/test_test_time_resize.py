@@ -18,8 +18,8 @@ from PIL import Image
 from torch import nn
 
 from dcnv2.engine import Trainer
-from dcnv2.utils.cli import UserInputError
-from dcnv2.utils.demo import DemoRunner, setup_demo_cfg
+from dcnv2.utils.cli import UserInputError, setup_cfg
+from dcnv2.utils.demo import DemoRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MMDET = os.path.join(REPO, "configs", "mmdet", "faster_rcnn_R50_mdconv_FPN_1x_mmdet.yaml")
@@ -124,7 +124,7 @@ def test_eval_loader_of_the_default_config_keeps_detectron2s_resize(dataset):
 
 def _captured_input(config_file, image_bgr):
     opts = ["MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160"]
-    runner = DemoRunner(setup_demo_cfg(config_file, opts, confidence_threshold=0.0))
+    runner = DemoRunner(setup_cfg(config_file, opts, confidence_threshold=0.0))
     captured = []
     runner.predictor.model.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     instances = runner.predict(image_bgr)
@@ -150,7 +150,7 @@ def test_demo_predictor_resizes_with_opencv_for_mmdet_and_pil_by_default():
 
 
 def test_demo_with_a_bad_resize_backend_is_a_user_error():
-    cfg = setup_demo_cfg(MMDET, ["MODEL.WEIGHTS", "", "INPUT.DCNV2.RESIZE_BACKEND", "PIL"])
+    cfg = setup_cfg(MMDET, ["MODEL.WEIGHTS", "", "INPUT.DCNV2.RESIZE_BACKEND", "PIL"])
     with pytest.raises(UserInputError, match="INPUT.DCNV2.RESIZE_BACKEND is 'PIL'; expected one"):
         DemoRunner(cfg)
 

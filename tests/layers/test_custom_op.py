@@ -6,7 +6,7 @@ from detectron2.modeling import build_model
 
 from dcnv2.layers import ops  # noqa: F401  (registers torch.ops.dcnv2)
 from dcnv2.layers import ModulatedDeformConv, available_backends, modulated_deform_conv, native_cpp
-from dcnv2.utils.demo import setup_demo_cfg
+from dcnv2.utils.cli import setup_cfg
 from dcnv2.utils.sampling import randomize_offsets
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -83,7 +83,7 @@ def test_compiled_layer_forward_and_backward_match_eager():
 @pytest.fixture(scope="module")
 def backbone_and_image():
     opts = ["MODEL.WEIGHTS", ""]
-    cfg = setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", opts, confidence_threshold=0.0)
+    cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", opts, confidence_threshold=0.0)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(1))

@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dcnv2.utils.demo import DemoRunner, setup_demo_cfg
+from dcnv2.utils.cli import setup_cfg
+from dcnv2.utils.demo import DemoRunner
 from dcnv2.utils.sampling import sample_image
 
 OPTS = ["MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
@@ -16,10 +17,10 @@ def test_sample_image_uses_the_configured_resize():
     y, x = np.mgrid[0:75, 0:113]
     smooth = 127 + 60 * np.sin(x / 5.0)[..., None] * np.cos(y / 4.0)[..., None]
     image_bgr = np.clip(smooth + rng.normal(0, 25, (75, 113, 3)), 0, 255).astype(np.uint8)
-    model = DemoRunner(setup_demo_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", OPTS)).predictor.model
+    model = DemoRunner(setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", OPTS)).predictor.model
     results = {}
     for backend in ("pil", "opencv"):
-        cfg = setup_demo_cfg(
+        cfg = setup_cfg(
             "faster_rcnn_R50_mdconv_FPN_1x.yaml", OPTS + ["INPUT.DCNV2.RESIZE_BACKEND", backend]
         )
         results[backend] = sample_image(model, cfg, image_bgr, points_xy=[(50.0, 30.0)])
