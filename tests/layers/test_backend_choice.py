@@ -1,11 +1,18 @@
 """What ``backend="auto"`` resolves to: on the CPU this package's native op, then torchvision;
-on CUDA detectron2's compiled kernels when ``detectron2._C`` imports, then native, then
-torchvision. CUDA and detectron2's ops are faked, so this runs on any machine."""
+on CUDA detectron2's compiled kernels when ``detectron2._C`` imports, then torchvision (the
+measured order: native's PyTorch-op kernels are far slower on CUDA), then native. CUDA and detectron2's ops are faked, so this runs on any machine.
+"""
 
 import pytest
 import torch
 
 from dcnv2.layers import backends
+
+
+@pytest.fixture(autouse=True)
+def fresh_support_cache(monkeypatch):
+    # What each backend supports is cached per (backend, device type): start each test empty.
+    monkeypatch.setattr(backends, "_SUPPORTED", {})
 
 
 def _fake_d2_ops():
@@ -49,14 +56,20 @@ def test_cuda_auto_is_detectron2_when_its_ops_import(cuda_with_d2_ops):
     assert backends.available_backends() == ["detectron2", "native", "torchvision"]
 
 
-def test_cuda_auto_is_native_without_detectron2s_ops(cuda_without_d2_ops):
-    assert backends.resolve_backend("auto", "cuda") == "native"
+def test_cuda_auto_is_torchvision_without_detectron2s_ops(cuda_without_d2_ops):
+    assert backends.resolve_backend("auto", "cuda") == "torchvision"
     assert backends.available_backends("cuda") == ["native", "torchvision"]
     with pytest.raises(ValueError, match=r"available here: \['native', 'torchvision'\]"):
         backends.resolve_backend("detectron2", "cuda")
 
 
-def test_cuda_auto_is_torchvision_with_neither(cuda_without_d2_ops, monkeypatch):
+def test_cuda_auto_is_native_only_without_torchvision(cuda_without_d2_ops, monkeypatch):
+    without_torchvision = {k: v for k, v in backends.BACKENDS.items() if k != "torchvision"}
+    monkeypatch.setattr(backends, "BACKENDS", without_torchvision)
+    assert backends.resolve_backend("auto", "cuda") == "native"
+
+
+def test_cuda_auto_is_torchvision_without_native(cuda_without_d2_ops, monkeypatch):
     monkeypatch.setattr(backends, "_native_ops", lambda: None)
     assert backends.resolve_backend("auto", "cuda") == "torchvision"
 

@@ -53,7 +53,9 @@ BACKWARDS: Dict[str, Callable[..., List[Optional[torch.Tensor]]]] = {}
 # Backends that run inside torch.ops.dcnv2.deform_conv2d.
 OP_BACKENDS = ("native", "torchvision")
 # Preference order of "auto" per device type; the first available one wins.
-_AUTO_ORDER = {"cuda": ("detectron2", "native", "torchvision"), "cpu": ("native", "torchvision")}
+# CUDA: detectron2's kernels, else torchvision's: on an H200 (tools/gpu_check.py, 2026-11-26) the
+# native backend's PyTorch-op kernels were 10-30x slower than both at ResNet-50's res3-res5 shapes.
+_AUTO_ORDER = {"cuda": ("detectron2", "torchvision", "native"), "cpu": ("native", "torchvision")}
 
 
 def register_backend(name: str) -> Callable[[BackendFn], BackendFn]:
