@@ -16,7 +16,7 @@ import functools
 import sys
 
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
@@ -25,6 +25,7 @@ import dcnv2
 from dcnv2.checkpoint import build_checkpointer
 from dcnv2.engine import Trainer, lazy
 from dcnv2.engine.preflight import check_before_launch, report_user_errors
+from dcnv2.engine.setup import setup_run
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 from dcnv2.lazy_config import is_lazy_config
 
@@ -34,7 +35,7 @@ PROG = "train_net.py"
 def setup(args):
     cfg = dcnv2.get_cfg(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_run(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dcnv2")
     return cfg
 

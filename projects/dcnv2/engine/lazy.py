@@ -29,7 +29,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 from detectron2.config import instantiate
-from detectron2.engine import default_setup, default_writers, hooks
+from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -39,6 +39,7 @@ from ..dialects import LAZY_KEYS
 from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
+from .setup import setup_run
 from .trainer import build_training_loop, create_ddp_model, explain_nonfinite_stop
 
 __all__ = ["build_train_loader", "do_test", "do_train", "main"]
@@ -181,7 +182,7 @@ def main(args):
     each process; the launching process has checked the datasets
     (:func:`dcnv2.engine.preflight.check_before_launch`)."""
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
+    setup_run(cfg, args)
     if not args.eval_only:
         return do_train(cfg, args)
     _check_device(cfg)

@@ -1,0 +1,115 @@
+"""``setup_run``: what detectron2's ``default_setup`` does at the start of a run (logger, config
+backup, seeds), with its environment report taken where a crash cannot end the run.
+
+detectron2 built from source with CUDA 13's nvcc crashes (SIGSEGV) in ``_C.get_cuda_version()``,
+which ``collect_env_info`` calls to fill its "CUDA compiler" row (seen on an H200 with torch
+2.11, 2026-11-26: every ``train_net.py`` run died before building its model). The report is
+only logged, so on machines where ``_C`` is loaded with CUDA it is collected in a child process;
+if that child fails, one warning replaces the table and the run goes on.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+from detectron2.config import CfgNode, LazyConfig
+from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+__all__ = ["environment_info", "setup_run"]
+
+# Run by the child process; its output is the report.
+ENV_SCRIPT = "from detectron2.utils.collect_env import collect_env_info; print(collect_env_info())"
+
+
+def _detectron2_cuda_ops_loaded() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def environment_info(timeout: float = 300.0) -> str:
+    """detectron2's environment report (``collect_env_info``), from a child process when
+    detectron2's compiled ops are loaded with CUDA (see the module docstring).
+
+    Returns:
+        str: the report, or one line saying why it is unavailable.
+    """
+    if not _detectron2_cuda_ops_loaded():
+        return collect_env_info()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", ENV_SCRIPT], capture_output=True, text=True, timeout=timeout
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable (collecting it failed: {e})"
+    if proc.returncode == 0:
+        return proc.stdout.rstrip("\n")
+    if proc.returncode < 0:
+        how = f"was killed by signal {-proc.returncode}"
+    else:
+        lines = proc.stderr.strip().splitlines()
+        how = f"exited with status {proc.returncode}" + (f" ({lines[-1]})" if lines else "")
+    return (
+        f"unavailable: detectron2's collect_env_info {how}; detectron2 built with CUDA 13's "
+        "nvcc crashes in _C.get_cuda_version(). The run is not affected."
+    )
+
+
+def _key(cfg, yaml_key: str, lazy_key: str, default=None):
+    if isinstance(cfg, CfgNode):
+        return cfg.get(yaml_key, default)
+    node = cfg
+    for part in lazy_key.split("."):
+        if part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def setup_run(cfg, args) -> None:
+    """Start a run as detectron2's ``default_setup`` does: the output folder, the loggers (fvcore,
+    detectron2), the rank, the environment (:func:`environment_info`), the command line and the
+    config logged, ``config.yaml`` saved by the main process, seeds (``SEED``/``train.seed`` plus
+    the rank) and cuDNN benchmarking for training runs.
+
+    Args:
+        cfg: a YAML ``CfgNode`` or a LazyConfig.
+        args: the parsed ``train_net.py`` command line.
+    """
+    output_dir = _key(cfg, "OUTPUT_DIR", "train.output_dir")
+    if comm.is_main_process() and output_dir:
+        PathManager.mkdirs(output_dir)
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    logger = setup_logger(output_dir, distributed_rank=rank)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    info = environment_info()
+    log = logger.warning if info.startswith("unavailable") else logger.info
+    log("Environment info:\n" + info)
+    logger.info(f"Command line arguments: {args}")
+    if getattr(args, "config_file", ""):
+        with PathManager.open(args.config_file, "r") as f:
+            logger.info(f"Contents of args.config_file={args.config_file}:\n{f.read()}")
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        if isinstance(cfg, CfgNode):
+            logger.info(f"Running with full config:\n{cfg.dump()}")
+            with PathManager.open(path, "w") as f:
+                f.write(cfg.dump())
+        else:
+            LazyConfig.save(cfg, path)
+        logger.info(f"Full config saved to {path}")
+    seed = _key(cfg, "SEED", "train.seed", -1)
+    seed_all_rng(None if seed is None or seed < 0 else seed + rank)
+    if not getattr(args, "eval_only", False):
+        benchmark = _key(cfg, "CUDNN_BENCHMARK", "train.cudnn_benchmark", False)
+        torch.backends.cudnn.benchmark = benchmark
