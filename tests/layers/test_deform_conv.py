@@ -36,8 +36,8 @@ def _inputs(n, c_in, c_out, size, kernel, groups, dg, out_size, dtype=torch.floa
 
 def _grads(out, tensors, seed=1):
     g = torch.Generator().manual_seed(seed)
-    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    return torch.autograd.grad(out, tensors, upstream)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)  # the same on every device
+    return torch.autograd.grad(out, tensors, upstream.to(out.device))
 
 
 CONFIGS = [
