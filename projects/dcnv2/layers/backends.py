@@ -54,7 +54,7 @@ BACKWARDS: Dict[str, Callable[..., List[Optional[torch.Tensor]]]] = {}
 OP_BACKENDS = ("native", "torchvision")
 # Preference order of "auto" per device type; the first available one wins.
 # CUDA: detectron2's kernels, else torchvision's: on an H200 (tools/gpu_check.py, 2026-11-26) the
-# native backend's PyTorch-op kernels were 10-30x slower than both at ResNet-50's res3-res5 shapes.
+# native backend's PyTorch-op kernels were 9-31x slower than both at ResNet-50's res3-res5 shapes.
 _AUTO_ORDER = {"cuda": ("detectron2", "torchvision", "native"), "cpu": ("native", "torchvision")}
 
 
