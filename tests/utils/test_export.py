@@ -210,3 +210,48 @@ def test_tool_refuses_bad_sizes_and_existing_files(tmp_path):
     (tmp_path / "y.ts").write_bytes(b"")
     with pytest.raises(UserInputError, match="exists"):
         tool.main(["--format", "torchscript", "--output", str(tmp_path / "y.ts")])
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "dcnv2_tool_export", os.path.join(ROOT, "tools", "export_model.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_tool_refuses_inconsistent_options(tmp_path):
+    from dcnv2.utils.cli import UserInputError
+
+    out = str(tmp_path / "x.onnx")
+    with pytest.raises(UserInputError, match="--part backbone"):
+        _tool().main(["--format", "onnx", "--output", out, "--deform-op", "decomposed"])
+    with pytest.raises(UserInputError, match="--benchmark times the ONNX detector"):
+        _tool().main(["--format", "torchscript", "--output", out, "--benchmark", "b.json"])
+
+
+def test_benchmark_times_each_runtime_and_writes_json(model_and_image, tmp_path):
+    import json
+
+    from dcnv2.utils.deploy_benchmark import benchmark_runtimes, format_table, write_json
+
+    model, image = model_and_image
+    result = benchmark_runtimes(
+        model,
+        [image],
+        str(tmp_path / "unused.onnx"),
+        repeats=2,
+        warmup=0,
+        runtimes=("pytorch_eager", "backbone_eager"),
+    )
+    assert set(result) == {"pytorch_eager", "backbone_eager", "setup"}
+    assert len(result["pytorch_eager"]["times_s"]) == 2
+    assert 0 < result["backbone_eager"]["min_s"] <= result["backbone_eager"]["median_s"]
+    assert result["setup"]["images"] == [[96, 128]]
+    table = format_table(result)
+    assert "pytorch_eager" in table and "1.00x" in table and "onnxruntime" not in table
+    write_json(result, str(tmp_path / "b.json"))
+    assert json.loads((tmp_path / "b.json").read_text())["setup"]["repeats"] == 2
+    with pytest.raises(ValueError, match="Unknown runtimes"):
+        benchmark_runtimes(model, [image], "unused.onnx", runtimes=("tensorrt",))
