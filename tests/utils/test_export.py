@@ -255,3 +255,38 @@ def test_benchmark_times_each_runtime_and_writes_json(model_and_image, tmp_path)
     assert json.loads((tmp_path / "b.json").read_text())["setup"]["repeats"] == 2
     with pytest.raises(ValueError, match="Unknown runtimes"):
         benchmark_runtimes(model, [image], "unused.onnx", runtimes=("tensorrt",))
+
+
+@pytest.mark.parametrize(
+    "config", ["mask_rcnn_R50_mdconv_FPN_1x.yaml", "retinanet_R50_mdconv_FPN_1x.yaml"]
+)
+def test_other_detectors_export_with_deformconv(config, tmp_path):
+    opts = ["MODEL.WEIGHTS", "", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
+    cfg = setup_demo_cfg(config, opts, confidence_threshold=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = _image(160, 96, seed=5)
+    assert randomize_offsets(model, [{"image": image}], offset_rms=0.7) == 13
+    if hasattr(model, "roi_heads"):
+        with torch.no_grad():
+            model.roi_heads.box_predictor.cls_score.weight.mul_(0.05)
+            model.roi_heads.box_predictor.bbox_pred.weight.mul_(0.1)
+    path = str(tmp_path / "detector.onnx")
+    names, adapter = export_detector_onnx(model, _image(96, 128, seed=4), path)
+    assert onnx_operators(path)[("", "DeformConv")] == 13
+    got = onnx_detections(onnx_session(path), adapter, image)
+    with torch.no_grad():
+        if hasattr(model, "roi_heads"):
+            expected = model.inference([{"image": image}], do_postprocess=False)[0]
+        else:
+            expected = model([{"image": image}])[0]["instances"]
+    stats = compare_detections(got, expected, _gap_threshold(expected.scores))
+    assert stats["count"] == stats["count_other"] >= 5 and stats["unmatched"] == 0
+    assert stats["max_box_diff"] <= 1e-2
+    if "pred_masks" in names:
+        # The top detection (clearly ahead in score) has the same 28x28 mask.
+        top_got, top_expected = got.scores.argmax(), expected.scores.argmax()
+        assert got.pred_masks.shape[1:] == (1, 28, 28)
+        torch.testing.assert_close(
+            got.pred_masks[top_got], expected.pred_masks[top_expected], atol=1e-4, rtol=0
+        )
