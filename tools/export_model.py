@@ -1,15 +1,22 @@
 #!/usr/bin/env python
-"""Export a dcnv2 model: TorchScript of the whole detector, or ONNX of the backbone + FPN.
+"""Export a dcnv2 model to ONNX (the whole detector, or the backbone + FPN) or TorchScript, and
+check the file against PyTorch; optionally time the deployment runtimes.
 
-TorchScript traces the detector with detectron2's TracingAdapter (deformable convs through
-torchvision's registered op: load the file after `import torchvision`). ONNX exports the
-backbone + FPN (normalised inside; input: a (1, 3, H, W) 0-255 image; outputs: p2..p6) with
-standard ONNX operators only, through the native backend's PyTorch-op implementation.
-Both are checked against PyTorch on a random image of --height x --width (multiples of 32).
+ONNX: every deformable conv is one standard `DeformConv` node (opset 19); the file takes any
+image height and width that are multiples of 32 (input "image": (3, H, W) float 0-255 in the
+config's INPUT.FORMAT, not resized; outputs: pred_boxes, pred_classes, scores [, pred_masks],
+image_size; see dcnv2.utils.export.export_detector_onnx). `--part backbone` exports the
+backbone + FPN (input (1, 3, H, W), outputs p2..p6); `--deform-op decomposed` writes the
+backbone with gathers and matmuls instead, for runtimes without DeformConv (fixed input size).
+The tool runs the file in onnxruntime and compares it with PyTorch at --height x --width and at
+a second size: features to 1e-4 relative, detections one to one (boxes to 1e-2 px).
+TorchScript traces the detector (deformable convs through torchvision's op: load the file after
+`import torchvision`).
 
 Examples:
-    python tools/export_model.py --format onnx --output backbone.onnx \
+    python tools/export_model.py --format onnx --output model.onnx \
         --opts MODEL.WEIGHTS output/model_final.pth
+    python tools/export_model.py --format onnx --output model.onnx --benchmark bench.json
     python tools/export_model.py --format torchscript --output model.ts --height 800 --width 1216
 """
 
@@ -26,32 +33,52 @@ from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_
 def parse_args(argv=None):
     parser = add_config_arguments(tool_parser(__doc__), force="--output if it exists")
     parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    parser.add_argument(
+        "--part", choices=("detector", "backbone"), default="detector", help="ONNX: what to export"
+    )
+    parser.add_argument(
+        "--deform-op",
+        choices=("DeformConv", "decomposed"),
+        default="DeformConv",
+        help="ONNX: standard DeformConv nodes, or standard gathers/matmuls (backbone only)",
+    )
     parser.add_argument("--output", required=True, help="file to write")
     parser.add_argument("--height", type=int, default=800, help="input height (default 800)")
     parser.add_argument("--width", type=int, default=1216, help="input width (default 1216)")
+    parser.add_argument(
+        "--benchmark",
+        metavar="JSON",
+        default="",
+        help="ONNX detector: also time PyTorch eager, torch.compile and onnxruntime on the two "
+        "check images, print a table and write it to this JSON file",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="--benchmark repeats (default 3)")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _check_args(args) -> None:
     if os.path.exists(args.output) and not args.force:
         raise UserInputError(f"{args.output!r} exists; pass --force to overwrite it")
     if args.height % 32 or args.width % 32 or min(args.height, args.width) < 64:
         raise UserInputError(
             f"--height/--width must be multiples of 32 and >= 64, got {args.height}x{args.width}"
         )
+    if args.deform_op == "decomposed" and args.part != "backbone":
+        raise UserInputError(
+            "--deform-op decomposed exports the backbone only: add --part backbone"
+        )
+    if args.benchmark and (args.format != "onnx" or args.part != "detector"):
+        raise UserInputError("--benchmark times the ONNX detector: use --format onnx")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _check_args(args)
     import torch
     from detectron2.modeling import build_model
 
+    from dcnv2.utils import export
     from dcnv2.utils.cli import load_weights, setup_cfg
-    from dcnv2.utils.export import (
-        BackboneForExport,
-        detector_outputs,
-        export_backbone_onnx,
-        onnx_operators,
-        run_onnx,
-        trace_detector,
-    )
 
     cfg = setup_cfg(args.config_file, args.opts, confidence_threshold=0.05)
     torch.manual_seed(0)
@@ -60,29 +87,124 @@ def main(argv=None) -> int:
         load_weights(model, cfg)
     else:
         print("note: no MODEL.WEIGHTS given: exporting random-init weights")
-    image = torch.randint(0, 256, (3, args.height, args.width)).float()
+    # A second size of another aspect ratio checks that the file is not tied to the first.
+    sizes = [(args.height, args.width), (args.height + 64, max(64, args.width - 64))]
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), generator=generator).float() for h, w in sizes]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    if args.format == "onnx":
-        names = export_backbone_onnx(model, image[None], args.output)
+    try:
+        if args.format == "torchscript":
+            return _torchscript(model, images[0], args.output)
+        if args.part == "backbone":
+            return _onnx_backbone(model, images, args)
+        status = _onnx_detector(model, images, args.output, _score_threshold(cfg))
+    except export.ExportError as e:
+        raise UserInputError(str(e)) from None
+    if args.benchmark:
+        from dcnv2.utils import deploy_benchmark
+
+        result = deploy_benchmark.benchmark_runtimes(
+            model, images, args.output, repeats=args.repeats
+        )
+        print(deploy_benchmark.format_table(result))
+        deploy_benchmark.write_json(result, args.benchmark)
+        print(f"wrote {args.benchmark}")
+    return status
+
+
+def _score_threshold(cfg) -> float:
+    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+        return cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+    return cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+
+
+def _torchscript(model, image, path) -> int:
+    import torch
+
+    from dcnv2.utils.export import detector_outputs, trace_detector
+
+    inputs = [{"image": image}]
+    traced, adapter = trace_detector(model, inputs)
+    traced.save(path)
+    got = detector_outputs(torch.jit.load(path), adapter, inputs)[0]["instances"]
+    print(f"wrote {path}: traced detector, {len(got)} detection(s) on a random image")
+    return 0
+
+
+def _onnx_backbone(model, images, args) -> int:
+    import torch
+
+    from dcnv2.utils.export import (
+        BackboneForExport,
+        export_backbone_onnx,
+        onnx_operators,
+        relative_errors,
+        run_onnx,
+    )
+
+    names = export_backbone_onnx(model, images[0][None], args.output, deform_op=args.deform_op)
+    print(f"wrote {args.output}: outputs {', '.join(names)}; {_operators(onnx_operators)(args)}")
+    # The decomposed file takes only the size it was exported with.
+    checked = images if args.deform_op == "DeformConv" else images[:1]
+    worst = 0.0
+    for image in checked:
         with torch.no_grad():
             expected = BackboneForExport(model).eval()(image[None])
-        got = run_onnx(args.output, image[None].numpy())
-        errors = [
-            float((torch.from_numpy(g) - e).abs().max() / e.abs().max().clamp(min=1e-12))
-            for g, e in zip(got, expected)
-        ]
-        custom = sorted({op for (domain, op) in onnx_operators(args.output) if domain})
-        print(f"wrote {args.output}: outputs {', '.join(names)}")
-        print(f"onnxruntime vs PyTorch, max relative error per output: {max(errors):.2e}")
-        print(f"non-standard ONNX operators: {', '.join(custom) if custom else 'none'}")
-    else:
-        inputs = [{"image": image}]
-        traced, adapter = trace_detector(model, inputs)
-        traced.save(args.output)
-        loaded = torch.jit.load(args.output)
-        got = detector_outputs(loaded, adapter, inputs)[0]["instances"]
-        print(f"wrote {args.output}: traced detector, {len(got)} detection(s) on a random image")
-    return 0
+        error = max(relative_errors(run_onnx(args.output, image[None].numpy()), expected))
+        worst = max(worst, error)
+        print(f"{_size(image)}: onnxruntime vs PyTorch, max relative error {error:.2e}")
+    return 0 if worst <= 1e-4 else 1
+
+
+def _onnx_detector(model, images, path, score_threshold) -> int:
+    import torch
+
+    from dcnv2.utils.export import (
+        compare_detections,
+        export_detector_onnx,
+        onnx_detections,
+        onnx_operators,
+        onnx_session,
+    )
+
+    names, adapter = export_detector_onnx(model, images[0], path)
+    print(f"wrote {path}: outputs {', '.join(names)}; {_operators(onnx_operators)(path)}")
+    session = onnx_session(path)
+    ok = True
+    for image in images:
+        got = onnx_detections(session, adapter, image)
+        with torch.no_grad():
+            if hasattr(model, "roi_heads"):
+                expected = model.inference([{"image": image}], do_postprocess=False)[0]
+            else:
+                expected = model([{"image": image}])[0]["instances"]
+        s = compare_detections(got, expected, score_threshold)
+        good = s["unmatched"] == 0 and s["count"] == s["count_other"] and s["max_box_diff"] <= 1e-2
+        ok = ok and good
+        print(
+            f"{_size(image)}: {s['count']} detection(s) >= {score_threshold} in PyTorch, "
+            f"{s['count_other']} in onnxruntime, {s['unmatched']} unmatched, max box difference "
+            f"{s['max_box_diff']:.2e} px, max score difference {s['max_score_diff']:.2e}"
+            + ("" if good else "  <- MISMATCH")
+        )
+    return 0 if ok else 1
+
+
+def _operators(onnx_operators):
+    def describe(args_or_path) -> str:
+        path = getattr(args_or_path, "output", args_or_path)
+        ops = onnx_operators(path)
+        custom = sorted({op for (domain, op) in ops if domain not in ("", "ai.onnx")})
+        return (
+            f"{ops.get(('', 'DeformConv'), 0)} DeformConv node(s), non-standard operators: "
+            f"{', '.join(custom) if custom else 'none'}"
+        )
+
+    return describe
+
+
+def _size(image) -> str:
+    return f"{image.shape[1]}x{image.shape[2]}"
 
 
 if __name__ == "__main__":

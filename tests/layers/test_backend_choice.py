@@ -1,7 +1,7 @@
 """What ``backend="auto"`` resolves to: on the CPU this package's native op, then torchvision;
 on CUDA detectron2's compiled kernels when ``detectron2._C`` imports, then torchvision (the
-measured order: native's PyTorch-op kernels are far slower on CUDA), then native. CUDA and detectron2's ops are faked, so this runs on any machine.
-"""
+measured order: native's PyTorch-op kernels are far slower on CUDA), then native. CUDA and
+detectron2's ops are faked, so this runs on any machine."""
 
 import pytest
 import torch

@@ -226,8 +226,8 @@ def export_backbone_onnx(
         list[str]: output names (the FPN levels, e.g. p2..p6). The file's input is "image"
         (1, 3, H, W) and its outputs are those levels, (1, C, H / stride, W / stride) each.
     """
+    _check_exportable(model)
     module = BackboneForExport(model).eval()
-    _check_exportable(module)
     names = module.output_names
     if deform_op == "DeformConv":
         axes = {"image": {2: "height", 3: "width"}}
