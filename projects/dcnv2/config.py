@@ -8,7 +8,6 @@ Which stages are deformable and how is said with detectron2's own keys:
 
 import contextlib
 import difflib
-import os
 import re
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -92,19 +91,11 @@ def get_cfg(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
     """
     from detectron2.config import get_cfg as d2_get_cfg
 
-    from .model_zoo import get_config_file
+    from .model_zoo import resolve_config_file
 
     cfg = add_dcnv2_config(d2_get_cfg())
     if config_file:
-        if not os.path.isfile(config_file):
-            try:
-                config_file = get_config_file(config_file)
-            except FileNotFoundError:
-                raise ConfigFileNotFoundError(
-                    f"Config file {config_file} does not exist (looked at "
-                    f"{os.path.abspath(config_file)}); expected a YAML config path, or the name "
-                    "of a config shipped with dcnv2 (dcnv2.list_config_files())"
-                ) from None
+        config_file = resolve_config_file(config_file)
         with config_errors(cfg, f"config file {config_file}"):
             cfg.merge_from_file(config_file)
     with config_errors(cfg, "the command line"):

@@ -49,10 +49,9 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
             (``"lazy/mask_rcnn_R50_mdconv_FPN_1x.py"``).
         opts: overrides such as ``["train.max_iter=10", "train.device=cpu"]``.
     """
-    from .model_zoo import get_config_file
+    from .model_zoo import resolve_config_file
 
     if not is_lazy_config(config_file):
         raise ValueError(f"{config_file!r} is not a LazyConfig file: expected a .py file")
-    if not os.path.isfile(config_file):
-        config_file = get_config_file(config_file)
+    config_file = resolve_config_file(config_file)
     return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))

@@ -20,6 +20,8 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from ..model_zoo import resolve_config_file
+
 __all__ = ["environment_info", "setup_run"]
 
 # Run by the child process; its output is the report.
@@ -97,8 +99,10 @@ def setup_run(cfg, args) -> None:
     log("Environment info:\n" + info)
     logger.info(f"Command line arguments: {args}")
     if getattr(args, "config_file", ""):
-        with PathManager.open(args.config_file, "r") as f:
-            logger.info(f"Contents of args.config_file={args.config_file}:\n{f.read()}")
+        # A name of a shipped config is resolved as the config was (dcnv2.get_cfg).
+        path = resolve_config_file(args.config_file)
+        with PathManager.open(path, "r") as f:
+            logger.info(f"Contents of args.config_file={args.config_file} ({path}):\n{f.read()}")
     if comm.is_main_process() and output_dir:
         path = os.path.join(output_dir, "config.yaml")
         if isinstance(cfg, CfgNode):
