@@ -72,6 +72,9 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Bad annotation entries or unreadable images in a training set: "fail" (stop, listing
     # them) or "skip" (warn and train without them).
     cfg.DATASETS.DCNV2.ON_BAD_DATA = "fail"
+    # The user's COCO-format datasets, registered by name before the run reads DATASETS.TRAIN
+    # and TEST (dcnv2.data.coco): (("my_train", "train.json", "images/"), ...).
+    cfg.DATASETS.DCNV2.COCO = ()
     cfg.INPUT.DCNV2 = CN()
     # How images are resized (dcnv2.data.transforms): "pil", detectron2's ResizeShortestEdge; or
     # "opencv", MMDetection's keep-ratio Resize (cv2.resize, mmcv's size rounding), bit for bit.

@@ -16,6 +16,7 @@ from detectron2.utils import comm
 
 from ..config import get_cfg
 from ..data import build_test_augmentation, check_datasets
+from ..data.coco import register_config_datasets
 from ..data.validation import validate_datasets
 from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
@@ -175,13 +176,17 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
 
 def load_run_config(config_file: str, opts):
     """The config ``train_net.py``'s command line names: a YAML config (``CfgNode``) or a
-    LazyConfig, with the command line's overrides."""
+    LazyConfig, with the command line's overrides; the COCO datasets it names
+    (:mod:`dcnv2.data.coco`) are registered."""
     if not is_lazy_config(config_file):
-        return get_cfg(config_file, opts)
-    try:
-        return load_config(config_file, opts)
-    except FileNotFoundError as e:
-        raise ConfigFileNotFoundError(str(e)) from None
+        cfg = get_cfg(config_file, opts)
+    else:
+        try:
+            cfg = load_config(config_file, opts)
+        except FileNotFoundError as e:
+            raise ConfigFileNotFoundError(str(e)) from None
+    register_config_datasets(cfg)
+    return cfg
 
 
 def check_before_launch(args) -> None:
