@@ -8,6 +8,7 @@ run (the launching one, whose preflight checks the data, and each worker) regist
 triples; a name already registered with other files is an error, not a silent replacement.
 """
 
+import json
 import os
 from typing import Any, List, Tuple
 
@@ -15,9 +16,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from ..dialects import run_keys
-from ..errors import ConfigError
+from ..errors import AnnotationError, ConfigError
 
-__all__ = ["parse_coco_datasets", "register_coco_datasets", "register_config_datasets"]
+__all__ = [
+    "load_category_metadata",
+    "parse_coco_datasets",
+    "register_coco_datasets",
+    "register_config_datasets",
+]
 
 _EXAMPLE = "e.g. (('my_train', 'train.json', 'images/'),)"
 
@@ -104,6 +110,46 @@ def register_config_datasets(cfg) -> List[str]:
     LazyConfig (``dataloader.coco_datasets``) names."""
     keys = run_keys(cfg)
     return register_coco_datasets(keys.value(cfg, keys.coco_datasets, ()), keys.coco_datasets)
+
+
+def load_category_metadata(name: str):
+    """The metadata of dataset ``name`` with its category id mapping loaded.
+
+    detectron2 sets ``thing_dataset_id_to_contiguous_id`` of a json dataset only when the dataset
+    is loaded; a model's outputs (contiguous ids ``0..K-1``) need it to be written with the
+    dataset's own ids. It is read here from the json's ``categories`` as ``load_coco_json`` does
+    (sorted ids, in order), after generating the data of a dataset with a ``prepare`` step.
+
+    Returns:
+        detectron2 ``Metadata``; unchanged when it has the mapping already, when ``name`` is not a
+        registered dataset or when its json file is not on disk.
+
+    Raises:
+        AnnotationError: the json file has no valid ``categories`` list.
+    """
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_dataset_id_to_contiguous_id", None) or name not in DatasetCatalog.list():
+        return meta
+    prepare = meta.get("prepare", None)
+    if prepare is not None:
+        prepare()
+    json_file = meta.get("json_file", None)
+    if not json_file or not os.path.isfile(json_file):
+        return meta
+    try:
+        with open(json_file) as f:
+            categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+        ids = [int(c["id"]) for c in categories]
+        names = [str(c["name"]) for c in categories]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnnotationError(
+            f"Dataset {name!r}: {json_file} has no valid 'categories' list ({e!r}); expected "
+            "[{'id': ..., 'name': ...}, ...] as in COCO"
+        ) from None
+    meta.thing_dataset_id_to_contiguous_id = {v: i for i, v in enumerate(ids)}
+    if meta.get("thing_classes", None) is None:
+        meta.thing_classes = names
+    return meta
 
 
 def _is_sequence(value: Any) -> bool:
