@@ -155,3 +155,20 @@ def test_train_net_bad_triple_is_one_error_line(data_dir):
         f"train_net.py: error: DATASETS.DCNV2.COCO: the annotation file of 'my_train', "
         f"{data_dir}/missing.json, does not exist; expected a COCO instances json"
     ], proc.stderr
+
+
+def test_every_process_registers_in_setup_run(data_dir, forget, tmp_path):
+    # launch's workers start empty: train_net's setup (setup_run) registers in each of them.
+    import argparse
+
+    from dcnv2.engine.setup import setup_run
+
+    val = ("_t_coco_worker", str(data_dir / "val" / "annotations.json"), str(data_dir / "val"))
+    forget.append("_t_coco_worker")
+    cfg = get_cfg(
+        "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml",
+        ["DATASETS.DCNV2.COCO", repr((val,)), "OUTPUT_DIR", str(tmp_path)],
+    )
+    assert "_t_coco_worker" not in DatasetCatalog.list()
+    setup_run(cfg, argparse.Namespace(config_file="", eval_only=True))
+    assert MetadataCatalog.get("_t_coco_worker").json_file == val[1]
