@@ -8,7 +8,6 @@ Which stages are deformable and how is said with detectron2's own keys:
 
 import contextlib
 import difflib
-import os
 import re
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -73,6 +72,9 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Bad annotation entries or unreadable images in a training set: "fail" (stop, listing
     # them) or "skip" (warn and train without them).
     cfg.DATASETS.DCNV2.ON_BAD_DATA = "fail"
+    # The user's COCO-format datasets, registered by name before the run reads DATASETS.TRAIN
+    # and TEST (dcnv2.data.coco): (("my_train", "train.json", "images/"), ...).
+    cfg.DATASETS.DCNV2.COCO = ()
     cfg.INPUT.DCNV2 = CN()
     # How images are resized (dcnv2.data.transforms): "pil", detectron2's ResizeShortestEdge; or
     # "opencv", MMDetection's keep-ratio Resize (cv2.resize, mmcv's size rounding), bit for bit.
@@ -92,19 +94,11 @@ def get_cfg(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
     """
     from detectron2.config import get_cfg as d2_get_cfg
 
-    from .model_zoo import get_config_file
+    from .model_zoo import resolve_config_file
 
     cfg = add_dcnv2_config(d2_get_cfg())
     if config_file:
-        if not os.path.isfile(config_file):
-            try:
-                config_file = get_config_file(config_file)
-            except FileNotFoundError:
-                raise ConfigFileNotFoundError(
-                    f"Config file {config_file} does not exist (looked at "
-                    f"{os.path.abspath(config_file)}); expected a YAML config path, or the name "
-                    "of a config shipped with dcnv2 (dcnv2.list_config_files())"
-                ) from None
+        config_file = resolve_config_file(config_file)
         with config_errors(cfg, f"config file {config_file}"):
             cfg.merge_from_file(config_file)
     with config_errors(cfg, "the command line"):

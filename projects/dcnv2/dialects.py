@@ -26,6 +26,7 @@ class RunKeys:
         allow_shape_mismatch: skip tensors that do not fit instead of failing (None: no key).
         on_bad_data: "fail" or "skip" for bad training data (None: no key, always "fail").
         lr, clip: where the learning rate and gradient clipping are set, for messages.
+        coco_datasets: the user's COCO datasets to register (:mod:`dcnv2.data.coco`).
     """
 
     device: str
@@ -38,6 +39,7 @@ class RunKeys:
     on_bad_data: Optional[str]
     lr: str
     clip: str
+    coco_datasets: str
 
     def value(self, cfg, key: Optional[str], default: Any = None) -> Any:
         """The value of the dotted ``key`` in ``cfg``, or ``default`` when a part is absent."""
@@ -62,6 +64,7 @@ YAML_KEYS = RunKeys(
     on_bad_data="DATASETS.DCNV2.ON_BAD_DATA",
     lr="SOLVER.BASE_LR, SOLVER.WARMUP_ITERS",
     clip="SOLVER.CLIP_GRADIENTS",
+    coco_datasets="DATASETS.DCNV2.COCO",
 )
 
 LAZY_KEYS = RunKeys(
@@ -75,6 +78,7 @@ LAZY_KEYS = RunKeys(
     on_bad_data=None,
     lr="optimizer.lr, lr_multiplier's warmup",
     clip="detectron2.solver.build.maybe_add_gradient_clipping",
+    coco_datasets="dataloader.coco_datasets",
 )
 
 

@@ -2,7 +2,7 @@
 
 import os
 
-__all__ = ["get_config_file", "list_config_files"]
+__all__ = ["get_config_file", "list_config_files", "resolve_config_file"]
 
 _CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -30,3 +30,25 @@ def list_config_files() -> list:
             if f.endswith((".yaml", ".py")) and f != "__init__.py":
                 names.append(os.path.relpath(os.path.join(root, f), _CONFIG_ROOT))
     return sorted(names)
+
+
+def resolve_config_file(config_file: str) -> str:
+    """The file a ``--config-file`` value names: the path itself when it is a file, else the
+    config shipped with dcnv2 under that name (``"quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"``,
+    ``"lazy/mask_rcnn_R50_mdconv_FPN_1x.py"``).
+
+    Raises:
+        ConfigFileNotFoundError: neither exists.
+    """
+    from .errors import ConfigFileNotFoundError
+
+    if os.path.isfile(config_file):
+        return config_file
+    path = os.path.join(_CONFIG_ROOT, config_file)
+    if os.path.isfile(path):
+        return path
+    raise ConfigFileNotFoundError(
+        f"Config file {config_file} does not exist (looked at "
+        f"{os.path.abspath(config_file)}); expected a config path, or the name "
+        "of a config shipped with dcnv2 (dcnv2.list_config_files())"
+    )

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import dcnv2
 from dcnv2 import get_cfg
 from dcnv2.engine import setup as setup_mod
 from dcnv2.engine.setup import environment_info, setup_run
@@ -60,3 +61,21 @@ def test_setup_run_saves_the_config_seeds_and_logs(tmp_path, cuda_ops_loaded, mo
     assert torch.equal(torch.rand(3), first)  # SEED + rank 0
     log = open(os.path.join(cfg.OUTPUT_DIR, "log.txt")).read()  # detectron2's logger's file
     assert "WARNING" in log and "collect_env_info was killed by signal 11" in log
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["quick/faster_rcnn_R50_mdconv_FPN_instant.yaml", "lazy/faster_rcnn_R50_mdconv_FPN_1x.py"],
+)
+def test_setup_run_logs_a_shipped_config_given_by_name(tmp_path, monkeypatch, name):
+    # train_net.py --config-file <name>: the name resolves as dcnv2.get_cfg resolves it.
+    monkeypatch.chdir(tmp_path)  # no such relative path here
+    monkeypatch.setattr(setup_mod, "collect_env_info", lambda: "table")
+    cfg = get_cfg("quick/faster_rcnn_R50_mdconv_FPN_instant.yaml")
+    cfg.OUTPUT_DIR = str(tmp_path / "run")
+    cfg.freeze()
+    setup_run(cfg, argparse.Namespace(config_file=name, eval_only=True))
+    log = open(os.path.join(cfg.OUTPUT_DIR, "log.txt")).read()
+    path = os.path.join(os.path.dirname(dcnv2.__file__), "configs", name)
+    assert f"Contents of args.config_file={name} ({path}):" in log
+    assert open(path).read() in log

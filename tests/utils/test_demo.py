@@ -148,3 +148,61 @@ def test_cli_runs_and_fails_in_one_line(images, tmp_path, capsys):
     assert result.stderr.strip() == (
         f"demo.py: error: input {str(tmp_path / 'missing')!r} does not exist"
     )
+
+
+def test_demo_json_scores_against_the_ground_truth_with_the_datasets_ids(tmp_path):
+    """The demo's JSON uses the dataset's category ids (1..3 for the synthetic set): an oracle
+    detector's file scores AP 100 against the ground truth with pycocotools."""
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.structures import Boxes, Instances
+    from pycocotools.cocoeval import COCOeval
+
+    from dcnv2.data.synthetic import prepare_synthetic_split, register_synthetic_dataset
+
+    name = "_test_demo_synthetic_val"
+    register_synthetic_dataset(name, str(tmp_path), "val", 4, 1)
+    try:
+        cfg = setup_cfg(
+            "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml",
+            [*TINY, "DATASETS.TEST", f"('{name}',)"],
+            confidence_threshold=0.0,
+        )
+        runner = DemoRunner(cfg)  # generates the split (the metadata's prepare step)
+        split = prepare_synthetic_split(str(tmp_path), "val", 4, 1)
+        gt = COCO(os.path.join(split, "annotations.json"))
+        contiguous = {cat: i for i, cat in enumerate(sorted(gt.getCatIds()))}
+        by_size = {}
+        for img in gt.dataset["images"]:
+            anns = gt.loadAnns(gt.getAnnIds(imgIds=img["id"]))
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+            classes = [contiguous[a["category_id"]] for a in anns]
+            by_size.setdefault((img["height"], img["width"]), []).append((boxes, classes))
+
+        def oracle(image_bgr):  # the ground truth of the image, in the model's contiguous ids
+            h, w = image_bgr.shape[:2]
+            boxes, classes = by_size[(h, w)][0]
+            out = Instances((h, w))
+            out.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            out.scores = torch.ones(len(classes))
+            out.pred_classes = torch.tensor(classes, dtype=torch.int64)
+            return out
+
+        assert all(len(v) == 1 for v in by_size.values())  # image sizes tell the images apart
+        runner.predict = oracle
+        inputs = collect_inputs([os.path.join(split, "images")])
+        run_demo(runner, inputs, str(tmp_path / "out"), json_path=str(tmp_path / "d.json"))
+        demo = json.loads((tmp_path / "d.json").read_text())
+        # Score with the ground truth's image ids, matched by file name.
+        gt_id = {img["file_name"]: img["id"] for img in gt.dataset["images"]}
+        demo_id = {img["id"]: gt_id[os.path.basename(img["file_name"])] for img in demo["images"]}
+        results = [dict(a, image_id=demo_id[a["image_id"]]) for a in demo["annotations"]]
+        assert {c["id"] for c in demo["categories"]} == set(gt.getCatIds())
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert evaluator.stats[0] > 0.99  # AP over IoU 0.5:0.95
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

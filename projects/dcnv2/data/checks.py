@@ -32,9 +32,10 @@ def check_datasets(dataset_names: Iterable[str]) -> None:
     for name in dataset_names:
         if name not in DatasetCatalog.list():
             raise DatasetNotFoundError(
-                f"Dataset {name!r} is not registered. Register it with detectron2 "
-                f"(register_coco_instances) before training, or use one of the builtin names "
-                f"such as 'coco_2017_train'."
+                f"Dataset {name!r} is not registered. Name your COCO-format data in the config "
+                f"(DATASETS.DCNV2.COCO ((name, json_file, image_root),) or a LazyConfig's "
+                f"dataloader.coco_datasets), or use one of the builtin names such as "
+                f"'coco_2017_train'."
             )
         meta = MetadataCatalog.get(name)
         prepare = meta.get("prepare", None)

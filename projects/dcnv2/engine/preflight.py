@@ -16,6 +16,7 @@ from detectron2.utils import comm
 
 from ..config import get_cfg
 from ..data import build_test_augmentation, check_datasets
+from ..data.coco import register_config_datasets
 from ..data.validation import validate_datasets
 from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
@@ -31,6 +32,7 @@ from ..lazy_config import is_lazy_config, load_config
 __all__ = [
     "check_before_launch",
     "check_devices",
+    "check_eval_weights",
     "check_output_dir",
     "check_weights",
     "check_weights_fit",
@@ -138,7 +140,7 @@ def _resume_file(output_dir: str) -> Optional[str]:
         return os.path.join(output_dir, f.read().strip())
 
 
-def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
+def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool, opts=()) -> None:
     """Every check above, cheapest first, in the launching process, for a YAML config or a
     LazyConfig; the datasets are checked (and the synthetic ones generated) here only.
 
@@ -147,7 +149,9 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
         num_gpus: ``--num-gpus``.
         resume: ``--resume``: the checkpoint ``last_checkpoint`` names, if any, replaces the
             initial weights.
-        eval_only: ``--eval-only``: the training sets are not read.
+        eval_only: ``--eval-only``: the training sets are not read, and trained weights are
+            required (:func:`check_eval_weights`).
+        opts: the command line's overrides, for :func:`check_eval_weights`.
     """
     keys = run_keys(cfg)
     if isinstance(cfg, CfgNode):
@@ -165,6 +169,8 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
                 "which does not exist; restore it, or start without --resume"
             )
     else:
+        if eval_only:
+            check_eval_weights(cfg, opts, resume=False)
         check_weights(keys.value(cfg, keys.weights, ""), keys)
     check_datasets(test + train)
     validate_datasets(train, test, keys.value(cfg, keys.on_bad_data, "fail"))
@@ -175,19 +181,75 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool) -> None:
 
 def load_run_config(config_file: str, opts):
     """The config ``train_net.py``'s command line names: a YAML config (``CfgNode``) or a
-    LazyConfig, with the command line's overrides."""
+    LazyConfig, with the command line's overrides; the COCO datasets it names
+    (:mod:`dcnv2.data.coco`) are registered."""
     if not is_lazy_config(config_file):
-        return get_cfg(config_file, opts)
-    try:
-        return load_config(config_file, opts)
-    except FileNotFoundError as e:
-        raise ConfigFileNotFoundError(str(e)) from None
+        cfg = get_cfg(config_file, opts)
+    else:
+        try:
+            cfg = load_config(config_file, opts)
+        except FileNotFoundError as e:
+            raise ConfigFileNotFoundError(str(e)) from None
+    register_config_datasets(cfg)
+    return cfg
+
+
+def _weights_on_command_line(opts, keys: RunKeys) -> Optional[str]:
+    """The weights the command line's overrides set (the last one wins), or None."""
+    found = None
+    if keys.weights == YAML_KEYS.weights:
+        for key, value in zip(opts[::2], opts[1::2]):
+            if key == keys.weights:
+                found = value
+        return found
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if sep and key.strip().lstrip("+") == keys.weights:
+            found = value.strip().strip("'\"")
+    return found
+
+
+def check_eval_weights(cfg, opts, *, resume: bool) -> None:
+    """``--eval-only`` evaluates trained weights: with none (``MODEL.WEIGHTS`` empty, or an
+    ImageNet backbone as the configs' default) it refuses, unless the command line itself sets
+    ``MODEL.WEIGHTS ""`` (``train.init_checkpoint=""``); then a random model is evaluated, with
+    a warning.
+
+    Args:
+        cfg: the run's config (:func:`load_run_config`).
+        opts: the command line's overrides.
+        resume: ``--resume`` with a ``last_checkpoint`` in the output folder loads that instead.
+
+    Raises:
+        WeightsError: no trained weights, and no explicit empty ``MODEL.WEIGHTS``.
+    """
+    keys = run_keys(cfg)
+    output_dir = keys.value(cfg, keys.output_dir, "")
+    if resume and output_dir and _resume_file(output_dir) is not None:
+        return
+    weights = keys.value(cfg, keys.weights, "") or ""
+    given = _weights_on_command_line(list(opts), keys)
+    if given is not None and not given:
+        logger.warning(
+            f"--eval-only with {keys.weights} empty: evaluating a randomly initialised model"
+        )
+        return
+    if given is None and (not weights or "imagenetpretrained" in weights.lower()):
+        what = f"is {weights}, ImageNet backbone weights" if weights else "is empty"
+        raise WeightsError(
+            f"--eval-only but {keys.weights} {what}: there is no trained detector to evaluate. "
+            f"Give the run's weights (e.g. {keys.weights}{' ' if keys is YAML_KEYS else '='}"
+            f'output/.../model_final.pth), or set {keys.weights} "" explicitly on the command '
+            "line to evaluate a random model"
+        )
 
 
 def check_before_launch(args) -> None:
     """:func:`preflight` for ``train_net.py``'s command line."""
     cfg = load_run_config(args.config_file, args.opts)
-    preflight(cfg, num_gpus=args.num_gpus, resume=args.resume, eval_only=args.eval_only)
+    preflight(
+        cfg, num_gpus=args.num_gpus, resume=args.resume, eval_only=args.eval_only, opts=args.opts
+    )
 
 
 def report_user_errors(prog: str, main_func: Callable, *args):

@@ -20,6 +20,9 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from ..data.coco import register_config_datasets
+from ..model_zoo import resolve_config_file
+
 __all__ = ["environment_info", "setup_run"]
 
 # Run by the child process; its output is the report.
@@ -76,15 +79,17 @@ def _key(cfg, yaml_key: str, lazy_key: str, default=None):
 
 
 def setup_run(cfg, args) -> None:
-    """Start a run as detectron2's ``default_setup`` does: the output folder, the loggers (fvcore,
-    detectron2), the rank, the environment (:func:`environment_info`), the command line and the
-    config logged, ``config.yaml`` saved by the main process, seeds (``SEED``/``train.seed`` plus
-    the rank) and cuDNN benchmarking for training runs.
+    """Register the config's COCO datasets (:mod:`dcnv2.data.coco`; in every process of a run),
+    then start the run as detectron2's ``default_setup`` does: the output folder, the loggers
+    (fvcore, detectron2), the rank, the environment (:func:`environment_info`), the command line
+    and the config logged, ``config.yaml`` saved by the main process, seeds (``SEED`` or
+    ``train.seed`` plus the rank) and cuDNN benchmarking for training runs.
 
     Args:
         cfg: a YAML ``CfgNode`` or a LazyConfig.
         args: the parsed ``train_net.py`` command line.
     """
+    register_config_datasets(cfg)
     output_dir = _key(cfg, "OUTPUT_DIR", "train.output_dir")
     if comm.is_main_process() and output_dir:
         PathManager.mkdirs(output_dir)
@@ -97,8 +102,10 @@ def setup_run(cfg, args) -> None:
     log("Environment info:\n" + info)
     logger.info(f"Command line arguments: {args}")
     if getattr(args, "config_file", ""):
-        with PathManager.open(args.config_file, "r") as f:
-            logger.info(f"Contents of args.config_file={args.config_file}:\n{f.read()}")
+        # A name of a shipped config is resolved as the config was (dcnv2.get_cfg).
+        path = resolve_config_file(args.config_file)
+        with PathManager.open(path, "r") as f:
+            logger.info(f"Contents of args.config_file={args.config_file} ({path}):\n{f.read()}")
     if comm.is_main_process() and output_dir:
         path = os.path.join(output_dir, "config.yaml")
         if isinstance(cfg, CfgNode):

@@ -85,6 +85,7 @@ def setup_cfg(
     Raises:
         UserInputError: unknown config, bad override, threshold out of range, or a local
             ``MODEL.WEIGHTS`` file that does not exist.
+        ConfigError: bad ``DATASETS.DCNV2.COCO`` triples (they are registered here).
     """
     from ..config import get_cfg
 
@@ -100,6 +101,9 @@ def setup_cfg(
         raise UserInputError(str(e)) from None
     except (KeyError, ValueError, AssertionError) as e:
         raise UserInputError(f"bad config override in --opts {list(opts)}: {e}") from None
+    from ..data.coco import register_config_datasets
+
+    register_config_datasets(cfg)
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = confidence_threshold

@@ -16,13 +16,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image as d2_read_image
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
+from ..data.coco import load_category_metadata
 from ..data.transforms import ResizeBackendError
 from ..engine.predictor import Predictor
 from ..errors import DCNv2Error
@@ -205,7 +205,8 @@ class DemoRunner:
         except (OSError, DCNv2Error) as e:  # OSError: also a URL that cannot be fetched
             raise UserInputError(f"cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: {e}") from None
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
-        self.metadata = MetadataCatalog.get(name)
+        # The dataset's own category ids, for --json (detectron2 maps them on loading only).
+        self.metadata = load_category_metadata(name)
 
     def predict(self, image_bgr: np.ndarray) -> Instances:
         """Detections of one (H, W, 3) uint8 BGR image, on the CPU, in image coordinates."""

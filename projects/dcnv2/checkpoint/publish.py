@@ -1,0 +1,121 @@
+"""Publishing trained weights: the model's tensors only, optionally in half precision, in a file
+named by its content's sha256, as MMDetection's ``tools/model_converters/publish_model.py`` does.
+
+A training checkpoint (``model_final.pth``) also holds the optimizer's state (SGD momentum: one
+more copy of every weight), the scheduler and the iteration, about 3x the model; a published
+file holds ``{"model": state_dict}``, which ``train_net.py --eval-only MODEL.WEIGHTS <file>``,
+the tools' ``MODEL.WEIGHTS`` and fine-tuning all load.
+"""
+
+import hashlib
+import io
+import os
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import WeightsError
+from .atomic import atomic_write
+from .loading import load_checkpoint_file
+
+__all__ = ["publish_model", "published_name", "weights_only"]
+
+
+def weights_only(checkpoint: Any, *, half: bool = False) -> Dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint.
+
+    Args:
+        checkpoint: a loaded checkpoint: ``{"model": state_dict, ...}`` (detectron2's, with
+            ``optimizer``, ``scheduler``, ``iteration`` that are dropped) or a plain state dict;
+            numpy arrays (``.pkl`` files) become tensors.
+        half: floating-point tensors as float16 (half the size; integer tensors are kept).
+
+    Raises:
+        WeightsError: no tensors to publish.
+    """
+    model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(model, Mapping):
+        raise WeightsError(
+            f"expected a checkpoint dict with a 'model' state dict, got {type(checkpoint).__name__}"
+        )
+    out = {}
+    for key, value in model.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(
+                f"'{key}' of the model state is a {type(value).__name__}, not a tensor; expected "
+                "a checkpoint written by train_net.py (or a state dict)"
+            )
+        value = value.detach().cpu()
+        out[key] = value.half() if half and value.is_floating_point() else value.contiguous()
+    if not out:
+        raise WeightsError("the checkpoint's model state is empty: nothing to publish")
+    return out
+
+
+def published_name(output_path: str, digest: str) -> str:
+    """``out/model.pth`` -> ``out/model-<first 8 hex digits of the sha256>.pth``."""
+    stem, ext = os.path.splitext(output_path)
+    return f"{stem}-{digest[:8]}{ext}"
+
+
+def publish_model(
+    input_path: str,
+    output_path: str,
+    *,
+    half: bool = False,
+    force: bool = False,
+    allow_unsafe: bool = False,
+) -> Tuple[str, Dict[str, Any]]:
+    """Write the weights of ``input_path`` to ``output_path`` with the sha256 prefix in the name.
+
+    Args:
+        input_path: a checkpoint (``.pth`` or detectron2 ``.pkl``), read tensors-only unless
+            ``allow_unsafe``.
+        output_path: ``<name>.pth``; the file written is :func:`published_name` of it.
+        half: float16 weights.
+        force: replace an existing file of that name.
+        allow_unsafe: unpickle arbitrary objects in the input (trusted files only).
+
+    Returns:
+        (path written, {"tensors", "parameters", "bytes", "input_bytes", "sha256", "dropped"}):
+        ``dropped`` lists the checkpoint's other entries (``optimizer``, ``iteration`` ...).
+
+    Raises:
+        WeightsError: a missing or unreadable input, nothing to publish, an output that is not
+            a ``.pth`` file, or one that exists without ``force``.
+    """
+    if not output_path.endswith(".pth"):
+        raise WeightsError(f"output {output_path!r} must end with .pth")
+    if not os.path.isfile(input_path):
+        raise WeightsError(f"input checkpoint {input_path!r} does not exist or is not a file")
+    try:
+        checkpoint = load_checkpoint_file(input_path, allow_unsafe=allow_unsafe)
+    except WeightsError:
+        raise
+    except Exception as e:  # any unpickling failure of a file that is not a checkpoint
+        raise WeightsError(f"cannot read checkpoint {input_path!r}: {e}") from None
+    weights = weights_only(checkpoint, half=half)
+    buffer = io.BytesIO()
+    torch.save({"model": weights}, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    path = published_name(output_path, digest)
+    if os.path.abspath(path) == os.path.abspath(input_path):
+        raise WeightsError(f"{path!r} is the input file; give another output name")
+    if os.path.exists(path) and not force:
+        raise WeightsError(f"{path!r} exists; pass --force to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    dropped = sorted(k for k in checkpoint if k != "model") if "model" in checkpoint else []
+    return path, {
+        "tensors": len(weights),
+        "parameters": sum(t.numel() for t in weights.values()),
+        "bytes": len(data),
+        "input_bytes": os.path.getsize(input_path),
+        "sha256": digest,
+        "dropped": dropped,
+    }

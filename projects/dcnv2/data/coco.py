@@ -1,0 +1,165 @@
+"""Datasets named in the config: COCO-format json files and image folders the user has, registered
+with detectron2's ``register_coco_instances`` before a run reads its config's dataset names.
+
+    DATASETS.DCNV2.COCO (("my_train", "train.json", "images/"), ("my_val", "val.json", "images/"))
+
+(``dataloader.coco_datasets`` in a LazyConfig.) Registration is idempotent: every process of a
+run (the launching one, whose preflight checks the data, and each worker) registers the same
+triples; a name already registered with other files is an error, not a silent replacement.
+"""
+
+import json
+import os
+from typing import Any, List, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+from ..dialects import run_keys
+from ..errors import AnnotationError, ConfigError
+
+__all__ = [
+    "load_category_metadata",
+    "parse_coco_datasets",
+    "register_coco_datasets",
+    "register_config_datasets",
+]
+
+_EXAMPLE = "e.g. (('my_train', 'train.json', 'images/'),)"
+
+
+def parse_coco_datasets(
+    entries: Any, key: str = "DATASETS.DCNV2.COCO"
+) -> List[Tuple[str, str, str]]:
+    """Check the ``(name, json_file, image_root)`` triples of ``key``.
+
+    Args:
+        entries: a sequence of 3-sequences of strings (tuples from YAML or the command line,
+            lists from a LazyConfig).
+        key: the config key, for messages.
+
+    Returns:
+        The triples, with ``json_file`` and ``image_root`` made absolute (workers may run
+        elsewhere).
+
+    Raises:
+        ConfigError: not a sequence of triples of non-empty strings, a json file or image folder
+            that does not exist, or a name given twice.
+    """
+    if entries is None:
+        return []
+    if isinstance(entries, str) or not _is_sequence(entries):
+        raise ConfigError(f"{key} is {entries!r}; expected (name, json_file, image_root) triples, "
+                          f"{_EXAMPLE}")  # fmt: skip
+    out, names = [], set()
+    for entry in entries:
+        if isinstance(entry, str) or not _is_sequence(entry) or len(entry) != 3:
+            raise ConfigError(
+                f"{key} has {_show(entry)}; expected (name, json_file, image_root) triples, "
+                f"{_EXAMPLE} (a single dataset needs the trailing comma)"
+            )
+        if not all(isinstance(v, str) and v for v in entry):
+            raise ConfigError(f"{key} has {_show(entry)}; expected three non-empty strings")
+        name, json_file, image_root = entry
+        if name in names:
+            raise ConfigError(f"{key} names dataset {name!r} twice")
+        names.add(name)
+        if not os.path.isfile(json_file):
+            raise ConfigError(
+                f"{key}: the annotation file of {name!r}, {os.path.abspath(json_file)}, does not "
+                "exist; expected a COCO instances json"
+            )
+        if not os.path.isdir(image_root):
+            raise ConfigError(
+                f"{key}: the image folder of {name!r}, {os.path.abspath(image_root)}, does not "
+                "exist"
+            )
+        out.append((name, os.path.abspath(json_file), os.path.abspath(image_root)))
+    return out
+
+
+def register_coco_datasets(entries: Any, key: str = "DATASETS.DCNV2.COCO") -> List[str]:
+    """Register each ``(name, json_file, image_root)`` triple as a COCO instances dataset
+    (detectron2's ``register_coco_instances``: boxes, masks, the json's category ids kept for
+    evaluation) unless it is already registered with the same files.
+
+    Returns:
+        The names, in order.
+
+    Raises:
+        ConfigError: see :func:`parse_coco_datasets`, or a name registered with other files (a
+            builtin such as ``coco_2017_val``, or another triple).
+    """
+    triples = parse_coco_datasets(entries, key)
+    for name, json_file, image_root in triples:
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            same = (meta.get("json_file", None), meta.get("image_root", None))
+            if same == (json_file, image_root):
+                continue
+            raise ConfigError(
+                f"{key}: dataset name {name!r} is already registered with other files "
+                f"(json_file {same[0]}, image_root {same[1]}); choose another name"
+            )
+        register_coco_instances(name, {}, json_file, image_root)
+    return [name for name, _, _ in triples]
+
+
+def register_config_datasets(cfg) -> List[str]:
+    """:func:`register_coco_datasets` for the datasets a YAML config (``DATASETS.DCNV2.COCO``) or a
+    LazyConfig (``dataloader.coco_datasets``) names."""
+    keys = run_keys(cfg)
+    return register_coco_datasets(keys.value(cfg, keys.coco_datasets, ()), keys.coco_datasets)
+
+
+def load_category_metadata(name: str):
+    """The metadata of dataset ``name`` with its category id mapping loaded.
+
+    detectron2 sets ``thing_dataset_id_to_contiguous_id`` of a json dataset only when the dataset
+    is loaded; a model's outputs (contiguous ids ``0..K-1``) need it to be written with the
+    dataset's own ids. It is read here from the json's ``categories`` as ``load_coco_json`` does
+    (sorted ids, in order), after generating the data of a dataset with a ``prepare`` step.
+
+    Returns:
+        detectron2 ``Metadata``; unchanged when it has the mapping already, when ``name`` is not a
+        registered dataset or when its json file is not on disk.
+
+    Raises:
+        AnnotationError: the json file has no valid ``categories`` list.
+    """
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_dataset_id_to_contiguous_id", None) or name not in DatasetCatalog.list():
+        return meta
+    prepare = meta.get("prepare", None)
+    if prepare is not None:
+        prepare()
+    json_file = meta.get("json_file", None)
+    if not json_file or not os.path.isfile(json_file):
+        return meta
+    try:
+        with open(json_file) as f:
+            categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+        ids = [int(c["id"]) for c in categories]
+        names = [str(c["name"]) for c in categories]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnnotationError(
+            f"Dataset {name!r}: {json_file} has no valid 'categories' list ({e!r}); expected "
+            "[{'id': ..., 'name': ...}, ...] as in COCO"
+        ) from None
+    meta.thing_dataset_id_to_contiguous_id = {v: i for i, v in enumerate(ids)}
+    if meta.get("thing_classes", None) is None:
+        meta.thing_classes = names
+    return meta
+
+
+def _is_sequence(value: Any) -> bool:
+    return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, dict)
+
+
+def _show(entry: Any) -> str:
+    try:
+        if isinstance(entry, str) or not _is_sequence(entry):
+            return repr(entry)
+        return repr(tuple(entry))
+    except TypeError:
+        return repr(entry)
