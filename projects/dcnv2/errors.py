@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ConfigFileNotFoundError",
     "DCNv2Error",
+    "DependencyMissingError",
     "ImageReadError",
     "LaunchError",
     "NonFiniteLossError",
@@ -28,6 +29,7 @@ __all__ = [
     "USER_ERRORS",
     "USER_ERROR_EXIT",
     "WeightsError",
+    "detectron2_missing",
     "report_user_error",
 ]
 
@@ -80,6 +82,24 @@ class NonFiniteLossError(DCNv2Error, FloatingPointError):
     def __init__(self, message: str, *, diverged: bool = False):
         super().__init__(message)
         self.diverged = diverged
+
+
+class DependencyMissingError(DCNv2Error, ImportError):
+    """A package dcnv2 needs (detectron2) is not installed in this Python."""
+
+
+def detectron2_missing(cause: ImportError) -> DependencyMissingError:
+    """The error ``import dcnv2`` raises when detectron2 cannot be imported (``cause``)."""
+    error = DependencyMissingError(
+        f"dcnv2 needs detectron2, which this Python ({sys.executable}) cannot import ({cause}). "
+        "Install everything with the README's set-up command, `bash tools/setup_env.sh` (a "
+        "virtual environment with torch, detectron2 and dcnv2; then `source .venv/bin/activate`)"
+        ", or on a GPU machine build detectron2 from source first, so its CUDA ops are compiled "
+        "(python -m pip install 'git+https://github.com/facebookresearch/detectron2.git'), then "
+        "run `DCNV2_SYSTEM_SITE=1 bash tools/setup_env.sh`."
+    )
+    error.name = "detectron2"
+    return error
 
 
 class TrainingInterrupted(DCNv2Error):
