@@ -13,6 +13,8 @@ re-run this file as ``__mp_main__``) inject the same faults:
   (e.g. ``model_0000003.pth``): half its bytes are on disk, fsync-ed, when the process dies.
 * ``DCNV2_TEST_SIGNAL_AT=ITER[@RANK]``: the process sends itself SIGTERM during the forward
   pass of iteration ITER (on process RANK only, when given), as a cluster preempting the job.
+  ``DCNV2_TEST_SIGNAL_GROUP=1``: another process sends it to its whole process group instead
+  (the launcher and every training process), as ``kill -- -PGID`` or Ctrl-C does.
 * ``DCNV2_TEST_SIGNAL_IN_SAVE=1``: the process sends itself SIGTERM while writing any
   checkpoint (halfway through its bytes).
 
@@ -23,6 +25,7 @@ import importlib.util
 import io
 import os
 import signal
+import subprocess
 import sys
 
 import torch
@@ -69,15 +72,20 @@ def with_nan_gradient(model, iterations):
     return model
 
 
-def with_signal(model, iteration, rank=None, signum=signal.SIGTERM):
-    """Make the process send itself ``signum`` in ``model``'s forward pass at ``iteration`` (on
-    process ``rank`` only)."""
+def with_signal(model, iteration, rank=None, signum=signal.SIGTERM, group=False):
+    """Make the process send itself (its process group, with ``group``) ``signum`` in
+    ``model``'s forward pass at ``iteration`` (on process ``rank`` only)."""
     forward = model.forward
 
     def signalling_forward(*args, **kwargs):
         if model.training and get_event_storage().iter == iteration:
             if rank is None or comm.get_rank() == rank:
-                os.kill(os.getpid(), signum)
+                if group:  # sent by another process, as a scheduler's signals are
+                    group_id = os.getpgid(0)
+                    kill = ["kill", f"-{signum}", "--", f"-{group_id}"]
+                    subprocess.run(kill, check=True, start_new_session=True)
+                else:
+                    os.kill(os.getpid(), signum)
         return forward(*args, **kwargs)
 
     model.forward = signalling_forward
@@ -111,7 +119,8 @@ def faulty_model(model, env):
         model = with_nan_gradient(model, {int(i) for i in env["DCNV2_TEST_NAN_GRAD_AT"].split(",")})
     if env.get("DCNV2_TEST_SIGNAL_AT"):
         iteration, _, rank = env["DCNV2_TEST_SIGNAL_AT"].partition("@")
-        model = with_signal(model, int(iteration), int(rank) if rank else None)
+        group = env.get("DCNV2_TEST_SIGNAL_GROUP") == "1"
+        model = with_signal(model, int(iteration), int(rank) if rank else None, group=group)
     return model
 
 

@@ -74,3 +74,24 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_iteration(
 )
 def test_resume_command(argv, expected):
     assert resume_command(argv).endswith(expected)
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers(rel, tiny_dataset, tmp_path):
+    # SIGTERM to the process group (sent by another process in iteration 2 of process 0): the
+    # launcher and both training processes receive it, the launcher forwards it once more; the
+    # data-loader workers, in process groups of their own, do not (they are shut down after).
+    env = dict(DCNV2_TEST_SIGNAL_AT="2@0", DCNV2_TEST_SIGNAL_GROUP="1")
+    args = rel.tiny_args(tmp_path, "DATALOADER.NUM_WORKERS", "1", flags=["--num-gpus", "2"])
+    proc = rel.run_faulty(args, tiny_dataset, env, new_session=True)
+    assert "exited unexpectedly" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    # Every process stops after the same iteration (2, or 3 had a copy of the signal arrived
+    # during it only): the checkpoint of that iteration is the last one.
+    stops = {
+        log: [line for line in (tmp_path / log).read_text().splitlines() if "Stopped by" in line]
+        for log in ("log.txt", "log.txt.rank1")
+    }
+    assert all(len(lines) == 1 for lines in stops.values()), stops
+    iteration = int(stops["log.txt"][0].split("after iteration ")[1].split(" ")[0])
+    assert f"after iteration {iteration} of 4" in stops["log.txt.rank1"][0]
+    _assert_stopped_at(tmp_path, proc, iteration)
