@@ -12,6 +12,7 @@ A .py (LazyConfig) file runs through dcnv2.engine.lazy; overrides are then key=v
 Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
 """
 
+import contextlib
 import functools
 import sys
 
@@ -24,6 +25,7 @@ from torch.multiprocessing import ProcessExitedException
 import dcnv2
 from dcnv2.checkpoint import build_checkpointer
 from dcnv2.engine import Trainer, lazy
+from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
 from dcnv2.engine.preflight import check_before_launch, report_user_errors
 from dcnv2.engine.setup import setup_run
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
@@ -63,24 +65,27 @@ def main(args):
 def invoke_main(argv=None) -> None:
     """Parse the command line, check the input once, then launch the processes. A user error
     (:data:`dcnv2.errors.USER_ERRORS`) ends as one ``train_net.py: error: ...`` line and exit
-    status 2, as the tools in tools/ do."""
+    status 2, as the tools in tools/ do; a run stopped by SIGTERM/SIGINT
+    (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number."""
     args = default_argument_parser().parse_args(argv)
+    several = args.num_gpus * args.num_machines > 1
     try:
         check_before_launch(args)
-        launch(
-            functools.partial(report_user_errors, PROG, main),
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        with forward_stop_signals() if several else contextlib.nullcontext():
+            launch(
+                functools.partial(report_user_errors, PROG, main),
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
     except USER_ERRORS as e:
         sys.exit(report_user_error(PROG, e))
     except ProcessExitedException as e:
-        if e.exit_code != USER_ERROR_EXIT:
+        if e.exit_code not in (USER_ERROR_EXIT, *(128 + s for s in STOP_SIGNALS)):
             raise
-        sys.exit(USER_ERROR_EXIT)  # a worker printed its error and exited
+        sys.exit(e.exit_code)  # a worker printed its error (or where it stopped) and exited
 
 
 if __name__ == "__main__":

@@ -24,6 +24,44 @@ def test_import_registers_backbones_in_a_fresh_process():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# detectron2 hidden from the import system, as in a Python where it is not installed.
+_HIDE_DETECTRON2 = """
+import importlib.abc, sys
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "detectron2" or name.startswith("detectron2."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Hide())
+"""
+
+
+def test_import_without_detectron2_says_how_to_install_it():
+    code = _HIDE_DETECTRON2 + (
+        "try:\n"
+        "    import dcnv2\n"
+        "except ImportError as e:\n"
+        "    from dcnv2.errors import DCNv2Error, DependencyMissingError\n"
+        "    assert isinstance(e, DependencyMissingError) and isinstance(e, DCNv2Error)\n"
+        "    assert e.name == 'detectron2'\n"
+        "    print(e)\n"
+        "else:\n"
+        "    raise SystemExit('imported without detectron2')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    message = proc.stdout.strip()
+    assert message.count("\n") == 0
+    assert message.startswith(
+        f"dcnv2 needs detectron2, which this Python ({sys.executable}) cannot import "
+        "(No module named 'detectron2')."
+    )
+    assert "`bash tools/setup_env.sh`" in message
+    assert "build detectron2 from source" in message
+
+
 def test_every_repository_config_is_shipped_with_the_package():
     in_repo = set()
     for root, _, files in os.walk(os.path.join(ROOT, "configs")):

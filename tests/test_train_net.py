@@ -160,7 +160,10 @@ def test_missing_coco_is_one_clear_error_before_any_model(tmp_path):
 def test_two_cpu_processes_train_through_launch(datasets_root, tmp_path):
     opts = ["SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
     out = _ok(
-        run_train_net(["--config-file", QUICK, "--num-gpus", "2", *TINY, *opts], datasets_root)
+        run_train_net(
+            ["--config-file", QUICK, "--num-gpus", "2", "--dist-url", "auto", *TINY, *opts],
+            datasets_root,
+        )
     )
     # Both ranks ran; DefaultTrainer wraps the model in DDP whenever the world size is > 1.
     assert "Rank of current process: 0. World size: 2" in out

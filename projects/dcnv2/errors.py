@@ -20,13 +20,16 @@ __all__ = [
     "ConfigError",
     "ConfigFileNotFoundError",
     "DCNv2Error",
+    "DependencyMissingError",
     "ImageReadError",
     "LaunchError",
     "NonFiniteLossError",
     "OutputDirError",
+    "TrainingInterrupted",
     "USER_ERRORS",
     "USER_ERROR_EXIT",
     "WeightsError",
+    "detectron2_missing",
     "report_user_error",
 ]
 
@@ -81,6 +84,44 @@ class NonFiniteLossError(DCNv2Error, FloatingPointError):
         self.diverged = diverged
 
 
+class DependencyMissingError(DCNv2Error, ImportError):
+    """A package dcnv2 needs (detectron2) is not installed in this Python."""
+
+
+def detectron2_missing(cause: ImportError) -> DependencyMissingError:
+    """The error ``import dcnv2`` raises when detectron2 cannot be imported (``cause``)."""
+    error = DependencyMissingError(
+        f"dcnv2 needs detectron2, which this Python ({sys.executable}) cannot import ({cause}). "
+        "Install everything with the README's set-up command, `bash tools/setup_env.sh` (a "
+        "virtual environment with torch, detectron2 and dcnv2; then `source .venv/bin/activate`)"
+        ", or on a GPU machine build detectron2 from source first, so its CUDA ops are compiled "
+        "(python -m pip install 'git+https://github.com/facebookresearch/detectron2.git'), then "
+        "run `DCNV2_SYSTEM_SITE=1 bash tools/setup_env.sh`."
+    )
+    error.name = "detectron2"
+    return error
+
+
+class TrainingInterrupted(DCNv2Error):
+    """Training stopped cleanly on a signal (SIGTERM, SIGINT) after writing a checkpoint; not a
+    mistake, but reported like one: one line (``<prog>: stopped: <message>``), exit status
+    :attr:`exit_status` = 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, the
+    statuses of a shell's job killed by that signal), so schedulers that requeue preempted jobs
+    see it as preempted.
+
+    Attributes:
+        signum: the signal's number.
+    """
+
+    def __init__(self, message: str, *, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
 # Problems with the user's input: one "<prog>: error: ..." line, without a traceback. Plain
 # FileNotFoundError/IsADirectoryError/PermissionError name a path the user gave.
 USER_ERRORS = (DCNv2Error, FileNotFoundError, IsADirectoryError, PermissionError)
@@ -89,12 +130,16 @@ USER_ERROR_EXIT = 2
 
 
 def report_user_error(prog: str, error: BaseException) -> int:
-    """Print ``error`` as ``<prog>: error: <message>`` on stderr; return :data:`USER_ERROR_EXIT`.
+    """Print ``error`` as ``<prog>: error: <message>`` on stderr; return :data:`USER_ERROR_EXIT`
+    (a :class:`TrainingInterrupted`: ``<prog>: stopped: <message>``, and its ``exit_status``).
 
     Args:
         prog: the entry point's name, e.g. ``"train_net.py"``.
         error: an instance of one of :data:`USER_ERRORS`.
     """
     message = str(error) or type(error).__name__
+    if isinstance(error, TrainingInterrupted):
+        print(f"{prog}: stopped: {message}", file=sys.stderr, flush=True)
+        return error.exit_status
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT

@@ -112,8 +112,9 @@ def train_net():
     return import_train_net()
 
 
-def run_faulty(args, tiny_dataset, env=None, timeout=600):
-    """train_net.py with faults (see faulty_train_net.py) in a subprocess; returns the process."""
+def run_faulty(args, tiny_dataset, env=None, timeout=600, new_session=False):
+    """train_net.py with faults (see faulty_train_net.py) in a subprocess (in a process group
+    of its own with ``new_session``); returns the process."""
     json_file, image_root = tiny_dataset
     full_env = dict(os.environ, DCNV2_TEST_DATASET=f"{DATASET},{json_file},{image_root}")
     full_env.update(env or {})
@@ -124,6 +125,7 @@ def run_faulty(args, tiny_dataset, env=None, timeout=600):
         capture_output=True,
         text=True,
         timeout=timeout,
+        start_new_session=new_session,
     )
 
 
@@ -145,6 +147,10 @@ def run_in_process(train_net, argv, env=None):
 
 
 def tiny_args(output_dir, *opts, flags=()):
+    if "--num-gpus" in flags and "--dist-url" not in flags:
+        # A free port: detectron2's default port is fixed per user, so runs started at the same
+        # time (or one still closing its socket) would collide (EADDRINUSE).
+        flags = [*flags, "--dist-url", "auto"]
     return [*flags, "--config-file", QUICK, *TINY, "OUTPUT_DIR", str(output_dir), *opts]
 
 

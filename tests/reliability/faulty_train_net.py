@@ -11,6 +11,12 @@ re-run this file as ``__mp_main__``) inject the same faults:
   at these iterations, the loss staying finite.
 * ``DCNV2_TEST_KILL_IN_SAVE=NAME``: SIGKILL the process halfway through writing checkpoint NAME
   (e.g. ``model_0000003.pth``): half its bytes are on disk, fsync-ed, when the process dies.
+* ``DCNV2_TEST_SIGNAL_AT=ITER[@RANK]``: the process sends itself SIGTERM during the forward
+  pass of iteration ITER (on process RANK only, when given), as a cluster preempting the job.
+  ``DCNV2_TEST_SIGNAL_GROUP=1``: another process sends it to its whole process group instead
+  (the launcher and every training process), as ``kill -- -PGID`` or Ctrl-C does.
+* ``DCNV2_TEST_SIGNAL_IN_SAVE=1``: the process sends itself SIGTERM while writing any
+  checkpoint (halfway through its bytes).
 
 Imported as a module (by the in-process tests) it injects nothing; its helpers are reused.
 """
@@ -19,6 +25,7 @@ import importlib.util
 import io
 import os
 import signal
+import subprocess
 import sys
 
 import torch
@@ -65,6 +72,40 @@ def with_nan_gradient(model, iterations):
     return model
 
 
+def with_signal(model, iteration, rank=None, signum=signal.SIGTERM, group=False):
+    """Make the process send itself (its process group, with ``group``) ``signum`` in
+    ``model``'s forward pass at ``iteration`` (on process ``rank`` only)."""
+    forward = model.forward
+
+    def signalling_forward(*args, **kwargs):
+        if model.training and get_event_storage().iter == iteration:
+            if rank is None or comm.get_rank() == rank:
+                if group:  # sent by another process, as a scheduler's signals are
+                    group_id = os.getpgid(0)
+                    kill = ["kill", f"-{signum}", "--", f"-{group_id}"]
+                    subprocess.run(kill, check=True, start_new_session=True)
+                else:
+                    os.kill(os.getpid(), signum)
+        return forward(*args, **kwargs)
+
+    model.forward = signalling_forward
+    return model
+
+
+def signal_halfway(real_save, signum=signal.SIGTERM):
+    """A ``torch.save`` that sends the process ``signum`` halfway through writing a file."""
+
+    def save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        os.kill(os.getpid(), signum)
+        f.write(data[len(data) // 2 :])
+
+    return save
+
+
 def faulty_model(model, env):
     """``model`` with the faults ``env`` asks for (DCNV2_TEST_FLOAT64, DCNV2_TEST_NAN_AT,
     DCNV2_TEST_NAN_GRAD_AT)."""
@@ -76,6 +117,10 @@ def faulty_model(model, env):
         model = with_nan_loss(model, iterations, int(rank) if rank else None)
     if env.get("DCNV2_TEST_NAN_GRAD_AT"):
         model = with_nan_gradient(model, {int(i) for i in env["DCNV2_TEST_NAN_GRAD_AT"].split(",")})
+    if env.get("DCNV2_TEST_SIGNAL_AT"):
+        iteration, _, rank = env["DCNV2_TEST_SIGNAL_AT"].partition("@")
+        group = env.get("DCNV2_TEST_SIGNAL_GROUP") == "1"
+        model = with_signal(model, int(iteration), int(rank) if rank else None, group=group)
     return model
 
 
@@ -126,6 +171,11 @@ def _inject_from_environment(train_net) -> None:
         import dcnv2.checkpoint.atomic as atomic
 
         torch.save = kill_halfway(torch.save, env["DCNV2_TEST_KILL_IN_SAVE"])
+        assert atomic.torch.save is torch.save
+    if env.get("DCNV2_TEST_SIGNAL_IN_SAVE") == "1":
+        import dcnv2.checkpoint.atomic as atomic
+
+        torch.save = signal_halfway(torch.save)
         assert atomic.torch.save is torch.save
     if env.get("DCNV2_TEST_FLOAT64") == "1":
         box_ops.nms = float64_nms

@@ -380,3 +380,71 @@ def test_weights_that_cannot_be_fetched(tmp_path, monkeypatch):
     url = "https://127.0.0.1:9/model_final.pth"  # a closed local port: refused at once
     with pytest.raises(WeightsError, match=f"Cannot fetch weights {url} \\(given by MODEL.WEIGHTS"):
         DCNv2Checkpointer(torch.nn.Linear(2, 2)).load(url)
+
+
+def _two_categories(coco, image_root):
+    coco["categories"] = coco["categories"][:2]
+
+
+def _renamed_category(coco, image_root):
+    coco["categories"][2]["name"] = "blue"
+
+
+def _no_annotations(coco, image_root):
+    coco["annotations"] = []
+
+
+def test_categories_must_match_the_model_and_the_other_split(
+    rel, train_net, tiny_dataset, make_dataset, output_dir
+):
+    before = _snapshot(output_dir)
+    name, json_file, _ = make_dataset(_two_categories)
+    message = _error(train_net, _args(rel, output_dir, name))
+    assert (
+        f"Annotation file {json_file} has 2 categories (1:red, 2:green) but "
+        "MODEL.ROI_HEADS.NUM_CLASSES is 3; expected them equal. Set MODEL.ROI_HEADS.NUM_CLASSES 2"
+    ) in message
+    # RetinaNet's own key.
+    retina = ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "4"]
+    message = _error(train_net, _args(rel, output_dir, None, *retina))
+    assert "has 3 categories (1:red, 2:green, 3:x) but MODEL.RETINANET.NUM_CLASSES is 4" in message
+
+    # The test set's categories differ from the training set's (same count).
+    test_name, test_json, _ = make_dataset(_renamed_category)
+    test = ["DATASETS.TEST", f"('{test_name}',)"]
+    message = _error(train_net, _args(rel, output_dir, None, *test))
+    assert f"and {test_json} list different categories" in message
+    assert "(1:red, 2:green, 3:x vs 1:red, 2:green, 3:blue)" in message
+    assert _snapshot(output_dir) == before
+
+
+def test_training_set_without_annotations(rel, train_net, make_dataset, output_dir):
+    before = _snapshot(output_dir)
+    name, json_file, _ = make_dataset(_no_annotations)
+    message = _error(train_net, _args(rel, output_dir, name))
+    assert f"Annotation file {json_file} (training set {name!r}) has no annotations" in message
+    assert _snapshot(output_dir) == before
+
+
+def test_unknown_backend_and_batch_that_does_not_split(rel, train_net, tiny_dataset, output_dir):
+    before = _snapshot(output_dir)
+    message = _error(train_net, _args(rel, output_dir, None, "MODEL.DCNV2.BACKEND", "cudnn"))
+    assert (
+        "MODEL.DCNV2.BACKEND is 'cudnn'; expected one of 'auto', 'detectron2', 'native', "
+        "'torchvision'"
+    ) in message
+    if not torch.cuda.is_available():
+        message = _error(
+            train_net, _args(rel, output_dir, None, "MODEL.DCNV2.BACKEND", "detectron2")
+        )
+        assert (
+            "MODEL.DCNV2.BACKEND: Deformable-conv backend 'detectron2' is not available" in message
+        )
+    batch = ["SOLVER.IMS_PER_BATCH", "3"]
+    message = _error(train_net, _args(rel, output_dir, None, *batch, flags=["--num-gpus", "2"]))
+    assert (
+        "SOLVER.IMS_PER_BATCH is 3, which does not split over 2 process(es) (--num-gpus x "
+        "--num-machines); expected a positive multiple of 2"
+    ) in message
+    assert _snapshot(output_dir) == before
+    assert not (output_dir / "log.txt.rank1").exists()

@@ -20,6 +20,7 @@ see the images (and augmentations) 1 process with 2 images sees, whatever ``NUM_
 
 import contextlib
 import logging
+import os
 import random
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -254,6 +255,7 @@ class ResumableTrainLoader:
             num_workers=self.num_workers,
             collate_fn=list,
             generator=generator,
+            worker_init_fn=_own_process_group,
         )
         for batch in loader:
             for item in batch:
@@ -265,6 +267,15 @@ class ResumableTrainLoader:
                         "file, or set DATASETS.DCNV2.ON_BAD_DATA skip to train without it."
                     )
             yield batch
+
+
+def _own_process_group(worker_id: int) -> None:
+    # A SIGTERM/SIGINT sent to the process group (Ctrl-C in a terminal, `kill -- -PGID`, a
+    # launcher's group kill) is the training process's to handle: it stops after the iteration
+    # in progress (dcnv2.engine.preemption), then shuts its workers down. A worker killed by it
+    # would make the training process fail ("DataLoader worker is killed by signal") instead.
+    # Signals sent to the worker itself (the training process's terminate()) still end it.
+    os.setpgid(0, 0)
 
 
 def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):

@@ -238,8 +238,41 @@ def _coco_files(name: str):
     return meta.get("json_file", None), meta.get("image_root", None)
 
 
+def _category_text(categories: List[tuple]) -> str:
+    text = ", ".join(f"{cid}:{name}" for cid, name in categories[:_MAX_LISTED])
+    return text + (f", ... ({len(categories)} in all)" if len(categories) > _MAX_LISTED else "")
+
+
+def _check_categories(
+    json_file: str,
+    categories: List[tuple],
+    num_classes: Dict[str, int],
+    first: Optional[tuple],
+) -> None:
+    """The categories of ``json_file`` fit the model's class count and equal those of the
+    first dataset checked (``first``: (json_file, categories), or None)."""
+    for key, value in num_classes.items():
+        if value != len(categories):
+            raise AnnotationError(
+                f"Annotation file {json_file} has {len(categories)} categories "
+                f"({_category_text(categories)}) but {key} is {value}; expected them equal. Set "
+                f"{key} {len(categories)} (a model trained with another count keeps a head of "
+                "the wrong size), or use a dataset with the model's categories."
+            )
+    if first is not None and categories != first[1]:
+        raise AnnotationError(
+            f"Annotation files {first[0]} and {json_file} list different categories "
+            f"({_category_text(first[1])} vs {_category_text(categories)}); expected the same "
+            "ids and names in every dataset of a run (class indices follow the sorted ids)."
+        )
+
+
 def validate_datasets(
-    train_names: Sequence[str], test_names: Sequence[str] = (), mode: str = "fail"
+    train_names: Sequence[str],
+    test_names: Sequence[str] = (),
+    mode: str = "fail",
+    *,
+    num_classes: Optional[Dict[str, int]] = None,
 ) -> Dict[str, CocoReport]:
     """Validate the COCO-format datasets a run reads (those with ``json_file`` metadata).
 
@@ -248,23 +281,36 @@ def validate_datasets(
         test_names: ``DATASETS.TEST``; their problems always stop the run, since evaluation
             compares with the file itself.
         mode: ``"fail"`` or ``"skip"`` (``DATASETS.DCNV2.ON_BAD_DATA``).
+        num_classes: config key -> the model's class count (``{"MODEL.ROI_HEADS.NUM_CLASSES":
+            80}``), each compared with the number of categories of every dataset; the
+            datasets' categories are also compared with each other.
 
     Returns:
         dict: dataset name -> report, for the datasets that have problems (warned about).
 
     Raises:
-        AnnotationError: the first dataset whose problems stop the run.
+        AnnotationError: the first dataset whose problems stop the run, a training set without
+            annotations, or categories that differ from the model's count or between datasets.
     """
     if mode not in BAD_DATA_MODES:
         raise AnnotationError(
             f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
         )
     reports = {}
+    first_categories = None
     for name in dict.fromkeys(list(train_names) + list(test_names)):
         json_file, image_root = _coco_files(name)
         if json_file is None or not os.path.isfile(json_file):
             continue  # not COCO-format, or check_datasets reports it
         report = validate_coco_json(json_file, image_root)
+        categories = sorted((_id(c), str(c.get("name", ""))) for c in report.data["categories"])
+        _check_categories(json_file, categories, num_classes or {}, first_categories)
+        first_categories = first_categories or (json_file, categories)
+        if name in train_names and not report.data["annotations"]:
+            raise AnnotationError(
+                f"Annotation file {json_file} (training set {name!r}) has no annotations "
+                "('annotations' is empty); expected at least one object to train on"
+            )
         if not report.problems:
             continue
         if name in test_names:

@@ -18,6 +18,8 @@ checked before anything is built (by ``train_net.py``'s preflight), safe weight 
   resume; a warning says so).
 - a non-finite loss stops the run on every process, naming the iteration and the checkpoint to
   resume from, or skips up to ``train.max_nonfinite_skips`` (default 0) updates.
+- SIGTERM/SIGINT stop the run after the iteration in progress, with a checkpoint
+  (:class:`~dcnv2.engine.preemption.PreemptionHook`).
 
 A config defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``,
 ``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys, plus the optional
@@ -39,6 +41,7 @@ from ..dialects import LAZY_KEYS
 from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
+from .preemption import PreemptionHook
 from .setup import setup_run
 from .trainer import build_training_loop, create_ddp_model, explain_nonfinite_stop
 
@@ -166,6 +169,8 @@ def do_train(cfg, args) -> None:
                 if main_process
                 else None
             ),
+            # Last, so a checkpoint written on SIGTERM holds the whole iteration.
+            PreemptionHook(checkpointer),
         ]
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)

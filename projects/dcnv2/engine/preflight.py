@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from detectron2.config import CfgNode
@@ -21,6 +21,7 @@ from ..data.validation import validate_datasets
 from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
     USER_ERRORS,
+    ConfigError,
     ConfigFileNotFoundError,
     LaunchError,
     OutputDirError,
@@ -30,6 +31,8 @@ from ..errors import (
 from ..lazy_config import is_lazy_config, load_config
 
 __all__ = [
+    "check_backend",
+    "check_batch_size",
     "check_before_launch",
     "check_devices",
     "check_eval_weights",
@@ -37,6 +40,7 @@ __all__ = [
     "check_weights",
     "check_weights_fit",
     "load_run_config",
+    "model_num_classes",
     "preflight",
     "report_user_errors",
 ]
@@ -132,6 +136,59 @@ def check_weights_fit(cfg) -> None:
     build_checkpointer(cpu_cfg, model).load(cfg.MODEL.WEIGHTS)
 
 
+def check_backend(cfg) -> None:
+    """``MODEL.DCNV2.BACKEND`` names a deformable-conv backend usable on ``MODEL.DEVICE``.
+
+    Raises:
+        ConfigError: an unknown name (listing the valid ones), or one this machine cannot run.
+    """
+    from ..layers.backends import BACKEND_NAMES, resolve_backend
+
+    backend = cfg.MODEL.DCNV2.BACKEND
+    if backend not in BACKEND_NAMES:
+        raise ConfigError(
+            f"MODEL.DCNV2.BACKEND is {backend!r}; expected one of "
+            f"{', '.join(map(repr, BACKEND_NAMES))}"
+        )
+    if backend == "auto":
+        return  # a backend for every device
+    try:
+        resolve_backend(backend, torch.device(cfg.MODEL.DEVICE))
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"MODEL.DCNV2.BACKEND: {e}") from None
+
+
+def check_batch_size(cfg, keys: RunKeys, processes: int) -> None:
+    """The training batch (``SOLVER.IMS_PER_BATCH`` / ``dataloader.train.total_batch_size``)
+    splits evenly over ``processes`` (``--num-gpus`` x ``--num-machines``).
+
+    Raises:
+        LaunchError: it does not.
+    """
+    key = "SOLVER.IMS_PER_BATCH" if keys is YAML_KEYS else "dataloader.train.total_batch_size"
+    batch = keys.value(cfg, key)
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return  # a LazyConfig whose loader has no total batch size
+    if batch < 1 or batch % processes:
+        raise LaunchError(
+            f"{key} is {batch}, which does not split over {processes} process(es) "
+            f"(--num-gpus x --num-machines); expected a positive multiple of {processes}"
+        )
+
+
+def model_num_classes(cfg, keys: RunKeys) -> Dict[str, int]:
+    """The model's class count(s) a dataset's categories must equal, by config key: the box
+    head's (``MODEL.ROI_HEADS.NUM_CLASSES``) or RetinaNet's (``MODEL.RETINANET.NUM_CLASSES``);
+    in a LazyConfig ``model.roi_heads.num_classes`` and ``model.num_classes`` where present."""
+    if keys is YAML_KEYS:
+        retina = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+        names = ["MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"]
+    else:
+        names = ["model.roi_heads.num_classes", "model.num_classes"]
+    found = {name: keys.value(cfg, name) for name in names}
+    return {k: v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
 def _resume_file(output_dir: str) -> Optional[str]:
     pointer = os.path.join(output_dir, "last_checkpoint")
     if not os.path.isfile(pointer):
@@ -140,7 +197,9 @@ def _resume_file(output_dir: str) -> Optional[str]:
         return os.path.join(output_dir, f.read().strip())
 
 
-def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool, opts=()) -> None:
+def preflight(
+    cfg, *, num_gpus: int, resume: bool, eval_only: bool, num_machines: int = 1, opts=()
+) -> None:
     """Every check above, cheapest first, in the launching process, for a YAML config or a
     LazyConfig; the datasets are checked (and the synthetic ones generated) here only.
 
@@ -152,6 +211,7 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool, opts=()) -> 
         eval_only: ``--eval-only``: the training sets are not read, and trained weights are
             required (:func:`check_eval_weights`).
         opts: the command line's overrides, for :func:`check_eval_weights`.
+        num_machines: ``--num-machines``.
     """
     keys = run_keys(cfg)
     if isinstance(cfg, CfgNode):
@@ -161,6 +221,10 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool, opts=()) -> 
         train = ()
     output_dir = keys.value(cfg, keys.output_dir, "")
     check_devices(keys.value(cfg, keys.device), num_gpus, keys)
+    if isinstance(cfg, CfgNode):
+        check_backend(cfg)
+    if not eval_only:
+        check_batch_size(cfg, keys, num_gpus * num_machines)
     resume_file = _resume_file(output_dir) if resume and output_dir else None
     if resume_file is not None:
         if not os.path.isfile(resume_file):
@@ -173,7 +237,12 @@ def preflight(cfg, *, num_gpus: int, resume: bool, eval_only: bool, opts=()) -> 
             check_eval_weights(cfg, opts, resume=False)
         check_weights(keys.value(cfg, keys.weights, ""), keys)
     check_datasets(test + train)
-    validate_datasets(train, test, keys.value(cfg, keys.on_bad_data, "fail"))
+    validate_datasets(
+        train,
+        test,
+        keys.value(cfg, keys.on_bad_data, "fail"),
+        num_classes=model_num_classes(cfg, keys),
+    )
     check_output_dir(output_dir, keys)
     if resume_file is None and isinstance(cfg, CfgNode):
         check_weights_fit(cfg)
@@ -248,7 +317,12 @@ def check_before_launch(args) -> None:
     """:func:`preflight` for ``train_net.py``'s command line."""
     cfg = load_run_config(args.config_file, args.opts)
     preflight(
-        cfg, num_gpus=args.num_gpus, resume=args.resume, eval_only=args.eval_only, opts=args.opts
+        cfg,
+        num_gpus=args.num_gpus,
+        resume=args.resume,
+        eval_only=args.eval_only,
+        num_machines=args.num_machines,
+        opts=args.opts,
     )
 
 

@@ -22,6 +22,7 @@ from ..errors import NonFiniteLossError
 from ..solver import build_optimizer
 from .amp import amp_loop
 from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
+from .preemption import PreemptionHook
 
 __all__ = ["Trainer", "build_training_loop", "create_ddp_model", "explain_nonfinite_stop"]
 
@@ -101,7 +102,9 @@ class Trainer(DefaultTrainer):
     Reliability: atomic checkpoints; a training loader and per-iteration seeds that make a resumed
     run continue exactly (``dcnv2.data.resumable``, ``dcnv2.engine.hooks``); non-finite losses
     stop the run, or skip up to ``SOLVER.DCNV2.MAX_NONFINITE_SKIPS`` iterations, on every process
-    together; ``DATASETS.DCNV2.ON_BAD_DATA`` for bad annotations and unreadable images."""
+    together; SIGTERM/SIGINT stop it after the iteration in progress, with a checkpoint
+    (:class:`~dcnv2.engine.preemption.PreemptionHook`); ``DATASETS.DCNV2.ON_BAD_DATA`` for bad
+    annotations and unreadable images."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
@@ -145,8 +148,11 @@ class Trainer(DefaultTrainer):
         seed = getattr(self.data_loader, "seed", None)
         if seed is None:
             seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
-        # First, so every other hook's before_step already sees this iteration's seeds.
-        return [ResumableDataHook(seed)] + super().build_hooks()
+        # First, so every other hook's before_step already sees this iteration's seeds; last,
+        # so a checkpoint written on SIGTERM holds the whole iteration (LR step, metrics).
+        return (
+            [ResumableDataHook(seed)] + super().build_hooks() + [PreemptionHook(self.checkpointer)]
+        )
 
     def train(self):
         try:

@@ -35,6 +35,7 @@ __all__ = [
     "resolve_native_impl",
     "native_impl_from_environment",
     "BACKENDS",
+    "BACKEND_NAMES",
     "BACKWARDS",
     "OP_BACKENDS",
 ]
@@ -52,6 +53,8 @@ BACKENDS: Dict[str, BackendFn] = {}
 BACKWARDS: Dict[str, Callable[..., List[Optional[torch.Tensor]]]] = {}
 # Backends that run inside torch.ops.dcnv2.deform_conv2d.
 OP_BACKENDS = ("native", "torchvision")
+# Every value MODEL.DCNV2.BACKEND / the layers' ``backend`` accept.
+BACKEND_NAMES = ("auto", "detectron2", "native", "torchvision")
 # Preference order of "auto" per device type; the first available one wins.
 # CUDA: detectron2's kernels, else torchvision's: on an H200 (tools/gpu_check.py, 2026-11-26) the
 # native backend's PyTorch-op kernels were 9-31x slower than both at ResNet-50's res3-res5 shapes.
@@ -134,10 +137,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             if name in BACKENDS and _supports(name, device_type):
                 return name
         raise RuntimeError(f"No deformable-conv backend supports device {device}")
-    if backend not in ("detectron2", "native", "torchvision"):
+    if backend not in BACKEND_NAMES:
         raise ValueError(
             f"Unknown deformable-conv backend {backend!r}; expected one of "
-            f"'auto', 'detectron2', 'native', 'torchvision'"
+            f"{', '.join(map(repr, BACKEND_NAMES))}"
         )
     if backend not in BACKENDS or not _supports(backend, device_type):
         reason = ""
