@@ -1,5 +1,6 @@
 """Config files shipped with the package (the repository's ``configs/`` folder)."""
 
+import difflib
 import os
 
 __all__ = ["get_config_file", "list_config_files", "resolve_config_file"]
@@ -47,8 +48,10 @@ def resolve_config_file(config_file: str) -> str:
     path = os.path.join(_CONFIG_ROOT, config_file)
     if os.path.isfile(path):
         return path
+    close = difflib.get_close_matches(config_file, list_config_files(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise ConfigFileNotFoundError(
         f"Config file {config_file} does not exist (looked at "
         f"{os.path.abspath(config_file)}); expected a config path, or the name "
-        "of a config shipped with dcnv2 (dcnv2.list_config_files())"
+        f"of a config shipped with dcnv2 (dcnv2.list_config_files()){hint}"
     )
