@@ -55,7 +55,7 @@ OFFLINE_REQUIREMENTS="fvcore iopath yacs termcolor omegaconf hydra-core tabulate
 skipped() { case " ${DCNV2_WHEELS_SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 # Retag sal-detectron2's cp310 wheel (pure Python apart from a _C that cannot load on other
-# Pythons) as py3-none-any, without the binary. $1: the downloaded wheel.
+# Pythons) as py3-none-any, without the binary. $1: the Python to run, $2: the downloaded wheel.
 retag_sal_wheel() {
   "$1" - "$2" <<'PYEOF'
 import base64, hashlib, os, re, sys, zipfile
