@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from dcnv2.checkpoint import UnsafeCheckpointError
     from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
     from dcnv2.checkpoint.weights_io import ConversionError
+    from dcnv2.errors import WeightsError
 
     modulated = None if args.deform_modulated is None else args.deform_modulated == "true"
     try:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             deform_modulated=modulated,
         )
-    except (ConversionError, UnsafeCheckpointError) as e:
+    except (ConversionError, UnsafeCheckpointError, WeightsError) as e:
         return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None

@@ -45,12 +45,13 @@ def main(argv=None) -> int:
         convert_torchvision_checkpoint,
     )
     from dcnv2.checkpoint.weights_io import ConversionError
+    from dcnv2.errors import WeightsError
 
     try:
         spec, dropped = convert_torchvision_checkpoint(
             args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite
         )
-    except (ConversionError, UnsafeCheckpointError) as e:
+    except (ConversionError, UnsafeCheckpointError, WeightsError) as e:
         return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None
