@@ -20,7 +20,7 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.errors import report_user_error  # noqa: E402
+from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 PROG = "convert_mmdet_to_d2.py"
@@ -46,10 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.checkpoint import UnsafeCheckpointError
     from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
-    from dcnv2.checkpoint.weights_io import ConversionError
-    from dcnv2.errors import WeightsError
 
     modulated = None if args.deform_modulated is None else args.deform_modulated == "true"
     try:
@@ -60,7 +57,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             deform_modulated=modulated,
         )
-    except (ConversionError, UnsafeCheckpointError, WeightsError) as e:
+    except DCNv2Error as e:  # the input's or the output's problem (a full disk included)
         return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None

@@ -111,7 +111,7 @@ def publish_model(
     if os.path.exists(path) and not force:
         raise WeightsError(f"{path!r} exists; pass --force to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", size_hint=len(data)) as f:
         f.write(data)
     dropped = sorted(k for k in checkpoint if k != "model") if "model" in checkpoint else []
     return path, {
