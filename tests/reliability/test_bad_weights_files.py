@@ -225,3 +225,20 @@ def test_train_net_command_line(rel, tiny_dataset, tmp_path):
     _check_message(errors[0], "truncated-pkl", bad, "given by MODEL.WEIGHTS")
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+def test_no_read_permission_is_named_whoever_runs_the_test(tmp_path, monkeypatch):
+    # Root reads any file: a refused open stands in for the permission bits here.
+    from dcnv2.checkpoint import integrity
+
+    path = tmp_path / "weights.pth"
+    torch.save({"model": _tensors()}, path)
+
+    def refuse(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(integrity, "open", refuse, raising=False)
+    with pytest.raises(WeightsError) as info:
+        load_checkpoint_file(str(path), source="given by X")
+    _check_message(str(info.value), "unreadable", path, "given by X")
+    assert str(info.value).endswith("expected a file this user can read")
