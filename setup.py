@@ -27,7 +27,10 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "numpy",
+        # detectron2 0.6/0.7 (and sal-detectron2 0.7.2, the set-up's fallback) need numpy 1. A
+        # GPU machine whose detectron2 is built from source may run numpy 2: tools/setup_env.sh
+        # --install-from installs this package there with --no-deps, keeping its numpy.
+        "numpy<2",
         "pillow",
         "pycocotools",
         "fvcore",

@@ -16,22 +16,29 @@ import contextlib
 import functools
 import sys
 
-import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, launch
-from detectron2.evaluation import verify_results
-from detectron2.utils.logger import setup_logger
-from torch.multiprocessing import ProcessExitedException
-
-import dcnv2
-from dcnv2.checkpoint import build_checkpointer
-from dcnv2.engine import Trainer, lazy
-from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
-from dcnv2.engine.preflight import check_before_launch, report_user_errors
-from dcnv2.engine.setup import setup_run
-from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
-from dcnv2.lazy_config import is_lazy_config
-
 PROG = "train_net.py"
+
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from torch.multiprocessing import ProcessExitedException  # noqa: E402
+
+from dcnv2.checkpoint import build_checkpointer  # noqa: E402
+from dcnv2.engine import Trainer, lazy  # noqa: E402
+from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals  # noqa: E402
+from dcnv2.engine.preflight import check_before_launch, report_user_errors  # noqa: E402
+from dcnv2.engine.setup import setup_run  # noqa: E402
+from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error  # noqa: E402
+from dcnv2.lazy_config import is_lazy_config  # noqa: E402
 
 
 def setup(args):

@@ -20,7 +20,15 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.errors import report_user_error  # noqa: E402
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"convert_mmdet_to_d2.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 PROG = "convert_mmdet_to_d2.py"
@@ -46,9 +54,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.checkpoint import UnsafeCheckpointError
     from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
-    from dcnv2.checkpoint.weights_io import ConversionError
 
     modulated = None if args.deform_modulated is None else args.deform_modulated == "true"
     try:
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             deform_modulated=modulated,
         )
-    except (ConversionError, UnsafeCheckpointError) as e:
+    except DCNv2Error as e:  # the input's or the output's problem (a full disk included)
         return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None

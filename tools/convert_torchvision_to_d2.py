@@ -18,7 +18,15 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.errors import report_user_error  # noqa: E402
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"convert_torchvision_to_d2.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 PROG = "convert_torchvision_to_d2.py"
@@ -39,18 +47,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.checkpoint import UnsafeCheckpointError
     from dcnv2.checkpoint.convert_torchvision import (
         conversion_report,
         convert_torchvision_checkpoint,
     )
-    from dcnv2.checkpoint.weights_io import ConversionError
 
     try:
         spec, dropped = convert_torchvision_checkpoint(
             args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite
         )
-    except (ConversionError, UnsafeCheckpointError) as e:
+    except DCNv2Error as e:  # the input's or the output's problem (a full disk included)
         return report_user_error(PROG, e)
     except OSError as e:
         raise UserInputError(f"cannot read {args.input!r}: {e}") from None

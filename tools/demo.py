@@ -16,6 +16,14 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"demo.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
 from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 

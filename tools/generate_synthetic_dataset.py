@@ -13,8 +13,16 @@ seeds go to their own folders: register them with
 import os
 import sys
 
-from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"generate_synthetic_dataset.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -4,6 +4,7 @@ preflight checks (before any model or output file), with what it is and what was
 import os
 
 import pytest
+import torch
 
 from dcnv2 import get_cfg
 from dcnv2.dialects import LAZY_KEYS
@@ -41,7 +42,9 @@ def test_a_regular_file_passes_and_urls_are_left_for_later(tmp_path, monkeypatch
     # the model is check_weights_fit's job, tested with the bad-input tests).
     monkeypatch.setattr(preflight_mod, "check_weights_fit", lambda cfg: None)
     weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"checked later, when loaded")
+    # A whole torch.save file (the bytes of an empty, text or truncated one are refused here:
+    # tests/reliability/test_bad_weights_files.py).
+    torch.save({"model": {}}, weights)
     _preflight(weights, tmp_path / "out")
     assert (tmp_path / "out").is_dir()
     check_weights("detectron2://ImageNetPretrained/MSRA/R-50.pkl")

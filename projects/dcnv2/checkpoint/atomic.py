@@ -7,20 +7,32 @@ rename itself survives a power loss. The file gets the permissions of any file t
 (``0o666`` less the umask). :class:`AtomicCheckpointMixin` gives a detectron2/fvcore
 ``Checkpointer`` this for checkpoints and the ``last_checkpoint`` pointer, written in that order:
 the pointer only ever names a complete file.
+
+A write that runs out of space (``ENOSPC``, or ``EDQUOT`` for a quota; torch.save reports it as a
+``RuntimeError: [enforce fail at inline_container.cc...]`` whose context is that ``OSError``)
+removes its temporary file and raises :class:`DiskFullError`, naming the file, about how many
+bytes it needs and how many are free; the file it would have replaced is unchanged.
 """
 
 import contextlib
+import errno
 import glob
 import logging
 import os
 import pickle
 import secrets
-from typing import IO, Any, Iterator, Tuple
+import shutil
+from typing import IO, Any, Iterator, Optional, Tuple
 
+import numpy as np
 import torch
+
+from ..errors import DCNv2Error
 
 __all__ = [
     "AtomicCheckpointMixin",
+    "DiskFullError",
+    "payload_bytes",
     "atomic_pickle",
     "atomic_save",
     "atomic_write",
@@ -32,6 +44,64 @@ logger = logging.getLogger(__name__)
 
 # Temporary files are ".<target name>.<random>.tmp" next to their target.
 _TMP_SUFFIX = ".tmp"
+
+
+_NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+class DiskFullError(DCNv2Error, OSError):
+    """No space left on the device (or the user's quota) while writing a file: nothing was
+    written, the partial file was removed. ``errno`` is the ``OSError``'s, ``filename`` the
+    file."""
+
+
+def _no_space_error(error: Optional[BaseException]) -> Optional[OSError]:
+    """The ``ENOSPC``/``EDQUOT`` ``OSError`` that is ``error`` or that it was raised from or
+    while handling (torch.save wraps the ``OSError`` of its write into a ``RuntimeError``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
+
+
+def payload_bytes(obj: Any) -> int:
+    """The bytes of the tensors and arrays in ``obj`` (nested dicts, lists, tuples): about the
+    size of its ``torch.save`` / pickle file, whose other contents are small."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+def _disk_full_error(path: str, error: BaseException, needed: int) -> DiskFullError:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} are free there"
+    except OSError:
+        free = "the free space is unknown"
+    kept = "is unchanged" if os.path.exists(path) else "was not created"
+    reason = "no space left on the device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+    full = DiskFullError(
+        f"Cannot write {path}: {reason}. It needs about {_size(needed)}, and {free}; "
+        f"{os.path.basename(path)} {kept} (the partial write was removed). Free some space, or "
+        "write to another disk."
+    )
+    full.errno, full.filename = error.errno, path
+    return full
 
 
 def _fsync_dir(folder: str) -> None:
@@ -66,7 +136,7 @@ def _create_temporary(folder: str, name: str) -> Tuple[int, str]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str, mode: str = "wb", *, size_hint: Optional[int] = None) -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the ``with`` block ends without error.
 
     On an exception the temporary file is removed and ``path`` is left as it was. A process
@@ -77,6 +147,11 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     Args:
         path: the file to write; its folder must exist.
         mode: "wb" or "w".
+        size_hint: about how many bytes the file will have, for the message of a full disk.
+
+    Raises:
+        DiskFullError: the device (or the quota) ran out of space; the message names ``path``,
+            the bytes needed (``size_hint``, at least what was written) and the free space.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write opens files for writing, mode 'w' or 'wb'; got {mode!r}")
@@ -88,29 +163,35 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = os.path.getsize(tmp)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        no_space = _no_space_error(e) if isinstance(e, Exception) else None
+        if no_space is not None:
+            raise _disk_full_error(path, no_space, max(size_hint or 0, written)) from None
         raise
     _fsync_dir(folder)
 
 
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)``, atomically."""
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", size_hint=payload_bytes(obj)) as f:
         torch.save(obj, f)
 
 
 def atomic_pickle(obj: Any, path: str) -> None:
     """``pickle.dump(obj, file, protocol=2)`` to ``path``, atomically (detectron2's ``.pkl``
     weights format)."""
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", size_hint=payload_bytes(obj)) as f:
         pickle.dump(obj, f, protocol=2)
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path``, atomically."""
-    with atomic_write(path, "w") as f:
+    with atomic_write(path, "w", size_hint=len(text)) as f:
         f.write(text)
 
 
@@ -156,8 +237,27 @@ class AtomicCheckpointMixin:
             if removed:
                 self.logger.info(f"Removed {removed} partial write(s) of {path} left by a kill")
         self.logger.info(f"Saving checkpoint to {save_file}")
-        with atomic_write(self.path_manager.get_local_path(save_file), "wb") as f:
-            torch.save(data, f)
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else None
+        local_previous = previous and self.path_manager.get_local_path(previous)
+        # About the checkpoint's size: its tensors, or the previous checkpoint's size.
+        size_hint = payload_bytes(data)
+        if local_previous and os.path.isfile(local_previous):
+            size_hint = max(size_hint, os.path.getsize(local_previous))
+        try:
+            with atomic_write(
+                self.path_manager.get_local_path(save_file), "wb", size_hint=size_hint
+            ) as f:
+                torch.save(data, f)
+        except DiskFullError as e:
+            pointer = os.path.join(self.save_dir, "last_checkpoint")
+            kept = (
+                f"{pointer} still names {previous}, which --resume continues from"
+                if previous
+                else "no checkpoint of this run was written yet"
+            )
+            full = DiskFullError(f"{e} {kept}.")
+            full.errno, full.filename = e.errno, e.filename
+            raise full from None
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

@@ -90,7 +90,7 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
             checkpoint = self._read_file(filename)
-        except UnsafeCheckpointError:
+        except (UnsafeCheckpointError, WeightsError):
             raise
         except UNREADABLE_ERRORS as e:
             raise unreadable_file_error(filename, self._source(), e) from None
@@ -98,17 +98,20 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
         return checkpoint
 
     def _read_file(self, filename: str) -> Dict[str, Any]:
+        source = self._source()
         if filename.endswith(".pkl"):
-            return _pkl_checkpoint(load_pickle_file(filename, allow_unsafe=self.allow_unsafe))
+            return _pkl_checkpoint(
+                load_pickle_file(filename, allow_unsafe=self.allow_unsafe, source=source)
+            )
         if filename.endswith(".pyth"):
             return _pycls_checkpoint(
-                filename, load_torch_file(filename, allow_unsafe=self.allow_unsafe)
+                filename, load_torch_file(filename, allow_unsafe=self.allow_unsafe, source=source)
             )
         # detectron2's own path for .pth and the rest: it calls self._torch_load.
         return super()._load_file(filename)
 
     def _torch_load(self, f: str) -> Any:
-        return load_torch_file(f, allow_unsafe=self.allow_unsafe)
+        return load_torch_file(f, allow_unsafe=self.allow_unsafe, source=self._source())
 
     def _load_model(self, checkpoint: Any):
         num_tensors = len(checkpoint.get("model", {}))

@@ -36,6 +36,7 @@ import torch
 
 from .loading import load_torch_file
 from .weights_io import (
+    CONVERTER_INPUT,
     IMAGENET_RGB_MEAN,
     IMAGENET_RGB_STD,
     ConversionError,
@@ -478,7 +479,7 @@ def convert_mmdet_checkpoint(
         The model spec; ``spec.overrides()`` are the config keys the weights need.
     """
     check_output_path(input_path, output_path, overwrite, (".pth", ".pt"))
-    raw = load_torch_file(input_path, allow_unsafe=allow_unsafe)
+    raw = load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT)
     state_dict, meta = _split_checkpoint(raw, input_path)
     weights, spec = convert_mmdet_state_dict(state_dict, meta, deform_modulated)
     classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes") or ()

@@ -27,6 +27,7 @@ import torch
 
 from .loading import load_torch_file
 from .weights_io import (
+    CONVERTER_INPUT,
     ConversionError,
     ResNetSpec,
     check_output_path,
@@ -111,7 +112,9 @@ def convert_torchvision_checkpoint(
         ``spec.overrides()`` are the config keys to use with these weights.
     """
     check_output_path(input_path, output_path, overwrite, (".pkl",))
-    state_dict = _state_dict_of(load_torch_file(input_path, allow_unsafe=allow_unsafe), input_path)
+    state_dict = _state_dict_of(
+        load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT), input_path
+    )
     weights, spec, dropped = convert_torchvision_state_dict(state_dict)
     data = {"model": weights, "__author__": "torchvision", "matching_heuristics": True}
     save_weights(data, output_path)

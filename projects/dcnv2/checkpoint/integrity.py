@@ -5,7 +5,12 @@ detectron2 asserts on a missing file, surfaces torch's zip-reader error for a tr
 only warns about mismatched shapes (then trains with those tensors left at their random
 initialisation). The checks below raise :class:`~dcnv2.errors.WeightsError` instead, naming the
 file, where it came from (``MODEL.WEIGHTS`` or ``last_checkpoint``) and, for shapes, each tensor.
-:class:`~dcnv2.checkpoint.DCNv2Checkpointer` runs them as it loads. Skipping mismatched tensors
+:func:`check_weights_file` judges a file by its first and last bytes before anything reads it
+(empty, a text file, a zip archive or a pickle cut short), so the preflight checks refuse it
+before a run writes anything; the readers of :mod:`.loading` (used by the checkpointer, the
+converters and ``publish_model``) run it, and word their own failures with
+:func:`unreadable_file_error`. :class:`~dcnv2.checkpoint.DCNv2Checkpointer` runs the shape
+checks as it loads. Skipping mismatched tensors
 stays available for fine-tuning on other classes (``allow_shape_mismatch``,
 ``MODEL.DCNV2.ALLOW_SHAPE_MISMATCH``), but never when resuming: a run's own checkpoint must fit
 its model exactly.
@@ -14,7 +19,7 @@ its model exactly.
 import os
 import pickle
 import zipfile
-from typing import Any, Iterable, List, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import WeightsError
 
@@ -23,6 +28,7 @@ __all__ = [
     "check_checkpoint_dict",
     "check_fit",
     "check_weights_file",
+    "diagnose_file",
     "unreadable_file_error",
 ]
 
@@ -37,42 +43,158 @@ UNREADABLE_ERRORS = (
     zipfile.BadZipFile,
     ValueError,
     OSError,
+    KeyError,  # torch.load's legacy reader of a file that is not a checkpoint
 )
 
 
 def check_weights_file(path: str, source: str, resuming: bool) -> None:
-    """A local ``path`` names an existing file (URLs are fetched later).
+    """A local ``path`` names a readable file that can be a checkpoint, judged by its first and
+    last bytes only (URLs are fetched later): not a folder, not empty, not a text file, not a
+    zip archive (torch.save's format) or a pickle cut short.
 
     Args:
         path: the weights file.
-        source: where it came from, for the message (``"given by MODEL.WEIGHTS"``).
+        source: where it came from, for the message (``"given by MODEL.WEIGHTS"``; "" for none).
         resuming: it was named by ``last_checkpoint`` (``--resume``).
+
+    Raises:
+        WeightsError: the file cannot be a checkpoint; the message names it, says why and what
+            was expected.
     """
-    if not path or "://" in path or os.path.isfile(path):
+    if not path or "://" in path:
         return
-    hint = (
-        "; the run that wrote the pointer may have been moved or the file deleted: "
-        "restore it, or start without --resume"
-        if resuming
-        else "; expected a .pth/.pkl checkpoint file (or a URL such as detectron2://...)"
+    where = f" ({source})" if source else ""
+    if not os.path.isfile(path):
+        hint = "; expected a .pth/.pkl checkpoint file (or a URL such as detectron2://...)"
+        if os.path.isdir(path):
+            what = "is a folder"
+        elif os.path.exists(path):  # a device file (/dev/null), a FIFO or a socket
+            what = "is not a regular file"
+        else:
+            what = "does not exist"
+            if resuming:
+                hint = (
+                    "; the run that wrote the pointer may have been moved or the file deleted: "
+                    "restore it, or start without --resume"
+                )
+        raise WeightsError(f"Weights file {path}{where} {what}{hint}")
+    try:
+        problem = diagnose_file(path)
+    except PermissionError as e:
+        raise unreadable_file_error(path, source, e) from None
+    if problem is not None:
+        raise WeightsError(_cannot_read(path, source, problem))
+
+
+# torch.save's format is a zip archive; its last bytes are the end-of-central-directory record.
+_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_END = b"PK\x05\x06"
+_ZIP_END_SEARCH = 22 + 65535  # the record, and a zip comment of at most 64 KiB before it
+# torch.save(..., _use_new_zipfile_serialization=False): pickles of this magic number, ...,
+# then raw tensor bytes (so no final STOP opcode).
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_TEXT_HINTS = (
+    ("<", "an HTML or XML page: a download that returned a web page instead of the file?"),
+    ("version https://git-lfs", "a Git LFS pointer: fetch the file itself with `git lfs pull`"),
+)
+
+
+def _text_start(head: bytes) -> Optional[str]:
+    """The first line of ``head`` if it is printable UTF-8 text, else None."""
+    if b"\x00" in head:
+        return None
+    for cut in range(4):  # the head may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if not all(c.isprintable() or c in "\t\n\r\f\v" for c in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first[:60] + ("..." if len(first) > 60 else "")
+
+
+def diagnose_file(path: str, *, failed: bool = False) -> Optional[str]:
+    """Why the local file ``path`` cannot be a checkpoint, from its first and last bytes, or
+    None when it may be one.
+
+    Args:
+        path: an existing file.
+        failed: loading it already failed: a text file is named as such even when it ends
+            with ``.``, as a protocol-0 (text) pickle would (checked before loading, such a
+            file is left to the loader).
+
+    Returns:
+        e.g. ``"the file is empty"``, ``"it is a text file starting with '...'"``,
+        ``"it is truncated or not a checkpoint (truncated: the zip archive's end record is
+        missing...)"``.
+
+    Raises:
+        PermissionError: the file cannot be opened for reading.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(1024)
+        f.seek(max(0, size - _ZIP_END_SEARCH))
+        tail = f.read()
+    if size == 0:
+        return "the file is empty"
+    cut_short = "; a copy or download cut short looks like this"
+    if head.startswith(_ZIP_MAGIC):
+        if _ZIP_END not in tail:
+            return (
+                "it is truncated or not a checkpoint (truncated: the zip archive's end record "
+                f"is missing{cut_short})"
+            )
+        return None
+    is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if is_pickle and not head.startswith(_TORCH_LEGACY_MAGIC) and not tail.endswith(b"."):
+        return (
+            "it is truncated or not a checkpoint (truncated: the pickle's final STOP opcode is "
+            f"missing{cut_short})"
+        )
+    first_line = _text_start(head)
+    if first_line is not None and (failed or not tail.endswith(b".")):
+        hint = next((h for start, h in _TEXT_HINTS if first_line.startswith(start)), "")
+        return f"it is a text file starting with {first_line!r}" + (f" ({hint})" if hint else "")
+    return None
+
+
+def _cannot_read(path: str, source: str, problem: str) -> str:
+    size = os.path.getsize(path) if os.path.isfile(path) else "?"
+    where = f", {source}" if source else ""
+    return (
+        f"Cannot read weights file {path} ({size} bytes{where}): {problem}. Expected a "
+        "checkpoint written by torch.save (.pth) or a detectron2 model-zoo .pkl"
     )
-    what = "is a folder" if os.path.isdir(path) else "does not exist"
-    raise WeightsError(f"Weights file {path} ({source}) {what}{hint}")
 
 
 def unreadable_file_error(filename: str, source: str, error: BaseException) -> WeightsError:
-    """The error for a file whose reading raised ``error`` (one of :data:`UNREADABLE_ERRORS`)."""
+    """The error for a file whose reading raised ``error`` (one of :data:`UNREADABLE_ERRORS`):
+    what :func:`diagnose_file` finds, else the reader's own first line."""
+    where = f" ({source})" if source else ""
     if isinstance(error, PermissionError):
-        return WeightsError(f"Weights file {filename} ({source}) is not readable: {error.strerror}")
-    size = os.path.getsize(filename) if os.path.isfile(filename) else "?"
-    text = str(error).strip()
-    reason = text.splitlines()[0] if text else type(error).__name__
-    return WeightsError(
-        f"Cannot read weights file {filename} ({size} bytes, {source}): it is "
-        f"truncated or not a checkpoint ({type(error).__name__}: {reason}). Expected a file "
-        "written by torch.save (.pth) or a detectron2 model-zoo .pkl; a copy or download "
-        "that was cut short looks like this."
-    )
+        return WeightsError(
+            f"Weights file {filename}{where} is not readable: {error.strerror}; expected a file "
+            "this user can read"
+        )
+    problem = None
+    if os.path.isfile(filename):
+        try:
+            problem = diagnose_file(filename, failed=True)
+        except OSError:
+            pass
+    if problem is None:
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        problem = (
+            f"it is truncated or not a checkpoint ({type(error).__name__}: {reason}; a copy or "
+            "download cut short looks like this)"
+        )
+    return WeightsError(_cannot_read(filename, source, problem))
 
 
 def check_checkpoint_dict(checkpoint: Any, filename: str, source: str) -> None:

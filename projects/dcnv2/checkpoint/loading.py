@@ -23,7 +23,8 @@ from typing import Any, Union
 import torch
 from detectron2.utils.file_io import PathManager
 
-from ..errors import DCNv2Error
+from ..errors import DCNv2Error, WeightsError
+from .integrity import UNREADABLE_ERRORS, check_weights_file, unreadable_file_error
 
 __all__ = [
     "UNSAFE_OVERRIDE_HINT",
@@ -87,54 +88,64 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         raise _NotAllowed(f"{module}.{name}")
 
 
-def load_pickle_file(path: str, *, allow_unsafe: bool = False) -> Any:
+def load_pickle_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
     """Unpickle a ``.pkl`` checkpoint (numpy arrays in dicts), refusing anything else.
 
     Args:
         path: a local path or a detectron2 ``PathManager`` URI.
         allow_unsafe: use plain ``pickle`` (runs whatever the file says).
+        source: where the path came from, for messages (``"given by MODEL.WEIGHTS"``).
 
     Raises:
         UnsafeCheckpointError: the file needs a Python global other than numpy's array
             constructors (only when ``allow_unsafe`` is False).
+        WeightsError: the file is not a readable pickle (a folder, empty, text, cut short).
     """
-    with PathManager.open(path, "rb") as f:
-        data = f.read()
-    if allow_unsafe:
-        return pickle.loads(data, encoding="latin1")
+    check_weights_file(path, source, resuming=False)
     try:
+        with PathManager.open(path, "rb") as f:
+            data = f.read()
+        if allow_unsafe:
+            return pickle.loads(data, encoding="latin1")
         return _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        if isinstance(e, _NotAllowed):
-            raise _refuse(path, str(e)) from None
-        raise
+    except _NotAllowed as e:
+        raise _refuse(path, str(e)) from None
+    except UNREADABLE_ERRORS as e:
+        raise unreadable_file_error(path, source, e) from None
 
 
-def load_torch_file(path: str, *, allow_unsafe: bool = False) -> Any:
+def load_torch_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
     """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``.
 
     Args:
         path: a local path (a ``PathManager`` URI is fetched first).
         allow_unsafe: ``weights_only=False`` (runs whatever the file says).
+        source: where the path came from, for messages (``"given by MODEL.WEIGHTS"``).
 
     Raises:
         UnsafeCheckpointError: the file needs Python objects other than tensors, numbers,
             strings and containers (only when ``allow_unsafe`` is False).
+        WeightsError: the file is not a readable checkpoint (a folder, empty, text, cut short).
     """
     local = PathManager.get_local_path(path)
-    if allow_unsafe:
-        return torch.load(local, map_location="cpu", weights_only=False)
+    check_weights_file(local, source, resuming=False)
     try:
-        return torch.load(local, map_location="cpu", weights_only=True)
+        return torch.load(local, map_location="cpu", weights_only=not allow_unsafe)
     except pickle.UnpicklingError as e:
-        found = _TORCH_REFUSAL.search(str(e))
+        found = None if allow_unsafe else _TORCH_REFUSAL.search(str(e))
         if found:
             raise _refuse(path, next(g for g in found.groups() if g).rstrip(".,")) from None
-        raise
+        raise unreadable_file_error(local, source, e) from None
+    except UNREADABLE_ERRORS as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise unreadable_file_error(local, source, e) from None
 
 
-def load_checkpoint_file(path: str, *, allow_unsafe: bool = False) -> Union[dict, Any]:
+def load_checkpoint_file(
+    path: str, *, allow_unsafe: bool = False, source: str = ""
+) -> Union[dict, Any]:
     """Load a ``.pkl`` with :func:`load_pickle_file`, anything else with :func:`load_torch_file`."""
     if path.endswith(".pkl"):
-        return load_pickle_file(path, allow_unsafe=allow_unsafe)
-    return load_torch_file(path, allow_unsafe=allow_unsafe)
+        return load_pickle_file(path, allow_unsafe=allow_unsafe, source=source)
+    return load_torch_file(path, allow_unsafe=allow_unsafe, source=source)

@@ -89,10 +89,13 @@ def publish_model(
     """
     if not output_path.endswith(".pth"):
         raise WeightsError(f"output {output_path!r} must end with .pth")
-    if not os.path.isfile(input_path):
+    if not os.path.exists(input_path):
         raise WeightsError(f"input checkpoint {input_path!r} does not exist or is not a file")
     try:
-        checkpoint = load_checkpoint_file(input_path, allow_unsafe=allow_unsafe)
+        # A folder, an empty or text file, a file cut short: WeightsError, naming the file.
+        checkpoint = load_checkpoint_file(
+            input_path, allow_unsafe=allow_unsafe, source="publish_model's input"
+        )
     except WeightsError:
         raise
     except Exception as e:  # any unpickling failure of a file that is not a checkpoint
@@ -108,7 +111,7 @@ def publish_model(
     if os.path.exists(path) and not force:
         raise WeightsError(f"{path!r} exists; pass --force to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", size_hint=len(data)) as f:
         f.write(data)
     dropped = sorted(k for k in checkpoint if k != "model") if "model" in checkpoint else []
     return path, {

@@ -16,6 +16,7 @@ from ..errors import DCNv2Error
 from .atomic import atomic_pickle, atomic_save
 
 __all__ = [
+    "CONVERTER_INPUT",
     "BN_FIELDS",
     "IMAGENET_RGB_MEAN",
     "IMAGENET_RGB_STD",
@@ -38,6 +39,10 @@ IMAGENET_RGB_STD = (58.395, 57.12, 57.375)
 # The tensors of a BatchNorm layer that carry weights (num_batches_tracked has no counterpart).
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 _BLOCKS_TO_DEPTH = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+
+
+# Where a converter's input came from, in messages about it.
+CONVERTER_INPUT = "the converter's input"
 
 
 class ConversionError(DCNv2Error, ValueError):
@@ -220,7 +225,9 @@ def check_shapes(
 def check_output_path(input_path: str, output_path: str, overwrite: bool, suffixes: tuple) -> None:
     """Refuse a missing input, and an output that is the input, has the wrong extension, or
     exists (unless ``overwrite``), before anything is read or written."""
-    if "://" not in input_path and not os.path.isfile(input_path):
+    # What exists but cannot be a checkpoint (a folder, an empty or text file, a file cut
+    # short) is refused by the reader, before anything is written.
+    if "://" not in input_path and not os.path.exists(input_path):
         raise ConversionError(f"input {input_path!r} does not exist or is not a file")
     if not output_path.endswith(suffixes):
         raise ConversionError(

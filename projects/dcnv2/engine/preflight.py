@@ -14,6 +14,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
+from ..checkpoint.integrity import check_weights_file
 from ..config import get_cfg
 from ..data import build_test_augmentation, check_datasets
 from ..data.coco import register_config_datasets
@@ -104,19 +105,10 @@ def check_output_dir(output_dir: str, keys: RunKeys = YAML_KEYS) -> None:
 
 
 def check_weights(weights: str, keys: RunKeys = YAML_KEYS) -> None:
-    """A local weights path names an existing file (URLs are fetched later)."""
-    option = keys.weights
-    if not weights or "://" in weights:
-        return
-    if not os.path.isfile(weights):
-        if os.path.isdir(weights):
-            what = "is a folder"
-        else:  # a device file (/dev/null), a FIFO or a socket exists but is not a file
-            what = "is not a regular file" if os.path.exists(weights) else "does not exist"
-        raise WeightsError(
-            f"Weights file {weights} (given by {option}) {what}; expected a .pth/.pkl checkpoint "
-            "file (or a URL such as detectron2://...)"
-        )
+    """A local weights path names a file that can be a checkpoint (URLs are fetched later):
+    not a folder or device, readable, not empty, not text, not cut short
+    (:func:`dcnv2.checkpoint.integrity.check_weights_file`)."""
+    check_weights_file(weights, f"given by {keys.weights}", resuming=False)
 
 
 def check_weights_fit(cfg) -> None:
@@ -227,11 +219,13 @@ def preflight(
         check_batch_size(cfg, keys, num_gpus * num_machines)
     resume_file = _resume_file(output_dir) if resume and output_dir else None
     if resume_file is not None:
-        if not os.path.isfile(resume_file):
+        pointer = os.path.join(output_dir, "last_checkpoint")
+        if not os.path.exists(resume_file):
             raise WeightsError(
-                f"--resume: {os.path.join(output_dir, 'last_checkpoint')} names {resume_file}, "
+                f"--resume: {pointer} names {resume_file}, "
                 "which does not exist; restore it, or start without --resume"
             )
+        check_weights_file(resume_file, f"named by {pointer} (--resume)", resuming=True)
     else:
         if eval_only:
             check_eval_weights(cfg, opts, resume=False)

@@ -3,12 +3,11 @@ loading, and bad input ending in one clear line (:mod:`dcnv2.errors`'s exit conv
 traceback."""
 
 import argparse
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..errors import USER_ERRORS, DCNv2Error, report_user_error
+from ..errors import USER_ERRORS, DCNv2Error, WeightsError, report_user_error
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -84,9 +83,11 @@ def setup_cfg(
 
     Raises:
         UserInputError: unknown config, bad override, threshold out of range, or a local
-            ``MODEL.WEIGHTS`` file that does not exist.
+            ``MODEL.WEIGHTS`` file that does not exist or cannot be a checkpoint (a folder,
+            empty, text, cut short).
         ConfigError: bad ``DATASETS.DCNV2.COCO`` triples (they are registered here).
     """
+    from ..checkpoint.integrity import check_weights_file
     from ..config import get_cfg
 
     if not 0.0 <= confidence_threshold <= 1.0:
@@ -107,9 +108,10 @@ def setup_cfg(
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = confidence_threshold
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise UserInputError(f"MODEL.WEIGHTS file {weights!r} does not exist")
+    try:  # a local file that cannot be a checkpoint, before the model is built
+        check_weights_file(cfg.MODEL.WEIGHTS, "given by MODEL.WEIGHTS", resuming=False)
+    except WeightsError as e:
+        raise UserInputError(str(e)) from None
     cfg.freeze()
     return cfg
 
