@@ -8,7 +8,7 @@ from typing import Optional
 
 import detectron2.utils.comm as comm
 import torch
-from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import DatasetEvaluator
@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
 from ..data import build_test_augmentation
+from ..data.mapper import DatasetMapper
 from ..data.resumable import build_resumable_train_loader
 from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..dialects import YAML_KEYS, RunKeys
