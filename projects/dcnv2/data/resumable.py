@@ -313,6 +313,7 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
             cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
         ),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        mask_on=cfg.MODEL.MASK_ON,
     )
     if isinstance(dicts, Dataset):  # a registered torch Dataset, not a list of dicts
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
