@@ -126,3 +126,33 @@ def test_skip_evaluates_the_other_images_and_says_which(rel, tmp_path):
     )
     assert "copypaste: AP,AP50,AP75" in log  # evaluation ran to its end
     assert "Traceback" not in proc.stderr
+
+
+def test_lazy_config_loaders_read_images_with_dcnv2s_mapper_and_checks(rel, tmp_path):
+    from detectron2.data.datasets import register_coco_instances
+
+    from dcnv2.data.mapper import DatasetMapper
+    from dcnv2.engine import lazy
+    from dcnv2.errors import ImageReadError
+    from dcnv2.lazy_config import load_config
+
+    json_file, image_root = _dataset(rel, tmp_path / "data", [_truncated])
+    name = "_eval_bad_images_lazy"
+    register_coco_instances(name, {}, json_file, image_root)
+    try:
+        cfg = load_config("lazy/faster_rcnn_R50_mdconv_FPN_1x.py")
+        cfg.dataloader.test.update(num_workers=0)
+        cfg.dataloader.test.dataset.names = name
+        cfg.dataloader.train.update(num_workers=0, total_batch_size=2)
+        cfg.dataloader.train.dataset.names = name
+        cfg.train.seed = 1
+        loader = lazy.build_test_loader(cfg)
+        with pytest.raises(ImageReadError, match=f"Cannot read image {image_root}/001.png of "):
+            for _ in loader:
+                pass
+        train_loader, _ = lazy.build_train_loader(cfg)
+        assert isinstance(train_loader.dataset.mapper, DatasetMapper)
+        assert len(train_loader.dataset.dicts) == 6
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -40,10 +40,13 @@ _LISTED = 5
 
 def find_bad_images(dicts: Sequence[dict]) -> List[Tuple[dict, str]]:
     """The entries whose image file is not usable (:func:`dcnv2.data.images.image_file_problem`),
-    with the problem, in dataset order."""
+    with the problem, in dataset order; entries without a local ``file_name`` are not checked."""
     bad = []
     for d in dicts:
-        problem = image_file_problem(d["file_name"], d.get("width"), d.get("height"))
+        name = d.get("file_name") if isinstance(d, dict) else None
+        if not isinstance(name, str) or "://" in name:
+            continue  # no local file to check (read by PathManager, or not from a file)
+        problem = image_file_problem(name, d.get("width"), d.get("height"))
         if problem is not None:
             bad.append((d, problem))
     return bad
@@ -88,6 +91,8 @@ def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
         return
     for name in dataset_names:
         dicts = get_detection_dataset_dicts([name], filter_empty=False)
+        if not isinstance(dicts, list):
+            continue  # a registered torch Dataset: read as it is
         bad = find_bad_images(dicts)
         if bad:
             raise ImageReadError(_fail_message(name, bad, len(dicts)))
@@ -115,7 +120,7 @@ def load_test_dicts(
         filter_empty=False,
         proposal_files=[proposal_file] if proposal_file else None,
     )
-    bad = find_bad_images(dicts)
+    bad = find_bad_images(dicts) if isinstance(dicts, list) else []
     if not bad:
         return dicts
     if mode == "fail":
