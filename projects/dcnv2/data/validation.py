@@ -10,8 +10,11 @@ repeated ids. ``DATASETS.DCNV2.ON_BAD_DATA`` picks what happens:
 * ``"skip"``: warn, drop the bad entries (an annotation, or an image with its annotations) and
   train on the rest. Only for training sets: evaluation reads the file as ground truth.
 
-Images are decoded only when training reads them: an unreadable or truncated file then stops the
-run naming the file (``"fail"``) or is replaced by the next readable image (``"skip"``).
+Training images are decoded only when training reads them: an unreadable or truncated file then
+stops the run naming the file (``"fail"``) or is replaced by the next readable image
+(``"skip"``). Test images are checked before the run and when evaluation reads them
+(:mod:`dcnv2.data.test_loader`). Malformed polygons are not problems: they are named in one
+warning and training drops only what its model must (:mod:`dcnv2.data.polygons`).
 """
 
 import json

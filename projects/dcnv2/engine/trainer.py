@@ -107,7 +107,8 @@ class Trainer(DefaultTrainer):
     stop the run, or skip up to ``SOLVER.DCNV2.MAX_NONFINITE_SKIPS`` iterations, on every process
     together; SIGTERM/SIGINT stop it after the iteration in progress, with a checkpoint
     (:class:`~dcnv2.engine.preemption.PreemptionHook`); ``DATASETS.DCNV2.ON_BAD_DATA`` for bad
-    annotations and unreadable images."""
+    annotations and unreadable images, in training and in evaluation (whose metrics then cover
+    the evaluated images: :mod:`dcnv2.engine.evaluation`)."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
