@@ -26,16 +26,13 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import (
-    DatasetFromList,
-    DatasetMapper,
-    build_detection_train_loader,
-)
+from detectron2.data import DatasetFromList, build_detection_train_loader
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import AnnotationError, ImageReadError
+from .mapper import DatasetMapper
 from .transforms import build_train_augmentation
 from .validation import BAD_DATA_MODES, load_training_dicts
 
@@ -290,7 +287,8 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
 
     Args:
         cfg: a detectron2 config.
-        mapper: defaults to ``DatasetMapper(cfg, True)`` with the resize method of
+        mapper: defaults to dcnv2's ``DatasetMapper(cfg, True)`` (:mod:`dcnv2.data.mapper`,
+            its images read without silent damage) with the resize method of
             ``INPUT.DCNV2.RESIZE_BACKEND`` (:func:`dcnv2.data.build_train_augmentation`).
     """
     if mapper is None:
@@ -315,6 +313,7 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
             cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
         ),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        mask_on=cfg.MODEL.MASK_ON,
     )
     if isinstance(dicts, Dataset):  # a registered torch Dataset, not a list of dicts
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)

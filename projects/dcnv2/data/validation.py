@@ -10,8 +10,11 @@ repeated ids. ``DATASETS.DCNV2.ON_BAD_DATA`` picks what happens:
 * ``"skip"``: warn, drop the bad entries (an annotation, or an image with its annotations) and
   train on the rest. Only for training sets: evaluation reads the file as ground truth.
 
-Images are decoded only when training reads them: an unreadable or truncated file then stops the
-run naming the file (``"fail"``) or is replaced by the next readable image (``"skip"``).
+Training images are decoded only when training reads them: an unreadable or truncated file then
+stops the run naming the file (``"fail"``) or is replaced by the next readable image
+(``"skip"``). Test images are checked before the run and when evaluation reads them
+(:mod:`dcnv2.data.test_loader`). Malformed polygons are not problems: they are named in one
+warning and training drops only what its model must (:mod:`dcnv2.data.polygons`).
 """
 
 import json
@@ -25,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..errors import AnnotationError
+from . import polygons
 
 __all__ = [
     "BAD_DATA_MODES",
@@ -50,6 +54,8 @@ class CocoReport:
         problems: one line per problem, in file order.
         bad_image_ids: images to drop (with their annotations) to train on the rest.
         bad_annotation_indices: positions in ``annotations`` of the annotations to drop.
+        polygon_issues: annotations with malformed polygons (:mod:`dcnv2.data.polygons`), not
+            counted as problems: training drops only what its model must.
         data: the parsed JSON.
     """
 
@@ -57,6 +63,7 @@ class CocoReport:
     problems: List[str] = field(default_factory=list)
     bad_image_ids: set = field(default_factory=set)
     bad_annotation_indices: set = field(default_factory=set)
+    polygon_issues: List[polygons.PolygonIssue] = field(default_factory=list)
     data: Optional[dict] = None
 
     def summary(self, dataset_name: str, limit: int = _MAX_LISTED) -> str:
@@ -67,8 +74,10 @@ class CocoReport:
             lines.append(f"  ... and {n - limit} more")
         return "\n".join(lines)
 
-    def cleaned(self) -> dict:
-        """The parsed JSON without the bad images and annotations."""
+    def cleaned(self, mask_on: bool = True) -> dict:
+        """The parsed JSON without the bad images and annotations, and with the malformed
+        polygons handled for a model with (``mask_on``) or without a mask head
+        (:func:`dcnv2.data.polygons.fix_annotation`)."""
         data = dict(self.data)
         data["images"] = [
             im
@@ -76,11 +85,16 @@ class CocoReport:
             if isinstance(im, dict) and _id(im) not in self.bad_image_ids
         ]
         kept = {_id(im) for im in data["images"]}
-        data["annotations"] = [
-            a
-            for i, a in enumerate(data["annotations"])
-            if i not in self.bad_annotation_indices and a.get("image_id") in kept
-        ]
+        issues = {issue.index: issue for issue in self.polygon_issues}
+        annotations = []
+        for i, a in enumerate(data["annotations"]):
+            if i in self.bad_annotation_indices or a.get("image_id") not in kept:
+                continue
+            if i in issues:
+                a = polygons.fix_annotation(a, issues[i], mask_on)
+            if a is not None:
+                annotations.append(a)
+        data["annotations"] = annotations
         return data
 
 
@@ -202,6 +216,11 @@ def validate_coco_json(
             problems.append(f"{what}{f' (image {img})' if img is not None else ''}: {problem}")
             report.bad_annotation_indices.add(i)
         seen_ann_ids.add(aid)
+    report.polygon_issues = [
+        issue
+        for issue in polygons.find_polygon_issues(data["annotations"])
+        if issue.index not in report.bad_annotation_indices
+    ]
     return report
 
 
@@ -339,16 +358,19 @@ def load_training_dicts(
     filter_empty: bool = True,
     min_keypoints: int = 0,
     proposal_files: Optional[Sequence[str]] = None,
+    mask_on: bool = True,
 ):
     """The dataset dicts of training sets, as detectron2's ``get_detection_dataset_dicts``
     loads and filters them; with ``mode="skip"``, the COCO-format sets with problems are read
-    without their bad entries (:meth:`CocoReport.cleaned`). The registered datasets are used as
-    they are: the catalog is not changed.
+    without their bad entries (:meth:`CocoReport.cleaned`). Annotations with malformed
+    polygons are named in one warning and keep what the model uses (:mod:`dcnv2.data.polygons`).
+    The registered datasets are used as they are: the catalog is not changed.
 
     Args:
         names: ``DATASETS.TRAIN``.
         mode: ``DATASETS.DCNV2.ON_BAD_DATA``.
         filter_empty, min_keypoints, proposal_files: as ``get_detection_dataset_dicts``.
+        mask_on: ``MODEL.MASK_ON``: whether the model reads the segmentations.
 
     Returns:
         list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
@@ -356,6 +378,13 @@ def load_training_dicts(
     from detectron2.data import get_detection_dataset_dicts
 
     reports = validate_datasets(names, (), mode) if mode == "skip" else {}
+    reports.update(_polygon_reports([n for n in names if n not in reports]))
+    for name, report in reports.items():
+        if report.polygon_issues:
+            files = {_id(im): im.get("file_name") for im in report.data["images"]}
+            logger.warning(
+                polygons.warning(name, report.json_file, report.polygon_issues, files, mask_on)
+            )
     if not reports:
         return get_detection_dataset_dicts(
             list(names),
@@ -364,13 +393,33 @@ def load_training_dicts(
             proposal_files=proposal_files,
         )
     per_dataset = [
-        _cleaned_dicts(name, reports[name]) if name in reports else DatasetCatalog.get(name)
+        (
+            _cleaned_dicts(name, reports[name], mask_on)
+            if name in reports
+            else DatasetCatalog.get(name)
+        )
         for name in names
     ]
     return _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files)
 
 
-def _cleaned_dicts(name: str, report: CocoReport) -> List[dict]:
+def _polygon_reports(names: Sequence[str]) -> Dict[str, CocoReport]:
+    """Reports of the COCO-format sets among ``names`` that have malformed polygons, holding
+    only those (their other problems stopped the run before, in "fail" mode)."""
+    reports = {}
+    for name in dict.fromkeys(names):
+        json_file, image_root = _coco_files(name)
+        if json_file is None or not os.path.isfile(json_file):
+            continue
+        report = validate_coco_json(json_file, image_root, check_files=False)
+        if report.polygon_issues:
+            report.bad_image_ids.clear()
+            report.bad_annotation_indices.clear()
+            reports[name] = report
+    return reports
+
+
+def _cleaned_dicts(name: str, report: CocoReport, mask_on: bool = True) -> List[dict]:
     # What the registered loader of a COCO-format set (register_coco_instances) returns, read
     # from the cleaned JSON; load_coco_json also fills the dataset's metadata, as it would.
     from detectron2.data.datasets import load_coco_json
@@ -378,7 +427,7 @@ def _cleaned_dicts(name: str, report: CocoReport) -> List[dict]:
     with tempfile.TemporaryDirectory(prefix="dcnv2_clean_annotations_") as tmp:
         clean_file = os.path.join(tmp, "annotations.json")
         with open(clean_file, "w") as f:
-            json.dump(report.cleaned(), f)
+            json.dump(report.cleaned(mask_on), f)
         return load_coco_json(clean_file, _coco_files(name)[1], name)
 
 

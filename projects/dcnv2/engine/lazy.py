@@ -20,6 +20,12 @@ checked before anything is built (by ``train_net.py``'s preflight), safe weight 
   resume from, or skips up to ``train.max_nonfinite_skips`` (default 0) updates.
 - SIGTERM/SIGINT stop the run after the iteration in progress, with a checkpoint
   (:class:`~dcnv2.engine.preemption.PreemptionHook`).
+- detectron2's ``DatasetMapper`` is built as dcnv2's (:mod:`dcnv2.data.mapper`: images read
+  without silent damage); a training set of ``get_detection_dataset_dicts`` is loaded by
+  :func:`~dcnv2.data.validation.load_training_dicts` (malformed polygons named, boxes kept when
+  ``mapper.use_instance_mask`` is False); a test loader of detectron2's
+  ``build_detection_test_loader`` over one dataset checks its images
+  (:mod:`dcnv2.data.test_loader`: an unreadable image is one error line naming it).
 
 A config defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``,
 ``lr_multiplier`` and ``train`` (detectron2's ``common/train.py`` keys, plus the optional
@@ -27,16 +33,20 @@ A config defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``),
 """
 
 import logging
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import build_checkpointer
+from ..data.mapper import DatasetMapper
 from ..data.resumable import ResumableTrainLoader
+from ..data.test_loader import build_checked_test_loader, load_test_dicts
+from ..data.validation import load_training_dicts
 from ..dialects import LAZY_KEYS
 from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
@@ -45,10 +55,13 @@ from .preemption import PreemptionHook
 from .setup import setup_run
 from .trainer import build_training_loop, create_ddp_model, explain_nonfinite_stop
 
-__all__ = ["build_train_loader", "do_test", "do_train", "main"]
+__all__ = ["build_mapper", "build_test_loader", "build_train_loader", "do_test", "do_train", "main"]
 
-# What dataloader.train calls in detectron2's common/data configs.
+# What the dataloaders call in detectron2's common/data configs.
 _D2_TRAIN_LOADER = "detectron2.data.build.build_detection_train_loader"
+_D2_TEST_LOADER = "detectron2.data.build.build_detection_test_loader"
+_D2_DATASET_DICTS = "detectron2.data.build.get_detection_dataset_dicts"
+_D2_MAPPER = "detectron2.data.dataset_mapper.DatasetMapper"
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +81,65 @@ def _target_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
 
 
+def build_mapper(mapper_cfg) -> Any:
+    """The mapper of a dataloader config: detectron2's ``DatasetMapper`` is built as dcnv2's
+    :class:`~dcnv2.data.mapper.DatasetMapper` (same arguments), any other as configured."""
+    if _target_name(mapper_cfg.get("_target_")) != _D2_MAPPER:
+        return instantiate(mapper_cfg)
+    # Resolved in place: its values may be interpolations of other dataloader keys.
+    resolved = (
+        OmegaConf.to_container(mapper_cfg, resolve=True)
+        if isinstance(mapper_cfg, DictConfig)
+        else dict(mapper_cfg)
+    )
+    resolved["_target_"] = DatasetMapper
+    return instantiate(resolved)
+
+
+def _names(dataset_cfg) -> List[str]:
+    names = dataset_cfg.names
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _train_dicts(dataset_cfg, mask_on: bool) -> Any:
+    # load_training_dicts for detectron2's get_detection_dataset_dicts, else as configured.
+    if _target_name(dataset_cfg.get("_target_")) != _D2_DATASET_DICTS:
+        return instantiate(dataset_cfg)
+    return load_training_dicts(
+        _names(dataset_cfg),
+        filter_empty=dataset_cfg.get("filter_empty", True),
+        min_keypoints=dataset_cfg.get("min_keypoints", 0),
+        proposal_files=dataset_cfg.get("proposal_files", None),
+        mask_on=mask_on,
+    )
+
+
+def build_test_loader(cfg) -> Any:
+    """``cfg.dataloader.test``: detectron2's ``build_detection_test_loader`` over one dataset of
+    ``get_detection_dataset_dicts`` is built with checked images
+    (:func:`~dcnv2.data.test_loader.build_checked_test_loader`); any other as configured."""
+    test = cfg.dataloader.test
+    dataset = test.get("dataset", None)
+    simple = (
+        _target_name(test.get("_target_")) == _D2_TEST_LOADER
+        and dataset is not None
+        and _target_name(dataset.get("_target_")) == _D2_DATASET_DICTS
+        and len(_names(dataset)) == 1
+        and not dataset.get("proposal_files", None)
+        and all(test.get(key) is None for key in ("sampler", "collate_fn"))
+        and test.get("batch_size", 1) == 1
+    )
+    if not simple:
+        return instantiate(test)
+    (name,) = _names(dataset)
+    return build_checked_test_loader(
+        load_test_dicts(name),
+        build_mapper(test.mapper),
+        dataset_name=name,
+        num_workers=test.get("num_workers", 0),
+    )
+
+
 def build_train_loader(cfg) -> Tuple[Any, int]:
     """The training loader of a LazyConfig and the seed of its data stream.
 
@@ -84,11 +156,11 @@ def build_train_loader(cfg) -> Tuple[Any, int]:
     train = cfg.dataloader.train
     custom = [key for key in ("sampler", "collate_fn") if train.get(key) is not None]
     if _target_name(train.get("_target_")) == _D2_TRAIN_LOADER and not custom:
-        dataset = instantiate(train.dataset)
+        dataset = _train_dicts(train.dataset, train.mapper.get("use_instance_mask", True))
         if isinstance(dataset, list):  # dataset dicts (get_detection_dataset_dicts)
             loader = ResumableTrainLoader(
                 dataset,
-                instantiate(train.mapper),
+                build_mapper(train.mapper),
                 train.total_batch_size,
                 seed=seed,
                 aspect_ratio_grouping=train.get("aspect_ratio_grouping", True),
@@ -115,7 +187,7 @@ def do_test(cfg, model) -> Optional[dict]:
     if "evaluator" not in cfg.dataloader:
         return None
     results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        model, build_test_loader(cfg), instantiate(cfg.dataloader.evaluator)
     )
     print_csv_format(results)
     return results

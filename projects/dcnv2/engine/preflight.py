@@ -18,6 +18,7 @@ from ..checkpoint.integrity import check_weights_file
 from ..config import get_cfg
 from ..data import build_test_augmentation, check_datasets
 from ..data.coco import register_config_datasets
+from ..data.test_loader import check_test_images
 from ..data.validation import validate_datasets
 from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
@@ -231,12 +232,9 @@ def preflight(
             check_eval_weights(cfg, opts, resume=False)
         check_weights(keys.value(cfg, keys.weights, ""), keys)
     check_datasets(test + train)
-    validate_datasets(
-        train,
-        test,
-        keys.value(cfg, keys.on_bad_data, "fail"),
-        num_classes=model_num_classes(cfg, keys),
-    )
+    on_bad_data = keys.value(cfg, keys.on_bad_data, "fail")
+    validate_datasets(train, test, on_bad_data, num_classes=model_num_classes(cfg, keys))
+    check_test_images(test, on_bad_data)  # read by evaluation, after training or instead of it
     check_output_dir(output_dir, keys)
     if resume_file is None and isinstance(cfg, CfgNode):
         check_weights_fit(cfg)

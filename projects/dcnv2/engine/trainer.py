@@ -8,19 +8,22 @@ from typing import Optional
 
 import detectron2.utils.comm as comm
 import torch
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
 from ..data import build_test_augmentation
+from ..data.mapper import DatasetMapper
 from ..data.resumable import build_resumable_train_loader
+from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
 from ..solver import build_optimizer
 from .amp import amp_loop
+from .evaluation import EvaluatedImagesCOCOEvaluator
 from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
 
@@ -104,7 +107,8 @@ class Trainer(DefaultTrainer):
     stop the run, or skip up to ``SOLVER.DCNV2.MAX_NONFINITE_SKIPS`` iterations, on every process
     together; SIGTERM/SIGINT stop it after the iteration in progress, with a checkpoint
     (:class:`~dcnv2.engine.preemption.PreemptionHook`); ``DATASETS.DCNV2.ON_BAD_DATA`` for bad
-    annotations and unreadable images."""
+    annotations and unreadable images, in training and in evaluation (whose metrics then cover
+    the evaluated images: :mod:`dcnv2.engine.evaluation`)."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
@@ -162,9 +166,24 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
+        """detectron2's test loader of ``dataset_name`` with ``DATASETS.DCNV2.ON_BAD_DATA``'s
+        handling of bad images (:mod:`dcnv2.data.test_loader`)."""
+        mode = cfg.DATASETS.DCNV2.ON_BAD_DATA
+        proposal_file = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            proposal_file = cfg.DATASETS.PROPOSAL_FILES_TEST[
+                list(cfg.DATASETS.TEST).index(dataset_name)
+            ]
+        dicts = load_test_dicts(dataset_name, mode, proposal_file=proposal_file)
         # The resize of INPUT.DCNV2.RESIZE_BACKEND (MMDetection's with the configs/mmdet files).
         mapper = DatasetMapper(cfg, False, augmentations=build_test_augmentation(cfg))
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        return build_checked_test_loader(
+            dicts,
+            mapper,
+            dataset_name=dataset_name,
+            mode=mode,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -182,4 +201,4 @@ class Trainer(DefaultTrainer):
                 f"dcnv2's Trainer evaluates COCO-format datasets; {dataset_name!r} has "
                 f"evaluator_type={evaluator_type!r}. Override Trainer.build_evaluator for it."
             )
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return EvaluatedImagesCOCOEvaluator(dataset_name, output_dir=output_folder)

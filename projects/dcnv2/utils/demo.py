@@ -16,13 +16,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data.detection_utils import read_image as d2_read_image
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 from tqdm import tqdm
 
 from ..data.coco import load_category_metadata
+from ..data.images import read_image as dcnv2_read_image
 from ..data.transforms import ResizeBackendError
 from ..engine.predictor import Predictor
 from ..errors import DCNv2Error
@@ -136,7 +136,7 @@ def read_image(path: str) -> np.ndarray:
         UserInputError: the file is missing or is not a readable image.
     """
     try:
-        return d2_read_image(path, format="BGR")
+        return dcnv2_read_image(path, format="BGR")
     except (OSError, ValueError) as e:
         raise UserInputError(f"cannot read image {path!r}: {e}") from None
 

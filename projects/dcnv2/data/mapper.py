@@ -1,0 +1,71 @@
+"""detectron2's ``DatasetMapper`` reading images with :func:`dcnv2.data.images.read_image`."""
+
+import copy
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper as D2DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .images import read_image
+
+__all__ = ["DatasetMapper"]
+
+
+class DatasetMapper(D2DatasetMapper):
+    """detectron2's ``DatasetMapper`` (same arguments, same output) whose images are read by
+    :func:`dcnv2.data.images.read_image`: 16-bit images scaled to 8 bits instead of clipped,
+    floating-point images refused, and an image whose EXIF orientation makes its size differ
+    from the annotation's named with both sizes and the orientation
+    (:class:`~dcnv2.errors.ImageReadError`).
+
+    detectron2's ``__call__`` reads the image inline, with no method to override; it is written
+    out here with that one call changed.
+    """
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        """
+        Args:
+            dataset_dict: one image's entry, in detectron2's dataset format.
+
+        Returns:
+            dict: the entry with ``image`` ((C, H, W) uint8 tensor, after augmentation) and, for
+            training, ``instances``; as detectron2's ``DatasetMapper``.
+        """
+        dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified by code below
+        expected = None
+        if "width" in dataset_dict and "height" in dataset_dict:
+            expected = (dataset_dict["width"], dataset_dict["height"])
+        image = read_image(
+            dataset_dict["file_name"], format=self.image_format, expected_size=expected
+        )
+        utils.check_image_size(dataset_dict, image)  # fills a missing width/height
+
+        if "sem_seg_file_name" in dataset_dict:
+            sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
+        else:
+            sem_seg_gt = None
+
+        aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg_gt = aug_input.image, aug_input.sem_seg
+
+        image_shape = image.shape[:2]  # h, w
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg_gt is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
+
+        if self.proposal_topk is not None:
+            utils.transform_proposals(
+                dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk
+            )
+
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict.pop("sem_seg_file_name", None)
+            return dataset_dict
+
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict
