@@ -4,6 +4,7 @@ weights empty on purpose (then it warns that a random model is evaluated)."""
 import logging
 
 import pytest
+import torch
 from detectron2.engine import default_argument_parser
 
 from dcnv2.engine.preflight import check_before_launch, check_eval_weights
@@ -40,7 +41,7 @@ def test_explicit_empty_weights_evaluate_a_random_model_with_a_warning(tmp_path,
 def test_trained_weights_or_a_checkpoint_to_resume_pass(tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model_final.pth").write_bytes(b"")
+    torch.save({"model": {}}, out / "model_final.pth")  # a real (if empty) checkpoint
     (out / "last_checkpoint").write_text("model_final.pth")
     with caplog.at_level(logging.WARNING, logger="dcnv2.engine.preflight"):
         check_eval_weights(
