@@ -128,6 +128,34 @@ def test_json_and_image_root_and_the_runs_config(split, results, tmp_path):
     assert results_config_file(path) == os.path.join(run, "config_eval.yaml")
 
 
+def test_demo_json_is_matched_by_file_name(split, results, tmp_path, capsys):
+    """tools/demo.py --json numbers the images itself: its detections go to the dataset's images
+    of the same file names."""
+    _, found = results
+    with open(split[0]) as f:
+        gt = json.load(f)
+    # The demo's own ids, in another order than the dataset's.
+    demo_id = {img["id"]: 10 + k for k, img in enumerate(reversed(gt["images"]))}
+    demo = {
+        "images": [
+            {"id": demo_id[img["id"]], "file_name": os.path.join(split[1], img["file_name"])}
+            for img in gt["images"]
+        ],
+        "annotations": [
+            dict(r, image_id=demo_id[r["image_id"]]) for r in found if r["image_id"] in demo_id
+        ],
+    }
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(demo))
+    by_name = load_results(str(path))
+    for img in gt["images"]:
+        assert len(by_name.get(img["file_name"], [])) == _expected(found, img["id"], 0.0)
+    argv = ["--results", str(path), "--dataset", NAME, "--output", str(tmp_path / "o")]
+    assert run_cli(_tool().main, [*argv, "--conf-threshold", "0.5"]) == 0
+    kept = sum(1 for r in found if r["image_id"] in demo_id and r["score"] >= 0.5)
+    assert f"4 picture(s), {kept} detection(s)" in capsys.readouterr().out
+
+
 def test_bad_inputs_are_one_line_errors(split, results, tmp_path, capsys):
     path, _ = results
     bad = tmp_path / "bad.json"

@@ -12,7 +12,7 @@ Typical use::
 import json
 import os
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -37,9 +37,10 @@ __all__ = [
 ]
 
 
-def load_results(path: str) -> Dict[int, List[dict]]:
+def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
     """A COCO results file (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"},
-    ...]``, as detectron2's ``COCOEvaluator`` writes) grouped by image id.
+    ...]``, as detectron2's ``COCOEvaluator`` writes) grouped by image id; a ``tools/demo.py
+    --json`` file (its own image ids, with ``images``) grouped by image file name instead.
 
     Raises:
         UserInputError: the file is missing, not JSON, or not a list of such detections.
@@ -51,8 +52,10 @@ def load_results(path: str) -> Dict[int, List[dict]]:
         raise UserInputError(f"cannot read results file {path!r}: {e.strerror or e}") from None
     except ValueError as e:
         raise UserInputError(f"results file {path!r} is not valid JSON: {e}") from None
-    if isinstance(results, dict) and "annotations" in results:
-        results = results["annotations"]  # a file of tools/demo.py --json
+    names = {}
+    if isinstance(results, dict) and "annotations" in results:  # a file of tools/demo.py --json
+        names = {i["id"]: os.path.basename(i["file_name"]) for i in results.get("images", [])}
+        results = results["annotations"]
     required = ("image_id", "category_id", "bbox", "score")
     if not isinstance(results, list) or not all(
         isinstance(r, dict) and all(k in r for k in required) for r in results
@@ -62,9 +65,9 @@ def load_results(path: str) -> Dict[int, List[dict]]:
             "'category_id', 'bbox': [x, y, w, h], 'score'}, ...] (OUTPUT_DIR/inference/"
             "coco_instances_results.json)"
         )
-    by_image: Dict[int, List[dict]] = defaultdict(list)
+    by_image: Dict[Union[int, str], List[dict]] = defaultdict(list)
     for r in results:
-        by_image[r["image_id"]].append(r)
+        by_image[names.get(r["image_id"], r["image_id"])].append(r)
     return dict(by_image)
 
 
@@ -163,6 +166,11 @@ def side_by_side(image_rgb: np.ndarray, instances: Instances, record: dict, meta
     return np.concatenate((predictions.get_image(), ground_truth.get_image()), axis=1)
 
 
+def _results_of(results: Dict, record: dict) -> List[dict]:
+    found = results.get(record["image_id"])
+    return found if found is not None else results.get(os.path.basename(record["file_name"]), [])
+
+
 def _output_names(dicts: Sequence[dict]) -> List[str]:
     names = [os.path.basename(d["file_name"]) for d in dicts]
     repeated = {n for n in names if names.count(n) > 1}
@@ -187,7 +195,7 @@ def draw_results(
     Args:
         dicts: the dataset's dicts (``file_name``, ``image_id``, ``annotations``).
         metadata: its metadata (class names, colours, category id mapping).
-        results: detections by image id (:func:`load_results`).
+        results: detections by image id, or by file name (:func:`load_results`).
         output_dir: created if missing; pictures keep the image's file name (an image id is
             added where two images share a name).
         conf_threshold: minimum score drawn, in [0, 1].
@@ -204,7 +212,7 @@ def draw_results(
     """
     if not 0.0 <= conf_threshold <= 1.0:
         raise UserInputError(f"--conf-threshold must be in [0, 1], got {conf_threshold}")
-    ids = {d["image_id"] for d in dicts}
+    ids = {d["image_id"] for d in dicts} | {os.path.basename(d["file_name"]) for d in dicts}
     unmatched = sum(len(v) for k, v in results.items() if k not in ids)
     if results and unmatched == sum(len(v) for v in results.values()):
         raise UserInputError(
@@ -224,7 +232,7 @@ def draw_results(
     for record, path in zip(selected, paths):
         image = read_image(record["file_name"])[:, :, ::-1]
         instances = results_to_instances(
-            results.get(record["image_id"], []), image.shape[:2], metadata, conf_threshold
+            _results_of(results, record), image.shape[:2], metadata, conf_threshold
         )
         Image.fromarray(side_by_side(image, instances, record, metadata)).save(path)
         drawn.append(
