@@ -25,7 +25,11 @@ from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_
 
 
 def parse_args(argv=None):
-    parser = add_config_arguments(tool_parser(__doc__), force="existing pictures")
+    parser = add_config_arguments(
+        tool_parser(__doc__),
+        force="existing pictures",
+        config_default="the run's config_eval.yaml or config.yaml beside --results' folder",
+    )
     parser.add_argument(
         "--results", required=True, help="COCO results json (OUTPUT_DIR/inference/...)"
     )

@@ -52,6 +52,7 @@ def add_config_arguments(
     *,
     default: Optional[str] = DEFAULT_CONFIG,
     force: Optional[str] = None,
+    config_default: Optional[str] = None,
 ) -> argparse.ArgumentParser:
     """Add ``--config-file`` (a YAML path or the name of a shipped config), ``--opts`` (``KEY
     VALUE`` overrides, the rest of the command line) and, when ``force`` names what it
@@ -65,16 +66,21 @@ def add_config_arguments(
         default: the config of a tool run without weights; None: such a run is refused unless
             ``MODEL.WEIGHTS ""`` is given (see :func:`choose_config_file`).
         force: what ``--force`` overwrites, for its help; None: no ``--force``.
+        config_default: what ``--config-file``'s help says its default is, for a tool that
+            chooses it otherwise.
 
     Returns:
         ``parser``.
     """
     fallback = f"else {default}" if default else "required without MODEL.WEIGHTS"
+    config_default = config_default or (
+        f"the {RUN_CONFIG} beside --opts MODEL.WEIGHTS, written by the run that trained them; "
+        f"{fallback}"
+    )
     parser.add_argument(
         "--config-file",
         default=None,
-        help=f"YAML path or name of a config shipped with dcnv2 (default: the {RUN_CONFIG} "
-        f"beside --opts MODEL.WEIGHTS, written by the run that trained them; {fallback})",
+        help=f"YAML path or name of a config shipped with dcnv2 (default: {config_default})",
     )
     if force is not None:
         parser.add_argument("--force", action="store_true", help=f"overwrite {force}")
