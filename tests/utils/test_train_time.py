@@ -69,6 +69,17 @@ def test_statistics_match_an_independent_computation(metrics):
         else:
             assert e["relative_error"] is None  # the last record: nothing left
     assert stats["eta_mean_abs_relative_error"] == pytest.approx(np.mean(relative))
+    assert stats["finished"]
+
+
+def test_eta_accuracy_needs_a_finished_run(metrics):
+    """A run stopped early (preempted) did not take the time its ETAs predicted."""
+    records = load_metrics(str(metrics))
+    assert train_time_stats(records)["finished"]
+    stopped = [r for r in records if r["iteration"] <= 139]
+    stats = train_time_stats(stopped)
+    assert not stats["finished"] and stats["eta_mean_abs_relative_error"] is None
+    assert stats["eta"][-1]["predicted_seconds"] == ETAS[6] and stats["last_iteration"] == 139
 
 
 def test_tool_prints_tables_and_writes_json(metrics, tmp_path, capsys):

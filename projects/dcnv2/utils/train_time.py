@@ -13,7 +13,8 @@ predicted at that iteration (median s/iter of the last 1000 iterations x iterati
   previous one;
 - ETA accuracy: at each record, the predicted ``eta_seconds`` against the time the later records
   then took (the same sum, from that record on): error = predicted - actual, relative = error /
-  actual.
+  actual. Only for a finished run: one whose last record predicts less than an iteration left
+  (a run stopped early, e.g. preempted, did not take the time its ETAs were predicting).
 """
 
 import math
@@ -46,8 +47,10 @@ def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
         ``median``, ``std``, ``p90``, ``min``, ``max``), ``data_time_mean`` (or None),
         ``slowest`` (``[{"iteration", "s_per_iter"}]``, slowest first), ``total_seconds``,
         ``eta`` (``[{"iteration", "predicted_seconds", "actual_seconds", "error_seconds",
-        "relative_error"}]``, ``relative_error`` None where nothing was left) and
-        ``eta_mean_abs_relative_error`` (over the records with time left; None without any).
+        "relative_error"}]``, ``relative_error`` None where nothing was left), ``finished``
+        (the last record predicts less than an iteration left) and
+        ``eta_mean_abs_relative_error`` (over the records with time left; None without any, or
+        when the run did not finish).
 
     Raises:
         UserInputError: no record has ``time`` (not a training run's metrics).
@@ -81,6 +84,8 @@ def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
                 "relative_error": (predicted - actual) / actual if actual > 0 else None,
             }
         )
+    # Finished: the last ETA leaves less than one iteration (detectron2 logs 0 at max_iter - 1).
+    finished = bool(eta) and eta[-1]["predicted_seconds"] < times[-1]
     relative = [abs(e["relative_error"]) for e in eta if e["relative_error"] is not None]
     data_iterations, data_times = metric_series(records, "data_time")
     by_time = sorted(zip(times, iterations), key=lambda p: (-p[0], p[1]))
@@ -100,7 +105,10 @@ def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
         "slowest": [{"iteration": i, "s_per_iter": t} for t, i in by_time[:slowest]],
         "total_seconds": sum(spans),
         "eta": eta,
-        "eta_mean_abs_relative_error": sum(relative) / len(relative) if relative else None,
+        "finished": finished,
+        "eta_mean_abs_relative_error": (
+            sum(relative) / len(relative) if relative and finished else None
+        ),
     }
 
 
@@ -125,6 +133,9 @@ def format_train_time(runs: Sequence[Sequence], eta_rows: int = 5) -> str:
     for label, s in runs:
         t = s["s_per_iter"]
         eta_error = s["eta_mean_abs_relative_error"]
+        eta_text = "-" if eta_error is None else f"{100 * eta_error:.1f}%"
+        if s["eta"] and not s["finished"]:
+            eta_text = "- (unfinished run)"
         summary.append(
             [
                 label,
@@ -135,7 +146,7 @@ def format_train_time(runs: Sequence[Sequence], eta_rows: int = 5) -> str:
                 f"{t['p90']:.4f}",
                 "-" if s["data_time_mean"] is None else f"{s['data_time_mean']:.4f}",
                 _duration(s["total_seconds"]),
-                "-" if eta_error is None else f"{100 * eta_error:.1f}%",
+                eta_text,
             ]
         )
     header = ["run", "iterations", "s/iter mean", "median", "std", "p90", "data s/iter"]
@@ -153,7 +164,7 @@ def format_train_time(runs: Sequence[Sequence], eta_rows: int = 5) -> str:
             )
         )
         eta = s["eta"]
-        if eta:
+        if eta and s["finished"]:
             step = max(1, len(eta) // eta_rows)
             rows = [
                 [
