@@ -9,6 +9,10 @@
 
 A .py (LazyConfig) file runs through dcnv2.engine.lazy; overrides are then key=value.
 
+--eval-only writes its results in OUTPUT_DIR/inference and its config as config_eval.yaml (a
+training run's config.yaml stays); it refuses to replace results of other weights there unless
+--force (or another OUTPUT_DIR).
+
 Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
 """
 
@@ -34,6 +38,7 @@ from torch.multiprocessing import ProcessExitedException  # noqa: E402
 
 from dcnv2.checkpoint import build_checkpointer  # noqa: E402
 from dcnv2.engine import Trainer, lazy  # noqa: E402
+from dcnv2.engine.eval_output import evaluated_weights, record_eval_weights  # noqa: E402
 from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals  # noqa: E402
 from dcnv2.engine.preflight import check_before_launch, report_user_errors  # noqa: E402
 from dcnv2.engine.setup import setup_run  # noqa: E402
@@ -57,9 +62,12 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        build_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = build_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if comm.is_main_process():
+            record_eval_weights(
+                cfg, evaluated_weights(checkpointer, cfg.MODEL.WEIGHTS, args.resume)
+            )
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -74,7 +82,13 @@ def invoke_main(argv=None) -> None:
     (:data:`dcnv2.errors.USER_ERRORS`) ends as one ``train_net.py: error: ...`` line and exit
     status 2, as the tools in tools/ do; a run stopped by SIGTERM/SIGINT
     (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number."""
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="--eval-only: replace results of other weights in OUTPUT_DIR/inference",
+    )
+    args = parser.parse_args(argv)
     several = args.num_gpus * args.num_machines > 1
     try:
         check_before_launch(args)

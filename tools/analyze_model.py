@@ -10,6 +10,9 @@ backbone's counts depend on the input size only; the heads' on the number of pro
 Examples:
     python tools/analyze_model.py --tasks flop parameter --height 800 --width 1216
     python tools/analyze_model.py --config-file faster_rcnn_R50_FPN_1x.yaml --tasks structure
+
+Without --config-file the tool reads the config.yaml the training run wrote beside
+--opts MODEL.WEIGHTS (without weights: faster_rcnn_R50_mdconv_FPN_1x.yaml).
 """
 
 import json
@@ -67,11 +70,12 @@ def main(argv=None) -> int:
     from detectron2.modeling import build_model
 
     from dcnv2.utils.analysis import analyze_model, model_inputs
-    from dcnv2.utils.cli import load_weights, setup_cfg
+    from dcnv2.utils.cli import choose_config_file, load_weights, setup_cfg
 
     # Random init unless the user gives weights; seeded, because the heads' counts follow the
     # number of proposals, which follows the weights.
-    cfg = setup_cfg(args.config_file, ["MODEL.WEIGHTS", "", *args.opts])
+    config_file = choose_config_file(args.config_file, args.opts)
+    cfg = setup_cfg(config_file, ["MODEL.WEIGHTS", "", *args.opts])
     torch.manual_seed(args.seed)
     model = build_model(cfg).eval()
     load_weights(model, cfg)
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
             skipped = ", ".join(f"{k} x{v}" for k, v in report["flop"]["unsupported"].items())
             print(f"not counted (no flop handle): {skipped}")
     if args.json:
-        out = {"config": args.config_file, "input": [args.height, args.width], **summary}
+        out = {"config": config_file, "input": [args.height, args.width], **summary}
         if "flop" in report:
             out["flops_by_operator"] = report["flop"]["by_operator"]
             out["unsupported_ops"] = report["flop"]["unsupported"]

@@ -2,9 +2,13 @@
 """Run a detector on images, folders of images or videos and draw what it finds.
 
 Examples:
+    python tools/demo.py --input photo.jpg photos/ clip.mp4 --output demo_out/ \
+        --json demo_out/detections.json \
+        --opts MODEL.WEIGHTS output/quick/faster_rcnn_R50_mdconv_FPN_instant/model_final.pth
     python tools/demo.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml \
-        --input photo.jpg photos/ clip.mp4 --output demo_out/ --json demo_out/detections.json \
-        --opts MODEL.WEIGHTS output/model_final.pth
+        --input photo.jpg --output demo_out/ --opts MODEL.WEIGHTS model.pth
+
+Without --config-file the demo reads the config.yaml the training run wrote beside its weights.
 
 Drawings keep the input's file name in --output (videos are written as .mp4); existing files are
 never overwritten unless --force. Runs on the CPU unless --opts MODEL.DEVICE cuda.
@@ -28,7 +32,7 @@ from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: 
 
 
 def parse_args(argv=None):
-    parser = add_config_arguments(tool_parser(__doc__), force="existing output files")
+    parser = add_config_arguments(tool_parser(__doc__), default=None, force="existing output files")
     parser.add_argument(
         "--input", nargs="+", required=True, help="image files, folders of images, video files"
     )
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     from dcnv2.utils.demo import DemoRunner, collect_inputs, run_demo
 
     inputs = collect_inputs(args.input)
-    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
+    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold, default=None)
     summary = run_demo(
         DemoRunner(cfg),
         inputs,

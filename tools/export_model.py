@@ -15,9 +15,12 @@ TorchScript traces the detector (deformable convs through torchvision's op: load
 
 Examples:
     python tools/export_model.py --format onnx --output model.onnx \
-        --opts MODEL.WEIGHTS output/model_final.pth
+        --opts MODEL.WEIGHTS output/quick/faster_rcnn_R50_mdconv_FPN_instant/model_final.pth
     python tools/export_model.py --format onnx --output model.onnx --benchmark bench.json
     python tools/export_model.py --format torchscript --output model.ts --height 800 --width 1216
+
+Without --config-file the tool reads the config.yaml the training run wrote beside its weights
+(without weights: faster_rcnn_R50_mdconv_FPN_1x.yaml, random-init).
 """
 
 import os

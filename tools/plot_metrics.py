@@ -1,16 +1,23 @@
 #!/usr/bin/env python
 """Plot losses, learning rate and evaluation AP over iterations from detectron2 metrics.json
-files; several runs in one figure for comparison.
+files; several runs in one figure for comparison. --stats: training-time statistics.
 
 Examples:
     python tools/plot_metrics.py output/metrics.json --out curves.png
     python tools/plot_metrics.py out_mdconv/ out_baseline/ --labels mdconv baseline \
         --out compare.png --keys total_loss lr bbox/AP
+    python tools/plot_metrics.py output/quick/faster_rcnn_R50_mdconv_FPN_instant/ --stats \
+        --json train_time.json
+
+--stats prints, per run, s/iter (mean, median, std, p90 over the logged records, each the median
+of its window), the slowest records, the training time they account for, and the ETA logged at
+each record against the time the rest of the run took (dcnv2.utils.train_time).
 
 A folder stands for the metrics.json inside it. Malformed lines (for example the last line of a
 run still writing) are skipped with a warning.
 """
 
+import json
 import os
 import sys
 import warnings
@@ -33,11 +40,15 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument("metrics", nargs="+", help="metrics.json files (or their folders)")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder)")
-    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--out", help="the PNG to write")
+    parser.add_argument("--stats", action="store_true", help="print training-time statistics")
+    parser.add_argument("--json", help="--stats: also write them to this JSON file")
     parser.add_argument("--keys", nargs="+", help="metrics to plot (default: losses, lr, APs)")
     parser.add_argument("--columns", type=int, default=3, help="panels per row (default 3)")
     parser.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
-    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite --out (and --json) if it exists"
+    )
     return parser.parse_args(argv)
 
 
@@ -53,8 +64,13 @@ def main(argv=None) -> int:
         raise UserInputError(
             f"--labels has {len(args.labels)} label(s) for {len(args.metrics)} metrics file(s)"
         )
-    if os.path.exists(args.out) and not args.force:
-        raise UserInputError(f"{args.out!r} exists; pass --force to overwrite it")
+    if not args.out and not args.stats:
+        raise UserInputError("nothing to do: give --out PNG (curves) and/or --stats")
+    if args.json and not args.stats:
+        raise UserInputError("--json writes the --stats statistics: add --stats")
+    for path in (args.out, args.json):
+        if path and os.path.exists(path) and not args.force:
+            raise UserInputError(f"{path!r} exists; pass --force to overwrite it")
     from dcnv2.utils.plotting import MetricsWarning, load_metrics, plot_runs
 
     labels = args.labels or [_label(p) for p in args.metrics]
@@ -63,8 +79,19 @@ def main(argv=None) -> int:
         runs = [(label, load_metrics(path)) for label, path in zip(labels, args.metrics)]
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    drawn = plot_runs(runs, args.out, keys=args.keys, columns=args.columns, dpi=args.dpi)
-    print(f"{len(runs)} run(s), {len(drawn)} panel(s) ({', '.join(drawn)}) -> {args.out}")
+    if args.stats:
+        from dcnv2.utils.train_time import format_train_time, train_time_stats
+
+        stats = [(label, train_time_stats(records)) for label, records in runs]
+        print(format_train_time(stats))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump([{"run": label, **s} for label, s in stats], f, indent=2)
+            print(f"wrote {args.json}")
+    if args.out:
+        drawn = plot_runs(runs, args.out, keys=args.keys, columns=args.columns, dpi=args.dpi)
+        print(f"{len(runs)} run(s), {len(drawn)} panel(s) ({', '.join(drawn)}) -> {args.out}")
     return 0
 
 

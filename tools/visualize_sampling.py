@@ -9,10 +9,14 @@ opacity proportional to that weight).
 
 Examples:
     python tools/visualize_sampling.py --input photo.jpg --output sampling.png \
-        --points 320,240 100,80 --opts MODEL.WEIGHTS output/model_final.pth
+        --points 320,240 100,80 \
+        --opts MODEL.WEIGHTS output/quick/faster_rcnn_R50_mdconv_FPN_instant/model_final.pth
     # centres of the 2 best detections instead of --points:
     python tools/visualize_sampling.py --input photo.jpg --output sampling.png --max-boxes 2 \
-        --opts MODEL.WEIGHTS output/model_final.pth
+        --opts MODEL.WEIGHTS output/quick/faster_rcnn_R50_mdconv_FPN_instant/model_final.pth
+
+Without --config-file the tool reads the config.yaml the training run wrote beside its weights
+(without weights: faster_rcnn_R50_mdconv_FPN_1x.yaml).
 """
 
 import argparse
@@ -88,12 +92,13 @@ def main(argv=None) -> int:
         raise UserInputError(
             f"--layers {args.layers} would trace 9**{args.layers} points; use <= 5"
         )
-    from dcnv2.utils.cli import setup_cfg
+    from dcnv2.utils.cli import choose_config_file, setup_cfg
     from dcnv2.utils.demo import DemoRunner, read_image
     from dcnv2.utils.sampling import plot_sampling_locations, sample_image
 
     image = read_image(args.input)
-    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
+    config_file = choose_config_file(args.config_file, args.opts)
+    cfg = setup_cfg(config_file, args.opts, args.confidence_threshold)
     model = DemoRunner(cfg).predictor.model
     result = sample_image(
         model,
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
         random_offsets=args.random_offsets,
         seed=args.seed,
     )
-    title = f"{os.path.basename(args.config_file)}: {', '.join(result['layers'])}"
+    title = f"{os.path.basename(config_file)}: {', '.join(result['layers'])}"
     if args.random_offsets > 0:
         title += f"\n(untrained model, random offsets of RMS {args.random_offsets} cells)"
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -32,7 +32,6 @@ __all__ = [
     "unreadable_file_error",
 ]
 
-_MAX_LISTED = 12
 # What torch.load / pickle raise on a file cut short or not written by torch.save / pickle.
 # A truncated torch.save file fails in any of these ways, depending on where it was cut (an
 # OSError "Invalid argument" from torch's zip reader included).
@@ -235,12 +234,11 @@ def check_fit(
     """
     shapes: Sequence[Tuple[str, Any, Any]] = incompatible.incorrect_shapes
     if shapes and (resuming or not allow_shape_mismatch):
+        # Every tensor: the list is what tells which config keys differ.
         listed: List[str] = [
             f"  {name}: {tuple(ckpt)} in the file, {tuple(model)} in the model"
-            for name, ckpt, model in shapes[:_MAX_LISTED]
+            for name, ckpt, model in shapes
         ]
-        if len(shapes) > _MAX_LISTED:
-            listed.append(f"  ... and {len(shapes) - _MAX_LISTED} more")
         hint = (
             "A checkpoint of this run must fit its model exactly: was the config changed "
             "since the run started?"

@@ -40,6 +40,7 @@ __all__ = [
     "GlobalBatchSampler",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
+    "build_train_mapper",
     "sample_seed",
 ]
 
@@ -275,6 +276,13 @@ def _own_process_group(worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
+def build_train_mapper(cfg) -> DatasetMapper:
+    """The training mapper of a YAML config: dcnv2's ``DatasetMapper(cfg, True)``
+    (:mod:`dcnv2.data.mapper`, images read without silent damage) with the resize method of
+    ``INPUT.DCNV2.RESIZE_BACKEND`` (:func:`dcnv2.data.build_train_augmentation`)."""
+    return DatasetMapper(cfg, True, augmentations=build_train_augmentation(cfg))
+
+
 def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
     """The training loader of a config: a :class:`ResumableTrainLoader` over
     ``DATASETS.TRAIN`` (loaded and filtered as detectron2 does), or detectron2's own loader for
@@ -287,12 +295,10 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
 
     Args:
         cfg: a detectron2 config.
-        mapper: defaults to dcnv2's ``DatasetMapper(cfg, True)`` (:mod:`dcnv2.data.mapper`,
-            its images read without silent damage) with the resize method of
-            ``INPUT.DCNV2.RESIZE_BACKEND`` (:func:`dcnv2.data.build_train_augmentation`).
+        mapper: defaults to :func:`build_train_mapper`.
     """
     if mapper is None:
-        mapper = DatasetMapper(cfg, True, augmentations=build_train_augmentation(cfg))
+        mapper = build_train_mapper(cfg)
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         logger.warning(
             f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "

@@ -50,6 +50,7 @@ from ..data.validation import load_training_dicts
 from ..dialects import LAZY_KEYS
 from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
+from .eval_output import evaluated_weights, record_eval_weights
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
 from .setup import setup_run
@@ -266,7 +267,9 @@ def main(args):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    build_checkpointer(cfg, model, cfg.train.output_dir).resume_or_load(
-        cfg.train.init_checkpoint, resume=args.resume
-    )
+    checkpointer = build_checkpointer(cfg, model, cfg.train.output_dir)
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if comm.is_main_process():
+        weights = evaluated_weights(checkpointer, cfg.train.init_checkpoint, args.resume)
+        record_eval_weights(cfg, weights)
     return do_test(cfg, model)

@@ -31,6 +31,7 @@ from ..errors import (
     report_user_error,
 )
 from ..lazy_config import is_lazy_config, load_config
+from .eval_output import check_eval_results
 
 __all__ = [
     "check_backend",
@@ -191,7 +192,14 @@ def _resume_file(output_dir: str) -> Optional[str]:
 
 
 def preflight(
-    cfg, *, num_gpus: int, resume: bool, eval_only: bool, num_machines: int = 1, opts=()
+    cfg,
+    *,
+    num_gpus: int,
+    resume: bool,
+    eval_only: bool,
+    num_machines: int = 1,
+    opts=(),
+    force: bool = False,
 ) -> None:
     """Every check above, cheapest first, in the launching process, for a YAML config or a
     LazyConfig; the datasets are checked (and the synthetic ones generated) here only.
@@ -205,6 +213,8 @@ def preflight(
             required (:func:`check_eval_weights`).
         opts: the command line's overrides, for :func:`check_eval_weights`.
         num_machines: ``--num-machines``.
+        force: ``--force``: an eval-only run may replace results of other weights
+            (:func:`dcnv2.engine.eval_output.check_eval_results`).
     """
     keys = run_keys(cfg)
     if isinstance(cfg, CfgNode):
@@ -231,6 +241,9 @@ def preflight(
         if eval_only:
             check_eval_weights(cfg, opts, resume=False)
         check_weights(keys.value(cfg, keys.weights, ""), keys)
+    if eval_only:
+        evaluated = resume_file or keys.value(cfg, keys.weights, "") or ""
+        check_eval_results(cfg, evaluated, force=force)
     check_datasets(test + train)
     on_bad_data = keys.value(cfg, keys.on_bad_data, "fail")
     validate_datasets(train, test, on_bad_data, num_classes=model_num_classes(cfg, keys))
@@ -315,6 +328,7 @@ def check_before_launch(args) -> None:
         eval_only=args.eval_only,
         num_machines=args.num_machines,
         opts=args.opts,
+        force=getattr(args, "force", False),
     )
 
 

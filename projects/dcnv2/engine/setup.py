@@ -22,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.coco import register_config_datasets
 from ..model_zoo import resolve_config_file
+from .eval_output import EVAL_CONFIG
 
 __all__ = ["environment_info", "setup_run"]
 
@@ -82,7 +83,8 @@ def setup_run(cfg, args) -> None:
     """Register the config's COCO datasets (:mod:`dcnv2.data.coco`; in every process of a run),
     then start the run as detectron2's ``default_setup`` does: the output folder, the loggers
     (fvcore, detectron2), the rank, the environment (:func:`environment_info`), the command line
-    and the config logged, ``config.yaml`` saved by the main process, seeds (``SEED`` or
+    and the config logged, ``config.yaml`` (``config_eval.yaml`` for ``--eval-only``,
+    :mod:`dcnv2.engine.eval_output`) saved by the main process, seeds (``SEED`` or
     ``train.seed`` plus the rank) and cuDNN benchmarking for training runs.
 
     Args:
@@ -107,7 +109,9 @@ def setup_run(cfg, args) -> None:
         with PathManager.open(path, "r") as f:
             logger.info(f"Contents of args.config_file={args.config_file} ({path}):\n{f.read()}")
     if comm.is_main_process() and output_dir:
-        path = os.path.join(output_dir, "config.yaml")
+        # An eval-only run keeps the training run's config.yaml, which the tools read.
+        name = EVAL_CONFIG if getattr(args, "eval_only", False) else "config.yaml"
+        path = os.path.join(output_dir, name)
         if isinstance(cfg, CfgNode):
             logger.info(f"Running with full config:\n{cfg.dump()}")
             with PathManager.open(path, "w") as f:

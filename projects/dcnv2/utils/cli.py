@@ -3,6 +3,9 @@ loading, and bad input ending in one clear line (:mod:`dcnv2.errors`'s exit conv
 traceback."""
 
 import argparse
+import os
+import re
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -11,16 +14,22 @@ from ..errors import USER_ERRORS, DCNv2Error, WeightsError, report_user_error
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "RUN_CONFIG",
     "UserInputError",
     "add_config_arguments",
+    "choose_config_file",
     "load_weights",
     "run_cli",
+    "run_config_file",
     "setup_cfg",
     "tool_parser",
 ]
 
-# The config a tool reads when --config-file is not given.
+# The config a tool reads when neither --config-file nor a run's weights are given.
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
+# The full config a training run saves in its OUTPUT_DIR, beside its checkpoints (detectron2's
+# default_setup, dcnv2.engine.setup_run for YAML configs and LazyConfigs alike).
+RUN_CONFIG = "config.yaml"
 
 
 class UserInputError(DCNv2Error):
@@ -41,20 +50,37 @@ def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     *,
-    default: str = DEFAULT_CONFIG,
+    default: Optional[str] = DEFAULT_CONFIG,
     force: Optional[str] = None,
+    config_default: Optional[str] = None,
 ) -> argparse.ArgumentParser:
     """Add ``--config-file`` (a YAML path or the name of a shipped config), ``--opts`` (``KEY
     VALUE`` overrides, the rest of the command line) and, when ``force`` names what it
     overwrites, ``--force``.
 
+    Without ``--config-file`` (``args.config_file`` None) the tool reads the config of the run
+    whose weights ``--opts MODEL.WEIGHTS`` names, else ``default`` (:func:`choose_config_file`).
+
+    Args:
+        parser: the tool's parser.
+        default: the config of a tool run without weights; None: such a run is refused unless
+            ``MODEL.WEIGHTS ""`` is given (see :func:`choose_config_file`).
+        force: what ``--force`` overwrites, for its help; None: no ``--force``.
+        config_default: what ``--config-file``'s help says its default is, for a tool that
+            chooses it otherwise.
+
     Returns:
         ``parser``.
     """
+    fallback = f"else {default}" if default else "required without MODEL.WEIGHTS"
+    config_default = config_default or (
+        f"the {RUN_CONFIG} beside --opts MODEL.WEIGHTS, written by the run that trained them; "
+        f"{fallback}"
+    )
     parser.add_argument(
         "--config-file",
-        default=default,
-        help=f"YAML path or name of a config shipped with dcnv2 (default: {default})",
+        default=None,
+        help=f"YAML path or name of a config shipped with dcnv2 (default: {config_default})",
     )
     if force is not None:
         parser.add_argument("--force", action="store_true", help=f"overwrite {force}")
@@ -67,19 +93,93 @@ def add_config_arguments(
     return parser
 
 
+def _weights_in(opts: Sequence[str]) -> Optional[str]:
+    """The ``MODEL.WEIGHTS`` of ``KEY VALUE`` overrides (the last one wins), or None."""
+    found = None
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key == "MODEL.WEIGHTS":
+            found = value
+    return found
+
+
+def run_config_file(weights: str) -> Optional[str]:
+    """The :data:`RUN_CONFIG` in the folder of a local weights file, or None (no such file, a
+    URL, or weights without it)."""
+    if not weights or "://" in weights or not os.path.isfile(weights):
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), RUN_CONFIG)
+    return path if os.path.isfile(path) else None
+
+
+def _is_lazy_config_dump(path: str) -> bool:
+    """``path`` is a LazyConfig saved as YAML: ``model`` at the top level, no ``MODEL``. Read
+    from the top-level lines, as a LazyConfig's dump may hold ``!!python/object`` tags."""
+    try:
+        with open(path) as f:
+            top = {m.group(1) for m in (re.match(r"([A-Za-z_]\w*):", line) for line in f) if m}
+    except (OSError, UnicodeDecodeError):
+        return False  # reading it as a YAML config gives the clear error
+    return "model" in top and "MODEL" not in top
+
+
+def choose_config_file(
+    config_file: Optional[str], opts: Sequence[str] = (), default: Optional[str] = DEFAULT_CONFIG
+) -> str:
+    """The config a tool reads: ``config_file`` when given; else the :data:`RUN_CONFIG` of the
+    run whose local weights ``opts`` names (``MODEL.WEIGHTS``; a note on stderr says which file);
+    else, for no weights or a URL, ``default``. A tool without a default (None) refuses to run
+    without any ``MODEL.WEIGHTS``; ``MODEL.WEIGHTS ""`` (a random model, on purpose) then reads
+    :data:`DEFAULT_CONFIG`.
+
+    Raises:
+        UserInputError: local weights without a :data:`RUN_CONFIG` beside them, or whose run
+            was a LazyConfig's; weights that do not exist; nothing to go on and no ``default``.
+    """
+    if config_file:
+        return config_file
+    weights = _weights_in(opts)
+    if weights and "://" not in weights:
+        if not os.path.isfile(weights):
+            raise UserInputError(f"MODEL.WEIGHTS file {weights!r} does not exist")
+        found = run_config_file(weights)
+        if found is None:
+            raise UserInputError(
+                f"no --config-file, and MODEL.WEIGHTS {weights!r} has no {RUN_CONFIG} beside it "
+                "(a training run writes one in its OUTPUT_DIR): pass --config-file with the "
+                "config the weights were trained with"
+            )
+        if _is_lazy_config_dump(found):
+            raise UserInputError(
+                f"the run's config {found} is a LazyConfig (a .py run); the tools read YAML "
+                "configs: pass --config-file with a YAML config of the same model"
+            )
+        print(f"using the run's config {found}", file=sys.stderr, flush=True)
+        return found
+    if weights is None and default is None:
+        raise UserInputError(
+            "no config: pass --config-file (a YAML path or a shipped config's name), or --opts "
+            f"MODEL.WEIGHTS with weights of a training run (the {RUN_CONFIG} beside them is used)"
+        )
+    return default or DEFAULT_CONFIG
+
+
 def setup_cfg(
-    config_file: str,
+    config_file: Optional[str],
     opts: Sequence[str] = (),
     confidence_threshold: float = 0.5,
     device: str = "cpu",
+    *,
+    default: Optional[str] = DEFAULT_CONFIG,
 ):
     """The frozen config a tool runs a model of.
 
     Args:
-        config_file: a YAML path, or the name of a config shipped with dcnv2.
+        config_file: a YAML path, or the name of a config shipped with dcnv2; None: the config
+            of the run whose weights ``opts`` names, else ``default`` (:func:`choose_config_file`).
         opts: ``KEY VALUE ...`` overrides; they win over ``device``.
         confidence_threshold: minimum score of a drawn / saved detection, in [0, 1].
         device: ``MODEL.DEVICE`` unless ``opts`` sets it.
+        default: as :func:`choose_config_file`.
 
     Raises:
         UserInputError: unknown config, bad override, threshold out of range, or a local
@@ -96,6 +196,7 @@ def setup_cfg(
         )
     if len(opts) % 2:
         raise UserInputError(f"--opts needs KEY VALUE pairs, got an odd number: {list(opts)}")
+    config_file = choose_config_file(config_file, opts, default)
     try:
         cfg = get_cfg(config_file, ["MODEL.DEVICE", device, *opts])
     except FileNotFoundError as e:
