@@ -9,7 +9,13 @@
 
 A .py (LazyConfig) file runs through dcnv2.engine.lazy; overrides are then key=value.
 
-Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
+Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, or start
+one process per GPU with a cluster launcher, which sets --num-gpus, --num-machines and
+--machine-rank (leave them out):
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        train_net.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml
+    srun --ntasks-per-node 8 python train_net.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml
+(tools/slurm_train.sh submits the latter with sbatch).
 """
 
 import contextlib
@@ -25,6 +31,7 @@ from torch.multiprocessing import ProcessExitedException
 import dcnv2
 from dcnv2.checkpoint import build_checkpointer
 from dcnv2.engine import Trainer, lazy
+from dcnv2.engine.launch import resolve_launch, run_in_cluster
 from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
 from dcnv2.engine.preflight import check_before_launch, report_user_errors
 from dcnv2.engine.setup import setup_run
@@ -66,14 +73,22 @@ def invoke_main(argv=None) -> None:
     """Parse the command line, check the input once, then launch the processes. A user error
     (:data:`dcnv2.errors.USER_ERRORS`) ends as one ``train_net.py: error: ...`` line and exit
     status 2, as the tools in tools/ do; a run stopped by SIGTERM/SIGINT
-    (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number."""
-    args = default_argument_parser().parse_args(argv)
-    several = args.num_gpus * args.num_machines > 1
+    (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number. Started by
+    torchrun or srun (:mod:`dcnv2.engine.launch`), this process is one of the run's."""
+    parser = default_argument_parser()
+    parser.set_defaults(num_gpus=None, num_machines=None, machine_rank=None)  # None: not given
+    args = parser.parse_args(argv)
     try:
+        cluster = resolve_launch(args)
+        worker = functools.partial(report_user_errors, PROG, main)
+        if cluster is not None:
+            run_in_cluster(cluster, worker, args, check=check_before_launch)
+            return
+        several = args.num_gpus * args.num_machines > 1
         check_before_launch(args)
         with forward_stop_signals() if several else contextlib.nullcontext():
             launch(
-                functools.partial(report_user_errors, PROG, main),
+                worker,
                 args.num_gpus,
                 num_machines=args.num_machines,
                 machine_rank=args.machine_rank,
