@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate a dcnv2 model with detectron2.
+r"""Train or evaluate a dcnv2 model with detectron2.
 
     python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --eval-only \
@@ -18,27 +18,35 @@ one process per GPU with a cluster launcher, which sets --num-gpus, --num-machin
 (tools/slurm_train.sh submits the latter with sbatch).
 """
 
-import contextlib
-import functools
 import sys
 
-import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, launch
-from detectron2.evaluation import verify_results
-from detectron2.utils.logger import setup_logger
-from torch.multiprocessing import ProcessExitedException
-
-import dcnv2
-from dcnv2.checkpoint import build_checkpointer
-from dcnv2.engine import Trainer, lazy
-from dcnv2.engine.launch import resolve_launch, run_in_cluster
-from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
-from dcnv2.engine.preflight import check_before_launch, report_user_errors
-from dcnv2.engine.setup import setup_run
-from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
-from dcnv2.lazy_config import is_lazy_config
+from dcnv2.utils.cli import train_net_parser
 
 PROG = "train_net.py"
+
+if __name__ == "__main__":
+    # --help and usage errors answer before torch and detectron2 are imported.
+    train_net_parser(__doc__).parse_args()
+
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.engine import launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from torch.multiprocessing import ProcessExitedException  # noqa: E402
+
+import dcnv2  # noqa: E402
+from dcnv2.checkpoint import build_checkpointer  # noqa: E402
+from dcnv2.engine import Trainer, lazy  # noqa: E402
+from dcnv2.engine.launch import resolve_launch, run_in_cluster  # noqa: E402
+from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals  # noqa: E402
+from dcnv2.engine.preflight import check_before_launch, report_user_errors  # noqa: E402
+from dcnv2.engine.setup import setup_run  # noqa: E402
+from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error  # noqa: E402
+from dcnv2.lazy_config import is_lazy_config  # noqa: E402
+from dcnv2.quiet import known_messages_silenced  # noqa: E402
 
 
 def setup(args):
@@ -51,7 +59,13 @@ def setup(args):
 
 def main(args):
     """One process of the run; the launching process has checked the input
-    (:func:`dcnv2.engine.preflight.check_before_launch`)."""
+    (:func:`dcnv2.engine.preflight.check_before_launch`). The messages detectron2's forward
+    passes print for its developers are dropped (:mod:`dcnv2.quiet`)."""
+    with known_messages_silenced():
+        return _main(args)
+
+
+def _main(args):
     if is_lazy_config(args.config_file):
         return lazy.main(args)
     cfg = setup(args)
@@ -75,9 +89,7 @@ def invoke_main(argv=None) -> None:
     status 2, as the tools in tools/ do; a run stopped by SIGTERM/SIGINT
     (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number. Started by
     torchrun or srun (:mod:`dcnv2.engine.launch`), this process is one of the run's."""
-    parser = default_argument_parser()
-    parser.set_defaults(num_gpus=None, num_machines=None, machine_rank=None)  # None: not given
-    args = parser.parse_args(argv)
+    args = train_net_parser(__doc__).parse_args(argv)
     try:
         cluster = resolve_launch(args)
         worker = functools.partial(report_user_errors, PROG, main)

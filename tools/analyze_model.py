@@ -14,12 +14,8 @@ Examples:
 
 import json
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser
 
 TASKS = ("flop", "activation", "parameter", "structure")
 

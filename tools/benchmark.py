@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Model-level speed and memory: inference and training iterations of several configs, each in
+r"""Model-level speed and memory: inference and training iterations of several configs, each in
 a fresh process, as a table with ratios to the first config.
 
 Random-init weights and fixed random images; the last layers of the RPN head and of the box
@@ -19,12 +19,8 @@ Examples:
 import argparse
 import json
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import run_cli, tool_parser
 
 # The baseline first, so the ratios read "mdconv / baseline".
 DEFAULT_CONFIGS = ["faster_rcnn_R50_FPN_1x.yaml", "faster_rcnn_R50_mdconv_FPN_1x.yaml"]

@@ -15,12 +15,8 @@ Examples:
 import argparse
 import json
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import run_cli, tool_parser
 
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x.yaml"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert an MMDetection (v2/v3) Faster or Mask R-CNN checkpoint with a ResNet/ResNeXt + FPN
+r"""Convert an MMDetection (v2/v3) Faster or Mask R-CNN checkpoint with a ResNet/ResNeXt + FPN
 backbone, with or without DCN, into a detectron2 checkpoint for dcnv2, and print the config
 overrides the converted model needs.
 
@@ -15,13 +15,9 @@ Logic: dcnv2.checkpoint.convert_mmdet.
 """
 
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.errors import report_user_error  # noqa: E402
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.errors import report_user_error
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
 
 PROG = "convert_mmdet_to_d2.py"
 

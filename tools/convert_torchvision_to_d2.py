@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert torchvision ImageNet ResNet/ResNeXt weights into a detectron2 initialisation (.pkl),
+r"""Convert torchvision ImageNet ResNet/ResNeXt weights into a detectron2 initialisation (.pkl),
 the one MMDetection trains from, and print the config overrides it needs.
 
 Example:
@@ -13,13 +13,9 @@ unpickles anything. Logic: dcnv2.checkpoint.convert_torchvision.
 """
 
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.errors import report_user_error  # noqa: E402
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.errors import report_user_error
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
 
 PROG = "convert_torchvision_to_d2.py"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a detector on images, folders of images or videos and draw what it finds.
+r"""Run a detector on images, folders of images or videos and draw what it finds.
 
 Examples:
     python tools/demo.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml \
@@ -11,12 +11,8 @@ never overwritten unless --force. Runs on the CPU unless --opts MODEL.DEVICE cud
 """
 
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser
 
 
 def parse_args(argv=None):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a dcnv2 model to ONNX (the whole detector, or the backbone + FPN) or TorchScript, and
+r"""Export a dcnv2 model to ONNX (the whole detector, or the backbone + FPN) or TorchScript, and
 check the file against PyTorch; optionally time the deployment runtimes.
 
 ONNX: every deformable conv is one standard `DeformConv` node (opset 19); the file takes any
@@ -22,12 +22,8 @@ Examples:
 
 import os
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser
 
 
 def parse_args(argv=None):

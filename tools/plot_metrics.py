@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot losses, learning rate and evaluation AP over iterations from detectron2 metrics.json
+r"""Plot losses, learning rate and evaluation AP over iterations from detectron2 metrics.json
 files; several runs in one figure for comparison.
 
 Examples:
@@ -15,10 +15,7 @@ import os
 import sys
 import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
 
 
 def parse_args(argv=None):

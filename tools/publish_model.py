@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Publish trained weights: the model only (no optimizer, scheduler or iteration), in full or half
+r"""Publish trained weights: the model only (no optimizer, scheduler or iteration), in full or half
 precision, in a file named with its sha256 prefix (MMDetection's publish_model convention).
 
 Example:
@@ -13,12 +13,8 @@ atomically and never replaces a file unless --force. Logic: dcnv2.checkpoint.pub
 """
 
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import run_cli, tool_parser
 
 PROG = "publish_model.py"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw where the stacked deformable layers sample for chosen image positions (DCNv2 paper,
+r"""Draw where the stacked deformable layers sample for chosen image positions (DCNv2 paper,
 arXiv 1811.11168, Fig. 1 and 3).
 
 Each query position is traced back through the last --layers deformable convs (res5's three by
@@ -18,12 +18,8 @@ Examples:
 import argparse
 import os
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser
 
 
 def _point(text: str):
