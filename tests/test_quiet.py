@@ -71,10 +71,16 @@ def test_only_the_known_messages_are_dropped_and_only_inside(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with known_messages_silenced():
-            warnings.warn("`torch.jit.script` is deprecated. Please switch", FutureWarning)
-            warnings.warn("`torch.jit.script` is deprecated, but a UserWarning", UserWarning)
-            warnings.warn("another FutureWarning", FutureWarning)
-        warnings.warn("`torch.jit.script` is deprecated. Please switch", FutureWarning)
+            warnings.warn(
+                "`torch.jit.script` is deprecated. Please switch", FutureWarning, stacklevel=1
+            )
+            warnings.warn(
+                "`torch.jit.script` is deprecated, but a UserWarning", UserWarning, stacklevel=1
+            )
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+        warnings.warn(
+            "`torch.jit.script` is deprecated. Please switch", FutureWarning, stacklevel=1
+        )
     assert [str(w.message) for w in caught] == [
         "`torch.jit.script` is deprecated, but a UserWarning",
         "another FutureWarning",
