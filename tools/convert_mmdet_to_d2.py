@@ -17,7 +17,7 @@ Logic: dcnv2.checkpoint.convert_mmdet.
 import sys
 
 from dcnv2.errors import report_user_error
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
+from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser
 
 PROG = "convert_mmdet_to_d2.py"
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument("input", help="MMDetection checkpoint (.pth)")
     parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_force_argument(parser, "OUTPUT if it exists")
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             args.input,
             args.output,
             allow_unsafe=args.allow_unsafe,
-            overwrite=args.overwrite,
+            overwrite=args.force,
             deform_modulated=modulated,
         )
     except (ConversionError, UnsafeCheckpointError) as e:

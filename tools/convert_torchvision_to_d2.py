@@ -15,7 +15,7 @@ unpickles anything. Logic: dcnv2.checkpoint.convert_torchvision.
 import sys
 
 from dcnv2.errors import report_user_error
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
+from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser
 
 PROG = "convert_torchvision_to_d2.py"
 
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument("input", help="torchvision ResNet state dict (.pth)")
     parser.add_argument("output", help="detectron2 weights to write (.pkl)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_force_argument(parser, "OUTPUT if it exists")
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     try:
         spec, dropped = convert_torchvision_checkpoint(
-            args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite
+            args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.force
         )
     except (ConversionError, UnsafeCheckpointError) as e:
         return report_user_error(PROG, e)

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser
+from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser
 
 
 def parse_args(argv=None):
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--keys", nargs="+", help="metrics to plot (default: losses, lr, APs)")
     parser.add_argument("--columns", type=int, default=3, help="panels per row (default 3)")
     parser.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
-    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_force_argument(parser, "--out if it exists")
     return parser.parse_args(argv)
 
 

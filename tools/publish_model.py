@@ -14,7 +14,7 @@ atomically and never replaces a file unless --force. Logic: dcnv2.checkpoint.pub
 
 import sys
 
-from dcnv2.utils.cli import run_cli, tool_parser
+from dcnv2.utils.cli import add_force_argument, run_cli, tool_parser
 
 PROG = "publish_model.py"
 
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("input", help="checkpoint written by train_net.py (.pth), or a .pkl")
     parser.add_argument("output", help="NAME.pth; NAME-<sha256[:8]>.pth is written")
     parser.add_argument("--half", action="store_true", help="float16 weights (half the size)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_force_argument(parser, "an existing output file")
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",

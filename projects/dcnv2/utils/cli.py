@@ -8,6 +8,7 @@ functions that need them), so ``--help`` and usage errors answer at once.
 
 import argparse
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 from ..errors import USER_ERRORS, DCNv2Error, report_user_error
@@ -16,6 +17,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "UserInputError",
     "add_config_arguments",
+    "add_force_argument",
     "load_weights",
     "run_cli",
     "setup_cfg",
@@ -86,6 +88,36 @@ def train_net_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+class _DeprecatedForce(argparse.Action):
+    """``--overwrite``: the converters' former name of ``--force``; sets ``force`` and warns
+    once (hidden from ``--help``)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, "force", nargs=0, help=argparse.SUPPRESS)
+        self._warned = False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self._warned:
+            print(
+                f"{parser.prog}: warning: {option_string} is deprecated; use --force",
+                file=sys.stderr,
+            )
+            self._warned = True
+        namespace.force = True
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
+    """Add ``--force`` (overwrite ``what``), the one overwrite option of every tool, and its
+    deprecated alias ``--overwrite``.
+
+    Returns:
+        ``parser``.
+    """
+    parser.add_argument("--force", action="store_true", help=f"overwrite {what}")
+    parser.add_argument("--overwrite", action=_DeprecatedForce)
+    return parser
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -105,7 +137,7 @@ def add_config_arguments(
         help=f"YAML path or name of a config shipped with dcnv2 (default: {default})",
     )
     if force is not None:
-        parser.add_argument("--force", action="store_true", help=f"overwrite {force}")
+        add_force_argument(parser, force)
     parser.add_argument(
         "--opts",
         nargs=argparse.REMAINDER,
