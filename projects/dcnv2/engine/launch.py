@@ -8,7 +8,6 @@ Each such process reads its place in the job from the environment the launcher s
 (:func:`run_in_cluster`).
 """
 
-import logging
 import os
 import re
 import shutil
@@ -36,8 +35,6 @@ __all__ = [
     "slurm_process",
     "torchrun_process",
 ]
-
-logger = logging.getLogger(__name__)
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # A job's rendezvous port when MASTER_PORT is not set: SLURM_JOB_ID mapped into
