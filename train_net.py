@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate a dcnv2 model with detectron2.
+r"""Train or evaluate a dcnv2 model with detectron2.
 
     python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/faster_rcnn_R50_mdconv_FPN_1x.yaml --eval-only \
@@ -13,37 +13,51 @@ A .py (LazyConfig) file runs through dcnv2.engine.lazy; overrides are then key=v
 training run's config.yaml stays); it refuses to replace results of other weights there unless
 --force (or another OUTPUT_DIR).
 
-Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT.
+Several machines: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, or start
+one process per GPU with a cluster launcher, which sets --num-gpus, --num-machines and
+--machine-rank (leave them out):
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        train_net.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml
+    srun --ntasks-per-node 8 python train_net.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml
+(tools/slurm_train.sh submits the latter with sbatch).
 """
 
-import contextlib
-import functools
 import sys
 
 PROG = "train_net.py"
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2
+    from dcnv2.utils.cli import train_net_parser
 except ImportError as e:
     if e.name != "detectron2":
         raise
     print(f"{PROG}: error: {e}", file=sys.stderr)
     sys.exit(2)
 
+if __name__ == "__main__":
+    # --help and usage errors answer before torch and detectron2 are imported.
+    train_net_parser(__doc__).parse_args()
+
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+
 import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.engine import launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from torch.multiprocessing import ProcessExitedException  # noqa: E402
 
+import dcnv2  # noqa: E402
 from dcnv2.checkpoint import build_checkpointer  # noqa: E402
 from dcnv2.engine import Trainer, lazy  # noqa: E402
 from dcnv2.engine.eval_output import evaluated_weights, record_eval_weights  # noqa: E402
+from dcnv2.engine.launch import resolve_launch, run_in_cluster  # noqa: E402
 from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals  # noqa: E402
 from dcnv2.engine.preflight import check_before_launch, report_user_errors  # noqa: E402
 from dcnv2.engine.setup import setup_run  # noqa: E402
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error  # noqa: E402
 from dcnv2.lazy_config import is_lazy_config  # noqa: E402
+from dcnv2.quiet import known_messages_silenced  # noqa: E402
 
 
 def setup(args):
@@ -56,7 +70,13 @@ def setup(args):
 
 def main(args):
     """One process of the run; the launching process has checked the input
-    (:func:`dcnv2.engine.preflight.check_before_launch`)."""
+    (:func:`dcnv2.engine.preflight.check_before_launch`). The messages detectron2's forward
+    passes print for its developers are dropped (:mod:`dcnv2.quiet`)."""
+    with known_messages_silenced():
+        return _main(args)
+
+
+def _main(args):
     if is_lazy_config(args.config_file):
         return lazy.main(args)
     cfg = setup(args)
@@ -81,20 +101,20 @@ def invoke_main(argv=None) -> None:
     """Parse the command line, check the input once, then launch the processes. A user error
     (:data:`dcnv2.errors.USER_ERRORS`) ends as one ``train_net.py: error: ...`` line and exit
     status 2, as the tools in tools/ do; a run stopped by SIGTERM/SIGINT
-    (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number."""
-    parser = default_argument_parser()
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="--eval-only: replace results of other weights in OUTPUT_DIR/inference",
-    )
-    args = parser.parse_args(argv)
-    several = args.num_gpus * args.num_machines > 1
+    (:mod:`dcnv2.engine.preemption`) ends with status 128 + the signal's number. Started by
+    torchrun or srun (:mod:`dcnv2.engine.launch`), this process is one of the run's."""
+    args = train_net_parser(__doc__).parse_args(argv)
     try:
+        cluster = resolve_launch(args)
+        worker = functools.partial(report_user_errors, PROG, main)
+        if cluster is not None:
+            run_in_cluster(cluster, worker, args, check=check_before_launch)
+            return
+        several = args.num_gpus * args.num_machines > 1
         check_before_launch(args)
         with forward_stop_signals() if several else contextlib.nullcontext():
             launch(
-                functools.partial(report_user_errors, PROG, main),
+                worker,
                 args.num_gpus,
                 num_machines=args.num_machines,
                 machine_rank=args.machine_rank,

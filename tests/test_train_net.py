@@ -110,7 +110,7 @@ def test_losses_decrease_iteration_by_iteration(datasets_root, tmp_path, monkeyp
     # The registered datasets were resolved at import; these point at the session's copy.
     opts = ["DATASETS.TRAIN", "('_test_train_net_synthetic',)", "DATASETS.TEST", "()"]
     opts += ["SOLVER.MAX_ITER", "8", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01"]
-    args = train_net.default_argument_parser().parse_args(
+    args = train_net.train_net_parser(train_net.__doc__).parse_args(
         ["--config-file", QUICK, *TINY, *opts, "OUTPUT_DIR", str(tmp_path)]
     )
     name = "_test_train_net_synthetic"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Model-level speed and memory: inference and training iterations of several configs, each in
+r"""Model-level speed and memory: inference and training iterations of several configs, each in
 a fresh process, as a table with ratios to the first config.
 
 Random-init weights and fixed random images; the last layers of the RPN head and of the box
@@ -19,10 +19,6 @@ Examples:
 import argparse
 import json
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401

@@ -10,10 +10,6 @@ Example:
 
 import json
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401
@@ -23,7 +19,6 @@ except ImportError as e:
     print(f"benchmark_ops.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.benchmark.ops import SHAPES, format_table, parse_shape, plot, run  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
@@ -33,7 +28,8 @@ def parse_args(argv=None):
         "--shapes",
         nargs="+",
         default=["res3", "res4", "res5"],
-        help=f"names ({', '.join(SHAPES)}) or NAME=N,C,H,W (default: res3 res4 res5)",
+        help="shape names (res3, res4, res5: ResNet-50's deformable stages at 800x1216, batch 2)"
+        " or NAME=N,C,H,W (default: res3 res4 res5)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -44,6 +40,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from dcnv2.benchmark.ops import format_table, parse_shape, plot, run
+
     try:
         shapes = dict(parse_shape(s) for s in args.shapes)
     except ValueError as e:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw a dataset's images with their annotations as the model is trained on them: after the
+r"""Draw a dataset's images with their annotations as the model is trained on them: after the
 config's training augmentations (resize, flip), with class names from the dataset metadata.
 
 Examples:
@@ -14,10 +14,14 @@ pictures are never overwritten unless --force. Logic: dcnv2.utils.browse_dataset
 """
 
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"browse_dataset.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert an MMDetection (v2/v3) Faster or Mask R-CNN checkpoint with a ResNet/ResNeXt + FPN
+r"""Convert an MMDetection (v2/v3) Faster or Mask R-CNN checkpoint with a ResNet/ResNeXt + FPN
 backbone, with or without DCN, into a detectron2 checkpoint for dcnv2, and print the config
 overrides the converted model needs.
 
@@ -15,10 +15,6 @@ Logic: dcnv2.checkpoint.convert_mmdet.
 """
 
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401
@@ -29,7 +25,7 @@ except ImportError as e:
     sys.exit(2)
 
 from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
 
 PROG = "convert_mmdet_to_d2.py"
 
@@ -38,7 +34,7 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument("input", help="MMDetection checkpoint (.pth)")
     parser.add_argument("output", help="detectron2 checkpoint to write (.pth)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_force_argument(parser, "OUTPUT if it exists")
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -62,7 +58,7 @@ def main(argv=None) -> int:
             args.input,
             args.output,
             allow_unsafe=args.allow_unsafe,
-            overwrite=args.overwrite,
+            overwrite=args.force,
             deform_modulated=modulated,
         )
     except DCNv2Error as e:  # the input's or the output's problem (a full disk included)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert torchvision ImageNet ResNet/ResNeXt weights into a detectron2 initialisation (.pkl),
+r"""Convert torchvision ImageNet ResNet/ResNeXt weights into a detectron2 initialisation (.pkl),
 the one MMDetection trains from, and print the config overrides it needs.
 
 Example:
@@ -13,10 +13,6 @@ unpickles anything. Logic: dcnv2.checkpoint.convert_torchvision.
 """
 
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401
@@ -27,7 +23,7 @@ except ImportError as e:
     sys.exit(2)
 
 from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
 
 PROG = "convert_torchvision_to_d2.py"
 
@@ -36,7 +32,7 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument("input", help="torchvision ResNet state dict (.pth)")
     parser.add_argument("output", help="detectron2 weights to write (.pkl)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_force_argument(parser, "OUTPUT if it exists")
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -54,7 +50,7 @@ def main(argv=None) -> int:
 
     try:
         spec, dropped = convert_torchvision_checkpoint(
-            args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite
+            args.input, args.output, allow_unsafe=args.allow_unsafe, overwrite=args.force
         )
     except DCNv2Error as e:  # the input's or the output's problem (a full disk included)
         return report_user_error(PROG, e)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a detector on images, folders of images or videos and draw what it finds.
+r"""Run a detector on images, folders of images or videos and draw what it finds.
 
 Examples:
     python tools/demo.py --input photo.jpg photos/ clip.mp4 --output demo_out/ \
@@ -15,10 +15,6 @@ never overwritten unless --force. Runs on the CPU unless --opts MODEL.DEVICE cud
 """
 
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a dcnv2 model to ONNX (the whole detector, or the backbone + FPN) or TorchScript, and
+r"""Export a dcnv2 model to ONNX (the whole detector, or the backbone + FPN) or TorchScript, and
 check the file against PyTorch; optionally time the deployment runtimes.
 
 ONNX: every deformable conv is one standard `DeformConv` node (opset 19); the file takes any
@@ -25,10 +25,6 @@ Without --config-file the tool reads the config.yaml the training run wrote besi
 
 import os
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401

@@ -21,7 +21,6 @@ except ImportError as e:
     print(f"generate_synthetic_dataset.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
@@ -32,16 +31,20 @@ def parse_args(argv=None):
         default=os.getenv("DETECTRON2_DATASETS", "datasets"),
         help="datasets folder (default: $DETECTRON2_DATASETS, else datasets/)",
     )
-    parser.add_argument("--num-train", type=int, default=SPLITS["train"][0])
-    parser.add_argument("--num-val", type=int, default=SPLITS["val"][0])
-    parser.add_argument(
-        "--seed", type=int, default=SPLITS["train"][1], help="train seed; val uses seed + 1"
-    )
+    # Defaults (None): those of the registered splits, dcnv2.data.synthetic.SPLITS.
+    parser.add_argument("--num-train", type=int, help="training images (default: 96)")
+    parser.add_argument("--num-val", type=int, help="validation images (default: 24)")
+    parser.add_argument("--seed", type=int, help="train seed; val uses seed + 1 (default: 0)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
+
+    args.num_train = SPLITS["train"][0] if args.num_train is None else args.num_train
+    args.num_val = SPLITS["val"][0] if args.num_val is None else args.num_val
+    args.seed = SPLITS["train"][1] if args.seed is None else args.seed
     if args.num_train < 1 or args.num_val < 1:
         raise UserInputError(
             f"--num-train and --num-val must be >= 1, got {args.num_train}, {args.num_val}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot losses, learning rate and evaluation AP over iterations from detectron2 metrics.json
+r"""Plot losses, learning rate and evaluation AP over iterations from detectron2 metrics.json
 files; several runs in one figure for comparison. --stats: training-time statistics.
 
 Examples:
@@ -22,9 +22,6 @@ import os
 import sys
 import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
-
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401
 except ImportError as e:
@@ -33,7 +30,7 @@ except ImportError as e:
     print(f"plot_metrics.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,9 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--keys", nargs="+", help="metrics to plot (default: losses, lr, APs)")
     parser.add_argument("--columns", type=int, default=3, help="panels per row (default 3)")
     parser.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite --out (and --json) if it exists"
-    )
+    add_force_argument(parser, "--out (and --json) if it exists")
     return parser.parse_args(argv)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Publish trained weights: the model only (no optimizer, scheduler or iteration), in full or half
+r"""Publish trained weights: the model only (no optimizer, scheduler or iteration), in full or half
 precision, in a file named with its sha256 prefix (MMDetection's publish_model convention).
 
 Example:
@@ -13,10 +13,6 @@ atomically and never replaces a file unless --force. Logic: dcnv2.checkpoint.pub
 """
 
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401
@@ -26,7 +22,7 @@ except ImportError as e:
     print(f"publish_model.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import add_force_argument, run_cli, tool_parser  # noqa: E402
 
 PROG = "publish_model.py"
 
@@ -36,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("input", help="checkpoint written by train_net.py (.pth), or a .pkl")
     parser.add_argument("output", help="NAME.pth; NAME-<sha256[:8]>.pth is written")
     parser.add_argument("--half", action="store_true", help="float16 weights (half the size)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_force_argument(parser, "an existing output file")
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",

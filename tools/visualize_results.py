@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw a run's detections beside the ground truth, one picture per image (detections left,
+r"""Draw a run's detections beside the ground truth, one picture per image (detections left,
 ground truth right).
 
 Examples:
@@ -16,10 +16,14 @@ pictures are never overwritten unless --force. Logic: dcnv2.utils.visualize_resu
 """
 
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"visualize_results.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw where the stacked deformable layers sample for chosen image positions (DCNv2 paper,
+r"""Draw where the stacked deformable layers sample for chosen image positions (DCNv2 paper,
 arXiv 1811.11168, Fig. 1 and 3).
 
 Each query position is traced back through the last --layers deformable convs (res5's three by
@@ -22,10 +22,6 @@ Without --config-file the tool reads the config.yaml the training run wrote besi
 import argparse
 import os
 import sys
-import warnings
-
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
     import dcnv2  # noqa: F401

@@ -237,7 +237,9 @@ def check_output_path(input_path: str, output_path: str, overwrite: bool, suffix
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise ConversionError("the output path is the input path; give another output file")
     if os.path.exists(output_path) and not overwrite:
-        raise ConversionError(f"{output_path!r} exists; pass --overwrite to replace it")
+        raise ConversionError(
+            f"{output_path!r} exists; pass --force (formerly --overwrite) to replace it"
+        )
 
 
 def save_weights(data: Mapping, path: str) -> None:

@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..quiet import known_messages_silenced
+
 __all__ = ["is_available", "error", "im2col", "backward", "crop_channels_first"]
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,10 @@ _error: Optional[str] = None
 def _load() -> bool:
     global _error
     try:
-        from torch.utils.cpp_extension import load
+        # Importing cpp_extension on a machine with CUDA tools but no GPU logs "No CUDA runtime
+        # is found": not about this CPU build (dcnv2.quiet).
+        with known_messages_silenced():
+            from torch.utils.cpp_extension import load
 
         # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
         load(

@@ -1,14 +1,16 @@
-"""What every ``tools/*.py`` script shares: the config arguments and their reading, weights
-loading, and bad input ending in one clear line (:mod:`dcnv2.errors`'s exit convention), not a
-traceback."""
+"""What every ``tools/*.py`` script and ``train_net.py`` share: the command-line arguments, the
+config's reading, weights loading, and bad input ending in one clear line (:mod:`dcnv2.errors`'s
+exit convention), not a traceback.
+
+The argument parsers are built without importing torch or detectron2 (they are imported by the
+functions that need them), so ``--help`` and usage errors answer at once.
+"""
 
 import argparse
 import os
 import re
 import sys
 from typing import Callable, Optional, Sequence
-
-import torch
 
 from ..errors import USER_ERRORS, DCNv2Error, WeightsError, report_user_error
 
@@ -18,11 +20,13 @@ __all__ = [
     "UserInputError",
     "add_config_arguments",
     "choose_config_file",
+    "add_force_argument",
     "load_weights",
     "run_cli",
     "run_config_file",
     "setup_cfg",
     "tool_parser",
+    "train_net_parser",
 ]
 
 # The config a tool reads when neither --config-file nor a run's weights are given.
@@ -45,6 +49,85 @@ def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
         epilog=doc.split("\n\n", skip)[skip],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def train_net_parser(doc: str) -> argparse.ArgumentParser:
+    """``train_net.py``'s argument parser: detectron2's ``default_argument_parser`` options, with
+    ``doc`` (the script's docstring) as description and examples. ``--num-gpus``,
+    ``--num-machines`` and ``--machine-rank`` are None when not given: under torchrun or srun
+    they come from the launcher (:func:`dcnv2.engine.launch.resolve_process_counts`), else they
+    are 1, 1 and 0."""
+    parser = tool_parser(doc)
+    parser.add_argument(
+        "--config-file",
+        default="",
+        metavar="FILE",
+        help="YAML or LazyConfig (.py) path, or the name of a config shipped with dcnv2",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint named by OUTPUT_DIR/last_checkpoint, if any",
+    )
+    parser.add_argument("--eval-only", action="store_true", help="perform evaluation only")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="--eval-only: replace results of other weights in OUTPUT_DIR/inference",
+    )
+    parser.add_argument(
+        "--num-gpus", type=int, help="processes per machine (default: 1; the launcher's)"
+    )
+    parser.add_argument(
+        "--num-machines", type=int, help="total number of machines (default: 1; the launcher's)"
+    )
+    parser.add_argument("--machine-rank", type=int, help="the rank of this machine (default: 0)")
+    # A fixed port per user, as detectron2's: an orphaned run shows up as a port in use.
+    port = 2**15 + 2**14 + hash(os.getuid() if hasattr(os, "getuid") else 1) % 2**14
+    parser.add_argument(
+        "--dist-url",
+        default=f"tcp://127.0.0.1:{port}",
+        help="rendezvous URL of the processes (default: %(default)s; 'auto': a free local port;"
+        " ignored under torchrun/srun)",
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=None,
+        help='config overrides at the end: "KEY VALUE" pairs for a YAML config, key=value for '
+        "a LazyConfig",
+    )
+    return parser
+
+
+class _DeprecatedForce(argparse.Action):
+    """``--overwrite``: the converters' former name of ``--force``; sets ``force`` and warns
+    once (hidden from ``--help``)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, "force", nargs=0, help=argparse.SUPPRESS)
+        self._warned = False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self._warned:
+            print(
+                f"{parser.prog}: warning: {option_string} is deprecated; use --force",
+                file=sys.stderr,
+            )
+            self._warned = True
+        namespace.force = True
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
+    """Add ``--force`` (overwrite ``what``), the one overwrite option of every tool, and its
+    deprecated alias ``--overwrite``.
+
+    Returns:
+        ``parser``.
+    """
+    parser.add_argument("--force", action="store_true", help=f"overwrite {what}")
+    parser.add_argument("--overwrite", action=_DeprecatedForce)
+    return parser
 
 
 def add_config_arguments(
@@ -83,7 +166,7 @@ def add_config_arguments(
         help=f"YAML path or name of a config shipped with dcnv2 (default: {config_default})",
     )
     if force is not None:
-        parser.add_argument("--force", action="store_true", help=f"overwrite {force}")
+        add_force_argument(parser, force)
     parser.add_argument(
         "--opts",
         nargs=argparse.REMAINDER,
@@ -217,7 +300,7 @@ def setup_cfg(
     return cfg
 
 
-def load_weights(model: torch.nn.Module, cfg) -> None:
+def load_weights(model, cfg) -> None:
     """Load ``cfg.MODEL.WEIGHTS`` into ``model`` with dcnv2's checkpointer, following the
     config's ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS`` and ``ALLOW_SHAPE_MISMATCH`` ("" loads nothing).
 
