@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the deformable-conv backends against conv2d on CPU: forward and forward+backward
-time and peak memory at ResNet-50's deformable 3x3 conv shapes, each case in a fresh process.
+time and peak memory at ResNet-50's deformable 3x3 conv shapes, each case in a fresh process;
+also onnxruntime's DeformConv (forward only) when onnxruntime and onnx are installed.
 Logic: dcnv2.benchmark.ops.
 
 Example:
@@ -15,7 +16,7 @@ import warnings
 # Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from dcnv2.benchmark.ops import SHAPES, format_table, parse_shape, plot, run  # noqa: E402
+from dcnv2.benchmark.ops import SHAPES, format_table, notes, parse_shape, plot, run  # noqa: E402
 from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
         raise UserInputError("need --repeats >= 1 and --threads >= 1")
     rows = run(shapes, args.repeats, args.threads)
     print(format_table(rows))
+    print("\n".join(notes(rows)))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
