@@ -17,16 +17,18 @@ share this driver:
 Matmuls: three per chunk, each with the FLOPs of the dense convolution, so their speed sets the
 op's. The backward ones (column gradient ``grad_out.T @ w``, weight gradient ``grad_out @ cols``)
 run MKL's ``gemm`` in the layouts above. The forward one, ``w @ cols.T`` straight into the
-(N, C_out, Ho*Wo) output, is MKL's slow case on AMD: on an AMD EPYC (Zen 3, AVX2, 2 threads),
-``cols @ w.T`` into a (n, Pc, C_out) buffer plus a transposing copy took 0.67-0.92x its time at
-ResNet-50's res3-res5 shapes, the same result bit for bit; on the Intel Xeon where the op met its
-targets, ``w @ cols.T`` was the one measured. Other products measured no faster on that AMD CPU
-for any of the three (one thread, CPU time, res3-res5): ``F.linear``, oneDNN's
-``mkldnn._linear_pointwise``, oneDNN 1x1 convolutions over the columns, oneDNN stride-3
-convolutions over the columns laid out as a (n, C, 3*Ho, 3*Wo) image, ``conv_transpose2d`` for
-the column gradient, numpy's OpenBLAS. So the forward picks its way round by measurement: the
-first chunk of each new shape runs both ways twice, and the faster one is kept for that shape
-and thread count (:func:`_weight_times_columns`).
+(N, C_out, Ho*Wo) output, is a slow case of MKL's on AMD: on an AMD EPYC (Zen 3, AVX2), with
+``cols @ w.T`` into a (n, Pc, C_out) buffer plus a transposing copy instead, the whole forward
+took 0.67-0.92x the time at ResNet-50's res3-res5 shapes (one thread, CPU time), with the same
+result bit for bit; on the Intel Xeon where the op met its speed targets, ``w @ cols.T`` was the
+one measured. On that AMD CPU no other product was clearly faster for any of the three matmuls
+(one thread, CPU time, res3-res5; oneDNN's dense 3x3 ``conv2d`` itself ran 1.1-1.5x faster
+than the best of them): ``F.linear``, oneDNN's ``mkldnn._linear_pointwise``, oneDNN 1x1
+convolutions over the columns, oneDNN stride-3 convolutions over the columns laid out as a
+(n, C, 3*Ho, 3*Wo) image (and ``conv_transpose2d`` for the column gradient), numpy's OpenBLAS
+(1-9% faster, but outside torch's thread control). So the forward picks its way round by
+measurement: the first chunk of each new shape runs both ways twice, and the faster one is kept
+for that shape and thread count (:func:`_weight_times_columns`).
 
 Memory: forward saves only its inputs and backward recomputes the columns (in the same pass
 as the offset and mask gradients); columns are built for chunks of images, or of output
@@ -182,11 +184,9 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
     """The forward's product of a chunk, the faster way round for its shapes on this CPU.
 
     Both ways run the same BLAS ``gemm`` with the operands swapped, so they give the same
-    result to rounding, but not at the same speed: on an AMD EPYC (Zen 3, MKL 2024.2) the
-    columns-first product, plus its transposing copy, took 0.55-0.9x the time of the
-    weight-first one at ResNet-50's res3-res5 shapes, while the weight-first one met its targets
-    on an Intel Xeon. So on CPU the first chunk of each new shape runs both, twice each (each
-    run writes the same output), and the faster one is kept for that shape; other devices run
+    result to rounding, but not at the same speed on every CPU (see the module docstring). So on
+    CPU the first chunk of each new shape runs both, twice each (each run writes the same
+    output), and the faster one is kept for that shape and thread count; other devices run
     weight-first, which needs no copy.
 
     Args:
