@@ -405,21 +405,27 @@ def test_forward_products_both_ways_round(groups, dtype):
 
 @pytest.mark.parametrize("columns_first", [False, True])
 def test_forward_product_choice(columns_first, monkeypatch):
-    """A new shape is measured both ways once and the choice cached; either choice gives
-    detectron2's result (the float64 loop reference)."""
+    """A new weight shape is measured both ways once and the choice cached for any number of
+    positions; either choice gives detectron2's result (the float64 loop reference)."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
     offset = torch.randn(2, 18, 5, 6, generator=g, dtype=torch.float64) * 2
     mask = torch.rand(2, 9, 5, 6, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
     monkeypatch.setattr(native, "_COLUMNS_FIRST", {})
+    _native(x, offset, mask, weight, padding=1)
+    assert native._COLUMNS_FIRST == {}  # too small to measure
+    monkeypatch.setattr(native, "_MEASURE_MACS", 0)
     out = _native(x, offset, mask, weight, padding=1)
-    assert len(native._COLUMNS_FIRST) == 1
-    key = next(iter(native._COLUMNS_FIRST))
-    assert key == ((2, 30, 1, 27), (1, 4, 27), torch.float64, torch.get_num_threads())
+    key = ((1, 4, 27), torch.float64, torch.get_num_threads())
+    assert list(native._COLUMNS_FIRST) == [key]
     native._COLUMNS_FIRST[key] = columns_first
     forced = _native(x, offset, mask, weight, padding=1)
+    fewer = _native(x[:, :, :4], offset[:, :, :4], mask[:, :, :4], weight, padding=1)
+    assert list(native._COLUMNS_FIRST) == [key] and native._COLUMNS_FIRST[key] == columns_first
     grad = torch.zeros(2, 4, 5, 6, dtype=torch.float64)
     expected = detectron2_reference(x, offset, mask, weight, grad, (1, 1), (1, 1), (1, 1), 1)[0]
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(forced, expected)
+    args = (x[:, :, :4], offset[:, :, :4], mask[:, :, :4], weight, grad[:, :, :4])
+    torch.testing.assert_close(fewer, detectron2_reference(*args, (1, 1), (1, 1), (1, 1), 1)[0])

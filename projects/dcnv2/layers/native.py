@@ -53,9 +53,13 @@ Pair = Tuple[int, int]
 # ones cost as much as the sampling itself (measured: page faults on 70 MB columns ~0.05 s).
 _CHUNK_ELEMENTS = 1 << 22
 IMPLS = ("auto", "cpp", "torch")
-# Which way round the forward's product runs fastest, per (columns shape, weight shape, dtype,
-# threads), measured on first use (see _weight_times_columns): True for columns-first.
+# Which way round the forward's product runs fastest, per (weight shape, dtype, threads),
+# measured on first use (see _weight_times_columns): True for columns-first. Not per number of
+# positions, which changes with every image size in training.
 _COLUMNS_FIRST: Dict[Tuple, bool] = {}
+# Chunk products of fewer multiply-adds (a few ms on one core) run weight-first, unmeasured: too
+# short to time reliably, and too short for the way round to matter.
+_MEASURE_MACS = 1 << 27
 
 
 def _kernels(t: torch.Tensor, impl: str):
@@ -185,29 +189,26 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
 
     Both ways run the same BLAS ``gemm`` with the operands swapped, so they give the same
     result to rounding, but not at the same speed on every CPU (see the module docstring). So on
-    CPU the first chunk of each new shape runs both, twice each (each run writes the same
-    output), and the faster one is kept for that shape and thread count; other devices run
-    weight-first, which needs no copy.
+    CPU the first large enough chunk of each weight shape runs both, twice each (each run writes
+    the same output), and the faster one is kept for that weight shape, dtype and thread count;
+    small chunks, and other devices, run weight-first, which needs no copy.
 
     Args:
         w (Tensor): (G, C_out/G, K*C/G), the weight of :func:`_weight_rows`.
         cols (Tensor): (n, Pc, G, K*C/G), a chunk's columns.
         out (Tensor): (n, C_out, Pc), where the chunk's output goes (may be strided).
     """
-    if cols.device.type != "cpu":
-        _weight_first(w, cols, out)
-        return
-    key = (tuple(cols.shape), tuple(w.shape), cols.dtype, torch.get_num_threads())
+    key = (tuple(w.shape), cols.dtype, torch.get_num_threads())
     choice = _COLUMNS_FIRST.get(key)
-    if choice is not None:
-        (_columns_first if choice else _weight_first)(w, cols, out)
+    if choice is None and cols.device.type == "cpu" and cols.numel() * w.shape[1] >= _MEASURE_MACS:
+        best = {False: float("inf"), True: float("inf")}
+        for columns_first in (False, True, False, True):
+            start = time.perf_counter()
+            (_columns_first if columns_first else _weight_first)(w, cols, out)
+            best[columns_first] = min(best[columns_first], time.perf_counter() - start)
+        _COLUMNS_FIRST[key] = best[True] < best[False]
         return
-    best = {False: float("inf"), True: float("inf")}
-    for columns_first in (False, True, False, True):
-        start = time.perf_counter()
-        (_columns_first if columns_first else _weight_first)(w, cols, out)
-        best[columns_first] = min(best[columns_first], time.perf_counter() - start)
-    _COLUMNS_FIRST[key] = best[True] < best[False]
+    (_columns_first if choice and cols.device.type == "cpu" else _weight_first)(w, cols, out)
 
 
 def _image_groups(images: slice, groups: int, group_out: int):
