@@ -27,8 +27,8 @@ than the best of them): ``F.linear``, oneDNN's ``mkldnn._linear_pointwise``, one
 convolutions over the columns, oneDNN stride-3 convolutions over the columns laid out as a
 (n, C, 3*Ho, 3*Wo) image (and ``conv_transpose2d`` for the column gradient), numpy's OpenBLAS
 (1-9% faster, but outside torch's thread control). So the forward picks its way round by
-measurement: the first chunk of each new shape runs both ways twice, and the faster one is kept
-for that shape and thread count (:func:`_weight_times_columns`).
+measurement: the first large chunk of each weight shape runs both ways twice, and the faster one
+is kept for that weight shape, dtype and thread count (:func:`_weight_times_columns`).
 
 Memory: forward saves only its inputs and backward recomputes the columns (in the same pass
 as the offset and mask gradients); columns are built for chunks of images, or of output
