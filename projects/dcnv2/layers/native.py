@@ -19,16 +19,17 @@ op's. The backward ones (column gradient ``grad_out.T @ w``, weight gradient ``g
 run MKL's ``gemm`` in the layouts above. The forward one, ``w @ cols.T`` straight into the
 (N, C_out, Ho*Wo) output, is a slow case of MKL's on AMD: on an AMD EPYC (Zen 3, AVX2), with
 ``cols @ w.T`` into a (n, Pc, C_out) buffer plus a transposing copy instead, the whole forward
-took 0.67-0.92x the time at ResNet-50's res3-res5 shapes (one thread, CPU time), with the same
-result bit for bit; on the Intel Xeon where the op met its speed targets, ``w @ cols.T`` was the
-one measured. On that AMD CPU no other product was clearly faster for any of the three matmuls
-(one thread, CPU time, res3-res5; oneDNN's dense 3x3 ``conv2d`` itself ran 1.1-1.5x faster
-than the best of them): ``F.linear``, oneDNN's ``mkldnn._linear_pointwise``, oneDNN 1x1
-convolutions over the columns, oneDNN stride-3 convolutions over the columns laid out as a
-(n, C, 3*Ho, 3*Wo) image (and ``conv_transpose2d`` for the column gradient), numpy's OpenBLAS
-(1-9% faster, but outside torch's thread control). So the forward picks its way round by
-measurement: the first large chunk of each weight shape runs both ways twice, and the faster one
-is kept for that weight shape, dtype and thread count (:func:`_weight_times_columns`).
+took 0.67-0.92x the time at ResNet-50's res3-res5 shapes (one thread, CPU time; with two
+threads on a loaded machine, no consistent difference), with the same result bit for bit; on
+the Intel Xeon where the op met its speed targets, ``w @ cols.T`` was the one measured. On that
+AMD CPU no other product was clearly faster for any of the three matmuls (one thread, CPU time,
+res3-res5; oneDNN's dense 3x3 ``conv2d`` itself ran 1.1-1.5x faster than the best of them):
+``F.linear``, oneDNN's ``mkldnn._linear_pointwise``, oneDNN 1x1 convolutions over the columns,
+oneDNN stride-3 convolutions over the columns laid out as a (n, C, 3*Ho, 3*Wo) image (and
+``conv_transpose2d`` for the column gradient), numpy's OpenBLAS (1-9% faster, but outside
+torch's thread control). So the forward picks its way round by measurement: the first large
+chunk of each weight shape runs both ways twice, and the faster one is kept for that weight
+shape, dtype and thread count (:func:`_weight_times_columns`).
 
 Memory: forward saves only its inputs and backward recomputes the columns (in the same pass
 as the offset and mask gradients); columns are built for chunks of images, or of output
