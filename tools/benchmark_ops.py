@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the deformable-conv backends against conv2d on CPU: forward and forward+backward
-time and peak memory at ResNet-50's deformable 3x3 conv shapes, each case in a fresh process.
+time and peak memory at ResNet-50's deformable 3x3 conv shapes, each case in a fresh process;
+also onnxruntime's DeformConv (forward only) when onnxruntime and onnx are installed.
 Logic: dcnv2.benchmark.ops.
 
 Example:
@@ -40,7 +41,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.benchmark.ops import format_table, parse_shape, plot, run
+    from dcnv2.benchmark.ops import format_table, notes, parse_shape, plot, run
 
     try:
         shapes = dict(parse_shape(s) for s in args.shapes)
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
         raise UserInputError("need --repeats >= 1 and --threads >= 1")
     rows = run(shapes, args.repeats, args.threads)
     print(format_table(rows))
+    print("\n".join(notes(rows)))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

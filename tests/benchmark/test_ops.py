@@ -29,13 +29,28 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, capsys):
     rows = json.loads(out.read_text())
     methods = {r["method"] for r in rows}
     assert {"conv2d", "native", "torchvision"} <= methods and out.exists() and png.exists()
-    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in rows)
+    # onnxruntime's DeformConv is forward only: no backward time or peak memory.
+    trained = [r for r in rows if r["method"] != ops.ONNXRUNTIME]
+    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > 0 for r in trained)
     assert "| tiny" in ops.format_table(rows)
-    assert ops.format_table(rows) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert ops.format_table(rows) in printed
+    assert "\n".join(ops.notes(rows)) in printed
     for r in rows:
-        assert r["size"] == [1, 4, 9, 7] and r["peak_mib"] >= 0
+        assert r["size"] == [1, 4, 9, 7] and (r in trained) == (r["peak_mib"] is not None)
+        assert r["peak_mib"] is None or r["peak_mib"] >= 0
         conv2d = next(c for c in rows if c["method"] == "conv2d")
         assert r["forward_vs_conv2d"] == pytest.approx(r["forward_s"] / conv2d["forward_s"])
+    if ops._onnxruntime_available():
+        ort = next(r for r in rows if r["method"] == ops.ONNXRUNTIME)
+        assert ort["forward_s"] > 0 and ort["forward_backward_s"] is None
+        assert ort["max_rel_err"] < 1e-5
+        native = next(r for r in rows if r["method"] == "native")
+        assert native["forward_vs_onnxruntime"] == pytest.approx(
+            native["forward_s"] / ort["forward_s"]
+        )
+        assert native["forward_backward_vs_onnxruntime"] is None
+        assert "| fwd / tv | fwd / ort |" in ops.format_table(rows)
 
 
 def test_shapes_by_name_or_size():
@@ -69,3 +84,64 @@ def test_table_cells_and_missing_reference():
     assert lines[0].startswith("| shape | method | fwd (s) | fwd+bwd (s) | peak MiB |")
     assert lines[1] == "|" + "---|" * 10
     assert lines[2] == "| s (1, 2, 3, 4) | native | 0.500 | 2.000 | 10 | 1.25 | 2.50 | - | - | - |"
+
+
+def test_onnxruntime_deform_conv_equals_the_native_op():
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from dcnv2.layers import modulated_deform_conv
+
+    size = (2, 6, 11, 8)
+    x, weight, offset, mask = ops._inputs(size)
+    session = ops.onnxruntime_session(size, threads=1)
+    feeds = {"X": x.numpy(), "W": weight.numpy(), "offset": offset.numpy(), "mask": mask.numpy()}
+    theirs = torch.from_numpy(session.run(None, feeds)[0])
+    ours = modulated_deform_conv(x, offset, mask, weight, padding=1, backend="native")
+    assert theirs.shape == ours.shape == (2, 6, 11, 8)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    # The offsets matter: without them the result is a plain modulated conv, far from this one.
+    still = modulated_deform_conv(x, offset * 0, mask, weight, padding=1, backend="native")
+    assert not torch.allclose(theirs, still, atol=1e-3)
+    errors = ops.compare_onnxruntime(size)
+    err = (theirs - ours).abs().max().item()
+    assert errors["max_abs_err"] == pytest.approx(err, abs=1e-7)
+    assert errors["max_rel_err"] == pytest.approx(err / ours.abs().max().item(), abs=1e-7)
+
+
+def test_table_has_the_onnxruntime_column_and_notes():
+    base = dict(shape="s", size=[1, 2, 3, 4], forward_vs_conv2d=2.0, forward_vs_torchvision=0.5)
+    native = dict(base, method="native", forward_s=0.2, forward_backward_s=0.6, peak_mib=3.0)
+    native.update(forward_vs_onnxruntime=0.8, forward_backward_vs_onnxruntime=None)
+    ort = dict(base, method="onnxruntime", forward_s=0.25, forward_backward_s=None, peak_mib=None)
+    ort.update(forward_vs_onnxruntime=1.0, max_abs_err=1.5e-6, max_rel_err=2.5e-7)
+    lines = ops.format_table([native, ort]).splitlines()
+    assert lines[0] == (
+        "| shape | method | fwd (s) | fwd+bwd (s) | peak MiB | fwd / conv2d | fwd+bwd / conv2d "
+        "| fwd / tv | fwd / ort | fwd+bwd / tv | peak / tv |"
+    )
+    assert lines[1] == "|" + "---|" * 11
+    assert (
+        lines[2]
+        == "| s (1, 2, 3, 4) | native | 0.200 | 0.600 | 3 | 2.00 | - | 0.50 | 0.80 | - | - |"
+    )
+    assert (
+        lines[3]
+        == "| s (1, 2, 3, 4) | onnxruntime | 0.250 | - | - | 2.00 | - | 0.50 | 1.00 | - | - |"
+    )
+    assert ops.notes([native, ort]) == [
+        "s: onnxruntime DeformConv vs native forward: max abs error 1.50e-06, "
+        "max relative error 2.50e-07"
+    ]
+
+
+def test_without_onnxruntime_the_method_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(ops, "_onnxruntime_available", lambda: False)
+    assert ops.ONNXRUNTIME not in ops._methods() and "native" in ops._methods()
+    row = dict(shape="s", size=[1, 2, 3, 4], method="native", forward_s=0.1,
+               forward_backward_s=0.2, peak_mib=1.0)  # fmt: skip
+    assert ops.notes([row]) == [
+        "onnxruntime's DeformConv not measured: needs `pip install onnxruntime onnx`"
+    ]
+    assert "ort" not in ops.format_table([row])

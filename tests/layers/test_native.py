@@ -384,3 +384,48 @@ def test_native_matches_detectron2_backend_on_cuda():
         results.append([t.cpu() for t in (out, *grads)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_products_both_ways_round(groups, dtype):
+    """Weight-first and columns-first products of a chunk write w[g] @ cols[b, :, g].T into a
+    strided slice of the output, as a float64 einsum does, and leave the rest untouched."""
+    g = torch.Generator().manual_seed(5)
+    n, pc, cog, kc = 2, 11, 4, 6
+    w = torch.randn(groups, cog, kc, generator=g, dtype=dtype)
+    cols = torch.randn(n, pc, groups, kc, generator=g, dtype=dtype)
+    expected = torch.einsum("gok,npgk->ngop", w.double(), cols.double()).reshape(n, -1, pc)
+    for product in (native._weight_first, native._columns_first):
+        full = torch.full((n, groups * cog, pc + 5), 7.0, dtype=dtype)
+        product(w, cols, full[:, :, 2 : 2 + pc])
+        torch.testing.assert_close(full[:, :, 2 : 2 + pc], expected.to(dtype))
+        assert (full[:, :, :2] == 7).all() and (full[:, :, 2 + pc :] == 7).all()
+
+
+@pytest.mark.parametrize("columns_first", [False, True])
+def test_forward_product_choice(columns_first, monkeypatch):
+    """A new weight shape is measured both ways once and the choice cached for any number of
+    positions; either choice gives detectron2's result (the float64 loop reference)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    offset = torch.randn(2, 18, 5, 6, generator=g, dtype=torch.float64) * 2
+    mask = torch.rand(2, 9, 5, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(native, "_COLUMNS_FIRST", {})
+    _native(x, offset, mask, weight, padding=1)
+    assert native._COLUMNS_FIRST == {}  # too small to measure
+    monkeypatch.setattr(native, "_MEASURE_MACS", 0)
+    out = _native(x, offset, mask, weight, padding=1)
+    key = ((1, 4, 27), torch.float64, torch.get_num_threads())
+    assert list(native._COLUMNS_FIRST) == [key]
+    native._COLUMNS_FIRST[key] = columns_first
+    forced = _native(x, offset, mask, weight, padding=1)
+    fewer = _native(x[:, :, :4], offset[:, :, :4], mask[:, :, :4], weight, padding=1)
+    assert list(native._COLUMNS_FIRST) == [key] and native._COLUMNS_FIRST[key] == columns_first
+    grad = torch.zeros(2, 4, 5, 6, dtype=torch.float64)
+    expected = detectron2_reference(x, offset, mask, weight, grad, (1, 1), (1, 1), (1, 1), 1)[0]
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(forced, expected)
+    args = (x[:, :, :4], offset[:, :, :4], mask[:, :, :4], weight, grad[:, :, :4])
+    torch.testing.assert_close(fewer, detectron2_reference(*args, (1, 1), (1, 1), (1, 1), 1)[0])

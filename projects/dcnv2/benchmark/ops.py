@@ -5,14 +5,26 @@ Each (shape, method) case runs in a fresh Python process, so that one case's all
 and peak memory cannot leak into another's. Peak memory is the resident-set high-water mark
 during one forward+backward above the resident set just before it (inputs already allocated;
 :class:`.common.PeakRSS`). Times are medians of ``repeats`` runs after one warm-up run.
+
+Methods: dense ``conv2d`` (the same 3x3 convolution without offsets), every deformable-conv
+backend usable on CPU, and, when ``onnxruntime`` and ``onnx`` are installed, onnxruntime's
+standard ``DeformConv`` kernel (forward only: a one-node ONNX graph per shape, run with as many
+intra-op threads as torch's, one inter-op thread and spinning off, so that its idle threads do
+not take the cores of the method measured next). Its worker also checks, untimed, that its
+output matches the native backend's on the same inputs.
 """
 
+import math
 import statistics
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .common import PeakRSS, run_in_fresh_process, text_table, time_runs, worker_main
 
-__all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "plot"]
+__all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "notes", "plot"]
+
+ONNXRUNTIME = "onnxruntime"
+# Methods whose ratios the table shows (when measured): name -> column label.
+_REFERENCES = {"conv2d": "conv2d", "torchvision": "tv", ONNXRUNTIME: "ort"}
 
 # ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
 SHAPES = {
@@ -42,9 +54,26 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
     return name, dims
 
 
-def measure(spec: Mapping) -> Dict[str, float]:
-    """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d" or
-    a backend), ``repeats`` and ``threads``. Returns median times (s) and peak memory (MiB)."""
+def _inputs(size: Sequence[int]):
+    """The fixed random (x, weight, offset, mask) of every method: (N, C, H, W), (C, C, 3, 3),
+    (N, 18, H, W), (N, 9, H, W); offsets of about two pixels."""
+    import torch
+
+    n, c, h, w = size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(c, c, 3, 3, generator=g) * 0.01
+    offset = torch.randn(n, 18, h, w, generator=g) * 2
+    mask = torch.rand(n, 9, h, w, generator=g)
+    return x, weight, offset, mask
+
+
+def measure(spec: Mapping) -> Dict[str, Optional[float]]:
+    """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
+    backend or "onnxruntime"), ``repeats`` and ``threads``. Returns median times (s) and peak
+    memory (MiB); for "onnxruntime", the forward time (the rest None) and its output's errors
+    against the native backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -52,12 +81,9 @@ def measure(spec: Mapping) -> Dict[str, float]:
 
     torch.set_num_threads(spec["threads"])
     method = spec["method"]
-    n, c, h, w = spec["size"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, h, w, generator=g).requires_grad_()
-    weight = (torch.randn(c, c, 3, 3, generator=g) * 0.01).requires_grad_()
-    offset = (torch.randn(n, 18, h, w, generator=g) * 2).requires_grad_()
-    mask = torch.rand(n, 9, h, w, generator=g).requires_grad_()
+    if method == ONNXRUNTIME:
+        return _measure_onnxruntime(spec)
+    x, weight, offset, mask = (t.requires_grad_() for t in _inputs(spec["size"]))
 
     def forward():
         if method == "conv2d":
@@ -84,20 +110,116 @@ def measure(spec: Mapping) -> Dict[str, float]:
     }
 
 
+def onnxruntime_session(size: Sequence[int], threads: int):
+    """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3 kernel,
+    padding 1, with mask, no bias) for inputs of ``size`` (N, C, H, W) and C output channels.
+
+    Its inputs are named ``X`` (N, C, H, W), ``W`` (C, C, 3, 3), ``offset`` (N, 18, H, W) and
+    ``mask`` (N, 9, H, W), float32 numpy arrays, in the layouts of
+    :func:`dcnv2.layers.modulated_deform_conv` (ONNX's ``DeformConv`` orders the offsets as
+    detectron2 does); its output is ``Y`` (N, C, H, W). ``threads`` intra-op threads, one
+    inter-op thread, spinning off.
+
+    Raises:
+        ImportError: onnxruntime or onnx is not installed.
+    """
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from ..utils.export import ONNX_OPSET
+
+    n, c, h, w = size
+    shapes = {"X": [n, c, h, w], "W": [c, c, 3, 3], "offset": [n, 18, h, w], "mask": [n, 9, h, w]}
+    # DeformConv's optional inputs are positional (X, W, offset, B, mask): "" omits the bias.
+    node = helper.make_node(
+        "DeformConv",
+        ["X", "W", "offset", "", "mask"],
+        ["Y"],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        strides=[1, 1],
+        dilations=[1, 1],
+        group=1,
+        offset_group=1,
+    )
+    graph = helper.make_graph(
+        [node],
+        "deform_conv",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, c, h, w])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    onnx.checker.check_model(model)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def compare_onnxruntime(size: Sequence[int], threads: int = 1) -> Dict[str, float]:
+    """onnxruntime's ``DeformConv`` against the native backend's forward on the benchmark's
+    inputs of ``size`` (N, C, H, W).
+
+    Returns:
+        dict: ``max_abs_err`` (max over elements of the absolute difference) and
+        ``max_rel_err`` (that divided by the largest absolute value of the native output).
+    """
+    session = onnxruntime_session(size, threads)
+    return _compare(session, _inputs(size))
+
+
+def _compare(session, inputs) -> Dict[str, float]:
+    import torch
+
+    from ..layers import modulated_deform_conv
+
+    x, weight, offset, mask = inputs
+    ours = modulated_deform_conv(x, offset, mask, weight, padding=1, backend="native")
+    theirs = torch.from_numpy(session.run(None, _feeds(inputs))[0])
+    err = (theirs - ours).abs().max().item()
+    return {"max_abs_err": err, "max_rel_err": err / max(ours.abs().max().item(), 1e-30)}
+
+
+def _feeds(inputs) -> Dict:
+    return dict(zip(("X", "W", "offset", "mask"), (t.numpy() for t in inputs)))
+
+
+def _measure_onnxruntime(spec: Mapping) -> Dict[str, Optional[float]]:
+    session = onnxruntime_session(spec["size"], spec["threads"])
+    inputs = _inputs(spec["size"])
+    feeds = _feeds(inputs)
+    times = time_runs(lambda: session.run(None, feeds), 1, spec["repeats"])
+    result = {"forward_s": statistics.median(times), "forward_backward_s": None, "peak_mib": None}
+    result.update(_compare(session, inputs))  # after the timed runs: nothing else was loaded
+    return result
+
+
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
 def _methods() -> List[str]:
     from ..layers import available_backends
 
-    return ["conv2d"] + available_backends("cpu")
+    extra = [ONNXRUNTIME] if _onnxruntime_available() else []
+    return ["conv2d"] + available_backends("cpu") + extra
 
 
 def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2) -> List[Dict]:
-    """Benchmark every CPU backend and conv2d on ``shapes`` (name -> (N, C, H, W)), one fresh
-    process per case.
+    """Benchmark every CPU backend, conv2d and (when installed) onnxruntime's ``DeformConv`` on
+    ``shapes`` (name -> (N, C, H, W)), one fresh process per case.
 
     Returns:
         list[dict]: per (shape, method): the :func:`measure` result, ``shape``, ``method``,
-        ``size`` and the ratios to conv2d's (``*_vs_conv2d``) and torchvision's
-        (``*_vs_torchvision``, when torchvision is a backend here) of the same shape.
+        ``size`` and the ratios to conv2d's (``*_vs_conv2d``), torchvision's
+        (``*_vs_torchvision``) and onnxruntime's (``*_vs_onnxruntime``) of the same shape, for
+        the references measured here (None where either side has no value).
     """
     rows = []
     for shape, size in shapes.items():
@@ -109,7 +231,7 @@ def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2)
             r.update(shape=shape, method=method, size=list(size))
             for key in ("forward_s", "forward_backward_s", "peak_mib"):
                 name = key.replace("_s", "").replace("_mib", "")
-                for ref in ("conv2d", "torchvision"):
+                for ref in _REFERENCES:
                     if ref in results:
                         r[f"{name}_vs_{ref}"] = _ratio(r[key], results[ref][key])
             rows.append(r)
@@ -125,18 +247,22 @@ def _cell(value, digits: int) -> str:
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    """Markdown table; ratios are time (or memory) divided by the reference's."""
+    """Markdown table; ratios are time (or memory) divided by the reference's. The column of
+    forward time over onnxruntime's ("fwd / ort") is there when onnxruntime was measured."""
     header = [
         "shape", "method", "fwd (s)", "fwd+bwd (s)", "peak MiB", "fwd / conv2d",
         "fwd+bwd / conv2d", "fwd / tv", "fwd+bwd / tv", "peak / tv",
     ]  # fmt: skip
-    ratios = (
+    ratios = [
         "forward_vs_conv2d",
         "forward_backward_vs_conv2d",
         "forward_vs_torchvision",
         "forward_backward_vs_torchvision",
         "peak_vs_torchvision",
-    )
+    ]
+    if any("forward_vs_onnxruntime" in r for r in rows):
+        header.insert(8, "fwd / ort")
+        ratios.insert(3, "forward_vs_onnxruntime")
     table = [
         [
             f"{r['shape']} {tuple(r['size'])}",
@@ -149,6 +275,19 @@ def format_table(rows: Sequence[Dict]) -> str:
         for r in rows
     ]
     return text_table(header, table)
+
+
+def notes(rows: Sequence[Dict]) -> List[str]:
+    """Lines to print under the table: how far onnxruntime's output is from the native
+    backend's at each shape, or why onnxruntime was not measured."""
+    checked = [r for r in rows if r["method"] == ONNXRUNTIME]
+    if not checked:
+        return ["onnxruntime's DeformConv not measured: needs `pip install onnxruntime onnx`"]
+    return [
+        f"{r['shape']}: onnxruntime DeformConv vs native forward: max abs error "
+        f"{r['max_abs_err']:.2e}, max relative error {r['max_rel_err']:.2e}"
+        for r in checked
+    ]
 
 
 def plot(rows: Sequence[Dict], path: str) -> None:
@@ -166,8 +305,9 @@ def plot(rows: Sequence[Dict], path: str) -> None:
         axes, ("forward_s", "forward_backward_s"), ("forward", "forward + backward")
     ):
         for i, method in enumerate(methods):
-            values = [next(r[key] for r in rows if r["shape"] == s and r["method"] == method)
-                      for s in shapes]  # fmt: skip
+            # No bar (NaN) for a forward-only method's forward+backward.
+            cell = {(r["shape"], r["method"]): r.get(key) for r in rows}
+            values = [math.nan if cell[s, method] is None else cell[s, method] for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=method)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
         ax.set_yscale("log")

@@ -6,14 +6,30 @@ the columns are (n, Pc, G, kh*kw, C/G), one row per output position. A tap's geo
 computed once for all its channels, and every kernel loop runs over contiguous channels. On
 ResNet-50's res3-res5 shapes this made the op 1.2-2.1x faster forward and 1.3-1.7x faster
 forward+backward than channel-major columns with the same kernels (old and new alternated in
-one run of ``tools/benchmark_ops.py``'s workers). The matmuls read the columns transposed, so
-the output and the gradients come out in the usual layouts. Two implementations of the column
-kernels share this driver:
+one run of ``tools/benchmark_ops.py``'s workers). Two implementations of the column kernels
+share this driver:
 
 - ``"cpp"`` (:mod:`dcnv2.layers.native_cpp`): a small C++ extension, JIT-compiled on first use
   and cached, parallel with ``at::parallel_for``; CPU float32/float64 only.
 - ``"torch"`` (:mod:`dcnv2.layers.native_torch`): PyTorch ops; CUDA, other dtypes, and the
   fallback when the extension cannot be built.
+
+Matmuls: three per chunk, each with the FLOPs of the dense convolution, so their speed sets the
+op's. The backward ones (column gradient ``grad_out.T @ w``, weight gradient ``grad_out @ cols``)
+run MKL's ``gemm`` in the layouts above. The forward one, ``w @ cols.T`` straight into the
+(N, C_out, Ho*Wo) output, is a slow case of MKL's on AMD: on an AMD EPYC (Zen 3, AVX2), with
+``cols @ w.T`` into a (n, Pc, C_out) buffer plus a transposing copy instead, the whole forward
+took 0.67-0.92x the time at ResNet-50's res3-res5 shapes (one thread, CPU time; with two
+threads on a loaded machine, no consistent difference), with the same result bit for bit; on
+the Intel Xeon where the op met its speed targets, ``w @ cols.T`` was the one measured. On that
+AMD CPU no other product was clearly faster for any of the three matmuls (one thread, CPU time,
+res3-res5; oneDNN's dense 3x3 ``conv2d`` itself ran 1.1-1.5x faster than the best of them):
+``F.linear``, oneDNN's ``mkldnn._linear_pointwise``, oneDNN 1x1 convolutions over the columns,
+oneDNN stride-3 convolutions over the columns laid out as a (n, C, 3*Ho, 3*Wo) image (and
+``conv_transpose2d`` for the column gradient), numpy's OpenBLAS (1-9% faster, but outside
+torch's thread control). So the forward picks its way round by measurement: the first large
+chunk of each weight shape runs both ways twice, and the faster one is kept for that weight
+shape, dtype and thread count (:func:`_weight_times_columns`).
 
 Memory: forward saves only its inputs and backward recomputes the columns (in the same pass
 as the offset and mask gradients); columns are built for chunks of images, or of output
@@ -21,7 +37,8 @@ positions, of at most ``_CHUNK_ELEMENTS`` elements, so the peak does not grow wi
 the image size.
 """
 
-from typing import List, Optional, Sequence, Tuple
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -37,6 +54,13 @@ Pair = Tuple[int, int]
 # ones cost as much as the sampling itself (measured: page faults on 70 MB columns ~0.05 s).
 _CHUNK_ELEMENTS = 1 << 22
 IMPLS = ("auto", "cpp", "torch")
+# Which way round the forward's product runs fastest, per (weight shape, dtype, threads),
+# measured on first use (see _weight_times_columns): True for columns-first. Not per number of
+# positions, which changes with every image size in training.
+_COLUMNS_FIRST: Dict[Tuple, bool] = {}
+# Chunk products of fewer multiply-adds (a few ms on one core) run weight-first, unmeasured: too
+# short to time reliably, and too short for the way round to matter.
+_MEASURE_MACS = 1 << 27
 
 
 def _kernels(t: torch.Tensor, impl: str):
@@ -141,6 +165,53 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
+def _weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[b, group rows] = w[group] @ cols[b, :, group].T``: straight into the output."""
+    groups, cog = w.shape[:2]
+    for b in range(cols.shape[0]):
+        for grp in range(groups):
+            _mm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
+
+
+def _columns_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+    """The same product as ``cols @ w[group].T`` (n, Pc, C_out), one matmul per group for all
+    the chunk's images, then one transposing copy into the output."""
+    groups, cog = w.shape[:2]
+    nc, pc = cols.shape[:2]
+    prod = cols.new_empty(nc * pc, groups * cog)
+    rows = cols.view(nc * pc, groups, -1)
+    for grp in range(groups):
+        _mm(rows[:, grp], w[grp].t(), prod[:, grp * cog : (grp + 1) * cog])
+    out.copy_(prod.view(nc, pc, -1).transpose(1, 2))
+
+
+def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+    """The forward's product of a chunk, the faster way round for its shapes on this CPU.
+
+    Both ways run the same BLAS ``gemm`` with the operands swapped, so they give the same
+    result to rounding, but not at the same speed on every CPU (see the module docstring). So on
+    CPU the first large enough chunk of each weight shape runs both, twice each (each run writes
+    the same output), and the faster one is kept for that weight shape, dtype and thread count;
+    small chunks, and other devices, run weight-first, which needs no copy.
+
+    Args:
+        w (Tensor): (G, C_out/G, K*C/G), the weight of :func:`_weight_rows`.
+        cols (Tensor): (n, Pc, G, K*C/G), a chunk's columns.
+        out (Tensor): (n, C_out, Pc), where the chunk's output goes (may be strided).
+    """
+    key = (tuple(w.shape), cols.dtype, torch.get_num_threads())
+    choice = _COLUMNS_FIRST.get(key)
+    if choice is None and cols.device.type == "cpu" and cols.numel() * w.shape[1] >= _MEASURE_MACS:
+        best = {False: float("inf"), True: float("inf")}
+        for columns_first in (False, True, False, True):
+            start = time.perf_counter()
+            (_columns_first if columns_first else _weight_first)(w, cols, out)
+            best[columns_first] = min(best[columns_first], time.perf_counter() - start)
+        _COLUMNS_FIRST[key] = best[True] < best[False]
+        return
+    (_columns_first if choice and cols.device.type == "cpu" else _weight_first)(w, cols, out)
+
+
 def _image_groups(images: slice, groups: int, group_out: int):
     """Yield (i, b, grp, rows): image ``b`` (``i``-th of the chunk ``images``), convolution group
     ``grp`` and its output channels ``rows``: one matmul each."""
@@ -226,9 +297,9 @@ def backward(
 
 
 def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-    """im2col into channels-last columns (n, Pc, G, K, C/G) and one matmul per image and group
-    against the weight as (G, C_out/G, K*C/G); the matmuls take the columns transposed, so the
-    output comes out (N, C_out, Ho*Wo) without a copy."""
+    """im2col into channels-last columns (n, Pc, G, K, C/G) and their product with the weight as
+    (G, C_out/G, K*C/G) into the output (N, C_out, Ho*Wo), chunk by chunk
+    (:func:`_weight_times_columns`)."""
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     n, c = x.shape[:2]
@@ -236,15 +307,12 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
     ho, wo = offset.shape[2:]
     geometry = ((kh, kw), stride, padding, dilation, dg, groups)
     w = _weight_rows(weight, groups)
-    cog = c_out // groups
     out = x.new_empty(n, c_out, ho * wo)
     xp = _pad_channels_last(x)
     for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
         m = None if mask is None else mask[sl]
         cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
-        cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
-        for i, b, grp, rows in _image_groups(sl, groups, cog):
-            _mm(w[grp], cols[i, :, grp].t(), out[b, rows, p0:p1])
+        _weight_times_columns(w, cols.view(cols.shape[0], p1 - p0, groups, -1), out[sl, :, p0:p1])
         del cols
     out = out.view(n, c_out, ho, wo)
     if bias is not None:
