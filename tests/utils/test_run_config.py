@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dcnv2.errors import WeightsError
 from dcnv2.utils.cli import DEFAULT_CONFIG, UserInputError, choose_config_file, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,7 +110,7 @@ def test_weights_without_a_run_config_need_config_file(run_dir, tmp_path):
     shutil.copy(run_dir / "model_final.pth", alone)
     with pytest.raises(UserInputError, match="no config.yaml beside it.*--config-file"):
         choose_config_file(None, ["MODEL.WEIGHTS", str(alone)])
-    with pytest.raises(UserInputError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         choose_config_file(None, ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
     # No weights: the tool's default, or an error naming --config-file when it has none.
     assert choose_config_file(None, ["MODEL.DEVICE", "cpu"]) == "faster_rcnn_R50_mdconv_FPN_1x.yaml"

@@ -216,14 +216,17 @@ def choose_config_file(
 
     Raises:
         UserInputError: local weights without a :data:`RUN_CONFIG` beside them, or whose run
-            was a LazyConfig's; weights that do not exist; nothing to go on and no ``default``.
+            was a LazyConfig's; nothing to go on and no ``default``.
+        WeightsError: local weights that are missing or cannot be a checkpoint.
     """
     if config_file:
         return config_file
     weights = _weights_in(opts)
     if weights and "://" not in weights:
-        if not os.path.isfile(weights):
-            raise UserInputError(f"MODEL.WEIGHTS file {weights!r} does not exist")
+        from ..checkpoint.integrity import check_weights_file
+
+        # A file that cannot be weights is the first thing to say, before any config.yaml.
+        check_weights_file(weights, "given by MODEL.WEIGHTS", resuming=False)
         found = run_config_file(weights)
         if found is None:
             raise UserInputError(
