@@ -1,4 +1,5 @@
-"""Benchmarks: the deformable op against dense ``conv2d`` (:mod:`.ops`), whole detectors built
+"""Benchmarks: the deformable op against dense ``conv2d`` (:mod:`.ops`), mdpool against
+``ROIAlignV2`` (:mod:`.mdpool`), whole detectors built
 from configs (:mod:`.model`) and the training cost of R-CNN feature mimicking (:mod:`.mimic`),
 the logic of ``tools/benchmark_ops.py``, ``tools/benchmark.py`` and ``tools/benchmark_mimic.py``.
 
