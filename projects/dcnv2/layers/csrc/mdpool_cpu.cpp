@@ -9,9 +9,10 @@
 //
 // Layouts are those of the callers (features (N, C, H, W), output (R, C, Ph, Pw)), so nothing
 // is copied. The sample geometry of a RoI (four corners, four weights, and the slopes of the
-// coordinate gradient) is computed once and used for all its channels. Work is split so that
-// no two threads write the same element (no atomics): the output and the offset gradient by
-// RoI; the feature gradient, where RoIs overlap, by (image, block of channels).
+// coordinate gradient) is computed once and used for all its channels, kChannels at a time.
+// Work is split so that no two threads write the same element (no atomics): the output and the
+// offset gradient by RoI; the feature gradient, where RoIs overlap, by (image, block of
+// channels).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +25,9 @@
 #include <vector>
 
 namespace {
+
+// Channels per inner loop: a sample's geometry is read once for this many channels.
+constexpr int64_t kChannels = 8;
 
 struct Params {
   int64_t ph, pw, sampling_ratio;
@@ -185,15 +189,19 @@ at::Tensor forward(const at::Tensor& features, const at::Tensor& rois,
         roi_samples(roi + r * 5, off ? off + r * 2 * bins : nullptr, p, n, H, W, rs);
         if (rs.samples.empty()) continue;
         const Sample<scalar_t>* s = rs.samples.data();
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* v = feat + (rs.batch * C + c) * H * W;
-          scalar_t* o = dst + (r * C + c) * bins;
+        for (int64_t c0 = 0; c0 < C; c0 += kChannels) {
+          const int64_t nc = std::min(kChannels, C - c0);
+          const scalar_t* v = feat + (rs.batch * C + c0) * H * W;
           for (int64_t k = 0; k < bins; ++k) {
-            scalar_t acc = 0;
-            for (int64_t q = rs.start[k]; q < rs.start[k + 1]; ++q)
-              acc += s[q].w1 * v[s[q].i1] + s[q].w2 * v[s[q].i2] + s[q].w3 * v[s[q].i3] +
-                     s[q].w4 * v[s[q].i4];
-            o[k] = acc / rs.count;
+            scalar_t acc[kChannels] = {};
+            for (int64_t q = rs.start[k]; q < rs.start[k + 1]; ++q) {
+              const Sample<scalar_t>& t = s[q];
+              for (int64_t j = 0; j < nc; ++j) {
+                const scalar_t* vj = v + j * H * W;
+                acc[j] += t.w1 * vj[t.i1] + t.w2 * vj[t.i2] + t.w3 * vj[t.i3] + t.w4 * vj[t.i4];
+              }
+            }
+            for (int64_t j = 0; j < nc; ++j) dst[(r * C + c0 + j) * bins + k] = acc[j] / rs.count;
           }
         }
       }
@@ -244,19 +252,25 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
           const Sample<scalar_t>* s = rs.samples.data();
           std::fill(gx.begin(), gx.end(), scalar_t(0));
           std::fill(gy.begin(), gy.end(), scalar_t(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t* v = feat + (rs.batch * C + c) * H * W;
-            const scalar_t* gc = g + (r * C + c) * bins;
+          for (int64_t c0 = 0; c0 < C; c0 += kChannels) {
+            const int64_t nc = std::min(kChannels, C - c0);
+            const scalar_t* v = feat + (rs.batch * C + c0) * H * W;
             for (int64_t k = 0; k < bins; ++k) {
-              scalar_t dx = 0, dy = 0;
+              scalar_t dx[kChannels] = {}, dy[kChannels] = {};
               for (int64_t q = rs.start[k]; q < rs.start[k + 1]; ++q) {
-                const scalar_t v1 = v[s[q].i1], v2 = v[s[q].i2], v3 = v[s[q].i3],
-                               v4 = v[s[q].i4];
-                dx += s[q].dx_hy * (v2 - v1) + s[q].dx_ly * (v4 - v3);
-                dy += s[q].dy_hx * (v3 - v1) + s[q].dy_lx * (v4 - v2);
+                const Sample<scalar_t>& t = s[q];
+                for (int64_t j = 0; j < nc; ++j) {
+                  const scalar_t* vj = v + j * H * W;
+                  const scalar_t v1 = vj[t.i1], v2 = vj[t.i2], v3 = vj[t.i3], v4 = vj[t.i4];
+                  dx[j] += t.dx_hy * (v2 - v1) + t.dx_ly * (v4 - v3);
+                  dy[j] += t.dy_hx * (v3 - v1) + t.dy_lx * (v4 - v2);
+                }
               }
-              gx[k] += gc[k] * dx;
-              gy[k] += gc[k] * dy;
+              for (int64_t j = 0; j < nc; ++j) {
+                const scalar_t gc = g[(r * C + c0 + j) * bins + k];
+                gx[k] += gc * dx[j];
+                gy[k] += gc * dy[j];
+              }
             }
           }
           for (int64_t k = 0; k < bins; ++k) {
@@ -283,16 +297,21 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
           for (int64_t r : by_image[b]) {
             const RoiSamples<scalar_t>& rs = all[r];
             const Sample<scalar_t>* s = rs.samples.data();
-            for (int64_t c = c0; c < c1; ++c) {
-              scalar_t* gv = gf + (b * C + c) * H * W;
-              const scalar_t* gc = g + (r * C + c) * bins;
+            for (int64_t cb = c0; cb < c1; cb += kChannels) {
+              const int64_t nc = std::min(kChannels, c1 - cb);
+              scalar_t* gv = gf + (b * C + cb) * H * W;
               for (int64_t k = 0; k < bins; ++k) {
-                const scalar_t t = gc[k] / rs.count;
+                scalar_t gk[kChannels];
+                for (int64_t j = 0; j < nc; ++j) gk[j] = g[(r * C + cb + j) * bins + k] / rs.count;
                 for (int64_t q = rs.start[k]; q < rs.start[k + 1]; ++q) {
-                  gv[s[q].i1] += s[q].w1 * t;
-                  gv[s[q].i2] += s[q].w2 * t;
-                  gv[s[q].i3] += s[q].w3 * t;
-                  gv[s[q].i4] += s[q].w4 * t;
+                  const Sample<scalar_t>& t = s[q];
+                  for (int64_t j = 0; j < nc; ++j) {
+                    scalar_t* gj = gv + j * H * W;
+                    gj[t.i1] += t.w1 * gk[j];
+                    gj[t.i2] += t.w2 * gk[j];
+                    gj[t.i3] += t.w3 * gk[j];
+                    gj[t.i4] += t.w4 * gk[j];
+                  }
                 }
               }
             }
