@@ -149,3 +149,31 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="failed to build: RuntimeError: no compiler"):
         deform_roi_align(features, rois, offset, output_size=7, impl="cpp")
     mdpool_cpp._warn_once.cache_clear()
+
+
+def test_layer_with_kernels_equals_the_layer_with_pytorch_ops(monkeypatch):
+    """The whole layer (its RoIAlign pass included) and its gradients, trained branches."""
+    torch.manual_seed(0)
+    layer = mdpool.ModulatedDeformRoIAlign(
+        output_size=7, in_channels=5, spatial_scale=0.25, fc_dim=16
+    ).double()
+    for p in layer.parameters():
+        p.data.normal_(0, 0.1)
+    features, rois, _ = _inputs()
+    grad = torch.randn(len(rois), 5, 7, 7, dtype=torch.float64)
+    results = []
+    for impl in ("auto", "torch"):
+        monkeypatch.setattr(backends, "_NATIVE_IMPL_DEFAULT", impl)
+        calls = _count_kernel_calls(monkeypatch)
+        f = features.clone().requires_grad_()
+        layer.zero_grad()
+        out = layer(f, rois)
+        (out * grad).sum().backward()
+        assert len(calls) == (2 if impl == "auto" else 0)  # the RoIAlign pass and the pooling
+        results.append((out, f.grad, [p.grad.clone() for p in layer.parameters()]))
+    (out, grad_f, grads), (ref, ref_f, ref_grads) = results
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad_f, ref_f, atol=1e-10, rtol=0)
+    assert ref_grads[0].abs().max() > 0
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)

@@ -336,14 +336,23 @@ class ModulatedDeformRoIAlign(nn.Module):
             tuple[Tensor, Tensor]: offset (R, 2, Ph, Pw), normalised, x then y; and the
             modulation (R, 1, Ph, Pw) in (0, 1).
         """
-        x = roi_align(
-            features,
-            rois.to(features.dtype),
-            self.output_size,
-            spatial_scale,
-            self.sampling_ratio,
-            self.aligned,
-        ).flatten(1)
+        if _use_kernels(features, rois, "auto"):
+            # The compiled kernels without offsets are this RoIAlign, with a parallel backward
+            # (torchvision's CPU backward is serial).
+            x = deform_roi_align(
+                features, rois, None, output_size=self.output_size, spatial_scale=spatial_scale,
+                sampling_ratio=self.sampling_ratio, aligned=self.aligned, impl="cpp",
+            )  # fmt: skip
+        else:
+            x = roi_align(
+                features,
+                rois.to(features.dtype),
+                self.output_size,
+                spatial_scale,
+                self.sampling_ratio,
+                self.aligned,
+            )
+        x = x.flatten(1)
         ph, pw = self.output_size
         return self.offset_fc(x).view(-1, 2, ph, pw), self.mask_fc(x).view(-1, 1, ph, pw)
 
