@@ -1,4 +1,4 @@
-"""Modulated deformable RoI pooling (mdpool, DCNv2 paper section 3.2) in PyTorch operations.
+"""Modulated deformable RoI pooling (mdpool, DCNv2 paper section 3.2): the op and the layer.
 
 ``deform_roi_align`` is RoIAlign whose every output bin is shifted by its own offset, a fraction
 ``gamma`` of the RoI's width and height (mmcv's ``deform_roi_pool`` semantics).
