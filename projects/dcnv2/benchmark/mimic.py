@@ -35,7 +35,9 @@ def time_training(cfg, batch, iters: int) -> Tuple[float, int]:
     torch.manual_seed(0)
     model = build_model(cfg).train()
     calls = []
-    model.backbone.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    # The crops may run an FPN's bottom-up network without its forward (see fpn_outputs).
+    counted = getattr(model.backbone, "bottom_up", model.backbone)
+    counted.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     train_step = sgd_step(model, batch, lr=1e-4)
 
     def step():

@@ -1,4 +1,4 @@
-"""Modulated deformable RoI pooling (mdpool, DCNv2 paper section 3.2) in PyTorch operations.
+"""Modulated deformable RoI pooling (mdpool, DCNv2 paper section 3.2): the op and the layer.
 
 ``deform_roi_align`` is RoIAlign whose every output bin is shifted by its own offset, a fraction
 ``gamma`` of the RoI's width and height (mmcv's ``deform_roi_pool`` semantics).
@@ -7,8 +7,10 @@ predicting the bin offsets, one a modulation scalar per bin (sigmoid); the outpu
 RoIAlign times the modulation. Its parameter names and layout are those of mmcv's
 ``ModulatedDeformRoIPoolPack`` (``offset_fc.{0,2,4}``, ``mask_fc.{0,2}``).
 
-Everything is built from differentiable PyTorch operations (``grid_sample``, ``roi_align``), so it
-runs on any device, forward and backward, with gradients for features, offsets and modulation.
+``deform_roi_align`` has two implementations of one function: compiled CPU kernels
+(:mod:`dcnv2.layers.mdpool_cpp`, float32/float64, forward and backward, parallel over RoIs) and
+differentiable PyTorch operations (``grid_sample``), which run on any device and dtype and are
+used where the kernels do not apply or fail to build (``impl``, ``DCNV2_NATIVE_IMPL``).
 
 Coordinates follow detectron2's ``ROIAlignV2`` (``aligned=True``): pixel ``i`` covers
 ``[i, i + 1)``, so a box is scaled by ``spatial_scale`` and shifted by -0.5 before sampling.
@@ -19,10 +21,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 from torchvision.ops import roi_align
 
-__all__ = ["deform_roi_align", "ModulatedDeformRoIAlign"]
+__all__ = ["deform_roi_align", "ModulatedDeformRoIAlign", "IMPLS"]
+
+IMPLS = ("auto", "cpp", "torch")
 
 
 def _check_inputs(features: Tensor, rois: Tensor, offset: Optional[Tensor], size) -> None:
@@ -84,6 +89,7 @@ def deform_roi_align(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
     aligned: bool = True,
+    impl: str = "auto",
 ) -> Tensor:
     """RoIAlign with a learned shift per output bin (mmcv's ``deform_roi_pool``).
 
@@ -93,8 +99,10 @@ def deform_roi_align(
     ``ceil(h_r / output_height)`` (likewise for x). With ``offset=None`` or zeros this is
     torchvision's / detectron2's RoIAlign.
 
-    RoIs are grouped by their sample grid ``(sy, sx)`` and by image, so the work is exact (no
-    padding to the largest grid) at the cost of one ``grid_sample`` call per group.
+    ``impl`` picks the implementation: "cpp" (the compiled CPU kernels), "torch" (PyTorch
+    operations) or "auto": ``DCNV2_NATIVE_IMPL``'s choice, else the kernels where they apply
+    (CPU float32/float64, RoIs without gradient, not under ``torch.jit.trace``, which then
+    records the PyTorch operations) and build.
 
     Args:
         features (Tensor): (N, C, H, W) feature map.
@@ -107,12 +115,94 @@ def deform_roi_align(
         gamma: scale of the normalised offsets (paper and mmcv: 0.1).
         aligned: shift boxes by -0.5 pixel (detectron2's ROIAlignV2); False is the legacy
             RoIAlign, which also clamps the RoI size to at least 1 pixel.
+        impl: "auto", "cpp" or "torch" (see above).
 
     Returns:
         Tensor: (R, C, Ph, Pw), in ``features.dtype``; computed in at least float32.
     """
     ph, pw = _pair(output_size)
     _check_inputs(features, rois, offset, (ph, pw))
+    args = ((ph, pw), float(spatial_scale), int(sampling_ratio), float(gamma), bool(aligned))
+    if _use_kernels(features, rois, impl):
+        ctype = features.dtype
+        offset = None if offset is None else offset.to(ctype)
+        return _DeformRoIAlign.apply(features, rois.detach().to(ctype), offset, *args)
+    return _deform_roi_align_torch(features, rois, offset, *args)
+
+
+def _use_kernels(features: Tensor, rois: Tensor, impl: str) -> bool:
+    """Whether ``impl`` means the compiled kernels for these inputs (see deform_roi_align)."""
+    from .backends import resolve_native_impl
+
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown mdpool implementation {impl!r}; expected one of {IMPLS}")
+    impl = resolve_native_impl(impl)
+    if impl == "torch":
+        return False
+    applies = (
+        features.device.type == "cpu"
+        and features.dtype in (torch.float32, torch.float64)
+        and not (rois.requires_grad and torch.is_grad_enabled())
+    )
+    if impl == "auto" and (not applies or torch.jit.is_tracing()):
+        return False
+    from . import mdpool_cpp
+
+    if impl == "cpp":
+        if not applies:
+            raise ValueError(
+                "The compiled mdpool kernels support CPU float32/float64 features and RoIs "
+                f"without gradient, got {features.dtype} on {features.device}"
+                f"{' with RoI gradient' if rois.requires_grad else ''}; use impl='torch'"
+            )
+        if not mdpool_cpp.is_available(warn=False):
+            raise RuntimeError(f"The compiled mdpool kernels failed to build: {mdpool_cpp.error()}")
+        return True
+    return mdpool_cpp.is_available()
+
+
+class _DeformRoIAlign(torch.autograd.Function):
+    """The compiled kernels with their backward; gradients for the features and offsets."""
+
+    @staticmethod
+    def forward(ctx, features, rois, offset, output_size, scale, sampling_ratio, gamma, aligned):
+        from . import mdpool_cpp
+
+        features = features.contiguous()
+        offset = None if offset is None else offset.contiguous()
+        ctx.args = (output_size, scale, sampling_ratio, gamma, aligned)
+        ctx.save_for_backward(features, rois, offset)
+        return mdpool_cpp.forward(features, rois.contiguous(), offset, *ctx.args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        from . import mdpool_cpp
+
+        features, rois, offset = ctx.saved_tensors
+        need_features, _, need_offset = ctx.needs_input_grad[:3]
+        grad_features, grad_offset = mdpool_cpp.backward(
+            grad_out, features, rois.contiguous(), offset, *ctx.args, need_features, need_offset
+        )
+        return grad_features, None, grad_offset, None, None, None, None, None
+
+
+def _deform_roi_align_torch(
+    features: Tensor,
+    rois: Tensor,
+    offset: Optional[Tensor],
+    output_size: Tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool,
+) -> Tensor:
+    """``deform_roi_align`` in PyTorch operations (any device and dtype).
+
+    RoIs are grouped by their sample grid ``(sy, sx)`` and by image, so the work is exact (no
+    padding to the largest grid) at the cost of one ``grid_sample`` call per group.
+    """
+    ph, pw = output_size
     num_rois, channels = rois.shape[0], features.shape[1]
     ctype = torch.promote_types(features.dtype, torch.float32)
     # grid_sample reads all channels of a sample position at once: channels-last is ~3x faster
@@ -246,14 +336,23 @@ class ModulatedDeformRoIAlign(nn.Module):
             tuple[Tensor, Tensor]: offset (R, 2, Ph, Pw), normalised, x then y; and the
             modulation (R, 1, Ph, Pw) in (0, 1).
         """
-        x = roi_align(
-            features,
-            rois.to(features.dtype),
-            self.output_size,
-            spatial_scale,
-            self.sampling_ratio,
-            self.aligned,
-        ).flatten(1)
+        if _use_kernels(features, rois, "auto"):
+            # The compiled kernels without offsets are this RoIAlign, with a parallel backward
+            # (torchvision's CPU backward is serial).
+            x = deform_roi_align(
+                features, rois, None, output_size=self.output_size, spatial_scale=spatial_scale,
+                sampling_ratio=self.sampling_ratio, aligned=self.aligned, impl="cpp",
+            )  # fmt: skip
+        else:
+            x = roi_align(
+                features,
+                rois.to(features.dtype),
+                self.output_size,
+                spatial_scale,
+                self.sampling_ratio,
+                self.aligned,
+            )
+        x = x.flatten(1)
         ph, pw = self.output_size
         return self.offset_fc(x).view(-1, 2, ph, pw), self.mask_fc(x).view(-1, 1, ph, pw)
 

@@ -1,13 +1,63 @@
 """FPN on top of the deformable ResNet, as detectron2's ``build_resnet_fpn_backbone`` (R-CNN)
-and ``build_retinanet_resnet_fpn_backbone`` (RetinaNet)."""
+and ``build_retinanet_resnet_fpn_backbone`` (RetinaNet); :func:`fpn_outputs`, some outputs of an
+FPN without computing the others."""
 
+from typing import Dict, Sequence
+
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from torch import Tensor, nn
 
 from .resnet import build_dcnv2_resnet_backbone
 
-__all__ = ["build_dcnv2_resnet_fpn_backbone", "build_dcnv2_retinanet_resnet_fpn_backbone"]
+__all__ = [
+    "build_dcnv2_resnet_fpn_backbone",
+    "build_dcnv2_retinanet_resnet_fpn_backbone",
+    "fpn_outputs",
+]
+
+
+def fpn_outputs(backbone: nn.Module, x: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
+    """The outputs ``names`` of ``backbone(x)``, equal to those of the whole forward.
+
+    For detectron2's ``FPN`` and outputs of its lateral levels (``p2``-``p5``, not the top
+    block's), this runs the bottom-up network, the top-down path only down to the finest level
+    asked for, and only the output convs of the levels asked for: the steps of ``FPN.forward``
+    that those outputs depend on, in its order. Any other backbone or name runs the whole
+    forward.
+
+    Args:
+        backbone: the detector's backbone.
+        x (Tensor): (N, 3, H, W) images.
+        names: output names, e.g. ``["p4"]``.
+
+    Returns:
+        dict[str, Tensor]: the outputs ``names``.
+    """
+    # The outputs of the lateral levels, finest first (the top block's come after them).
+    levels = (
+        backbone._out_features[: len(backbone.in_features)] if isinstance(backbone, FPN) else []
+    )
+    if not set(names) <= set(levels):
+        out = backbone(x)
+        return {name: out[name] for name in names}
+    bottom_up = backbone.bottom_up(x)
+    finest = min(levels.index(name) for name in names)
+    results = {}
+    # lateral_convs and output_convs are ordered from the coarsest level down, as in_features up.
+    prev = backbone.lateral_convs[0](bottom_up[backbone.in_features[-1]])
+    for idx in range(len(levels) - finest):
+        level = len(levels) - 1 - idx
+        if idx > 0:
+            top_down = F.interpolate(prev, scale_factor=2.0, mode="nearest")
+            prev = backbone.lateral_convs[idx](bottom_up[backbone.in_features[level]]) + top_down
+            if backbone._fuse_type == "avg":
+                prev /= 2
+        if levels[level] in names:
+            results[levels[level]] = backbone.output_convs[idx](prev)
+    return {name: results[name] for name in names}
 
 
 @BACKBONE_REGISTRY.register()

@@ -3,7 +3,8 @@
 During training, up to ``N`` positive RoIs per image are cropped from the (normalised, padded)
 input images, resized to ``S x S`` and passed through the *same* backbone; each crop is pooled as
 one whole-crop RoI by the heads' box pooler and run through the box head to a feature
-(1024-D with the 2fc head). Two losses are added:
+(1024-D with the 2fc head). Of an FPN only the level the pooler reads for the crops is computed
+(p4 for S = 224; :func:`~dcnv2.modeling.fpn.fpn_outputs`). Two losses are added:
 
 * ``loss_mimic``: ``1 - cos(f_frcnn, f_rcnn)`` averaged over the sampled RoIs, pushing the
   Faster R-CNN RoI features (box head on the full-image feature maps) towards the R-CNN features
@@ -32,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from .fpn import fpn_outputs
 from .poolers import DCNv2StandardROIHeads
 
 __all__ = [
@@ -219,11 +222,10 @@ class RCNNMimicBranch(nn.Module):
         # R-CNN branch: the crops through the shared backbone, one whole-crop RoI each, pooled at
         # the level the pooler picks for an S x S box (p4 for 224 with FPN's canonical mapping).
         crops = crop_and_resize(images, boxes, self.crop_size, self.sampling_ratio)
-        crop_features = backbone(crops)
         s = float(self.crop_size)
         whole = torch.tensor([[0.0, 0.0, s, s]], device=crops.device, dtype=crops.dtype)
         crop_boxes = [Boxes(whole) for _ in range(crops.shape[0])]
-        pooled = box_pooler([crop_features[f] for f in in_features], crop_boxes)
+        pooled = box_pooler(self._crop_maps(crops, backbone, box_pooler, in_features), crop_boxes)
         rcnn = (self.box_head if self.box_head is not None else box_head)(pooled)
 
         teacher = rcnn.detach() if self.detach_teacher else rcnn
@@ -233,6 +235,36 @@ class RCNNMimicBranch(nn.Module):
             "loss_rcnn_cls": self.cls_loss_weight
             * F.cross_entropy(self.cls_score(rcnn.flatten(1)), labels),
         }
+
+    def _crop_maps(
+        self, crops: Tensor, backbone: nn.Module, box_pooler: nn.Module, in_features: Sequence[str]
+    ) -> List[Tensor]:
+        """The maps ``in_features`` of the crops, as ``box_pooler`` reads them.
+
+        Every crop RoI is the whole S x S crop, so a multi-level ``ROIPooler`` pools all of them
+        from one level (p4 for S = 224 with FPN's canonical mapping, the paper's 14 x 14 maps).
+        Only that level is computed (:func:`~dcnv2.modeling.fpn.fpn_outputs`); the others, which
+        receive no RoI, are (N, C, 1, 1) zero maps that the pooler never samples. The pooled
+        features are those of the full forward.
+        """
+        level = 0
+        if isinstance(box_pooler, ROIPooler) and len(in_features) > 1:
+            whole = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
+            level = int(
+                assign_boxes_to_levels(
+                    [whole],
+                    box_pooler.min_level,
+                    box_pooler.max_level,
+                    box_pooler.canonical_box_size,
+                    box_pooler.canonical_level,
+                )[0]
+            )
+        elif len(in_features) > 1:
+            maps = fpn_outputs(backbone, crops, in_features)
+            return [maps[f] for f in in_features]
+        used = fpn_outputs(backbone, crops, [in_features[level]])[in_features[level]]
+        placeholder = used.new_zeros(used.shape[:2] + (1, 1))
+        return [used if i == level else placeholder for i in range(len(in_features))]
 
 
 class MimicROIHeadsMixin:

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Speed of modulated deformable RoI pooling (mdpool) against detectron2's ROIAlignV2 pooler on
+CPU: forward and forward+backward for RoIs on the FPN maps (p2-p5) of one image, the methods
+side by side in one run. Logic: dcnv2.benchmark.mdpool.
+
+Examples:
+    python tools/benchmark_mdpool.py --json mdpool.json
+    python tools/benchmark_mdpool.py --rois 300 --height 512 --width 768 --repeats 3
+"""
+
+import json
+import sys
+import warnings
+
+# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+
+
+def parse_args(argv=None):
+    from dcnv2.benchmark.mdpool import METHODS
+
+    parser = tool_parser(__doc__)
+    parser.add_argument("--rois", type=int, default=1000, help="RoIs (default 1000)")
+    parser.add_argument("--height", type=int, default=800, help="image height (default 800)")
+    parser.add_argument("--width", type=int, default=1216, help="image width (default 1216)")
+    parser.add_argument("--channels", type=int, default=256, help="FPN channels (default 256)")
+    parser.add_argument("--fc-dim", type=int, default=1024, help="mdpool fc width (default 1024)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), help=f"any of {list(METHODS)} (default all)"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--json", help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dcnv2.benchmark.mdpool import benchmark_mdpool, format_table
+
+    result = benchmark_mdpool(
+        rois=args.rois,
+        height=args.height,
+        width=args.width,
+        channels=args.channels,
+        fc_dim=args.fc_dim,
+        repeats=args.repeats,
+        methods=args.methods,
+    )
+    print(format_table(result, markdown=args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="benchmark_mdpool.py"))
