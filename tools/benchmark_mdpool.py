@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed of modulated deformable RoI pooling (mdpool) against detectron2's ROIAlignV2 pooler on
+r"""Speed of modulated deformable RoI pooling (mdpool) against detectron2's ROIAlignV2 pooler on
 CPU: forward and forward+backward for RoIs on the FPN maps (p2-p5) of one image, the methods
 side by side in one run. Logic: dcnv2.benchmark.mdpool.
 
@@ -10,17 +10,22 @@ Examples:
 
 import json
 import sys
-import warnings
 
-# Importing detectron2 emits torch deprecation warnings meant for its developers, not for users.
-warnings.filterwarnings("ignore", category=FutureWarning)
+try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
+    import dcnv2  # noqa: F401
+except ImportError as e:
+    if e.name != "detectron2":
+        raise
+    print(f"benchmark_mdpool.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+
+# dcnv2.benchmark.mdpool.METHODS, named here so that --help does not import torch.
+METHODS = ("ROIAlignV2", "mdpool op (torch)", "mdpool op (cpp)", "mdpool layer (cpp)")
 
 
 def parse_args(argv=None):
-    from dcnv2.benchmark.mdpool import METHODS
-
     parser = tool_parser(__doc__)
     parser.add_argument("--rois", type=int, default=1000, help="RoIs (default 1000)")
     parser.add_argument("--height", type=int, default=800, help="image height (default 800)")
@@ -38,7 +43,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.benchmark.mdpool import benchmark_mdpool, format_table
+    from dcnv2.benchmark import mdpool
+
+    unknown = sorted(set(args.methods) - set(mdpool.METHODS))
+    if unknown:
+        raise UserInputError(f"unknown --methods {unknown}; expected any of {list(mdpool.METHODS)}")
+    benchmark_mdpool, format_table = mdpool.benchmark_mdpool, mdpool.format_table
 
     result = benchmark_mdpool(
         rois=args.rois,

@@ -58,3 +58,16 @@ def test_bad_arguments_are_clear_errors():
         benchmark_mdpool(repeats=0)
     with pytest.raises(UserInputError, match="unknown \\['roialign'\\]"):
         benchmark_mdpool(methods=["roialign"])
+
+
+def test_the_tool_offers_the_benchmarks_methods():
+    """tools/benchmark_mdpool.py names the methods itself (its --help imports no torch)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "benchmark_mdpool.py"
+    spec = importlib.util.spec_from_file_location("benchmark_mdpool_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.METHODS == METHODS
+    assert tool.parse_args([]).methods == list(METHODS)
