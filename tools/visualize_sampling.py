@@ -111,9 +111,9 @@ def main(argv=None) -> int:
         title += f"\n(untrained model, random offsets of RMS {args.random_offsets} cells)"
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     plot_sampling_locations(
-        result["image_rgb"],
-        result["points"],
-        result["locations"],
+        result["input_image_rgb"],  # the input at its own size, positions in its pixels
+        result["input_points"],
+        result["input_locations"],
         result["weights"],
         args.output,
         title=title,

@@ -150,6 +150,11 @@ def test_sample_image_on_an_untrained_model_gives_the_grid(model_and_cfg):
     ]
     assert _multiset(result["locations"][0]) == _multiset(expected)
     assert np.allclose(result["weights"], 0.25)  # sigmoid(0) ** 2
+    # The same in the input's pixels, as the tool draws them: the point exactly as given.
+    assert np.array_equal(result["input_points"], [[75.0, 90.0]])
+    assert np.array_equal(result["input_image_rgb"], image[:, :, ::-1])
+    assert np.allclose(result["input_locations"][0] * scale, result["locations"][0])
+    assert _multiset(result["input_locations"][0] * scale) == _multiset(expected)
     with pytest.raises(UserInputError, match="--layers"):
         sample_image(model, cfg, image, points_xy=[(1.0, 1.0)], num_layers=14)
     with pytest.raises(UserInputError, match="outside"):

@@ -323,7 +323,9 @@ def sample_image(
         dict: ``image_rgb`` (h, w, 3) uint8 at the network's resolution, ``points`` (P, 2),
         ``locations`` (P, T, 2), ``weights`` (P, T) (numpy; positions ``(y, x)`` in that
         image's pixels), ``layers`` (names of the traced layers), ``scale`` (network pixels
-        per input pixel).
+        per input pixel); and the same in the input's pixels, for drawing at the input's own
+        resolution: ``input_image_rgb`` (H, W, 3), ``input_points`` (P, 2) (the given
+        ``points_xy`` exactly, as ``(y, x)``), ``input_locations`` (P, T, 2).
 
     Raises:
         UserInputError: bad ``num_layers``, a point outside the image, or no detection to use.
@@ -369,6 +371,10 @@ def sample_image(
         points = torch.tensor([[y * scale, x * scale] for x, y in points_xy], dtype=torch.float64)
     traced = layers[-num_layers:]
     locations, weights = trace_sampling_locations(traced, points)
+    if points_xy is None:
+        input_points = points.numpy() / scale
+    else:  # exactly what was asked for, not a rescaled round trip
+        input_points = np.array([[y, x] for x, y in points_xy], dtype=np.float64)
     return {
         "image_rgb": np.ascontiguousarray(resized[:, :, ::-1]),
         "points": points.numpy(),
@@ -376,6 +382,9 @@ def sample_image(
         "weights": weights.numpy(),
         "layers": [layer.name for layer in traced],
         "scale": scale,
+        "input_image_rgb": np.ascontiguousarray(image_bgr[:, :, ::-1]),
+        "input_points": input_points,
+        "input_locations": locations.numpy() / scale,
     }
 
 
@@ -395,7 +404,7 @@ def plot_sampling_locations(
     size and opacity proportional to its weight.
 
     Args:
-        image_rgb: (H, W, 3) uint8 image (the network's input resolution).
+        image_rgb: (H, W, 3) uint8 image (the tool draws the input image at its own size).
         points: (P, 2) query positions ``(y, x)``.
         locations: (P, T, 2) sampled positions ``(y, x)``.
         weights: (P, T) path weights.
