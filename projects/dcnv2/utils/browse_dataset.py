@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..data.resumable import build_train_mapper
 from ..data.validation import load_training_dicts
-from .cli import UserInputError
+from .cli import UserInputError, refuse_existing_outputs
 
 __all__ = ["browse_dataset", "draw_annotations", "mapped_samples"]
 
@@ -121,12 +121,7 @@ def browse_dataset(
     metadata = MetadataCatalog.get(names[0])
     samples = mapped_samples(cfg, names, num, seed)
     paths = [os.path.join(output_dir, os.path.basename(s["record"]["file_name"])) for s in samples]
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not force:
-        raise UserInputError(
-            f"{existing[0]!r} exists ({len(existing)} picture(s) would be overwritten); pass "
-            "--force to overwrite or choose another --output"
-        )
+    refuse_existing_outputs(paths, force, "picture(s)")
     os.makedirs(output_dir, exist_ok=True)
     written = []
     for sample, path in zip(samples, paths):

@@ -25,6 +25,7 @@ __all__ = [
     "run_cli",
     "run_config_file",
     "setup_cfg",
+    "refuse_existing_outputs",
     "tool_parser",
     "train_net_parser",
 ]
@@ -203,6 +204,23 @@ def _is_lazy_config_dump(path: str) -> bool:
     except (OSError, UnicodeDecodeError):
         return False  # reading it as a YAML config gives the clear error
     return "model" in top and "MODEL" not in top
+
+
+def refuse_existing_outputs(paths: Sequence[str], force: bool, what: str = "output file(s)"):
+    """Stop before anything is written when some of ``paths`` exist and ``force`` is not set.
+
+    Raises:
+        UserInputError: names the first existing path and how many ``what`` would be
+            overwritten.
+    """
+    if force:
+        return
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing:
+        raise UserInputError(
+            f"{existing[0]!r} exists ({len(existing)} {what} would be overwritten); "
+            "pass --force to overwrite or choose another --output"
+        )
 
 
 def choose_config_file(

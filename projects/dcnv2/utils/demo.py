@@ -26,7 +26,7 @@ from ..data.images import read_image as dcnv2_read_image
 from ..data.transforms import ResizeBackendError
 from ..engine.predictor import Predictor
 from ..errors import DCNv2Error
-from .cli import UserInputError
+from .cli import UserInputError, refuse_existing_outputs
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -306,13 +306,7 @@ def run_demo(
     planned = _planned_outputs(inputs, output_dir)
     if json_path:
         planned.append(json_path)
-    if not force:
-        existing = [p for p in planned if os.path.exists(p)]
-        if existing:
-            raise UserInputError(
-                f"{existing[0]!r} exists ({len(existing)} output file(s) would be overwritten); "
-                "pass --force to overwrite or choose another --output"
-            )
+    refuse_existing_outputs(planned, force)
     images: List[Dict] = []
     annotations: List[Dict] = []
     written: List[str] = []

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..data.coco import load_category_metadata
 from ..engine.eval_output import EVAL_CONFIG, WEIGHTS_RECORD
-from .cli import RUN_CONFIG, UserInputError
+from .cli import RUN_CONFIG, UserInputError, refuse_existing_outputs
 from .demo import read_image
 
 __all__ = [
@@ -221,12 +221,7 @@ def draw_results(
         )
     selected = list(dicts)[: max_images if max_images is not None else len(dicts)]
     paths = [os.path.join(output_dir, n) for n in _output_names(selected)]
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not force:
-        raise UserInputError(
-            f"{existing[0]!r} exists ({len(existing)} picture(s) would be overwritten); pass "
-            "--force to overwrite or choose another --output"
-        )
+    refuse_existing_outputs(paths, force, "picture(s)")
     os.makedirs(output_dir, exist_ok=True)
     drawn = []
     for record, path in zip(selected, paths):
