@@ -37,8 +37,9 @@ positions, of at most ``_CHUNK_ELEMENTS`` elements, so the peak does not grow wi
 the image size.
 """
 
+import functools
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -54,12 +55,12 @@ Pair = Tuple[int, int]
 # ones cost as much as the sampling itself (measured: page faults on 70 MB columns ~0.05 s).
 _CHUNK_ELEMENTS = 1 << 22
 IMPLS = ("auto", "cpp", "torch")
-# Which way round the forward's product runs fastest, per (weight shape, dtype, threads),
-# measured on first use (see _weight_times_columns): True for columns-first. Not per number of
-# positions, which changes with every image size in training.
-_COLUMNS_FIRST: Dict[Tuple, bool] = {}
-# Chunk products of fewer multiply-adds (a few ms on one core) run weight-first, unmeasured: too
-# short to time reliably, and too short for the way round to matter.
+# The fastest way to compute each of the op's products, per (product, weight shape, dtype,
+# threads), measured on first use (see _run_fastest). Not per number of positions, which changes
+# with every image size in training.
+_FASTEST: Dict[Tuple, str] = {}
+# Chunk products of fewer multiply-adds (a few ms on one core) run the first way, unmeasured: too
+# short to time reliably, and too short for the way to matter.
 _MEASURE_MACS = 1 << 27
 
 
@@ -185,31 +186,115 @@ def _columns_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(prod.view(nc, pc, -1).transpose(1, 2))
 
 
-def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
-    """The forward's product of a chunk, the faster way round for its shapes on this CPU.
+def _packed_weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+    """The same product as :func:`_weight_first`, by the extension's packed AVX2 ``gemm``."""
+    from .native_cpp import gemm
 
-    Both ways run the same BLAS ``gemm`` with the operands swapped, so they give the same
-    result to rounding, but not at the same speed on every CPU (see the module docstring). So on
-    CPU the first large enough chunk of each weight shape runs both, twice each (each run writes
-    the same output), and the faster one is kept for that weight shape, dtype and thread count;
-    small chunks, and other devices, run weight-first, which needs no copy.
+    groups, cog = w.shape[:2]
+    for b in range(cols.shape[0]):
+        for grp in range(groups):
+            gemm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
+
+
+def _packed_gemm_ok(t: torch.Tensor) -> bool:
+    """Whether the extension's packed float32 ``gemm`` can run products of tensors like ``t``."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return False
+    from . import native_cpp
+
+    return native_cpp.gemm_supported()
+
+
+def _run_fastest(key: Tuple, ways: Dict[str, Callable], out: torch.Tensor, macs: int) -> None:
+    """Runs ``ways[name](out)`` for the way of computing this product that is fastest on this
+    CPU: on the first call for ``key`` with at least ``_MEASURE_MACS`` multiply-adds, each way
+    runs twice (from the same ``out``, so accumulating ways accumulate once) and the fastest is
+    kept in ``_FASTEST[key]``. Before that, and for smaller products, the first way runs.
+
+    All ways compute the same product, to rounding, so a measurement changes only speed; the
+    result the call leaves is the chosen way's.
+    """
+    name = _FASTEST.get(key)
+    if name is None and len(ways) > 1 and out.device.type == "cpu" and macs >= _MEASURE_MACS:
+        before = out.clone()
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(2):
+            for way, run in ways.items():
+                out.copy_(before)
+                start = time.perf_counter()
+                run(out)
+                best[way] = min(best[way], time.perf_counter() - start)
+        name = _FASTEST[key] = min(best, key=best.get)
+        if name == way:  # the last way run: its result stands
+            return
+        out.copy_(before)
+    ways[name or next(iter(ways))](out)
+
+
+def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+    """The forward's product of a chunk, ``out[b, group rows] = w[group] @ cols[b, :, group].T``,
+    the fastest way for its shapes on this CPU (:func:`_run_fastest`): MKL weight-first (no copy;
+    also every other device), MKL columns-first, or the extension's packed ``gemm``.
 
     Args:
         w (Tensor): (G, C_out/G, K*C/G), the weight of :func:`_weight_rows`.
         cols (Tensor): (n, Pc, G, K*C/G), a chunk's columns.
         out (Tensor): (n, C_out, Pc), where the chunk's output goes (may be strided).
     """
-    key = (tuple(w.shape), cols.dtype, torch.get_num_threads())
-    choice = _COLUMNS_FIRST.get(key)
-    if choice is None and cols.device.type == "cpu" and cols.numel() * w.shape[1] >= _MEASURE_MACS:
-        best = {False: float("inf"), True: float("inf")}
-        for columns_first in (False, True, False, True):
-            start = time.perf_counter()
-            (_columns_first if columns_first else _weight_first)(w, cols, out)
-            best[columns_first] = min(best[columns_first], time.perf_counter() - start)
-        _COLUMNS_FIRST[key] = best[True] < best[False]
-        return
-    (_columns_first if choice and cols.device.type == "cpu" else _weight_first)(w, cols, out)
+    ways = {"weight_first": _weight_first, "columns_first": _columns_first}
+    if _packed_gemm_ok(cols):
+        ways["packed"] = _packed_weight_first
+    key = ("forward", tuple(w.shape), cols.dtype, torch.get_num_threads())
+    _run_fastest(
+        key,
+        {k: functools.partial(f, w, cols) for k, f in ways.items()},
+        out,
+        cols.numel() * w.shape[1],
+    )
+
+
+def _column_gradient(
+    go: torch.Tensor, w: torch.Tensor, images: slice, p0: int, p1: int, grad_cols: torch.Tensor
+) -> None:
+    """``grad_cols[i, :, group] = go[b, group rows, p0:p1].T @ w[group]`` for the chunk's images
+    ``b``, the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
+    groups, cog = w.shape[:2]
+
+    def mkl(target):
+        for i, b, grp, rows in _image_groups(images, groups, cog):
+            _mm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
+
+    def packed(target):
+        from .native_cpp import gemm
+
+        for i, b, grp, rows in _image_groups(images, groups, cog):
+            gemm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
+
+    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w) else {"mkl": mkl}
+    key = ("column_gradient", tuple(w.shape), w.dtype, torch.get_num_threads())
+    _run_fastest(key, ways, grad_cols, grad_cols.numel() * cog)
+
+
+def _add_weight_gradient(
+    go: torch.Tensor, cols: torch.Tensor, images: slice, p0: int, p1: int, grad_w: torch.Tensor
+) -> None:
+    """``grad_w[group] += go[b, group rows, p0:p1] @ cols[i, :, group]`` for the chunk's images,
+    the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
+    groups, cog = grad_w.shape[:2]
+
+    def mkl(target):
+        for i, b, grp, rows in _image_groups(images, groups, cog):
+            target[grp].addmm_(go[b, rows, p0:p1], cols[i, :, grp])
+
+    def packed(target):
+        from .native_cpp import gemm
+
+        for i, b, grp, rows in _image_groups(images, groups, cog):
+            gemm(go[b, rows, p0:p1], cols[i, :, grp], target[grp], accumulate=True)
+
+    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols) else {"mkl": mkl}
+    key = ("weight_gradient", tuple(grad_w.shape), cols.dtype, torch.get_num_threads())
+    _run_fastest(key, ways, grad_w, cols.numel() * cog)
 
 
 def _image_groups(images: slice, groups: int, group_out: int):
@@ -297,9 +382,11 @@ def backward(
 
 
 def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-    """im2col into channels-last columns (n, Pc, G, K, C/G) and their product with the weight as
-    (G, C_out/G, K*C/G) into the output (N, C_out, Ho*Wo), chunk by chunk
-    (:func:`_weight_times_columns`)."""
+    """The output (N, C_out, Ho, Wo), the fastest way for the weight's shape on this CPU
+    (:func:`_run_fastest`): chunk by chunk, im2col into channels-last columns (n, Pc, G, K, C/G)
+    and their product with the weight as (G, C_out/G, K*C/G) (:func:`_weight_times_columns`);
+    or, for one group in float32 on an AVX2 CPU, the extension's fused pass, which samples into
+    cache-sized panels and multiplies them at once (``forward_packed``), never storing columns."""
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     n, c = x.shape[:2]
@@ -309,15 +396,37 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
     w = _weight_rows(weight, groups)
     out = x.new_empty(n, c_out, ho * wo)
     xp = _pad_channels_last(x)
-    for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
-        m = None if mask is None else mask[sl]
-        cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
-        _weight_times_columns(w, cols.view(cols.shape[0], p1 - p0, groups, -1), out[sl, :, p0:p1])
-        del cols
+
+    def chunked(target):
+        for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
+            m = None if mask is None else mask[sl]
+            cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
+            cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
+            _weight_times_columns(w, cols, target[sl, :, p0:p1])
+            del cols
+
+    ways = {"chunked": chunked}
+    if groups == 1 and hasattr(kernels, "forward_packed") and _packed_gemm_ok(x):
+        wpacked = _packed_weight(w[0])
+        ways["fused"] = lambda target: kernels.forward_packed(
+            xp, offset, mask, wpacked, *geometry[:-1], target
+        )
+    key = ("forward_pass", tuple(weight.shape), x.dtype, torch.get_num_threads())
+    _run_fastest(key, ways, out, out.numel() * w.shape[2])
     out = out.view(n, c_out, ho, wo)
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
     return out
+
+
+def _packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """(C_out, D) -> (ceil(C_out/16), D, 16): panels of 16 output channels, zero-padded, as the
+    extension's fused forward reads them."""
+    c_out, depth = w.shape
+    panels = -(-c_out // 16)
+    padded = w.new_zeros(panels * 16, depth)
+    padded[:c_out] = w
+    return padded.view(panels, 16, depth).transpose(1, 2).contiguous()
 
 
 def _backward(
@@ -345,8 +454,7 @@ def _backward(
         pc = p1 - p0
         if need_x or need_coord:
             grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-            for i, b, grp, rows in _image_groups(sl, groups, cog):
-                _mm(go_all[b, rows, p0:p1].t(), w[grp], grad_cols[i, :, grp])
+            _column_gradient(go_all, w, sl, p0, p1, grad_cols)
             # One pass gives the input gradient (into grad_xp), the offset and mask
             # gradients, and the columns for the weight gradient.
             g_offset, g_mask, cols = kernels.backward(
@@ -369,9 +477,9 @@ def _backward(
         if need_mask:
             grad_mask[sl, :, p0:p1] = g_mask
         if need_weight:
-            cols = cols.view(cols.shape[0], pc, groups, -1)
-            for i, b, grp, rows in _image_groups(sl, groups, cog):
-                grad_w[grp].addmm_(go_all[b, rows, p0:p1], cols[i, :, grp])
+            _add_weight_gradient(
+                go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w
+            )
             del cols  # at most two column-sized tensors alive at once
     grad_x = None
     if need_x:

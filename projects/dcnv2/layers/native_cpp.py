@@ -7,7 +7,9 @@ installed torch. If the build fails, one warning says why and the native backend
 PyTorch-op kernels of :mod:`dcnv2.layers.native_torch` instead. Set ``DCNV2_NATIVE_IMPL=torch``
 to skip the build altogether.
 
-Same functions and layouts as :mod:`dcnv2.layers.native_torch`; CPU float32/float64 only.
+Same functions and layouts as :mod:`dcnv2.layers.native_torch`; CPU float32/float64 only. Also
+a packed float32 matrix product with AVX2 (:func:`gemm`, ``csrc/gemm_cpu.cpp``), which the
+native backend measures against MKL and uses where it is faster.
 """
 
 import functools
@@ -19,11 +21,23 @@ import torch
 
 from ..quiet import known_messages_silenced
 
-__all__ = ["is_available", "error", "im2col", "backward", "crop_channels_first"]
+__all__ = [
+    "is_available",
+    "error",
+    "im2col",
+    "backward",
+    "crop_channels_first",
+    "gemm_supported",
+    "gemm",
+    "forward_packed",
+]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "deform_conv_cpu.cpp")
+_SOURCES = [
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
+    for name in ("deform_conv_cpu.cpp", "gemm_cpu.cpp")
+]
 _error: Optional[str] = None
 
 
@@ -39,7 +53,7 @@ def _load() -> bool:
         # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
         load(
             name="dcnv2_native_cpu",
-            sources=[_SOURCE],
+            sources=_SOURCES,
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -125,3 +139,32 @@ def backward(
 def crop_channels_first(xp: torch.Tensor) -> torch.Tensor:
     """(n, H+2, W+2, C) -> (n, C, H, W) without the one-pixel padding."""
     return torch.ops.dcnv2_native.crop_channels_first(xp)
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_supported() -> bool:
+    """Whether :func:`gemm` can run here: the extension loads and the CPU has AVX2 and FMA."""
+    return is_available(warn=False) and bool(torch.ops.dcnv2_native.gemm_supported())
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool = False) -> None:
+    """``c = a @ b`` (``c += a @ b`` when ``accumulate``) for float32 CPU matrices of any strides,
+    ``c`` with unit column stride; needs :func:`gemm_supported`.
+
+    Args:
+        a (Tensor): (M, K).
+        b (Tensor): (K, N).
+        c (Tensor): (M, N), written in place.
+        accumulate (bool): add to ``c`` instead of overwriting it.
+    """
+    torch.ops.dcnv2_native.gemm(a, b, c, accumulate)
+
+
+def forward_packed(xp, offset, mask, wpacked, kernel, stride, padding, dilation, dg, out) -> None:
+    """The whole forward of one convolution group in float32 into ``out`` (n, C_out, Ho*Wo):
+    sampling into cache-sized panels multiplied at once with ``wpacked`` (ceil(C_out/16),
+    kh*kw*C, 16), the weight's rows in panels of 16 output channels; needs
+    :func:`gemm_supported`."""
+    torch.ops.dcnv2_native.forward_packed(
+        xp, offset, mask, wpacked, None, kernel, stride, padding, dilation, dg, out
+    )
