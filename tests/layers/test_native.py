@@ -403,26 +403,26 @@ def test_forward_products_both_ways_round(groups, dtype):
         assert (full[:, :, :2] == 7).all() and (full[:, :, 2 + pc :] == 7).all()
 
 
-@pytest.mark.parametrize("columns_first", [False, True])
-def test_forward_product_choice(columns_first, monkeypatch):
-    """A new weight shape is measured both ways once and the choice cached for any number of
-    positions; either choice gives detectron2's result (the float64 loop reference)."""
+@pytest.mark.parametrize("way", ["weight_first", "columns_first"])
+def test_forward_product_choice(way, monkeypatch):
+    """A new weight shape is measured once and the choice cached for any number of positions;
+    either way gives detectron2's result (the float64 loop reference)."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
     offset = torch.randn(2, 18, 5, 6, generator=g, dtype=torch.float64) * 2
     mask = torch.rand(2, 9, 5, 6, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
-    monkeypatch.setattr(native, "_COLUMNS_FIRST", {})
+    monkeypatch.setattr(native, "_FASTEST", {})
     _native(x, offset, mask, weight, padding=1)
-    assert native._COLUMNS_FIRST == {}  # too small to measure
+    assert native._FASTEST == {}  # too small to measure
     monkeypatch.setattr(native, "_MEASURE_MACS", 0)
     out = _native(x, offset, mask, weight, padding=1)
-    key = ((1, 4, 27), torch.float64, torch.get_num_threads())
-    assert list(native._COLUMNS_FIRST) == [key]
-    native._COLUMNS_FIRST[key] = columns_first
+    key = ("forward", (1, 4, 27), torch.float64, torch.get_num_threads())
+    assert list(native._FASTEST) == [key]
+    native._FASTEST[key] = way
     forced = _native(x, offset, mask, weight, padding=1)
     fewer = _native(x[:, :, :4], offset[:, :, :4], mask[:, :, :4], weight, padding=1)
-    assert list(native._COLUMNS_FIRST) == [key] and native._COLUMNS_FIRST[key] == columns_first
+    assert list(native._FASTEST) == [key] and native._FASTEST[key] == way
     grad = torch.zeros(2, 4, 5, 6, dtype=torch.float64)
     expected = detectron2_reference(x, offset, mask, weight, grad, (1, 1), (1, 1), (1, 1), 1)[0]
     torch.testing.assert_close(out, expected)

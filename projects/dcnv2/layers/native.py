@@ -407,7 +407,7 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
 
     ways = {"chunked": chunked}
     if groups == 1 and hasattr(kernels, "forward_packed") and _packed_gemm_ok(x):
-        wpacked = _packed_weight(w[0])
+        wpacked = kernels.pack_rows16(w[0])
         ways["fused"] = lambda target: kernels.forward_packed(
             xp, offset, mask, wpacked, *geometry[:-1], target
         )
@@ -417,16 +417,6 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
     return out
-
-
-def _packed_weight(w: torch.Tensor) -> torch.Tensor:
-    """(C_out, D) -> (ceil(C_out/16), D, 16): panels of 16 output channels, zero-padded, as the
-    extension's fused forward reads them."""
-    c_out, depth = w.shape
-    panels = -(-c_out // 16)
-    padded = w.new_zeros(panels * 16, depth)
-    padded[:c_out] = w
-    return padded.view(panels, 16, depth).transpose(1, 2).contiguous()
 
 
 def _backward(

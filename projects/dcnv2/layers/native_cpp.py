@@ -30,6 +30,7 @@ __all__ = [
     "gemm_supported",
     "gemm",
     "forward_packed",
+    "pack_rows16",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,3 +169,9 @@ def forward_packed(xp, offset, mask, wpacked, kernel, stride, padding, dilation,
     torch.ops.dcnv2_native.forward_packed(
         xp, offset, mask, wpacked, None, kernel, stride, padding, dilation, dg, out
     )
+
+
+def pack_rows16(w: torch.Tensor) -> torch.Tensor:
+    """(M, D) float32 -> (ceil(M/16), D, 16): rows in zero-padded panels of 16, the weight layout
+    of :func:`forward_packed`."""
+    return torch.ops.dcnv2_native.pack_rows16(w)

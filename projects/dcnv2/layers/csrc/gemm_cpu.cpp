@@ -223,11 +223,46 @@ void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool ac
   });
 }
 
+// (M, D) -> (ceil(M/16), D, 16): rows in panels of 16, zero-padded, as the fused forward of
+// deform_conv_cpu.cpp reads the weight (one panel of 16 output channels per register tile).
+at::Tensor pack_rows16(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
+              "pack_rows16: 2-D float32 CPU tensor");
+  const at::Tensor src = w.contiguous();
+  const int64_t M = src.size(0), D = src.size(1), panels = (M + kNR - 1) / kNR;
+  auto out = at::empty({panels, D, kNR}, src.options());
+  const float* s = src.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* panel = d + p * D * kNR;
+      const int64_t rows = std::min(kNR, M - p * kNR);
+      // Blocks of 64 depths: the 4 KiB of the panel being written stay in L1.
+      for (int64_t k0 = 0; k0 < D; k0 += 64) {
+        const int64_t k1 = std::min(D, k0 + 64);
+        for (int64_t i = 0; i < kNR; ++i) {
+          if (i < rows) {
+            const float* r = s + (p * kNR + i) * D;
+            for (int64_t k = k0; k < k1; ++k) panel[k * kNR + i] = r[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) panel[k * kNR + i] = 0.f;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcnv2_native, m) {
   m.def("gemm_supported() -> bool", &dcnv2::cpu_has_avx2_fma);
   m.def("gemm(Tensor a, Tensor b, Tensor(a!) c, bool accumulate) -> ()");
+  m.def("pack_rows16(Tensor w) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dcnv2_native, CPU, m) { m.impl("gemm", &gemm); }
+TORCH_LIBRARY_IMPL(dcnv2_native, CPU, m) {
+  m.impl("gemm", &gemm);
+  m.impl("pack_rows16", &pack_rows16);
+}
