@@ -15,7 +15,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DCNV2_AVX2 1
 #include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +30,8 @@ namespace dcnv2 {
 // Shared with deform_conv_cpu.cpp's fused forward.
 constexpr int64_t kMR = 6;   // rows of C per register tile
 constexpr int64_t kNR = 16;  // columns of C per register tile: two 8-float vectors
+
+#ifdef DCNV2_AVX2
 
 bool cpu_has_avx2_fma() {
   __builtin_cpu_init();
@@ -89,6 +94,16 @@ __attribute__((target("avx2,fma"))) void tile_6x16(int64_t kc, const float* __re
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0.f) + tmp[i][j];
 }
+
+#else  // other CPUs (ARM, other compilers): the Python side never calls the products
+
+bool cpu_has_avx2_fma() { return false; }
+
+void tile_6x16(int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, bool) {
+  TORCH_CHECK(false, "dcnv2: the packed products need an x86-64 CPU with AVX2 and FMA");
+}
+
+#endif
 
 }  // namespace dcnv2
 
