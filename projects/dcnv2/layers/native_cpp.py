@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
-    for name in ("deform_conv_cpu.cpp", "gemm_cpu.cpp")
+    for name in ("deform_conv_cpu.cpp", "deform_conv_packed.cpp", "gemm_cpu.cpp")
 ]
 _error: Optional[str] = None
 

@@ -17,122 +17,11 @@
 // offset/mask gradients by (image, block of positions); the input gradient, where taps of
 // different positions meet, by (image, block of channels).
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <cmath>
-#include <optional>
-#include <vector>
-
-namespace dcnv2 {  // gemm_cpu.cpp
-bool cpu_has_avx2_fma();
-void tile_6x16(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
-               int64_t n, bool accumulate);
-}  // namespace dcnv2
+#include "deform_conv_common.h"
 
 namespace {
 
-constexpr int64_t kBlock = 64;         // output positions per task
-constexpr int64_t kChannelAlign = 16;  // channel blocks of the input gradient: whole vectors
-constexpr int64_t kPanelFloats = 786432;  // the fused forward's packed columns per task (3 MiB)
-
-struct Geometry {
-  int64_t n, channels, height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w, dg, groups;
-  int64_t p_begin, p_end;
-  int64_t taps() const { return kh * kw; }
-  int64_t all_positions() const { return out_h * out_w; }
-  int64_t positions() const { return p_end - p_begin; }
-  int64_t dg_channels() const { return channels / dg; }
-  int64_t group_channels() const { return channels / groups; }
-  int64_t row() const { return taps() * channels; }  // one position's columns
-  int64_t padded_width() const { return width + 2; }
-  int64_t image() const { return (height + 2) * (width + 2) * channels; }
-};
-
-Geometry make_geometry(const at::Tensor& xp, const at::Tensor& offset, at::IntArrayRef kernel,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       int64_t dg, int64_t groups, int64_t p_begin, int64_t p_end) {
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
-                  dilation.size() == 2,
-              "kernel, stride, padding, dilation must be pairs");
-  const Geometry g{xp.size(0),     xp.size(3),     xp.size(1) - 2, xp.size(2) - 2, kernel[0],
-                   kernel[1],      stride[0],      stride[1],      padding[0],     padding[1],
-                   dilation[0],    dilation[1],    offset.size(2), offset.size(3), dg,
-                   groups,         p_begin,        p_end};
-  TORCH_CHECK(0 <= p_begin && p_begin < p_end && p_end <= g.all_positions(), "position range");
-  TORCH_CHECK(dg > 0 && groups > 0 && g.channels % dg == 0 && g.channels % groups == 0,
-              "channels divisible by the groups");
-  TORCH_CHECK(offset.size(0) == g.n && offset.size(1) == 2 * dg * g.taps(), "offset shape");
-  return g;
-}
-
-// Where one tap of one output position samples.
-template <typename T>
-struct Tap {
-  bool inside;
-  int64_t index;  // element offset of the top-left corner in the padded image
-  T lh, lw, m;    // fractional parts h - floor(h), w - floor(w); modulation (1 for DCNv1)
-};
-
-template <typename T>
-Tap<T> make_tap(const Geometry& g, const T* offset, const T* mask, int64_t b, int64_t d,
-                int64_t k, int64_t p) {
-  const int64_t all = g.all_positions(), K = g.taps();
-  const int64_t ho = p / g.out_w, wo = p % g.out_w;
-  // Offset channels of a deformable group: (dy, dx) for tap 0, then tap 1, ...
-  const T* off = offset + ((b * g.dg + d) * K + k) * 2 * all + p;
-  const T h = static_cast<T>(ho * g.sh - g.ph + (k / g.kw) * g.dh) + off[0];
-  const T w = static_cast<T>(wo * g.sw - g.pw + (k % g.kw) * g.dw) + off[all];
-  Tap<T> t{false, 0, T(0), T(0), T(0)};
-  if (h > -1 && w > -1 && h < g.height && w < g.width) {  // false for NaN too
-    const T hf = std::floor(h), wf = std::floor(w);
-    t.inside = true;
-    t.index = ((static_cast<int64_t>(hf) + 1) * g.padded_width() + static_cast<int64_t>(wf) + 1) *
-              g.channels;
-    t.lh = h - hf;
-    t.lw = w - wf;
-    t.m = mask ? mask[((b * g.dg + d) * K + k) * all + p] : T(1);
-  }
-  return t;
-}
-
-// Calls fn(c0, c1, column) for the runs of channels [c0, c1) within [begin, end) that lie in
-// one convolution group; column is where channel c0 of tap k sits in a position's row.
-template <typename Fn>
-void for_each_run(const Geometry& g, int64_t k, int64_t begin, int64_t end, Fn fn) {
-  const int64_t cg = g.group_channels();
-  for (int64_t c0 = begin; c0 < end;) {
-    const int64_t grp = c0 / cg, c1 = std::min(end, (grp + 1) * cg);
-    fn(c0, c1, (grp * g.taps() + k) * cg + (c0 - grp * cg));
-    c0 = c1;
-  }
-}
-
-// Calls fn(b, p, p_local) for every output position of the range, in parallel blocks.
-template <typename Fn>
-void for_each_position(const Geometry& g, Fn fn) {
-  const int64_t P = g.positions(), blocks = (P + kBlock - 1) / kBlock;
-  at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, p0 = (task % blocks) * kBlock;
-      for (int64_t q = p0; q < std::min(P, p0 + kBlock); ++q) fn(b, g.p_begin + q, q);
-    }
-  });
-}
-
-// detectron2's dmcn_im2col_bilinear for channels [0, len) of the four corners, times the mask.
-template <typename T>
-void sample(const T* __restrict v, int64_t C, int64_t wp, const Tap<T>& t, int64_t len,
-            T* __restrict col) {
-  const T hh = 1 - t.lh, hw = 1 - t.lw;
-  const T w00 = hh * hw, w01 = hh * t.lw, w10 = t.lh * hw, w11 = t.lh * t.lw, m = t.m;
-  const T *v01 = v + C, *v10 = v + wp * C, *v11 = v + (wp + 1) * C;
-#pragma omp simd
-  for (int64_t c = 0; c < len; ++c)
-    col[c] = (w00 * v[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * m;
-}
+using namespace dcnv2;
 
 template <typename T>
 void im2col_impl(const Geometry& g, const T* xp, const T* offset, const T* mask, T* cols) {
@@ -208,15 +97,6 @@ void coord_impl(const Geometry& g, const T* xp, const T* offset, const T* mask,
       }
     }
   });
-}
-
-// Channel blocks of the input gradient's split: one block per thread for each image (more,
-// narrower blocks measured 6-11% slower at res3/res4: each recomputes every tap), each a whole
-// number of vectors. Returns the block width.
-int64_t channel_block(const Geometry& g) {
-  const int64_t want = std::max<int64_t>(1, (at::get_num_threads() + g.n - 1) / g.n);
-  const int64_t width = (g.channels + want - 1) / want;
-  return std::min(g.channels, (width + kChannelAlign - 1) / kChannelAlign * kChannelAlign);
 }
 
 // Adds the input gradient of the columns to grad_xp (detectron2's modulated_deformable_col2im
@@ -361,21 +241,6 @@ void coord_col2im_impl(const Geometry& g, const T* xp, const T* offset, const T*
   });
 }
 
-void check_inputs(const at::Tensor& xp, const at::Tensor& offset,
-                  const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(xp.device().is_cpu() && xp.is_contiguous() && xp.dim() == 4,
-              "xp: contiguous (n, H+2, W+2, C) CPU tensor");
-  TORCH_CHECK(offset.is_contiguous() && offset.scalar_type() == xp.scalar_type(),
-              "offset: contiguous, same dtype as xp");
-  TORCH_CHECK(!mask || (mask->is_contiguous() && mask->scalar_type() == xp.scalar_type()),
-              "mask: contiguous, same dtype as xp");
-}
-
-template <typename T>
-const T* mask_ptr(const std::optional<at::Tensor>& mask) {
-  return mask ? mask->data_ptr<T>() : nullptr;
-}
-
 at::Tensor im2col(const at::Tensor& xp, const at::Tensor& offset,
                   const std::optional<at::Tensor>& mask, at::IntArrayRef kernel,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -442,85 +307,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return {grad_offset, grad_mask, cols};
 }
 
-// The whole forward for groups == 1, float32, in one pass over blocks of output positions: a
-// task samples its positions straight into packed panels (per 6 positions, [K*C][6] with the
-// columns' (tap, channel) order) sized to stay in L2, and multiplies them with the weight,
-// packed as (ceil(C_out/16), K*C, 16), in 6x16 AVX2 register tiles (gemm_cpu.cpp) over the whole
-// depth. So the columns never go to memory, and each output element is stored once.
-void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
-                    const std::optional<at::Tensor>& mask, const at::Tensor& wpacked,
-                    const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
-                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                    int64_t dg, const at::Tensor& out) {
-  check_inputs(xp, offset, mask);
-  TORCH_CHECK(dcnv2::cpu_has_avx2_fma(), "forward_packed needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(xp.scalar_type() == at::kFloat, "forward_packed: float32");
-  const Geometry g = make_geometry(xp, offset, kernel, stride, padding, dilation, dg, 1, 0,
-                                   offset.size(2) * offset.size(3));
-  const int64_t depth = g.row(), P = g.all_positions(), C = g.channels, cd = g.dg_channels();
-  const int64_t c_out = out.size(1);
-  TORCH_CHECK(wpacked.is_contiguous() && wpacked.scalar_type() == at::kFloat &&
-                  wpacked.dim() == 3 && wpacked.size(0) == (c_out + 15) / 16 &&
-                  wpacked.size(1) == depth && wpacked.size(2) == 16,
-              "wpacked: contiguous float32 (ceil(C_out/16), kh*kw*C, 16)");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.dim() == 3 &&
-                  out.size(0) == g.n && out.size(2) == P,
-              "out: contiguous float32 (n, C_out, Ho*Wo)");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == at::kFloat &&
-                        bias->numel() == c_out),
-              "bias: contiguous float32 (C_out,)");
-  // Positions per task: a multiple of 6, at most 96, whose panels fill at most 3 MiB. On an AMD
-  // EPYC (Zen 3) 0.2-6 MiB made little difference at res3/res4, and res5 (36 KiB per position)
-  // was 10-20% faster with 3 MiB than with 384 KiB: each task reads the whole packed weight once.
-  const int64_t block = std::clamp<int64_t>((kPanelFloats / depth) / 6 * 6, 6, 96);
-  const int64_t blocks = (P + block - 1) / block, K = g.taps(), wp = g.padded_width();
-  const float *x = xp.data_ptr<float>(), *off = offset.data_ptr<float>();
-  const float* m = mask_ptr<float>(mask);
-  const float* w = wpacked.data_ptr<float>();
-  const float* bias_data = bias ? bias->data_ptr<float>() : nullptr;
-  float* y = out.data_ptr<float>();
-  at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panels(block * depth), rows(6 * cd);
-    alignas(32) float tile[6 * 16];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, p0 = (task % blocks) * block;
-      const int64_t count = std::min(block, P - p0);
-      for (int64_t q = 0; q < count; q += 6) {
-        float* panel = panels.data() + q * depth;
-        for (int64_t d = 0; d < g.dg; ++d) {
-          for (int64_t k = 0; k < K; ++k) {
-            for (int64_t j = 0; j < 6; ++j) {
-              float* row = rows.data() + j * cd;
-              const Tap<float> t =
-                  q + j < count ? make_tap(g, off, m, b, d, k, p0 + q + j) : Tap<float>{};
-              if (t.inside)
-                sample(x + b * g.image() + t.index + d * cd, C, wp, t, cd, row);
-              else
-                std::fill(row, row + cd, 0.f);
-            }
-            float* dst = panel + (k * C + d * cd) * 6;
-            for (int64_t c = 0; c < cd; ++c)
-              for (int64_t j = 0; j < 6; ++j) dst[c * 6 + j] = rows[j * cd + c];
-          }
-        }
-      }
-      for (int64_t o = 0; o < c_out; o += 16) {
-        const float* wpanel = w + (o / 16) * depth * 16;
-        const int64_t rows_out = std::min<int64_t>(16, c_out - o);
-        for (int64_t q = 0; q < count; q += 6) {
-          dcnv2::tile_6x16(depth, panels.data() + q * depth, wpanel, tile, 16, 6, 16, false);
-          float* dst = y + (b * c_out + o) * P + p0 + q;
-          const int64_t cols = std::min<int64_t>(6, count - q);
-          for (int64_t i = 0; i < rows_out; ++i) {
-            const float add = bias_data ? bias_data[o + i] : 0.f;
-            for (int64_t j = 0; j < cols; ++j) dst[i * P + j] = tile[j * 16 + i] + add;
-          }
-        }
-      }
-    }
-  });
-}
-
 // (n, H+2, W+2, C) -> (n, C, H, W) without the padding: the input gradient back in the input's
 // layout. Tiles of the (W, C) -> (C, W) transpose of each row stay in L1.
 at::Tensor crop_channels_first(const at::Tensor& xp) {
@@ -559,14 +345,10 @@ TORCH_LIBRARY(dcnv2_native, m) {
         "int p_end, Tensor(a!)? grad_xp, bool need_coord, bool need_cols) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("crop_channels_first(Tensor xp) -> Tensor");
-  m.def("forward_packed(Tensor xp, Tensor offset, Tensor? mask, Tensor wpacked, Tensor? bias, "
-        "int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int dg, "
-        "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dcnv2_native, CPU, m) {
   m.impl("im2col", &im2col);
   m.impl("backward", &backward);
   m.impl("crop_channels_first", &crop_channels_first);
-  m.impl("forward_packed", &forward_packed);
 }
