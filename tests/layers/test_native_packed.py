@@ -152,25 +152,29 @@ def test_run_fastest_measures_once_and_keeps_the_fastest(monkeypatch):
     monkeypatch.setattr(native, "_MEASURE_MACS", 100)
     runs = []
 
+    out = torch.full((3,), 10.0)
+    other = torch.full((2,), 1.0)
+
     def way(name, delay, value):
-        def run(out):
+        def run():
             runs.append(name)
             time.sleep(delay)
-            out += value
+            out.add_(value)
+            other.add_(value)
 
         return run
 
     ways = {"slow": way("slow", 0.02, 1.0), "fast": way("fast", 0.0, 2.0)}
-    out = torch.full((3,), 10.0)
-    native._run_fastest(("k",), ways, out, macs=100)
+    native._run_fastest(("k",), ways, [out, other], macs=100)
     assert native._FASTEST == {("k",): "fast"}
     assert runs == ["slow", "fast", "slow", "fast"]
-    assert out.tolist() == [12.0] * 3  # the fast way's result, added once
+    # the fast way's result, added once, in every output
+    assert out.tolist() == [12.0] * 3 and other.tolist() == [3.0] * 2
     runs.clear()
-    native._run_fastest(("k",), ways, out, macs=100)
+    native._run_fastest(("k",), ways, [out, other], macs=100)
     assert runs == ["fast"] and out.tolist() == [14.0] * 3
     # Too small to time, and a new key: the first way, nothing recorded.
-    native._run_fastest(("small",), ways, out, macs=99)
+    native._run_fastest(("small",), ways, [out, other], macs=99)
     assert "small" not in {k[0] for k in native._FASTEST} and out.tolist() == [15.0] * 3
 
 
@@ -178,12 +182,12 @@ def test_run_fastest_reruns_the_winner_when_another_way_ran_last(monkeypatch):
     monkeypatch.setattr(native, "_FASTEST", {})
     monkeypatch.setattr(native, "_MEASURE_MACS", 0)
     runs = []
-    ways = {
-        "fast": lambda out: runs.append("fast") or out.fill_(1.0),
-        "slow": lambda out: runs.append("slow") or time.sleep(0.02) or out.fill_(2.0),
-    }
     out = torch.zeros(2)
-    native._run_fastest(("k",), ways, out, macs=1)
+    ways = {
+        "fast": lambda: runs.append("fast") or out.fill_(1.0),
+        "slow": lambda: runs.append("slow") or time.sleep(0.02) or out.fill_(2.0),
+    }
+    native._run_fastest(("k",), ways, [out], macs=1)
     assert runs == ["fast", "slow", "fast", "slow", "fast"] and out.tolist() == [1.0, 1.0]
 
 
@@ -213,3 +217,89 @@ def test_forward_pass_choice_is_per_weight_shape(monkeypatch):
     native.forward(x.double(), offset.double(), mask.double(), weight.double(), None, *geometry)
     key64 = ("forward_pass", (4, 3, 3, 3), torch.float64, torch.get_num_threads())
     assert key64 not in native._FASTEST  # one way only: nothing to measure
+
+
+BACKWARD_NEEDS = [
+    (True, True, True, True),
+    (True, False, True, True),
+    (False, True, False, False),
+    (False, False, False, True),
+]
+
+
+@PACKED
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("needs", BACKWARD_NEEDS)
+def test_fused_backward_matches_reference(case, needs, monkeypatch):
+    """The fused backward (forced) gives the reference's gradients, for any subset asked for:
+    channel blocks cut at panels of 16 (C = 24: blocks of 16 and 8 channels with 2 threads),
+    edge position panels, offset groups, DCNv1."""
+    n, c, h, w, c_out, kernel, s, p, d, dg, with_mask = case
+    s, p, d = _pair(s), _pair(p), _pair(d)
+    g = torch.Generator().manual_seed(c_out + 1)
+    ho, wo = output_size((h, w), kernel, s, p, d)
+    taps = kernel[0] * kernel[1]
+    x = torch.randn(n, c, h, w, generator=g)
+    offset = (torch.rand(n, 2 * dg * taps, ho, wo, generator=g) - 0.5) * 10
+    mask = torch.rand(n, dg * taps, ho, wo, generator=g) if with_mask else None
+    weight = torch.randn(c_out, c, *kernel, generator=g)
+    upstream = torch.randn(n, c_out, ho, wo, generator=g)
+    need_x, need_offset, need_mask, need_weight = needs
+    need_mask = need_mask and with_mask
+    key = (
+        "backward_pass",
+        tuple(weight.shape),
+        (need_x, need_offset, need_mask, need_weight),
+        torch.float32,
+        torch.get_num_threads(),
+    )
+    monkeypatch.setattr(native, "_FASTEST", {key: "fused"})
+    calls = []
+    monkeypatch.setattr(
+        native_cpp, "backward_packed", lambda *a: calls.append(1) or _real_backward_packed(*a)
+    )
+    grads = native.backward(upstream, x, offset, mask, weight, s, p, d, 1, dg, [*needs, False])
+    ref = deform_conv_reference(x, offset, mask, weight, None, upstream, s, p, d, 1, dg)
+    assert calls == [1]
+    wanted = (need_x, need_offset, need_mask, need_weight)
+    for got, name, want in zip(grads[:4], ("input", "offset", "mask", "weight"), wanted):
+        if not want:
+            assert got is None
+            continue
+        torch.testing.assert_close(
+            got.double(), ref[name], rtol=1e-5, atol=1e-6 * _scale(ref[name])
+        )
+
+
+_real_backward_packed = native_cpp.backward_packed
+
+
+@PACKED
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_backward_thread_counts(threads):
+    """Channel blocks follow the thread count (48 channels: 1 block, or 3 blocks of 16 cutting
+    through 2 offset groups of 24); the gradients do not depend on it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 48, 6, 7, generator=g)
+    offset = (torch.rand(2, 36, 6, 7, generator=g) - 0.5) * 6
+    mask = torch.rand(2, 18, 6, 7, generator=g)
+    weight = torch.randn(8, 48, 3, 3, generator=g)
+    upstream = torch.randn(2, 8, 6, 7, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        key = ("backward_pass", (8, 48, 3, 3), (True,) * 4, torch.float32, threads)
+        native._FASTEST[key] = "fused"
+        grads = native.backward(
+            upstream, x, offset, mask, weight, (1, 1), (1, 1), (1, 1), 1, 2, [True] * 4 + [False]
+        )
+    finally:
+        native._FASTEST.pop(("backward_pass", (8, 48, 3, 3), (True,) * 4, torch.float32, threads))
+        torch.set_num_threads(previous)
+    ref = deform_conv_reference(
+        x, offset, mask, weight, None, upstream, (1, 1), (1, 1), (1, 1), 1, 2
+    )
+    for got, name in zip(grads[:4], ("input", "offset", "mask", "weight")):
+        torch.testing.assert_close(
+            got.double(), ref[name], rtol=1e-5, atol=1e-6 * _scale(ref[name])
+        )

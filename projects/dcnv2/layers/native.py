@@ -205,30 +205,38 @@ def _packed_gemm_ok(t: torch.Tensor) -> bool:
     return native_cpp.gemm_supported()
 
 
-def _run_fastest(key: Tuple, ways: Dict[str, Callable], out: torch.Tensor, macs: int) -> None:
-    """Runs ``ways[name](out)`` for the way of computing this product that is fastest on this
-    CPU: on the first call for ``key`` with at least ``_MEASURE_MACS`` multiply-adds, each way
-    runs twice (from the same ``out``, so accumulating ways accumulate once) and the fastest is
-    kept in ``_FASTEST[key]``. Before that, and for smaller products, the first way runs.
+def _run_fastest(
+    key: Tuple, ways: Dict[str, Callable[[], None]], outs: Sequence[torch.Tensor], macs: int
+) -> None:
+    """Runs the way of computing something into ``outs`` that is fastest on this CPU: on the
+    first call for ``key`` with at least ``_MEASURE_MACS`` multiply-adds, each way runs twice
+    (each time from the same ``outs``, so accumulating ways accumulate once) and the fastest is
+    kept in ``_FASTEST[key]``. Before that, and for smaller work, the first way runs.
 
-    All ways compute the same product, to rounding, so a measurement changes only speed; the
+    All ways compute the same values, to rounding, so a measurement changes only speed; the
     result the call leaves is the chosen way's.
     """
     name = _FASTEST.get(key)
-    if name is None and len(ways) > 1 and out.device.type == "cpu" and macs >= _MEASURE_MACS:
-        before = out.clone()
+    device = outs[0].device.type if outs else "cpu"
+    if name is None and len(ways) > 1 and device == "cpu" and macs >= _MEASURE_MACS:
+        before = [out.clone() for out in outs]
         best = dict.fromkeys(ways, float("inf"))
+
+        def restore():
+            for out, saved in zip(outs, before):
+                out.copy_(saved)
+
         for _ in range(2):
             for way, run in ways.items():
-                out.copy_(before)
+                restore()
                 start = time.perf_counter()
-                run(out)
+                run()
                 best[way] = min(best[way], time.perf_counter() - start)
         name = _FASTEST[key] = min(best, key=best.get)
         if name == way:  # the last way run: its result stands
             return
-        out.copy_(before)
-    ways[name or next(iter(ways))](out)
+        restore()
+    ways[name or next(iter(ways))]()
 
 
 def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
@@ -247,8 +255,8 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
     key = ("forward", tuple(w.shape), cols.dtype, torch.get_num_threads())
     _run_fastest(
         key,
-        {k: functools.partial(f, w, cols) for k, f in ways.items()},
-        out,
+        {k: functools.partial(f, w, cols, out) for k, f in ways.items()},
+        [out],
         cols.numel() * w.shape[1],
     )
 
@@ -272,7 +280,8 @@ def _column_gradient(
 
     ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w) else {"mkl": mkl}
     key = ("column_gradient", tuple(w.shape), w.dtype, torch.get_num_threads())
-    _run_fastest(key, ways, grad_cols, grad_cols.numel() * cog)
+    ways = {k: functools.partial(f, grad_cols) for k, f in ways.items()}
+    _run_fastest(key, ways, [grad_cols], grad_cols.numel() * cog)
 
 
 def _add_weight_gradient(
@@ -294,7 +303,8 @@ def _add_weight_gradient(
 
     ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols) else {"mkl": mkl}
     key = ("weight_gradient", tuple(grad_w.shape), cols.dtype, torch.get_num_threads())
-    _run_fastest(key, ways, grad_w, cols.numel() * cog)
+    ways = {k: functools.partial(f, grad_w) for k, f in ways.items()}
+    _run_fastest(key, ways, [grad_w], cols.numel() * cog)
 
 
 def _image_groups(images: slice, groups: int, group_out: int):
@@ -412,7 +422,8 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
             xp, offset, mask, wpacked, *geometry[:-1], target
         )
     key = ("forward_pass", tuple(weight.shape), x.dtype, torch.get_num_threads())
-    _run_fastest(key, ways, out, out.numel() * w.shape[2])
+    ways = {k: functools.partial(f, out) for k, f in ways.items()}
+    _run_fastest(key, ways, [out], out.numel() * w.shape[2])
     out = out.view(n, c_out, ho, wo)
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
@@ -439,38 +450,51 @@ def _backward(
     grad_offset = offset.new_empty(n, offset.shape[1], ho * wo) if need_offset else None
     grad_mask = mask.new_empty(n, mask.shape[1], ho * wo) if need_mask else None
     grad_w = torch.zeros_like(w) if need_weight else None
-    for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
-        m = None if mask is None else mask[sl]
-        pc = p1 - p0
-        if need_x or need_coord:
-            grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-            _column_gradient(go_all, w, sl, p0, p1, grad_cols)
-            # One pass gives the input gradient (into grad_xp), the offset and mask
-            # gradients, and the columns for the weight gradient.
-            g_offset, g_mask, cols = kernels.backward(
-                xp[sl],
-                offset[sl],
-                m,
-                grad_cols.view(grad_cols.shape[0], pc, -1),
-                *geometry,
-                p0,
-                p1,
-                grad_xp[sl] if need_x else None,
-                need_coord,
-                need_weight,
-            )
-            del grad_cols
-        elif need_weight:
-            cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
-        if need_offset:
-            grad_offset[sl, :, p0:p1] = g_offset
-        if need_mask:
-            grad_mask[sl, :, p0:p1] = g_mask
-        if need_weight:
-            _add_weight_gradient(
-                go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w
-            )
-            del cols  # at most two column-sized tensors alive at once
+
+    def chunked():
+        for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
+            m = None if mask is None else mask[sl]
+            pc = p1 - p0
+            if need_x or need_coord:
+                grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
+                _column_gradient(go_all, w, sl, p0, p1, grad_cols)
+                # One pass gives the input gradient (into grad_xp), the offset and mask
+                # gradients, and the columns for the weight gradient.
+                g_offset, g_mask, cols = kernels.backward(
+                    xp[sl],
+                    offset[sl],
+                    m,
+                    grad_cols.view(grad_cols.shape[0], pc, -1),
+                    *geometry,
+                    p0,
+                    p1,
+                    grad_xp[sl] if need_x else None,
+                    need_coord,
+                    need_weight,
+                )
+                del grad_cols
+            elif need_weight:
+                cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
+            if need_offset:
+                grad_offset[sl, :, p0:p1] = g_offset
+            if need_mask:
+                grad_mask[sl, :, p0:p1] = g_mask
+            if need_weight:
+                _add_weight_gradient(
+                    go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w
+                )
+                del cols  # at most two column-sized tensors alive at once
+
+    ways = {"chunked": chunked}
+    if groups == 1 and hasattr(kernels, "backward_packed") and _packed_gemm_ok(x):
+        ways["fused"] = lambda: kernels.backward_packed(
+            xp, offset, mask, go_all, w[0], *geometry[:-1], grad_xp, grad_offset, grad_mask,
+            None if grad_w is None else grad_w[0],
+        )  # fmt: skip
+    outs = [t for t in (grad_xp, grad_offset, grad_mask, grad_w) if t is not None]
+    key = ("backward_pass", tuple(weight.shape), (need_x, need_offset, need_mask, need_weight),
+           x.dtype, torch.get_num_threads())  # fmt: skip
+    _run_fastest(key, ways, outs, n * ho * wo * c_out * w.shape[2])
     grad_x = None
     if need_x:
         # The padding collected corners outside the image, which detectron2 drops.

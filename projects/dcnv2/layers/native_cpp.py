@@ -31,6 +31,7 @@ __all__ = [
     "gemm",
     "forward_packed",
     "pack_rows16",
+    "backward_packed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,3 +176,18 @@ def pack_rows16(w: torch.Tensor) -> torch.Tensor:
     """(M, D) float32 -> (ceil(M/16), D, 16): rows in zero-padded panels of 16, the weight layout
     of :func:`forward_packed`."""
     return torch.ops.dcnv2_native.pack_rows16(w)
+
+
+def backward_packed(
+    xp, offset, mask, grad_out, weight_rows, kernel, stride, padding, dilation, dg,
+    grad_xp, grad_offset, grad_mask, grad_w,
+) -> None:  # fmt: skip
+    """The whole backward of one convolution group in float32, no columns stored: adds the
+    input gradient to ``grad_xp`` (zeroed, like ``xp``) and the weight gradient to ``grad_w``
+    (zeroed, (C_out, kh*kw*C), the layout of ``weight_rows``), and writes the offset and mask
+    gradients (n, 2*dg*K / dg*K, Ho*Wo); any of the four may be None. ``grad_out``:
+    (n, C_out, Ho*Wo), contiguous. Needs :func:`gemm_supported`."""
+    torch.ops.dcnv2_native.backward_packed(
+        xp, offset, mask, grad_out, weight_rows, kernel, stride, padding, dilation, dg,
+        grad_xp, grad_offset, grad_mask, grad_w,
+    )  # fmt: skip

@@ -4,6 +4,9 @@
 // panels that the 6x16 register tiles of gemm_cpu.cpp multiply at once, so the columns and their
 // gradient never go to memory.
 
+#include <cstdlib>
+#include <memory>
+
 #include "deform_conv_common.h"
 
 namespace {
@@ -91,12 +94,260 @@ void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
   });
 }
 
+// aligned_alloc'd float buffers.
+struct Free {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float, Free>;
+
+Buffer allocate(int64_t floats) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(floats, 1)) * 4 + 63) / 64) * 64;
+  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
+}
+
+// The weight rows (C_out, K*C) as panels of 16 input channels of one tap: (K, S, C_out, 16),
+// S = ceil(C/16), zero past C; panel (k, s) is what the column gradient's channels
+// [16s, 16s + 16) of tap k meet.
+at::Tensor pack_taps16(const at::Tensor& w, int64_t K, int64_t C) {
+  const int64_t c_out = w.size(0), S = (C + 15) / 16;
+  auto out = at::empty({K, S, c_out, 16}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, K * S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ks = begin; ks < end; ++ks) {
+      const int64_t k = ks / S, c0 = (ks % S) * 16, len = std::min<int64_t>(16, C - c0);
+      for (int64_t o = 0; o < c_out; ++o) {
+        float* row = dst + (ks * c_out + o) * 16;
+        std::copy_n(src + o * K * C + k * C + c0, len, row);
+        std::fill(row + len, row + 16, 0.f);
+      }
+    }
+  });
+  return out;
+}
+
+// The whole backward for groups == 1, float32, split by blocks of input channels (one per
+// thread, whole panels of 16), each over every image and position, so that no two threads write
+// the same element of the input or weight gradient. A task walks blocks of positions; for each:
+// (1) the column gradient of its channels, grad_out^T @ w, by register tiles into panels
+//     (tap, 16 channels) x positions x 16 that stay in cache;
+// (2) one pass over those panels as coord_col2im_impl's (input gradient; per-block sums of the
+//     corner products for the offset and mask gradients, combined at the end), which also
+//     samples the columns of its channels into panels;
+// (3) the weight gradient of its channels, grad_out @ columns, by register tiles.
+// Any of grad_xp (zeroed, like xp), grad_offset and grad_mask (n, dg*K [x2], Ho*Wo), grad_w
+// (C_out, K*C, zeroed) may be absent.
+void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
+                     const std::optional<at::Tensor>& mask, const at::Tensor& grad_out,
+                     const at::Tensor& weight_rows, at::IntArrayRef kernel, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t dg,
+                     const std::optional<at::Tensor>& grad_xp,
+                     const std::optional<at::Tensor>& grad_offset,
+                     const std::optional<at::Tensor>& grad_mask,
+                     const std::optional<at::Tensor>& grad_w) {
+  check_inputs(xp, offset, mask);
+  TORCH_CHECK(cpu_has_avx2_fma(), "backward_packed needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(xp.scalar_type() == at::kFloat, "backward_packed: float32");
+  const Geometry g = make_geometry(xp, offset, kernel, stride, padding, dilation, dg, 1, 0,
+                                   offset.size(2) * offset.size(3));
+  const int64_t K = g.taps(), C = g.channels, cd = g.dg_channels(), P = g.all_positions();
+  const int64_t c_out = weight_rows.size(0), S = (C + 15) / 16, wp = g.padded_width();
+  TORCH_CHECK(weight_rows.is_contiguous() && weight_rows.scalar_type() == at::kFloat &&
+                  weight_rows.dim() == 2 && weight_rows.size(1) == K * C,
+              "weight_rows: contiguous float32 (C_out, kh*kw*C)");
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat &&
+                  grad_out.numel() == g.n * c_out * P,
+              "grad_out: contiguous float32 (n, C_out, Ho*Wo)");
+  auto like = [](const std::optional<at::Tensor>& t, std::vector<int64_t> sizes, const char* what) {
+    TORCH_CHECK(!t || (t->is_contiguous() && t->scalar_type() == at::kFloat &&
+                       t->sizes() == at::IntArrayRef(sizes)),
+                what);
+    return t ? t->data_ptr<float>() : nullptr;
+  };
+  float* gx = like(grad_xp, xp.sizes().vec(), "grad_xp: contiguous float32, like xp");
+  float* go_ = like(grad_offset, {g.n, 2 * dg * K, P}, "grad_offset: (n, 2*dg*K, Ho*Wo)");
+  float* gm_ = like(grad_mask, {g.n, dg * K, P}, "grad_mask: (n, dg*K, Ho*Wo)");
+  float* gw = like(grad_w, {c_out, K * C}, "grad_w: contiguous float32 (C_out, kh*kw*C)");
+  TORCH_CHECK(!gm_ || mask, "grad_mask needs a mask");
+  const bool need_coord = go_ || gm_, need_cols = gw, need_grad_cols = gx || need_coord;
+  if (!need_grad_cols && !need_cols) return;
+  const at::Tensor wsegs = pack_taps16(weight_rows, K, C);
+  const float *x = xp.data_ptr<float>(), *off = offset.data_ptr<float>();
+  const float* m = mask_ptr<float>(mask);
+  const float *top = grad_out.data_ptr<float>(), *ws = wsegs.data_ptr<float>();
+  // One block of channels per thread, whole panels of 16.
+  const int64_t threads = at::get_num_threads();
+  const int64_t width = std::min(S, std::max<int64_t>(1, (S + threads - 1) / threads)) * 16;
+  const int64_t blocks = (C + width - 1) / width, taps = g.dg * K;
+  std::vector<float> partial(need_coord ? blocks * g.n * taps * P * 4 : 0, 0.f);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t lo = blk * width, hi = std::min(C, lo + width);
+      const int64_t s_lo = lo / 16, s_n = (hi - lo + 15) / 16, panels = K * s_n;
+      // Positions per step: a multiple of 6 whose two panel sets fill at most 1.5 MiB.
+      const int64_t step = std::clamp<int64_t>((196608 / (panels * 16)) / 6 * 6, 6, 192);
+      Buffer gcols = allocate(panels * step * 16), cols = allocate(panels * step * 16);
+      Buffer top_t = allocate(step * c_out), top_r = allocate((c_out + 5) / 6 * 6 * step);
+      for (int64_t b = 0; b < g.n; ++b) {
+        const float* gob = top + b * c_out * P;
+        for (int64_t p0 = 0; p0 < P; p0 += step) {
+          const int64_t count = std::min(step, P - p0);
+          if (need_grad_cols) {
+            // (1) grad_out^T panels [6 positions][C_out] per 6 positions, then the tiles.
+            for (int64_t q = 0; q < count; q += 6) {
+              float* panel = top_t.get() + q * c_out;
+              for (int64_t o = 0; o < c_out; ++o)
+                for (int64_t j = 0; j < 6; ++j)
+                  panel[o * 6 + j] = q + j < count ? gob[o * P + p0 + q + j] : 0.f;
+            }
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t s = 0; s < s_n; ++s) {
+                const float* wpanel = ws + ((k * S + s_lo + s) * c_out) * 16;
+                float* dst = gcols.get() + ((k * s_n + s) * step) * 16;
+                for (int64_t q = 0; q < count; q += 6)
+                  tile_6x16(c_out, top_t.get() + q * c_out, wpanel, dst + q * 16, 16,
+                            std::min<int64_t>(6, count - q), 16, false);
+              }
+          }
+          // (2) the sampling pass over this block's channels.
+          for (int64_t q = 0; q < count; ++q) {
+            const int64_t p = p0 + q;
+            for (int64_t d = lo / cd; d * cd < hi; ++d) {
+              const int64_t c_lo = std::max(lo, d * cd), c_hi = std::min(hi, (d + 1) * cd);
+              for (int64_t k = 0; k < K; ++k) {
+                const Tap<float> t = make_tap(g, off, m, b, d, k, p);
+                // Channel c of tap k sits at panel (k, c/16 - s_lo), row q, lane c % 16.
+                auto at = [&](float* base, int64_t c) {
+                  return base + ((k * s_n + c / 16 - s_lo) * step + q) * 16 + c % 16;
+                };
+                float s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+                if (t.inside) {
+                  const float hh = 1 - t.lh, hw = 1 - t.lw;
+                  const float w00 = hh * hw, w01 = hh * t.lw, w10 = t.lh * hw, w11 = t.lh * t.lw;
+                  for (int64_t c0 = c_lo; c0 < c_hi;) {
+                    const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16), len = c1 - c0;
+                    const int64_t e = b * g.image() + t.index + c0;
+                    const float *v00 = x + e, *v01 = v00 + C, *v10 = v00 + wp * C;
+                    const float* v11 = v10 + C;
+                    if (need_cols) {
+                      float* __restrict out = at(cols.get(), c0);
+#pragma omp simd
+                      for (int64_t c = 0; c < len; ++c)
+                        out[c] = (w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * t.m;
+                    }
+                    if (need_grad_cols) {
+                      const float* __restrict tc = at(gcols.get(), c0);
+                      if (gx) {
+                        float* __restrict g00 = gx + e;
+                        float* __restrict g01 = g00 + C;
+                        float* __restrict g10 = g00 + wp * C;
+                        float* __restrict g11 = g10 + C;
+#pragma omp simd
+                        for (int64_t c = 0; c < len; ++c) {
+                          const float tm = tc[c] * t.m;
+                          g00[c] += w00 * tm;
+                          g01[c] += w01 * tm;
+                          g10[c] += w10 * tm;
+                          g11[c] += w11 * tm;
+                        }
+                      }
+                      if (need_coord) {
+                        float a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+#pragma omp simd reduction(+ : a00, a01, a10, a11)
+                        for (int64_t c = 0; c < len; ++c) {
+                          a00 += tc[c] * v00[c];
+                          a01 += tc[c] * v01[c];
+                          a10 += tc[c] * v10[c];
+                          a11 += tc[c] * v11[c];
+                        }
+                        s00 += a00;
+                        s01 += a01;
+                        s10 += a10;
+                        s11 += a11;
+                      }
+                    }
+                    c0 = c1;
+                  }
+                } else if (need_cols) {
+                  for (int64_t c0 = c_lo; c0 < c_hi;) {
+                    const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16);
+                    std::fill(at(cols.get(), c0), at(cols.get(), c0) + (c1 - c0), 0.f);
+                    c0 = c1;
+                  }
+                }
+                if (need_coord) {
+                  float* sums = partial.data() + (((blk * g.n + b) * taps + d * K + k) * P + p) * 4;
+                  sums[0] = s00;
+                  sums[1] = s01;
+                  sums[2] = s10;
+                  sums[3] = s11;
+                }
+              }
+            }
+          }
+          if (need_cols) {
+            // (3) grad_out panels [positions][6 output channels], then the tiles.
+            for (int64_t o0 = 0; o0 < c_out; o0 += 6) {
+              float* panel = top_r.get() + o0 * step;
+              for (int64_t i = 0; i < 6; ++i) {
+                const float* src = o0 + i < c_out ? gob + (o0 + i) * P + p0 : nullptr;
+                for (int64_t q = 0; q < count; ++q) panel[q * 6 + i] = src ? src[q] : 0.f;
+              }
+            }
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t s = 0; s < s_n; ++s) {
+                const int64_t c0 = (s_lo + s) * 16, len = std::min<int64_t>(16, hi - c0);
+                const float* panel = cols.get() + ((k * s_n + s) * step) * 16;
+                for (int64_t o0 = 0; o0 < c_out; o0 += 6)
+                  tile_6x16(count, top_r.get() + o0 * step, panel, gw + o0 * K * C + k * C + c0,
+                            K * C, std::min<int64_t>(6, c_out - o0), len, true);
+              }
+          }
+        }
+      }
+    }
+  });
+  if (!need_coord) return;
+  for_each_position(g, [&](int64_t b, int64_t p, int64_t q) {
+    for (int64_t d = 0; d < g.dg; ++d) {
+      for (int64_t k = 0; k < K; ++k) {
+        const Tap<float> t = make_tap(g, off, m, b, d, k, p);
+        float s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+        if (t.inside)
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const float* s = partial.data() + (((blk * g.n + b) * taps + d * K + k) * P + p) * 4;
+            s00 += s[0];
+            s01 += s[1];
+            s10 += s[2];
+            s11 += s[3];
+          }
+        const float hh = 1 - t.lh, hw = 1 - t.lw;
+        if (go_) {
+          float* o = go_ + ((b * g.dg + d) * K + k) * 2 * P + p;
+          o[0] = (hw * (s10 - s00) + t.lw * (s11 - s01)) * t.m;
+          o[P] = (hh * (s01 - s00) + t.lh * (s11 - s10)) * t.m;
+        }
+        if (gm_)
+          gm_[((b * g.dg + d) * K + k) * P + p] =
+              hh * hw * s00 + hh * t.lw * s01 + t.lh * hw * s10 + t.lh * t.lw * s11;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcnv2_native, m) {
   m.def("forward_packed(Tensor xp, Tensor offset, Tensor? mask, Tensor wpacked, Tensor? bias, "
         "int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int dg, "
         "Tensor(a!) out) -> ()");
+  m.def("backward_packed(Tensor xp, Tensor offset, Tensor? mask, Tensor grad_out, "
+        "Tensor weight_rows, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
+        "int dg, Tensor(a!)? grad_xp, Tensor(b!)? grad_offset, Tensor(c!)? grad_mask, "
+        "Tensor(d!)? grad_w) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(dcnv2_native, CPU, m) { m.impl("forward_packed", &forward_packed); }
+TORCH_LIBRARY_IMPL(dcnv2_native, CPU, m) {
+  m.impl("forward_packed", &forward_packed);
+  m.impl("backward_packed", &backward_packed);
+}
