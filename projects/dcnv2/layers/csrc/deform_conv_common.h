@@ -13,6 +13,14 @@
 #include <optional>
 #include <vector>
 
+// The fused passes' hot loops are compiled for AVX2+FMA (they run only where the CPU has them,
+// see cpu_has_avx2_fma); everything else for the baseline x86-64 (SSE2).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DCNV2_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DCNV2_TARGET_AVX2
+#endif
+
 namespace dcnv2 {
 
 constexpr int64_t kBlock = 64;         // output positions per task

@@ -15,6 +15,29 @@ using namespace dcnv2;
 
 constexpr int64_t kPanelFloats = 786432;  // the fused forward's packed columns per task (3 MiB)
 
+// Samples the columns of up to 6 positions [p, p + count) of image b into a packed panel
+// (K*C, 6), zero past count; rows: scratch for 6 x C/dg floats.
+DCNV2_TARGET_AVX2 void sample_panel(const Geometry& g, const float* x, const float* off,
+                                    const float* m, int64_t b, int64_t p, int64_t count,
+                                    float* panel, float* rows) {
+  const int64_t K = g.taps(), C = g.channels, cd = g.dg_channels(), wp = g.padded_width();
+  for (int64_t d = 0; d < g.dg; ++d) {
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < 6; ++j) {
+        float* row = rows + j * cd;
+        const Tap<float> t = j < count ? make_tap(g, off, m, b, d, k, p + j) : Tap<float>{};
+        if (t.inside)
+          sample(x + b * g.image() + t.index + d * cd, C, wp, t, cd, row);
+        else
+          std::fill(row, row + cd, 0.f);
+      }
+      float* dst = panel + (k * C + d * cd) * 6;
+      for (int64_t c = 0; c < cd; ++c)
+        for (int64_t j = 0; j < 6; ++j) dst[c * 6 + j] = rows[j * cd + c];
+    }
+  }
+}
+
 // The whole forward for groups == 1, float32, in one pass over blocks of output positions: a
 // task samples its positions straight into packed panels (per 6 positions, [K*C][6] with the
 // columns' (tap, channel) order) sized to stay in L2, and multiplies them with the weight,
@@ -30,7 +53,7 @@ void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
   TORCH_CHECK(xp.scalar_type() == at::kFloat, "forward_packed: float32");
   const Geometry g = make_geometry(xp, offset, kernel, stride, padding, dilation, dg, 1, 0,
                                    offset.size(2) * offset.size(3));
-  const int64_t depth = g.row(), P = g.all_positions(), C = g.channels, cd = g.dg_channels();
+  const int64_t depth = g.row(), P = g.all_positions(), cd = g.dg_channels();
   const int64_t c_out = out.size(1);
   TORCH_CHECK(wpacked.is_contiguous() && wpacked.scalar_type() == at::kFloat &&
                   wpacked.dim() == 3 && wpacked.size(0) == (c_out + 15) / 16 &&
@@ -46,7 +69,7 @@ void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
   // EPYC (Zen 3) 0.2-6 MiB made little difference at res3/res4, and res5 (36 KiB per position)
   // was 10-20% faster with 3 MiB than with 384 KiB: each task reads the whole packed weight once.
   const int64_t block = std::clamp<int64_t>((kPanelFloats / depth) / 6 * 6, 6, 96);
-  const int64_t blocks = (P + block - 1) / block, K = g.taps(), wp = g.padded_width();
+  const int64_t blocks = (P + block - 1) / block;
   const float *x = xp.data_ptr<float>(), *off = offset.data_ptr<float>();
   const float* m = mask_ptr<float>(mask);
   const float* w = wpacked.data_ptr<float>();
@@ -58,25 +81,9 @@ void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, p0 = (task % blocks) * block;
       const int64_t count = std::min(block, P - p0);
-      for (int64_t q = 0; q < count; q += 6) {
-        float* panel = panels.data() + q * depth;
-        for (int64_t d = 0; d < g.dg; ++d) {
-          for (int64_t k = 0; k < K; ++k) {
-            for (int64_t j = 0; j < 6; ++j) {
-              float* row = rows.data() + j * cd;
-              const Tap<float> t =
-                  q + j < count ? make_tap(g, off, m, b, d, k, p0 + q + j) : Tap<float>{};
-              if (t.inside)
-                sample(x + b * g.image() + t.index + d * cd, C, wp, t, cd, row);
-              else
-                std::fill(row, row + cd, 0.f);
-            }
-            float* dst = panel + (k * C + d * cd) * 6;
-            for (int64_t c = 0; c < cd; ++c)
-              for (int64_t j = 0; j < 6; ++j) dst[c * 6 + j] = rows[j * cd + c];
-          }
-        }
-      }
+      for (int64_t q = 0; q < count; q += 6)
+        sample_panel(g, x, off, m, b, p0 + q, std::min<int64_t>(6, count - q),
+                     panels.data() + q * depth, rows.data());
       for (int64_t o = 0; o < c_out; o += 16) {
         const float* wpanel = w + (o / 16) * depth * 16;
         const int64_t rows_out = std::min<int64_t>(16, c_out - o);
@@ -126,6 +133,102 @@ at::Tensor pack_taps16(const at::Tensor& w, int64_t K, int64_t C) {
   return out;
 }
 
+// What backward_packed's pass (2) needs besides the position and block.
+struct BackwardContext {
+  const Geometry& g;
+  const float *x, *off, *m;
+  float* gx;  // the input gradient, or null
+  bool need_cols, need_grad_cols, need_coord;
+};
+
+// Pass (2) of backward_packed for output position p (row q of the panels) of image b and the
+// channels [lo, hi): adds the input gradient, samples the columns into cols, and writes the
+// sums of the corner products over these channels to partial (dg*K, P, 4) when need_coord.
+DCNV2_TARGET_AVX2 void backward_sample(const BackwardContext& ctx, int64_t b, int64_t p,
+                                       int64_t q, int64_t lo, int64_t hi, int64_t s_lo,
+                                       int64_t s_n, int64_t step, float* cols,
+                                       const float* gcols, float* partial) {
+  const Geometry& g = ctx.g;
+  const int64_t K = g.taps(), C = g.channels, cd = g.dg_channels(), P = g.all_positions();
+  const int64_t wp = g.padded_width();
+  const float *x = ctx.x, *off = ctx.off, *m = ctx.m;
+  float* gx = ctx.gx;
+  const bool need_cols = ctx.need_cols, need_grad_cols = ctx.need_grad_cols;
+  const bool need_coord = ctx.need_coord;
+  for (int64_t d = lo / cd; d * cd < hi; ++d) {
+    const int64_t c_lo = std::max(lo, d * cd), c_hi = std::min(hi, (d + 1) * cd);
+    for (int64_t k = 0; k < K; ++k) {
+      const Tap<float> t = make_tap(g, off, m, b, d, k, p);
+      // Channel c of tap k sits at panel (k, c/16 - s_lo), row q, lane c % 16.
+      auto at = [&](auto* base, int64_t c) {
+        return base + ((k * s_n + c / 16 - s_lo) * step + q) * 16 + c % 16;
+      };
+      float s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+      if (t.inside) {
+        const float hh = 1 - t.lh, hw = 1 - t.lw;
+        const float w00 = hh * hw, w01 = hh * t.lw, w10 = t.lh * hw, w11 = t.lh * t.lw;
+        for (int64_t c0 = c_lo; c0 < c_hi;) {
+          const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16), len = c1 - c0;
+          const int64_t e = b * g.image() + t.index + c0;
+          const float *v00 = x + e, *v01 = v00 + C, *v10 = v00 + wp * C;
+          const float* v11 = v10 + C;
+          if (need_cols) {
+            float* __restrict out = at(cols, c0);
+#pragma omp simd
+            for (int64_t c = 0; c < len; ++c)
+              out[c] = (w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * t.m;
+          }
+          if (need_grad_cols) {
+            const float* __restrict tc = at(gcols, c0);
+            if (gx) {
+              float* __restrict g00 = gx + e;
+              float* __restrict g01 = g00 + C;
+              float* __restrict g10 = g00 + wp * C;
+              float* __restrict g11 = g10 + C;
+#pragma omp simd
+              for (int64_t c = 0; c < len; ++c) {
+                const float tm = tc[c] * t.m;
+                g00[c] += w00 * tm;
+                g01[c] += w01 * tm;
+                g10[c] += w10 * tm;
+                g11[c] += w11 * tm;
+              }
+            }
+            if (need_coord) {
+              float a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+#pragma omp simd reduction(+ : a00, a01, a10, a11)
+              for (int64_t c = 0; c < len; ++c) {
+                a00 += tc[c] * v00[c];
+                a01 += tc[c] * v01[c];
+                a10 += tc[c] * v10[c];
+                a11 += tc[c] * v11[c];
+              }
+              s00 += a00;
+              s01 += a01;
+              s10 += a10;
+              s11 += a11;
+            }
+          }
+          c0 = c1;
+        }
+      } else if (need_cols) {
+        for (int64_t c0 = c_lo; c0 < c_hi;) {
+          const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16);
+          std::fill(at(cols, c0), at(cols, c0) + (c1 - c0), 0.f);
+          c0 = c1;
+        }
+      }
+      if (need_coord) {
+        float* sums = partial + ((d * K + k) * P + p) * 4;
+        sums[0] = s00;
+        sums[1] = s01;
+        sums[2] = s10;
+        sums[3] = s11;
+      }
+    }
+  }
+}
+
 // The whole backward for groups == 1, float32, split by blocks of input channels (one per
 // thread, whole panels of 16), each over every image and position, so that no two threads write
 // the same element of the input or weight gradient. A task walks blocks of positions; for each:
@@ -150,8 +253,8 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
   TORCH_CHECK(xp.scalar_type() == at::kFloat, "backward_packed: float32");
   const Geometry g = make_geometry(xp, offset, kernel, stride, padding, dilation, dg, 1, 0,
                                    offset.size(2) * offset.size(3));
-  const int64_t K = g.taps(), C = g.channels, cd = g.dg_channels(), P = g.all_positions();
-  const int64_t c_out = weight_rows.size(0), S = (C + 15) / 16, wp = g.padded_width();
+  const int64_t K = g.taps(), C = g.channels, P = g.all_positions();
+  const int64_t c_out = weight_rows.size(0), S = (C + 15) / 16;
   TORCH_CHECK(weight_rows.is_contiguous() && weight_rows.scalar_type() == at::kFloat &&
                   weight_rows.dim() == 2 && weight_rows.size(1) == K * C,
               "weight_rows: contiguous float32 (C_out, kh*kw*C)");
@@ -180,6 +283,7 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
   const int64_t width = std::min(S, std::max<int64_t>(1, (S + threads - 1) / threads)) * 16;
   const int64_t blocks = (C + width - 1) / width, taps = g.dg * K;
   std::vector<float> partial(need_coord ? blocks * g.n * taps * P * 4 : 0, 0.f);
+  const BackwardContext ctx{g, x, off, m, gx, need_cols, need_grad_cols, need_coord};
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t lo = blk * width, hi = std::min(C, lo + width);
@@ -210,81 +314,9 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
               }
           }
           // (2) the sampling pass over this block's channels.
-          for (int64_t q = 0; q < count; ++q) {
-            const int64_t p = p0 + q;
-            for (int64_t d = lo / cd; d * cd < hi; ++d) {
-              const int64_t c_lo = std::max(lo, d * cd), c_hi = std::min(hi, (d + 1) * cd);
-              for (int64_t k = 0; k < K; ++k) {
-                const Tap<float> t = make_tap(g, off, m, b, d, k, p);
-                // Channel c of tap k sits at panel (k, c/16 - s_lo), row q, lane c % 16.
-                auto at = [&](float* base, int64_t c) {
-                  return base + ((k * s_n + c / 16 - s_lo) * step + q) * 16 + c % 16;
-                };
-                float s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-                if (t.inside) {
-                  const float hh = 1 - t.lh, hw = 1 - t.lw;
-                  const float w00 = hh * hw, w01 = hh * t.lw, w10 = t.lh * hw, w11 = t.lh * t.lw;
-                  for (int64_t c0 = c_lo; c0 < c_hi;) {
-                    const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16), len = c1 - c0;
-                    const int64_t e = b * g.image() + t.index + c0;
-                    const float *v00 = x + e, *v01 = v00 + C, *v10 = v00 + wp * C;
-                    const float* v11 = v10 + C;
-                    if (need_cols) {
-                      float* __restrict out = at(cols.get(), c0);
-#pragma omp simd
-                      for (int64_t c = 0; c < len; ++c)
-                        out[c] = (w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * t.m;
-                    }
-                    if (need_grad_cols) {
-                      const float* __restrict tc = at(gcols.get(), c0);
-                      if (gx) {
-                        float* __restrict g00 = gx + e;
-                        float* __restrict g01 = g00 + C;
-                        float* __restrict g10 = g00 + wp * C;
-                        float* __restrict g11 = g10 + C;
-#pragma omp simd
-                        for (int64_t c = 0; c < len; ++c) {
-                          const float tm = tc[c] * t.m;
-                          g00[c] += w00 * tm;
-                          g01[c] += w01 * tm;
-                          g10[c] += w10 * tm;
-                          g11[c] += w11 * tm;
-                        }
-                      }
-                      if (need_coord) {
-                        float a00 = 0, a01 = 0, a10 = 0, a11 = 0;
-#pragma omp simd reduction(+ : a00, a01, a10, a11)
-                        for (int64_t c = 0; c < len; ++c) {
-                          a00 += tc[c] * v00[c];
-                          a01 += tc[c] * v01[c];
-                          a10 += tc[c] * v10[c];
-                          a11 += tc[c] * v11[c];
-                        }
-                        s00 += a00;
-                        s01 += a01;
-                        s10 += a10;
-                        s11 += a11;
-                      }
-                    }
-                    c0 = c1;
-                  }
-                } else if (need_cols) {
-                  for (int64_t c0 = c_lo; c0 < c_hi;) {
-                    const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16);
-                    std::fill(at(cols.get(), c0), at(cols.get(), c0) + (c1 - c0), 0.f);
-                    c0 = c1;
-                  }
-                }
-                if (need_coord) {
-                  float* sums = partial.data() + (((blk * g.n + b) * taps + d * K + k) * P + p) * 4;
-                  sums[0] = s00;
-                  sums[1] = s01;
-                  sums[2] = s10;
-                  sums[3] = s11;
-                }
-              }
-            }
-          }
+          for (int64_t q = 0; q < count; ++q)
+            backward_sample(ctx, b, p0 + q, q, lo, hi, s_lo, s_n, step, cols.get(), gcols.get(),
+                            need_coord ? partial.data() + (blk * g.n + b) * taps * P * 4 : nullptr);
           if (need_cols) {
             // (3) grad_out panels [positions][6 output channels], then the tiles.
             for (int64_t o0 = 0; o0 < c_out; o0 += 6) {
@@ -308,7 +340,7 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
     }
   });
   if (!need_coord) return;
-  for_each_position(g, [&](int64_t b, int64_t p, int64_t q) {
+  for_each_position(g, [&](int64_t b, int64_t p, int64_t) {
     for (int64_t d = 0; d < g.dg; ++d) {
       for (int64_t k = 0; k < K; ++k) {
         const Tap<float> t = make_tap(g, off, m, b, d, k, p);
