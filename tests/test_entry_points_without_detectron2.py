@@ -14,16 +14,10 @@ ENTRY_POINTS = ["train_net.py"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tools", "*.py"))
 )
 
-_RUN_WITHOUT_DETECTRON2 = """
-import importlib.abc, runpy, sys
+# After the prelude that hides detectron2 (conftest.HIDE_DETECTRON2): run the script as __main__.
+_RUN_SCRIPT = """
+import runpy, sys
 
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "detectron2" or name.startswith("detectron2."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, Hide())
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -34,9 +28,9 @@ def test_every_tool_is_listed():
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
-def test_without_detectron2_one_line_says_how_to_install_it(script):
+def test_without_detectron2_one_line_says_how_to_install_it(script, hide_detectron2):
     proc = subprocess.run(
-        [sys.executable, "-c", _RUN_WITHOUT_DETECTRON2, os.path.join(ROOT, script), "x"],
+        [sys.executable, "-c", hide_detectron2 + _RUN_SCRIPT, os.path.join(ROOT, script), "x"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr

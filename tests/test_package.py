@@ -24,22 +24,8 @@ def test_import_registers_backbones_in_a_fresh_process():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# detectron2 hidden from the import system, as in a Python where it is not installed.
-_HIDE_DETECTRON2 = """
-import importlib.abc, sys
-
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "detectron2" or name.startswith("detectron2."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, Hide())
-"""
-
-
-def test_import_without_detectron2_says_how_to_install_it():
-    code = _HIDE_DETECTRON2 + (
+def test_import_without_detectron2_says_how_to_install_it(hide_detectron2):
+    code = hide_detectron2 + (
         "try:\n"
         "    import dcnv2\n"
         "except ImportError as e:\n"

@@ -17,15 +17,6 @@ from dcnv2.errors import ConfigError
 from dcnv2.lazy_config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192",
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "100000",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "64",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
 # The json's own category ids, not 1..K: evaluation and the results file must keep them.
 CATEGORY_IDS = {1: 7, 2: 9, 3: 11}
 
@@ -118,7 +109,7 @@ def _train_net(args, cwd):
     )  # fmt: skip
 
 
-def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir):
+def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir, tiny_train_net):
     coco = "(('my_train','train/annotations.json','train/images/'),"
     coco += "('my_val','val/annotations.json','val/images/'))"
     opts = ["DATASETS.DCNV2.COCO", coco, "DATASETS.TRAIN", "('my_train',)"]
@@ -132,7 +123,7 @@ def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir):
         "out",
     ]
     config = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"
-    proc = _train_net(["--config-file", config, *TINY, *opts], data_dir)
+    proc = _train_net(["--config-file", config, *tiny_train_net, *opts], data_dir)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     rows = re.findall(r"copypaste: (.*)", out)

@@ -7,8 +7,10 @@ import logging
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from dcnv2.layers import backends, mdpool, mdpool_cpp
+from dcnv2.layers.extension import JitExtension
 from dcnv2.layers.mdpool import deform_roi_align
 
 pytestmark = pytest.mark.skipif(
@@ -136,9 +138,18 @@ def test_environment_choice_torch_skips_the_kernels(monkeypatch):
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(backends, "_NATIVE_IMPL_DEFAULT", "auto")
-    monkeypatch.setattr(mdpool_cpp, "_load", lambda: False)
-    monkeypatch.setattr(mdpool_cpp, "_error", "RuntimeError: no compiler")
-    mdpool_cpp._warn_once.cache_clear()
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no compiler")
+
+    # A fresh, not yet built copy of the extension, whose build fails.
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    real = mdpool_cpp._EXTENSION
+    monkeypatch.setattr(
+        mdpool_cpp,
+        "_EXTENSION",
+        JitExtension(real.name, real.sources, real.probe, real.what, real.fallback, real.logger),
+    )
     features, rois, offset = _inputs()
     with caplog.at_level(logging.WARNING, logger="dcnv2.layers.mdpool_cpp"):
         out = deform_roi_align(features, rois, offset, output_size=7, spatial_scale=0.25)
@@ -148,7 +159,6 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert [r.getMessage().count("no compiler") for r in caplog.records] == [1]
     with pytest.raises(RuntimeError, match="failed to build: RuntimeError: no compiler"):
         deform_roi_align(features, rois, offset, output_size=7, impl="cpp")
-    mdpool_cpp._warn_once.cache_clear()
 
 
 def test_layer_with_kernels_equals_the_layer_with_pytorch_ops(monkeypatch):

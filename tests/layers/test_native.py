@@ -327,9 +327,21 @@ def test_impl_validation():
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(native_cpp, "_load", lambda: False)
-    monkeypatch.setattr(native_cpp, "_error", "RuntimeError: no compiler")
-    native_cpp._warn_once.cache_clear()
+    from torch.utils import cpp_extension
+
+    from dcnv2.layers.extension import JitExtension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no compiler")
+
+    # A fresh, not yet built copy of the extension, whose build fails.
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    real = native_cpp._EXTENSION
+    monkeypatch.setattr(
+        native_cpp,
+        "_EXTENSION",
+        JitExtension(real.name, real.sources, real.probe, real.what, real.fallback, real.logger),
+    )
     x, offset, weight = (
         torch.randn(1, 1, 5, 5),
         torch.full((1, 18, 5, 5), 0.5),
@@ -343,7 +355,6 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     torch.testing.assert_close(out, _native(x, offset, None, weight, padding=1, impl="torch"))
     with pytest.raises(RuntimeError, match="failed to build: RuntimeError: no compiler"):
         _native(x, offset, None, weight, padding=1, impl="cpp")
-    native_cpp._warn_once.cache_clear()
 
 
 def test_environment_variable_selects_pytorch_kernels():

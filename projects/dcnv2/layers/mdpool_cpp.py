@@ -1,73 +1,46 @@
 """Compiled CPU kernels of modulated deformable RoI pooling (``csrc/mdpool_cpu.cpp``).
 
-Built like :mod:`dcnv2.layers.native_cpp`: JIT-compiled with
-:func:`torch.utils.cpp_extension.load` on first use (a few seconds on two cores), cached by torch
-under ``TORCH_EXTENSIONS_DIR``; a failed build is one warning, after which
-:func:`dcnv2.layers.mdpool.deform_roi_align` uses its PyTorch-op implementation.
+Built like :mod:`dcnv2.layers.native_cpp` (one :class:`dcnv2.layers.extension.JitExtension`
+each): JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use (a few seconds on
+two cores), cached by torch under ``TORCH_EXTENSIONS_DIR``; a failed build is one warning, after
+which :func:`dcnv2.layers.mdpool.deform_roi_align` uses its PyTorch-op implementation.
 ``DCNV2_NATIVE_IMPL=torch`` skips the build, as for the deformable convolution.
 
 CPU float32/float64 only; features (N, C, H, W), RoIs (R, 5) and offsets (R, 2, Ph, Pw) all of
 one dtype and contiguous.
 """
 
-import functools
 import logging
 import os
 from typing import Optional, Tuple
 
 import torch
 
+from .extension import JitExtension
+
 __all__ = ["is_available", "error", "forward", "backward"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mdpool_cpu.cpp")
-_error: Optional[str] = None
-
-
-@functools.lru_cache(maxsize=None)
-def _load() -> bool:
-    global _error
-    try:
-        from torch.utils.cpp_extension import load
-
-        # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
-        load(
-            name="dcnv2_mdpool_cpu",
-            sources=[_SOURCE],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        torch.ops.dcnv2_mdpool.forward  # noqa: B018 - raises if the library did not register
-    except Exception as e:  # any build or load failure: the PyTorch-op implementation still works
-        _error = f"{type(e).__name__}: {e}"
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once() -> None:
-    logger.warning(
-        "dcnv2: could not build the compiled mdpool kernels (%s); using the slower PyTorch-op "
-        "implementation instead",
-        _error,
-    )
+_EXTENSION = JitExtension(
+    name="dcnv2_mdpool_cpu",
+    sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mdpool_cpu.cpp")],
+    probe="dcnv2_mdpool.forward",
+    what="mdpool kernels",
+    fallback="PyTorch-op implementation",
+    logger=logger,
+)
 
 
 def is_available(warn: bool = True) -> bool:
-    """Whether the compiled kernels load (building them on the first call)."""
-    ok = _load()
-    if not ok and warn:
-        _warn_once()
-    return ok
+    """Whether the compiled kernels load (building them on the first call); with ``warn``, a
+    failed build is logged once."""
+    return _EXTENSION.is_available(warn)
 
 
 def error() -> Optional[str]:
     """Why the build failed, or None."""
-    _load()
-    return _error
+    return _EXTENSION.error()
 
 
 def forward(features, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, aligned):

@@ -1,11 +1,11 @@
 """Compiled CPU column kernels of the native backend (``csrc/deform_conv_cpu.cpp``).
 
-The extension is JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use (8-20 s
-on two cores) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``), so later processes load it at once. It needs only gcc and the
-installed torch. If the build fails, one warning says why and the native backend uses the
-PyTorch-op kernels of :mod:`dcnv2.layers.native_torch` instead. Set ``DCNV2_NATIVE_IMPL=torch``
-to skip the build altogether.
+The extension (a :class:`dcnv2.layers.extension.JitExtension`) is JIT-compiled with
+:func:`torch.utils.cpp_extension.load` on first use (8-20 s on two cores) and cached by torch
+under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later processes load
+it at once. It needs only gcc and the installed torch. If the build fails, one warning says why
+and the native backend uses the PyTorch-op kernels of :mod:`dcnv2.layers.native_torch` instead.
+Set ``DCNV2_NATIVE_IMPL=torch`` to skip the build altogether.
 
 Same functions and layouts as :mod:`dcnv2.layers.native_torch`; CPU float32/float64 only. Also
 a packed float32 matrix product with AVX2 (:func:`gemm`, ``csrc/gemm_cpu.cpp``), which the
@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..quiet import known_messages_silenced
+from .extension import JitExtension
 
 __all__ = [
     "is_available",
@@ -36,59 +36,28 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
-    for name in ("deform_conv_cpu.cpp", "deform_conv_packed.cpp", "gemm_cpu.cpp")
-]
-_error: Optional[str] = None
-
-
-@functools.lru_cache(maxsize=None)
-def _load() -> bool:
-    global _error
-    try:
-        # Importing cpp_extension on a machine with CUDA tools but no GPU logs "No CUDA runtime
-        # is found": not about this CPU build (dcnv2.quiet).
-        with known_messages_silenced():
-            from torch.utils.cpp_extension import load
-
-        # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
-        load(
-            name="dcnv2_native_cpu",
-            sources=_SOURCES,
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        torch.ops.dcnv2_native.im2col  # noqa: B018 - raises if the library did not register
-    except Exception as e:  # any build or load failure: the PyTorch kernels still work
-        _error = f"{type(e).__name__}: {e}"
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once() -> None:
-    logger.warning(
-        "dcnv2: could not build the compiled native deformable-conv kernels (%s); using the "
-        "slower PyTorch-op kernels instead",
-        _error,
-    )
+_EXTENSION = JitExtension(
+    name="dcnv2_native_cpu",
+    sources=[
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
+        for name in ("deform_conv_cpu.cpp", "deform_conv_packed.cpp", "gemm_cpu.cpp")
+    ],
+    probe="dcnv2_native.im2col",
+    what="native deformable-conv kernels",
+    fallback="PyTorch-op kernels",
+    logger=logger,
+)
 
 
 def is_available(warn: bool = True) -> bool:
-    """Whether the compiled kernels load (building them on the first call)."""
-    ok = _load()
-    if not ok and warn:
-        _warn_once()
-    return ok
+    """Whether the compiled kernels load (building them on the first call); with ``warn``, a
+    failed build is logged once."""
+    return _EXTENSION.is_available(warn)
 
 
 def error() -> Optional[str]:
     """Why the build failed, or None."""
-    _load()
-    return _error
+    return _EXTENSION.error()
 
 
 def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_begin, p_end):

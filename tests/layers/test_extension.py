@@ -1,0 +1,94 @@
+"""The shared JIT-extension loader (``dcnv2.layers.extension.JitExtension``): a failed build is
+tried once, reported once with its reason, and leaves the extension unavailable; a library that
+builds but registers no probe operator counts as failed; the build gets the flags both
+extensions need."""
+
+import logging
+
+import pytest
+from torch.utils import cpp_extension
+
+from dcnv2.layers import mdpool_cpp, native_cpp
+from dcnv2.layers.extension import JitExtension
+
+LOGGER = "dcnv2.tests.extension"
+
+
+def _extension(tmp_path, probe="dcnv2_test_absent.op"):
+    source = tmp_path / "broken.cpp"
+    source.write_text("this is not C++\n")
+    return JitExtension(
+        name="dcnv2_test_broken",
+        sources=[str(source)],
+        probe=probe,
+        what="test kernels",
+        fallback="test fallback",
+        logger=logging.getLogger(LOGGER),
+    )
+
+
+def test_failed_build_is_tried_once_and_reported_once(tmp_path, monkeypatch, caplog):
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError(f"Error building extension '{kwargs['name']}': broken.cpp:1: error")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    ext = _extension(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert ext.is_available(warn=False) is False
+        assert not caplog.records  # warn=False stays quiet
+        assert [ext.is_available() for _ in range(3)] == [False, False, False]
+    reason = "RuntimeError: Error building extension 'dcnv2_test_broken': broken.cpp:1: error"
+    assert ext.error() == reason
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dcnv2: could not build the compiled test kernels ({reason}); using the slower test "
+        "fallback instead"
+    ]
+    assert len(calls) == 1
+    assert calls[0]["name"] == "dcnv2_test_broken"
+    assert calls[0]["sources"] == [str(tmp_path / "broken.cpp")]
+    assert calls[0]["extra_cflags"] == ["-O3", "-fopenmp"]
+    assert calls[0]["extra_ldflags"] == ["-fopenmp"]
+    assert calls[0]["is_python_module"] is False
+
+
+def test_each_extension_warns_once_on_its_own(tmp_path, monkeypatch, caplog):
+    def failing_load(**kwargs):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    first, second = _extension(tmp_path), _extension(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(2):
+            assert not first.is_available() and not second.is_available()
+    assert [r.getMessage().count("OSError: no space left") for r in caplog.records] == [1, 1]
+
+
+def test_library_without_the_probe_operator_counts_as_failed(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loaded.append(kwargs["name"]))
+    ext = _extension(tmp_path, probe="dcnv2_test_absent.op")
+    assert not ext.is_available(warn=False)
+    assert loaded == ["dcnv2_test_broken"]
+    assert ext.error().startswith(("AttributeError", "RuntimeError"))
+    assert "dcnv2_test_absent" in ext.error()
+
+
+def test_probe_must_name_a_namespace_and_an_operator(tmp_path):
+    for probe in ("im2col", "dcnv2_native.", ".im2col", "a.b.c"):
+        with pytest.raises(ValueError, match="probe must be 'namespace.op'"):
+            _extension(tmp_path, probe=probe)
+
+
+def test_both_extensions_use_the_loader_with_their_own_operators():
+    assert native_cpp._EXTENSION.name == "dcnv2_native_cpu"
+    assert native_cpp._EXTENSION.probe == "dcnv2_native.im2col"
+    assert [s.rsplit("/", 1)[-1] for s in native_cpp._EXTENSION.sources] == [
+        "deform_conv_cpu.cpp",
+        "gemm_cpu.cpp",
+    ]
+    assert mdpool_cpp._EXTENSION.name == "dcnv2_mdpool_cpu"
+    assert mdpool_cpp._EXTENSION.probe == "dcnv2_mdpool.forward"
+    assert [s.rsplit("/", 1)[-1] for s in mdpool_cpp._EXTENSION.sources] == ["mdpool_cpu.cpp"]
