@@ -143,104 +143,6 @@ void col2im_impl(const Geometry& g, const T* offset, const T* mask, const T* gra
   });
 }
 
-// col2im and coord_impl in one pass over the column gradient, split like col2im by (image,
-// block of channels): each task adds its channels' share of the input gradient, writes its
-// channels' columns (kCols), and sums its channels' share of each tap's four corner products
-// s_q into partial (blocks, n, dg*K, P, 4); the offset and mask gradients then come from the
-// blocks' sums. Reads the column gradient once instead of twice.
-template <typename T, bool kCols>
-void coord_col2im_impl(const Geometry& g, const T* xp, const T* offset, const T* mask,
-                       const T* grad_cols, T* cols, T* grad_xp, T* grad_offset, T* grad_mask) {
-  const int64_t K = g.taps(), cd = g.dg_channels(), C = g.channels, wp = g.padded_width();
-  const int64_t P = g.positions(), width = channel_block(g);
-  const int64_t blocks = (C + width - 1) / width, taps = g.dg * K;
-  std::vector<T> partial(blocks * g.n * taps * P * 4, T(0));
-  at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, blk = task % blocks;
-      const int64_t lo = blk * width, hi = std::min(C, lo + width);
-      const T* image = xp + b * g.image();
-      T* grad_image = grad_xp + b * g.image();
-      T* sums = partial.data() + (blk * g.n + b) * taps * P * 4;
-      for (int64_t q = 0; q < P; ++q) {
-        const int64_t row = (b * P + q) * g.row();
-        for (int64_t d = lo / cd; d * cd < hi; ++d) {
-          const int64_t c_lo = std::max(lo, d * cd), c_hi = std::min(hi, (d + 1) * cd);
-          for (int64_t k = 0; k < K; ++k) {
-            const Tap<T> t = make_tap(g, offset, mask, b, d, k, g.p_begin + q);
-            if (!t.inside) {  // value 0 and every gradient 0, as in detectron2
-              if (kCols)
-                for_each_run(g, k, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t col) {
-                  std::fill(cols + row + col, cols + row + col + (c1 - c0), T(0));
-                });
-              continue;
-            }
-            const T hh = 1 - t.lh, hw = 1 - t.lw;
-            const T w00 = hh * hw, w01 = hh * t.lw, w10 = t.lh * hw, w11 = t.lh * t.lw;
-            T s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-            for_each_run(g, k, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t col) {
-              const T* __restrict top = grad_cols + row + col;
-              const T *v00 = image + t.index + c0, *v01 = v00 + C, *v10 = v00 + wp * C;
-              const T* v11 = v10 + C;
-              T* __restrict g00 = grad_image + t.index + c0;
-              T* __restrict g01 = g00 + C;
-              T* __restrict g10 = g00 + wp * C;
-              T* __restrict g11 = g10 + C;
-              T* __restrict out = kCols ? cols + row + col : nullptr;
-              T a00 = 0, a01 = 0, a10 = 0, a11 = 0;
-#pragma omp simd reduction(+ : a00, a01, a10, a11)
-              for (int64_t c = 0; c < c1 - c0; ++c) {
-                const T tc = top[c], tm = tc * t.m;
-                a00 += tc * v00[c];
-                a01 += tc * v01[c];
-                a10 += tc * v10[c];
-                a11 += tc * v11[c];
-                g00[c] += w00 * tm;
-                g01[c] += w01 * tm;
-                g10[c] += w10 * tm;
-                g11[c] += w11 * tm;
-                if (kCols)
-                  out[c] = (w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * t.m;
-              }
-              s00 += a00;
-              s01 += a01;
-              s10 += a10;
-              s11 += a11;
-            });
-            T* s = sums + ((d * K + k) * P + q) * 4;
-            s[0] = s00;
-            s[1] = s01;
-            s[2] = s10;
-            s[3] = s11;
-          }
-        }
-      }
-    }
-  });
-  for_each_position(g, [&](int64_t b, int64_t p, int64_t q) {
-    for (int64_t d = 0; d < g.dg; ++d) {
-      for (int64_t k = 0; k < K; ++k) {
-        const Tap<T> t = make_tap(g, offset, mask, b, d, k, p);
-        T* go = grad_offset + ((b * g.dg + d) * K + k) * 2 * P + q;
-        T* gm = grad_mask ? grad_mask + ((b * g.dg + d) * K + k) * P + q : nullptr;
-        T s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-        if (t.inside)
-          for (int64_t blk = 0; blk < blocks; ++blk) {
-            const T* s = partial.data() + (((blk * g.n + b) * taps + d * K + k) * P + q) * 4;
-            s00 += s[0];
-            s01 += s[1];
-            s10 += s[2];
-            s11 += s[3];
-          }
-        const T hh = 1 - t.lh, hw = 1 - t.lw;
-        go[0] = (hw * (s10 - s00) + t.lw * (s11 - s01)) * t.m;
-        go[P] = (hh * (s01 - s00) + t.lh * (s11 - s10)) * t.m;
-        if (gm) *gm = hh * hw * s00 + hh * t.lw * s01 + t.lh * hw * s10 + t.lh * t.lw * s11;
-      }
-    }
-  });
-}
-
 at::Tensor im2col(const at::Tensor& xp, const at::Tensor& offset,
                   const std::optional<at::Tensor>& mask, at::IntArrayRef kernel,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -284,15 +186,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     using T = scalar_t;
     const T *x = xp.data_ptr<T>(), *off = offset.data_ptr<T>(), *m = mask_ptr<T>(mask);
     const T* top = grad_cols.data_ptr<T>();
-    if (grad_xp && need_coord) {
-      T *gx = grad_xp->data_ptr<T>(), *go = grad_offset.data_ptr<T>();
-      T* gm = mask ? grad_mask.data_ptr<T>() : nullptr;
-      if (need_cols)
-        coord_col2im_impl<T, true>(g, x, off, m, top, cols.data_ptr<T>(), gx, go, gm);
-      else
-        coord_col2im_impl<T, false>(g, x, off, m, top, nullptr, gx, go, gm);
-      return;
-    }
     if (grad_xp) col2im_impl<T>(g, off, m, top, grad_xp->data_ptr<T>());
     if (need_coord) {
       T* gm = mask ? grad_mask.data_ptr<T>() : nullptr;
