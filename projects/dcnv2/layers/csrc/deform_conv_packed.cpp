@@ -141,6 +141,58 @@ struct BackwardContext {
   bool need_cols, need_grad_cols, need_coord;
 };
 
+// One run of at most 16 channels of a tap in backward_packed's pass (2): where to read and
+// write (null: not wanted), the tap's bilinear weights and modulation.
+struct Run {
+  const float *v00, *v01, *v10, *v11;  // the four corners of the input
+  const float* top;                     // the column gradient, or null
+  float *g00, *g01, *g10, *g11;         // the input gradient's corners, or null
+  float* cols;                          // the columns, or null
+  float w[4];
+  float m;
+  float* sums;  // the corner products' sums (4), or null
+};
+
+// kLen > 0: the run's length known at compile time (whole panels of 16: straight vector code).
+template <int64_t kLen>
+DCNV2_TARGET_AVX2 inline void backward_run(const Run& r, int64_t dynamic_len) {
+  const int64_t len = kLen > 0 ? kLen : dynamic_len;
+  const float *__restrict v00 = r.v00, *__restrict v01 = r.v01, *__restrict v10 = r.v10;
+  const float *__restrict v11 = r.v11, *__restrict top = r.top;
+  const float w00 = r.w[0], w01 = r.w[1], w10 = r.w[2], w11 = r.w[3], m = r.m;
+  if (r.cols) {
+    float* __restrict out = r.cols;
+    for (int64_t c = 0; c < len; ++c)
+      out[c] = (w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * m;
+  }
+  if (!top) return;
+  if (r.g00) {
+    float *__restrict g00 = r.g00, *__restrict g01 = r.g01, *__restrict g10 = r.g10;
+    float* __restrict g11 = r.g11;
+    for (int64_t c = 0; c < len; ++c) {
+      const float tm = top[c] * m;
+      g00[c] += w00 * tm;
+      g01[c] += w01 * tm;
+      g10[c] += w10 * tm;
+      g11[c] += w11 * tm;
+    }
+  }
+  if (r.sums) {
+    float a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+#pragma omp simd reduction(+ : a00, a01, a10, a11)
+    for (int64_t c = 0; c < len; ++c) {
+      a00 += top[c] * v00[c];
+      a01 += top[c] * v01[c];
+      a10 += top[c] * v10[c];
+      a11 += top[c] * v11[c];
+    }
+    r.sums[0] += a00;
+    r.sums[1] += a01;
+    r.sums[2] += a10;
+    r.sums[3] += a11;
+  }
+}
+
 // Pass (2) of backward_packed for output position p (row q of the panels) of image b and the
 // channels [lo, hi): adds the input gradient, samples the columns into cols, and writes the
 // sums of the corner products over these channels to partial (dg*K, P, 4) when need_coord.
@@ -167,50 +219,35 @@ DCNV2_TARGET_AVX2 void backward_sample(const BackwardContext& ctx, int64_t b, in
       if (t.inside) {
         const float hh = 1 - t.lh, hw = 1 - t.lw;
         const float w00 = hh * hw, w01 = hh * t.lw, w10 = t.lh * hw, w11 = t.lh * t.lw;
+        float sums[4] = {0, 0, 0, 0};
         for (int64_t c0 = c_lo; c0 < c_hi;) {
           const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16), len = c1 - c0;
           const int64_t e = b * g.image() + t.index + c0;
-          const float *v00 = x + e, *v01 = v00 + C, *v10 = v00 + wp * C;
-          const float* v11 = v10 + C;
-          if (need_cols) {
-            float* __restrict out = at(cols, c0);
-#pragma omp simd
-            for (int64_t c = 0; c < len; ++c)
-              out[c] = (w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c]) * t.m;
-          }
-          if (need_grad_cols) {
-            const float* __restrict tc = at(gcols, c0);
-            if (gx) {
-              float* __restrict g00 = gx + e;
-              float* __restrict g01 = g00 + C;
-              float* __restrict g10 = g00 + wp * C;
-              float* __restrict g11 = g10 + C;
-#pragma omp simd
-              for (int64_t c = 0; c < len; ++c) {
-                const float tm = tc[c] * t.m;
-                g00[c] += w00 * tm;
-                g01[c] += w01 * tm;
-                g10[c] += w10 * tm;
-                g11[c] += w11 * tm;
-              }
-            }
-            if (need_coord) {
-              float a00 = 0, a01 = 0, a10 = 0, a11 = 0;
-#pragma omp simd reduction(+ : a00, a01, a10, a11)
-              for (int64_t c = 0; c < len; ++c) {
-                a00 += tc[c] * v00[c];
-                a01 += tc[c] * v01[c];
-                a10 += tc[c] * v10[c];
-                a11 += tc[c] * v11[c];
-              }
-              s00 += a00;
-              s01 += a01;
-              s10 += a10;
-              s11 += a11;
-            }
-          }
+          const float* v00 = x + e;
+          float* gxe = gx ? gx + e : nullptr;
+          const Run run{v00,
+                        v00 + C,
+                        v00 + wp * C,
+                        v00 + wp * C + C,
+                        need_grad_cols ? at(gcols, c0) : nullptr,
+                        gxe,
+                        gxe ? gxe + C : nullptr,
+                        gxe ? gxe + wp * C : nullptr,
+                        gxe ? gxe + wp * C + C : nullptr,
+                        need_cols ? at(cols, c0) : nullptr,
+                        {w00, w01, w10, w11},
+                        t.m,
+                        need_coord && need_grad_cols ? sums : nullptr};
+          if (len == 16)
+            backward_run<16>(run, len);
+          else
+            backward_run<0>(run, len);
           c0 = c1;
         }
+        s00 = sums[0];
+        s01 = sums[1];
+        s10 = sums[2];
+        s11 = sums[3];
       } else if (need_cols) {
         for (int64_t c0 = c_lo; c0 < c_hi;) {
           const int64_t c1 = std::min(c_hi, (c0 / 16 + 1) * 16);
