@@ -14,27 +14,29 @@ share this driver:
 - ``"torch"`` (:mod:`dcnv2.layers.native_torch`): PyTorch ops; CUDA, other dtypes, and the
   fallback when the extension cannot be built.
 
-Matmuls: three per chunk, each with the FLOPs of the dense convolution, so their speed sets the
-op's. The backward ones (column gradient ``grad_out.T @ w``, weight gradient ``grad_out @ cols``)
-run MKL's ``gemm`` in the layouts above. The forward one, ``w @ cols.T`` straight into the
-(N, C_out, Ho*Wo) output, is a slow case of MKL's on AMD: on an AMD EPYC (Zen 3, AVX2), with
-``cols @ w.T`` into a (n, Pc, C_out) buffer plus a transposing copy instead, the whole forward
-took 0.67-0.92x the time at ResNet-50's res3-res5 shapes (one thread, CPU time; with two
-threads on a loaded machine, no consistent difference), with the same result bit for bit; on
-the Intel Xeon where the op met its speed targets, ``w @ cols.T`` was the one measured. On that
-AMD CPU no other product was clearly faster for any of the three matmuls (one thread, CPU time,
-res3-res5; oneDNN's dense 3x3 ``conv2d`` itself ran 1.1-1.5x faster than the best of them):
-``F.linear``, oneDNN's ``mkldnn._linear_pointwise``, oneDNN 1x1 convolutions over the columns,
-oneDNN stride-3 convolutions over the columns laid out as a (n, C, 3*Ho, 3*Wo) image (and
-``conv_transpose2d`` for the column gradient), numpy's OpenBLAS (1-9% faster, but outside
-torch's thread control). So the forward picks its way round by measurement: the first large
-chunk of each weight shape runs both ways twice, and the faster one is kept for that weight
-shape, dtype and thread count (:func:`_weight_times_columns`).
+Two ways to run each pass, chosen by measurement (:func:`_run_fastest`: on the first large
+enough call for a weight shape, dtype, thread count (and, in backward, set of gradients), each
+way runs twice and the faster is kept; they give the same values to float32 rounding):
 
-Memory: forward saves only its inputs and backward recomputes the columns (in the same pass
-as the offset and mask gradients); columns are built for chunks of images, or of output
-positions, of at most ``_CHUNK_ELEMENTS`` elements, so the peak does not grow with the batch or
-the image size.
+- **chunked**: columns are built for chunks of images, or of output positions, of at most
+  ``_CHUNK_ELEMENTS`` elements (so the peak does not grow with the batch or the image size), and
+  multiplied with the weight by a matrix product: three per chunk (forward ``w @ cols.T``;
+  backward the column gradient ``grad_out.T @ w`` and the weight gradient ``grad_out @ cols``),
+  each with the FLOPs of the dense convolution. Each product is itself measured between MKL
+  (forward: weight-first straight into the output, or columns-first plus a transposing copy,
+  the faster on AMD Zen 3) and the extension's packed AVX2 ``gemm`` (``csrc/gemm_cpu.cpp``).
+  Every device, dtype and group count.
+- **fused** (``csrc/deform_conv_packed.cpp``; one convolution group, float32, x86-64 CPUs with
+  AVX2 and FMA): the sampling writes straight into packed panels of a few dozen positions that
+  stay in cache, and 6x16 AVX2 register tiles multiply them with the weight at once; backward
+  does the column gradient, the sampling pass (input, offset and mask gradients, and the
+  columns) and the weight gradient block by block in the same way. No columns are stored, so
+  the peak memory is the inputs, the outputs and a few MiB per thread. On an AMD EPYC (Zen 3),
+  where MKL's sgemm runs well below oneDNN's convolution, this made the forward 1.0-1.6x and
+  forward+backward 1.0-1.5x faster than the chunked way at ResNet-50's res3-res5 shapes.
+
+Memory: forward saves only its inputs, and backward recomputes the columns (in the same pass as
+the offset and mask gradients).
 """
 
 import functools
