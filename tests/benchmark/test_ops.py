@@ -145,3 +145,27 @@ def test_without_onnxruntime_the_method_is_skipped_with_a_note(monkeypatch):
         "onnxruntime's DeformConv not measured: needs `pip install onnxruntime onnx`"
     ]
     assert "ort" not in ops.format_table([row])
+
+
+def test_notes_name_the_ways_native_chose():
+    ways = {
+        "forward_pass (4, 4, 3, 3) float32 2": "fused",
+        "forward (1, 4, 36) float32 2": "columns_first",  # a product inside a pass: not listed
+        "backward_pass (4, 4, 3, 3) (True, True, True, True) float32 2": "chunked",
+    }
+    row = dict(shape="s", size=[1, 4, 9, 7], method="native", ways=ways)
+    ort = dict(shape="s", method="onnxruntime", max_abs_err=1e-6, max_rel_err=1e-7)
+    assert ops.notes([row, ort])[0] == (
+        "s: native ran the fused forward, chunked backward (measured on first use)"
+    )
+    assert ops.notes([dict(row, ways={}), ort])[0].startswith("s: onnxruntime")
+
+
+def test_chosen_ways_names_the_measured_keys(monkeypatch):
+    import torch
+
+    from dcnv2.layers import native
+
+    key = ("forward_pass", (4, 4, 3, 3), torch.float32, 2)
+    monkeypatch.setattr(native, "_FASTEST", {key: "fused"})
+    assert native.chosen_ways() == {"forward_pass (4, 4, 3, 3) float32 2": "fused"}

@@ -103,11 +103,16 @@ def measure(spec: Mapping) -> Dict[str, Optional[float]]:
     with PeakRSS() as memory:
         forward_backward()
     repeats = spec["repeats"]
-    return {
+    result = {
         "forward_s": statistics.median(time_runs(no_grad_forward, 1, repeats)),
         "forward_backward_s": statistics.median(time_runs(forward_backward, 1, repeats)),
         "peak_mib": memory.growth_mib,
     }
+    if method == "native":
+        from ..layers import native
+
+        result["ways"] = native.chosen_ways()
+    return result
 
 
 def onnxruntime_session(size: Sequence[int], threads: int):
@@ -280,13 +285,29 @@ def format_table(rows: Sequence[Dict]) -> str:
 def notes(rows: Sequence[Dict]) -> List[str]:
     """Lines to print under the table: how far onnxruntime's output is from the native
     backend's at each shape, or why onnxruntime was not measured."""
+    lines = [
+        f"{r['shape']}: native ran the {', '.join(_pass_ways(r['ways']))} (measured on first use)"
+        for r in rows
+        if r["method"] == "native" and _pass_ways(r.get("ways") or {})
+    ]
     checked = [r for r in rows if r["method"] == ONNXRUNTIME]
     if not checked:
-        return ["onnxruntime's DeformConv not measured: needs `pip install onnxruntime onnx`"]
-    return [
+        return lines + [
+            "onnxruntime's DeformConv not measured: needs `pip install onnxruntime onnx`"
+        ]
+    return lines + [
         f"{r['shape']}: onnxruntime DeformConv vs native forward: max abs error "
         f"{r['max_abs_err']:.2e}, max relative error {r['max_rel_err']:.2e}"
         for r in checked
+    ]
+
+
+def _pass_ways(ways: Mapping[str, str]) -> List[str]:
+    """``"fused forward"``-style names of the whole-pass ways in :func:`native.chosen_ways`."""
+    return [
+        f"{way} {key.split('_pass', 1)[0]}"
+        for key, way in ways.items()
+        if key.startswith(("forward_pass", "backward_pass"))
     ]
 
 

@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native_torch
 
-__all__ = ["deform_conv2d", "forward", "backward", "IMPLS"]
+__all__ = ["deform_conv2d", "forward", "backward", "chosen_ways", "IMPLS"]
 
 Pair = Tuple[int, int]
 
@@ -64,6 +64,16 @@ _FASTEST: Dict[Tuple, str] = {}
 # Chunk products of fewer multiply-adds (a few ms on one core) run the first way, unmeasured: too
 # short to time reliably, and too short for the way to matter.
 _MEASURE_MACS = 1 << 27
+
+
+def chosen_ways() -> Dict[str, str]:
+    """The ways this process has measured and kept so far (see :func:`_run_fastest`), as
+    ``"product weight-shape dtype threads [gradients]": way``, e.g.
+    ``{"forward_pass (256, 256, 3, 3) float32 2": "fused"}``."""
+    return {
+        " ".join(str(part).replace("torch.", "") for part in key): way
+        for key, way in _FASTEST.items()
+    }
 
 
 def _kernels(t: torch.Tensor, impl: str):
