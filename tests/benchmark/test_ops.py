@@ -169,3 +169,36 @@ def test_chosen_ways_names_the_measured_keys(monkeypatch):
     key = ("forward_pass", (4, 4, 3, 3), torch.float32, 2)
     monkeypatch.setattr(native, "_FASTEST", {key: "fused"})
     assert native.chosen_ways() == {"forward_pass (4, 4, 3, 3) float32 2": "fused"}
+
+
+def test_times_and_memory_come_from_separate_workers(monkeypatch):
+    """Times from a worker with the default allocator, peak memory from one whose glibc returns
+    freed blocks at once (MALLOC_MMAP_THRESHOLD_); onnxruntime has no memory worker."""
+    calls = []
+
+    def fake(module, spec, what, env=None):
+        calls.append((spec["method"], spec["part"], env))
+        if spec["part"] == "memory":
+            return {"peak_mib": 5.0}
+        return {"forward_s": 1.0, "forward_backward_s": 2.0, "peak_mib": None}
+
+    monkeypatch.setattr(ops, "run_in_fresh_process", fake)
+    monkeypatch.setattr(ops, "_methods", lambda: ["conv2d", "native", ops.ONNXRUNTIME])
+    rows = ops.run({"s": (1, 2, 3, 4)}, repeats=1, threads=1)
+    assert calls == [
+        ("conv2d", "time", None),
+        ("conv2d", "memory", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
+        ("native", "time", None),
+        ("native", "memory", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
+        (ops.ONNXRUNTIME, "time", None),
+    ]
+    assert [r["peak_mib"] for r in rows] == [5.0, 5.0, None]
+    assert rows[1]["peak_vs_conv2d"] == 1.0
+
+
+def test_memory_part_measures_only_peak_memory_in_its_own_process():
+    from dcnv2.benchmark.common import run_in_fresh_process
+
+    spec = {"size": [1, 2, 5, 5], "method": "conv2d", "repeats": 1, "threads": 1}
+    result = run_in_fresh_process(ops.__name__, dict(spec, part="memory"), "x", env=ops._MEMORY_ENV)
+    assert set(result) == {"peak_mib"} and result["peak_mib"] >= 0

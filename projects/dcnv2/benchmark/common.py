@@ -13,6 +13,7 @@ pages included) on top of what was resident before, and nothing from imports or 
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -156,16 +157,21 @@ class PeakRSS:
         return self.peak_mib - self.start_mib
 
 
-def run_in_fresh_process(module: str, spec: Dict[str, Any], what: str) -> Dict[str, Any]:
+def run_in_fresh_process(
+    module: str, spec: Dict[str, Any], what: str, env: Optional[Dict[str, str]] = None
+) -> Dict[str, Any]:
     """``python -m <module> '<spec as JSON>'`` in a new process (so that no allocator state or
     peak memory carries over from another case); its result is the JSON on the last line of
-    its stdout (see :func:`worker_main`).
+    its stdout (see :func:`worker_main`). ``env``: variables added to the worker's environment.
 
     Raises:
         UserInputError: the worker failed; the message quotes its last error line.
     """
     proc = subprocess.run(
-        [sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True
+        [sys.executable, "-m", module, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

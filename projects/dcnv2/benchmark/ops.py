@@ -1,10 +1,17 @@
 """Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU, the logic
 of ``tools/benchmark_ops.py``.
 
-Each (shape, method) case runs in a fresh Python process, so that one case's allocator state
-and peak memory cannot leak into another's. Peak memory is the resident-set high-water mark
-during one forward+backward above the resident set just before it (inputs already allocated;
-:class:`.common.PeakRSS`). Times are medians of ``repeats`` runs after one warm-up run.
+Each (shape, method) case runs in two fresh Python processes, one for its times and one for its
+memory, so that one case's allocator state and peak memory cannot leak into another's. Both
+first run one untimed forward+backward, which holds the one-time costs (the native op's first
+call of a weight shape runs each of its ways, see :func:`dcnv2.layers.native._run_fastest`).
+Peak memory is then the resident-set high-water mark during one forward+backward above the
+resident set just before it (inputs already allocated; :class:`.common.PeakRSS`), with glibc's
+mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so that buffers freed by the first
+run go back to the system instead of staying resident and the measured run's growth counts all
+it allocates (that setting makes every large allocation a fresh mapping, so times come from the
+other process, with the default allocator). Times are medians of ``repeats`` runs, each series
+after one more untimed run.
 
 Methods: dense ``conv2d`` (the same 3x3 convolution without offsets), every deformable-conv
 backend usable on CPU, and, when ``onnxruntime`` and ``onnx`` are installed, onnxruntime's
@@ -25,6 +32,10 @@ __all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "notes", "
 ONNXRUNTIME = "onnxruntime"
 # Methods whose ratios the table shows (when measured): name -> column label.
 _REFERENCES = {"conv2d": "conv2d", "torchvision": "tv", ONNXRUNTIME: "ort"}
+
+# The memory worker's glibc returns freed blocks of 64 KiB and more to the system at once (see
+# the module docstring); the timing worker keeps the default allocator.
+_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 # ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
 SHAPES = {
@@ -70,9 +81,10 @@ def _inputs(size: Sequence[int]):
 
 def measure(spec: Mapping) -> Dict[str, Optional[float]]:
     """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
-    backend or "onnxruntime"), ``repeats`` and ``threads``. Returns median times (s) and peak
-    memory (MiB); for "onnxruntime", the forward time (the rest None) and its output's errors
-    against the native backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
+    backend or "onnxruntime"), ``repeats``, ``threads`` and ``part``: "time" for the median
+    times (s), "memory" for the peak memory (MiB; run with ``_MEMORY_ENV``). For "onnxruntime",
+    the forward time (the rest None) and its output's errors against the native backend's
+    (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
     """
     import torch
     import torch.nn.functional as F
@@ -99,14 +111,15 @@ def measure(spec: Mapping) -> Dict[str, Optional[float]]:
         with torch.no_grad():
             forward()
 
-    # Memory first, on a process that has run nothing yet.
-    with PeakRSS() as memory:
-        forward_backward()
+    forward_backward()  # one-time costs (see the module docstring)
+    if spec.get("part") == "memory":
+        with PeakRSS() as memory:
+            forward_backward()
+        return {"peak_mib": memory.growth_mib}
     repeats = spec["repeats"]
     result = {
         "forward_s": statistics.median(time_runs(no_grad_forward, 1, repeats)),
         "forward_backward_s": statistics.median(time_runs(forward_backward, 1, repeats)),
-        "peak_mib": memory.growth_mib,
     }
     if method == "native":
         from ..layers import native
@@ -231,7 +244,13 @@ def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2)
         results = {}
         for method in _methods():
             spec = dict(size=list(size), method=method, repeats=repeats, threads=threads)
-            results[method] = run_in_fresh_process(__name__, spec, f"{shape} with {method}")
+            what = f"{shape} with {method}"
+            results[method] = run_in_fresh_process(__name__, dict(spec, part="time"), what)
+            if method != ONNXRUNTIME:
+                memory = run_in_fresh_process(
+                    __name__, dict(spec, part="memory"), what, env=_MEMORY_ENV
+                )
+                results[method].update(memory)
         for method, r in results.items():
             r.update(shape=shape, method=method, size=list(size))
             for key in ("forward_s", "forward_backward_s", "peak_mib"):
