@@ -60,6 +60,16 @@ def test_gemm_literal_values_and_empty_depth():
 
 
 @PACKED
+def test_pack_rows16_of_a_convolution_weight_is_the_packed_weight_rows():
+    """A (C_out, C, kh, kw) weight packs as its rows (C_out, kh*kw*C) in (tap, channel) order:
+    C = 40 crosses the 32-channel blocks of the packing."""
+    weight = torch.randn(20, 40, 2, 3, generator=torch.Generator().manual_seed(4))
+    rows = native._weight_rows(weight, 1)[0]
+    assert torch.equal(native_cpp.pack_rows16(weight), native_cpp.pack_rows16(rows))
+    assert torch.equal(native_cpp.pack_rows16(weight)[1, 5 * 40 + 7, 3], weight[19, 7, 1, 2])
+
+
+@PACKED
 def test_pack_rows16_layout():
     """Row r of the (M, D) matrix is column r % 16 of panel r // 16; rows past M are zero."""
     w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)

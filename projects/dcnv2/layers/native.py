@@ -415,11 +415,11 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
     c_out, cg, kh, kw = weight.shape
     ho, wo = offset.shape[2:]
     geometry = ((kh, kw), stride, padding, dilation, dg, groups)
-    w = _weight_rows(weight, groups)
     out = x.new_empty(n, c_out, ho * wo)
     xp = _pad_channels_last(x)
 
     def chunked(target):
+        w = _weight_rows(weight, groups)
         for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
             m = None if mask is None else mask[sl]
             cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
@@ -429,13 +429,13 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
 
     ways = {"chunked": chunked}
     if groups == 1 and hasattr(kernels, "forward_packed") and _packed_gemm_ok(x):
-        wpacked = kernels.pack_rows16(w[0])
+        wpacked = kernels.pack_rows16(weight)
         ways["fused"] = lambda target: kernels.forward_packed(
             xp, offset, mask, wpacked, *geometry[:-1], target
         )
     key = ("forward_pass", tuple(weight.shape), x.dtype, torch.get_num_threads())
     ways = {k: functools.partial(f, out) for k, f in ways.items()}
-    _run_fastest(key, ways, [out], out.numel() * w.shape[2])
+    _run_fastest(key, ways, [out], out.numel() * cg * kh * kw)
     out = out.view(n, c_out, ho, wo)
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
@@ -454,16 +454,17 @@ def _backward(
     c_out, cg, kh, kw = weight.shape
     ho, wo = offset.shape[2:]
     geometry = ((kh, kw), stride, padding, dilation, dg, groups)
-    w = _weight_rows(weight, groups)
     cog = c_out // groups
     go_all = grad_out.contiguous().view(n, c_out, ho * wo)
     xp = _pad_channels_last(x)
     grad_xp = torch.zeros_like(xp) if need_x else None
     grad_offset = offset.new_empty(n, offset.shape[1], ho * wo) if need_offset else None
     grad_mask = mask.new_empty(n, mask.shape[1], ho * wo) if need_mask else None
-    grad_w = torch.zeros_like(w) if need_weight else None
+    # In the weight's rows layout (G, C_out/G, K*C/G) of _weight_rows.
+    grad_w = x.new_zeros(groups, cog, kh * kw * cg) if need_weight else None
 
     def chunked():
+        w = _weight_rows(weight, groups)
         for sl, p0, p1 in _chunks(n, c * kh * kw, ho * wo):
             m = None if mask is None else mask[sl]
             pc = p1 - p0
@@ -500,13 +501,14 @@ def _backward(
     ways = {"chunked": chunked}
     if groups == 1 and hasattr(kernels, "backward_packed") and _packed_gemm_ok(x):
         ways["fused"] = lambda: kernels.backward_packed(
-            xp, offset, mask, go_all, w[0], *geometry[:-1], grad_xp, grad_offset, grad_mask,
+            xp, offset, mask, go_all, weight.contiguous(), *geometry[:-1], grad_xp, grad_offset,
+            grad_mask,
             None if grad_w is None else grad_w[0],
         )  # fmt: skip
     outs = [t for t in (grad_xp, grad_offset, grad_mask, grad_w) if t is not None]
     key = ("backward_pass", tuple(weight.shape), (need_x, need_offset, need_mask, need_weight),
            x.dtype, torch.get_num_threads())  # fmt: skip
-    _run_fastest(key, ways, outs, n * ho * wo * c_out * w.shape[2])
+    _run_fastest(key, ways, outs, n * ho * wo * c_out * kh * kw * cg)
     grad_x = None
     if need_x:
         # The padding collected corners outside the image, which detectron2 drops.

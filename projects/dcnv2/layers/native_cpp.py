@@ -143,20 +143,22 @@ def forward_packed(xp, offset, mask, wpacked, kernel, stride, padding, dilation,
 
 def pack_rows16(w: torch.Tensor) -> torch.Tensor:
     """(M, D) float32 -> (ceil(M/16), D, 16): rows in zero-padded panels of 16, the weight layout
-    of :func:`forward_packed`."""
+    of :func:`forward_packed`. A convolution weight (C_out, C, kh, kw) is taken as its rows
+    (C_out, kh*kw*C) with columns ordered (tap, channel), in the same pass."""
     return torch.ops.dcnv2_native.pack_rows16(w)
 
 
 def backward_packed(
-    xp, offset, mask, grad_out, weight_rows, kernel, stride, padding, dilation, dg,
+    xp, offset, mask, grad_out, weight, kernel, stride, padding, dilation, dg,
     grad_xp, grad_offset, grad_mask, grad_w,
 ) -> None:  # fmt: skip
     """The whole backward of one convolution group in float32, no columns stored: adds the
     input gradient to ``grad_xp`` (zeroed, like ``xp``) and the weight gradient to ``grad_w``
-    (zeroed, (C_out, kh*kw*C), the layout of ``weight_rows``), and writes the offset and mask
-    gradients (n, 2*dg*K / dg*K, Ho*Wo); any of the four may be None. ``grad_out``:
-    (n, C_out, Ho*Wo), contiguous. Needs :func:`gemm_supported`."""
+    (zeroed, (C_out, kh*kw*C): the weight's rows, columns ordered (tap, channel)), and writes
+    the offset and mask gradients (n, 2*dg*K / dg*K, Ho*Wo); any of the four may be None.
+    ``weight``: (C_out, C, kh, kw) and ``grad_out``: (n, C_out, Ho*Wo), contiguous. Needs
+    :func:`gemm_supported`."""
     torch.ops.dcnv2_native.backward_packed(
-        xp, offset, mask, grad_out, weight_rows, kernel, stride, padding, dilation, dg,
+        xp, offset, mask, grad_out, weight, kernel, stride, padding, dilation, dg,
         grad_xp, grad_offset, grad_mask, grad_w,
     )  # fmt: skip

@@ -112,7 +112,7 @@ Buffer allocate(int64_t floats) {
   return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
 }
 
-// The weight rows (C_out, K*C) as panels of 16 input channels of one tap: (K, S, C_out, 16),
+// The weight (C_out, C, kh, kw) as panels of 16 input channels of one tap: (K, S, C_out, 16),
 // S = ceil(C/16), zero past C; panel (k, s) is what the column gradient's channels
 // [16s, 16s + 16) of tap k meet.
 at::Tensor pack_taps16(const at::Tensor& w, int64_t K, int64_t C) {
@@ -125,7 +125,8 @@ at::Tensor pack_taps16(const at::Tensor& w, int64_t K, int64_t C) {
       const int64_t k = ks / S, c0 = (ks % S) * 16, len = std::min<int64_t>(16, C - c0);
       for (int64_t o = 0; o < c_out; ++o) {
         float* row = dst + (ks * c_out + o) * 16;
-        std::copy_n(src + o * K * C + k * C + c0, len, row);
+        const float* from = src + (o * C + c0) * K + k;
+        for (int64_t i = 0; i < len; ++i) row[i] = from[i * K];
         std::fill(row + len, row + 16, 0.f);
       }
     }
@@ -279,7 +280,7 @@ DCNV2_TARGET_AVX2 void backward_sample(const BackwardContext& ctx, int64_t b, in
 // (C_out, K*C, zeroed) may be absent.
 void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
                      const std::optional<at::Tensor>& mask, const at::Tensor& grad_out,
-                     const at::Tensor& weight_rows, at::IntArrayRef kernel, at::IntArrayRef stride,
+                     const at::Tensor& weight, at::IntArrayRef kernel, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t dg,
                      const std::optional<at::Tensor>& grad_xp,
                      const std::optional<at::Tensor>& grad_offset,
@@ -291,10 +292,10 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
   const Geometry g = make_geometry(xp, offset, kernel, stride, padding, dilation, dg, 1, 0,
                                    offset.size(2) * offset.size(3));
   const int64_t K = g.taps(), C = g.channels, P = g.all_positions();
-  const int64_t c_out = weight_rows.size(0), S = (C + 15) / 16;
-  TORCH_CHECK(weight_rows.is_contiguous() && weight_rows.scalar_type() == at::kFloat &&
-                  weight_rows.dim() == 2 && weight_rows.size(1) == K * C,
-              "weight_rows: contiguous float32 (C_out, kh*kw*C)");
+  const int64_t c_out = weight.size(0), S = (C + 15) / 16;
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat && weight.dim() == 4 &&
+                  weight.size(1) == C && weight.size(2) * weight.size(3) == K,
+              "weight: contiguous float32 (C_out, C, kh, kw)");
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat &&
                   grad_out.numel() == g.n * c_out * P,
               "grad_out: contiguous float32 (n, C_out, Ho*Wo)");
@@ -311,7 +312,7 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
   TORCH_CHECK(!gm_ || mask, "grad_mask needs a mask");
   const bool need_coord = go_ || gm_, need_cols = gw, need_grad_cols = gx || need_coord;
   if (!need_grad_cols && !need_cols) return;
-  const at::Tensor wsegs = pack_taps16(weight_rows, K, C);
+  const at::Tensor wsegs = pack_taps16(weight, K, C);
   const float *x = xp.data_ptr<float>(), *off = offset.data_ptr<float>();
   const float* m = mask_ptr<float>(mask);
   const float *top = grad_out.data_ptr<float>(), *ws = wsegs.data_ptr<float>();
@@ -411,7 +412,7 @@ TORCH_LIBRARY_FRAGMENT(dcnv2_native, m) {
         "int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int dg, "
         "Tensor(a!) out) -> ()");
   m.def("backward_packed(Tensor xp, Tensor offset, Tensor? mask, Tensor grad_out, "
-        "Tensor weight_rows, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
+        "Tensor weight, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, "
         "int dg, Tensor(a!)? grad_xp, Tensor(b!)? grad_offset, Tensor(c!)? grad_mask, "
         "Tensor(d!)? grad_w) -> ()");
 }

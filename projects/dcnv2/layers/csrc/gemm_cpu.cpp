@@ -239,12 +239,16 @@ void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool ac
 }
 
 // (M, D) -> (ceil(M/16), D, 16): rows in panels of 16, zero-padded, as the fused forward of
-// deform_conv_cpu.cpp reads the weight (one panel of 16 output channels per register tile).
+// deform_conv_packed.cpp reads the weight (one panel of 16 output channels per register tile).
+// A convolution weight (C_out, C, kh, kw) is packed as its rows (C_out, kh*kw*C), columns
+// ordered (tap, channel) like the columns, in the same pass.
 at::Tensor pack_rows16(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
-              "pack_rows16: 2-D float32 CPU tensor");
+  TORCH_CHECK((w.dim() == 2 || w.dim() == 4) && w.scalar_type() == at::kFloat &&
+                  w.device().is_cpu(),
+              "pack_rows16: (M, D) or (C_out, C, kh, kw) float32 CPU tensor");
   const at::Tensor src = w.contiguous();
-  const int64_t M = src.size(0), D = src.size(1), panels = (M + kNR - 1) / kNR;
+  const int64_t M = src.size(0), C = src.size(1), K = w.dim() == 4 ? src.size(2) * src.size(3) : 1;
+  const int64_t D = C * K, panels = (M + kNR - 1) / kNR;
   auto out = at::empty({panels, D, kNR}, src.options());
   const float* s = src.data_ptr<float>();
   float* d = out.data_ptr<float>();
@@ -252,16 +256,13 @@ at::Tensor pack_rows16(const at::Tensor& w) {
     for (int64_t p = begin; p < end; ++p) {
       float* panel = d + p * D * kNR;
       const int64_t rows = std::min(kNR, M - p * kNR);
-      // Blocks of 64 depths: the 4 KiB of the panel being written stay in L1.
-      for (int64_t k0 = 0; k0 < D; k0 += 64) {
-        const int64_t k1 = std::min(D, k0 + 64);
+      // Blocks of 32 channels: the K * 2 KiB of the panel being written stay in L1.
+      for (int64_t c0 = 0; c0 < C; c0 += 32) {
+        const int64_t c1 = std::min(C, c0 + 32);
         for (int64_t i = 0; i < kNR; ++i) {
-          if (i < rows) {
-            const float* r = s + (p * kNR + i) * D;
-            for (int64_t k = k0; k < k1; ++k) panel[k * kNR + i] = r[k];
-          } else {
-            for (int64_t k = k0; k < k1; ++k) panel[k * kNR + i] = 0.f;
-          }
+          const float* r = i < rows ? s + (p * kNR + i) * D : nullptr;
+          for (int64_t c = c0; c < c1; ++c)
+            for (int64_t k = 0; k < K; ++k) panel[(k * C + c) * kNR + i] = r ? r[c * K + k] : 0.f;
         }
       }
     }
