@@ -27,7 +27,7 @@
 
 namespace dcnv2 {
 
-// Shared with deform_conv_cpu.cpp's fused forward.
+// Shared with the fused passes of deform_conv_packed.cpp.
 constexpr int64_t kMR = 6;   // rows of C per register tile
 constexpr int64_t kNR = 16;  // columns of C per register tile: two 8-float vectors
 
