@@ -429,9 +429,9 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
 
     ways = {"chunked": chunked}
     if groups == 1 and hasattr(kernels, "forward_packed") and _packed_gemm_ok(x):
-        wpacked = kernels.pack_rows16(weight)
+        # The weight is packed inside the way: a process that keeps the chunked way never pays.
         ways["fused"] = lambda target: kernels.forward_packed(
-            xp, offset, mask, wpacked, *geometry[:-1], target
+            xp, offset, mask, kernels.pack_rows16(weight), *geometry[:-1], target
         )
     key = ("forward_pass", tuple(weight.shape), x.dtype, torch.get_num_threads())
     ways = {k: functools.partial(f, out) for k, f in ways.items()}

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -25,6 +27,17 @@ namespace dcnv2 {
 
 constexpr int64_t kBlock = 64;         // output positions per task
 constexpr int64_t kChannelAlign = 16;  // channel blocks of the input gradient: whole vectors
+
+// Float buffers aligned to 64 bytes (whole cache lines; the register tiles load aligned panels).
+struct Free {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float, Free>;
+
+inline Buffer allocate(int64_t floats) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(floats, 1)) * 4 + 63) / 64) * 64;
+  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
+}
 
 // gemm_cpu.cpp
 bool cpu_has_avx2_fma();
@@ -89,6 +102,22 @@ Tap<T> make_tap(const Geometry& g, const T* offset, const T* mask, int64_t b, in
     t.m = mask ? mask[((b * g.dg + d) * K + k) * all + p] : T(1);
   }
   return t;
+}
+
+// The offset gradients (dy at go[0], dx at go[P]) when go is given and, when gm is given, the mask gradient of an
+// inside tap t from s_q, the sums over its channels of grad_col * corner value q (q = 00, 01, 10,
+// 11): the mask gradient is the bilinear value's, sum_q w_q s_q (detectron2: grad_col *
+// dmcn_im2col_bilinear); the offset gradients are the slopes with floor(h), floor(w) fixed
+// (dmcn_get_coordinate_weight) times the mask.
+template <typename T>
+void offset_mask_gradients(const Tap<T>& t, T s00, T s01, T s10, T s11, T* go, int64_t P,
+                           T* gm) {
+  const T hh = 1 - t.lh, hw = 1 - t.lw;
+  if (go) {
+    go[0] = (hw * (s10 - s00) + t.lw * (s11 - s01)) * t.m;
+    go[P] = (hh * (s01 - s00) + t.lh * (s11 - s10)) * t.m;
+  }
+  if (gm) *gm = hh * hw * s00 + hh * t.lw * s01 + t.lh * hw * s10 + t.lh * t.lw * s11;
 }
 
 // Calls fn(c0, c1, column) for the runs of channels [c0, c1) within [begin, end) that lie in

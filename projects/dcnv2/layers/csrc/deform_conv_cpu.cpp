@@ -91,9 +91,7 @@ void coord_impl(const Geometry& g, const T* xp, const T* offset, const T* mask,
           s10 += a10;
           s11 += a11;
         });
-        go[0] = (hw * (s10 - s00) + t.lw * (s11 - s01)) * t.m;
-        go[P] = (hh * (s01 - s00) + t.lh * (s11 - s10)) * t.m;
-        if (gm) *gm = w00 * s00 + w01 * s01 + w10 * s10 + w11 * s11;
+        offset_mask_gradients(t, s00, s01, s10, s11, go, P, gm);
       }
     }
   });

@@ -4,9 +4,6 @@
 // panels that the 6x16 register tiles of gemm_cpu.cpp multiply at once, so the columns and their
 // gradient never go to memory.
 
-#include <cstdlib>
-#include <memory>
-
 #include "deform_conv_common.h"
 
 namespace {
@@ -99,17 +96,6 @@ void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
       }
     }
   });
-}
-
-// aligned_alloc'd float buffers.
-struct Free {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float, Free>;
-
-Buffer allocate(int64_t floats) {
-  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(floats, 1)) * 4 + 63) / 64) * 64;
-  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
 }
 
 // The weight (C_out, C, kh, kw) as panels of 16 input channels of one tap: (K, S, C_out, 16),
@@ -391,15 +377,10 @@ void backward_packed(const at::Tensor& xp, const at::Tensor& offset,
             s10 += s[2];
             s11 += s[3];
           }
-        const float hh = 1 - t.lh, hw = 1 - t.lw;
-        if (go_) {
-          float* o = go_ + ((b * g.dg + d) * K + k) * 2 * P + p;
-          o[0] = (hw * (s10 - s00) + t.lw * (s11 - s01)) * t.m;
-          o[P] = (hh * (s01 - s00) + t.lh * (s11 - s10)) * t.m;
-        }
-        if (gm_)
-          gm_[((b * g.dg + d) * K + k) * P + p] =
-              hh * hw * s00 + hh * t.lw * s01 + t.lh * hw * s10 + t.lh * t.lw * s11;
+        // Outside taps: zero sums and modulation, so every gradient is 0, as in detectron2.
+        offset_mask_gradients(t, s00, s01, s10, s11,
+                              go_ ? go_ + ((b * g.dg + d) * K + k) * 2 * P + p : nullptr, P,
+                              gm_ ? gm_ + ((b * g.dg + d) * K + k) * P + p : nullptr);
       }
     }
   });

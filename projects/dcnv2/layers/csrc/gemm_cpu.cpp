@@ -22,8 +22,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <memory>
+
+#include "deform_conv_common.h"
 
 namespace dcnv2 {
 
@@ -115,15 +115,8 @@ constexpr int64_t kKC = 256;   // depth of a packed block: a B panel (kKC x kNR)
 constexpr int64_t kMC = 144;   // rows of a packed A block (kMC x kKC, 144 KiB): within L2
 constexpr int64_t kNCMax = 2048;  // columns of a packed B block (kKC x kNC, 2 MiB): within L3
 
-struct Free {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float, Free>;
-
-Buffer allocate(int64_t floats) {
-  const size_t bytes = ((static_cast<size_t>(floats) * sizeof(float) + 63) / 64) * 64;
-  return Buffer(static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
-}
+using dcnv2::allocate;
+using dcnv2::Buffer;
 
 // A strided matrix view: element (i, j) at data[i * rs + j * cs].
 struct View {
