@@ -3,8 +3,10 @@
 
 Both variants are the same config and the same random weights; "off" is the plain detector
 (GeneralizedRCNN + DCNv2StandardROIHeads, MODEL.DCNV2.MIMIC.ENABLED False). One iteration is
-forward, backward and an SGD step on a fixed synthetic batch (random images, random boxes). Also
-reported: how many crops the R-CNN branch ran through the backbone per iteration.
+forward, backward and an SGD step on a fixed synthetic batch (random images, random boxes); the
+two variants' iterations alternate in rounds, so that both see the same minutes of the host.
+Also reported: how many crops the R-CNN branch ran through the backbone per iteration, and the
+overhead per crop.
 Logic: dcnv2.benchmark.mimic.
 
 Examples:
@@ -36,7 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=480, help="image width (default 480)")
     parser.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     parser.add_argument("--boxes", type=int, default=8, help="GT boxes per image (default 8)")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
+    parser.add_argument(
+        "--iters", type=int, default=5, help="timed rounds of one iteration each (default 5)"
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the deformable-conv backends against conv2d on CPU: forward and forward+backward
-time and peak memory at ResNet-50's deformable 3x3 conv shapes, each case in a fresh process;
-also onnxruntime's DeformConv (forward only) when onnxruntime and onnx are installed.
+time and peak memory at ResNet-50's deformable 3x3 conv shapes; also onnxruntime's DeformConv
+(forward only) when onnxruntime and onnx are installed. Each method runs in processes of its
+own; their times come from interleaved rounds (each round times every method once), so all
+methods see the same minutes of the host.
 Logic: dcnv2.benchmark.ops.
 
 Example:
@@ -32,7 +34,7 @@ def parse_args(argv=None):
         help="shape names (res3, res4, res5: ResNet-50's deformable stages at 800x1216, batch 2)"
         " or NAME=N,C,H,W (default: res3 res4 res5)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", help="draw a PNG bar chart here")

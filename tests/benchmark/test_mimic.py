@@ -29,9 +29,12 @@ def test_tool_times_both_variants_and_counts_crops(tmp_path, capsys):
     assert off["seconds_per_iter"] > 0 and on["seconds_per_iter"] > 0
     overhead = on["seconds_per_iter"] / off["seconds_per_iter"] - 1
     assert result["overhead"] == pytest.approx(overhead)
+    extra = on["seconds_per_iter"] - off["seconds_per_iter"]
+    assert result["seconds_per_crop"] == pytest.approx(extra / on["crops_per_iter"])
     assert result["crop_size"] == 64 and result["gt_boxes_per_image"] == 2
     printed = capsys.readouterr().out
     assert printed.strip().endswith(format_table(result))
+    assert f"{result['seconds_per_crop']:+.3f} s per crop" in format_table(result)
     assert printed.splitlines()[0].split() == ["mimic", "s/iter", "crops/iter"]
 
 

@@ -7,6 +7,8 @@ import os
 import pytest
 
 from dcnv2.benchmark import ops
+from dcnv2.benchmark.common import StepWorker, interleaved_times
+from dcnv2.utils.cli import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small enough for a test; odd sizes on purpose.
@@ -171,29 +173,100 @@ def test_chosen_ways_names_the_measured_keys(monkeypatch):
     assert native.chosen_ways() == {"forward_pass (4, 4, 3, 3) float32 2": "fused"}
 
 
-def test_times_and_memory_come_from_separate_workers(monkeypatch):
-    """Times from a worker with the default allocator, peak memory from one whose glibc returns
-    freed blocks at once (MALLOC_MMAP_THRESHOLD_); onnxruntime has no memory worker."""
-    calls = []
+class FakeWorker:
+    """Stands in for a StepWorker: records the steps asked of it in a shared log."""
+
+    def __init__(self, name, steps, log):
+        self.name, self.steps, self.log = name, steps, log
+
+    def time(self, step):
+        self.log.append((self.name, step))
+        return float(len(self.log))
+
+
+def test_interleaved_rounds_rotate_the_workers_and_skip_missing_steps():
+    log = []
+    workers = {
+        "a": FakeWorker("a", ["forward", "forward_backward"], log),
+        "b": FakeWorker("b", ["forward", "forward_backward"], log),
+        "ort": FakeWorker("ort", ["forward"], log),
+    }
+    times = interleaved_times(workers, ("forward", "forward_backward"), repeats=2)
+    rounds = [
+        ["a", "b", "ort"],  # untimed
+        ["b", "ort", "a"],
+        ["ort", "a", "b"],
+    ]
+    expected = []
+    for order in rounds:
+        expected += [(n, "forward") for n in order]
+        expected += [(n, "forward_backward") for n in order if n != "ort"]
+    assert log == expected
+    # Each time is the log's length when it was taken: the untimed round's 5 are dropped.
+    assert times["a"] == {"forward": [8.0, 12.0], "forward_backward": [10.0, 14.0]}
+    assert times["ort"] == {"forward": [7.0, 11.0]}
+
+
+def test_times_from_live_workers_and_memory_from_fresh_processes(monkeypatch):
+    """All methods' timing workers of a shape are alive together; peak memory comes from one
+    fresh process per method whose glibc returns freed blocks at once
+    (MALLOC_MMAP_THRESHOLD_); onnxruntime has no memory worker."""
+    calls, alive = [], []
+
+    class Worker(FakeWorker):
+        def __init__(self, module, spec, what):
+            assert spec["part"] == "time" and module == ops.__name__
+            ort = spec["method"] == ops.ONNXRUNTIME
+            super().__init__(spec["method"], ["forward"] if ort else list(ops.STEPS), calls)
+            alive.append(self.name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            alive.remove(self.name)
+
+        def time(self, step):
+            assert set(alive) == {"conv2d", "native", ops.ONNXRUNTIME}
+            return {"conv2d": 2.0, "native": 3.0, ops.ONNXRUNTIME: 4.0}[self.name] * (
+                1 + (step == "forward_backward")
+            )
+
+        def finish(self):
+            return {"ways": {"k": "fused"}} if self.name == "native" else {}
 
     def fake(module, spec, what, env=None):
-        calls.append((spec["method"], spec["part"], env))
-        if spec["part"] == "memory":
-            return {"peak_mib": 5.0}
-        return {"forward_s": 1.0, "forward_backward_s": 2.0, "peak_mib": None}
+        calls.append((spec["method"], spec["part"], env, tuple(alive)))
+        return {"peak_mib": 5.0}
 
+    monkeypatch.setattr(ops, "StepWorker", Worker)
     monkeypatch.setattr(ops, "run_in_fresh_process", fake)
     monkeypatch.setattr(ops, "_methods", lambda: ["conv2d", "native", ops.ONNXRUNTIME])
     rows = ops.run({"s": (1, 2, 3, 4)}, repeats=1, threads=1)
-    assert calls == [
-        ("conv2d", "time", None),
-        ("conv2d", "memory", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
-        ("native", "time", None),
-        ("native", "memory", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
-        (ops.ONNXRUNTIME, "time", None),
-    ]
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    assert calls == [("conv2d", "memory", env, ()), ("native", "memory", env, ())]
     assert [r["peak_mib"] for r in rows] == [5.0, 5.0, None]
+    assert [r["forward_s"] for r in rows] == [2.0, 3.0, 4.0]
+    assert [r["forward_backward_s"] for r in rows] == [4.0, 6.0, None]
+    assert rows[1]["ways"] == {"k": "fused"} and rows[1]["forward_vs_conv2d"] == 1.5
+    assert rows[2]["forward_vs_conv2d"] == 2.0 and rows[1]["forward_vs_onnxruntime"] == 0.75
     assert rows[1]["peak_vs_conv2d"] == 1.0
+
+
+def test_worker_serves_timed_steps_then_returns_its_result():
+    spec = {"size": [1, 2, 5, 5], "method": "native", "threads": 1, "part": "time"}
+    with StepWorker(ops.__name__, spec, "tiny") as worker:
+        assert worker.steps == list(ops.STEPS)
+        assert all(worker.time(step) > 0 for step in ("forward", "forward_backward", "forward"))
+        result = worker.finish()
+    assert set(result) == {"ways"}
+
+
+def test_a_failing_worker_is_one_error_line_naming_the_case():
+    spec = {"size": [1, 2, 5, 5], "method": "no-such-backend", "threads": 1, "part": "time"}
+    with pytest.raises(UserInputError, match=r"^benchmark of tiny with x failed: \S.*backend"):
+        with StepWorker(ops.__name__, spec, "tiny with x") as worker:
+            worker.time("forward")
 
 
 def test_memory_part_measures_only_peak_memory_in_its_own_process():

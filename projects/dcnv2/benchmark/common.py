@@ -1,6 +1,6 @@
 """What the op, model and mimicking benchmarks share: the synthetic detection batch, the timing
-of repeated runs, the peak resident memory of a run, one fresh process per case, and the
-table writer.
+of repeated runs, the peak resident memory of a run, one fresh process per case, workers timed
+in interleaved rounds, and the table writer.
 
 Timing: ``warmup`` untimed calls, then ``repeats`` calls each timed with ``time.perf_counter``;
 the benchmarks report every time and their median. (``torch.utils.benchmark.Timer`` would run
@@ -10,12 +10,19 @@ Peak memory: the process's resident-set high-water mark (Linux ``VmHWM``) is res
 current resident set (``/proc/self/clear_refs``) just before the measured runs and read after
 them, so it counts every page torch touched during the runs (the allocator's freed-but-kept
 pages included) on top of what was resident before, and nothing from imports or model building.
+
+Interleaved rounds (:class:`StepWorker`, :func:`interleaved_times`): methods that must not share
+a process (allocator state, their libraries' thread pools) each get a persistent worker, and the
+parent asks them in turn for one timed run of a step, round after round. Every method then sees
+the same minutes of a shared, noisy host, so their ratios hold even when the host's speed
+drifts; one process per method run one after the other would give each its own minute.
 """
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -25,8 +32,11 @@ from ..utils.cli import UserInputError
 
 __all__ = [
     "PeakRSS",
+    "StepWorker",
     "detection_batch",
+    "interleaved_times",
     "run_in_fresh_process",
+    "serve_steps",
     "sgd_step",
     "text_table",
     "time_runs",
@@ -179,6 +189,136 @@ def run_in_fresh_process(
             f"benchmark of {what} failed: {lines[-1] if lines else proc.returncode}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Marks the lines of a step worker's stdout that answer the parent; anything else a library
+# prints there is skipped.
+_REPLY = "@dcnv2-step "
+
+
+def _reply(message: Dict[str, Any]) -> None:
+    print(_REPLY + json.dumps(message), flush=True)
+
+
+def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
+    """The worker's side of :class:`StepWorker`: announces ``steps`` (name -> function), then
+    runs and times one call of the step named on each line of stdin, answering with its
+    seconds, until the line ``done``."""
+    _reply({"steps": list(steps)})
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "done":
+            return
+        start = time.perf_counter()
+        steps[name]()
+        _reply({"seconds": time.perf_counter() - start})
+
+
+class StepWorker:
+    """A persistent worker process (``python -m <module> '<spec as JSON>'``, whose ``measure``
+    sets up the case and calls :func:`serve_steps`) that times one step at a time on request.
+
+    Use it as a context manager: leaving the block kills a worker that was not finished.
+
+    Attributes:
+        steps (list[str]): the steps the worker can run.
+
+    Raises:
+        UserInputError: the worker failed (at start, in a step, or at the end); the message
+            quotes its last error line.
+    """
+
+    def __init__(
+        self, module: str, spec: Dict[str, Any], what: str, env: Optional[Dict[str, str]] = None
+    ):
+        self.what = what
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", module, json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=None if env is None else {**os.environ, **env},
+        )
+        self.steps: List[str] = self._answer()["steps"]
+
+    def time(self, step: str) -> float:
+        """Seconds of one run of ``step`` in the worker."""
+        self._send(step)
+        return self._answer()["seconds"]
+
+    def finish(self) -> Dict[str, Any]:
+        """Ends the worker; returns the JSON result it prints last (see :func:`worker_main`)."""
+        self._send("done")
+        self._proc.stdin.close()
+        lines = self._proc.stdout.read().strip().splitlines()
+        self._proc.wait()
+        if self._proc.returncode != 0 or not lines:
+            self._fail()
+        return json.loads(lines[-1])
+
+    def __enter__(self) -> "StepWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr.close()
+
+    def _send(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._fail()
+
+    def _answer(self) -> Dict[str, Any]:
+        for line in self._proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY) :])
+        self._fail()
+
+    def _fail(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._stderr.seek(0)
+        lines = [line for line in self._stderr.read().strip().splitlines() if line.strip()]
+        self._stderr.close()
+        raise UserInputError(
+            f"benchmark of {self.what} failed: {lines[-1] if lines else self._proc.returncode}"
+        )
+
+
+def interleaved_times(
+    workers: Dict[str, Any], steps: Sequence[str], repeats: int
+) -> Dict[str, Dict[str, List[float]]]:
+    """Times of ``steps`` in every worker, in rounds: each round runs each step once in each
+    worker that has it, the workers in turn (their order rotated by one every round, so none is
+    always first after the others). The first round is untimed.
+
+    Args:
+        workers: name -> :class:`StepWorker` (anything with ``steps`` and ``time(step)``).
+        steps: the steps to time, in the order each round runs them.
+        repeats: timed rounds.
+
+    Returns:
+        dict: name -> {step: ``repeats`` seconds}, for the steps the worker has.
+    """
+    names = list(workers)
+    times = {n: {s: [] for s in steps if s in workers[n].steps} for n in names}
+    for r in range(repeats + 1):
+        k = r % len(names) if names else 0
+        order = names[k:] + names[:k]
+        for step in steps:
+            for name in order:
+                if step in times[name]:
+                    seconds = workers[name].time(step)
+                    if r:
+                        times[name][step].append(seconds)
+    return times
 
 
 def worker_main(measure: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:

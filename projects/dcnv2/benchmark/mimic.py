@@ -4,19 +4,22 @@ logic of ``tools/benchmark_mimic.py``.
 Both variants are the same config and the same random weights; "off" is the plain detector
 (GeneralizedRCNN + DCNv2StandardROIHeads, ``MODEL.DCNV2.MIMIC.ENABLED False``). One iteration
 is forward, backward and an SGD step on a fixed synthetic batch (:func:`.common.
-detection_batch`); the median of ``iters`` iterations after one warm-up. Also reported: how
-many crops the R-CNN branch ran through the backbone per iteration.
+detection_batch`). Both models live in one process and their iterations alternate, one warm-up
+each and then ``iters`` rounds of one "off" and one "on" iteration, so that both see the same
+minutes of a noisy host; times are medians. Also reported: how many crops the R-CNN branch ran
+through the backbone per iteration, and the overhead per crop.
 """
 
 import statistics
-from typing import Dict, Sequence, Tuple
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from ..utils.cli import UserInputError
-from .common import detection_batch, sgd_step, text_table, time_runs
+from .common import detection_batch, sgd_step, text_table
 
-__all__ = ["PLAIN", "benchmark_mimic", "format_table", "time_training"]
+__all__ = ["PLAIN", "benchmark_mimic", "format_table", "training_step"]
 
 # Overrides that turn a mimic config into the plain detector it extends.
 PLAIN = [
@@ -26,27 +29,26 @@ PLAIN = [
 ]  # fmt: skip
 
 
-def time_training(cfg, batch, iters: int) -> Tuple[float, int]:
-    """Median seconds per training iteration of ``cfg``'s model (seeded random weights, SGD at
-    lr 1e-4), and the images the backbone ran per iteration beyond the batch itself."""
+def training_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
+    """One training iteration of ``cfg``'s model (seeded random weights, SGD at lr 1e-4) on
+    ``batch``, as a function to call inside an ``EventStorage``; and a list that holds, after
+    each call, the batch size of every backbone call of that iteration (the batch itself, then
+    the crops)."""
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
 
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    calls = []
+    calls: List[int] = []
     # The crops may run an FPN's bottom-up network without its forward (see fpn_outputs).
     counted = getattr(model.backbone, "bottom_up", model.backbone)
     counted.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     train_step = sgd_step(model, batch, lr=1e-4)
 
     def step():
-        calls.clear()  # so that it holds the last iteration's backbone calls
+        calls.clear()  # so that it holds this iteration's backbone calls
         train_step()
 
-    with EventStorage():
-        times = time_runs(step, warmup=1, repeats=iters)
-    return statistics.median(times), sum(calls[1:])
+    return step, calls
 
 
 def benchmark_mimic(
@@ -62,7 +64,8 @@ def benchmark_mimic(
 
     Returns:
         dict: the settings, ``results`` (``{"off"|"on": {"seconds_per_iter",
-        "crops_per_iter"}}``) and ``overhead`` (on / off - 1), as ``--json`` writes it.
+        "crops_per_iter"}}``), ``overhead`` (on / off - 1) and ``seconds_per_crop`` ((on - off)
+        / crops, None without crops), as ``--json`` writes it.
 
     Raises:
         UserInputError: bad sizes or counts, or a config that does not enable mimicking.
@@ -83,10 +86,23 @@ def benchmark_mimic(
         boxes_per_image=boxes,
         num_classes=cfg_on.MODEL.ROI_HEADS.NUM_CLASSES,
     )
-    rows = {}
-    for name, cfg in (("off", cfg_off), ("on", cfg_on)):
-        sec, crops = time_training(cfg, images, iters)
-        rows[name] = {"seconds_per_iter": sec, "crops_per_iter": crops}
+    from detectron2.utils.events import EventStorage
+
+    steps = {name: training_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    with EventStorage():
+        for r in range(iters + 1):  # the first round is the warm-up
+            for name, (step, _) in steps.items():
+                start = time.perf_counter()
+                step()
+                if r:
+                    times[name].append(time.perf_counter() - start)
+    rows = {
+        name: {"seconds_per_iter": statistics.median(times[name]), "crops_per_iter": sum(calls[1:])}
+        for name, (_, calls) in steps.items()
+    }
+    extra = rows["on"]["seconds_per_iter"] - rows["off"]["seconds_per_iter"]
+    crops = rows["on"]["crops_per_iter"]
     return {
         "config": config_file,
         "opts": list(opts),
@@ -101,6 +117,7 @@ def benchmark_mimic(
         "iters": iters,
         "results": rows,
         "overhead": rows["on"]["seconds_per_iter"] / rows["off"]["seconds_per_iter"] - 1,
+        "seconds_per_crop": extra / crops if crops else None,
     }
 
 
@@ -111,4 +128,6 @@ def format_table(result: Dict) -> str:
         for name, r in result["results"].items()
     ]
     table = text_table(["mimic", "s/iter", "crops/iter"], rows, markdown=False)
-    return f"{table}\noverhead: {100 * result['overhead']:+.0f}%"
+    per_crop = result.get("seconds_per_crop")
+    per_crop = "" if per_crop is None else f" ({per_crop:+.3f} s per crop)"
+    return f"{table}\noverhead: {100 * result['overhead']:+.0f}%{per_crop}"

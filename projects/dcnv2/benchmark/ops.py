@@ -1,17 +1,25 @@
 """Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU, the logic
 of ``tools/benchmark_ops.py``.
 
-Each (shape, method) case runs in two fresh Python processes, one for its times and one for its
-memory, so that one case's allocator state and peak memory cannot leak into another's. Both
-first run one untimed forward+backward, which holds the one-time costs (the native op's first
-call of a weight shape runs each of its ways, see :func:`dcnv2.layers.native._run_fastest`).
-Peak memory is then the resident-set high-water mark during one forward+backward above the
-resident set just before it (inputs already allocated; :class:`.common.PeakRSS`), with glibc's
-mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so that buffers freed by the first
-run go back to the system instead of staying resident and the measured run's growth counts all
-it allocates (that setting makes every large allocation a fresh mapping, so times come from the
-other process, with the default allocator). Times are medians of ``repeats`` runs, each series
-after one more untimed run.
+Each (shape, method) case runs in two Python processes of its own, one for its times and one
+for its memory, so that one case's allocator state and peak memory cannot leak into another's.
+Both first run one untimed forward+backward, which holds the one-time costs (the native op's
+first call of a weight shape runs each of its ways, see
+:func:`dcnv2.layers.native._run_fastest`).
+
+Times: the timing workers of one shape's methods are alive together and time their runs in
+interleaved rounds (:func:`.common.interleaved_times`): each round runs one forward of every
+method, then one forward+backward of every method. So every method's runs are spread over the
+same minutes of the host, and its noise moves all of them alike. The first round is untimed;
+times are medians of ``repeats`` rounds.
+
+Peak memory: in a fresh process per case, the resident-set high-water mark during one
+forward+backward above the resident set just before it (inputs already allocated;
+:class:`.common.PeakRSS`), with glibc's mmap threshold fixed at 64 KiB
+(``MALLOC_MMAP_THRESHOLD_``), so that buffers freed by the first run go back to the system
+instead of staying resident and the measured run's growth counts all it allocates (that setting
+makes every large allocation a fresh mapping, so times come from the other workers, with the
+default allocator).
 
 Methods: dense ``conv2d`` (the same 3x3 convolution without offsets), every deformable-conv
 backend usable on CPU, and, when ``onnxruntime`` and ``onnx`` are installed, onnxruntime's
@@ -21,11 +29,20 @@ not take the cores of the method measured next). Its worker also checks, untimed
 output matches the native backend's on the same inputs.
 """
 
+import contextlib
 import math
 import statistics
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
-from .common import PeakRSS, run_in_fresh_process, text_table, time_runs, worker_main
+from .common import (
+    PeakRSS,
+    StepWorker,
+    interleaved_times,
+    run_in_fresh_process,
+    serve_steps,
+    text_table,
+    worker_main,
+)
 
 __all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "notes", "plot"]
 
@@ -36,6 +53,9 @@ _REFERENCES = {"conv2d": "conv2d", "torchvision": "tv", ONNXRUNTIME: "ort"}
 # The memory worker's glibc returns freed blocks of 64 KiB and more to the system at once (see
 # the module docstring); the timing worker keeps the default allocator.
 _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+# What each round times, in this order ("forward_backward": not onnxruntime's).
+STEPS = ("forward", "forward_backward")
 
 # ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
 SHAPES = {
@@ -79,12 +99,13 @@ def _inputs(size: Sequence[int]):
     return x, weight, offset, mask
 
 
-def measure(spec: Mapping) -> Dict[str, Optional[float]]:
+def measure(spec: Mapping) -> Dict:
     """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
-    backend or "onnxruntime"), ``repeats``, ``threads`` and ``part``: "time" for the median
-    times (s), "memory" for the peak memory (MiB; run with ``_MEMORY_ENV``). For "onnxruntime",
-    the forward time (the rest None) and its output's errors against the native backend's
-    (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
+    backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
+    with ``_MEMORY_ENV``), "time" to serve timed runs of :data:`STEPS` to a
+    :class:`.common.StepWorker` and then return the native backend's chosen ways (``ways``).
+    For "onnxruntime" (time only): its forward, then its output's errors against the native
+    backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
     """
     import torch
     import torch.nn.functional as F
@@ -116,16 +137,12 @@ def measure(spec: Mapping) -> Dict[str, Optional[float]]:
         with PeakRSS() as memory:
             forward_backward()
         return {"peak_mib": memory.growth_mib}
-    repeats = spec["repeats"]
-    result = {
-        "forward_s": statistics.median(time_runs(no_grad_forward, 1, repeats)),
-        "forward_backward_s": statistics.median(time_runs(forward_backward, 1, repeats)),
-    }
+    serve_steps({"forward": no_grad_forward, "forward_backward": forward_backward})
     if method == "native":
         from ..layers import native
 
-        result["ways"] = native.chosen_ways()
-    return result
+        return {"ways": native.chosen_ways()}
+    return {}
 
 
 def onnxruntime_session(size: Sequence[int], threads: int):
@@ -206,14 +223,13 @@ def _feeds(inputs) -> Dict:
     return dict(zip(("X", "W", "offset", "mask"), (t.numpy() for t in inputs)))
 
 
-def _measure_onnxruntime(spec: Mapping) -> Dict[str, Optional[float]]:
+def _measure_onnxruntime(spec: Mapping) -> Dict[str, float]:
     session = onnxruntime_session(spec["size"], spec["threads"])
     inputs = _inputs(spec["size"])
     feeds = _feeds(inputs)
-    times = time_runs(lambda: session.run(None, feeds), 1, spec["repeats"])
-    result = {"forward_s": statistics.median(times), "forward_backward_s": None, "peak_mib": None}
-    result.update(_compare(session, inputs))  # after the timed runs: nothing else was loaded
-    return result
+    session.run(None, feeds)  # one-time costs, as the other methods' first forward+backward
+    serve_steps({"forward": lambda: session.run(None, feeds)})
+    return _compare(session, inputs)  # after the timed runs: nothing else was loaded
 
 
 def _onnxruntime_available() -> bool:
@@ -231,26 +247,38 @@ def _methods() -> List[str]:
 
 def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2) -> List[Dict]:
     """Benchmark every CPU backend, conv2d and (when installed) onnxruntime's ``DeformConv`` on
-    ``shapes`` (name -> (N, C, H, W)), one fresh process per case.
+    ``shapes`` (name -> (N, C, H, W)): per shape, the methods' timing workers in ``repeats``
+    interleaved rounds, then one fresh process per method for its peak memory.
 
     Returns:
-        list[dict]: per (shape, method): the :func:`measure` result, ``shape``, ``method``,
-        ``size`` and the ratios to conv2d's (``*_vs_conv2d``), torchvision's
-        (``*_vs_torchvision``) and onnxruntime's (``*_vs_onnxruntime``) of the same shape, for
-        the references measured here (None where either side has no value).
+        list[dict]: per (shape, method): ``forward_s``, ``forward_backward_s`` (median seconds;
+        None where the method has no backward), ``peak_mib`` (None for onnxruntime), what the
+        timing worker returned (:func:`measure`), ``shape``, ``method``, ``size`` and the
+        ratios to conv2d's (``*_vs_conv2d``), torchvision's (``*_vs_torchvision``) and
+        onnxruntime's (``*_vs_onnxruntime``) of the same shape, for the references measured
+        here (None where either side has no value).
     """
     rows = []
     for shape, size in shapes.items():
-        results = {}
-        for method in _methods():
-            spec = dict(size=list(size), method=method, repeats=repeats, threads=threads)
-            what = f"{shape} with {method}"
-            results[method] = run_in_fresh_process(__name__, dict(spec, part="time"), what)
-            if method != ONNXRUNTIME:
-                memory = run_in_fresh_process(
-                    __name__, dict(spec, part="memory"), what, env=_MEMORY_ENV
+        specs = {m: dict(size=list(size), method=m, threads=threads) for m in _methods()}
+        with contextlib.ExitStack() as stack:
+            workers = {
+                m: stack.enter_context(
+                    StepWorker(__name__, dict(spec, part="time"), f"{shape} with {m}")
                 )
-                results[method].update(memory)
+                for m, spec in specs.items()
+            }
+            times = interleaved_times(workers, STEPS, repeats)
+            results = {m: worker.finish() for m, worker in workers.items()}
+        for method, spec in specs.items():
+            result = results[method]
+            for step in STEPS:
+                series = times[method].get(step)
+                result[f"{step}_s"] = statistics.median(series) if series else None
+            result["peak_mib"] = None
+            if method != ONNXRUNTIME:
+                what, memory_spec = f"{shape} with {method}", dict(spec, part="memory")
+                result.update(run_in_fresh_process(__name__, memory_spec, what, env=_MEMORY_ENV))
         for method, r in results.items():
             r.update(shape=shape, method=method, size=list(size))
             for key in ("forward_s", "forward_backward_s", "peak_mib"):
