@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 r"""Model-level speed and memory: inference and training iterations of several configs, each in
-a fresh process, as a table with ratios to the first config.
+a process of its own, as a table with ratios to the first config.
 
 Random-init weights and fixed random images; the last layers of the RPN head and of the box
-predictor are zeroed so every model does the same work in its heads. Times are medians of
---repeats runs after --warmup; peak RSS is the process's peak resident memory during the runs
-(reset after the model is built), weights and libraries included.
+predictor are zeroed so every model does the same work in its heads. The configs of a mode take
+turns, one run each per round (so all see the same minutes of the host); times are medians of
+--repeats rounds after --warmup untimed ones. Peak RSS is each process's peak resident memory
+during its runs (reset after the model is built), weights and libraries included.
 Details: dcnv2/benchmark/model.py.
 
 Examples:
@@ -49,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--height", type=int, default=800, help="image height (default 800)")
     parser.add_argument("--width", type=int, default=1216, help="image width (default 1216)")
     parser.add_argument("--batch-size", type=int, default=2, help="training batch (default 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")

@@ -16,8 +16,8 @@ Where each comes from (torch 2.14, detectron2 0.7, fvcore 0.1.5):
 * ``is_fx_tracing will return true for both fx.symbolic_trace and torch.export`` (a warning of
   the logger ``torch.fx._symbolic_trace``): detectron2's ``ROIPooler.forward``.
 
-The last two come from model forward passes: train_net.py's runs and the tools' predictions
-run in the context.
+The last two come from model forward passes: train_net.py's runs, the tools' predictions and
+the mdpool and mimicking benchmarks run in the context.
 
 This module imports nothing heavy (no torch), so that any entry point can use it first.
 """

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from dcnv2.benchmark.model import benchmark, format_table, run_worker
+from dcnv2.benchmark import model
+from dcnv2.benchmark.common import StepWorker
+from dcnv2.benchmark.model import benchmark, format_table
 from dcnv2.utils.cli import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,20 +18,59 @@ SPEC = dict(
     height=64,
     width=96,
     batch_size=2,
-    warmup=0,
-    repeats=2,
     seed=0,
 )
 
 
 @pytest.mark.parametrize("mode", ["inference", "train"])
 def test_worker_times_and_measures(mode):
-    result = run_worker(dict(SPEC, mode=mode))
+    with StepWorker(model.__name__, dict(SPEC, mode=mode), "tiny") as worker:
+        assert worker.steps == ["run"]
+        times = [worker.time("run") for _ in range(2)]
+        result = worker.finish()
     assert result["mode"] == mode and result["backend"] in ("native", "torchvision")
-    assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
-    assert min(result["times_s"]) <= result["median_s"] <= max(result["times_s"])
+    assert all(t > 0 for t in times)
     # Peak over the runs includes the weights (~160 MiB of float32 parameters) at least.
     assert result["peak_rss_mib"] >= result["rss_build_mib"] > 160
+
+
+def test_configs_of_a_mode_take_turns_and_rows_keep_config_order(monkeypatch):
+    log, alive = [], []
+
+    class Worker:
+        def __init__(self, module, spec, what):
+            self.key, self.steps = (spec["config"], spec["mode"]), ["run"]
+            assert what == f"{spec['config']} ({spec['mode']})"
+            alive.append(self.key)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            alive.remove(self.key)
+
+        def time(self, step):
+            log.append(self.key)
+            assert {m for _, m in alive} == {self.key[1]} and len(alive) == 2
+            return float(len(log))
+
+        def finish(self):
+            return {"config": self.key[0], "mode": self.key[1]}
+
+    monkeypatch.setattr(model, "StepWorker", Worker)
+    configs = ["faster_rcnn_R50_FPN_1x.yaml", "faster_rcnn_R50_mdconv_FPN_1x.yaml"]
+    rows = benchmark(configs, warmup=1, repeats=2, progress=False)
+    a, b = configs
+    # Per mode: one untimed round, then two timed ones; the order rotates every round.
+    assert log == [(a, "inference"), (b, "inference"), (b, "inference"), (a, "inference")] + [
+        (a, "inference"),
+        (b, "inference"),
+    ] + [(a, "train"), (b, "train"), (b, "train"), (a, "train"), (a, "train"), (b, "train")]
+    assert [(r["config"], r["mode"]) for r in rows] == [
+        (a, "inference"), (a, "train"), (b, "inference"), (b, "train")
+    ]  # fmt: skip
+    assert rows[0]["times_s"] == [4.0, 5.0] and rows[0]["median_s"] == 4.5
+    assert rows[3]["times_s"] == [9.0, 12.0]
 
 
 def test_table_ratios_are_to_the_first_config():

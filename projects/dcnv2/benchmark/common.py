@@ -293,31 +293,39 @@ class StepWorker:
 
 
 def interleaved_times(
-    workers: Dict[str, Any], steps: Sequence[str], repeats: int
+    workers: Dict[str, Any],
+    steps: Sequence[str],
+    repeats: int,
+    warmup: int = 1,
+    after_round: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Dict[str, List[float]]]:
     """Times of ``steps`` in every worker, in rounds: each round runs each step once in each
     worker that has it, the workers in turn (their order rotated by one every round, so none is
-    always first after the others). The first round is untimed.
+    always first after the others). The first ``warmup`` rounds are untimed.
 
     Args:
         workers: name -> :class:`StepWorker` (anything with ``steps`` and ``time(step)``).
         steps: the steps to time, in the order each round runs them.
         repeats: timed rounds.
+        warmup: untimed rounds before them.
+        after_round: called after every round (a progress bar's update).
 
     Returns:
         dict: name -> {step: ``repeats`` seconds}, for the steps the worker has.
     """
     names = list(workers)
     times = {n: {s: [] for s in steps if s in workers[n].steps} for n in names}
-    for r in range(repeats + 1):
+    for r in range(warmup + repeats):
         k = r % len(names) if names else 0
         order = names[k:] + names[:k]
         for step in steps:
             for name in order:
                 if step in times[name]:
                     seconds = workers[name].time(step)
-                    if r:
+                    if r >= warmup:
                         times[name][step].append(seconds)
+        if after_round is not None:
+            after_round()
     return times
 
 

@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from ..quiet import known_messages_silenced
 from ..utils.cli import UserInputError
 from .common import text_table, time_runs
 
@@ -154,9 +155,10 @@ def benchmark_mdpool(
     # Rounds of every step in turn (after one warm-up round), so that a change in the machine's
     # load during the run affects all methods alike.
     times = {key: [] for key in steps}
-    for _ in range(repeats + 1):
-        for key, step in steps.items():
-            times[key] += time_runs(step, 0, 1)
+    with known_messages_silenced():  # detectron2's ROIPooler logs one on every call
+        for _ in range(repeats + 1):
+            for key, step in steps.items():
+                times[key] += time_runs(step, 0, 1)
     results = {
         name: {
             "forward_s": statistics.median(times[name + "/forward"][1:]),

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from ..quiet import known_messages_silenced
 from ..utils.cli import UserInputError
 from .common import detection_batch, sgd_step, text_table
 
@@ -90,7 +91,7 @@ def benchmark_mimic(
 
     steps = {name: training_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
     times: Dict[str, List[float]] = {name: [] for name in steps}
-    with EventStorage():
+    with EventStorage(), known_messages_silenced():
         for r in range(iters + 1):  # the first round is the warm-up
             for name, (step, _) in steps.items():
                 start = time.perf_counter()

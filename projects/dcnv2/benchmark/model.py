@@ -12,13 +12,17 @@ Method (also printed by the tool):
     * Inference: batch of 1 under ``torch.no_grad()``. Training: forward, backward and an SGD
       step (learning rate 0, same cost) on a batch of ``batch_size`` images with 3 random boxes
       each, the stem and res2 frozen as in the recipes (``FREEZE_AT 2``).
-    * ``warmup`` untimed runs, then the median of ``repeats`` timed ones.
-    * Memory: every (config, mode) runs in a fresh Python process; its peak resident set size
-      is reset after the model is built and read after the runs (:class:`.common.PeakRSS`), so
-      it measures the runs' peak, weights and libraries included, not the build.
-      ``rss_build_mib`` is the resident size after building.
+    * Every (config, mode) runs in a Python process of its own (a :class:`.common.StepWorker`).
+      Per mode, the configs' workers are alive together and take turns: ``warmup`` untimed
+      rounds, then ``repeats`` timed ones, each round one run of every config
+      (:func:`.common.interleaved_times`), so that all configs see the same minutes of a noisy
+      host; times are medians. Memory is then the sum of their peaks.
+    * Memory: each worker's peak resident set size is reset after its model is built and read
+      after its runs (:class:`.common.PeakRSS`), so it measures the runs' peak, weights and
+      libraries included, not the build. ``rss_build_mib`` is the resident size after building.
 """
 
+import contextlib
 import os
 import statistics
 from typing import Dict, List, Sequence
@@ -28,11 +32,12 @@ import torch
 from ..utils.cli import UserInputError
 from .common import (
     PeakRSS,
+    StepWorker,
     detection_batch,
-    run_in_fresh_process,
+    interleaved_times,
+    serve_steps,
     sgd_step,
     text_table,
-    time_runs,
     worker_main,
 )
 
@@ -42,9 +47,10 @@ MODES = ("inference", "train")
 
 
 def run_worker(spec: Dict) -> Dict:
-    """Build one model and time one mode, in this process. ``spec`` holds ``config``,
-    ``opts``, ``mode``, ``height``, ``width``, ``batch_size``, ``warmup``, ``repeats``,
-    ``seed``. Returns times (seconds), memory (MiB) and the deformable-conv backend used."""
+    """Build one model and serve timed runs of one mode (the step ``"run"``) to a
+    :class:`.common.StepWorker`, in this process. ``spec`` holds ``config``, ``opts``,
+    ``mode``, ``height``, ``width``, ``batch_size``, ``seed``. Returns, after the runs, the
+    memory (MiB), the load average and the deformable-conv backend used."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
     from torch import nn
@@ -95,13 +101,11 @@ def run_worker(spec: Dict) -> Dict:
             # frozen-BN ResNet) diverge to Inf within a few real steps, which detectron2 then
             # refuses.
             step = sgd_step(model, batch, lr=0.0, momentum=0.9)
-        times = time_runs(step, spec["warmup"], spec["repeats"])
+        serve_steps({"run": step})
     return {
         "config": spec["config"],
         "mode": mode,
         "backend": backend if deformable else "-",
-        "median_s": statistics.median(times),
-        "times_s": times,
         "peak_rss_mib": None if memory.peak_mib is None else round(memory.peak_mib, 1),
         "peak_rss_is_run_only": memory.run_only,
         "rss_build_mib": None if memory.start_mib is None else round(memory.start_mib, 1),
@@ -125,10 +129,12 @@ def benchmark(
     seed: int = 0,
     progress: bool = True,
 ) -> List[Dict]:
-    """Run every (config, mode) in a fresh subprocess (see the module docstring).
+    """Time every (config, mode) in a worker process of its own, the configs of a mode in
+    interleaved rounds (see the module docstring).
 
     Returns:
-        list[dict]: one result of :func:`run_worker` per (config, mode), configs outermost.
+        list[dict]: per (config, mode), configs outermost: what :func:`run_worker` returned,
+        ``times_s`` (the timed runs' seconds) and ``median_s``.
 
     Raises:
         UserInputError: bad arguments, or a worker failed (its last error line is quoted).
@@ -150,22 +156,29 @@ def benchmark(
                 get_config_file(config)
             except FileNotFoundError as e:
                 raise UserInputError(str(e)) from None
-    jobs = [(config, mode) for config in configs for mode in modes]
-    results = []
-    for config, mode in tqdm(jobs, desc="benchmark", unit="run", disable=not progress):
-        spec = dict(
-            config=config,
-            opts=list(opts),
-            mode=mode,
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            warmup=warmup,
-            repeats=repeats,
-            seed=seed,
-        )
-        results.append(run_in_fresh_process(__name__, spec, f"{config} ({mode})"))
-    return results
+    results = {}
+    rounds = len(modes) * (warmup + repeats)
+    with tqdm(total=rounds, desc="benchmark", unit="round", disable=not progress) as bar:
+        for mode in modes:
+            size = dict(height=height, width=width, batch_size=batch_size, seed=seed)
+            with contextlib.ExitStack() as stack:
+                workers = {
+                    i: stack.enter_context(
+                        StepWorker(
+                            __name__,
+                            dict(config=config, opts=list(opts), mode=mode, **size),
+                            f"{config} ({mode})",
+                        )
+                    )
+                    for i, config in enumerate(configs)
+                }
+                times = interleaved_times(workers, ("run",), repeats, warmup, bar.update)
+                for i, worker in workers.items():
+                    run = times[i]["run"]
+                    results[i, mode] = dict(
+                        worker.finish(), times_s=run, median_s=statistics.median(run)
+                    )
+    return [results[i, mode] for i in range(len(configs)) for mode in modes]
 
 
 def format_table(results: Sequence[Dict]) -> str:
