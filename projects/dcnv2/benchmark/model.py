@@ -16,7 +16,7 @@ Method (also printed by the tool):
       Per mode, the configs' workers are alive together and take turns: ``warmup`` untimed
       rounds, then ``repeats`` timed ones, each round one run of every config
       (:func:`.common.interleaved_times`), so that all configs see the same minutes of a noisy
-      host; times are medians. Memory is then the sum of their peaks.
+      host; times are medians. The machine then needs the sum of their peaks in memory.
     * Memory: each worker's peak resident set size is reset after its model is built and read
       after its runs (:class:`.common.PeakRSS`), so it measures the runs' peak, weights and
       libraries included, not the build. ``rss_build_mib`` is the resident size after building.
