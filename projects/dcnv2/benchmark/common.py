@@ -31,6 +31,7 @@ import torch
 from ..utils.cli import UserInputError
 
 __all__ = [
+    "InProcessSteps",
     "PeakRSS",
     "StepWorker",
     "detection_batch",
@@ -200,18 +201,35 @@ def _reply(message: Dict[str, Any]) -> None:
     print(_REPLY + json.dumps(message), flush=True)
 
 
+class InProcessSteps:
+    """Steps (name -> function without arguments) timed in this process, one call at a time:
+    what :func:`interleaved_times` asks of a :class:`StepWorker`, for methods that can share a
+    process.
+
+    Attributes:
+        steps (list[str]): the steps' names.
+    """
+
+    def __init__(self, steps: Dict[str, Callable[[], Any]]):
+        self._steps = dict(steps)
+        self.steps = list(self._steps)
+
+    def time(self, step: str) -> float:
+        """Seconds of one call of ``step``."""
+        return time_runs(self._steps[step], 0, 1)[0]
+
+
 def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
     """The worker's side of :class:`StepWorker`: announces ``steps`` (name -> function), then
     runs and times one call of the step named on each line of stdin, answering with its
     seconds, until the line ``done``."""
-    _reply({"steps": list(steps)})
+    local = InProcessSteps(steps)
+    _reply({"steps": local.steps})
     for line in sys.stdin:
         name = line.strip()
         if name == "done":
             return
-        start = time.perf_counter()
-        steps[name]()
-        _reply({"seconds": time.perf_counter() - start})
+        _reply({"seconds": local.time(name)})
 
 
 class StepWorker:
@@ -304,7 +322,8 @@ def interleaved_times(
     always first after the others). The first ``warmup`` rounds are untimed.
 
     Args:
-        workers: name -> :class:`StepWorker` (anything with ``steps`` and ``time(step)``).
+        workers: name -> :class:`StepWorker` or :class:`InProcessSteps` (anything with
+            ``steps`` and ``time(step)``).
         steps: the steps to time, in the order each round runs them.
         repeats: timed rounds.
         warmup: untimed rounds before them.

@@ -15,8 +15,9 @@ the other on the same inputs:
   a RoIAlign pass, the offset and modulation fcs (``fc_dim`` wide) and the deformable sampling.
 
 Forward is timed under ``torch.no_grad``; forward+backward computes the gradients of the maps
-(and of the offsets, or of the layer's parameters). The steps run in rounds, each method once
-per round, one warm-up round and ``repeats`` timed ones; times are medians.
+(and of the offsets, or of the layer's parameters). The steps run in interleaved rounds
+(:func:`.common.interleaved_times`), each method once per round, one warm-up round and
+``repeats`` timed ones; times are medians.
 """
 
 import statistics
@@ -26,7 +27,7 @@ import torch
 
 from ..quiet import known_messages_silenced
 from ..utils.cli import UserInputError
-from .common import text_table, time_runs
+from .common import InProcessSteps, interleaved_times, text_table
 
 __all__ = ["METHODS", "SCALES", "random_boxes", "benchmark_mdpool", "format_table"]
 
@@ -147,23 +148,19 @@ def benchmark_mdpool(
         "mdpool op (cpp)": fixed_offset_pooler(offsets, "cpp"),
         "mdpool layer (cpp)": layer,
     }
-    steps = {}
-    for name in methods:
-        steps[name + "/forward"], steps[name + "/forward_backward"] = _steps(
-            poolers[name], maps, boxes, offsets if "op" in name else []
+    steps = ("forward", "forward_backward")
+    workers = {
+        name: InProcessSteps(
+            dict(zip(steps, _steps(poolers[name], maps, boxes, offsets if "op" in name else [])))
         )
-    # Rounds of every step in turn (after one warm-up round), so that a change in the machine's
-    # load during the run affects all methods alike.
-    times = {key: [] for key in steps}
+        for name in methods
+    }
+    # Rounds of every method in turn, so that a change in the machine's load during the run
+    # affects all methods alike.
     with known_messages_silenced():  # detectron2's ROIPooler logs one on every call
-        for _ in range(repeats + 1):
-            for key, step in steps.items():
-                times[key] += time_runs(step, 0, 1)
+        times = interleaved_times(workers, steps, repeats)
     results = {
-        name: {
-            "forward_s": statistics.median(times[name + "/forward"][1:]),
-            "forward_backward_s": statistics.median(times[name + "/forward_backward"][1:]),
-        }
+        name: {f"{step}_s": statistics.median(times[name][step]) for step in steps}
         for name in methods
     }
     if "ROIAlignV2" in results:

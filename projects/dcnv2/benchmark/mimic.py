@@ -5,20 +5,20 @@ Both variants are the same config and the same random weights; "off" is the plai
 (GeneralizedRCNN + DCNv2StandardROIHeads, ``MODEL.DCNV2.MIMIC.ENABLED False``). One iteration
 is forward, backward and an SGD step on a fixed synthetic batch (:func:`.common.
 detection_batch`). Both models live in one process and their iterations alternate, one warm-up
-each and then ``iters`` rounds of one "off" and one "on" iteration, so that both see the same
-minutes of a noisy host; times are medians. Also reported: how many crops the R-CNN branch ran
+each and then ``iters`` rounds of one "off" and one "on" iteration
+(:func:`.common.interleaved_times`), so that both see the same minutes of a noisy host; times
+are medians. Also reported: how many crops the R-CNN branch ran
 through the backbone per iteration, and the overhead per crop.
 """
 
 import statistics
-import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from ..quiet import known_messages_silenced
 from ..utils.cli import UserInputError
-from .common import detection_batch, sgd_step, text_table
+from .common import InProcessSteps, detection_batch, interleaved_times, sgd_step, text_table
 
 __all__ = ["PLAIN", "benchmark_mimic", "format_table", "training_step"]
 
@@ -90,16 +90,14 @@ def benchmark_mimic(
     from detectron2.utils.events import EventStorage
 
     steps = {name: training_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
-    times: Dict[str, List[float]] = {name: [] for name in steps}
+    workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
     with EventStorage(), known_messages_silenced():
-        for r in range(iters + 1):  # the first round is the warm-up
-            for name, (step, _) in steps.items():
-                start = time.perf_counter()
-                step()
-                if r:
-                    times[name].append(time.perf_counter() - start)
+        times = interleaved_times(workers, ("iteration",), iters)
     rows = {
-        name: {"seconds_per_iter": statistics.median(times[name]), "crops_per_iter": sum(calls[1:])}
+        name: {
+            "seconds_per_iter": statistics.median(times[name]["iteration"]),
+            "crops_per_iter": sum(calls[1:]),
+        }
         for name, (_, calls) in steps.items()
     }
     extra = rows["on"]["seconds_per_iter"] - rows["off"]["seconds_per_iter"]
