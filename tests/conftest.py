@@ -44,6 +44,28 @@ def tiny_train_net() -> tuple:
     return TINY_TRAIN_NET
 
 
+@pytest.fixture
+def unbuildable_extension(monkeypatch):
+    """A function that gives a JIT-extension module (``native_cpp``, ``mdpool_cpp``) a fresh, not
+    yet built copy of its extension whose build fails (no compiler), for this test."""
+    from torch.utils import cpp_extension
+
+    from dcnv2.layers.extension import JitExtension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no compiler")
+
+    def swap(module) -> None:
+        monkeypatch.setattr(cpp_extension, "load", no_compiler)
+        real = module._EXTENSION
+        fresh = JitExtension(
+            real.name, real.sources, real.probe, real.what, real.fallback, real.logger
+        )
+        monkeypatch.setattr(module, "_EXTENSION", fresh)
+
+    return swap
+
+
 def _loggers():
     yield logging.getLogger()
     for logger in list(logging.Logger.manager.loggerDict.values()):

@@ -7,10 +7,8 @@ import logging
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from dcnv2.layers import backends, mdpool, mdpool_cpp
-from dcnv2.layers.extension import JitExtension
 from dcnv2.layers.mdpool import deform_roi_align
 
 pytestmark = pytest.mark.skipif(
@@ -136,20 +134,9 @@ def test_environment_choice_torch_skips_the_kernels(monkeypatch):
     assert len(calls) == 1
 
 
-def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog, unbuildable_extension):
     monkeypatch.setattr(backends, "_NATIVE_IMPL_DEFAULT", "auto")
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("no compiler")
-
-    # A fresh, not yet built copy of the extension, whose build fails.
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    real = mdpool_cpp._EXTENSION
-    monkeypatch.setattr(
-        mdpool_cpp,
-        "_EXTENSION",
-        JitExtension(real.name, real.sources, real.probe, real.what, real.fallback, real.logger),
-    )
+    unbuildable_extension(mdpool_cpp)
     features, rois, offset = _inputs()
     with caplog.at_level(logging.WARNING, logger="dcnv2.layers.mdpool_cpp"):
         out = deform_roi_align(features, rois, offset, output_size=7, spatial_scale=0.25)

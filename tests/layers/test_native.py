@@ -326,22 +326,8 @@ def test_impl_validation():
     assert out.dtype == torch.bfloat16
 
 
-def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
-    from torch.utils import cpp_extension
-
-    from dcnv2.layers.extension import JitExtension
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("no compiler")
-
-    # A fresh, not yet built copy of the extension, whose build fails.
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    real = native_cpp._EXTENSION
-    monkeypatch.setattr(
-        native_cpp,
-        "_EXTENSION",
-        JitExtension(real.name, real.sources, real.probe, real.what, real.fallback, real.logger),
-    )
+def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog, unbuildable_extension):
+    unbuildable_extension(native_cpp)
     x, offset, weight = (
         torch.randn(1, 1, 5, 5),
         torch.full((1, 18, 5, 5), 0.5),
