@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 
+from dcnv2.engine import launch
 from dcnv2.engine.launch import (
     SLURM_PORT_BASE,
     ClusterProcess,
@@ -141,7 +142,9 @@ def test_process_counts_come_from_the_launcher():
     assert args.num_gpus == 2
 
 
-def test_a_contradicting_num_gpus_is_one_error_on_the_first_process_only():
+def test_a_contradicting_num_gpus_is_one_error_on_the_first_process_only(monkeypatch):
+    waits = []
+    monkeypatch.setattr(launch, "leave_report_to_main_process", lambda: waits.append(1))
     env = dict(TORCHRUN, RANK="0", LOCAL_RANK="0")
     with pytest.raises(LaunchError) as e:
         resolve_launch(_args(num_gpus=2), env)
@@ -152,6 +155,6 @@ def test_a_contradicting_num_gpus_is_one_error_on_the_first_process_only():
     )
     with pytest.raises(SystemExit) as quiet:
         resolve_launch(_args(num_gpus=2), TORCHRUN)  # rank 5 leaves the report to rank 0
-    assert quiet.value.code == 2
+    assert quiet.value.code == 2 and waits == [1]  # after rank 0 has had time to print
     with pytest.raises(LaunchError, match="--machine-rank 1 but slurm"):
         resolve_launch(_args(machine_rank=1), dict(SRUN, SLURM_PROCID="0"))

@@ -22,7 +22,7 @@ from detectron2.utils import comm
 
 from ..dialects import run_keys
 from ..errors import USER_ERROR_EXIT, USER_ERRORS, LaunchError
-from .preflight import load_run_config
+from .preflight import leave_report_to_main_process, load_run_config
 
 __all__ = [
     "ClusterProcess",
@@ -307,7 +307,9 @@ def resolve_launch(args, environ: Optional[Mapping[str, str]] = None):
     """:func:`cluster_process` and :func:`resolve_process_counts` for ``train_net.py``'s
     command line. Every process of a cluster job finds the same mistakes here, before they can
     talk to each other: only the first one (rank 0) raises, the others exit with
-    ``USER_ERROR_EXIT`` without a word, so that the job prints one error line.
+    ``USER_ERROR_EXIT`` without a word after :func:`.preflight.leave_report_to_main_process`'s
+    wait, so that the job prints one error line (exiting at once, they could make the launcher
+    stop rank 0 before it printed it).
 
     Returns:
         Optional[ClusterProcess]: this process, or None outside a cluster launcher.
@@ -318,6 +320,7 @@ def resolve_launch(args, environ: Optional[Mapping[str, str]] = None):
         resolve_process_counts(args, cluster)
     except LaunchError:
         if _first(environ, "RANK", "SLURM_PROCID") not in (None, "0"):
+            leave_report_to_main_process()
             raise SystemExit(USER_ERROR_EXIT) from None
         raise
     return cluster

@@ -332,6 +332,19 @@ def check_before_launch(args) -> None:
     )
 
 
+# How long a process other than the main one waits before it exits on a user error that every
+# process of a run finds: the main process prints the error meanwhile, and its exit makes the
+# launcher stop this one (an earlier exit could make the launcher stop the main process before
+# it has printed anything).
+REPORT_GRACE_S = 5.0
+
+
+def leave_report_to_main_process() -> None:
+    """Wait :data:`REPORT_GRACE_S`, in a process that leaves a user error's report to the main
+    process (see :func:`report_user_errors`)."""
+    time.sleep(REPORT_GRACE_S)
+
+
 def report_user_errors(prog: str, main_func: Callable, *args):
     """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
     ``<prog>: error: ...`` (:func:`dcnv2.errors.report_user_error`), and the process exits with
@@ -343,7 +356,6 @@ def report_user_errors(prog: str, main_func: Callable, *args):
         if comm.get_world_size() == 1:
             raise
         if not comm.is_main_process():
-            # Most such errors happen on every process: leave the report to the main one,
-            # whose exit makes the launcher stop this one during the wait.
-            time.sleep(5)
+            # Most such errors happen on every process: leave the report to the main one.
+            leave_report_to_main_process()
         sys.exit(report_user_error(prog, e))
