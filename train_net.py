@@ -27,7 +27,7 @@ import sys
 PROG = "train_net.py"
 
 try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    from dcnv2.utils.cli import train_net_parser
+    from dcnv2.tools.cli import train_net_parser
 except ImportError as e:
     if e.name != "detectron2":
         raise

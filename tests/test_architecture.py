@@ -178,7 +178,7 @@ def _stderr_and_status(call):
 
 
 def test_train_net_and_the_tools_report_a_user_error_the_same_way(tmp_path):
-    from dcnv2.utils.cli import run_cli
+    from dcnv2.tools.cli import run_cli
 
     missing = str(tmp_path / "nope.yaml")
     train_net = _import(os.path.join(REPO, "train_net.py"), "dcnv2_train_net_exit_test")
@@ -198,7 +198,7 @@ def test_train_net_and_the_tools_report_a_user_error_the_same_way(tmp_path):
 
 
 def test_an_unexpected_error_keeps_its_traceback():
-    from dcnv2.utils.cli import run_cli
+    from dcnv2.tools.cli import run_cli
 
     def buggy(argv):
         raise KeyError("a bug, not the user's input")

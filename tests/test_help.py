@@ -65,7 +65,7 @@ def test_generate_synthetic_dataset_help_states_the_registered_defaults():
 def test_import_dcnv2_is_light_and_still_registers():
     code = (
         "import sys\n"
-        "import dcnv2, dcnv2.utils.cli\n"
+        "import dcnv2, dcnv2.tools.cli\n"
         "assert 'torch' not in sys.modules and 'detectron2' not in sys.modules\n"
         "from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY\n"
         "from detectron2.data import DatasetCatalog\n"

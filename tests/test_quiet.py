@@ -20,7 +20,7 @@ MESSAGES = {
 # use: imports torch.utils.cpp_extension).
 PREDICT = """
 from dcnv2.engine.predictor import Predictor
-from dcnv2.utils.cli import setup_cfg
+from dcnv2.tools.cli import setup_cfg
 import numpy as np
 cfg = setup_cfg("quick/faster_rcnn_R50_mdconv_FPN_instant.yaml", [
     "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", "", "MODEL.DCNV2.BACKEND", "native",
@@ -34,7 +34,7 @@ UNQUIET = """
 import detectron2.modeling, torch, numpy as np
 import torch.utils.cpp_extension
 import dcnv2
-from dcnv2.utils.cli import setup_cfg
+from dcnv2.tools.cli import setup_cfg
 from detectron2.modeling import build_model
 cfg = setup_cfg("quick/faster_rcnn_R50_mdconv_FPN_instant.yaml", [
     "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", "", "MODEL.DCNV2.BACKEND", "native"])

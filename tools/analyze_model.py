@@ -26,7 +26,7 @@ except ImportError as e:
     print(f"analyze_model.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 TASKS = ("flop", "activation", "parameter", "structure")
 
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     import torch
     from detectron2.modeling import build_model
 
-    from dcnv2.utils.analysis import analyze_model, model_inputs
-    from dcnv2.utils.cli import choose_config_file, load_weights, setup_cfg
+    from dcnv2.tools.analyze_model import analyze_model, model_inputs
+    from dcnv2.tools.cli import choose_config_file, load_weights, setup_cfg
 
     # Random init unless the user gives weights; seeded, because the heads' counts follow the
     # number of proposals, which follows the weights.

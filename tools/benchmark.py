@@ -7,7 +7,7 @@ predictor are zeroed so every model does the same work in its heads. The configs
 turns, one run each per round (so all see the same minutes of the host); times are medians of
 --repeats rounds after --warmup untimed ones. Peak RSS is each process's peak resident memory
 during its runs (reset after the model is built), weights and libraries included.
-Details: dcnv2/benchmark/model.py.
+Details: dcnv2/tools/benchmark.py.
 
 Examples:
     python tools/benchmark.py                      # R50-FPN baseline vs the seed mdconv config
@@ -29,7 +29,7 @@ except ImportError as e:
     print(f"benchmark.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import run_cli, tool_parser  # noqa: E402
 
 # The baseline first, so the ratios read "mdconv / baseline".
 DEFAULT_CONFIGS = ["faster_rcnn_R50_FPN_1x.yaml", "faster_rcnn_R50_mdconv_FPN_1x.yaml"]
@@ -66,7 +66,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.benchmark.model import benchmark, format_table
+    from dcnv2.tools.benchmark import benchmark, format_table
 
     results = benchmark(
         args.configs,

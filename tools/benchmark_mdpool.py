@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Speed of modulated deformable RoI pooling (mdpool) against detectron2's ROIAlignV2 pooler on
 CPU: forward and forward+backward for RoIs on the FPN maps (p2-p5) of one image, the methods
-side by side in one run. Logic: dcnv2.benchmark.mdpool.
+side by side in one run. Logic: dcnv2.tools.benchmark_mdpool.
 
 Examples:
     python tools/benchmark_mdpool.py --json mdpool.json
@@ -19,9 +19,9 @@ except ImportError as e:
     print(f"benchmark_mdpool.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
-# dcnv2.benchmark.mdpool.METHODS, named here so that --help does not import torch.
+# dcnv2.tools.benchmark_mdpool.METHODS, named here so that --help does not import torch.
 METHODS = ("ROIAlignV2", "mdpool op (torch)", "mdpool op (cpp)", "mdpool layer (cpp)")
 
 
@@ -43,12 +43,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.benchmark import mdpool
+    from dcnv2.tools import benchmark_mdpool
 
-    unknown = sorted(set(args.methods) - set(mdpool.METHODS))
+    unknown = sorted(set(args.methods) - set(benchmark_mdpool.METHODS))
     if unknown:
-        raise UserInputError(f"unknown --methods {unknown}; expected any of {list(mdpool.METHODS)}")
-    benchmark_mdpool, format_table = mdpool.benchmark_mdpool, mdpool.format_table
+        raise UserInputError(
+            f"unknown --methods {unknown}; expected any of {list(benchmark_mdpool.METHODS)}"
+        )
+    benchmark_mdpool, format_table = (
+        benchmark_mdpool.benchmark_mdpool,
+        benchmark_mdpool.format_table,
+    )
 
     result = benchmark_mdpool(
         rois=args.rois,

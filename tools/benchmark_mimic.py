@@ -7,7 +7,7 @@ forward, backward and an SGD step on a fixed synthetic batch (random images, ran
 two variants' iterations alternate in rounds, so that both see the same minutes of the host.
 Also reported: how many crops the R-CNN branch ran through the backbone per iteration, and the
 overhead per crop.
-Logic: dcnv2.benchmark.mimic.
+Logic: dcnv2.tools.benchmark_mimic.
 
 Examples:
     python tools/benchmark_mimic.py --height 320 --width 480 --iters 5 --json mimic.json
@@ -26,7 +26,7 @@ except ImportError as e:
     print(f"benchmark_mimic.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import run_cli, tool_parser  # noqa: E402
 
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x.yaml"
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.benchmark.mimic import benchmark_mimic, format_table
+    from dcnv2.tools.benchmark_mimic import benchmark_mimic, format_table
 
     result = benchmark_mimic(
         args.config_file,

@@ -4,7 +4,7 @@ time and peak memory at ResNet-50's deformable 3x3 conv shapes; also onnxruntime
 (forward only) when onnxruntime and onnx are installed. Each method runs in processes of its
 own; their times come from interleaved rounds (each round times every method once), so all
 methods see the same minutes of the host.
-Logic: dcnv2.benchmark.ops.
+Logic: dcnv2.tools.benchmark_ops.
 
 Example:
     python tools/benchmark_ops.py --out results.json --plot results.png
@@ -22,7 +22,7 @@ except ImportError as e:
     print(f"benchmark_ops.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.benchmark.ops import format_table, notes, parse_shape, plot, run
+    from dcnv2.tools.benchmark_ops import format_table, notes, parse_shape, plot, run
 
     try:
         shapes = dict(parse_shape(s) for s in args.shapes)

@@ -10,7 +10,7 @@ Examples:
 
 The images are DATASETS.TRAIN's (or --dataset's), loaded and filtered as training does, first
 ones first; --show-original draws the stored image with its annotations on the left. Existing
-pictures are never overwritten unless --force. Logic: dcnv2.utils.browse_dataset.
+pictures are never overwritten unless --force. Logic: dcnv2.tools.browse_dataset.
 """
 
 import sys
@@ -23,7 +23,7 @@ except ImportError as e:
     print(f"browse_dataset.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 # Its training data is generated on first use: browsing works offline.
 DEFAULT = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"
@@ -45,8 +45,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.utils.browse_dataset import browse_dataset
-    from dcnv2.utils.cli import choose_config_file, setup_cfg
+    from dcnv2.tools.browse_dataset import browse_dataset
+    from dcnv2.tools.cli import choose_config_file, setup_cfg
 
     opts = ["MODEL.WEIGHTS", "", *args.opts]
     cfg = setup_cfg(choose_config_file(args.config_file, opts, DEFAULT), opts)

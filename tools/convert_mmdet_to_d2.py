@@ -25,7 +25,7 @@ except ImportError as e:
     sys.exit(2)
 
 from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
-from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
 
 PROG = "convert_mmdet_to_d2.py"
 

@@ -24,7 +24,7 @@ except ImportError as e:
     print(f"demo.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,8 +47,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so --help is instant.
-    from dcnv2.utils.cli import setup_cfg
-    from dcnv2.utils.demo import DemoRunner, collect_inputs, run_demo
+    from dcnv2.tools.cli import setup_cfg
+    from dcnv2.tools.demo import DemoRunner, collect_inputs, run_demo
 
     inputs = collect_inputs(args.input)
     cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold, default=None)

@@ -5,7 +5,7 @@ check the file against PyTorch; optionally time the deployment runtimes.
 ONNX: every deformable conv is one standard `DeformConv` node (opset 19); the file takes any
 image height and width that are multiples of 32 (input "image": (3, H, W) float 0-255 in the
 config's INPUT.FORMAT, not resized; outputs: pred_boxes, pred_classes, scores [, pred_masks],
-image_size; see dcnv2.utils.export.export_detector_onnx). `--part backbone` exports the
+image_size; see dcnv2.tools.export_model.export_detector_onnx). `--part backbone` exports the
 backbone + FPN (input (1, 3, H, W), outputs p2..p6); `--deform-op decomposed` writes the
 backbone with gathers and matmuls instead, for runtimes without DeformConv (fixed input size).
 The tool runs the file in onnxruntime and compares it with PyTorch at --height x --width and at
@@ -34,7 +34,7 @@ except ImportError as e:
     print(f"export_model.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     import torch
     from detectron2.modeling import build_model
 
-    from dcnv2.utils import export
-    from dcnv2.utils.cli import load_weights, setup_cfg
+    from dcnv2.tools import export_model
+    from dcnv2.tools.cli import load_weights, setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts, confidence_threshold=0.05)
     torch.manual_seed(0)
@@ -105,10 +105,10 @@ def main(argv=None) -> int:
         if args.part == "backbone":
             return _onnx_backbone(model, images, args)
         status = _onnx_detector(model, images, args.output, _score_threshold(cfg))
-    except export.ExportError as e:
+    except export_model.ExportError as e:
         raise UserInputError(str(e)) from None
     if args.benchmark:
-        from dcnv2.utils import deploy_benchmark
+        from dcnv2.tools import deploy_benchmark
 
         result = deploy_benchmark.benchmark_runtimes(
             model, images, args.output, repeats=args.repeats
@@ -128,7 +128,7 @@ def _score_threshold(cfg) -> float:
 def _torchscript(model, image, path) -> int:
     import torch
 
-    from dcnv2.utils.export import detector_outputs, trace_detector
+    from dcnv2.tools.export_model import detector_outputs, trace_detector
 
     inputs = [{"image": image}]
     traced, adapter = trace_detector(model, inputs)
@@ -141,7 +141,7 @@ def _torchscript(model, image, path) -> int:
 def _onnx_backbone(model, images, args) -> int:
     import torch
 
-    from dcnv2.utils.export import (
+    from dcnv2.tools.export_model import (
         BackboneForExport,
         export_backbone_onnx,
         onnx_operators,
@@ -166,7 +166,7 @@ def _onnx_backbone(model, images, args) -> int:
 def _onnx_detector(model, images, path, score_threshold) -> int:
     import torch
 
-    from dcnv2.utils.export import (
+    from dcnv2.tools.export_model import (
         compare_detections,
         export_detector_onnx,
         onnx_detections,

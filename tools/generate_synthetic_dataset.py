@@ -21,7 +21,7 @@ except ImportError as e:
     print(f"generate_synthetic_dataset.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check and measure dcnv2 on a GPU machine: op exactness, op speed and memory, the seed model,
 train_net.py --eval-only and a DDP run, into gpu_check.json and gpu_check.md (logic in
-dcnv2.utils.gpu_check, whose docstring lists the sections).
+dcnv2.tools.gpu_check, whose docstring lists the sections).
 
 Examples:
     python tools/gpu_check.py --out gpu_report                 # one CUDA GPU, ~8 minutes
@@ -22,8 +22,8 @@ except ImportError as e:
     print(f"gpu_check.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import run_cli  # noqa: E402
-from dcnv2.utils.gpu_check import main  # noqa: E402
+from dcnv2.tools.cli import run_cli  # noqa: E402
+from dcnv2.tools.gpu_check import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, prog="gpu_check.py"))

@@ -11,7 +11,7 @@ Examples:
 
 --stats prints, per run, s/iter (mean, median, std, p90 over the logged records, each the median
 of its window), the slowest records, the training time they account for, and the ETA logged at
-each record against the time the rest of the run took (dcnv2.utils.train_time).
+each record against the time the rest of the run took (dcnv2.tools.train_time).
 
 A folder stands for the metrics.json inside it. Malformed lines (for example the last line of a
 run still writing) are skipped with a warning.
@@ -30,7 +30,7 @@ except ImportError as e:
     print(f"plot_metrics.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for path in (args.out, args.json):
         if path and os.path.exists(path) and not args.force:
             raise UserInputError(f"{path!r} exists; pass --force to overwrite it")
-    from dcnv2.utils.plotting import MetricsWarning, load_metrics, plot_runs
+    from dcnv2.tools.plot_metrics import MetricsWarning, load_metrics, plot_runs
 
     labels = args.labels or [_label(p) for p in args.metrics]
     with warnings.catch_warnings(record=True) as caught:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.stats:
-        from dcnv2.utils.train_time import format_train_time, train_time_stats
+        from dcnv2.tools.train_time import format_train_time, train_time_stats
 
         stats = [(label, train_time_stats(records)) for label, records in runs]
         print(format_train_time(stats))

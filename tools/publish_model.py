@@ -22,7 +22,7 @@ except ImportError as e:
     print(f"publish_model.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import add_force_argument, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser  # noqa: E402
 
 PROG = "publish_model.py"
 

@@ -12,7 +12,7 @@ The dataset: --dataset NAME (a registered dataset, or one of the config's DATASE
 else the first DATASETS.TEST of the config: --config-file, else the run's own (config_eval.yaml
 of the eval-only run that wrote the results, else config.yaml, beside inference/); or
 --json + --image-root. Category names and colours come from the dataset's metadata. Existing
-pictures are never overwritten unless --force. Logic: dcnv2.utils.visualize_results.
+pictures are never overwritten unless --force. Logic: dcnv2.tools.visualize_results.
 """
 
 import sys
@@ -25,7 +25,7 @@ except ImportError as e:
     print(f"visualize_results.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if bool(args.json) != bool(args.image_root):
         raise UserInputError("--json and --image-root go together")
-    from dcnv2.utils import visualize_results as vr
-    from dcnv2.utils.cli import setup_cfg
+    from dcnv2.tools import visualize_results as vr
+    from dcnv2.tools.cli import setup_cfg
 
     results = vr.load_results(args.results)
     if args.json:

@@ -31,7 +31,7 @@ except ImportError as e:
     print(f"visualize_sampling.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-from dcnv2.utils.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
 
 
 def _point(text: str):
@@ -88,9 +88,9 @@ def main(argv=None) -> int:
         raise UserInputError(
             f"--layers {args.layers} would trace 9**{args.layers} points; use <= 5"
         )
-    from dcnv2.utils.cli import choose_config_file, setup_cfg
-    from dcnv2.utils.demo import DemoRunner, read_image
-    from dcnv2.utils.sampling import plot_sampling_locations, sample_image
+    from dcnv2.tools.cli import choose_config_file, setup_cfg
+    from dcnv2.tools.demo import DemoRunner, read_image
+    from dcnv2.tools.visualize_sampling import plot_sampling_locations, sample_image
 
     image = read_image(args.input)
     config_file = choose_config_file(args.config_file, args.opts)

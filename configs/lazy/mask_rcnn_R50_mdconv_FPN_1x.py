@@ -5,9 +5,9 @@
 # Train: python train_net.py --config-file configs/lazy/mask_rcnn_R50_mdconv_FPN_1x.py --num-gpus 8
 from detectron2.config import LazyCall as L
 
+from dcnv2.engine.solver import offset_lr_factor_func
 from dcnv2.lazy_config import get_detectron2_config
 from dcnv2.modeling import make_dcnv2_stages
-from dcnv2.solver import offset_lr_factor_func
 
 model = get_detectron2_config("common/models/mask_rcnn_fpn.py").model
 dataloader = get_detectron2_config("common/data/coco.py").dataloader
@@ -28,6 +28,6 @@ model.backbone.bottom_up.stages = L(make_dcnv2_stages)(
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 
 # Offset/mask convs at OFFSET_LR_MULTIPLIER x the base lr (1.0 as in the YAML recipes; the
-# DCNv2 paper's recipe uses 0.1): see dcnv2.solver.
+# DCNv2 paper's recipe uses 0.1): see dcnv2.engine.solver.
 optimizer.params.base_lr = "${..lr}"
 optimizer.params.lr_factor_func = L(offset_lr_factor_func)(multiplier=1.0)

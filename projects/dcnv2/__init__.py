@@ -4,7 +4,7 @@
 ``build_dcnv2_resnet_fpn_backbone``), ROI heads and the synthetic datasets in detectron2's
 registries: at once when detectron2's ``modeling`` / ``data`` are imported already, else right
 after they are (:mod:`dcnv2.imports`). The package itself imports neither torch nor detectron2,
-so light submodules (``dcnv2.errors``, ``dcnv2.utils.cli``) load at once; the public names
+so light submodules (``dcnv2.errors``, ``dcnv2.tools.cli``) load at once; the public names
 below load their modules on first use (PEP 562).
 
 Without detectron2, the import raises :class:`dcnv2.errors.DependencyMissingError` (an

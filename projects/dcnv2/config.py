@@ -30,7 +30,7 @@ def add_dcnv2_config(cfg: CN) -> CN:
     # Load weights whose tensors' shapes differ from the model's by skipping those tensors
     # (detectron2's behaviour, e.g. to fine-tune on other classes); False: a clear error.
     cfg.MODEL.DCNV2.ALLOW_SHAPE_MISMATCH = False
-    # Model family options (dcnv2.solver). Learning-rate factor of the convs that predict the
+    # Model family options (dcnv2.engine.solver). Learning-rate factor of the convs that predict the
     # offsets and masks (parameters named "*conv2_offset*"). 1.0 is what detectron2 and
     # MMDetection (paramwise_cfg dcn_offset_lr_mult) use by default and what every shipped recipe
     # uses; 0.1 is the lower rate of the DCNv2 paper's recipe for these layers.

@@ -92,7 +92,7 @@ def _tool():
 
 
 def test_cli_prints_the_file_and_fails_in_one_line(checkpoint, tmp_path, capsys):
-    from dcnv2.utils.cli import run_cli
+    from dcnv2.tools.cli import run_cli
 
     tool = _tool()
     source, _ = checkpoint

@@ -18,8 +18,8 @@ from PIL import Image
 from torch import nn
 
 from dcnv2.engine import Trainer
-from dcnv2.utils.cli import UserInputError, setup_cfg
-from dcnv2.utils.demo import DemoRunner
+from dcnv2.tools.cli import UserInputError, setup_cfg
+from dcnv2.tools.demo import DemoRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MMDET = os.path.join(REPO, "configs", "mmdet", "faster_rcnn_R50_mdconv_FPN_1x_mmdet.yaml")

@@ -6,8 +6,8 @@ from detectron2.modeling import build_model
 
 from dcnv2.layers import ops  # noqa: F401  (registers torch.ops.dcnv2)
 from dcnv2.layers import ModulatedDeformConv, available_backends, modulated_deform_conv, native_cpp
-from dcnv2.utils.cli import setup_cfg
-from dcnv2.utils.sampling import randomize_offsets
+from dcnv2.tools.cli import setup_cfg
+from dcnv2.tools.visualize_sampling import randomize_offsets
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 OP_CASES = [("torchvision", "auto"), ("native", "torch")] + (

@@ -18,7 +18,7 @@ from PIL import Image
 from dcnv2.checkpoint.integrity import diagnose_file
 from dcnv2.checkpoint.loading import load_checkpoint_file
 from dcnv2.errors import WeightsError
-from dcnv2.utils.cli import run_cli
+from dcnv2.tools.cli import run_cli
 
 
 def _tensors():

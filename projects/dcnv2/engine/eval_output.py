@@ -4,7 +4,7 @@ An evaluation writes its results (detectron2's ``COCOEvaluator``: ``coco_instanc
 and ``instances_predictions.pth``) in ``OUTPUT_DIR/inference/`` (a LazyConfig: its
 ``dataloader.evaluator.output_dir``, when set), and its full config in ``OUTPUT_DIR``. In a
 training run's folder these hold the run's own results and ``config.yaml``, which the tools read
-beside the run's weights (:func:`dcnv2.utils.cli.choose_config_file`). So an eval-only run:
+beside the run's weights (:func:`dcnv2.tools.cli.choose_config_file`). So an eval-only run:
 
 - saves its config as :data:`EVAL_CONFIG`, never over the training run's ``config.yaml``;
 - records the weights it evaluates in :data:`WEIGHTS_RECORD` beside the results;

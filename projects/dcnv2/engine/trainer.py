@@ -21,11 +21,11 @@ from ..data.resumable import build_resumable_train_loader
 from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
-from ..solver import build_optimizer
 from .amp import amp_loop
 from .evaluation import EvaluatedImagesCOCOEvaluator
 from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
+from .solver import build_optimizer
 
 __all__ = ["Trainer", "build_training_loop", "create_ddp_model", "explain_nonfinite_stop"]
 

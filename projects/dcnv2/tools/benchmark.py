@@ -1,0 +1,208 @@
+"""Model-level speed and memory of detectors built from configs: inference at the test
+resolution and training iterations, the logic of ``tools/benchmark.py``.
+
+Method (also printed by the tool):
+    * Random-init weights (``MODEL.WEIGHTS ""``), fixed random images of the given size.
+    * The last layers of the RPN head and of the box predictor are zeroed: every model then
+      proposes the anchors with equal scores, gets the same number of proposals
+      (``POST_NMS_TOPK_TEST`` at inference) and scores every class 1/(K+1), below the test
+      threshold, so no model pays for a final NMS. With random weights the proposal count and
+      the number of boxes above the threshold (and so the NMS cost, which can dominate) vary
+      wildly from model to model; a trained model's final NMS is cheap.
+    * Inference: batch of 1 under ``torch.no_grad()``. Training: forward, backward and an SGD
+      step (learning rate 0, same cost) on a batch of ``batch_size`` images with 3 random boxes
+      each, the stem and res2 frozen as in the recipes (``FREEZE_AT 2``).
+    * Every (config, mode) runs in a Python process of its own (a :class:`.common.StepWorker`).
+      Per mode, the configs' workers are alive together and take turns: ``warmup`` untimed
+      rounds, then ``repeats`` timed ones, each round one run of every config
+      (:func:`.common.interleaved_times`), so that all configs see the same minutes of a noisy
+      host; times are medians. The machine then needs the sum of their peaks in memory.
+    * Memory: each worker's peak resident set size is reset after its model is built and read
+      after its runs (:class:`.common.PeakRSS`), so it measures the runs' peak, weights and
+      libraries included, not the build. ``rss_build_mib`` is the resident size after building.
+"""
+
+import contextlib
+import os
+import statistics
+from typing import Dict, List, Sequence
+
+import torch
+
+from .cli import UserInputError
+from .timing import (
+    PeakRSS,
+    StepWorker,
+    detection_batch,
+    interleaved_times,
+    serve_steps,
+    sgd_step,
+    text_table,
+    worker_main,
+)
+
+__all__ = ["MODES", "run_worker", "benchmark", "format_table"]
+
+MODES = ("inference", "train")
+
+
+def run_worker(spec: Dict) -> Dict:
+    """Build one model and serve timed runs of one mode (the step ``"run"``) to a
+    :class:`.common.StepWorker`, in this process. ``spec`` holds ``config``, ``opts``,
+    ``mode``, ``height``, ``width``, ``batch_size``, ``seed``. Returns, after the runs, the
+    memory (MiB), the load average and the deformable-conv backend used."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+    from torch import nn
+
+    from ..config import get_cfg
+    from ..layers.backends import resolve_backend
+
+    mode = spec["mode"]
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    cfg = get_cfg(spec["config"], ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *spec["opts"]])
+    torch.manual_seed(spec["seed"])
+    model = build_model(cfg)
+    # Equal work in the heads whatever the random backbone outputs (see the module docstring).
+    head = model.proposal_generator.rpn_head
+    predictors = [head.objectness_logits, head.anchor_deltas]
+    predictors += [
+        m
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("cls_score", "bbox_pred") and isinstance(m, nn.Linear)
+    ]
+    for layer in predictors:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    backend = resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device("cpu"))
+    deformable = any(getattr(m, "deformable_groups", None) for m in model.modules())
+    load_before = os.getloadavg()[0]
+    size = (spec["height"], spec["width"])
+    with PeakRSS() as memory, EventStorage(0):
+        if mode == "inference":
+            model.eval()
+            inputs = detection_batch(1, *size, seed=spec["seed"])
+
+            def step():
+                with torch.no_grad():
+                    model(inputs)
+
+        else:
+            model.train()
+            batch = detection_batch(
+                spec["batch_size"],
+                *size,
+                boxes_per_image=3,
+                num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                seed=spec["seed"],
+            )
+            # lr 0: the step costs the same, and random weights (no normalisation in a
+            # frozen-BN ResNet) diverge to Inf within a few real steps, which detectron2 then
+            # refuses.
+            step = sgd_step(model, batch, lr=0.0, momentum=0.9)
+        serve_steps({"run": step})
+    return {
+        "config": spec["config"],
+        "mode": mode,
+        "backend": backend if deformable else "-",
+        "peak_rss_mib": None if memory.peak_mib is None else round(memory.peak_mib, 1),
+        "peak_rss_is_run_only": memory.run_only,
+        "rss_build_mib": None if memory.start_mib is None else round(memory.start_mib, 1),
+        "threads": torch.get_num_threads(),
+        # 1-minute load average before and after the runs: above the core count, other
+        # processes competed for the CPU and the times are inflated.
+        "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
+    }
+
+
+def benchmark(
+    configs: Sequence[str],
+    modes: Sequence[str] = MODES,
+    height: int = 800,
+    width: int = 1216,
+    batch_size: int = 2,
+    warmup: int = 1,
+    repeats: int = 5,
+    opts: Sequence[str] = (),
+    seed: int = 0,
+    progress: bool = True,
+) -> List[Dict]:
+    """Time every (config, mode) in a worker process of its own, the configs of a mode in
+    interleaved rounds (see the module docstring).
+
+    Returns:
+        list[dict]: per (config, mode), configs outermost: what :func:`run_worker` returned,
+        ``times_s`` (the timed runs' seconds) and ``median_s``.
+
+    Raises:
+        UserInputError: bad arguments, or a worker failed (its last error line is quoted).
+    """
+    from tqdm import tqdm
+
+    from ..model_zoo import get_config_file
+
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise UserInputError(f"unknown mode(s) {sorted(unknown)}; expected some of {list(MODES)}")
+    if repeats < 1 or warmup < 0 or batch_size < 1 or min(height, width) < 32:
+        raise UserInputError(
+            "need --repeats >= 1, --warmup >= 0, --batch-size >= 1 and images of at least 32x32"
+        )
+    for config in configs:
+        if not os.path.isfile(config):
+            try:
+                get_config_file(config)
+            except FileNotFoundError as e:
+                raise UserInputError(str(e)) from None
+    results = {}
+    rounds = len(modes) * (warmup + repeats)
+    with tqdm(total=rounds, desc="benchmark", unit="round", disable=not progress) as bar:
+        for mode in modes:
+            size = dict(height=height, width=width, batch_size=batch_size, seed=seed)
+            with contextlib.ExitStack() as stack:
+                workers = {
+                    i: stack.enter_context(
+                        StepWorker(
+                            __name__,
+                            dict(config=config, opts=list(opts), mode=mode, **size),
+                            f"{config} ({mode})",
+                        )
+                    )
+                    for i, config in enumerate(configs)
+                }
+                times = interleaved_times(workers, ("run",), repeats, warmup, bar.update)
+                for i, worker in workers.items():
+                    run = times[i]["run"]
+                    results[i, mode] = dict(
+                        worker.finish(), times_s=run, median_s=statistics.median(run)
+                    )
+    return [results[i, mode] for i in range(len(configs)) for mode in modes]
+
+
+def format_table(results: Sequence[Dict]) -> str:
+    """A Markdown table: time, ratio to the first config and peak memory per config and mode,
+    with the load average seen by each run (above the core count, the times are inflated)."""
+    first: Dict[str, float] = {}
+    for r in results:
+        first.setdefault(r["mode"], r["median_s"])
+    header = ["config", "backend", "mode", "median s", "ratio", "peak RSS MiB", "runs", "load"]
+    rows = [
+        [
+            r["config"],
+            r["backend"],
+            r["mode"],
+            f"{r['median_s']:.3f}",
+            f"{r['median_s'] / first[r['mode']]:.2f}x",
+            "n/a" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
+            len(r["times_s"]),
+            f"{max(r['loadavg']):.1f}",
+        ]
+        for r in results
+    ]
+    return text_table(header, rows)
+
+
+if __name__ == "__main__":
+    worker_main(run_worker)

@@ -1,0 +1,132 @@
+"""Training-time cost of R-CNN feature mimicking: seconds per iteration with and without it, the
+logic of ``tools/benchmark_mimic.py``.
+
+Both variants are the same config and the same random weights; "off" is the plain detector
+(GeneralizedRCNN + DCNv2StandardROIHeads, ``MODEL.DCNV2.MIMIC.ENABLED False``). One iteration
+is forward, backward and an SGD step on a fixed synthetic batch (:func:`.common.
+detection_batch`). Both models live in one process and their iterations alternate, one warm-up
+each and then ``iters`` rounds of one "off" and one "on" iteration
+(:func:`.common.interleaved_times`), so that both see the same minutes of a noisy host; times
+are medians. Also reported: how many crops the R-CNN branch ran
+through the backbone per iteration, and the overhead per crop.
+"""
+
+import statistics
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from ..quiet import known_messages_silenced
+from .cli import UserInputError
+from .timing import InProcessSteps, detection_batch, interleaved_times, sgd_step, text_table
+
+__all__ = ["PLAIN", "benchmark_mimic", "format_table", "training_step"]
+
+# Overrides that turn a mimic config into the plain detector it extends.
+PLAIN = [
+    "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
+    "MODEL.ROI_HEADS.NAME", "DCNv2StandardROIHeads",
+    "MODEL.DCNV2.MIMIC.ENABLED", "False",
+]  # fmt: skip
+
+
+def training_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
+    """One training iteration of ``cfg``'s model (seeded random weights, SGD at lr 1e-4) on
+    ``batch``, as a function to call inside an ``EventStorage``; and a list that holds, after
+    each call, the batch size of every backbone call of that iteration (the batch itself, then
+    the crops)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    calls: List[int] = []
+    # The crops may run an FPN's bottom-up network without its forward (see fpn_outputs).
+    counted = getattr(model.backbone, "bottom_up", model.backbone)
+    counted.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    train_step = sgd_step(model, batch, lr=1e-4)
+
+    def step():
+        calls.clear()  # so that it holds this iteration's backbone calls
+        train_step()
+
+    return step, calls
+
+
+def benchmark_mimic(
+    config_file: str,
+    opts: Sequence[str] = (),
+    height: int = 320,
+    width: int = 480,
+    batch: int = 2,
+    boxes: int = 8,
+    iters: int = 5,
+) -> Dict:
+    """Time training iterations of ``config_file`` (a mimic config) with mimicking off, then on.
+
+    Returns:
+        dict: the settings, ``results`` (``{"off"|"on": {"seconds_per_iter",
+        "crops_per_iter"}}``), ``overhead`` (on / off - 1) and ``seconds_per_crop`` ((on - off)
+        / crops, None without crops), as ``--json`` writes it.
+
+    Raises:
+        UserInputError: bad sizes or counts, or a config that does not enable mimicking.
+    """
+    from ..config import get_cfg
+
+    if min(height, width) < 64 or iters < 1 or batch < 1:
+        raise UserInputError("need --height/--width >= 64, --iters >= 1 and --batch >= 1")
+    base = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts)
+    cfg_on = get_cfg(config_file, base)
+    if not cfg_on.MODEL.DCNV2.MIMIC.ENABLED:
+        raise UserInputError(f"{config_file} does not enable MODEL.DCNV2.MIMIC")
+    cfg_off = get_cfg(config_file, base + PLAIN)
+    images = detection_batch(
+        batch,
+        height,
+        width,
+        boxes_per_image=boxes,
+        num_classes=cfg_on.MODEL.ROI_HEADS.NUM_CLASSES,
+    )
+    from detectron2.utils.events import EventStorage
+
+    steps = {name: training_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
+    workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
+    with EventStorage(), known_messages_silenced():
+        times = interleaved_times(workers, ("iteration",), iters)
+    rows = {
+        name: {
+            "seconds_per_iter": statistics.median(times[name]["iteration"]),
+            "crops_per_iter": sum(calls[1:]),
+        }
+        for name, (_, calls) in steps.items()
+    }
+    extra = rows["on"]["seconds_per_iter"] - rows["off"]["seconds_per_iter"]
+    crops = rows["on"]["crops_per_iter"]
+    return {
+        "config": config_file,
+        "opts": list(opts),
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "gt_boxes_per_image": boxes,
+        "crop_size": cfg_on.MODEL.DCNV2.MIMIC.CROP_SIZE,
+        "num_positives_per_image": cfg_on.MODEL.DCNV2.MIMIC.NUM_POSITIVES_PER_IMAGE,
+        "backend": cfg_on.MODEL.DCNV2.BACKEND,
+        "threads": torch.get_num_threads(),
+        "iters": iters,
+        "results": rows,
+        "overhead": rows["on"]["seconds_per_iter"] / rows["off"]["seconds_per_iter"] - 1,
+        "seconds_per_crop": extra / crops if crops else None,
+    }
+
+
+def format_table(result: Dict) -> str:
+    """Seconds and crops per iteration, mimicking off and on, then the overhead (console)."""
+    rows = [
+        [name, f"{r['seconds_per_iter']:.3f}", r["crops_per_iter"]]
+        for name, r in result["results"].items()
+    ]
+    table = text_table(["mimic", "s/iter", "crops/iter"], rows, markdown=False)
+    per_crop = result.get("seconds_per_crop")
+    per_crop = "" if per_crop is None else f" ({per_crop:+.3f} s per crop)"
+    return f"{table}\noverhead: {100 * result['overhead']:+.0f}%{per_crop}"

@@ -1,0 +1,391 @@
+"""Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU, the logic
+of ``tools/benchmark_ops.py``.
+
+Each (shape, method) case runs in two Python processes of its own, one for its times and one
+for its memory, so that one case's allocator state and peak memory cannot leak into another's.
+Both first run one untimed forward+backward, which holds the one-time costs (the native op's
+first call of a weight shape runs each of its ways, see
+:func:`dcnv2.layers.native._run_fastest`).
+
+Times: the timing workers of one shape's methods are alive together and time their runs in
+interleaved rounds (:func:`.common.interleaved_times`): each round runs one forward of every
+method, then one forward+backward of every method. So every method's runs are spread over the
+same minutes of the host, and its noise moves all of them alike. The first round is untimed;
+times are medians of ``repeats`` rounds.
+
+Peak memory: in a fresh process per case, the resident-set high-water mark during one
+forward+backward above the resident set just before it (inputs already allocated;
+:class:`.common.PeakRSS`), with glibc's mmap threshold fixed at 64 KiB
+(``MALLOC_MMAP_THRESHOLD_``), so that buffers freed by the first run go back to the system
+instead of staying resident and the measured run's growth counts all it allocates (that setting
+makes every large allocation a fresh mapping, so times come from the other workers, with the
+default allocator).
+
+Methods: dense ``conv2d`` (the same 3x3 convolution without offsets), every deformable-conv
+backend usable on CPU, and, when ``onnxruntime`` and ``onnx`` are installed, onnxruntime's
+standard ``DeformConv`` kernel (forward only: a one-node ONNX graph per shape, run with as many
+intra-op threads as torch's, one inter-op thread and spinning off, so that its idle threads do
+not take the cores of the method measured next). Its worker also checks, untimed, that its
+output matches the native backend's on the same inputs.
+"""
+
+import contextlib
+import math
+import statistics
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+from .timing import (
+    PeakRSS,
+    StepWorker,
+    interleaved_times,
+    run_in_fresh_process,
+    serve_steps,
+    text_table,
+    worker_main,
+)
+
+__all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "notes", "plot"]
+
+ONNXRUNTIME = "onnxruntime"
+# Methods whose ratios the table shows (when measured): name -> column label.
+_REFERENCES = {"conv2d": "conv2d", "torchvision": "tv", ONNXRUNTIME: "ort"}
+
+# The memory worker's glibc returns freed blocks of 64 KiB and more to the system at once (see
+# the module docstring); the timing worker keeps the default allocator.
+_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+# What each round times, in this order ("forward_backward": not onnxruntime's).
+STEPS = ("forward", "forward_backward")
+
+# ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
+SHAPES = {
+    "res3": (2, 128, 100, 152),
+    "res4": (2, 256, 50, 76),
+    "res5": (2, 512, 25, 38),
+}
+
+
+def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
+    """``"res4"`` (a name of :data:`SHAPES`) or ``"NAME=N,C,H,W"`` -> (name, size).
+
+    Raises:
+        ValueError: neither form.
+    """
+    if text in SHAPES:
+        return text, SHAPES[text]
+    name, sep, size = text.partition("=")
+    try:
+        dims = tuple(int(v) for v in size.split(","))
+    except ValueError:
+        dims = ()
+    if not sep or not name or len(dims) != 4 or min(dims) < 1:
+        raise ValueError(
+            f"shape {text!r}: expected one of {sorted(SHAPES)} or NAME=N,C,H,W (positive ints)"
+        )
+    return name, dims
+
+
+def _inputs(size: Sequence[int]):
+    """The fixed random (x, weight, offset, mask) of every method: (N, C, H, W), (C, C, 3, 3),
+    (N, 18, H, W), (N, 9, H, W); offsets of about two pixels."""
+    import torch
+
+    n, c, h, w = size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(c, c, 3, 3, generator=g) * 0.01
+    offset = torch.randn(n, 18, h, w, generator=g) * 2
+    mask = torch.rand(n, 9, h, w, generator=g)
+    return x, weight, offset, mask
+
+
+def measure(spec: Mapping) -> Dict:
+    """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
+    backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
+    with ``_MEMORY_ENV``), "time" to serve timed runs of :data:`STEPS` to a
+    :class:`.common.StepWorker` and then return the native backend's chosen ways (``ways``).
+    For "onnxruntime" (time only): its forward, then its output's errors against the native
+    backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..layers import modulated_deform_conv
+
+    torch.set_num_threads(spec["threads"])
+    method = spec["method"]
+    if method == ONNXRUNTIME:
+        return _measure_onnxruntime(spec)
+    x, weight, offset, mask = (t.requires_grad_() for t in _inputs(spec["size"]))
+
+    def forward():
+        if method == "conv2d":
+            return F.conv2d(x, weight, padding=1)
+        return modulated_deform_conv(x, offset, mask, weight, padding=1, backend=method)
+
+    def forward_backward():
+        forward().sum().backward()
+        for t in (x, weight, offset, mask):
+            t.grad = None
+
+    def no_grad_forward():
+        with torch.no_grad():
+            forward()
+
+    forward_backward()  # one-time costs (see the module docstring)
+    if spec.get("part") == "memory":
+        with PeakRSS() as memory:
+            forward_backward()
+        return {"peak_mib": memory.growth_mib}
+    serve_steps({"forward": no_grad_forward, "forward_backward": forward_backward})
+    if method == "native":
+        from ..layers import native
+
+        return {"ways": native.chosen_ways()}
+    return {}
+
+
+def onnxruntime_session(size: Sequence[int], threads: int):
+    """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3 kernel,
+    padding 1, with mask, no bias) for inputs of ``size`` (N, C, H, W) and C output channels.
+
+    Its inputs are named ``X`` (N, C, H, W), ``W`` (C, C, 3, 3), ``offset`` (N, 18, H, W) and
+    ``mask`` (N, 9, H, W), float32 numpy arrays, in the layouts of
+    :func:`dcnv2.layers.modulated_deform_conv` (ONNX's ``DeformConv`` orders the offsets as
+    detectron2 does); its output is ``Y`` (N, C, H, W). ``threads`` intra-op threads, one
+    inter-op thread, spinning off.
+
+    Raises:
+        ImportError: onnxruntime or onnx is not installed.
+    """
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from .export_model import ONNX_OPSET
+
+    n, c, h, w = size
+    shapes = {"X": [n, c, h, w], "W": [c, c, 3, 3], "offset": [n, 18, h, w], "mask": [n, 9, h, w]}
+    # DeformConv's optional inputs are positional (X, W, offset, B, mask): "" omits the bias.
+    node = helper.make_node(
+        "DeformConv",
+        ["X", "W", "offset", "", "mask"],
+        ["Y"],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        strides=[1, 1],
+        dilations=[1, 1],
+        group=1,
+        offset_group=1,
+    )
+    graph = helper.make_graph(
+        [node],
+        "deform_conv",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, c, h, w])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    onnx.checker.check_model(model)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def compare_onnxruntime(size: Sequence[int], threads: int = 1) -> Dict[str, float]:
+    """onnxruntime's ``DeformConv`` against the native backend's forward on the benchmark's
+    inputs of ``size`` (N, C, H, W).
+
+    Returns:
+        dict: ``max_abs_err`` (max over elements of the absolute difference) and
+        ``max_rel_err`` (that divided by the largest absolute value of the native output).
+    """
+    session = onnxruntime_session(size, threads)
+    return _compare(session, _inputs(size))
+
+
+def _compare(session, inputs) -> Dict[str, float]:
+    import torch
+
+    from ..layers import modulated_deform_conv
+
+    x, weight, offset, mask = inputs
+    ours = modulated_deform_conv(x, offset, mask, weight, padding=1, backend="native")
+    theirs = torch.from_numpy(session.run(None, _feeds(inputs))[0])
+    err = (theirs - ours).abs().max().item()
+    return {"max_abs_err": err, "max_rel_err": err / max(ours.abs().max().item(), 1e-30)}
+
+
+def _feeds(inputs) -> Dict:
+    return dict(zip(("X", "W", "offset", "mask"), (t.numpy() for t in inputs)))
+
+
+def _measure_onnxruntime(spec: Mapping) -> Dict[str, float]:
+    session = onnxruntime_session(spec["size"], spec["threads"])
+    inputs = _inputs(spec["size"])
+    feeds = _feeds(inputs)
+    session.run(None, feeds)  # one-time costs, as the other methods' first forward+backward
+    serve_steps({"forward": lambda: session.run(None, feeds)})
+    return _compare(session, inputs)  # after the timed runs: nothing else was loaded
+
+
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def _methods() -> List[str]:
+    from ..layers import available_backends
+
+    extra = [ONNXRUNTIME] if _onnxruntime_available() else []
+    return ["conv2d"] + available_backends("cpu") + extra
+
+
+def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2) -> List[Dict]:
+    """Benchmark every CPU backend, conv2d and (when installed) onnxruntime's ``DeformConv`` on
+    ``shapes`` (name -> (N, C, H, W)): per shape, the methods' timing workers in ``repeats``
+    interleaved rounds, then one fresh process per method for its peak memory.
+
+    Returns:
+        list[dict]: per (shape, method): ``forward_s``, ``forward_backward_s`` (median seconds;
+        None where the method has no backward), ``peak_mib`` (None for onnxruntime), what the
+        timing worker returned (:func:`measure`), ``shape``, ``method``, ``size`` and the
+        ratios to conv2d's (``*_vs_conv2d``), torchvision's (``*_vs_torchvision``) and
+        onnxruntime's (``*_vs_onnxruntime``) of the same shape, for the references measured
+        here (None where either side has no value).
+    """
+    rows = []
+    for shape, size in shapes.items():
+        specs = {m: dict(size=list(size), method=m, threads=threads) for m in _methods()}
+        with contextlib.ExitStack() as stack:
+            workers = {
+                m: stack.enter_context(
+                    StepWorker(__name__, dict(spec, part="time"), f"{shape} with {m}")
+                )
+                for m, spec in specs.items()
+            }
+            times = interleaved_times(workers, STEPS, repeats)
+            results = {m: worker.finish() for m, worker in workers.items()}
+        for method, spec in specs.items():
+            result = results[method]
+            for step in STEPS:
+                series = times[method].get(step)
+                result[f"{step}_s"] = statistics.median(series) if series else None
+            result["peak_mib"] = None
+            if method != ONNXRUNTIME:
+                what, memory_spec = f"{shape} with {method}", dict(spec, part="memory")
+                result.update(run_in_fresh_process(__name__, memory_spec, what, env=_MEMORY_ENV))
+        for method, r in results.items():
+            r.update(shape=shape, method=method, size=list(size))
+            for key in ("forward_s", "forward_backward_s", "peak_mib"):
+                name = key.replace("_s", "").replace("_mib", "")
+                for ref in _REFERENCES:
+                    if ref in results:
+                        r[f"{name}_vs_{ref}"] = _ratio(r[key], results[ref][key])
+            rows.append(r)
+    return rows
+
+
+def _ratio(value, reference):
+    return None if value is None or not reference else value / reference
+
+
+def _cell(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    """Markdown table; ratios are time (or memory) divided by the reference's. The column of
+    forward time over onnxruntime's ("fwd / ort") is there when onnxruntime was measured."""
+    header = [
+        "shape", "method", "fwd (s)", "fwd+bwd (s)", "peak MiB", "fwd / conv2d",
+        "fwd+bwd / conv2d", "fwd / tv", "fwd+bwd / tv", "peak / tv",
+    ]  # fmt: skip
+    ratios = [
+        "forward_vs_conv2d",
+        "forward_backward_vs_conv2d",
+        "forward_vs_torchvision",
+        "forward_backward_vs_torchvision",
+        "peak_vs_torchvision",
+    ]
+    if any("forward_vs_onnxruntime" in r for r in rows):
+        header.insert(8, "fwd / ort")
+        ratios.insert(3, "forward_vs_onnxruntime")
+    table = [
+        [
+            f"{r['shape']} {tuple(r['size'])}",
+            r["method"],
+            _cell(r["forward_s"], 3),
+            _cell(r["forward_backward_s"], 3),
+            _cell(r["peak_mib"], 0),
+            *(_cell(r.get(k), 2) for k in ratios),
+        ]
+        for r in rows
+    ]
+    return text_table(header, table)
+
+
+def notes(rows: Sequence[Dict]) -> List[str]:
+    """Lines to print under the table: how far onnxruntime's output is from the native
+    backend's at each shape, or why onnxruntime was not measured."""
+    lines = [
+        f"{r['shape']}: native ran the {', '.join(_pass_ways(r['ways']))} (measured on first use)"
+        for r in rows
+        if r["method"] == "native" and _pass_ways(r.get("ways") or {})
+    ]
+    checked = [r for r in rows if r["method"] == ONNXRUNTIME]
+    if not checked:
+        return lines + [
+            "onnxruntime's DeformConv not measured: needs `pip install onnxruntime onnx`"
+        ]
+    return lines + [
+        f"{r['shape']}: onnxruntime DeformConv vs native forward: max abs error "
+        f"{r['max_abs_err']:.2e}, max relative error {r['max_rel_err']:.2e}"
+        for r in checked
+    ]
+
+
+def _pass_ways(ways: Mapping[str, str]) -> List[str]:
+    """``"fused forward"``-style names of the whole-pass ways in :func:`native.chosen_ways`."""
+    return [
+        f"{way} {key.split('_pass', 1)[0]}"
+        for key, way in ways.items()
+        if key.startswith(("forward_pass", "backward_pass"))
+    ]
+
+
+def plot(rows: Sequence[Dict], path: str) -> None:
+    """Grouped bars of forward and forward+backward time per shape and method (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(methods)
+    for ax, key, title in zip(
+        axes, ("forward_s", "forward_backward_s"), ("forward", "forward + backward")
+    ):
+        for i, method in enumerate(methods):
+            # No bar (NaN) for a forward-only method's forward+backward.
+            cell = {(r["shape"], r["method"]): r.get(key) for r in rows}
+            values = [math.nan if cell[s, method] is None else cell[s, method] for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], values, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds (median)")
+        ax.set_title(title)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    worker_main(measure)

@@ -1,0 +1,240 @@
+"""Detections of a COCO-format results file drawn beside the ground truth, one picture per
+image: the logic of ``tools/visualize_results.py`` (detectron2's ``visualize_json_results.py``,
+MMDetection's ``test.py --show-dir``).
+
+Typical use::
+
+    dicts, metadata = dataset_from_config(setup_cfg(...), "dcnv2_synthetic_val")
+    results = load_results("output/.../inference/coco_instances_results.json")
+    summary = draw_results(dicts, metadata, results, "vis/", conf_threshold=0.5)
+"""
+
+import json
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
+
+from ..data.coco import load_category_metadata
+from ..engine.eval_output import EVAL_CONFIG, WEIGHTS_RECORD
+from .cli import RUN_CONFIG, UserInputError, refuse_existing_outputs
+from .demo import read_image
+
+__all__ = [
+    "dataset_from_config",
+    "dataset_from_json",
+    "draw_results",
+    "load_results",
+    "results_config_file",
+    "results_to_instances",
+    "side_by_side",
+]
+
+
+def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
+    """A COCO results file (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"},
+    ...]``, as detectron2's ``COCOEvaluator`` writes) grouped by image id; a ``tools/demo.py
+    --json`` file (its own image ids, with ``images``) grouped by image file name instead.
+
+    Raises:
+        UserInputError: the file is missing, not JSON, or not a list of such detections.
+    """
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as e:
+        raise UserInputError(f"cannot read results file {path!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserInputError(f"results file {path!r} is not valid JSON: {e}") from None
+    names = {}
+    if isinstance(results, dict) and "annotations" in results:  # a file of tools/demo.py --json
+        names = {i["id"]: os.path.basename(i["file_name"]) for i in results.get("images", [])}
+        results = results["annotations"]
+    required = ("image_id", "category_id", "bbox", "score")
+    if not isinstance(results, list) or not all(
+        isinstance(r, dict) and all(k in r for k in required) for r in results
+    ):
+        raise UserInputError(
+            f"results file {path!r} is not a COCO results list; expected [{{'image_id', "
+            "'category_id', 'bbox': [x, y, w, h], 'score'}, ...] (OUTPUT_DIR/inference/"
+            "coco_instances_results.json)"
+        )
+    by_image: Dict[Union[int, str], List[dict]] = defaultdict(list)
+    for r in results:
+        by_image[names.get(r["image_id"], r["image_id"])].append(r)
+    return dict(by_image)
+
+
+def results_config_file(results_path: str) -> Optional[str]:
+    """The config of the run whose ``OUTPUT_DIR/inference/`` holds ``results_path``: the
+    eval-only run's ``config_eval.yaml`` when that run wrote the results (it recorded its
+    weights there), else the training run's ``config.yaml``; None when neither exists."""
+    folder = os.path.dirname(os.path.abspath(results_path))
+    output_dir = os.path.dirname(folder)
+    evaluated = os.path.isfile(os.path.join(folder, WEIGHTS_RECORD))
+    names = (EVAL_CONFIG, RUN_CONFIG) if evaluated else (RUN_CONFIG,)
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def dataset_from_config(cfg, dataset: Optional[str] = None) -> Tuple[List[dict], object]:
+    """The dicts and metadata (with its category id mapping) of ``dataset``, else of the
+    config's first ``DATASETS.TEST``; the config's ``DATASETS.DCNV2.COCO`` datasets are
+    registered by :func:`dcnv2.tools.cli.setup_cfg`.
+
+    Raises:
+        UserInputError: no dataset named, or not a registered one.
+    """
+    if not dataset:
+        if not len(cfg.DATASETS.TEST):
+            raise UserInputError("the config has no DATASETS.TEST: name the dataset with --dataset")
+        dataset = cfg.DATASETS.TEST[0]
+    if dataset not in DatasetCatalog.list():
+        raise UserInputError(
+            f"dataset {dataset!r} is not registered; expected a detectron2 or dcnv2 dataset "
+            "name, one of the config's DATASETS.DCNV2.COCO, or --json with --image-root"
+        )
+    dicts = list(DatasetCatalog.get(dataset))
+    return dicts, load_category_metadata(dataset)
+
+
+def dataset_from_json(json_file: str, image_root: str) -> Tuple[List[dict], object]:
+    """The dicts and metadata of a COCO-format ``json_file`` with images under ``image_root``
+    (not registered; the metadata is named after the json file).
+
+    Raises:
+        UserInputError: a missing file or folder.
+    """
+    for path, what in ((json_file, "--json file"), (image_root, "--image-root folder")):
+        if not os.path.exists(path):
+            raise UserInputError(f"{what} {path!r} does not exist")
+    name = f"__visualize_results:{os.path.abspath(json_file)}"
+    dicts = load_coco_json(json_file, image_root, dataset_name=name)
+    return dicts, MetadataCatalog.get(name)
+
+
+def results_to_instances(
+    results: Sequence[dict], image_size: Tuple[int, int], metadata, conf_threshold: float
+) -> Instances:
+    """The detections of one image with ``score >= conf_threshold``, for the visualizer.
+
+    Args:
+        results: the image's COCO results (``bbox`` XYWH in image pixels, dataset category ids).
+        image_size: (height, width).
+        metadata: maps the dataset's category ids to contiguous ids
+            (``thing_dataset_id_to_contiguous_id``).
+        conf_threshold: minimum score drawn.
+
+    Returns:
+        Instances with ``pred_boxes`` (XYXY), ``scores`` and ``pred_classes`` (contiguous).
+
+    Raises:
+        UserInputError: a category id the dataset does not have.
+    """
+    to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id", None) or {}
+    chosen = [r for r in results if r["score"] >= conf_threshold]
+    unknown = sorted({r["category_id"] for r in chosen if r["category_id"] not in to_contiguous})
+    if unknown:
+        raise UserInputError(
+            f"the results have category id(s) {unknown} that the dataset does not have (its ids: "
+            f"{sorted(to_contiguous)}); were they computed on another dataset?"
+        )
+    boxes = np.asarray([r["bbox"] for r in chosen], dtype=np.float64).reshape(-1, 4)
+    instances = Instances(image_size)
+    instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+    instances.scores = np.asarray([r["score"] for r in chosen], dtype=np.float32)
+    instances.pred_classes = np.asarray(
+        [to_contiguous[r["category_id"]] for r in chosen], dtype=np.int64
+    )
+    return instances
+
+
+def side_by_side(image_rgb: np.ndarray, instances: Instances, record: dict, metadata) -> np.ndarray:
+    """(H, 2W, 3) uint8 RGB: ``instances`` drawn on the left, the ground truth of ``record``
+    (a detectron2 dataset dict) on the right."""
+    predictions = Visualizer(image_rgb, metadata).draw_instance_predictions(instances)
+    ground_truth = Visualizer(image_rgb, metadata).draw_dataset_dict(record)
+    return np.concatenate((predictions.get_image(), ground_truth.get_image()), axis=1)
+
+
+def _results_of(results: Dict, record: dict) -> List[dict]:
+    found = results.get(record["image_id"])
+    return found if found is not None else results.get(os.path.basename(record["file_name"]), [])
+
+
+def _output_names(dicts: Sequence[dict]) -> List[str]:
+    names = [os.path.basename(d["file_name"]) for d in dicts]
+    repeated = {n for n in names if names.count(n) > 1}
+    return [
+        f"{os.path.splitext(n)[0]}_{d['image_id']}{os.path.splitext(n)[1]}" if n in repeated else n
+        for n, d in zip(names, dicts)
+    ]
+
+
+def draw_results(
+    dicts: Sequence[dict],
+    metadata,
+    results: Dict[int, List[dict]],
+    output_dir: str,
+    *,
+    conf_threshold: float = 0.5,
+    force: bool = False,
+    max_images: Optional[int] = None,
+) -> Dict:
+    """Write one side-by-side picture (:func:`side_by_side`) per image of the dataset.
+
+    Args:
+        dicts: the dataset's dicts (``file_name``, ``image_id``, ``annotations``).
+        metadata: its metadata (class names, colours, category id mapping).
+        results: detections by image id, or by file name (:func:`load_results`).
+        output_dir: created if missing; pictures keep the image's file name (an image id is
+            added where two images share a name).
+        conf_threshold: minimum score drawn, in [0, 1].
+        force: overwrite existing pictures.
+        max_images: draw the first ``max_images`` images only.
+
+    Returns:
+        dict: ``{"images": [{"file", "predictions", "ground_truth"}, ...],
+        "unmatched_results": detections of image ids not in the dataset}``.
+
+    Raises:
+        UserInputError: a threshold out of range, no result for any image of the dataset, an
+            existing picture without ``force``.
+    """
+    if not 0.0 <= conf_threshold <= 1.0:
+        raise UserInputError(f"--conf-threshold must be in [0, 1], got {conf_threshold}")
+    ids = {d["image_id"] for d in dicts} | {os.path.basename(d["file_name"]) for d in dicts}
+    unmatched = sum(len(v) for k, v in results.items() if k not in ids)
+    if results and unmatched == sum(len(v) for v in results.values()):
+        raise UserInputError(
+            f"none of the results' image ids ({sorted(results)[:5]} ...) is an image of the "
+            "dataset; were they computed on another dataset?"
+        )
+    selected = list(dicts)[: max_images if max_images is not None else len(dicts)]
+    paths = [os.path.join(output_dir, n) for n in _output_names(selected)]
+    refuse_existing_outputs(paths, force, "picture(s)")
+    os.makedirs(output_dir, exist_ok=True)
+    drawn = []
+    for record, path in zip(selected, paths):
+        image = read_image(record["file_name"])[:, :, ::-1]
+        instances = results_to_instances(
+            _results_of(results, record), image.shape[:2], metadata, conf_threshold
+        )
+        Image.fromarray(side_by_side(image, instances, record, metadata)).save(path)
+        drawn.append(
+            {
+                "file": path,
+                "predictions": len(instances),
+                "ground_truth": len(record.get("annotations", [])),
+            }
+        )
+    return {"images": drawn, "unmatched_results": unmatched}
