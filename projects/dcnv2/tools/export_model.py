@@ -44,6 +44,7 @@ __all__ = [
     "onnx_session",
     "run_onnx",
     "onnx_operators",
+    "box_tolerance",
     "compare_detections",
     "relative_errors",
 ]
@@ -346,15 +347,24 @@ def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
     return counts
 
 
+def box_tolerance(height: int, width: int) -> float:
+    """How far (pixels) the boxes of two float32 runtimes may differ on an image of this size:
+    2e-4 of its longest side (float32 rounding through the network grows with the coordinates),
+    at least 1e-2 px. A box off by a pixel stays far outside it."""
+    return max(1e-2, 2e-4 * max(height, width))
+
+
 def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str, float]:
     """Match two ``Instances`` one to one after the same score threshold: each expected
     detection, by decreasing score, takes the unmatched detection of ``got`` with its class
-    whose box is closest (so that two near-equal scores listed in either order still match).
+    whose box is closest (near-equal scores listed in either order still match).
 
     Returns:
         dict: ``count`` (expected detections kept), ``count_other`` (``got``'s), ``unmatched``
-        (expected detections without a partner of their class), ``max_box_diff`` (pixels, over
-        the pairs) and ``max_score_diff``; the differences are inf when anything is unmatched.
+        (expected detections without a partner of their class), ``max_box_diff`` (pixels) and
+        ``max_score_diff`` (inf when anything is unmatched), ``box_tolerance``
+        (:func:`box_tolerance` of ``expected.image_size``) and ``agree``: the same detections,
+        classes and counts, the boxes within the tolerance.
     """
     kept = []
     for inst in (got, expected):
@@ -375,12 +385,15 @@ def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str,
         score_diff = max(score_diff, float((s1[j] - s0[i]).abs()))
     if unmatched or len(s0) != len(s1):
         box_diff = score_diff = float("inf")
+    tolerance = box_tolerance(*expected.image_size)
     return {
         "count": len(s0),
         "count_other": len(s1),
         "unmatched": unmatched,
         "max_box_diff": box_diff,
         "max_score_diff": score_diff,
+        "box_tolerance": tolerance,
+        "agree": box_diff <= tolerance,
     }
 
 
