@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.coco import load_category_metadata
+from ..data.images import image_file_problem
 from ..data.images import read_image as dcnv2_read_image
 from ..data.transforms import ResizeBackendError
 from ..engine.predictor import Predictor
@@ -32,6 +33,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "DemoInput",
+    "check_readable",
     "collect_inputs",
     "read_image",
     "iter_video_frames",
@@ -77,11 +79,12 @@ def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
     """Expand files and folders into the list of images and videos to run on.
 
     A folder contributes its image and video files (recursively, sorted); other files in it are
-    ignored. A file given by name must have an image or video extension.
+    ignored. A file given by name must have an image or video extension. Every input is checked
+    to be readable (:func:`check_readable`).
 
     Raises:
-        UserInputError: a path does not exist, has an unknown extension, a folder holds no image
-            or video, or two inputs would be drawn to the same output file.
+        UserInputError: a path does not exist, has an unknown extension or cannot be read, a
+            folder holds no image or video, or two inputs would be drawn to the same output.
     """
     if not paths:
         raise UserInputError("no input given: pass image files, folders of images or videos")
@@ -126,7 +129,27 @@ def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
                 f"{item.output_name!r}; rename one or run them separately"
             )
         seen[item.output_name] = item.path
+    check_readable(inputs)
     return inputs
+
+
+def check_readable(inputs: Sequence[DemoInput]) -> None:
+    """Check, before any model is built, that each image's header decodes and each video opens.
+
+    Raises:
+        UserInputError: naming the first input that cannot be read.
+    """
+    for item in inputs:
+        if item.kind == "image":
+            problem = image_file_problem(item.path)
+            if problem is not None:
+                raise UserInputError(problem)
+        else:
+            capture = _cv2().VideoCapture(item.path)
+            opened = capture.isOpened()
+            capture.release()
+            if not opened:
+                raise UserInputError(f"cannot open video {item.path!r}; expected a video file")
 
 
 def read_image(path: str) -> np.ndarray:
