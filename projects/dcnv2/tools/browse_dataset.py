@@ -24,6 +24,7 @@ from PIL import Image
 from ..data.resumable import build_train_mapper
 from ..data.validation import load_training_dicts
 from .cli import UserInputError, refuse_existing_outputs
+from .visualize_results import titled_panels
 
 __all__ = ["browse_dataset", "draw_annotations", "mapped_samples"]
 
@@ -81,12 +82,6 @@ def draw_annotations(image_rgb: np.ndarray, instances: Instances, metadata) -> n
     return drawn.get_image()
 
 
-def _beside(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    height = max(left.shape[0], right.shape[0])
-    padded = [np.pad(a, ((0, height - a.shape[0]), (0, 0), (0, 0))) for a in (left, right)]
-    return np.concatenate(padded, axis=1)
-
-
 def browse_dataset(
     cfg,
     output_dir: str,
@@ -104,7 +99,8 @@ def browse_dataset(
         output_dir: created if missing; pictures keep the image's file name.
         num: images to draw.
         dataset: a registered dataset instead of ``DATASETS.TRAIN``.
-        show_original: also draw the image as stored, with its annotations, on the left.
+        show_original: also draw the image as stored, with its annotations, on the left
+            (:func:`~dcnv2.tools.visualize_results.titled_panels`: "original", "as trained").
         force: overwrite existing pictures.
         seed: seed of the random augmentations.
 
@@ -130,7 +126,7 @@ def browse_dataset(
         if show_original:
             original = utils.read_image(record["file_name"], format="RGB")
             stored = Visualizer(original, metadata=metadata).draw_dataset_dict(record)
-            picture = _beside(stored.get_image(), picture)
+            picture = titled_panels([("original", stored.get_image()), ("as trained", picture)])
         Image.fromarray(picture).save(path)
         written.append(
             {

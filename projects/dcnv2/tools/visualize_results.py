@@ -34,7 +34,11 @@ __all__ = [
     "results_config_file",
     "results_to_instances",
     "side_by_side",
+    "titled_panels",
 ]
+
+# Height (pixels) of the title strip over each panel of a picture.
+TITLE_HEIGHT = 22
 
 
 def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
@@ -158,12 +162,30 @@ def results_to_instances(
     return instances
 
 
+def titled_panels(panels: Sequence[Tuple[str, np.ndarray]]) -> np.ndarray:
+    """(H + TITLE_HEIGHT, sum of W, 3) uint8: (H_i, W_i, 3) RGB panels side by side, padded at
+    the bottom to the tallest, each under a white strip with its title."""
+    from PIL import ImageDraw, ImageFont
+
+    height = max(image.shape[0] for _, image in panels)
+    font = ImageFont.load_default(size=TITLE_HEIGHT - 8)
+    columns = []
+    for title, image in panels:
+        strip = Image.new("RGB", (image.shape[1], TITLE_HEIGHT), "white")
+        ImageDraw.Draw(strip).text((4, 3), title, fill="black", font=font)
+        pad = ((0, height - image.shape[0]), (0, 0), (0, 0))
+        columns.append(np.concatenate([np.asarray(strip), np.pad(image, pad)], axis=0))
+    return np.concatenate(columns, axis=1)
+
+
 def side_by_side(image_rgb: np.ndarray, instances: Instances, record: dict, metadata) -> np.ndarray:
-    """(H, 2W, 3) uint8 RGB: ``instances`` drawn on the left, the ground truth of ``record``
-    (a detectron2 dataset dict) on the right."""
+    """``instances`` drawn on the left, the ground truth of ``record`` (a detectron2 dataset
+    dict) on the right, under titles (:func:`titled_panels`)."""
     predictions = Visualizer(image_rgb, metadata).draw_instance_predictions(instances)
     ground_truth = Visualizer(image_rgb, metadata).draw_dataset_dict(record)
-    return np.concatenate((predictions.get_image(), ground_truth.get_image()), axis=1)
+    return titled_panels(
+        [("detections", predictions.get_image()), ("ground truth", ground_truth.get_image())]
+    )
 
 
 def _results_of(results: Dict, record: dict) -> List[dict]:
