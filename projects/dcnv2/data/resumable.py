@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, build_detection_train_loader
+from detectron2.data import DatasetFromList, MetadataCatalog, build_detection_train_loader
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import AnnotationError, ImageReadError
 from .mapper import DatasetMapper
 from .transforms import build_train_augmentation
-from .validation import BAD_DATA_MODES, load_training_dicts
+from .validation import check_mode, load_training_dicts
 
 __all__ = [
     "GlobalBatchSampler",
@@ -137,10 +137,11 @@ class GlobalBatchSampler(Sampler):
 
 
 class _BadImage:
-    """Returned by a worker instead of a sample whose image cannot be read ("fail" mode)."""
+    """Returned by a worker instead of a sample it cannot map: an unreadable image ("fail"
+    mode), or annotations the mapper fails on (``image=False``, any mode)."""
 
-    def __init__(self, file_name: Optional[str], reason: str):
-        self.file_name, self.reason = file_name, reason
+    def __init__(self, file_name: Optional[str], reason: str, image: bool = True):
+        self.file_name, self.reason, self.image = file_name, reason, image
 
 
 @contextlib.contextmanager
@@ -178,11 +179,12 @@ class _SeededMapDataset(Dataset):
             try:
                 with _seeded_rng(seed):
                     out = self.mapper(d)
-            except _IMAGE_ERRORS as e:
+            except Exception as e:  # reported by the main process, not as a worker's traceback
                 name = d.get("file_name") if isinstance(d, dict) else None
-                reason = f"{type(e).__name__}: {e}"
-                if not self.skip_bad_images:
-                    return _BadImage(name, reason)
+                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                image = isinstance(e, _IMAGE_ERRORS)
+                if not (image and self.skip_bad_images):
+                    return _BadImage(name, reason, image)
                 if name not in self._warned:
                     self._warned.add(name)
                     logger.warning(f"Skipping image {name}, which cannot be read ({reason})")
@@ -205,6 +207,8 @@ class ResumableTrainLoader:
         num_workers: ``DATALOADER.NUM_WORKERS``.
         skip_bad_images: replace an unreadable image by the next item (True) or stop the
             run with :class:`~dcnv2.errors.ImageReadError` naming it (False).
+        dataset_names: the datasets of ``dataset_dicts``, named when the mapper fails on an
+            image's annotations (:class:`~dcnv2.errors.AnnotationError`).
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class ResumableTrainLoader:
         aspect_ratio_grouping: bool = True,
         num_workers: int = 0,
         skip_bad_images: bool = False,
+        dataset_names: Sequence[str] = (),
     ):
         groups = (
             [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
@@ -230,6 +235,7 @@ class ResumableTrainLoader:
             DatasetFromList(dataset_dicts, copy=False), mapper, skip_bad_images
         )
         self.num_workers = num_workers
+        self.dataset_names = tuple(dataset_names)
 
     @property
     def seed(self) -> int:
@@ -257,6 +263,12 @@ class ResumableTrainLoader:
         )
         for batch in loader:
             for item in batch:
+                if isinstance(item, _BadImage) and not item.image:
+                    raise AnnotationError(
+                        f"Cannot map training image {item.file_name}"
+                        f"{_source(item.file_name, self.dataset_names)} with its annotations: "
+                        f"{item.reason}. Expected entries of the types COCO defines."
+                    )
                 if isinstance(item, _BadImage):
                     what = "image " + item.file_name if item.file_name else "images"
                     raise ImageReadError(
@@ -265,6 +277,18 @@ class ResumableTrainLoader:
                         "file, or set DATASETS.DCNV2.ON_BAD_DATA skip to train without it."
                     )
             yield batch
+
+
+def _source(file_name: Optional[str], names: Sequence[str]) -> str:
+    """ " (dataset 'name', its json)" for the dataset among ``names`` whose image folder holds
+    ``file_name``, else ""."""
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        root = meta.get("image_root", None)
+        folder = os.path.join(os.path.abspath(root), "") if root else None
+        if folder and file_name and os.path.abspath(file_name).startswith(folder):
+            return f" (dataset {name!r}, {meta.get('json_file', 'no json file')})"
+    return ""
 
 
 def _own_process_group(worker_id: int) -> None:
@@ -305,12 +329,7 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
             "loader, whose data order restarts when a run is resumed"
         )
         return build_detection_train_loader(cfg, mapper=mapper)
-    mode = cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail")
-    if mode not in BAD_DATA_MODES:
-        raise AnnotationError(
-            f"DATASETS.DCNV2.ON_BAD_DATA is {mode!r}; expected one of "
-            f"{', '.join(map(repr, BAD_DATA_MODES))}"
-        )
+    mode = check_mode(cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail"))
     dicts = load_training_dicts(
         list(cfg.DATASETS.TRAIN),
         mode,
@@ -332,4 +351,5 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         skip_bad_images=mode == "skip",
+        dataset_names=cfg.DATASETS.TRAIN,
     )

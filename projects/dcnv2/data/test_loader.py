@@ -22,7 +22,7 @@ from detectron2.data import build_detection_test_loader, get_detection_dataset_d
 from ..errors import AnnotationError, ImageReadError
 from .images import image_file_problem
 from .resumable import _IMAGE_ERRORS, _BadImage
-from .validation import BAD_DATA_MODES
+from .validation import check_mode, reading_dataset
 
 __all__ = [
     "CheckedTestLoader",
@@ -72,14 +72,6 @@ def _skipped_text(file_names: Sequence[str]) -> str:
     )
 
 
-def check_mode(mode: str) -> str:
-    if mode not in BAD_DATA_MODES:
-        raise AnnotationError(
-            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
-        )
-    return mode
-
-
 def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
     """Check the image files of the test sets before a run (``"fail"`` mode only; with
     ``"skip"`` the test loader leaves bad images out and says so).
@@ -90,7 +82,8 @@ def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
     if check_mode(mode) != "fail":
         return
     for name in dataset_names:
-        dicts = get_detection_dataset_dicts([name], filter_empty=False)
+        with reading_dataset(name):
+            dicts = get_detection_dataset_dicts([name], filter_empty=False)
         if not isinstance(dicts, list):
             continue  # a registered torch Dataset: read as it is
         bad = find_bad_images(dicts)
@@ -115,11 +108,12 @@ def load_test_dicts(
         AnnotationError: ``"skip"`` and no usable image left.
     """
     check_mode(mode)
-    dicts = get_detection_dataset_dicts(
-        [dataset_name],
-        filter_empty=False,
-        proposal_files=[proposal_file] if proposal_file else None,
-    )
+    with reading_dataset(dataset_name):
+        dicts = get_detection_dataset_dicts(
+            [dataset_name],
+            filter_empty=False,
+            proposal_files=[proposal_file] if proposal_file else None,
+        )
     bad = find_bad_images(dicts) if isinstance(dicts, list) else []
     if not bad:
         return dicts
