@@ -42,7 +42,10 @@ CASES = {
     "bbox-string": (_set("annotations", "bbox", "2,3,10,8"), "bbox '2,3,10,8' is not [x, y,"),
     "bbox-3-numbers": (_set("annotations", "bbox", [2, 3, 10]), "bbox [2, 3, 10] is not"),
     "category-float-string": (_set("annotations", "category_id", "1.0"), "category_id '1.0'"),
-    "category-float": (_set("annotations", "category_id", 1.0), "category_id 1.0 is not in"),
+    "category-float": (
+        _set("annotations", "category_id", 1.0),
+        "category_id 1.0 is not in 'categories' (ids 1, 2)",
+    ),
     "segmentation-number": (_set("annotations", "segmentation", 5), "segmentation 5 is neither"),
     "rle-counts": (
         _set("annotations", "segmentation", {"counts": 7, "size": [30, 40]}),

@@ -40,17 +40,9 @@ _OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
 
 @dataclass
 class CocoReport:
-    """What :func:`validate_coco_json` found.
-
-    Attributes:
-        json_file: the file checked.
-        problems: one line per problem, in file order.
-        bad_image_ids: images to drop (with their annotations) to train on the rest.
-        bad_annotation_indices: positions in ``annotations`` of the annotations to drop.
-        polygon_issues: annotations with malformed polygons (:mod:`dcnv2.data.polygons`), not
-            counted as problems: training drops only what its model must.
-        data: the parsed JSON.
-    """
+    """What :func:`validate_coco_json` found: ``problems`` (one line each, in file order), the
+    images (by id) and annotations (by position) to drop to train on the rest, the malformed
+    polygons (not problems: :mod:`dcnv2.data.polygons`) and the parsed JSON (``data``)."""
 
     json_file: str
     problems: List[str] = field(default_factory=list)
@@ -68,9 +60,8 @@ class CocoReport:
         return "\n".join(lines)
 
     def cleaned(self, mask_on: bool = True) -> dict:
-        """The parsed JSON without the bad images and annotations, and with the malformed
-        polygons handled for a model with (``mask_on``) or without a mask head
-        (:func:`dcnv2.data.polygons.fix_annotation`)."""
+        """The parsed JSON without the bad entries, malformed polygons fixed for a model with
+        (``mask_on``) or without masks (:func:`dcnv2.data.polygons.fix_annotation`)."""
         data = dict(self.data)
         data["images"] = [
             im
@@ -208,15 +199,8 @@ def _image_problem(im, id_type, sizes) -> Optional[str]:
 def validate_coco_json(
     json_file: str, image_root: Optional[str] = None, *, check_files: bool = True
 ) -> CocoReport:
-    """Check a COCO instances file entry by entry.
-
-    Args:
-        json_file: the annotation file.
-        image_root: the folder the images' ``file_name`` are relative to.
-        check_files: also check that every listed image exists under ``image_root``.
-
-    Returns:
-        CocoReport: the problems and what to drop to train on the rest.
+    """Check a COCO instances file entry by entry (and, with ``check_files``, that each image is
+    under ``image_root``).
 
     Raises:
         AnnotationError: the file cannot be read, is not JSON, or lacks the top-level lists or
@@ -280,7 +264,7 @@ def _annotation_problem(a, sizes, cat_ids, cats_text) -> Optional[str]:
         return f"image_id {a.get('image_id')!r} is not in 'images'"
     cid = a.get("category_id")
     if not _is_int(cid) or cid not in cat_ids:
-        return f"category_id {cid!r} is not in 'categories' (integer ids {cats_text})"
+        return f"category_id {cid!r} is not in 'categories' (ids {cats_text})"
     box = a.get("bbox")
     if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
         return f"bbox {box!r} is not [x, y, width, height] with 4 finite numbers"
@@ -365,18 +349,13 @@ def validate_datasets(
     *,
     num_classes: Optional[Dict[str, int]] = None,
 ) -> Dict[str, CocoReport]:
-    """Validate the COCO-format datasets a run reads (those with ``json_file`` metadata).
-
-    Args:
-        train_names: ``DATASETS.TRAIN``; with ``mode="skip"`` their problems are warnings.
-        test_names: ``DATASETS.TEST``; their problems always stop the run (evaluation reads
-            the file as ground truth).
-        mode: ``"fail"`` or ``"skip"`` (``DATASETS.DCNV2.ON_BAD_DATA``).
-        num_classes: config key -> the model's class count, compared with every dataset's
-            number of categories; the datasets' categories are also compared with each other.
+    """Validate the COCO-format datasets a run reads. Problems of test sets always stop the run
+    (evaluation reads the file as ground truth); those of training sets are warnings with
+    ``mode="skip"``. ``num_classes`` (config key -> the model's class count) is compared with
+    each dataset's categories, and the datasets' categories with each other.
 
     Returns:
-        dict: dataset name -> report, for the datasets that have problems (warned about).
+        dict: dataset name -> report, for the datasets with problems (warned about).
 
     Raises:
         AnnotationError: the first dataset whose problems stop the run, a training set without
@@ -433,12 +412,6 @@ def load_training_dicts(
     (``mode="skip"``, :meth:`CocoReport.cleaned`); malformed polygons named in one warning
     (:mod:`dcnv2.data.polygons`); a failure while a set is read one line
     (:func:`reading_dataset`). The dataset catalog is not changed.
-
-    Args:
-        names: ``DATASETS.TRAIN``.
-        mode: ``DATASETS.DCNV2.ON_BAD_DATA``.
-        filter_empty, min_keypoints, proposal_files: as ``get_detection_dataset_dicts``.
-        mask_on: ``MODEL.MASK_ON``: whether the model reads the segmentations.
 
     Returns:
         list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
