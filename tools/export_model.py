@@ -145,13 +145,12 @@ def _onnx_backbone(model, images, args) -> int:
     from dcnv2.tools.export_model import (
         BackboneForExport,
         export_backbone_onnx,
-        onnx_operators,
         relative_errors,
         run_onnx,
     )
 
     names = export_backbone_onnx(model, images[0][None], args.output, deform_op=args.deform_op)
-    print(f"wrote {args.output}: outputs {', '.join(names)}; {_operators(onnx_operators)(args)}")
+    print(f"wrote {args.output}: outputs {', '.join(names)}; {_operators(args.output)}")
     # The decomposed file takes only the size it was exported with.
     checked = images if args.deform_op == "DeformConv" else images[:1]
     worst = 0.0
@@ -171,12 +170,11 @@ def _onnx_detector(model, images, path, score_threshold) -> int:
         compare_detections,
         export_detector_onnx,
         onnx_detections,
-        onnx_operators,
         onnx_session,
     )
 
     names, adapter = export_detector_onnx(model, images[0], path)
-    print(f"wrote {path}: outputs {', '.join(names)}; {_operators(onnx_operators)(path)}")
+    print(f"wrote {path}: outputs {', '.join(names)}; {_operators(path)}")
     session = onnx_session(path)
     ok = True
     for image in images:
@@ -197,17 +195,15 @@ def _onnx_detector(model, images, path, score_threshold) -> int:
     return 0 if ok else 1
 
 
-def _operators(onnx_operators):
-    def describe(args_or_path) -> str:
-        path = getattr(args_or_path, "output", args_or_path)
-        ops = onnx_operators(path)
-        custom = sorted({op for (domain, op) in ops if domain not in ("", "ai.onnx")})
-        return (
-            f"{ops.get(('', 'DeformConv'), 0)} DeformConv node(s), non-standard operators: "
-            f"{', '.join(custom) if custom else 'none'}"
-        )
+def _operators(path) -> str:
+    from dcnv2.tools.export_model import onnx_operators
 
-    return describe
+    ops = onnx_operators(path)
+    custom = sorted({op for (domain, op) in ops if domain not in ("", "ai.onnx")})
+    return (
+        f"{ops.get(('', 'DeformConv'), 0)} DeformConv node(s), non-standard operators: "
+        f"{', '.join(custom) if custom else 'none'}"
+    )
 
 
 def _size(image) -> str:

@@ -115,8 +115,11 @@ def test_checks_name_the_entry_with_the_wrong_type(make_dataset, case):
 
 def test_categories_need_integer_ids_and_string_names(make_dataset):
     name, json_file = make_dataset(_set("categories", "name", 1))
-    with pytest.raises(AnnotationError, match="is not an integer 'id' and a string 'name'"):
+    with pytest.raises(AnnotationError) as info:
         validate_datasets([name])
+    message = str(info.value)
+    assert message.startswith(f"Dataset {name!r}: Annotation file {json_file}: category")
+    assert "is not an integer 'id' and a string 'name'" in message and "\n" not in message
 
 
 def _cfg(name, workers):

@@ -368,7 +368,8 @@ def validate_datasets(
         json_file, image_root = _coco_files(name)
         if json_file is None or not os.path.isfile(json_file):
             continue  # not COCO-format, or check_datasets reports it
-        report = validate_coco_json(json_file, image_root)
+        with reading_dataset(name):
+            report = validate_coco_json(json_file, image_root)
         categories = sorted((_id(c), c["name"]) for c in report.data["categories"])
         _check_categories(json_file, categories, num_classes or {}, first_categories)
         first_categories = first_categories or (json_file, categories)
