@@ -159,3 +159,10 @@ def test_reading_a_bad_test_set_is_one_line_naming_it(make_dataset):
         load_test_dicts(name)
     message = str(info.value)
     assert "\n" not in message and repr(name) in message and json_file in message, message
+
+
+def test_an_unregistered_training_set_is_one_line():
+    from dcnv2.data.validation import load_training_dicts
+
+    with pytest.raises(AnnotationError, match=r"^Dataset '_no_such_set' is not registered;"):
+        load_training_dicts(["_no_such_set"])

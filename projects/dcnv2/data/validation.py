@@ -115,6 +115,11 @@ def reading_dataset(name: str):
             raise
         raise AnnotationError(f"Dataset {name!r}: {e}") from None
     except Exception as e:
+        if name not in DatasetCatalog.list():
+            raise AnnotationError(
+                f"Dataset {name!r} is not registered; expected a detectron2 or dcnv2 dataset name "
+                "or one of DATASETS.DCNV2.COCO"
+            ) from None
         json_file = MetadataCatalog.get(name).get("json_file", None)
         source = f" from {json_file}" if json_file else ""
         reason = " ".join(str(e).split()) or "(no message)"
