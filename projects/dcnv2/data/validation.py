@@ -122,10 +122,11 @@ def reading_dataset(name: str):
             ) from None
         json_file = MetadataCatalog.get(name).get("json_file", None)
         source = f" from {json_file}" if json_file else ""
-        reason = " ".join(str(e).split()) or "(no message)"
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) is a repr
+        reason = " ".join(str(text).split()).rstrip(".") or "(no message)"
         raise AnnotationError(
             f"Dataset {name!r} cannot be read{source}: {type(e).__name__}: {reason}. Expected a "
-            "COCO instances file: run train_net.py once to check it entry by entry"
+            "COCO instances file (train_net.py's checks list each bad entry)."
         ) from None
 
 
