@@ -253,10 +253,6 @@ def instances_to_coco(
     return annotations
 
 
-def _planned_outputs(inputs: Sequence[DemoInput], output_dir: str) -> List[str]:
-    return [os.path.join(output_dir, item.output_name) for item in inputs]
-
-
 def run_demo(
     runner: DemoRunner,
     inputs: Sequence[DemoInput],
@@ -272,7 +268,7 @@ def run_demo(
     Returns:
         dict: ``{"outputs": [paths written], "images": n, "detections": n}``.
     """
-    planned = _planned_outputs(inputs, output_dir)
+    planned = [os.path.join(output_dir, item.output_name) for item in inputs]
     if json_path:
         planned.append(json_path)
     refuse_existing_outputs(planned, force)

@@ -159,18 +159,16 @@ def draw_runs(
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in list(axes.flat)[len(drawn) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # one entry per run, whichever panels it appears in
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
+            legend.setdefault(label, handle)
     if len(runs) > 1 or runs[0][0]:
         fig.legend(
-            handles,
-            labels,
+            list(legend.values()),
+            list(legend),
             loc="upper center",
-            ncol=min(len(labels), 4),
+            ncol=min(len(legend), 4),
             bbox_to_anchor=(0.5, 1.0),
             frameon=False,
         )
