@@ -11,7 +11,7 @@ Examples:
 
 --stats prints, per run, s/iter (mean, median, std, p90 over the logged records, each the median
 of its window), the slowest records, the training time they account for, and the ETA logged at
-each record against the time the rest of the run took (dcnv2.tools.train_time).
+each record against the time the rest of the run took (dcnv2.tools.plot_metrics).
 
 A folder stands for the metrics.json inside it. Malformed lines (for example the last line of a
 run still writing) are skipped with a warning.
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.stats:
-        from dcnv2.tools.train_time import format_train_time, train_time_stats
+        from dcnv2.tools.plot_metrics import format_train_time, train_time_stats
 
         stats = [(label, train_time_stats(records)) for label, records in runs]
         print(format_train_time(stats))

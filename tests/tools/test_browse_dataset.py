@@ -12,6 +12,7 @@ from PIL import Image
 
 from dcnv2.tools.browse_dataset import browse_dataset
 from dcnv2.tools.cli import UserInputError, run_cli, setup_cfg
+from dcnv2.tools.visualize_results import TITLE_HEIGHT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"
@@ -88,10 +89,13 @@ def test_tool_writes_num_pictures_with_the_original_beside(cfg, tmp_path, capsys
     records = [r for r in DatasetCatalog.get(NAME) if r["annotations"]][:2]  # as training
     assert sorted(os.listdir(out)) == sorted(os.path.basename(r["file_name"]) for r in records)
     for record in records:
-        width, height = Image.open(out / os.path.basename(record["file_name"])).size
+        picture = np.asarray(Image.open(out / os.path.basename(record["file_name"])))
+        height, width = picture.shape[:2]
         resized_width = round(record["width"] * SHORT / min(record["height"], record["width"]))
         assert abs(width - (record["width"] + resized_width)) <= 1
-        assert height == max(record["height"], SHORT)
+        assert height == max(record["height"], SHORT) + TITLE_HEIGHT  # "original", "as trained"
+        for strip in (picture[:TITLE_HEIGHT, : record["width"]], picture[:TITLE_HEIGHT, -SHORT:]):
+            assert (strip < 128).any()
     assert run_cli(tool.main, argv, prog="browse_dataset.py") == 2  # exists, no --force
     assert "--force" in capsys.readouterr().err
     with pytest.raises(UserInputError, match="--num must be at least 1"):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dcnv2.tools.cli import UserInputError, setup_cfg
+from dcnv2.tools.cli import UserInputError, run_cli, setup_cfg
 from dcnv2.tools.demo import DemoRunner, collect_inputs, run_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -122,11 +122,24 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "/no/such.pth"])
 
 
-def test_unreadable_image_is_a_clear_error(runner, tmp_path):
+def test_unreadable_input_fails_before_the_model_is_built(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(UserInputError, match="cannot read image"):
-        run_demo(runner, collect_inputs([str(bad)]), str(tmp_path / "out"), progress=False)
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not a video either")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the inputs were checked")
+
+    monkeypatch.setattr(DemoRunner, "__init__", no_model)
+    out = tmp_path / "out"
+    for path, message in ((bad, "is not an image file"), (video, "cannot open video")):
+        argv = ["--input", str(path), "--output", str(out), "--opts", *TINY]
+        assert run_cli(_load_tool().main, argv, prog="demo.py") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("demo.py: error: ") and message in err and str(path) in err
+        assert len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 def test_cli_runs_and_fails_in_one_line(images, tmp_path, capsys):

@@ -145,6 +145,37 @@ def test_compare_detections_finds_differences():
     assert compare_detections(a, a, 0.0)["count"] == 3
 
 
+def test_agreement_tolerance_follows_the_image_size():
+    """Float32 agreement of two runtimes passes (2.43e-2 px at 320x480, as onnxruntime gave on
+    random-init weights); a box off by a pixel, a missing detection or a wrong class fails."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(100, 2, generator=g) * torch.tensor([400.0, 250.0])
+    boxes = torch.cat([xy, xy + 10 + 60 * torch.rand(100, 2, generator=g)], dim=1)
+    scores = torch.linspace(0.99, 0.06, 100)
+    classes = torch.arange(100) % 80
+
+    def inst(boxes, scores=scores, classes=classes):
+        return Instances((320, 480), scores=scores, pred_classes=classes, pred_boxes=Boxes(boxes))
+
+    expected = inst(boxes)
+    shifted = boxes.clone()
+    shifted[17, 2] += 2.43e-2
+    stats = compare_detections(inst(shifted), expected, 0.05)
+    assert stats["max_box_diff"] == pytest.approx(2.43e-2, rel=1e-3)
+    assert stats["agree"] and stats["box_tolerance"] == pytest.approx(0.096)
+    shifted[17, 2] += 1.0
+    assert not compare_detections(inst(shifted), expected, 0.05)["agree"]
+    keep = torch.arange(100) != 42
+    missing = inst(boxes[keep], scores[keep], classes[keep])
+    assert not compare_detections(missing, expected, 0.05)["agree"]
+    wrong = classes.clone()
+    wrong[5] = 79 if wrong[5] != 79 else 78
+    stats = compare_detections(inst(boxes, classes=wrong), expected, 0.05)
+    assert stats["unmatched"] == 1 and not stats["agree"]
+
+
 def test_mdpool_model_is_refused():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 1), ModulatedDeformRoIAlign(output_size=7, in_channels=4)

@@ -12,10 +12,12 @@ from PIL import Image
 
 from dcnv2.tools.cli import UserInputError, run_cli
 from dcnv2.tools.visualize_results import (
+    TITLE_HEIGHT,
     dataset_from_json,
     load_results,
     results_config_file,
     results_to_instances,
+    titled_panels,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,8 +79,13 @@ def test_one_side_by_side_picture_per_image(split, results, tmp_path, threshold,
         gt = json.load(f)
     assert sorted(os.listdir(out)) == sorted(img["file_name"] for img in gt["images"])
     for img in gt["images"]:
-        picture = Image.open(out / img["file_name"])
-        assert picture.size == (2 * img["width"], img["height"])
+        picture = np.asarray(Image.open(out / img["file_name"]).convert("RGB"))
+        assert picture.shape == (img["height"] + TITLE_HEIGHT, 2 * img["width"], 3)
+        for half in (
+            picture[:TITLE_HEIGHT, : img["width"]],
+            picture[:TITLE_HEIGHT, img["width"] :],
+        ):
+            assert (half < 128).any(), "no title over a half"
     printed = capsys.readouterr().out
     kept = sum(1 for r in found if r["image_id"] != 999 and r["score"] >= threshold)
     assert f"4 picture(s), {kept} detection(s) >= {threshold}" in printed
@@ -179,3 +186,16 @@ def test_bad_inputs_are_one_line_errors(split, results, tmp_path, capsys):
     assert err.startswith("visualize_results.py: error: none of the results' image ids")
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_titled_panels_label_each_half():
+    left = np.full((30, 50, 3), 90, np.uint8)
+    right = np.full((40, 60, 3), 200, np.uint8)
+    joined = titled_panels([("detections", left), ("ground truth", right)])
+    assert joined.shape == (40 + TITLE_HEIGHT, 110, 3)
+    strips = joined[:TITLE_HEIGHT, :50], joined[:TITLE_HEIGHT, 50:]
+    for strip in strips:
+        assert (strip == 255).mean() > 0.5 and (strip < 128).any()  # dark text on white
+    assert not np.array_equal(strips[0], strips[1][:, :50])  # two different titles
+    assert (joined[TITLE_HEIGHT:, :50][:30] == 90).all() and (joined[-10:, :50] == 0).all()
+    assert (joined[TITLE_HEIGHT:, 50:] == 200).all()

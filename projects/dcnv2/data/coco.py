@@ -1,11 +1,6 @@
-"""Datasets named in the config: COCO-format json files and image folders the user has, registered
-with detectron2's ``register_coco_instances`` before a run reads its config's dataset names.
-
-    DATASETS.DCNV2.COCO (("my_train", "train.json", "images/"), ("my_val", "val.json", "images/"))
-
-(``dataloader.coco_datasets`` in a LazyConfig.) Registration is idempotent: every process of a
-run (the launching one, whose preflight checks the data, and each worker) registers the same
-triples; a name already registered with other files is an error, not a silent replacement.
+"""The user's COCO-format datasets named in the config (``DATASETS.DCNV2.COCO``, or a LazyConfig's
+``dataloader.coco_datasets``: ``(name, json_file, image_root)`` triples), registered with
+detectron2's ``register_coco_instances``; idempotent, and a name taken by other files is an error.
 """
 
 import json
@@ -31,20 +26,10 @@ _EXAMPLE = "e.g. (('my_train', 'train.json', 'images/'),)"
 def parse_coco_datasets(
     entries: Any, key: str = "DATASETS.DCNV2.COCO"
 ) -> List[Tuple[str, str, str]]:
-    """Check the ``(name, json_file, image_root)`` triples of ``key``.
-
-    Args:
-        entries: a sequence of 3-sequences of strings (tuples from YAML or the command line,
-            lists from a LazyConfig).
-        key: the config key, for messages.
-
-    Returns:
-        The triples, with ``json_file`` and ``image_root`` made absolute (workers may run
-        elsewhere).
+    """The ``(name, json_file, image_root)`` triples of config key ``key``, paths made absolute.
 
     Raises:
-        ConfigError: not a sequence of triples of non-empty strings, a json file or image folder
-            that does not exist, or a name given twice.
+        ConfigError: not triples of non-empty strings, a missing file or folder, a repeated name.
     """
     if entries is None:
         return []
@@ -79,17 +64,9 @@ def parse_coco_datasets(
 
 
 def register_coco_datasets(entries: Any, key: str = "DATASETS.DCNV2.COCO") -> List[str]:
-    """Register each ``(name, json_file, image_root)`` triple as a COCO instances dataset
-    (detectron2's ``register_coco_instances``: boxes, masks, the json's category ids kept for
-    evaluation) unless it is already registered with the same files.
-
-    Returns:
-        The names, in order.
-
-    Raises:
-        ConfigError: see :func:`parse_coco_datasets`, or a name registered with other files (a
-            builtin such as ``coco_2017_val``, or another triple).
-    """
+    """Register each triple with detectron2's ``register_coco_instances`` unless it is already
+    registered with the same files; returns the names. ConfigError: see
+    :func:`parse_coco_datasets`, or a name registered with other files."""
     triples = parse_coco_datasets(entries, key)
     for name, json_file, image_root in triples:
         if name in DatasetCatalog.list():
@@ -113,20 +90,9 @@ def register_config_datasets(cfg) -> List[str]:
 
 
 def load_category_metadata(name: str):
-    """The metadata of dataset ``name`` with its category id mapping loaded.
-
-    detectron2 sets ``thing_dataset_id_to_contiguous_id`` of a json dataset only when the dataset
-    is loaded; a model's outputs (contiguous ids ``0..K-1``) need it to be written with the
-    dataset's own ids. It is read here from the json's ``categories`` as ``load_coco_json`` does
-    (sorted ids, in order), after generating the data of a dataset with a ``prepare`` step.
-
-    Returns:
-        detectron2 ``Metadata``; unchanged when it has the mapping already, when ``name`` is not a
-        registered dataset or when its json file is not on disk.
-
-    Raises:
-        AnnotationError: the json file has no valid ``categories`` list.
-    """
+    """The metadata of dataset ``name`` with ``thing_dataset_id_to_contiguous_id`` read from its
+    json's ``categories`` as ``load_coco_json`` does (detectron2 sets it only when the dataset is
+    loaded); unchanged without a json file. AnnotationError: no valid ``categories``."""
     meta = MetadataCatalog.get(name)
     if meta.get("thing_dataset_id_to_contiguous_id", None) or name not in DatasetCatalog.list():
         return meta

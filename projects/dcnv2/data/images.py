@@ -1,22 +1,9 @@
 """Reading images without silent damage, and image files checked against their dataset entry.
 
-:func:`read_image` is detectron2's ``read_image`` (EXIF orientation applied, then
-``convert_PIL_to_numpy`` to the model's format) with the conversions PIL gets wrong made
-explicit: 16-bit images (PIL modes ``I;16*``, and ``I`` from 16-bit PNG/TIFF/PNM files) are
-scaled to 8 bits by their bit depth (``value >> 8`` for 16 bits) where ``Image.convert`` clips
-every value above 255 (a 16-bit photograph reads almost white); palette images with
-transparency go through RGBA; floating-point images (mode ``F``), whose range is unknown, are
-refused with a clear message. Other modes (``1``, ``L``, ``LA``, ``P``, ``RGBA``, ``CMYK``,
-``YCbCr``) are converted by PIL, correctly. :class:`dcnv2.data.mapper.DatasetMapper` reads with
-it.
-
-:func:`image_file_problem` reads only a file's header (its format, stored size and EXIF
-orientation), so a whole test set is checked before a run starts (0.4 ms per 640x480 JPEG on
-one loaded AMD EPYC core, where decoding it takes 25-50 ms): an empty file, a file that is no
-image, or an image whose size differs from its annotation's ``width``/``height`` is named with
-what was expected. An image whose EXIF orientation turns it (detectron2 reads images turned
-upright) and whose annotation gives the size of the stored, unturned pixels gets a message that
-says so, instead of a bare size mismatch.
+:func:`read_image` is detectron2's ``read_image`` with 16-bit images scaled to 8 bits (PIL's
+``convert`` clips them), palette transparency kept and floating-point images refused.
+:func:`image_file_problem` checks a file from its header only (format, stored size, EXIF
+orientation), fast enough for a whole test set before a run.
 """
 
 import os
@@ -73,14 +60,8 @@ def exif_orientation(image: Image.Image) -> int:
 def size_problem(
     file_name: str, stored_wh: Tuple[int, int], orientation: int, expected_wh: Tuple[int, int]
 ) -> Optional[str]:
-    """Why an image does not have the size its annotation gives, or None when it does.
-
-    Args:
-        file_name: the image file, for the message.
-        stored_wh: (width, height) of the pixels as stored in the file.
-        orientation: its EXIF orientation (:func:`exif_orientation`).
-        expected_wh: (width, height) of its dataset entry.
-    """
+    """Why an image stored as ``stored_wh`` (width, height) with EXIF ``orientation`` does not
+    have its entry's size ``expected_wh`` once turned upright, or None when it does."""
     turned = orientation in _TURNED
     read_wh = stored_wh[::-1] if turned else tuple(stored_wh)
     if tuple(read_wh) == tuple(expected_wh):
@@ -105,17 +86,8 @@ def size_problem(
 def image_file_problem(
     file_name: str, width: Optional[int] = None, height: Optional[int] = None
 ) -> Optional[str]:
-    """Why an image file cannot be read as its dataset entry says, from its header only.
-
-    Args:
-        file_name: the image file.
-        width, height: the entry's size; None to check only that the file is an image.
-
-    Returns:
-        One line naming the file and what was expected, or None when the header is fine.
-        Pixel data are not decoded: a file cut short after its header passes here and is
-        reported when it is read.
-    """
+    """One line on why an image file cannot be read as its entry (``width``, ``height``; None:
+    any size) says, from its header only (pixels cut short are found when read), or None."""
     try:
         size = os.path.getsize(file_name)
     except OSError as e:
@@ -138,8 +110,7 @@ def image_file_problem(
 
 
 def _bit_depth(image: Image.Image, values: np.ndarray) -> Optional[int]:
-    """Bits per pixel of a mode "I" image: TIFF's BitsPerSample when given, else 16 when every
-    value fits in 16 bits (PNG and PNM files hold at most 16), else None (unknown)."""
+    """Bits per pixel of a mode "I" image: TIFF's BitsPerSample, else 16 if the values fit."""
     tags = getattr(image, "tag_v2", None)
     bits = tags.get(_BITS_PER_SAMPLE) if tags is not None else None
     if isinstance(bits, (tuple, list)) and bits:
@@ -152,15 +123,8 @@ def _bit_depth(image: Image.Image, values: np.ndarray) -> Optional[int]:
 
 
 def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
-    """An image PIL's ``convert`` to L/RGB/BGR turns into the right 8-bit pixels.
-
-    Args:
-        image: an opened image of any mode.
-        file_name: for messages.
-
-    Returns:
-        ``image`` itself, or for 16-bit and mode "I" images an "L" image of ``value >> (bits -
-        8)``, for palette images with transparency an "RGBA" image.
+    """``image``, or an image PIL's ``convert`` turns into the right 8-bit pixels: an "L" image
+    of ``value >> (bits - 8)`` for 16-bit and mode "I" ones, "RGBA" for palette transparency.
 
     Raises:
         ImageReadError: floating-point pixels (mode "F"), or mode "I" pixels of unknown depth.
@@ -189,20 +153,12 @@ def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
 def read_image(
     file_name: str, format: Optional[str] = None, *, expected_size: Optional[Tuple[int, int]] = None
 ) -> np.ndarray:
-    """An image file as the model's input, as detectron2's ``read_image`` reads it, without its
-    silent damage (see the module docstring).
-
-    Args:
-        file_name: the image file.
-        format: ``INPUT.FORMAT`` ("BGR", "RGB", "L", ...), or None for the file's own mode.
-        expected_size: (width, height) the dataset gives; checked before decoding.
-
-    Returns:
-        np.ndarray: (H, W, C) uint8 pixels in ``format`` (float for "YUV-BT.601"), upright.
+    """An image file as detectron2's ``read_image`` reads it (upright, (H, W, C) in ``format``),
+    without its silent damage (module docstring).
 
     Raises:
-        ImageReadError: the size differs from ``expected_size`` (saying so when only the EXIF
-            orientation makes the difference), or pixels that cannot be made 8-bit.
+        ImageReadError: its size differs from ``expected_size`` (width, height), checked before
+            decoding, or pixels that cannot be made 8-bit.
         OSError: PIL cannot read the file.
     """
     with PathManager.open(file_name, "rb") as f:

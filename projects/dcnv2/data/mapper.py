@@ -14,25 +14,12 @@ __all__ = ["DatasetMapper"]
 
 
 class DatasetMapper(D2DatasetMapper):
-    """detectron2's ``DatasetMapper`` (same arguments, same output) whose images are read by
-    :func:`dcnv2.data.images.read_image`: 16-bit images scaled to 8 bits instead of clipped,
-    floating-point images refused, and an image whose EXIF orientation makes its size differ
-    from the annotation's named with both sizes and the orientation
-    (:class:`~dcnv2.errors.ImageReadError`).
-
-    detectron2's ``__call__`` reads the image inline, with no method to override; it is written
-    out here with that one call changed.
+    """detectron2's ``DatasetMapper`` (same arguments, same output) reading images with
+    :func:`dcnv2.data.images.read_image`. detectron2's ``__call__`` reads the image inline, with
+    no method to override: it is written out here with that one call changed.
     """
 
     def __call__(self, dataset_dict: dict) -> dict:
-        """
-        Args:
-            dataset_dict: one image's entry, in detectron2's dataset format.
-
-        Returns:
-            dict: the entry with ``image`` ((C, H, W) uint8 tensor, after augmentation) and, for
-            training, ``instances``; as detectron2's ``DatasetMapper``.
-        """
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified by code below
         expected = None
         if "width" in dataset_dict and "height" in dataset_dict:

@@ -1,16 +1,8 @@
 """Malformed polygons in COCO ``segmentation`` fields, dropped only where they must be.
 
-A polygon is a flat list ``[x1, y1, x2, y2, ...]`` of at least 3 points: an even count of at least
-6 finite numbers. detectron2's ``load_coco_json`` drops the malformed polygons of an annotation and,
-when none is left, the whole instance (its valid box too), with one line ("Filtered out N
-instances without valid segmentation") that names nothing; non-finite coordinates pass through.
-Here each annotation with a malformed polygon is named (image file, annotation id, what is wrong)
-in one warning when the training set is loaded, and:
-
-* a model without a mask head (``MODEL.MASK_ON`` False) keeps the instance and its box, without
-  the segmentation it does not use;
-* a model with a mask head keeps the annotation's valid polygons, and drops the instance only
-  when it has none (its mask cannot be drawn).
+detectron2's ``load_coco_json`` drops a malformed polygon (and an instance left without one,
+its box too) with a line that names nothing. Here each such annotation is named in one warning;
+a model without masks keeps the box, a mask model keeps the valid polygons.
 """
 
 import math
@@ -40,14 +32,8 @@ def polygon_problem(polygon) -> Optional[str]:
 
 @dataclass
 class PolygonIssue:
-    """An annotation with malformed polygons.
-
-    Attributes:
-        index: its position in the file's ``annotations``.
-        annotation_id, image_id: its ``id`` and ``image_id``.
-        reason: what is wrong with its first malformed polygon, and how many there are.
-        valid: its valid polygons (maybe none).
-    """
+    """An annotation (at ``index`` in ``annotations``) with malformed polygons: what is wrong
+    with the first (``reason``) and its ``valid`` polygons (maybe none)."""
 
     index: int
     annotation_id: object
@@ -77,9 +63,8 @@ def find_polygon_issues(annotations: List[dict]) -> List[PolygonIssue]:
 
 
 def fix_annotation(annotation: dict, issue: PolygonIssue, mask_on: bool) -> Optional[dict]:
-    """``annotation`` (with the malformed polygons of ``issue``) as training uses it: without its
-    segmentation for a model without masks, with its valid polygons, or None (dropped) when a
-    mask model has no valid polygon for it. The input is not changed."""
+    """A copy of ``annotation`` as training uses it: without its segmentation (no mask head),
+    with its valid polygons, or None (dropped) when a mask model has none."""
     if not mask_on:
         return {k: v for k, v in annotation.items() if k != "segmentation"}
     if issue.valid:

@@ -1,21 +1,8 @@
 """A training data loader that resumes where it stopped and shards the same global batches over
-any number of processes.
-
-detectron2's ``TrainingSampler`` restarts its stream when a run is resumed (the resumed run sees
-the first images again), its aspect-ratio buckets live in memory, and its augmentations draw from
-per-worker random states. Here every batch is a pure function of ``(seed, iteration)``:
-
-* one infinite stream of dataset indices, ``shuffle(range(N)) + shuffle(range(N)) + ...`` from
-  ``seed`` (the stream ``TrainingSampler`` draws), the same on every process;
-* global batches of ``SOLVER.IMS_PER_BATCH`` images cut from it, with detectron2's two
-  aspect-ratio groups (width > height or not) when ``DATALOADER.ASPECT_RATIO_GROUPING``; process
-  ``r`` of ``W`` takes the ``r``-th slice of each global batch;
-* each sample is mapped (read, augmented) with the random generators seeded from
-  ``(seed, its position in the stream)``, and restored afterwards.
-
-So a run resumed at iteration ``k`` (:meth:`ResumableTrainLoader.start_at`) reads exactly the
-batches an uninterrupted run reads from iteration ``k`` on, and 2 processes with 1 image each
-see the images (and augmentations) 1 process with 2 images sees, whatever ``NUM_WORKERS`` is.
+any number of processes: every batch, and its augmentations, is a pure function of
+``(seed, iteration)`` (the index stream of detectron2's ``TrainingSampler``, its aspect-ratio
+groups, per-sample seeds), so a run resumed at iteration ``k`` reads what an uninterrupted run
+reads from ``k`` on, whatever the number of processes and workers.
 """
 
 import contextlib
@@ -26,7 +13,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, build_detection_train_loader
+from detectron2.data import DatasetFromList, MetadataCatalog, build_detection_train_loader
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -34,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import AnnotationError, ImageReadError
 from .mapper import DatasetMapper
 from .transforms import build_train_augmentation
-from .validation import BAD_DATA_MODES, load_training_dicts
+from .validation import check_mode, load_training_dicts
 
 __all__ = [
     "GlobalBatchSampler",
@@ -60,16 +47,9 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class GlobalBatchSampler(Sampler):
-    """This process's share of each global batch, as lists of ``(dataset index, sample seed)``.
-
-    Args:
-        size: number of dataset items.
-        total_batch_size: images per iteration over all processes.
-        seed: seed of the stream (``TrainingSampler``'s) and of the per-sample seeds.
-        aspect_groups: per item, 0 if width > height else 1; None for no grouping.
-        shuffle: shuffle each pass over the data.
-        rank, world_size: this process and the number of processes (default: from comm).
-    """
+    """This process's slice of each global batch of ``total_batch_size`` images, as lists of
+    ``(dataset index, sample seed)``; ``aspect_groups``: per item 0 if width > height else 1,
+    or None for no grouping; ``rank``, ``world_size`` default to detectron2's comm."""
 
     def __init__(
         self,
@@ -137,16 +117,17 @@ class GlobalBatchSampler(Sampler):
 
 
 class _BadImage:
-    """Returned by a worker instead of a sample whose image cannot be read ("fail" mode)."""
+    """Returned by a worker instead of a sample it cannot map: an unreadable image ("fail"
+    mode), or annotations the mapper fails on (``image=False``, any mode)."""
 
-    def __init__(self, file_name: Optional[str], reason: str):
-        self.file_name, self.reason = file_name, reason
+    def __init__(self, file_name: Optional[str], reason: str, image: bool = True):
+        self.file_name, self.reason, self.image = file_name, reason, image
 
 
 @contextlib.contextmanager
 def _seeded_rng(seed: int) -> Iterator[None]:
-    """Seed python's, numpy's and torch's global generators, and restore them afterwards (the
-    model's own random draws then do not depend on how many samples this process mapped)."""
+    """Seed python's, numpy's and torch's global generators, restoring them afterwards so the
+    model's random draws do not depend on how many samples this process mapped."""
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
@@ -178,11 +159,12 @@ class _SeededMapDataset(Dataset):
             try:
                 with _seeded_rng(seed):
                     out = self.mapper(d)
-            except _IMAGE_ERRORS as e:
+            except Exception as e:  # reported by the main process, not as a worker's traceback
                 name = d.get("file_name") if isinstance(d, dict) else None
-                reason = f"{type(e).__name__}: {e}"
-                if not self.skip_bad_images:
-                    return _BadImage(name, reason)
+                reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                image = isinstance(e, _IMAGE_ERRORS)
+                if not (image and self.skip_bad_images):
+                    return _BadImage(name, reason, image)
                 if name not in self._warned:
                     self._warned.add(name)
                     logger.warning(f"Skipping image {name}, which cannot be read ({reason})")
@@ -193,18 +175,15 @@ class _SeededMapDataset(Dataset):
 
 
 class ResumableTrainLoader:
-    """Iterable of this process's training batches (lists of mapped dicts); see the module
-    docstring.
+    """Iterable of this process's training batches (lists of mapped dicts; module docstring).
 
     Args:
-        dataset_dicts: the training set (detectron2 dataset dicts).
-        mapper: maps a dataset dict to the model's input (``DatasetMapper``).
         total_batch_size: ``SOLVER.IMS_PER_BATCH``.
         seed: seed of the data order and augmentations.
-        aspect_ratio_grouping: batch images of the same orientation together.
-        num_workers: ``DATALOADER.NUM_WORKERS``.
         skip_bad_images: replace an unreadable image by the next item (True) or stop the
             run with :class:`~dcnv2.errors.ImageReadError` naming it (False).
+        dataset_names: the datasets of ``dataset_dicts``, named when the mapper fails on an
+            image's annotations (:class:`~dcnv2.errors.AnnotationError`).
     """
 
     def __init__(
@@ -217,6 +196,7 @@ class ResumableTrainLoader:
         aspect_ratio_grouping: bool = True,
         num_workers: int = 0,
         skip_bad_images: bool = False,
+        dataset_names: Sequence[str] = (),
     ):
         groups = (
             [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
@@ -230,6 +210,7 @@ class ResumableTrainLoader:
             DatasetFromList(dataset_dicts, copy=False), mapper, skip_bad_images
         )
         self.num_workers = num_workers
+        self.dataset_names = tuple(dataset_names)
 
     @property
     def seed(self) -> int:
@@ -257,6 +238,12 @@ class ResumableTrainLoader:
         )
         for batch in loader:
             for item in batch:
+                if isinstance(item, _BadImage) and not item.image:
+                    raise AnnotationError(
+                        f"Cannot map training image {item.file_name}"
+                        f"{_source(item.file_name, self.dataset_names)} with its annotations: "
+                        f"{item.reason}. Expected entries of the types COCO defines."
+                    )
                 if isinstance(item, _BadImage):
                     what = "image " + item.file_name if item.file_name else "images"
                     raise ImageReadError(
@@ -267,36 +254,34 @@ class ResumableTrainLoader:
             yield batch
 
 
+def _source(file_name: Optional[str], names: Sequence[str]) -> str:
+    """ " (dataset 'name', its json)" for the dataset among ``names`` whose image folder holds
+    ``file_name``, else ""."""
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        root = meta.get("image_root", None)
+        folder = os.path.join(os.path.abspath(root), "") if root else None
+        if folder and file_name and os.path.abspath(file_name).startswith(folder):
+            return f" (dataset {name!r}, {meta.get('json_file', 'no json file')})"
+    return ""
+
+
 def _own_process_group(worker_id: int) -> None:
-    # A SIGTERM/SIGINT sent to the process group (Ctrl-C in a terminal, `kill -- -PGID`, a
-    # launcher's group kill) is the training process's to handle: it stops after the iteration
-    # in progress (dcnv2.engine.preemption), then shuts its workers down. A worker killed by it
-    # would make the training process fail ("DataLoader worker is killed by signal") instead.
-    # Signals sent to the worker itself (the training process's terminate()) still end it.
+    # A SIGTERM/SIGINT to the process group (Ctrl-C, a launcher's group kill) is the training
+    # process's to handle (it stops after the iteration, then ends its workers); a worker it
+    # killed would fail the run ("DataLoader worker is killed by signal") instead.
     os.setpgid(0, 0)
 
 
 def build_train_mapper(cfg) -> DatasetMapper:
-    """The training mapper of a YAML config: dcnv2's ``DatasetMapper(cfg, True)``
-    (:mod:`dcnv2.data.mapper`, images read without silent damage) with the resize method of
-    ``INPUT.DCNV2.RESIZE_BACKEND`` (:func:`dcnv2.data.build_train_augmentation`)."""
+    """dcnv2's ``DatasetMapper(cfg, True)`` with ``INPUT.DCNV2.RESIZE_BACKEND``'s resize."""
     return DatasetMapper(cfg, True, augmentations=build_train_augmentation(cfg))
 
 
 def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
-    """The training loader of a config: a :class:`ResumableTrainLoader` over
-    ``DATASETS.TRAIN`` (loaded and filtered as detectron2 does), or detectron2's own loader for
-    samplers other than ``TrainingSampler`` (which then restarts its stream on resume).
-
-    With ``DATASETS.DCNV2.ON_BAD_DATA "skip"`` the bad entries of COCO-format training sets are
-    dropped and unreadable images replaced; with ``"fail"`` an unreadable image stops the run
-    (annotation files are checked before launch by ``train_net.py``:
-    :func:`dcnv2.data.validation.validate_datasets`).
-
-    Args:
-        cfg: a detectron2 config.
-        mapper: defaults to :func:`build_train_mapper`.
-    """
+    """A :class:`ResumableTrainLoader` over ``DATASETS.TRAIN`` (:func:`load_training_dicts`,
+    ``DATASETS.DCNV2.ON_BAD_DATA``), or detectron2's loader for samplers other than
+    ``TrainingSampler``; ``mapper`` defaults to :func:`build_train_mapper`."""
     if mapper is None:
         mapper = build_train_mapper(cfg)
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
@@ -305,12 +290,7 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
             "loader, whose data order restarts when a run is resumed"
         )
         return build_detection_train_loader(cfg, mapper=mapper)
-    mode = cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail")
-    if mode not in BAD_DATA_MODES:
-        raise AnnotationError(
-            f"DATASETS.DCNV2.ON_BAD_DATA is {mode!r}; expected one of "
-            f"{', '.join(map(repr, BAD_DATA_MODES))}"
-        )
+    mode = check_mode(cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail"))
     dicts = load_training_dicts(
         list(cfg.DATASETS.TRAIN),
         mode,
@@ -332,4 +312,5 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         skip_bad_images=mode == "skip",
+        dataset_names=cfg.DATASETS.TRAIN,
     )

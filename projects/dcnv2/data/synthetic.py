@@ -1,20 +1,8 @@
-"""A small deterministic COCO-format detection dataset that the project generates itself.
-
-Images of flat-coloured rectangles, ellipses and triangles on a noisy, textured background, with
-COCO ``bbox``/``area``/``iscrowd`` and polygon ``segmentation`` (so box and mask models both
-train on it). It lets ``train_net.py`` run end to end with no download:
-
-    $DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/annotations.json
-    $DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/images/000001.png ...
-
-The fingerprint hashes the generation parameters and this module's source, so a changed
-generator writes a new folder instead of reusing stale data. A split is written into a temporary
-folder and renamed into place, so readers never see half a dataset and two processes that race
-both end up with the same, complete folder.
-
-``import dcnv2`` registers ``dcnv2_synthetic_train`` and ``dcnv2_synthetic_val`` without
-generating anything; the data is generated on first use (``dcnv2.data.check_datasets`` calls the
-metadata's ``prepare``, and loading the dataset does too).
+"""A small deterministic COCO-format dataset the project generates itself (shapes on a textured
+background, boxes and polygons), so ``train_net.py`` runs end to end with no download.
+``import dcnv2`` registers ``dcnv2_synthetic_{train,val}``; a split is generated on first use
+into ``$DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/`` (hash of the parameters
+and of this file), written to a temporary folder and renamed into place.
 """
 
 import functools
@@ -78,14 +66,7 @@ def _params(split: str, num_images: int, seed: int) -> dict:
 
 
 def synthetic_split_dir(root: str, split: str, num_images: int, seed: int) -> str:
-    """Folder of one generated split (it may not exist yet).
-
-    Args:
-        root: the datasets folder (``$DETECTRON2_DATASETS``).
-        split: a name for the split, used in the folder name.
-        num_images: images in the split.
-        seed: seed of the split's random generator.
-    """
+    """Folder of one generated split under ``root`` (``$DETECTRON2_DATASETS``); may not exist."""
     fp = _fingerprint(_params(split, num_images, seed))
     return os.path.join(root, SUBDIR, f"{split}_{fp}")
 
@@ -171,17 +152,8 @@ def _make_image(rng: np.random.Generator, empty: bool):
 
 
 def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str = "") -> None:
-    """Write ``num_images`` images and a COCO instances json into ``out_dir`` (must not exist).
-
-    The last image has no objects on purpose. Same ``seed`` and ``num_images``: byte-identical
-    json and identical pixels.
-
-    Args:
-        out_dir: folder to create; gets ``images/*.png`` and ``annotations.json``.
-        num_images: at least 1.
-        seed: seed of the numpy random generator.
-        desc: label of the progress bar.
-    """
+    """Write ``images/*.png`` and ``annotations.json`` into a new folder ``out_dir``; the last
+    image has no objects. Same ``seed`` and ``num_images``: identical files."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     os.makedirs(os.path.join(out_dir, "images"))
@@ -222,11 +194,8 @@ def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str 
 
 
 def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -> str:
-    """Generate a split unless its folder already exists; return the folder.
-
-    Safe to call from several processes at once: each generates into its own temporary folder
-    and renames it into place; a process that loses the race discards its copy.
-    """
+    """Generate a split unless its folder exists; return the folder. Safe from several
+    processes at once (each renames its own temporary copy into place)."""
     out_dir = synthetic_split_dir(root, split, num_images, seed)
     if os.path.isfile(os.path.join(out_dir, "annotations.json")):
         return out_dir
@@ -258,11 +227,8 @@ def _load(name: str, root: str, split: str, num_images: int, seed: int) -> List[
 def register_synthetic_dataset(
     name: str, root: str, split: str, num_images: int, seed: int
 ) -> None:
-    """Register a synthetic split in detectron2's catalogs without generating it.
-
-    Metadata: ``json_file``, ``image_root``, ``evaluator_type="coco"``, ``thing_classes`` and
-    ``prepare`` (generates the split if missing; ``dcnv2.data.check_datasets`` calls it).
-    """
+    """Register a synthetic split without generating it; its metadata's ``prepare`` does
+    (``dcnv2.data.check_datasets`` calls it)."""
     out_dir = synthetic_split_dir(root, split, num_images, seed)
     args = (root, split, num_images, seed)
     DatasetCatalog.register(name, functools.partial(_load, name, *args))

@@ -1,17 +1,7 @@
-"""Evaluation data with the training path's handling of bad images.
-
-``DATASETS.DCNV2.ON_BAD_DATA`` applies to the test sets too:
-
-* ``"fail"``: every test image's header is checked before the run starts
-  (:func:`check_test_images`, called by preflight): an empty file, a file that is no image, or
-  an image whose size differs from its annotation's stops the run with one line naming it. An
-  image that breaks later (pixel data cut short) stops evaluation naming it.
-* ``"skip"``: those images are left out of evaluation, with one warning giving how many and
-  which; evaluation then scores the remaining images only (:mod:`dcnv2.engine.evaluation`).
-
-The test loader is detectron2's ``build_detection_test_loader`` over the filtered dataset dicts,
-wrapped so that an image that cannot be read is reported in the main process
-(:class:`CheckedTestLoader`), not as a data-loader worker's traceback.
+"""Evaluation data with the training path's handling of bad images (``DATASETS.DCNV2.ON_BAD_DATA``):
+"fail" checks every test image's header before the run and stops naming a bad one; "skip" leaves
+bad images out of evaluation with one warning. An image that breaks while evaluation reads it is
+reported by the main process (:class:`CheckedTestLoader`), not as a worker's traceback.
 """
 
 import logging
@@ -22,7 +12,7 @@ from detectron2.data import build_detection_test_loader, get_detection_dataset_d
 from ..errors import AnnotationError, ImageReadError
 from .images import image_file_problem
 from .resumable import _IMAGE_ERRORS, _BadImage
-from .validation import BAD_DATA_MODES
+from .validation import check_mode, reading_dataset
 
 __all__ = [
     "CheckedTestLoader",
@@ -39,8 +29,7 @@ _LISTED = 5
 
 
 def find_bad_images(dicts: Sequence[dict]) -> List[Tuple[dict, str]]:
-    """The entries whose image file is not usable (:func:`dcnv2.data.images.image_file_problem`),
-    with the problem, in dataset order; entries without a local ``file_name`` are not checked."""
+    """``(entry, problem)`` of the entries whose local image file is not usable."""
     bad = []
     for d in dicts:
         name = d.get("file_name") if isinstance(d, dict) else None
@@ -72,25 +61,14 @@ def _skipped_text(file_names: Sequence[str]) -> str:
     )
 
 
-def check_mode(mode: str) -> str:
-    if mode not in BAD_DATA_MODES:
-        raise AnnotationError(
-            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
-        )
-    return mode
-
-
 def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
-    """Check the image files of the test sets before a run (``"fail"`` mode only; with
-    ``"skip"`` the test loader leaves bad images out and says so).
-
-    Raises:
-        ImageReadError: one line naming the first bad image of a dataset (and how many more).
-    """
+    """In ``"fail"`` mode, check the test sets' image headers before a run: ImageReadError
+    naming the first bad image of a dataset (and how many more)."""
     if check_mode(mode) != "fail":
         return
     for name in dataset_names:
-        dicts = get_detection_dataset_dicts([name], filter_empty=False)
+        with reading_dataset(name):
+            dicts = get_detection_dataset_dicts([name], filter_empty=False)
         if not isinstance(dicts, list):
             continue  # a registered torch Dataset: read as it is
         bad = find_bad_images(dicts)
@@ -101,25 +79,16 @@ def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
 def load_test_dicts(
     dataset_name: str, mode: str = "fail", *, proposal_file: Optional[str] = None
 ) -> List[dict]:
-    """The dataset dicts of a test set, as detectron2's test loader loads them, without the
-    entries whose image file is not usable.
-
-    Args:
-        dataset_name: a registered dataset.
-        mode: ``"fail"``: raise on the first bad image; ``"skip"``: leave them out with one
-            warning saying how many and which.
-        proposal_file: precomputed proposals (``DATASETS.PROPOSAL_FILES_TEST``).
-
-    Raises:
-        ImageReadError: ``"fail"`` and an image file that cannot be used.
-        AnnotationError: ``"skip"`` and no usable image left.
-    """
+    """The dataset dicts of a test set as detectron2's test loader loads them; an unusable
+    image file raises ImageReadError (``"fail"``) or is left out with one warning (``"skip"``;
+    AnnotationError if none is left)."""
     check_mode(mode)
-    dicts = get_detection_dataset_dicts(
-        [dataset_name],
-        filter_empty=False,
-        proposal_files=[proposal_file] if proposal_file else None,
-    )
+    with reading_dataset(dataset_name):
+        dicts = get_detection_dataset_dicts(
+            [dataset_name],
+            filter_empty=False,
+            proposal_files=[proposal_file] if proposal_file else None,
+        )
     bad = find_bad_images(dicts) if isinstance(dicts, list) else []
     if not bad:
         return dicts
@@ -141,8 +110,7 @@ def load_test_dicts(
 
 
 class _CatchImageErrors:
-    """A mapper that returns :class:`~dcnv2.data.resumable._BadImage` for an image that cannot
-    be read, so the main process reports it (a worker's exception would print its traceback)."""
+    """A mapper returning a ``_BadImage`` for an unreadable image, for the main process."""
 
     def __init__(self, mapper: Callable):
         self.mapper = mapper
@@ -155,13 +123,8 @@ class _CatchImageErrors:
 
 
 class CheckedTestLoader:
-    """Iterable of test batches (lists of mapped dicts) from a detectron2 test loader whose
-    mapper is wrapped by :class:`_CatchImageErrors`: an image that cannot be read raises
-    :class:`~dcnv2.errors.ImageReadError` (``skip=False``) or is left out with a warning.
-
-    Attributes:
-        skipped: file names left out while iterating, in order.
-    """
+    """Test batches of a loader whose mapper is a :class:`_CatchImageErrors`: an unreadable
+    image raises ImageReadError, or with ``skip`` is left out with a warning (``skipped``)."""
 
     def __init__(self, loader, *, dataset_name: str, skip: bool):
         self.loader = loader
@@ -204,16 +167,8 @@ def build_checked_test_loader(
     mode: str = "fail",
     num_workers: int = 0,
 ) -> CheckedTestLoader:
-    """detectron2's ``build_detection_test_loader`` over ``dicts`` (:func:`load_test_dicts`),
-    wrapped in a :class:`CheckedTestLoader`.
-
-    Args:
-        dicts: the test set's dataset dicts.
-        mapper: maps a dict to the model's input (``DatasetMapper(cfg, False)``).
-        dataset_name: for messages.
-        mode: ``"fail"`` or ``"skip"`` (``DATASETS.DCNV2.ON_BAD_DATA``).
-        num_workers: ``DATALOADER.NUM_WORKERS``.
-    """
+    """A :class:`CheckedTestLoader` of detectron2's ``build_detection_test_loader`` over
+    ``dicts`` (:func:`load_test_dicts`)."""
     loader = build_detection_test_loader(
         dicts, mapper=_CatchImageErrors(mapper), num_workers=num_workers
     )

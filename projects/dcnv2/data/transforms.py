@@ -1,15 +1,5 @@
-"""Image resizing as detectron2 does it (PIL) or as MMDetection does it (OpenCV), chosen by
-``INPUT.DCNV2.RESIZE_BACKEND``, and the builders of the test- and train-time augmentation lists.
-
-MMDetection's keep-ratio ``Resize(scale=(1333, 800))`` computes the output size with mmcv's
-``rescale_size``: ``s = min(1333 / long side, 800 / short side)``, then
-``(int(w * s + 0.5), int(h * s + 0.5))``, and resizes with
-``cv2.resize(..., interpolation=cv2.INTER_LINEAR)``. detectron2's ``ResizeShortestEdge`` reaches
-nearly the same size by another computation and resizes with PIL's bilinear filter, whose output
-differs from OpenCV's by a grey level or so in many pixels. :class:`OpenCVResizeShortestEdge`
-reproduces MMDetection's image bytes exactly; boxes, polygons and keypoints are scaled by
-``new / old`` size along each axis (as MMDetection's ``scale_factor``) and masks resized with
-nearest-neighbour interpolation.
+"""Image resizing as detectron2 does it (PIL) or as MMDetection does it (OpenCV, byte-exact),
+chosen by ``INPUT.DCNV2.RESIZE_BACKEND``, and the builders of the train/test augmentation lists.
 """
 
 import sys
@@ -51,17 +41,8 @@ def _cv2():
 
 
 def mmdet_rescale_size(h: int, w: int, short: float, long: float) -> Tuple[int, int]:
-    """The output size of MMDetection's keep-ratio resize (mmcv's ``rescale_size``).
-
-    Args:
-        h, w: input image size.
-        short, long: the target scale's short and long side (MMDetection's ``scale=(1333, 800)``
-            is ``long=1333, short=800``).
-
-    Returns:
-        (new_h, new_w): the largest size within ``short x long`` with the input's aspect ratio,
-        each side rounded as ``int(side * factor + 0.5)``.
-    """
+    """(new_h, new_w) of MMDetection's keep-ratio resize of an ``h x w`` image to the scale
+    ``(long, short)`` (mmcv's ``rescale_size``: ``int(side * factor + 0.5)``)."""
     factor = min(long / max(h, w), short / min(h, w))
     return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
@@ -71,11 +52,6 @@ class OpenCVResizeTransform(Transform):
     MMDetection's ``Resize``; detectron2's ``ResizeTransform`` with OpenCV instead of PIL."""
 
     def __init__(self, h: int, w: int, new_h: int, new_w: int):
-        """
-        Args:
-            h, w: input image size.
-            new_h, new_w: output image size.
-        """
         super().__init__()
         self._set_attributes(locals())
 
@@ -114,11 +90,7 @@ class OpenCVResizeTransform(Transform):
 
 class OpenCVResizeShortestEdge(T.Augmentation):
     """MMDetection's keep-ratio resize to ``(max_size, short)``, ``short`` drawn as detectron2's
-    ``ResizeShortestEdge`` draws it (the same arguments, the same use of ``np.random``).
-
-    With one ``short`` (``INPUT.MIN_SIZE_TEST`` 800, ``MAX_SIZE_TEST`` 1333) this is
-    MMDetection's test-time ``Resize(scale=(1333, 800), keep_ratio=True)``, bit for bit.
-    """
+    ``ResizeShortestEdge`` draws it (same arguments, same use of ``np.random``)."""
 
     def __init__(
         self,
@@ -126,13 +98,6 @@ class OpenCVResizeShortestEdge(T.Augmentation):
         max_size: int = sys.maxsize,
         sample_style: str = "range",
     ):
-        """
-        Args:
-            short_edge_length: ``[min, max]`` to draw the short side from (``"range"``), or the
-                values to choose from (``"choice"``); an int is one value. 0 means no resize.
-            max_size: the longest side allowed.
-            sample_style: "range" or "choice".
-        """
         super().__init__()
         if sample_style not in ("range", "choice"):
             raise ValueError(f"sample_style must be 'range' or 'choice', got {sample_style!r}")
@@ -174,26 +139,15 @@ def _resize(cfg, short: Sequence[int], max_size: int, sample_style: str) -> T.Au
 
 
 def build_test_augmentation(cfg) -> List[T.Augmentation]:
-    """The test-time augmentation of a config: the resize to ``INPUT.MIN_SIZE_TEST`` /
-    ``MAX_SIZE_TEST`` with ``INPUT.DCNV2.RESIZE_BACKEND``'s method ("pil": detectron2's
-    ``ResizeShortestEdge``; "opencv": :class:`OpenCVResizeShortestEdge`, MMDetection's).
-
-    Used by evaluation (``Trainer.build_test_loader``), the demo's predictor and the tools that
-    run a model on images.
-
-    Raises:
-        ResizeBackendError: an unknown backend, or "opencv" without OpenCV installed.
-    """
+    """The resize to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` with
+    ``INPUT.DCNV2.RESIZE_BACKEND``'s method; ResizeBackendError for an unknown or missing one."""
     size = cfg.INPUT.MIN_SIZE_TEST
     return [_resize(cfg, [size, size], cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
 
 def build_train_augmentation(cfg) -> List[T.Augmentation]:
-    """The training augmentation of a config, as detectron2's ``DatasetMapper(cfg, True)``
-    builds it (optional ``INPUT.CROP``, the resize to ``INPUT.MIN_SIZE_TRAIN`` /
-    ``MAX_SIZE_TRAIN``, ``INPUT.RANDOM_FLIP``), with the resize's method from
-    ``INPUT.DCNV2.RESIZE_BACKEND`` ("pil", the default, gives detectron2's list unchanged).
-    """
+    """The training augmentation detectron2's ``DatasetMapper(cfg, True)`` builds, with the
+    resize of ``INPUT.DCNV2.RESIZE_BACKEND`` ("pil", the default: detectron2's list unchanged)."""
     augmentation = [
         _resize(
             cfg,

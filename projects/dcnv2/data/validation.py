@@ -1,22 +1,13 @@
-"""Checks of COCO-format annotation files and of image reads, with one clear report.
+"""Checks of COCO instances files, and one-line errors for any failure while a dataset is read.
 
-``validate_coco_json`` reads an instances JSON and lists every problem that would make detectron2
-crash mid-training, or train on garbage: a file that does not parse, a wrong structure, image
-entries without a size or whose file is missing on disk, boxes with a negative or non-finite
-size, category ids that are not in ``categories``, annotations of images that are not listed,
-repeated ids. ``DATASETS.DCNV2.ON_BAD_DATA`` picks what happens:
-
-* ``"fail"`` (default): stop before training with the list of problems (valid data is unaffected);
-* ``"skip"``: warn, drop the bad entries (an annotation, or an image with its annotations) and
-  train on the rest. Only for training sets: evaluation reads the file as ground truth.
-
-Training images are decoded only when training reads them: an unreadable or truncated file then
-stops the run naming the file (``"fail"``) or is replaced by the next readable image
-(``"skip"``). Test images are checked before the run and when evaluation reads them
-(:mod:`dcnv2.data.test_loader`). Malformed polygons are not problems: they are named in one
-warning and training drops only what its model must (:mod:`dcnv2.data.polygons`).
+:func:`validate_coco_json` lists every entry detectron2 would crash on or train wrongly from
+(structure, the types each COCO field may hold, missing image files, unknown ids).
+``DATASETS.DCNV2.ON_BAD_DATA`` "fail" stops the run with that list; "skip" (training sets only)
+drops the bad entries with a warning. :func:`reading_dataset` turns a loader's failure into an
+:class:`~dcnv2.errors.AnnotationError` naming the dataset and its json.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -27,13 +18,15 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..errors import AnnotationError
+from ..errors import AnnotationError, DCNv2Error
 from . import polygons
 
 __all__ = [
     "BAD_DATA_MODES",
     "CocoReport",
+    "check_mode",
     "load_training_dicts",
+    "reading_dataset",
     "validate_coco_json",
     "validate_datasets",
 ]
@@ -47,17 +40,9 @@ _OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
 
 @dataclass
 class CocoReport:
-    """What :func:`validate_coco_json` found.
-
-    Attributes:
-        json_file: the file checked.
-        problems: one line per problem, in file order.
-        bad_image_ids: images to drop (with their annotations) to train on the rest.
-        bad_annotation_indices: positions in ``annotations`` of the annotations to drop.
-        polygon_issues: annotations with malformed polygons (:mod:`dcnv2.data.polygons`), not
-            counted as problems: training drops only what its model must.
-        data: the parsed JSON.
-    """
+    """What :func:`validate_coco_json` found: ``problems`` (one line each, in file order), the
+    images (by id) and annotations (by position) to drop to train on the rest, the malformed
+    polygons (not problems: :mod:`dcnv2.data.polygons`) and the parsed JSON (``data``)."""
 
     json_file: str
     problems: List[str] = field(default_factory=list)
@@ -75,14 +60,13 @@ class CocoReport:
         return "\n".join(lines)
 
     def cleaned(self, mask_on: bool = True) -> dict:
-        """The parsed JSON without the bad images and annotations, and with the malformed
-        polygons handled for a model with (``mask_on``) or without a mask head
-        (:func:`dcnv2.data.polygons.fix_annotation`)."""
+        """The parsed JSON without the bad entries, malformed polygons fixed for a model with
+        (``mask_on``) or without masks (:func:`dcnv2.data.polygons.fix_annotation`)."""
         data = dict(self.data)
         data["images"] = [
             im
             for im in data["images"]
-            if isinstance(im, dict) and _id(im) not in self.bad_image_ids
+            if isinstance(_id(im), (int, str)) and _id(im) not in self.bad_image_ids
         ]
         kept = {_id(im) for im in data["images"]}
         issues = {issue.index: issue for issue in self.polygon_issues}
@@ -102,8 +86,48 @@ def _id(entry):
     return entry.get("id") if isinstance(entry, dict) else None
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a ``DATASETS.DCNV2.ON_BAD_DATA`` value, else an AnnotationError."""
+    if mode not in BAD_DATA_MODES:
+        raise AnnotationError(
+            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
+        )
+    return mode
+
+
+@contextlib.contextmanager
+def reading_dataset(name: str):
+    """Any failure inside the block (detectron2's ``load_coco_json``, pycocotools, a registered
+    loader) becomes one :class:`~dcnv2.errors.AnnotationError` line naming dataset ``name`` and
+    its json file (``MetadataCatalog.get(name).json_file``)."""
+    try:
+        yield
+    except DCNv2Error as e:
+        if repr(name) in str(e):
+            raise
+        raise AnnotationError(f"Dataset {name!r}: {e}") from None
+    except Exception as e:
+        if name not in DatasetCatalog.list():
+            raise AnnotationError(
+                f"Dataset {name!r} is not registered; expected a detectron2 or dcnv2 dataset name "
+                "or one of DATASETS.DCNV2.COCO"
+            ) from None
+        json_file = MetadataCatalog.get(name).get("json_file", None)
+        source = f" from {json_file}" if json_file else ""
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) is a repr
+        reason = " ".join(str(text).split()).rstrip(".") or "(no message)"
+        raise AnnotationError(
+            f"Dataset {name!r} cannot be read{source}: {type(e).__name__}: {reason}. Expected a "
+            "COCO instances file (train_net.py's checks list each bad entry)."
+        ) from None
 
 
 def _load_json(json_file: str) -> dict:
@@ -138,34 +162,14 @@ def _load_json(json_file: str) -> dict:
     return data
 
 
-def validate_coco_json(
-    json_file: str, image_root: Optional[str] = None, *, check_files: bool = True
-) -> CocoReport:
-    """Check a COCO instances file; see the module docstring for what is checked.
-
-    Args:
-        json_file: the annotation file.
-        image_root: the folder the images' ``file_name`` are relative to.
-        check_files: also check that every listed image exists under ``image_root``.
-
-    Returns:
-        CocoReport: the problems and what to drop to train on the rest.
-
-    Raises:
-        AnnotationError: the file cannot be read, is not JSON, or lacks the top-level lists or
-            valid categories (nothing can be trained from it, whatever the option).
-    """
-    data = _load_json(json_file)
-    report = CocoReport(json_file=json_file, data=data)
-    problems = report.problems
-
+def _category_ids(json_file: str, categories: list) -> set:
     cat_ids = set()
-    for c in data["categories"]:
+    for c in categories:
         cid = _id(c)
-        if not isinstance(cid, int) or isinstance(cid, bool):
+        if not _is_int(cid) or not isinstance(c.get("name"), str):
             raise AnnotationError(
-                f"Annotation file {json_file}: category {c!r} has no integer 'id'; expected "
-                "'categories' entries like {'id': 1, 'name': 'person'}"
+                f"Annotation file {json_file}: category {c!r} is not an integer 'id' and a "
+                "string 'name'; expected 'categories' entries like {'id': 1, 'name': 'person'}"
             )
         if cid in cat_ids:
             raise AnnotationError(
@@ -174,48 +178,73 @@ def validate_coco_json(
         cat_ids.add(cid)
     if not cat_ids:
         raise AnnotationError(f"Annotation file {json_file}: 'categories' is empty")
+    return cat_ids
 
-    image_ids = set()
+
+def _image_problem(im, id_type, sizes) -> Optional[str]:
+    """What is wrong with an ``images`` entry; a valid, new id goes into ``sizes``."""
+    iid = _id(im)
+    if not isinstance(im, dict) or not isinstance(iid, (int, str)) or isinstance(iid, bool):
+        return f"image entry {im!r} has no integer or string 'id'"
+    if type(iid) is not id_type:
+        return (
+            f"image id {iid!r} is a {type(iid).__name__}, the first image's a "
+            f"{id_type.__name__}; expected ids of one type (detectron2 sorts them)"
+        )
+    if iid in sizes:
+        return f"image id {iid} is listed twice"
+    name, h, w = im.get("file_name"), im.get("height"), im.get("width")
+    sizes[iid] = (h, w)
+    if not isinstance(name, str) or not name:
+        return f"image id {iid} has no 'file_name' string"
+    if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+        return f"image id {iid} ({name}) has height={h!r}, width={w!r}; expected positive integers"
+    return None
+
+
+def validate_coco_json(
+    json_file: str, image_root: Optional[str] = None, *, check_files: bool = True
+) -> CocoReport:
+    """Check a COCO instances file entry by entry (and, with ``check_files``, that each image is
+    under ``image_root``).
+
+    Raises:
+        AnnotationError: the file cannot be read, is not JSON, or lacks the top-level lists or
+            valid categories (nothing can be trained from it, whatever the option).
+    """
+    data = _load_json(json_file)
+    report = CocoReport(json_file=json_file, data=data)
+    problems = report.problems
+    cat_ids = _category_ids(json_file, data["categories"])
+
+    sizes = {}  # image id -> (height, width)
+    first = _id(data["images"][0]) if data["images"] else None
+    id_type = str if isinstance(first, str) else int
     for im in data["images"]:
-        iid = _id(im)
-        if not isinstance(im, dict) or iid is None:
-            problems.append(f"image entry {im!r} has no 'id'")
-            report.bad_image_ids.add(None)
-            continue
-        if iid in image_ids:
-            problems.append(f"image id {iid} is listed twice")
-            report.bad_image_ids.add(iid)
-            continue
-        image_ids.add(iid)
-        name = im.get("file_name")
-        h, w = im.get("height"), im.get("width")
-        if not isinstance(name, str) or not name:
-            problems.append(f"image id {iid} has no 'file_name'")
-            report.bad_image_ids.add(iid)
-        elif not (_is_number(h) and _is_number(w) and h > 0 and w > 0):
-            problems.append(
-                f"image id {iid} ({name}) has height={h!r}, width={w!r}; expected positive numbers"
-            )
-            report.bad_image_ids.add(iid)
-        elif check_files and image_root is not None:
-            path = os.path.join(image_root, name)
+        problem = _image_problem(im, id_type, sizes)
+        if problem is None and check_files and image_root is not None:
+            path = os.path.join(image_root, im["file_name"])
             if not os.path.isfile(path):
-                problems.append(f"image id {iid}: file {path} not found")
-                report.bad_image_ids.add(iid)
+                problem = f"image id {im['id']}: file {path} not found"
+        if problem is not None:
+            problems.append(problem)
+            iid = _id(im)
+            report.bad_image_ids.add(iid if isinstance(iid, (int, str)) else None)
 
     seen_ann_ids = set()
     cats_text = _ids_text(cat_ids)
     for i, a in enumerate(data["annotations"]):
         aid = _id(a)
         what = f"annotation id {aid}" if aid is not None else f"annotation #{i}"
-        problem = _annotation_problem(a, image_ids, cat_ids, cats_text)
+        problem = _annotation_problem(a, sizes, cat_ids, cats_text)
         if problem is None and aid in seen_ann_ids:
             problem = "repeats an annotation id (detectron2 needs unique ids)"
         if problem is not None:
             img = a.get("image_id") if isinstance(a, dict) else None
             problems.append(f"{what}{f' (image {img})' if img is not None else ''}: {problem}")
             report.bad_annotation_indices.add(i)
-        seen_ann_ids.add(aid)
+        else:
+            seen_ann_ids.add(aid)
     report.polygon_issues = [
         issue
         for issue in polygons.find_polygon_issues(data["annotations"])
@@ -230,21 +259,54 @@ def _ids_text(ids: Iterable[int], limit: int = 12) -> str:
     return text + (", ..." if len(ids) > limit else "")
 
 
-def _annotation_problem(a, image_ids, cat_ids, cats_text) -> Optional[str]:
+def _annotation_problem(a, sizes, cat_ids, cats_text) -> Optional[str]:
     if not isinstance(a, dict):
         return f"is a {type(a).__name__}, expected an object"
-    if a.get("image_id") not in image_ids:
+    aid = a.get("id")
+    if not isinstance(aid, (int, str)) or isinstance(aid, bool):
+        return f"'id' {aid!r} is not an integer or string (pycocotools indexes by it)"
+    image_id = a.get("image_id")
+    if not isinstance(image_id, (int, str)) or isinstance(image_id, bool) or image_id not in sizes:
         return f"image_id {a.get('image_id')!r} is not in 'images'"
     cid = a.get("category_id")
-    if cid not in cat_ids:
+    if not _is_int(cid) or cid not in cat_ids:
         return f"category_id {cid!r} is not in 'categories' (ids {cats_text})"
     box = a.get("bbox")
-    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_is_number, box))):
+    if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
         return f"bbox {box!r} is not [x, y, width, height] with 4 finite numbers"
     if box[2] < 0 or box[3] < 0:
         return f"bbox {list(box)} has a negative size; expected [x, y, width, height], w, h >= 0"
+    if a.get("iscrowd", 0) not in (0, 1) or type(a.get("iscrowd", 0)) not in (int, bool):
+        return f"iscrowd {a.get('iscrowd')!r} is not 0 or 1"
+    if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
+        return f"area {a['area']!r} is not a non-negative number"
     if a.get("ignore", 0) not in (0, False):
         return "has 'ignore' set, which detectron2 does not support (use 'iscrowd': 1)"
+    problem = _segmentation_problem(a.get("segmentation"), sizes[a["image_id"]])
+    if problem is None and a.get("keypoints") is not None:
+        k = a["keypoints"]
+        if not (isinstance(k, list) and len(k) % 3 == 0 and all(map(_is_number, k))):
+            problem = f"keypoints {k!r} is not a list of [x, y, visibility] numbers"
+    return problem
+
+
+def _segmentation_problem(segmentation, size) -> Optional[str]:
+    """What is wrong with a ``segmentation``'s type (malformed polygons are left to
+    :mod:`dcnv2.data.polygons`); ``size``: its image's (height, width)."""
+    if segmentation is None or isinstance(segmentation, list):
+        return None
+    if not isinstance(segmentation, dict):
+        return (
+            f"segmentation {segmentation!r} is neither a list of polygons nor an RLE "
+            "{'counts': ..., 'size': [height, width]}"
+        )
+    counts, rle_size = segmentation.get("counts"), segmentation.get("size")
+    if not (isinstance(counts, str) or (isinstance(counts, list) and all(map(_is_int, counts)))):
+        return f"RLE segmentation 'counts' {counts!r} is not a string or a list of integers"
+    if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(map(_is_int, rle_size))):
+        return f"RLE segmentation 'size' {rle_size!r} is not [height, width]"
+    if all(map(_is_int, size)) and rle_size != list(size):
+        return f"RLE segmentation 'size' {rle_size} differs from its image's {list(size)}"
     return None
 
 
@@ -293,36 +355,28 @@ def validate_datasets(
     *,
     num_classes: Optional[Dict[str, int]] = None,
 ) -> Dict[str, CocoReport]:
-    """Validate the COCO-format datasets a run reads (those with ``json_file`` metadata).
-
-    Args:
-        train_names: ``DATASETS.TRAIN``; with ``mode="skip"`` their problems are warnings.
-        test_names: ``DATASETS.TEST``; their problems always stop the run, since evaluation
-            compares with the file itself.
-        mode: ``"fail"`` or ``"skip"`` (``DATASETS.DCNV2.ON_BAD_DATA``).
-        num_classes: config key -> the model's class count (``{"MODEL.ROI_HEADS.NUM_CLASSES":
-            80}``), each compared with the number of categories of every dataset; the
-            datasets' categories are also compared with each other.
+    """Validate the COCO-format datasets a run reads. Problems of test sets always stop the run
+    (evaluation reads the file as ground truth); those of training sets are warnings with
+    ``mode="skip"``. ``num_classes`` (config key -> the model's class count) is compared with
+    each dataset's categories, and the datasets' categories with each other.
 
     Returns:
-        dict: dataset name -> report, for the datasets that have problems (warned about).
+        dict: dataset name -> report, for the datasets with problems (warned about).
 
     Raises:
         AnnotationError: the first dataset whose problems stop the run, a training set without
             annotations, or categories that differ from the model's count or between datasets.
     """
-    if mode not in BAD_DATA_MODES:
-        raise AnnotationError(
-            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
-        )
+    check_mode(mode)
     reports = {}
     first_categories = None
     for name in dict.fromkeys(list(train_names) + list(test_names)):
         json_file, image_root = _coco_files(name)
         if json_file is None or not os.path.isfile(json_file):
             continue  # not COCO-format, or check_datasets reports it
-        report = validate_coco_json(json_file, image_root)
-        categories = sorted((_id(c), str(c.get("name", ""))) for c in report.data["categories"])
+        with reading_dataset(name):
+            report = validate_coco_json(json_file, image_root)
+        categories = sorted((_id(c), c["name"]) for c in report.data["categories"])
         _check_categories(json_file, categories, num_classes or {}, first_categories)
         first_categories = first_categories or (json_file, categories)
         if name in train_names and not report.data["annotations"]:
@@ -360,46 +414,31 @@ def load_training_dicts(
     proposal_files: Optional[Sequence[str]] = None,
     mask_on: bool = True,
 ):
-    """The dataset dicts of training sets, as detectron2's ``get_detection_dataset_dicts``
-    loads and filters them; with ``mode="skip"``, the COCO-format sets with problems are read
-    without their bad entries (:meth:`CocoReport.cleaned`). Annotations with malformed
-    polygons are named in one warning and keep what the model uses (:mod:`dcnv2.data.polygons`).
-    The registered datasets are used as they are: the catalog is not changed.
-
-    Args:
-        names: ``DATASETS.TRAIN``.
-        mode: ``DATASETS.DCNV2.ON_BAD_DATA``.
-        filter_empty, min_keypoints, proposal_files: as ``get_detection_dataset_dicts``.
-        mask_on: ``MODEL.MASK_ON``: whether the model reads the segmentations.
+    """The dataset dicts of training sets, loaded and filtered as detectron2's
+    ``get_detection_dataset_dicts`` does, with: the bad entries of COCO-format sets dropped
+    (``mode="skip"``, :meth:`CocoReport.cleaned`); malformed polygons named in one warning
+    (:mod:`dcnv2.data.polygons`); a failure while a set is read one line
+    (:func:`reading_dataset`). The dataset catalog is not changed.
 
     Returns:
         list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
     """
-    from detectron2.data import get_detection_dataset_dicts
-
-    reports = validate_datasets(names, (), mode) if mode == "skip" else {}
+    names = list(names)
+    reports = validate_datasets(names, (), mode) if check_mode(mode) == "skip" else {}
     reports.update(_polygon_reports([n for n in names if n not in reports]))
-    for name, report in reports.items():
-        if report.polygon_issues:
+    per_dataset = []
+    for name in names:
+        report = reports.get(name)
+        if report is not None and report.polygon_issues:
             files = {_id(im): im.get("file_name") for im in report.data["images"]}
             logger.warning(
                 polygons.warning(name, report.json_file, report.polygon_issues, files, mask_on)
             )
-    if not reports:
-        return get_detection_dataset_dicts(
-            list(names),
-            filter_empty=filter_empty,
-            min_keypoints=min_keypoints,
-            proposal_files=proposal_files,
-        )
-    per_dataset = [
-        (
-            _cleaned_dicts(name, reports[name], mask_on)
-            if name in reports
-            else DatasetCatalog.get(name)
-        )
-        for name in names
-    ]
+        with reading_dataset(name):
+            if report is None:
+                per_dataset.append(DatasetCatalog.get(name))
+            else:
+                per_dataset.append(_cleaned_dicts(name, report, mask_on))
     return _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files)
 
 
@@ -411,7 +450,8 @@ def _polygon_reports(names: Sequence[str]) -> Dict[str, CocoReport]:
         json_file, image_root = _coco_files(name)
         if json_file is None or not os.path.isfile(json_file):
             continue
-        report = validate_coco_json(json_file, image_root, check_files=False)
+        with reading_dataset(name):
+            report = validate_coco_json(json_file, image_root, check_files=False)
         if report.polygon_issues:
             report.bad_image_ids.clear()
             report.bad_annotation_indices.clear()
@@ -431,7 +471,7 @@ def _cleaned_dicts(name: str, report: CocoReport, mask_on: bool = True) -> List[
         return load_coco_json(clean_file, _coco_files(name)[1], name)
 
 
-def _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files) -> List[dict]:
+def _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files):
     # The steps of detectron2's get_detection_dataset_dicts after DatasetCatalog.get, through
     # its public helpers (it takes dataset names, not loaded dicts).
     from detectron2.data.build import (
@@ -441,7 +481,10 @@ def _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_fil
         print_instances_class_histogram,
     )
     from detectron2.data.detection_utils import check_metadata_consistency
+    from torch.utils.data import ConcatDataset, Dataset
 
+    if isinstance(per_dataset[0], Dataset):
+        return per_dataset[0] if len(per_dataset) == 1 else ConcatDataset(per_dataset)
     for name, dicts in zip(names, per_dataset):
         if not len(dicts):
             raise AnnotationError(f"Dataset {name!r} has no image left to train on")

@@ -1,27 +1,10 @@
 """FLOPs, activations and parameters of dcnv2 models with fvcore, deformable convs included.
 
-fvcore counts operators it has a handle for and skips the rest with an "unsupported operator"
-warning, so out of the box a deformable conv counts as nothing. This module registers handles
-for the ops a deformable conv traces to:
-
-* ``torchvision::deform_conv2d`` (the "torchvision" backend);
-* ``prim::PythonOp._DeformConv2d`` (the "native" backend's ``torch.autograd.Function``).
-
-Convention (fvcore's): one fused multiply-add is one flop. For a deformable conv with input
-(N, C_in, H, W), weight (C_out, C_in/groups, kh, kw) and output (N, C_out, Ho, Wo)::
-
-    dense      = N * C_out * (C_in / groups) * kh * kw * Ho * Wo   # the conv itself
-    sampled    = N * C_in * kh * kw * Ho * Wo                      # values gathered
-    flops      = dense + 4 * sampled        # bilinear interpolation: 4 MACs per value
-                       + 1 * sampled        # modulation (DCNv2 only): 1 multiply per value
-
-The bilinear weights themselves (a few operations per tap and position, shared by the channels
-of a deformable group) and the bias are left out, as fvcore leaves out a conv's bias. The
-offset/mask predictor (``conv2_offset``) is a plain conv and is counted by fvcore as such.
-The modulated deformable RoI pooling (``dcnv2.layers.mdpool``) is made of standard PyTorch
-operators and is counted through them: its bilinear sampling as ``aten::grid_sampler`` (fvcore:
-4 per sampled value), its offset/mask predictor as ``linear``; the averaging of the samples
-(``aten::sum``) is not counted, like other reductions.
+fvcore skips ops it has no handle for; handles are registered here for the deformable convs
+(``torchvision::deform_conv2d``, the native backend's ``_DeformConv2d``). One multiply-add is
+one flop (fvcore's convention): ``N*C_out*(C_in/groups)*kh*kw*Ho*Wo`` for the conv plus
+``(4 + modulated)*N*C_in*kh*kw*Ho*Wo`` for the bilinear sampling and the modulation; the bias
+and the bilinear weights are not counted.
 """
 
 from collections import Counter
@@ -83,14 +66,8 @@ def deform_conv_flops(
     output_shape: Sequence[int],
     modulated: bool,
 ) -> int:
-    """Flops (multiply-adds) of one deformable conv, by the formula in the module docstring.
-
-    Args:
-        input_shape: (N, C_in, H, W).
-        weight_shape: (C_out, C_in / groups, kh, kw).
-        output_shape: (N, C_out, Ho, Wo).
-        modulated: True for DCNv2 (a mask), False for DCNv1.
-    """
+    """Flops (multiply-adds) of one deformable conv (module docstring) of input (N, C_in, H, W),
+    weight (C_out, C_in / groups, kh, kw) and output (N, C_out, Ho, Wo); DCNv2 if ``modulated``."""
     n, c_in = input_shape[:2]
     c_out, c_per_group, kh, kw = weight_shape
     ho, wo = output_shape[2:]
@@ -147,8 +124,7 @@ ModelInputs = Union[torch.Tensor, Tuple[torch.Tensor, ...], List[Dict[str, Any]]
 
 
 def _traceable(model: nn.Module, inputs: ModelInputs) -> Tuple[nn.Module, Tuple]:
-    """A detectron2 meta-architecture taking ``list[dict]`` is wrapped in ``TracingAdapter``;
-    a module taking tensors is used as it is."""
+    # A meta-architecture taking list[dict] is wrapped in TracingAdapter; others taken as they are.
     if isinstance(inputs, list):
         wrapper = TracingAdapter(model, inputs, allow_non_tensor=True)
         return wrapper, wrapper.flattened_inputs
@@ -158,18 +134,13 @@ def _traceable(model: nn.Module, inputs: ModelInputs) -> Tuple[nn.Module, Tuple]
 
 
 def flop_count_analysis(model: nn.Module, inputs: ModelInputs) -> FlopCountAnalysis:
-    """fvcore's ``FlopCountAnalysis`` that counts deformable convs and ignores what detectron2
+    """fvcore's ``FlopCountAnalysis`` counting deformable convs and ignoring what detectron2
     ignores (elementwise ops, NMS, ...).
 
     Args:
-        model: a detectron2 meta-architecture (with ``inputs`` as ``list[dict]``) or any module
-            taking tensors (with ``inputs`` a tensor or a tuple of tensors). Put it in eval
-            mode first for inference counts.
+        model: a detectron2 meta-architecture (``inputs`` a ``list[dict]``; module names then
+            start with ``model.``) or a module taking tensors (``inputs`` a tensor or tuple).
         inputs: what the model is called with.
-
-    Returns:
-        FlopCountAnalysis: ``.total()``, ``.by_module()``, ``.by_operator()``,
-        ``.unsupported_ops()``; module names of a wrapped detector start with ``model.``.
     """
     traceable, args = _traceable(model, inputs)
     analysis = FlopCountAnalysis(traceable, args)
@@ -189,11 +160,8 @@ def activation_count_analysis(model: nn.Module, inputs: ModelInputs) -> Activati
 
 
 def model_inputs(height: int, width: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
-    """One fixed random image as detectron2 models take it: ``[{"image": (3, H, W) float}]``.
-
-    Flops of the backbone depend only on the size; those of the heads on the number of
-    proposals/detections, which this fixed image keeps reproducible.
-    """
+    """One fixed random image, ``[{"image": (3, H, W) float}]``: the heads' flops depend on the
+    number of proposals, which a fixed image keeps reproducible."""
     if height < 32 or width < 32:
         raise ValueError(f"the input must be at least 32x32, got {height}x{width}")
     generator = torch.Generator().manual_seed(seed)
@@ -202,11 +170,8 @@ def model_inputs(height: int, width: int, seed: int = 0) -> List[Dict[str, torch
 
 
 def unsupported_ops(analysis) -> Dict[str, int]:
-    """Ops the analysis ran into but could not count (counted as 0), with how often they ran.
-
-    ``prim::CallFunction`` is a call into a scripted function (detectron2 scripts a few box
-    helpers); the others are real operators without a handle (``torchvision::roi_align``...).
-    """
+    """Ops the analysis could not count (counted as 0), with how often they ran
+    (``prim::CallFunction`` is a call into a function detectron2 scripts)."""
     return dict(sorted(analysis.unsupported_ops().items()))
 
 
@@ -216,19 +181,11 @@ TASKS = ("flop", "activation", "parameter", "structure")
 def analyze_model(
     model: nn.Module, inputs: ModelInputs, tasks: Sequence[str] = TASKS, max_depth: int = 4
 ) -> Dict[str, Any]:
-    """Tables and totals for ``tasks``.
-
-    Args:
-        model: a detectron2 meta-architecture in eval mode (or any module, see
-            :func:`flop_count_analysis`).
-        inputs: what the model is called with, e.g. :func:`model_inputs`.
-        tasks: any of "flop", "activation", "parameter", "structure".
-        max_depth: depth of the per-module tables.
+    """Tables and totals for ``tasks`` (of :data:`TASKS`) of a model in eval mode.
 
     Returns:
-        dict: per task, ``{"table": str, "total": int, ...}`` ("structure" has only a table;
-        "flop" and "activation" share one table with both columns); "flop" and "activation"
-        also have ``by_operator``, and "flop" ``unsupported`` (ops counted as 0).
+        dict: per task, ``{"table": str, "total": int}`` ("structure": a table only; "flop" and
+        "activation" share one table, and have ``by_operator``; "flop" also ``unsupported``).
     """
     from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
 

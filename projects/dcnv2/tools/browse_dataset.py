@@ -1,11 +1,5 @@
-"""A dataset's images with their annotations as the model is trained on them: after the training
-mapper's augmentations (resize, flip). The logic of ``tools/browse_dataset.py`` (detectron2's
-``visualize_data.py --source dataloader``, MMDetection's ``browse_dataset.py``).
-
-Typical use::
-
-    cfg = setup_cfg("quick/faster_rcnn_R50_mdconv_FPN_instant.yaml", ["MODEL.WEIGHTS", ""])
-    summary = browse_dataset(cfg, "browse/", num=8)
+"""A dataset's images with their annotations after the training mapper's augmentations: the logic
+of ``tools/browse_dataset.py`` (detectron2's ``visualize_data.py --source dataloader``).
 """
 
 import copy
@@ -24,22 +18,15 @@ from PIL import Image
 from ..data.resumable import build_train_mapper
 from ..data.validation import load_training_dicts
 from .cli import UserInputError, refuse_existing_outputs
+from .visualize_results import titled_panels
 
 __all__ = ["browse_dataset", "draw_annotations", "mapped_samples"]
 
 
 def mapped_samples(cfg, names: Sequence[str], num: int, seed: int = 0) -> List[dict]:
-    """The first ``num`` images of datasets ``names`` (loaded and filtered as for training)
-    through the config's training mapper, its random augmentations seeded with ``seed``.
-
-    Returns:
-        list of ``{"record": the dataset dict, "image": (H', W', 3) uint8 RGB array after the
-        augmentations, "instances": the mapper's ``Instances`` (gt_boxes XYXY in the augmented
-        image's pixels, gt_classes contiguous)}``.
-
-    Raises:
-        UserInputError: ``num`` < 1.
-    """
+    """The first ``num`` training images of datasets ``names`` through the config's training
+    mapper (augmentations seeded with ``seed``): ``{"record", "image" (RGB, augmented),
+    "instances" (the mapper's)}`` each."""
     if num < 1:
         raise UserInputError(f"--num must be at least 1, got {num}")
     dicts = load_training_dicts(
@@ -81,12 +68,6 @@ def draw_annotations(image_rgb: np.ndarray, instances: Instances, metadata) -> n
     return drawn.get_image()
 
 
-def _beside(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    height = max(left.shape[0], right.shape[0])
-    padded = [np.pad(a, ((0, height - a.shape[0]), (0, 0), (0, 0))) for a in (left, right)]
-    return np.concatenate(padded, axis=1)
-
-
 def browse_dataset(
     cfg,
     output_dir: str,
@@ -97,23 +78,12 @@ def browse_dataset(
     force: bool = False,
     seed: int = 0,
 ) -> Dict:
-    """Write the first ``num`` training images after the augmentations, with their annotations.
-
-    Args:
-        cfg: the config whose training mapper (and ``DATASETS.TRAIN``) to use.
-        output_dir: created if missing; pictures keep the image's file name.
-        num: images to draw.
-        dataset: a registered dataset instead of ``DATASETS.TRAIN``.
-        show_original: also draw the image as stored, with its annotations, on the left.
-        force: overwrite existing pictures.
-        seed: seed of the random augmentations.
+    """Draw the first ``num`` images of ``DATASETS.TRAIN`` (or ``dataset``) after the config's
+    training augmentations, with their annotations, into ``output_dir``; ``show_original``: the
+    stored image on the left, under titles ("original", "as trained").
 
     Returns:
-        dict: ``{"images": [{"file", "instances", "original_size"}, ...]}``, ``instances``
-        being the mapper's output that was drawn.
-
-    Raises:
-        UserInputError: no training set, an existing picture without ``force``.
+        dict: ``{"images": [{"file", "instances" (drawn), "original_size"}, ...]}``.
     """
     names = [dataset] if dataset else list(cfg.DATASETS.TRAIN)
     if not names:
@@ -130,7 +100,7 @@ def browse_dataset(
         if show_original:
             original = utils.read_image(record["file_name"], format="RGB")
             stored = Visualizer(original, metadata=metadata).draw_dataset_dict(record)
-            picture = _beside(stored.get_image(), picture)
+            picture = titled_panels([("original", stored.get_image()), ("as trained", picture)])
         Image.fromarray(picture).save(path)
         written.append(
             {

@@ -1,12 +1,5 @@
-"""Run a detector on images, folders of images and videos; draw the detections and optionally
-save them as COCO-format JSON. The logic of ``tools/demo.py``; the config comes from
-:func:`dcnv2.tools.cli.setup_cfg`.
-
-Typical use::
-
-    cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", "model.pth"])
-    runner = DemoRunner(cfg)
-    run_demo(runner, collect_inputs(["images/"]), "out/", json_path="out/detections.json")
+"""Run a detector on images, folders of images and videos; draw the detections and optionally save
+them as COCO-format JSON. The logic of ``tools/demo.py``.
 """
 
 import json
@@ -22,6 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.coco import load_category_metadata
+from ..data.images import image_file_problem
 from ..data.images import read_image as dcnv2_read_image
 from ..data.transforms import ResizeBackendError
 from ..engine.predictor import Predictor
@@ -32,6 +26,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "DemoInput",
+    "check_readable",
     "collect_inputs",
     "read_image",
     "iter_video_frames",
@@ -46,13 +41,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 @dataclass(frozen=True)
 class DemoInput:
-    """One thing to run on.
-
-    Attributes:
-        path: the image or video file.
-        kind: "image" or "video".
-        output_name: file name (may contain sub-folders) of the drawing in the output folder.
-    """
+    """An image or video (``kind``) and the name of its drawing in the output folder."""
 
     path: str
     kind: str
@@ -77,11 +66,12 @@ def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
     """Expand files and folders into the list of images and videos to run on.
 
     A folder contributes its image and video files (recursively, sorted); other files in it are
-    ignored. A file given by name must have an image or video extension.
+    ignored. A file given by name must have an image or video extension. Every input is checked
+    to be readable (:func:`check_readable`).
 
     Raises:
-        UserInputError: a path does not exist, has an unknown extension, a folder holds no image
-            or video, or two inputs would be drawn to the same output file.
+        UserInputError: a path does not exist, has an unknown extension or cannot be read, a
+            folder holds no image or video, or two inputs would be drawn to the same output.
     """
     if not paths:
         raise UserInputError("no input given: pass image files, folders of images or videos")
@@ -126,15 +116,31 @@ def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
                 f"{item.output_name!r}; rename one or run them separately"
             )
         seen[item.output_name] = item.path
+    check_readable(inputs)
     return inputs
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as a (H, W, 3) uint8 BGR array (EXIF orientation applied).
+def check_readable(inputs: Sequence[DemoInput]) -> None:
+    """Check, before any model is built, that each image's header decodes and each video opens.
 
     Raises:
-        UserInputError: the file is missing or is not a readable image.
+        UserInputError: naming the first input that cannot be read.
     """
+    for item in inputs:
+        if item.kind == "image":
+            problem = image_file_problem(item.path)
+            if problem is not None:
+                raise UserInputError(problem)
+        else:
+            capture = _cv2().VideoCapture(item.path)
+            opened = capture.isOpened()
+            capture.release()
+            if not opened:
+                raise UserInputError(f"cannot open video {item.path!r}; expected a video file")
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as a (H, W, 3) uint8 BGR array, upright; UserInputError if unreadable."""
     try:
         return dcnv2_read_image(path, format="BGR")
     except (OSError, ValueError) as e:
@@ -152,15 +158,8 @@ def _cv2():
 
 
 def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]]:
-    """The frames of a video, as (H, W, 3) uint8 BGR arrays, and its properties.
-
-    Returns:
-        (frames, info): an iterator over the frames and ``{"fps", "frames", "width",
-        "height"}`` (``frames`` is the container's count, possibly 0 if unknown).
-
-    Raises:
-        UserInputError: OpenCV is missing or cannot open the file.
-    """
+    """An iterator over a video's (H, W, 3) uint8 BGR frames, and ``{"fps", "frames" (0 if
+    unknown), "width", "height"}``; UserInputError without OpenCV or for a file it cannot open."""
     cv2 = _cv2()
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
@@ -186,15 +185,8 @@ def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]
 
 
 class DemoRunner:
-    """A :class:`~dcnv2.engine.predictor.Predictor` plus the dataset metadata used to name and
-    draw the classes.
-
-    The predictor loads ``MODEL.WEIGHTS`` with dcnv2's checkpointer; a file that cannot be
-    read, does not fit or is refused is one :class:`~dcnv2.tools.cli.UserInputError`.
-
-    Args:
-        cfg: a config from :func:`~dcnv2.tools.cli.setup_cfg`.
-    """
+    """A :class:`~dcnv2.engine.predictor.Predictor` of a config (weights that cannot be loaded:
+    one UserInputError) and the metadata that names and draws the classes."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -219,8 +211,8 @@ class DemoRunner:
 
 
 def coco_categories(metadata, num_classes: int) -> List[Dict]:
-    """COCO ``categories`` for contiguous class ids ``0..num_classes-1``: the dataset's own ids
-    and names when the metadata has them, else the contiguous id and ``class_<id>``."""
+    """COCO ``categories`` of classes ``0..num_classes-1``: the dataset's ids and names, else the
+    class index and ``class_<index>``."""
     names = list(metadata.get("thing_classes", []) or [])
     to_dataset = _contiguous_to_dataset_id(metadata)
     categories = []
@@ -238,18 +230,8 @@ def _contiguous_to_dataset_id(metadata) -> Dict[int, int]:
 def instances_to_coco(
     instances: Instances, image_id: int, metadata, first_annotation_id: int = 1
 ) -> List[Dict]:
-    """COCO annotations (with ``score``) of one image's detections.
-
-    Args:
-        instances: with ``pred_boxes`` (XYXY, image pixels), ``scores``, ``pred_classes``.
-        image_id: the id of the image in the JSON's ``images``.
-        metadata: dataset metadata; maps contiguous class ids to dataset ids when it can.
-        first_annotation_id: id of the first annotation returned.
-
-    Returns:
-        list[dict]: ``{"id", "image_id", "category_id", "bbox": [x, y, w, h], "area", "score",
-        "iscrowd": 0}`` per detection, usable by ``pycocotools``' ``loadRes`` as they are.
-    """
+    """COCO annotations with ``score`` (``pycocotools``' ``loadRes`` format) of one image's
+    detections, category ids mapped to the dataset's by ``metadata`` where it can."""
     to_dataset = _contiguous_to_dataset_id(metadata)
     boxes = instances.pred_boxes.tensor.tolist() if len(instances) else []
     scores = instances.scores.tolist() if len(instances) else []
@@ -271,10 +253,6 @@ def instances_to_coco(
     return annotations
 
 
-def _planned_outputs(inputs: Sequence[DemoInput], output_dir: str) -> List[str]:
-    return [os.path.join(output_dir, item.output_name) for item in inputs]
-
-
 def run_demo(
     runner: DemoRunner,
     inputs: Sequence[DemoInput],
@@ -283,27 +261,14 @@ def run_demo(
     force: bool = False,
     progress: bool = True,
 ) -> Dict:
-    """Run on every input, write the drawings to ``output_dir`` and optionally the JSON.
-
-    Nothing is written if any output file already exists, unless ``force``.
-
-    Args:
-        runner: the predictor and metadata.
-        inputs: from :func:`collect_inputs`.
-        output_dir: created if missing; drawings keep the input's name (videos become .mp4).
-        json_path: where to write the COCO-format detections (``images``, ``annotations``
-            with scores, ``categories``); a video contributes one image per frame, named
-            ``<video>#<frame index>``.
-        force: overwrite existing files.
-        progress: show a progress bar.
+    """Run on every input, write the drawings to ``output_dir`` (videos as .mp4) and optionally
+    the COCO-format detections to ``json_path`` (a video's frames named ``<video>#<index>``).
+    Nothing is written if an output exists, unless ``force``.
 
     Returns:
         dict: ``{"outputs": [paths written], "images": n, "detections": n}``.
-
-    Raises:
-        UserInputError: an output exists (without ``force``) or an input cannot be read.
     """
-    planned = _planned_outputs(inputs, output_dir)
+    planned = [os.path.join(output_dir, item.output_name) for item in inputs]
     if json_path:
         planned.append(json_path)
     refuse_existing_outputs(planned, force)

@@ -1,23 +1,9 @@
-"""Export dcnv2 models: ONNX of the whole detector or of the backbone + FPN, TorchScript.
+"""Export dcnv2 models: ONNX of the whole detector or of the backbone + FPN, and TorchScript.
 
-* ONNX, detector (:func:`export_detector_onnx`): detectron2's ``TracingAdapter`` flattens the
-  detector's ``list[dict]`` input and ``Instances`` output, and ``torch.onnx.export``'s
-  TorchScript-based exporter records it with dynamic image height and width. Every deformable
-  conv (the custom operator ``torch.ops.dcnv2.deform_conv2d``) becomes one standard ONNX
-  ``DeformConv`` node (opset >= 19, with the DCNv2 mask input); post-processing (box decoding,
-  NMS, RoIAlign, top-k) is exported the way detectron2's own ONNX export does it, through
-  standard operators. No custom ONNX operator: onnxruntime >= 1.32 runs the file as is.
-* ONNX, backbone + FPN (:func:`export_backbone_onnx`): the same with ``DeformConv`` nodes, or
-  ``deform_op="decomposed"`` for runtimes without ``DeformConv``: the native backend's
-  PyTorch-op implementation (Gather/Where/MatMul...) through ``torch.onnx.export(dynamo=True)``,
-  at the one input size it was exported with.
-* TorchScript (:func:`trace_detector`): ``torch.jit.trace`` of the ``TracingAdapter``, the
-  deformable convs through torchvision's registered op (``torchvision::deform_conv2d``): load
-  the file after ``import torchvision``. Specialised to the traced image size's control flow,
-  as every traced detectron2 model is.
-
-A model with modulated deformable RoI pooling (``dcnv2.layers.mdpool``) cannot be exported:
-:class:`ExportError`.
+ONNX: every deformable conv becomes one standard ``DeformConv`` node (opset >= 19), post-processing
+goes through standard operators as in detectron2's export; ``deform_op="decomposed"`` writes the
+backbone with gathers and matmuls for runtimes without ``DeformConv``. TorchScript traces through
+torchvision's op. Models with mdpool cannot be exported (:class:`ExportError`).
 """
 
 import contextlib
@@ -44,6 +30,7 @@ __all__ = [
     "onnx_session",
     "run_onnx",
     "onnx_operators",
+    "box_tolerance",
     "compare_detections",
     "relative_errors",
 ]
@@ -110,16 +97,11 @@ def _register_symbolic(opset: int) -> None:
 
 
 def trace_detector(model: nn.Module, inputs: List[Dict]) -> Tuple[torch.jit.ScriptModule, object]:
-    """Trace a detectron2 meta-architecture (eval mode) into TorchScript.
-
-    Args:
-        model: e.g. ``GeneralizedRCNN`` in eval mode.
-        inputs: one batch as the model takes it, ``[{"image": (3, H, W) tensor}]``.
+    """Trace a detectron2 meta-architecture (eval mode) on ``[{"image": (3, H, W)}]``.
 
     Returns:
-        (traced, adapter): the TorchScript module (takes the flattened image tensors) and the
-        ``TracingAdapter``, whose ``outputs_schema`` turns the traced outputs back into
-        ``Instances`` (see :func:`detector_outputs`).
+        (traced, adapter): the TorchScript module (flattened image tensors in) and the
+        ``TracingAdapter`` that rebuilds its outputs (:func:`detector_outputs`).
     """
     from detectron2.export import TracingAdapter
 
@@ -142,13 +124,9 @@ def detector_outputs(traced: torch.jit.ScriptModule, adapter, inputs: List[Dict]
 
 
 class BackboneForExport(nn.Module):
-    """A detector's backbone (+ FPN) as a tensor-to-tuple module: normalises the image as the
-    detector does and returns the features in ``output_names`` order.
-
-    ``forward(image)``: image (N, 3, H, W) float, 0-255, in ``cfg.INPUT.FORMAT`` channel order;
-    H and W multiples of the backbone's ``size_divisibility``. Returns a tuple of
-    (N, C, H / stride, W / stride) tensors.
-    """
+    """A detector's backbone (+ FPN) as a tensor-to-tuple module: (N, 3, H, W) 0-255 image in
+    ``cfg.INPUT.FORMAT`` order, normalised as the detector does, to the (N, C, H / s, W / s)
+    features in ``output_names`` order."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -211,20 +189,16 @@ def export_backbone_onnx(
     deform_op: str = "DeformConv",
     opset: int = ONNX_OPSET,
 ) -> List[str]:
-    """Export ``BackboneForExport(model)`` to ONNX.
+    """Export ``BackboneForExport(model)`` (eval mode) to ONNX, input "image" (1, 3, H, W).
 
     Args:
-        model: a detector with ``backbone``, ``pixel_mean``, ``pixel_std`` (eval mode).
-        image: (1, 3, H, W) example input, 0-255, in ``cfg.INPUT.FORMAT`` channel order.
-        path: the .onnx file to write.
-        deform_op: "DeformConv" (standard ONNX nodes; the file takes any H and W that are
-            multiples of the backbone's ``size_divisibility``) or "decomposed" (gathers and
-            matmuls, for runtimes without DeformConv; the file takes only ``image``'s size).
-        opset: ONNX opset, >= 19 for "DeformConv".
+        image: example input.
+        deform_op: "DeformConv" (standard nodes, any H and W that are multiples of the
+            backbone's ``size_divisibility``) or "decomposed" (gathers and matmuls, for runtimes
+            without DeformConv; ``image``'s size only).
 
     Returns:
-        list[str]: output names (the FPN levels, e.g. p2..p6). The file's input is "image"
-        (1, 3, H, W) and its outputs are those levels, (1, C, H / stride, W / stride) each.
+        list[str]: the output names (the FPN levels, e.g. p2..p6).
     """
     _check_exportable(model)
     module = BackboneForExport(model).eval()
@@ -268,27 +242,15 @@ def detector_output_names(instances) -> List[str]:
 def export_detector_onnx(
     model: nn.Module, image: torch.Tensor, path: str, *, opset: int = ONNX_OPSET
 ) -> Tuple[List[str], object]:
-    """Export a whole detector (``GeneralizedRCNN`` or ``RetinaNet``, eval mode) to ONNX, every
-    deformable conv as one ``DeformConv`` node.
+    """Export a detector (``GeneralizedRCNN`` or ``RetinaNet``, eval mode) to ONNX.
 
-    The file's input is ``image``: (3, H, W) float32, 0-255, in ``cfg.INPUT.FORMAT`` channel
-    order, not resized (resize before, as ``DefaultPredictor`` does), H and W any multiples of
-    the backbone's ``size_divisibility`` (32 for FPN). Its outputs, for R detections
-    (``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` and ``TEST.DETECTIONS_PER_IMAGE`` applied):
-    ``pred_boxes`` (R, 4) float x0, y0, x1, y1 in input pixels, ``pred_classes`` (R,) int64,
-    ``scores`` (R,) float, ``pred_masks`` (R, 1, 28, 28) mask probabilities per box for
-    Mask R-CNN (to paste into the image as detectron2's ``paste_masks_in_image`` does), and
-    ``image_size`` (2,) int64 (H, W).
-
-    Args:
-        model: the detector, eval mode.
-        image: (3, H, W) example image.
-        path: the .onnx file to write.
-        opset: ONNX opset, >= 19.
+    The file's input "image" is (3, H, W) float32 0-255 in ``cfg.INPUT.FORMAT`` order, not
+    resized, H and W multiples of the backbone's ``size_divisibility``. Its outputs for R
+    detections: ``pred_boxes`` (R, 4) XYXY input pixels, ``pred_classes`` (R,) int64, ``scores``
+    (R,), ``pred_masks`` (R, 1, 28, 28) mask probabilities (Mask R-CNN), ``image_size`` (2,).
 
     Returns:
-        (output names, adapter): ``adapter.outputs_schema`` rebuilds ``Instances`` from the
-        outputs of a run (see :func:`onnx_detections`).
+        (output names, adapter): the adapter rebuilds ``Instances`` (:func:`onnx_detections`).
     """
     from detectron2.export import TracingAdapter
 
@@ -346,15 +308,24 @@ def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
     return counts
 
 
+def box_tolerance(height: int, width: int) -> float:
+    """How far (pixels) the boxes of two float32 runtimes may differ on an image of this size:
+    2e-4 of its longest side (float32 rounding through the network grows with the coordinates),
+    at least 1e-2 px. A box off by a pixel stays far outside it."""
+    return max(1e-2, 2e-4 * max(height, width))
+
+
 def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str, float]:
     """Match two ``Instances`` one to one after the same score threshold: each expected
     detection, by decreasing score, takes the unmatched detection of ``got`` with its class
-    whose box is closest (so that two near-equal scores listed in either order still match).
+    whose box is closest (near-equal scores listed in either order still match).
 
     Returns:
         dict: ``count`` (expected detections kept), ``count_other`` (``got``'s), ``unmatched``
-        (expected detections without a partner of their class), ``max_box_diff`` (pixels, over
-        the pairs) and ``max_score_diff``; the differences are inf when anything is unmatched.
+        (expected detections without a partner of their class), ``max_box_diff`` (pixels) and
+        ``max_score_diff`` (inf when anything is unmatched), ``box_tolerance``
+        (:func:`box_tolerance` of ``expected.image_size``) and ``agree``: the same detections,
+        classes and counts, the boxes within the tolerance.
     """
     kept = []
     for inst in (got, expected):
@@ -375,12 +346,15 @@ def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str,
         score_diff = max(score_diff, float((s1[j] - s0[i]).abs()))
     if unmatched or len(s0) != len(s1):
         box_diff = score_diff = float("inf")
+    tolerance = box_tolerance(*expected.image_size)
     return {
         "count": len(s0),
         "count_other": len(s1),
         "unmatched": unmatched,
         "max_box_diff": box_diff,
         "max_score_diff": score_diff,
+        "box_tolerance": tolerance,
+        "agree": box_diff <= tolerance,
     }
 
 

@@ -1,9 +1,7 @@
-"""Training curves from detectron2's ``metrics.json``: losses, learning rate and evaluation AP
-over iterations, several runs in one figure. The logic of ``tools/plot_metrics.py``.
-
-``metrics.json`` is written by detectron2's ``JSONWriter``: one JSON object per line, with
-``iteration`` and the (already median-smoothed) scalars of that iteration: ``total_loss``,
-``loss_*``, ``lr``, ``time``..., and after an evaluation ``bbox/AP``, ``bbox/AP50``...
+"""Training curves and training-time statistics from detectron2's ``metrics.json`` (one JSON
+object per line: ``iteration`` and the scalars ``JSONWriter`` logged). The logic of
+``tools/plot_metrics.py``: losses, lr and evaluation APs of several runs in one figure, and
+``--stats`` (s/iter, slowest records, ETA accuracy; MMDetection's ``cal_train_time``).
 """
 
 import json
@@ -15,7 +13,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .cli import UserInputError
 
-__all__ = ["MetricsWarning", "load_metrics", "metric_series", "default_keys", "plot_runs"]
+__all__ = [
+    "MetricsWarning",
+    "default_keys",
+    "draw_runs",
+    "format_train_time",
+    "load_metrics",
+    "metric_series",
+    "plot_runs",
+    "train_time_stats",
+]
 
 # Evaluation results worth a panel by default: the main AP of each task and AP50/AP75.
 _EVAL_KEY = re.compile(r"^[a-z_]+/AP(50|75)?$")
@@ -29,7 +36,7 @@ def load_metrics(path: str) -> List[Dict]:
     """The records of a ``metrics.json`` (or of the one in a folder), in file order.
 
     Lines that are not a JSON object with an integer ``iteration`` (a line cut short while
-    training was writing it, a stray print) are skipped with a :class:`MetricsWarning`.
+    training was writing it) are skipped with a :class:`MetricsWarning`.
 
     Raises:
         UserInputError: the file is missing or unreadable, or has no usable record.
@@ -70,11 +77,8 @@ def load_metrics(path: str) -> List[Dict]:
 
 
 def metric_series(records: Sequence[Dict], key: str) -> Tuple[List[int], List[float]]:
-    """``(iterations, values)`` of one scalar, sorted by iteration.
-
-    When an iteration appears more than once (a resumed run rewrites it), the last record wins.
-    Non-numeric and non-finite values are left out.
-    """
+    """``(iterations, values)`` of one scalar, sorted by iteration; the last record of a repeated
+    iteration (a resumed run) wins; non-numeric and non-finite values are left out."""
     by_iteration: Dict[int, float] = {}
     for record in records:
         value = record.get(key)
@@ -86,8 +90,7 @@ def metric_series(records: Sequence[Dict], key: str) -> Tuple[List[int], List[fl
 
 
 def default_keys(runs: Sequence[Sequence[Dict]]) -> List[str]:
-    """Panels to draw for these runs: ``total_loss``, each ``loss_*``, ``lr``, then the
-    evaluation APs (``bbox/AP``, ``bbox/AP50``, ``bbox/AP75``, same for ``segm``...)."""
+    """Panels to draw: ``total_loss``, each ``loss_*``, ``lr``, then the evaluation APs."""
     present = set()
     for records in runs:
         for record in records:
@@ -99,24 +102,20 @@ def default_keys(runs: Sequence[Sequence[Dict]]) -> List[str]:
     return head + losses + lr + evals
 
 
-def plot_runs(
+def draw_runs(
     runs: Sequence[Tuple[str, Sequence[Dict]]],
-    path: str,
     keys: Optional[Sequence[str]] = None,
     columns: int = 3,
-    dpi: int = 100,
-) -> List[str]:
-    """One panel per metric, one line per run; saved as a PNG.
+):
+    """One panel per metric, one line per run (a point for a run with one value of it).
 
     Args:
         runs: ``(label, records)`` per run, records from :func:`load_metrics`.
-        path: output PNG.
         keys: metrics to draw (default: :func:`default_keys`).
         columns: panels per row.
-        dpi: resolution.
 
     Returns:
-        list[str]: the metrics drawn.
+        (figure, drawn): the matplotlib figure and the metrics drawn, in panel order.
 
     Raises:
         UserInputError: none of ``keys`` is in any run.
@@ -142,8 +141,8 @@ def plot_runs(
             iterations, values = metric_series(records, key)
             if not iterations:
                 continue
-            # Evaluations are few points: mark them; training scalars are dense lines.
-            marker = "o" if "/" in key else None
+            # Evaluations are few points, and a line through one point draws nothing: mark them.
+            marker = "o" if "/" in key or len(iterations) == 1 else None
             ax.plot(
                 iterations,
                 values,
@@ -160,25 +159,179 @@ def plot_runs(
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in list(axes.flat)[len(drawn) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # one entry per run, whichever panels it appears in
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
+            legend.setdefault(label, handle)
     if len(runs) > 1 or runs[0][0]:
         fig.legend(
-            handles,
-            labels,
+            list(legend.values()),
+            list(legend),
             loc="upper center",
-            ncol=min(len(labels), 4),
+            ncol=min(len(legend), 4),
             bbox_to_anchor=(0.5, 1.0),
             frameon=False,
         )
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.0 * rows)))
     else:
         fig.tight_layout()
+    return fig, drawn
+
+
+def plot_runs(
+    runs: Sequence[Tuple[str, Sequence[Dict]]],
+    path: str,
+    keys: Optional[Sequence[str]] = None,
+    columns: int = 3,
+    dpi: int = 100,
+) -> List[str]:
+    """:func:`draw_runs` saved as a PNG at ``path``; returns the metrics drawn."""
+    import matplotlib.pyplot as plt
+
+    fig, drawn = draw_runs(runs, keys, columns)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return drawn
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    # Linear interpolation between closest ranks (numpy's default).
+    position = (len(sorted_values) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
+    """Statistics of one run's iteration times.
+
+    Each record's ``time`` is the median s/iter of the iterations since the previous record, so
+    it stands for ``time x (iterations since the previous record)`` seconds. The ETA detectron2
+    logged (``eta_seconds``) is compared with the time the later records then took; the
+    comparison means something only for a finished run (its last ETA is under one iteration).
+
+    Args:
+        records: the run's records (:func:`load_metrics`).
+        slowest: how many of the slowest records to list.
+
+    Returns:
+        dict: ``records``, ``first_iteration``, ``last_iteration``, ``s_per_iter`` (``mean``,
+        ``median``, ``std`` (population), ``p90``, ``min``, ``max``), ``data_time_mean`` (or
+        None), ``slowest`` (``[{"iteration", "s_per_iter"}]``), ``total_seconds``, ``eta``
+        (``[{"iteration", "predicted_seconds", "actual_seconds", "error_seconds",
+        "relative_error"}]``), ``finished`` and ``eta_mean_abs_relative_error`` (None unless
+        finished).
+
+    Raises:
+        UserInputError: no record has ``time`` (not a training run's metrics).
+    """
+    iterations, times = metric_series(records, "time")
+    if not iterations:
+        raise UserInputError(
+            "no record has 'time' (seconds per iteration): expected the metrics.json of a "
+            "training run"
+        )
+    ordered = sorted(times)
+    mean = sum(times) / len(times)
+    spans = [
+        (it - (iterations[k - 1] if k else -1)) * t
+        for k, (it, t) in enumerate(zip(iterations, times))
+    ]
+    remaining = [sum(spans[k + 1 :]) for k in range(len(spans))]
+    at = dict(zip(iterations, remaining))
+    eta = []
+    for iteration, predicted in zip(*metric_series(records, "eta_seconds")):
+        if iteration not in at:
+            continue
+        actual = at[iteration]
+        eta.append(
+            {
+                "iteration": iteration,
+                "predicted_seconds": predicted,
+                "actual_seconds": actual,
+                "error_seconds": predicted - actual,
+                "relative_error": (predicted - actual) / actual if actual > 0 else None,
+            }
+        )
+    # detectron2 logs an ETA of 0 at max_iter - 1.
+    finished = bool(eta) and eta[-1]["predicted_seconds"] < times[-1]
+    relative = [abs(e["relative_error"]) for e in eta if e["relative_error"] is not None]
+    data_iterations, data_times = metric_series(records, "data_time")
+    by_time = sorted(zip(times, iterations), key=lambda p: (-p[0], p[1]))
+    return {
+        "records": len(iterations),
+        "first_iteration": iterations[0],
+        "last_iteration": iterations[-1],
+        "s_per_iter": {
+            "mean": mean,
+            "median": _percentile(ordered, 50),
+            "std": math.sqrt(sum((t - mean) ** 2 for t in times) / len(times)),
+            "p90": _percentile(ordered, 90),
+            "min": ordered[0],
+            "max": ordered[-1],
+        },
+        "data_time_mean": sum(data_times) / len(data_times) if data_iterations else None,
+        "slowest": [{"iteration": i, "s_per_iter": t} for t, i in by_time[:slowest]],
+        "total_seconds": sum(spans),
+        "eta": eta,
+        "finished": finished,
+        "eta_mean_abs_relative_error": (
+            sum(relative) / len(relative) if relative and finished else None
+        ),
+    }
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(abs(seconds), 3600)
+    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"-{text}" if seconds < 0 else text
+
+
+def _table(rows, headers) -> str:
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def format_train_time(runs: Sequence[Sequence], eta_rows: int = 5) -> str:
+    """Console tables of ``(label, stats)`` pairs (:func:`train_time_stats`): one row per run,
+    each run's slowest records, and its ETA against the actual time at about ``eta_rows``
+    records."""
+    summary = []
+    for label, s in runs:
+        t = s["s_per_iter"]
+        eta_error = s["eta_mean_abs_relative_error"]
+        eta_text = "-" if eta_error is None else f"{100 * eta_error:.1f}%"
+        if s["eta"] and not s["finished"]:
+            eta_text = "- (unfinished run)"
+        summary.append(
+            [label, f"{s['first_iteration']}-{s['last_iteration']}"]
+            + [f"{t[k]:.4f}" for k in ("mean", "median", "std", "p90")]
+            + ["-" if s["data_time_mean"] is None else f"{s['data_time_mean']:.4f}"]
+            + [_duration(s["total_seconds"]), eta_text]
+        )
+    header = ["run", "iterations", "s/iter mean", "median", "std", "p90", "data s/iter"]
+    parts = [_table(summary, header + ["train time", "ETA abs error"])]
+    for label, s in runs:
+        slow = [[label, e["iteration"], f"{e['s_per_iter']:.4f}"] for e in s["slowest"]]
+        parts.append(
+            f"slowest records of {label}:\n" + _table(slow, ["run", "iteration", "s/iter"])
+        )
+        eta = s["eta"]
+        if eta and s["finished"]:
+            rows = [
+                [
+                    e["iteration"],
+                    _duration(e["predicted_seconds"]),
+                    _duration(e["actual_seconds"]),
+                    "-" if e["relative_error"] is None else f"{100 * e['relative_error']:+.1f}%",
+                ]
+                for e in eta[:: max(1, len(eta) // eta_rows)]
+            ]
+            parts.append(
+                f"ETA of {label} (predicted at the iteration vs the time the rest took):\n"
+                + _table(rows, ["iteration", "ETA", "actual", "error"])
+            )
+    return "\n\n".join(parts)

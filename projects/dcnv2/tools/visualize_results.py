@@ -1,12 +1,5 @@
-"""Detections of a COCO-format results file drawn beside the ground truth, one picture per
-image: the logic of ``tools/visualize_results.py`` (detectron2's ``visualize_json_results.py``,
-MMDetection's ``test.py --show-dir``).
-
-Typical use::
-
-    dicts, metadata = dataset_from_config(setup_cfg(...), "dcnv2_synthetic_val")
-    results = load_results("output/.../inference/coco_instances_results.json")
-    summary = draw_results(dicts, metadata, results, "vis/", conf_threshold=0.5)
+"""Detections of a COCO-format results file drawn beside the ground truth, one picture per image:
+the logic of ``tools/visualize_results.py`` (detectron2's ``visualize_json_results.py``).
 """
 
 import json
@@ -34,17 +27,16 @@ __all__ = [
     "results_config_file",
     "results_to_instances",
     "side_by_side",
+    "titled_panels",
 ]
+
+# Height (pixels) of the title strip over each panel of a picture.
+TITLE_HEIGHT = 22
 
 
 def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
-    """A COCO results file (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"},
-    ...]``, as detectron2's ``COCOEvaluator`` writes) grouped by image id; a ``tools/demo.py
-    --json`` file (its own image ids, with ``images``) grouped by image file name instead.
-
-    Raises:
-        UserInputError: the file is missing, not JSON, or not a list of such detections.
-    """
+    """A COCO results file (``COCOEvaluator``'s) grouped by image id, or a ``tools/demo.py
+    --json`` file grouped by image file name; UserInputError for a file of another kind."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -72,9 +64,8 @@ def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
 
 
 def results_config_file(results_path: str) -> Optional[str]:
-    """The config of the run whose ``OUTPUT_DIR/inference/`` holds ``results_path``: the
-    eval-only run's ``config_eval.yaml`` when that run wrote the results (it recorded its
-    weights there), else the training run's ``config.yaml``; None when neither exists."""
+    """The config of the run whose ``OUTPUT_DIR/inference/`` holds ``results_path``: the eval-only
+    run's ``config_eval.yaml`` if it wrote them, else ``config.yaml``, else None."""
     folder = os.path.dirname(os.path.abspath(results_path))
     output_dir = os.path.dirname(folder)
     evaluated = os.path.isfile(os.path.join(folder, WEIGHTS_RECORD))
@@ -87,13 +78,8 @@ def results_config_file(results_path: str) -> Optional[str]:
 
 
 def dataset_from_config(cfg, dataset: Optional[str] = None) -> Tuple[List[dict], object]:
-    """The dicts and metadata (with its category id mapping) of ``dataset``, else of the
-    config's first ``DATASETS.TEST``; the config's ``DATASETS.DCNV2.COCO`` datasets are
-    registered by :func:`dcnv2.tools.cli.setup_cfg`.
-
-    Raises:
-        UserInputError: no dataset named, or not a registered one.
-    """
+    """The dicts and metadata (with the category id mapping) of ``dataset``, else of the config's
+    first ``DATASETS.TEST``; UserInputError when there is none or it is not registered."""
     if not dataset:
         if not len(cfg.DATASETS.TEST):
             raise UserInputError("the config has no DATASETS.TEST: name the dataset with --dataset")
@@ -108,12 +94,7 @@ def dataset_from_config(cfg, dataset: Optional[str] = None) -> Tuple[List[dict],
 
 
 def dataset_from_json(json_file: str, image_root: str) -> Tuple[List[dict], object]:
-    """The dicts and metadata of a COCO-format ``json_file`` with images under ``image_root``
-    (not registered; the metadata is named after the json file).
-
-    Raises:
-        UserInputError: a missing file or folder.
-    """
+    """The dicts and metadata of an unregistered COCO-format ``json_file`` and ``image_root``."""
     for path, what in ((json_file, "--json file"), (image_root, "--image-root folder")):
         if not os.path.exists(path):
             raise UserInputError(f"{what} {path!r} does not exist")
@@ -125,21 +106,8 @@ def dataset_from_json(json_file: str, image_root: str) -> Tuple[List[dict], obje
 def results_to_instances(
     results: Sequence[dict], image_size: Tuple[int, int], metadata, conf_threshold: float
 ) -> Instances:
-    """The detections of one image with ``score >= conf_threshold``, for the visualizer.
-
-    Args:
-        results: the image's COCO results (``bbox`` XYWH in image pixels, dataset category ids).
-        image_size: (height, width).
-        metadata: maps the dataset's category ids to contiguous ids
-            (``thing_dataset_id_to_contiguous_id``).
-        conf_threshold: minimum score drawn.
-
-    Returns:
-        Instances with ``pred_boxes`` (XYXY), ``scores`` and ``pred_classes`` (contiguous).
-
-    Raises:
-        UserInputError: a category id the dataset does not have.
-    """
+    """The COCO results of one image with ``score >= conf_threshold`` as ``Instances`` (XYXY
+    boxes, contiguous classes by ``metadata``); UserInputError for a category it does not have."""
     to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id", None) or {}
     chosen = [r for r in results if r["score"] >= conf_threshold]
     unknown = sorted({r["category_id"] for r in chosen if r["category_id"] not in to_contiguous})
@@ -158,12 +126,30 @@ def results_to_instances(
     return instances
 
 
+def titled_panels(panels: Sequence[Tuple[str, np.ndarray]]) -> np.ndarray:
+    """(H + TITLE_HEIGHT, sum of W, 3) uint8: (H_i, W_i, 3) RGB panels side by side, padded at
+    the bottom to the tallest, each under a white strip with its title."""
+    from PIL import ImageDraw, ImageFont
+
+    height = max(image.shape[0] for _, image in panels)
+    font = ImageFont.load_default(size=TITLE_HEIGHT - 8)
+    columns = []
+    for title, image in panels:
+        strip = Image.new("RGB", (image.shape[1], TITLE_HEIGHT), "white")
+        ImageDraw.Draw(strip).text((4, 3), title, fill="black", font=font)
+        pad = ((0, height - image.shape[0]), (0, 0), (0, 0))
+        columns.append(np.concatenate([np.asarray(strip), np.pad(image, pad)], axis=0))
+    return np.concatenate(columns, axis=1)
+
+
 def side_by_side(image_rgb: np.ndarray, instances: Instances, record: dict, metadata) -> np.ndarray:
-    """(H, 2W, 3) uint8 RGB: ``instances`` drawn on the left, the ground truth of ``record``
-    (a detectron2 dataset dict) on the right."""
+    """``instances`` drawn on the left, the ground truth of ``record`` (a detectron2 dataset
+    dict) on the right, under titles (:func:`titled_panels`)."""
     predictions = Visualizer(image_rgb, metadata).draw_instance_predictions(instances)
     ground_truth = Visualizer(image_rgb, metadata).draw_dataset_dict(record)
-    return np.concatenate((predictions.get_image(), ground_truth.get_image()), axis=1)
+    return titled_panels(
+        [("detections", predictions.get_image()), ("ground truth", ground_truth.get_image())]
+    )
 
 
 def _results_of(results: Dict, record: dict) -> List[dict]:
@@ -190,24 +176,16 @@ def draw_results(
     force: bool = False,
     max_images: Optional[int] = None,
 ) -> Dict:
-    """Write one side-by-side picture (:func:`side_by_side`) per image of the dataset.
-
-    Args:
-        dicts: the dataset's dicts (``file_name``, ``image_id``, ``annotations``).
-        metadata: its metadata (class names, colours, category id mapping).
-        results: detections by image id, or by file name (:func:`load_results`).
-        output_dir: created if missing; pictures keep the image's file name (an image id is
-            added where two images share a name).
-        conf_threshold: minimum score drawn, in [0, 1].
-        force: overwrite existing pictures.
-        max_images: draw the first ``max_images`` images only.
+    """Write one :func:`side_by_side` picture per image of the dataset (the first
+    ``max_images``) into ``output_dir``, named after the image (with its id where two share a
+    name); ``results`` from :func:`load_results`.
 
     Returns:
         dict: ``{"images": [{"file", "predictions", "ground_truth"}, ...],
         "unmatched_results": detections of image ids not in the dataset}``.
 
     Raises:
-        UserInputError: a threshold out of range, no result for any image of the dataset, an
+        UserInputError: a threshold out of [0, 1], no result for any image of the dataset, an
             existing picture without ``force``.
     """
     if not 0.0 <= conf_threshold <= 1.0:

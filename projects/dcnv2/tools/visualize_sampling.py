@@ -1,20 +1,9 @@
 """Where stacked deformable layers look: the DCNv2 paper's sampling-location pictures.
 
-For a position in the image, the last deformable layer samples ``kh*kw`` points of its input
-(regular grid + learned offsets), each scaled by its modulation; each of those points is an
-output position of the previous deformable layer, which samples ``kh*kw`` points of its own
-input, and so on. Tracing ``L`` layers gives ``(kh*kw)**L`` image positions, each weighted by
-the product of the modulations along its path (arXiv 1811.11168, Fig. 1 and Fig. 3).
-
-Conventions:
-    * Positions are ``(y, x)`` in pixels of the network's input image (after resizing).
-    * A feature map of stride ``s`` has its cell ``(i, j)`` at image position ``(s*i, s*j)``
-      (detectron2's anchor convention, ``ANCHOR_GENERATOR.OFFSET = 0``); with it, a stride-2
-      1x1 conv or a stride-2 padded 3x3 conv maps positions exactly, so the layers between two
-      deformable layers (1x1 convs, residual adds) are transparent.
-    * Offsets and modulations at a fractional position are interpolated bilinearly from the
-      layer's offset field, clamped at the border.
-    * With deformable groups ``G > 1`` the first group's offsets and masks are traced.
+Tracing ``L`` deformable layers back from an image position gives ``(kh*kw)**L`` positions, each
+weighted by the product of the modulations on its path (arXiv 1811.11168, Fig. 1 and 3).
+Positions are ``(y, x)`` image pixels; cell ``(i, j)`` of a stride-``s`` map is at ``(s*i, s*j)``;
+offsets between cells are interpolated bilinearly; with several deformable groups, the first.
 """
 
 import contextlib
@@ -47,11 +36,9 @@ class DeformableLayerRecord:
     """What one deformable conv did on one image.
 
     Attributes:
-        name: module name.
-        offset (Tensor): (2*kh*kw, Ho, Wo), first deformable group; channel ``2k`` is dy and
-            ``2k+1`` is dx of tap ``k = i*kw + j``, in input-feature-map cells.
-        mask (Tensor): (kh*kw, Ho, Wo), modulation of each tap (ones for DCNv1).
-        kernel_size, stride, padding, dilation: (h, w) pairs of the conv.
+        offset (Tensor): (2*kh*kw, Ho, Wo) of the first deformable group: (dy, dx) of tap
+            ``k = i*kw + j`` in channels ``2k, 2k+1``, in input-feature-map cells.
+        mask (Tensor): (kh*kw, Ho, Wo) modulation of each tap (ones for DCNv1).
         in_stride: stride of the conv's input feature map, in image pixels.
     """
 
@@ -66,16 +53,12 @@ class DeformableLayerRecord:
 
     @property
     def out_stride(self) -> int:
-        """Stride of the conv's output feature map (= of its offset field), in image pixels."""
+        """Stride of the conv's output (and offset field), in image pixels."""
         return self.in_stride * self.stride[0]
 
 
 def find_resnet(model: nn.Module) -> ResNet:
-    """The detectron2 ``ResNet`` inside ``model`` (itself, an FPN's ``bottom_up``, ...).
-
-    Raises:
-        UserInputError: there is none.
-    """
+    """The detectron2 ``ResNet`` inside ``model``; UserInputError when there is none."""
     for module in model.modules():
         if isinstance(module, ResNet):
             return module
@@ -85,12 +68,7 @@ def find_resnet(model: nn.Module) -> ResNet:
 
 
 def deformable_layers(resnet: ResNet) -> List[Tuple[str, nn.Module, int]]:
-    """The deformable convs of a ResNet in execution order.
-
-    Returns:
-        list of ``(name, conv, in_stride)``: module name (relative to ``resnet``), the
-        ``DeformConv``/``ModulatedDeformConv`` and the stride of its input feature map.
-    """
+    """``(name, conv, in_stride)`` of each deformable conv of a ResNet, in execution order."""
     names = {module: name for name, module in resnet.named_modules()}
     layers = []
     stride = resnet.stem.stride
@@ -112,15 +90,11 @@ def deformable_layers(resnet: ResNet) -> List[Tuple[str, nn.Module, int]]:
 def record_deformable_layers(
     model: nn.Module, batch_index: int = 0
 ) -> Iterator[List[DeformableLayerRecord]]:
-    """Record the offsets and masks of every deformable conv of ``model``'s ResNet.
-
-    The hooks sit on the deformable convs themselves (``conv2`` of each
-    ``DCNv2BottleneckBlock``), so they see exactly the offset and mask the op receives, after
-    the block has split ``conv2_offset``'s output and applied the sigmoid.
+    """Record the offset and mask each deformable conv of ``model``'s ResNet receives.
 
     Yields:
-        list[DeformableLayerRecord]: filled, in execution order, during the forward passes run
-        inside the ``with`` block (cleared at each new forward).
+        list[DeformableLayerRecord]: filled in execution order by each forward pass inside the
+        ``with`` block (cleared at each new forward).
     """
     resnet = find_resnet(model)
     layers = deformable_layers(resnet)
@@ -171,8 +145,7 @@ def record_deformable_layers(
 
 
 def _bilinear(field: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Sample ``field`` (C, H, W) at fractional cells ``y``, ``x`` (any equal shapes S), with
-    positions outside clamped to the border. Returns (C, *S)."""
+    """``field`` (C, H, W) sampled bilinearly at cells ``y``, ``x`` (shape S, clamped): (C, *S)."""
     h, w = field.shape[-2:]
     y = y.clamp(0, h - 1)
     x = x.clamp(0, w - 1)
@@ -193,18 +166,14 @@ def _bilinear(field: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Te
 def trace_sampling_locations(
     layers: Sequence[DeformableLayerRecord], points: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Trace image positions back through stacked deformable layers.
+    """Trace image positions back through stacked deformable layers (execution order).
 
     Args:
-        layers: the deformable layers in execution order; the last one is applied last, so the
-            trace starts there and goes backwards.
         points (Tensor): (P, 2) query positions ``(y, x)`` in image pixels.
 
     Returns:
-        (locations, weights):
-            locations (Tensor): (P, T, 2) sampled image positions ``(y, x)``,
-            ``T = prod(kh*kw)`` over the layers; the last layer's tap is the slowest index.
-            weights (Tensor): (P, T), the product of the modulations along each path.
+        (locations, weights): (P, T, 2) sampled positions ``(y, x)``, ``T = prod(kh*kw)`` (the
+        last layer's tap the slowest index), and (P, T) products of the modulations.
     """
     if not len(layers):
         raise ValueError("trace_sampling_locations needs at least one deformable layer")
@@ -236,20 +205,10 @@ def trace_sampling_locations(
 def randomize_offsets(
     model: nn.Module, inputs: List[dict], offset_rms: float, seed: int = 0, mask_logit_rms=2.0
 ) -> int:
-    """Give the offset/mask predictors (``conv2_offset``) random weights, scaled so that on
-    ``inputs`` the offsets have an RMS of about ``offset_rms`` feature-map cells and the mask
-    logits about ``mask_logit_rms``.
-
-    For illustration only: a model without trained weights has zero offsets (a regular grid)
-    and constant modulation, which hides what the tool draws. The scale comes from one forward
-    pass: a conv with N(0, s^2) weights on input ``x`` has output variance ``s^2 * E[sum of x^2
-    over the window]``.
-
-    Args:
-        model: the detector, in eval mode.
-        inputs: one batch, as the model takes it.
-        offset_rms, mask_logit_rms: target RMS of the offsets (cells) and of the mask logits.
-        seed: seed of the random weights.
+    """Give the offset/mask predictors (``conv2_offset``) random weights with offsets of about
+    ``offset_rms`` cells and mask logits of about ``mask_logit_rms`` (RMS on ``inputs``), for
+    illustration: untrained weights give a regular grid. A conv with N(0, s^2) weights has output
+    variance ``s^2 * E[sum of x^2 over the window]``, measured in one forward pass.
 
     Returns:
         int: how many predictors were changed.
@@ -303,29 +262,19 @@ def sample_image(
     random_offsets: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Run a detector on one image and trace the last ``num_layers`` deformable layers.
+    """Run a detector (eval mode) on one (H, W, 3) uint8 BGR image, resized as its config's
+    test-time augmentation says, and trace the last ``num_layers`` deformable layers.
 
     Args:
-        model: a detectron2 meta-architecture in eval mode (``GeneralizedRCNN`` ...).
-        cfg: its config (the test-time resize of :func:`dcnv2.data.build_test_augmentation`,
-            ``INPUT.FORMAT``).
-        image_bgr: (H, W, 3) uint8 BGR image.
         points_xy: query positions ``(x, y)`` in pixels of ``image_bgr``; by default the
             centres of the ``max_boxes`` highest-scoring detections.
-        max_boxes: how many detections to use when ``points_xy`` is None.
-        num_layers: how many of the last deformable layers to trace (``9**num_layers`` points
-            per query for 3x3 kernels).
-        random_offsets: if > 0, first give the offset predictors random weights with offsets
-            of about this RMS, in cells (see :func:`randomize_offsets`; illustration only).
-        seed: seed of ``random_offsets``.
+        random_offsets: if > 0, :func:`randomize_offsets` with this RMS first (illustration).
 
     Returns:
-        dict: ``image_rgb`` (h, w, 3) uint8 at the network's resolution, ``points`` (P, 2),
-        ``locations`` (P, T, 2), ``weights`` (P, T) (numpy; positions ``(y, x)`` in that
-        image's pixels), ``layers`` (names of the traced layers), ``scale`` (network pixels
-        per input pixel); and the same in the input's pixels, for drawing at the input's own
-        resolution: ``input_image_rgb`` (H, W, 3), ``input_points`` (P, 2) (the given
-        ``points_xy`` exactly, as ``(y, x)``), ``input_locations`` (P, T, 2).
+        dict (numpy, positions ``(y, x)``): at the network's resolution ``image_rgb``,
+        ``points`` (P, 2), ``locations`` (P, T, 2), ``weights`` (P, T), ``layers`` (names),
+        ``scale`` (network pixels per input pixel); at the input's, ``input_image_rgb``,
+        ``input_points`` (``points_xy`` exactly) and ``input_locations``.
 
     Raises:
         UserInputError: bad ``num_layers``, a point outside the image, or no detection to use.
@@ -397,21 +346,9 @@ def plot_sampling_locations(
     title: Optional[str] = None,
     dpi: int = 100,
 ) -> None:
-    """Draw each query point's sampling locations over the image and save a PNG.
-
-    One row per query point: on the left every sampled location coloured by its modulation
-    weight (product of masks); on the right the effective sampling locations, each point's
-    size and opacity proportional to its weight.
-
-    Args:
-        image_rgb: (H, W, 3) uint8 image (the tool draws the input image at its own size).
-        points: (P, 2) query positions ``(y, x)``.
-        locations: (P, T, 2) sampled positions ``(y, x)``.
-        weights: (P, T) path weights.
-        path: output PNG.
-        title: figure title.
-        dpi: resolution (the figure is 11 inches wide).
-    """
+    """Save a PNG with one row per query point (``points`` (P, 2), ``locations`` (P, T, 2),
+    ``weights`` (P, T), as :func:`sample_image` returns them): every sampled location coloured
+    by its weight on the left; on the right, sizes and opacities proportional to the weights."""
     import matplotlib
 
     matplotlib.use("Agg")
