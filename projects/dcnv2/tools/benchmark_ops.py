@@ -1,32 +1,12 @@
 """Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU, the logic
 of ``tools/benchmark_ops.py``.
 
-Each (shape, method) case runs in two Python processes of its own, one for its times and one
-for its memory, so that one case's allocator state and peak memory cannot leak into another's.
-Both first run one untimed forward+backward, which holds the one-time costs (the native op's
-first call of a weight shape runs each of its ways, see
-:func:`dcnv2.layers.native._run_fastest`).
-
-Times: the timing workers of one shape's methods are alive together and time their runs in
-interleaved rounds (:func:`.common.interleaved_times`): each round runs one forward of every
-method, then one forward+backward of every method. So every method's runs are spread over the
-same minutes of the host, and its noise moves all of them alike. The first round is untimed;
-times are medians of ``repeats`` rounds.
-
-Peak memory: in a fresh process per case, the resident-set high-water mark during one
-forward+backward above the resident set just before it (inputs already allocated;
-:class:`.common.PeakRSS`), with glibc's mmap threshold fixed at 64 KiB
-(``MALLOC_MMAP_THRESHOLD_``), so that buffers freed by the first run go back to the system
-instead of staying resident and the measured run's growth counts all it allocates (that setting
-makes every large allocation a fresh mapping, so times come from the other workers, with the
-default allocator).
-
-Methods: dense ``conv2d`` (the same 3x3 convolution without offsets), every deformable-conv
-backend usable on CPU, and, when ``onnxruntime`` and ``onnx`` are installed, onnxruntime's
-standard ``DeformConv`` kernel (forward only: a one-node ONNX graph per shape, run with as many
-intra-op threads as torch's, one inter-op thread and spinning off, so that its idle threads do
-not take the cores of the method measured next). Its worker also checks, untimed, that its
-output matches the native backend's on the same inputs.
+Each (shape, method) runs in two processes of its own, one for its times (the methods of a shape
+in interleaved rounds of forward and forward+backward, :func:`.timing.interleaved_times`) and one
+for its peak memory (:class:`.timing.PeakMemory` over one forward+backward, with glibc's mmap
+threshold at 64 KiB so that freed buffers leave the resident set). Both run one untimed
+forward+backward first (one-time costs). Methods: dense ``conv2d``, every CPU backend and, when
+installed, onnxruntime's ``DeformConv`` (forward only; its output checked against native's).
 """
 
 import contextlib
@@ -35,7 +15,7 @@ import statistics
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from .timing import (
-    PeakRSS,
+    PeakMemory,
     StepWorker,
     interleaved_times,
     run_in_fresh_process,
@@ -103,7 +83,7 @@ def measure(spec: Mapping) -> Dict:
     """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
     backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
     with ``_MEMORY_ENV``), "time" to serve timed runs of :data:`STEPS` to a
-    :class:`.common.StepWorker` and then return the native backend's chosen ways (``ways``).
+    :class:`.timing.StepWorker` and then return the native backend's chosen ways (``ways``).
     For "onnxruntime" (time only): its forward, then its output's errors against the native
     backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
     """
@@ -134,7 +114,7 @@ def measure(spec: Mapping) -> Dict:
 
     forward_backward()  # one-time costs (see the module docstring)
     if spec.get("part") == "memory":
-        with PeakRSS() as memory:
+        with PeakMemory() as memory:
             forward_backward()
         return {"peak_mib": memory.growth_mib}
     serve_steps({"forward": no_grad_forward, "forward_backward": forward_backward})
