@@ -44,24 +44,23 @@ def test_quick_cpu_run_end_to_end(tmp_path, torch_kernels):
 
     speed = sections["speed"]["data"]["rows"]
     assert {r["method"] for r in speed} == {"conv2d", "native", "torchvision"}
-    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in speed)
+    assert all(r["fwd_median_s"] > 0 and r["fwd_bwd_median_s"] > 0 for r in speed)
     # Model: every backend and the plain baseline, with and without AMP, interleaved.
     model = sections["model"]["data"]
-    rows = {(r["label"], r["amp"]): r for r in model["rows"]}
+    rows = {(r["model"], r["amp"]): r for r in model["rows"]}
     labels = ["native", "torchvision", "plain"]
     assert list(rows) == [(b, amp) for amp in (False, True) for b in labels]
-    for (label, amp), r in rows.items():
-        assert r["train"]["runs"] == r["infer"]["runs"] == model["repeats"] == 3
-        assert r["train"]["min_s"] <= r["train"]["median_s"] <= r["train"]["max_s"]
-        assert r["losses_finite"] and r["train_vs_plain"] > 0
+    for (_, amp), r in rows.items():
+        assert r["train_runs"] == r["infer_runs"] == model["repeats"] == 3
+        assert r["train_min_s"] <= r["train_median_s"] <= r["train_max_s"]
+        assert r["finite"] and r["train_vs_plain"] > 0
         plain = rows["plain", amp]
-        assert r["train_vs_plain"] == pytest.approx(
-            r["train"]["median_s"] / plain["train"]["median_s"]
-        )
+        assert r["train_vs_plain"] == pytest.approx(r["train_median_s"] / plain["train_median_s"])
+        assert r["infer_vs_plain"] == pytest.approx(r["infer_median_s"] / plain["infer_median_s"])
     assert rows["plain", False]["train_vs_plain"] == 1.0
     # Profile: per backend and precision, top CPU ops; syncs are CUDA-only.
     profile = sections["profile"]["data"]["rows"]
-    assert [(r["backend"], r["amp"]) for r in profile] == [
+    assert [(r["model"], r["amp"]) for r in profile] == [
         (b, amp) for amp in (False, True) for b in labels[:2]
     ]
     for r in profile:
@@ -78,7 +77,7 @@ def test_quick_cpu_run_end_to_end(tmp_path, torch_kernels):
     markdown = (out / "gpu_check.md").read_text()
     for name in gpu_check.SECTIONS:
         assert f"## {name}: ok" in markdown
-    assert "host syncs n/a" in markdown and "vs plain" in markdown
+    assert "host syncs n/a" in markdown and "train_vs_plain" in markdown
 
 
 def test_a_wrong_reference_makes_the_check_exit_non_zero(tmp_path, torch_kernels, monkeypatch):

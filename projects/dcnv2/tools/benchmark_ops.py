@@ -24,7 +24,17 @@ from .timing import (
     worker_main,
 )
 
-__all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "notes", "plot"]
+__all__ = [
+    "SHAPES",
+    "format_table",
+    "measure",
+    "notes",
+    "op_inputs",
+    "op_steps",
+    "parse_shape",
+    "plot",
+    "run",
+]
 
 ONNXRUNTIME = "onnxruntime"
 # Methods whose ratios the table shows (when measured): name -> column label.
@@ -65,7 +75,7 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
     return name, dims
 
 
-def _inputs(size: Sequence[int]):
+def op_inputs(size: Sequence[int]):
     """The fixed random (x, weight, offset, mask) of every method: (N, C, H, W), (C, C, 3, 3),
     (N, 18, H, W), (N, 9, H, W); offsets of about two pixels."""
     import torch
@@ -79,6 +89,36 @@ def _inputs(size: Sequence[int]):
     return x, weight, offset, mask
 
 
+def op_steps(method: str, leaves, precision=None):
+    """Forward (no grad) and forward+backward of ``method`` ("conv2d" or a backend), 3x3,
+    padding 1, on ``leaves`` (x, weight, offset, mask, as :func:`op_inputs`), as functions without
+    arguments; under autocast to ``precision`` when given."""
+    import torch
+
+    from ..layers import modulated_deform_conv
+
+    x, weight, offset, mask = leaves
+    half = precision not in (None, torch.float32)
+    autocast = torch.autocast(x.device.type, precision or torch.float32, enabled=half)
+
+    def forward():
+        with autocast:
+            if method == "conv2d":
+                return torch.nn.functional.conv2d(x, weight, padding=1)
+            return modulated_deform_conv(x, offset, mask, weight, padding=1, backend=method)
+
+    def no_grad_forward():
+        with torch.no_grad():
+            forward()
+
+    def forward_backward():
+        forward().float().sum().backward()
+        for t in leaves:
+            t.grad = None
+
+    return no_grad_forward, forward_backward
+
+
 def measure(spec: Mapping) -> Dict:
     """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
     backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
@@ -88,30 +128,13 @@ def measure(spec: Mapping) -> Dict:
     backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
     """
     import torch
-    import torch.nn.functional as F
-
-    from ..layers import modulated_deform_conv
 
     torch.set_num_threads(spec["threads"])
     method = spec["method"]
     if method == ONNXRUNTIME:
         return _measure_onnxruntime(spec)
-    x, weight, offset, mask = (t.requires_grad_() for t in _inputs(spec["size"]))
-
-    def forward():
-        if method == "conv2d":
-            return F.conv2d(x, weight, padding=1)
-        return modulated_deform_conv(x, offset, mask, weight, padding=1, backend=method)
-
-    def forward_backward():
-        forward().sum().backward()
-        for t in (x, weight, offset, mask):
-            t.grad = None
-
-    def no_grad_forward():
-        with torch.no_grad():
-            forward()
-
+    leaves = [t.requires_grad_() for t in op_inputs(spec["size"])]
+    no_grad_forward, forward_backward = op_steps(method, leaves)
     forward_backward()  # one-time costs (see the module docstring)
     if spec.get("part") == "memory":
         with PeakMemory() as memory:
@@ -184,7 +207,7 @@ def compare_onnxruntime(size: Sequence[int], threads: int = 1) -> Dict[str, floa
         ``max_rel_err`` (that divided by the largest absolute value of the native output).
     """
     session = onnxruntime_session(size, threads)
-    return _compare(session, _inputs(size))
+    return _compare(session, op_inputs(size))
 
 
 def _compare(session, inputs) -> Dict[str, float]:
@@ -205,7 +228,7 @@ def _feeds(inputs) -> Dict:
 
 def _measure_onnxruntime(spec: Mapping) -> Dict[str, float]:
     session = onnxruntime_session(spec["size"], spec["threads"])
-    inputs = _inputs(spec["size"])
+    inputs = op_inputs(spec["size"])
     feeds = _feeds(inputs)
     session.run(None, feeds)  # one-time costs, as the other methods' first forward+backward
     serve_steps({"forward": lambda: session.run(None, feeds)})

@@ -63,8 +63,8 @@ def benchmark_runtimes(
 
     Returns:
         dict: runtime -> {"times_s": [seconds per image, per repeat], and their
-        :func:`.timing.summarize`}, plus "setup" -> {"threads", "images": [[H, W], ...], "repeats", "export_s",
-        "<runtime>_warmup_s"}.
+        :func:`.timing.summarize`}, plus "setup" -> {"threads", "images": [[H, W], ...],
+        "repeats", "export_s", "<runtime>_warmup_s"}.
     """
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:

@@ -26,6 +26,7 @@ __all__ = [
     "InProcessSteps",
     "PeakMemory",
     "StepWorker",
+    "count_syncs",
     "detection_batch",
     "interleaved_times",
     "run_in_fresh_process",
@@ -125,6 +126,26 @@ def summarize(times: Sequence[float]) -> Dict[str, float]:
     m = Measurement(1, list(times), TaskSpec("step", "pass"))
     return {"median_s": m.median, "iqr_s": m.iqr, "min_s": min(times), "max_s": max(times),
             "runs": len(times)}  # fmt: skip
+
+
+def count_syncs(step: Callable[[], Any], cuda: bool = True) -> Dict[str, Any]:
+    """Host-device synchronisations in one call of ``step`` (``torch.cuda.set_sync_debug_mode``):
+    ``syncs``, all of them, and ``syncs_in_layers``, those whose warning points into
+    dcnv2/layers or detectron2/layers; "n/a" without ``cuda``."""
+    if not cuda:
+        return {"syncs": "n/a", "syncs_in_layers": "n/a"}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    found = [w.filename.replace("\\", "/") for w in caught if "synchroniz" in str(w.message)]
+    inside = [f for f in found if "dcnv2/layers" in f or "detectron2/layers" in f]
+    return {"syncs": len(found), "syncs_in_layers": len(inside)}
 
 
 def _status_kib(field: str) -> Optional[int]:
