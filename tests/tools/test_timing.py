@@ -96,6 +96,23 @@ def test_sync_count_is_not_applicable_off_cuda():
     }
 
 
+def test_syncs_are_counted_and_attributed_to_the_layers_by_the_warnings_frame(monkeypatch):
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    message = "called a synchronizing CUDA operation"
+
+    def step():  # what torch's sync debug mode reports, from three places
+        for path in ("/x/dcnv2/layers/deform_conv.py", "/y/detectron2/layers/deform_conv.py"):
+            warnings.warn_explicit(message, UserWarning, path, 1)
+        warnings.warn_explicit(message, UserWarning, "/x/detectron2/engine/train_loop.py", 1)
+        warnings.warn_explicit("something else", UserWarning, "/x/dcnv2/layers/a.py", 1)
+
+    assert timing.count_syncs(step) == {"syncs": 3, "syncs_in_layers": 2}
+    assert modes == ["warn", 0]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_peak_rss_counts_the_block_only():
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched: resident
