@@ -131,3 +131,25 @@ def test_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     assert run_cli(gpu_check.main, ["--out", str(tmp_path)], prog="gpu_check.py") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["gpu_check.py: error: --device cuda: no CUDA device is visible to torch here"]
+
+
+def test_a_failing_model_configuration_is_reported_and_the_others_are_timed(
+    tmp_path, torch_kernels, monkeypatch
+):
+    build = gpu_check._build
+
+    def build_or_fail(ctx, spec):
+        if spec["model"] == "torchvision" and spec["amp"]:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return build(ctx, spec)
+
+    monkeypatch.setattr(gpu_check, "_build", build_or_fail)
+    status = gpu_check.run_check(str(tmp_path), device="cpu", quick=True, sections=["model"])
+    model = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["model"]
+    assert status == 3 and model["status"] == "failed"
+    assert model["data"]["problems"] == [
+        "torchvision amp=True: RuntimeError: CUDA out of memory (simulated)"
+    ]
+    timed = [(r["model"], r["amp"]) for r in model["data"]["rows"] if "train_median_s" in r]
+    assert len(timed) == 5 and ("plain", True) in timed
+    assert "CUDA out of memory (simulated)" in (tmp_path / "gpu_check.md").read_text()

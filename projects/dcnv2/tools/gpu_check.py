@@ -109,8 +109,7 @@ def check_speed(ctx: Dict) -> Dict:
     device = ctx["device"]
     shapes = {"tiny": (2, 8, 12, 10)} if ctx["quick"] else SHAPES
     precisions = [torch.float32, torch.float16, torch.bfloat16][: 3 if device.type == "cuda" else 1]
-    methods = ["conv2d"] + available_backends(device)
-    rows = []
+    methods, rows, repeats = ["conv2d"] + available_backends(device), [], 3 if ctx["quick"] else 20
     for precision, (shape, size) in itertools.product(precisions, shapes.items()):
         leaves = [t.to(device).requires_grad_() for t in op_inputs(size)]
         workers, peaks = {}, {}
@@ -121,14 +120,14 @@ def check_speed(ctx: Dict) -> Dict:
                 fwd_bwd()
             peaks[method] = memory.growth_mib
             workers[method] = InProcessSteps({"fwd": fwd, "fwd_bwd": fwd_bwd})
-        times = interleaved_times(workers, ("fwd", "fwd_bwd"), 3 if ctx["quick"] else 20, 2)
+        times = interleaved_times(workers, ("fwd", "fwd_bwd"), repeats, 2)
         for method in methods:
             row = dict(precision=str(precision)[6:], shape=shape, method=method)
             for step, series in times[method].items():
                 stats = summarize(series)  # seconds
                 row.update({f"{step}_{k}": stats[k] for k in ("median_s", "iqr_s")})
             rows.append(dict(row, peak_mib=peaks[method]))
-    return {"rows": rows}
+    return {"rows": rows, "repeats": repeats}
 
 
 def _model_configs(ctx: Dict) -> List[Dict]:
@@ -168,50 +167,59 @@ def _build(ctx: Dict, spec: Dict):
 
 def check_model(ctx: Dict) -> Dict:
     """Every configuration in interleaved rounds on one fixed batch, after warm-up rounds."""
-    specs, workers, steps, peaks = _model_configs(ctx), {}, {}, {}
+    specs, workers, steps, peaks, errors = _model_configs(ctx), {}, {}, {}, {}
     for i, spec in enumerate(specs):
-        _, steps[i], infer = _build(ctx, spec)
-        steps[i]()  # one-time costs
-        with PeakMemory(ctx["device"]) as memory:
-            steps[i]()
-        peaks[i] = memory.growth_mib
-        workers[i] = InProcessSteps({"train": steps[i], "infer": infer})
+        try:
+            _, train, infer = _build(ctx, spec)
+            train()  # one-time costs
+            with PeakMemory(ctx["device"]) as memory:
+                train()
+        except Exception as e:  # one configuration failing (memory, a kernel) spares the others
+            errors[i] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        steps[i], peaks[i] = train, memory.growth_mib
+        workers[i] = InProcessSteps({"train": train, "infer": infer})
     start = time.monotonic()
     interleaved_times(workers, ("train", "infer"), 0, ctx["warmup"])
     per_round = (time.monotonic() - start) / max(ctx["warmup"], 1)
     # At most half the time left: the later sections need theirs.
     repeats = max(3, min(ctx["iters"], int((ctx["deadline"] - time.monotonic()) / 2 / per_round)))
     times = interleaved_times(workers, ("train", "infer"), repeats, 0)
-    rows = []
-    for i, spec in enumerate(specs):
+    rows = [dict(spec, error=errors[i]) for i, spec in enumerate(specs) if i in errors]
+    for i in steps:
         losses = steps[i].loop.storage.history("total_loss").values()
-        row = dict(spec, peak_mib=peaks[i], finite=all(math.isfinite(v) for v, _ in losses))
+        row = dict(specs[i], peak_mib=peaks[i], finite=all(math.isfinite(v) for v, _ in losses))
         for step in ("train", "infer"):
             row.update({f"{step}_{k}": v for k, v in summarize(times[i][step]).items()})
         rows.append(row)
-    for row in rows:
-        plain = next(r for r in rows if r["model"] == "plain" and r["amp"] == row["amp"])
-        for step in ("train", "infer"):
-            row[f"{step}_vs_plain"] = row[f"{step}_median_s"] / plain[f"{step}_median_s"]
-    problems = [f"{r['model']} amp={r['amp']}: non-finite loss" for r in rows if not r["finite"]]
+    for row, plain in itertools.product(rows, rows):
+        if plain["model"] == "plain" and plain["amp"] == row["amp"] and "finite" in plain:
+            for step in ("train", "infer"):
+                row[f"{step}_vs_plain"] = row.get(f"{step}_median_s", math.nan) / plain[
+                    f"{step}_median_s"]  # fmt: skip
+    problems = [f"{r['model']} amp={r['amp']}: {r.get('error', 'non-finite loss')}"
+                for r in rows if not r.get("finite")]  # fmt: skip
     return {"rows": rows, "repeats": repeats, "problems": problems, "passed": not problems}
 
 
 def check_profile(ctx: Dict) -> Dict:
-    """Per backend and precision: the top kernels (CPU ops on CPU), the CPU time of the ops and
-    the host syncs of one training step."""
+    """Per backend and precision: top kernels (CPU ops on CPU), CPU time, syncs of one step."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ctx["device"].type == "cuda"
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = []
     for spec in (s for s in _model_configs(ctx) if s["model"] != "plain"):
-        _, train, _ = _build(ctx, spec)
-        train()
-        train()
-        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-            step_s = time_call(train)
-        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        try:
+            _, train, _ = _build(ctx, spec)
+            train()
+            train()
+            with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as p:
+                step_s = time_call(train)
+        except Exception as e:  # one configuration failing spares the others
+            rows.append(dict(spec, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            continue
+        events = sorted(p.key_averages(), key=lambda e: getattr(e, key), reverse=True)
         top = [dict(name=e.key[:80], calls=e.count, ms=getattr(e, key) / 1e3) for e in events]
         cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3
         rows.append(dict(spec, step_s=step_s, cpu_ms=cpu_ms, top=top[: ctx["top"]],
@@ -237,8 +245,7 @@ def check_eval(ctx: Dict) -> Dict:
 
 
 def check_ddp(ctx: Dict) -> Dict:
-    """A process group of world size 1 (NCCL, gloo on CPU) and training iterations of the seed
-    model wrapped in DistributedDataParallel."""
+    """Training iterations of the seed model in DDP, world size 1 (NCCL; gloo on CPU)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -269,9 +276,7 @@ _CHECKS = dict(environment=check_environment, exactness=check_exactness, speed=c
 
 
 def _cell(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v).replace("|", "/").replace("\n", " ")
+    return f"{v:.3g}" if isinstance(v, float) else str(v).replace("|", "/").replace("\n", " ")
 
 
 def _rows_md(rows: List[Dict], skip=("config", "top", "train_runs", "infer_runs")) -> str:
@@ -292,6 +297,9 @@ def _section_md(name: str, data: Dict) -> List[str]:
     if name == "profile":
         lines = []
         for r in data["rows"]:
+            if "error" in r:
+                lines += [f"**{r['model']}, AMP {r['amp']}**: {r['error']}", ""]
+                continue
             lines += [f"**{r['model']}, AMP {r['amp']}**: step {_cell(r['step_s'])} s (profiled), "
                       f"CPU ops {r['cpu_ms']:.1f} ms, host syncs {r['syncs']} (in layers: "
                       f"{r['syncs_in_layers']}); top by {data['sorted_by']}:", "",
