@@ -149,14 +149,10 @@ def measure(spec: Mapping) -> Dict:
 
 
 def onnxruntime_session(size: Sequence[int], threads: int):
-    """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3 kernel,
-    padding 1, with mask, no bias) for inputs of ``size`` (N, C, H, W) and C output channels.
-
-    Its inputs are named ``X`` (N, C, H, W), ``W`` (C, C, 3, 3), ``offset`` (N, 18, H, W) and
-    ``mask`` (N, 9, H, W), float32 numpy arrays, in the layouts of
-    :func:`dcnv2.layers.modulated_deform_conv` (ONNX's ``DeformConv`` orders the offsets as
-    detectron2 does); its output is ``Y`` (N, C, H, W). ``threads`` intra-op threads, one
-    inter-op thread, spinning off.
+    """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3, padding 1, mask,
+    no bias) for inputs of ``size`` (N, C, H, W): inputs ``X``, ``W``, ``offset``, ``mask`` in
+    the layouts of :func:`op_inputs`, output ``Y``; ``threads`` intra-op threads, one inter-op
+    thread, spinning off.
 
     Raises:
         ImportError: onnxruntime or onnx is not installed.

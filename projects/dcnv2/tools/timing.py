@@ -48,18 +48,10 @@ def detection_batch(
     num_classes: int = 80,
     seed: int = 0,
 ) -> List[Dict[str, Any]]:
-    """A fixed random batch in detectron2's input format.
-
-    Args:
-        num_images, height, width: the batch's size; images are float32 (3, height, width)
-            with integer values in [0, 255].
-        boxes_per_image: random ground-truth boxes per image (at least 16 px a side, inside the
-            image) under ``"instances"``, for training; 0 for inference (no ``"instances"``).
-        num_classes: classes of the random ``gt_classes``.
-        seed: the same seed gives the same batch.
-
-    Returns:
-        list[dict]: ``{"image", "height", "width"[, "instances"]}`` per image.
+    """A fixed random batch in detectron2's input format, the same for the same ``seed``: float32
+    (3, height, width) images of integers in [0, 255], and with ``boxes_per_image`` random
+    ground-truth boxes (at least 16 px a side, inside the image, ``num_classes`` classes) under
+    ``"instances"``, for training.
     """
     from detectron2.structures import Boxes, Instances
 
