@@ -10,12 +10,19 @@ its four neighbours contributes only when it lies in the image, and the offset g
 one-sided slope that this gives at the border (detectron2's and mmcv's convention).
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["deform_conv_reference", "output_size"]
+__all__ = [
+    "TOLERANCES",
+    "backend_errors",
+    "known_difference",
+    "deform_conv_reference",
+    "output_size",
+    "reference_cases",
+]
 
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -125,3 +132,88 @@ def output_size(
         (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
         for d in range(2)
     )
+
+
+# Largest error allowed, relative to the largest reference magnitude of each tensor.
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def reference_cases(quick: bool = False) -> List[Dict]:
+    """The checked calls: float64 CPU ``x``, ``offset``, ``mask``, ``weight``, ``bias``,
+    ``grad_out``, ``geometry`` (stride, padding, dilation, groups, dg), ``name`` and
+    ``integer_points`` (every sampling point on a pixel or outside, where torchvision's offset
+    gradient is known to differ from detectron2's).
+
+    Cases: "random" (offsets, groups and deformable groups), "integer" (integer offsets with
+    stride and dilation 2) and "border" (points on -1, 0, H-1, H and halves).
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def unit(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    size = (7, 9) if quick else (9, 11)
+    ho, wo = output_size((8, 10), (3, 3), (2, 2), (2, 2), (2, 2))
+    halves = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+    cases = [
+        dict(name="random", x=rand(2, 4, *size), offset=rand(2, 36, *size) * 2.5,
+             mask=unit(2, 18, *size), weight=rand(6, 2, 3, 3), bias=rand(6),
+             geometry=((1, 1), (1, 1), (1, 1), 2, 2), integer_points=False),
+        dict(name="integer", x=rand(1, 4, 8, 10),
+             offset=torch.randint(-3, 4, (1, 18, ho, wo), generator=g).double(),
+             mask=unit(1, 9, ho, wo), weight=rand(3, 4, 3, 3), bias=rand(3),
+             geometry=((2, 2), (2, 2), (2, 2), 1, 1), integer_points=True),
+        dict(name="border", x=rand(2, 4, 4, 5),
+             offset=halves[torch.randint(0, 6, (2, 36, 4, 5), generator=g)],
+             mask=unit(2, 18, 4, 5), weight=rand(2, 4, 3, 3), bias=rand(2),
+             geometry=((1, 1), (1, 1), (1, 1), 1, 2), integer_points=True),
+    ]  # fmt: skip
+    for case in cases:
+        n, c_out, (oh, ow) = case["x"].shape[0], case["weight"].shape[0], case["offset"].shape[2:]
+        case["grad_out"] = rand(n, c_out, oh, ow)
+    return cases
+
+
+def known_difference(backend: str, case: Dict, tensor: str) -> bool:
+    """Whether ``tensor``'s error is a known, accepted difference: torchvision's offset and mask
+    gradients at points exactly on integers follow another convention than detectron2's."""
+    return backend == "torchvision" and case["integer_points"] and tensor in ("offset", "mask")
+
+
+def backend_errors(
+    case: Dict, backend: str, modulated: bool, dtype: torch.dtype, device="cpu"
+) -> Dict[str, float]:
+    """Errors of one backend on one :func:`reference_cases` case against the reference.
+
+    Returns:
+        dict: tensor name ("out", "input", "offset"[, "mask"], "weight", "bias") -> largest
+        absolute error divided by the largest absolute reference value.
+    """
+    from .deform_conv import modulated_deform_conv
+
+    stride, padding, dilation, groups, dg = case["geometry"]
+    mask = case["mask"] if modulated else None
+    want = deform_conv_reference(
+        case["x"], case["offset"], mask, case["weight"], case["bias"], case["grad_out"],
+        stride, padding, dilation, groups, dg,
+    )  # fmt: skip
+    names = ["input", "offset"] + (["mask"] if modulated else []) + ["weight", "bias"]
+    sources = dict(input=case["x"], offset=case["offset"], mask=mask, weight=case["weight"],
+                   bias=case["bias"])  # fmt: skip
+    leaves = {k: sources[k].to(device, dtype).requires_grad_() for k in names}
+    out = modulated_deform_conv(
+        leaves["input"], leaves["offset"], leaves.get("mask"), leaves["weight"], leaves["bias"],
+        stride, padding, dilation, groups, dg, backend=backend,
+    )  # fmt: skip
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], case["grad_out"].to(out))
+    got = dict(zip(names, grads), out=out)
+    return {
+        k: (
+            (got[k].detach().double().cpu() - want[k]).abs().max()
+            / want[k].abs().max().clamp(min=1e-12)
+        ).item()
+        for k in ["out"] + names
+    }

@@ -9,51 +9,61 @@ Method (also printed by the tool):
       threshold, so no model pays for a final NMS. With random weights the proposal count and
       the number of boxes above the threshold (and so the NMS cost, which can dominate) vary
       wildly from model to model; a trained model's final NMS is cheap.
-    * Inference: batch of 1 under ``torch.no_grad()``. Training: forward, backward and an SGD
-      step (learning rate 0, same cost) on a batch of ``batch_size`` images with 3 random boxes
-      each, the stem and res2 frozen as in the recipes (``FREEZE_AT 2``).
-    * Every (config, mode) runs in a Python process of its own (a :class:`.common.StepWorker`).
-      Per mode, the configs' workers are alive together and take turns: ``warmup`` untimed
-      rounds, then ``repeats`` timed ones, each round one run of every config
-      (:func:`.common.interleaved_times`), so that all configs see the same minutes of a noisy
-      host; times are medians. The machine then needs the sum of their peaks in memory.
-    * Memory: each worker's peak resident set size is reset after its model is built and read
-      after its runs (:class:`.common.PeakRSS`), so it measures the runs' peak, weights and
-      libraries included, not the build. ``rss_build_mib`` is the resident size after building.
+    * Inference: batch of 1 under ``torch.no_grad()``. Training: one iteration of the
+      project's training loop (:func:`.timing.training_step`, SGD at learning rate 0, same
+      cost) on ``batch_size`` images with 3 random boxes each, ``FREEZE_AT 2`` as the recipes.
+    * Every (config, mode) runs in a process of its own (:class:`.timing.StepWorker`); per
+      mode the configs take turns in interleaved rounds (:func:`.timing.interleaved_times`).
+    * Memory: each worker's peak resident set during its runs (:class:`.timing.PeakMemory`),
+      weights and libraries included; ``rss_build_mib`` is the resident size after building.
 """
 
 import contextlib
 import os
-import statistics
 from typing import Dict, List, Sequence
 
 import torch
 
 from .cli import UserInputError
 from .timing import (
-    PeakRSS,
+    PeakMemory,
     StepWorker,
     detection_batch,
     interleaved_times,
     serve_steps,
-    sgd_step,
+    summarize,
     text_table,
+    training_step,
     worker_main,
 )
 
-__all__ = ["MODES", "run_worker", "benchmark", "format_table"]
+__all__ = ["MODES", "benchmark", "equal_work_heads", "format_table", "run_worker"]
 
 MODES = ("inference", "train")
 
 
+def equal_work_heads(model: torch.nn.Module) -> torch.nn.Module:
+    """Zeroes the last layers of ``model``'s RPN head and box predictors, so that models with
+    random weights do equal work in their heads (see the module docstring); returns it."""
+    head = model.proposal_generator.rpn_head
+    layers = [head.objectness_logits, head.anchor_deltas]
+    layers += [
+        m
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("cls_score", "bbox_pred") and isinstance(m, torch.nn.Linear)
+    ]
+    for layer in layers:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    return model
+
+
 def run_worker(spec: Dict) -> Dict:
     """Build one model and serve timed runs of one mode (the step ``"run"``) to a
-    :class:`.common.StepWorker`, in this process. ``spec`` holds ``config``, ``opts``,
-    ``mode``, ``height``, ``width``, ``batch_size``, ``seed``. Returns, after the runs, the
-    memory (MiB), the load average and the deformable-conv backend used."""
+    :class:`.timing.StepWorker`. ``spec`` holds ``config``, ``opts``, ``mode``, ``height``,
+    ``width``, ``batch_size``, ``seed``. Returns the memory (MiB), the load average and the
+    deformable-conv backend used."""
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-    from torch import nn
 
     from ..config import get_cfg
     from ..layers.backends import resolve_backend
@@ -63,23 +73,12 @@ def run_worker(spec: Dict) -> Dict:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     cfg = get_cfg(spec["config"], ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *spec["opts"]])
     torch.manual_seed(spec["seed"])
-    model = build_model(cfg)
-    # Equal work in the heads whatever the random backbone outputs (see the module docstring).
-    head = model.proposal_generator.rpn_head
-    predictors = [head.objectness_logits, head.anchor_deltas]
-    predictors += [
-        m
-        for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in ("cls_score", "bbox_pred") and isinstance(m, nn.Linear)
-    ]
-    for layer in predictors:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
+    model = equal_work_heads(build_model(cfg))
     backend = resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device("cpu"))
     deformable = any(getattr(m, "deformable_groups", None) for m in model.modules())
     load_before = os.getloadavg()[0]
     size = (spec["height"], spec["width"])
-    with PeakRSS() as memory, EventStorage(0):
+    with PeakMemory() as memory:
         if mode == "inference":
             model.eval()
             inputs = detection_batch(1, *size, seed=spec["seed"])
@@ -97,10 +96,8 @@ def run_worker(spec: Dict) -> Dict:
                 num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
                 seed=spec["seed"],
             )
-            # lr 0: the step costs the same, and random weights (no normalisation in a
-            # frozen-BN ResNet) diverge to Inf within a few real steps, which detectron2 then
-            # refuses.
-            step = sgd_step(model, batch, lr=0.0, momentum=0.9)
+            # lr 0: random weights (frozen-BN ResNet) would diverge within a few real steps.
+            step = training_step(model, batch)
         serve_steps({"run": step})
     return {
         "config": spec["config"],
@@ -134,7 +131,7 @@ def benchmark(
 
     Returns:
         list[dict]: per (config, mode), configs outermost: what :func:`run_worker` returned,
-        ``times_s`` (the timed runs' seconds) and ``median_s``.
+        ``times_s`` (the timed runs' seconds) and their :func:`.timing.summarize`.
 
     Raises:
         UserInputError: bad arguments, or a worker failed (its last error line is quoted).
@@ -175,9 +172,7 @@ def benchmark(
                 times = interleaved_times(workers, ("run",), repeats, warmup, bar.update)
                 for i, worker in workers.items():
                     run = times[i]["run"]
-                    results[i, mode] = dict(
-                        worker.finish(), times_s=run, median_s=statistics.median(run)
-                    )
+                    results[i, mode] = dict(worker.finish(), times_s=run, **summarize(run))
     return [results[i, mode] for i in range(len(configs)) for mode in modes]
 
 
@@ -187,13 +182,15 @@ def format_table(results: Sequence[Dict]) -> str:
     first: Dict[str, float] = {}
     for r in results:
         first.setdefault(r["mode"], r["median_s"])
-    header = ["config", "backend", "mode", "median s", "ratio", "peak RSS MiB", "runs", "load"]
+    header = ["config", "backend", "mode", "median s", "IQR s", "ratio", "peak RSS MiB", "runs",
+              "load"]  # fmt: skip
     rows = [
         [
             r["config"],
             r["backend"],
             r["mode"],
             f"{r['median_s']:.3f}",
+            f"{r['iqr_s']:.3f}",
             f"{r['median_s'] / first[r['mode']]:.2f}x",
             "n/a" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
             len(r["times_s"]),

@@ -15,9 +15,8 @@ the other on the same inputs:
   a RoIAlign pass, the offset and modulation fcs (``fc_dim`` wide) and the deformable sampling.
 
 Forward is timed under ``torch.no_grad``; forward+backward computes the gradients of the maps
-(and of the offsets, or of the layer's parameters). The steps run in interleaved rounds
-(:func:`.common.interleaved_times`), each method once per round, one warm-up round and
-``repeats`` timed ones; times are medians.
+(and of the offsets, or of the layer's parameters), in interleaved rounds
+(:func:`.timing.interleaved_times`); times are medians.
 """
 
 import statistics

@@ -1,14 +1,8 @@
-"""Training-time cost of R-CNN feature mimicking: seconds per iteration with and without it, the
-logic of ``tools/benchmark_mimic.py``.
+"""Training-time cost of R-CNN feature mimicking, the logic of ``tools/benchmark_mimic.py``.
 
-Both variants are the same config and the same random weights; "off" is the plain detector
-(GeneralizedRCNN + DCNv2StandardROIHeads, ``MODEL.DCNV2.MIMIC.ENABLED False``). One iteration
-is forward, backward and an SGD step on a fixed synthetic batch (:func:`.common.
-detection_batch`). Both models live in one process and their iterations alternate, one warm-up
-each and then ``iters`` rounds of one "off" and one "on" iteration
-(:func:`.common.interleaved_times`), so that both see the same minutes of a noisy host; times
-are medians. Also reported: how many crops the R-CNN branch ran
-through the backbone per iteration, and the overhead per crop.
+The same config and random weights with mimicking on and off (the plain detector: :data:`PLAIN`),
+one training-loop iteration each (:func:`.timing.training_step`) on a fixed synthetic batch, in
+interleaved rounds; medians, the crops the R-CNN branch ran per iteration and the cost per crop.
 """
 
 import statistics
@@ -18,9 +12,9 @@ import torch
 
 from ..quiet import known_messages_silenced
 from .cli import UserInputError
-from .timing import InProcessSteps, detection_batch, interleaved_times, sgd_step, text_table
+from .timing import InProcessSteps, detection_batch, interleaved_times, text_table, training_step
 
-__all__ = ["PLAIN", "benchmark_mimic", "format_table", "training_step"]
+__all__ = ["PLAIN", "benchmark_mimic", "format_table", "counted_step"]
 
 # Overrides that turn a mimic config into the plain detector it extends.
 PLAIN = [
@@ -30,11 +24,10 @@ PLAIN = [
 ]  # fmt: skip
 
 
-def training_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
+def counted_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
     """One training iteration of ``cfg``'s model (seeded random weights, SGD at lr 1e-4) on
-    ``batch``, as a function to call inside an ``EventStorage``; and a list that holds, after
-    each call, the batch size of every backbone call of that iteration (the batch itself, then
-    the crops)."""
+    ``batch``, as a function; and a list that holds, after each call, the batch size of every
+    backbone call of that iteration (the batch itself, then the crops)."""
     from detectron2.modeling import build_model
 
     torch.manual_seed(0)
@@ -43,7 +36,7 @@ def training_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
     # The crops may run an FPN's bottom-up network without its forward (see fpn_outputs).
     counted = getattr(model.backbone, "bottom_up", model.backbone)
     counted.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
-    train_step = sgd_step(model, batch, lr=1e-4)
+    train_step = training_step(model, batch, lr=1e-4, momentum=0.0)
 
     def step():
         calls.clear()  # so that it holds this iteration's backbone calls
@@ -87,11 +80,9 @@ def benchmark_mimic(
         boxes_per_image=boxes,
         num_classes=cfg_on.MODEL.ROI_HEADS.NUM_CLASSES,
     )
-    from detectron2.utils.events import EventStorage
-
-    steps = {name: training_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
+    steps = {name: counted_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
     workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
-    with EventStorage(), known_messages_silenced():
+    with known_messages_silenced():
         times = interleaved_times(workers, ("iteration",), iters)
     rows = {
         name: {

@@ -1,32 +1,12 @@
 """Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU, the logic
 of ``tools/benchmark_ops.py``.
 
-Each (shape, method) case runs in two Python processes of its own, one for its times and one
-for its memory, so that one case's allocator state and peak memory cannot leak into another's.
-Both first run one untimed forward+backward, which holds the one-time costs (the native op's
-first call of a weight shape runs each of its ways, see
-:func:`dcnv2.layers.native._run_fastest`).
-
-Times: the timing workers of one shape's methods are alive together and time their runs in
-interleaved rounds (:func:`.common.interleaved_times`): each round runs one forward of every
-method, then one forward+backward of every method. So every method's runs are spread over the
-same minutes of the host, and its noise moves all of them alike. The first round is untimed;
-times are medians of ``repeats`` rounds.
-
-Peak memory: in a fresh process per case, the resident-set high-water mark during one
-forward+backward above the resident set just before it (inputs already allocated;
-:class:`.common.PeakRSS`), with glibc's mmap threshold fixed at 64 KiB
-(``MALLOC_MMAP_THRESHOLD_``), so that buffers freed by the first run go back to the system
-instead of staying resident and the measured run's growth counts all it allocates (that setting
-makes every large allocation a fresh mapping, so times come from the other workers, with the
-default allocator).
-
-Methods: dense ``conv2d`` (the same 3x3 convolution without offsets), every deformable-conv
-backend usable on CPU, and, when ``onnxruntime`` and ``onnx`` are installed, onnxruntime's
-standard ``DeformConv`` kernel (forward only: a one-node ONNX graph per shape, run with as many
-intra-op threads as torch's, one inter-op thread and spinning off, so that its idle threads do
-not take the cores of the method measured next). Its worker also checks, untimed, that its
-output matches the native backend's on the same inputs.
+Each (shape, method) runs in two processes of its own, one for its times (the methods of a shape
+in interleaved rounds of forward and forward+backward, :func:`.timing.interleaved_times`) and one
+for its peak memory (:class:`.timing.PeakMemory` over one forward+backward, with glibc's mmap
+threshold at 64 KiB so that freed buffers leave the resident set). Both run one untimed
+forward+backward first (one-time costs). Methods: dense ``conv2d``, every CPU backend and, when
+installed, onnxruntime's ``DeformConv`` (forward only; its output checked against native's).
 """
 
 import contextlib
@@ -35,7 +15,7 @@ import statistics
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from .timing import (
-    PeakRSS,
+    PeakMemory,
     StepWorker,
     interleaved_times,
     run_in_fresh_process,
@@ -44,7 +24,17 @@ from .timing import (
     worker_main,
 )
 
-__all__ = ["SHAPES", "parse_shape", "measure", "run", "format_table", "notes", "plot"]
+__all__ = [
+    "SHAPES",
+    "format_table",
+    "measure",
+    "notes",
+    "op_inputs",
+    "op_steps",
+    "parse_shape",
+    "plot",
+    "run",
+]
 
 ONNXRUNTIME = "onnxruntime"
 # Methods whose ratios the table shows (when measured): name -> column label.
@@ -85,7 +75,7 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
     return name, dims
 
 
-def _inputs(size: Sequence[int]):
+def op_inputs(size: Sequence[int]):
     """The fixed random (x, weight, offset, mask) of every method: (N, C, H, W), (C, C, 3, 3),
     (N, 18, H, W), (N, 9, H, W); offsets of about two pixels."""
     import torch
@@ -99,42 +89,55 @@ def _inputs(size: Sequence[int]):
     return x, weight, offset, mask
 
 
-def measure(spec: Mapping) -> Dict:
-    """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
-    backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
-    with ``_MEMORY_ENV``), "time" to serve timed runs of :data:`STEPS` to a
-    :class:`.common.StepWorker` and then return the native backend's chosen ways (``ways``).
-    For "onnxruntime" (time only): its forward, then its output's errors against the native
-    backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
-    """
+def op_steps(method: str, leaves, precision=None):
+    """Forward (no grad) and forward+backward of ``method`` ("conv2d" or a backend), 3x3,
+    padding 1, on ``leaves`` (x, weight, offset, mask, as :func:`op_inputs`), as functions without
+    arguments; under autocast to ``precision`` when given."""
     import torch
-    import torch.nn.functional as F
 
     from ..layers import modulated_deform_conv
 
-    torch.set_num_threads(spec["threads"])
-    method = spec["method"]
-    if method == ONNXRUNTIME:
-        return _measure_onnxruntime(spec)
-    x, weight, offset, mask = (t.requires_grad_() for t in _inputs(spec["size"]))
+    x, weight, offset, mask = leaves
+    half = precision not in (None, torch.float32)
+    autocast = torch.autocast(x.device.type, precision or torch.float32, enabled=half)
 
     def forward():
-        if method == "conv2d":
-            return F.conv2d(x, weight, padding=1)
-        return modulated_deform_conv(x, offset, mask, weight, padding=1, backend=method)
-
-    def forward_backward():
-        forward().sum().backward()
-        for t in (x, weight, offset, mask):
-            t.grad = None
+        with autocast:
+            if method == "conv2d":
+                return torch.nn.functional.conv2d(x, weight, padding=1)
+            return modulated_deform_conv(x, offset, mask, weight, padding=1, backend=method)
 
     def no_grad_forward():
         with torch.no_grad():
             forward()
 
+    def forward_backward():
+        forward().float().sum().backward()
+        for t in leaves:
+            t.grad = None
+
+    return no_grad_forward, forward_backward
+
+
+def measure(spec: Mapping) -> Dict:
+    """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
+    backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
+    with ``_MEMORY_ENV``), "time" to serve timed runs of :data:`STEPS` to a
+    :class:`.timing.StepWorker` and then return the native backend's chosen ways (``ways``).
+    For "onnxruntime" (time only): its forward, then its output's errors against the native
+    backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
+    """
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    method = spec["method"]
+    if method == ONNXRUNTIME:
+        return _measure_onnxruntime(spec)
+    leaves = [t.requires_grad_() for t in op_inputs(spec["size"])]
+    no_grad_forward, forward_backward = op_steps(method, leaves)
     forward_backward()  # one-time costs (see the module docstring)
     if spec.get("part") == "memory":
-        with PeakRSS() as memory:
+        with PeakMemory() as memory:
             forward_backward()
         return {"peak_mib": memory.growth_mib}
     serve_steps({"forward": no_grad_forward, "forward_backward": forward_backward})
@@ -146,14 +149,10 @@ def measure(spec: Mapping) -> Dict:
 
 
 def onnxruntime_session(size: Sequence[int], threads: int):
-    """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3 kernel,
-    padding 1, with mask, no bias) for inputs of ``size`` (N, C, H, W) and C output channels.
-
-    Its inputs are named ``X`` (N, C, H, W), ``W`` (C, C, 3, 3), ``offset`` (N, 18, H, W) and
-    ``mask`` (N, 9, H, W), float32 numpy arrays, in the layouts of
-    :func:`dcnv2.layers.modulated_deform_conv` (ONNX's ``DeformConv`` orders the offsets as
-    detectron2 does); its output is ``Y`` (N, C, H, W). ``threads`` intra-op threads, one
-    inter-op thread, spinning off.
+    """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3, padding 1, mask,
+    no bias) for inputs of ``size`` (N, C, H, W): inputs ``X``, ``W``, ``offset``, ``mask`` in
+    the layouts of :func:`op_inputs`, output ``Y``; ``threads`` intra-op threads, one inter-op
+    thread, spinning off.
 
     Raises:
         ImportError: onnxruntime or onnx is not installed.
@@ -204,7 +203,7 @@ def compare_onnxruntime(size: Sequence[int], threads: int = 1) -> Dict[str, floa
         ``max_rel_err`` (that divided by the largest absolute value of the native output).
     """
     session = onnxruntime_session(size, threads)
-    return _compare(session, _inputs(size))
+    return _compare(session, op_inputs(size))
 
 
 def _compare(session, inputs) -> Dict[str, float]:
@@ -225,7 +224,7 @@ def _feeds(inputs) -> Dict:
 
 def _measure_onnxruntime(spec: Mapping) -> Dict[str, float]:
     session = onnxruntime_session(spec["size"], spec["threads"])
-    inputs = _inputs(spec["size"])
+    inputs = op_inputs(spec["size"])
     feeds = _feeds(inputs)
     session.run(None, feeds)  # one-time costs, as the other methods' first forward+backward
     serve_steps({"forward": lambda: session.run(None, feeds)})

@@ -1,23 +1,20 @@
-"""Inference time of one detector in the deployment runtimes, side by side: PyTorch eager (native
-backend), PyTorch with ``torch.compile`` of the backbone (inductor), and onnxruntime running the
-exported detector (:func:`dcnv2.tools.export_model.export_detector_onnx`); and of the backbone + FPN
-alone, eager and compiled (``fullgraph=True``), on the normalised, padded image.
-
-The runtimes take turns on every repeat (eager, compiled, onnxruntime, eager, ...), so a busy
-machine slows all of them alike; the median over repeats is reported.
+"""Inference time of one detector in the deployment runtimes: PyTorch eager (native backend),
+``torch.compile`` of the backbone, onnxruntime on the exported detector; and of backbone + FPN
+alone, eager and compiled (``fullgraph=True``). The runtimes take turns in interleaved rounds
+(:func:`.timing.interleaved_times`); medians per image.
 """
 
 import copy
 import json
-import statistics
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .export_model import deform_backend, export_detector_onnx, onnx_session
+from .timing import InProcessSteps, interleaved_times, summarize, text_table, time_call
 
 __all__ = ["RUNTIMES", "benchmark_runtimes", "format_table", "write_json"]
 
@@ -65,9 +62,9 @@ def benchmark_runtimes(
         runtimes: a subset of :data:`RUNTIMES`.
 
     Returns:
-        dict: runtime -> {"median_s", "min_s", "times_s": [seconds per image, per repeat]},
-        plus "setup" -> {"threads", "images": [[H, W], ...], "repeats", "export_s",
-        "<runtime>_warmup_s"}.
+        dict: runtime -> {"times_s": [seconds per image, per repeat], and their
+        :func:`.timing.summarize`}, plus "setup" -> {"threads", "images": [[H, W], ...],
+        "repeats", "export_s", "<runtime>_warmup_s"}.
     """
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
@@ -98,24 +95,18 @@ def benchmark_runtimes(
         if "backbone_compile" in runtimes:
             backbone = torch.compile(model.backbone, fullgraph=True)
             runs["backbone_compile"] = _backbone_call(backbone, inputs)
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(warmup):
-                for x in images:
-                    run(x)
+        passes = {name: (lambda run=run: [run(x) for x in images]) for name, run in runs.items()}
+        for name, run_pass in passes.items():
+            # Untimed warm-up (compilation happens here, for every image size).
+            spent = sum(time_call(run_pass) for _ in range(warmup))
             if name.endswith("compile"):
-                setup[f"{name}_warmup_s"] = time.perf_counter() - start
-        times: Dict[str, List[float]] = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                for x in images:
-                    run(x)
-                times[name].append((time.perf_counter() - start) / len(images))
-    result: Dict[str, Dict] = {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t}
-        for name, t in times.items()
-    }
+                setup[f"{name}_warmup_s"] = spent
+        workers = {name: InProcessSteps({"pass": p}) for name, p in passes.items()}
+        times = interleaved_times(workers, ("pass",), repeats, warmup=0)
+    result: Dict[str, Dict] = {}
+    for name in runs:
+        per_image = [t / len(images) for t in times[name]["pass"]]
+        result[name] = dict(summarize(per_image), times_s=per_image)
     result["setup"] = setup
     return result
 
@@ -123,15 +114,14 @@ def benchmark_runtimes(
 def format_table(result: Dict[str, Dict]) -> str:
     """A text table: one row per runtime, median and min seconds per image, and the speed-up
     over eager PyTorch (the detector's, or the backbone's for the backbone rows)."""
-    lines = [f"{'runtime':<16} {'median s/img':>13} {'min s/img':>10} {'speed-up':>9}"]
-    for name in RUNTIMES:
-        if name not in result:
-            continue
+    rows = []
+    for name in (n for n in RUNTIMES if n in result):
         r = result[name]
         base = result.get(_BASELINE.get(name, "pytorch_eager"), {}).get("median_s")
         ratio = f"{base / r['median_s']:.2f}x" if base else "-"
-        lines.append(f"{name:<16} {r['median_s']:>13.4f} {r['min_s']:>10.4f} {ratio:>9}")
-    return "\n".join(lines)
+        rows.append([name, f"{r['median_s']:.4f}", f"{r['iqr_s']:.4f}", f"{r['min_s']:.4f}", ratio])
+    header = ["runtime", "median s/img", "IQR s/img", "min s/img", "speed-up"]
+    return text_table(header, rows, markdown=False)
 
 
 def write_json(result: Dict[str, Dict], path: str) -> None:

@@ -1,46 +1,40 @@
-"""What the op, model and mimicking benchmarks share: the synthetic detection batch, the timing
-of repeated runs, the peak resident memory of a run, one fresh process per case, workers timed
-in interleaved rounds, and the table writer.
+"""The one timing harness of the benchmarks, the deploy benchmark and the GPU check.
 
-Timing: ``warmup`` untimed calls, then ``repeats`` calls each timed with ``time.perf_counter``;
-the benchmarks report every time and their median. (``torch.utils.benchmark.Timer`` would run
-one thread unless told otherwise and report block averages, not each run.)
-
-Peak memory: the process's resident-set high-water mark (Linux ``VmHWM``) is reset to the
-current resident set (``/proc/self/clear_refs``) just before the measured runs and read after
-them, so it counts every page torch touched during the runs (the allocator's freed-but-kept
-pages included) on top of what was resident before, and nothing from imports or model building.
-
-Interleaved rounds (:class:`StepWorker`, :func:`interleaved_times`): methods that must not share
-a process (allocator state, their libraries' thread pools) each get a persistent worker, and the
-parent asks them in turn for one timed run of a step, round after round. Every method then sees
-the same minutes of a shared, noisy host, so their ratios hold even when the host's speed
-drifts; one process per method run one after the other would give each its own minute.
+Steps (functions without arguments) are timed one call at a time with torch.utils.benchmark's
+clock (which synchronises the accelerator), in interleaved rounds across workers
+(:func:`interleaved_times`): every method sees the same minutes of a noisy host, so ratios hold
+when its speed drifts. Times are summarised by ``torch.utils.benchmark.Measurement`` (median,
+IQR); training steps go through the project's training loop (:func:`training_step`).
 """
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.utils.benchmark import Measurement
+from torch.utils.benchmark.utils.common import TaskSpec
+from torch.utils.benchmark.utils.timer import timer
 
 from .cli import UserInputError
 
 __all__ = [
     "InProcessSteps",
-    "PeakRSS",
+    "PeakMemory",
     "StepWorker",
+    "count_syncs",
     "detection_batch",
     "interleaved_times",
     "run_in_fresh_process",
     "serve_steps",
-    "sgd_step",
+    "summarize",
     "text_table",
-    "time_runs",
+    "time_call",
+    "training_step",
     "worker_main",
 ]
 
@@ -54,18 +48,10 @@ def detection_batch(
     num_classes: int = 80,
     seed: int = 0,
 ) -> List[Dict[str, Any]]:
-    """A fixed random batch in detectron2's input format.
-
-    Args:
-        num_images, height, width: the batch's size; images are float32 (3, height, width)
-            with integer values in [0, 255].
-        boxes_per_image: random ground-truth boxes per image (at least 16 px a side, inside the
-            image) under ``"instances"``, for training; 0 for inference (no ``"instances"``).
-        num_classes: classes of the random ``gt_classes``.
-        seed: the same seed gives the same batch.
-
-    Returns:
-        list[dict]: ``{"image", "height", "width"[, "instances"]}`` per image.
+    """A fixed random batch in detectron2's input format, the same for the same ``seed``: float32
+    (3, height, width) images of integers in [0, 255], and with ``boxes_per_image`` random
+    ground-truth boxes (at least 16 px a side, inside the image, ``num_classes`` classes) under
+    ``"instances"``, for training.
     """
     from detectron2.structures import Boxes, Instances
 
@@ -86,32 +72,72 @@ def detection_batch(
     return batch
 
 
-def time_runs(step: Callable[[], Any], warmup: int, repeats: int) -> List[float]:
-    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+def training_step(
+    model: torch.nn.Module,
+    batch: List[Dict[str, Any]],
+    *,
+    amp: bool = False,
+    lr: float = 0.0,
+    momentum: float = 0.9,
+) -> Callable[[], None]:
+    """One iteration of the project's training loop (:func:`dcnv2.engine.trainer.
+    build_training_loop`) on ``batch`` every call, with SGD on the trainable parameters.
 
+    lr 0 (the default) costs the same as a real step and keeps random weights finite.
+    The loop's ``storage`` (an ``EventStorage``) holds the logged losses.
+    """
+    from detectron2.utils.events import EventStorage
 
-def sgd_step(model: torch.nn.Module, batch: List[Dict[str, Any]], lr: float, momentum: float = 0.0):
-    """A function running one training iteration of ``model`` on ``batch``: forward (the loss
-    dict), backward of the summed losses and an SGD step. Call it inside an ``EventStorage``
-    (detectron2's training-mode models log to it)."""
+    from ..engine.trainer import build_training_loop
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    loop = build_training_loop(model.train(), itertools.repeat(batch), optimizer, amp=amp)
+    loop.storage = EventStorage(0)
 
     def step():
-        losses = model(batch)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+        with loop.storage:
+            loop.run_step()
+        loop.iter += 1
+        loop.storage.iter = loop.iter
 
+    loop.iter = 0
+    step.loop = loop
     return step
+
+
+def time_call(step: Callable[[], Any]) -> float:
+    """Seconds of one call of ``step``, the accelerator synchronised before and after."""
+    start = timer()
+    step()
+    return timer() - start
+
+
+def summarize(times: Sequence[float]) -> Dict[str, float]:
+    """``median_s``, ``iqr_s``, ``min_s``, ``max_s`` and ``runs`` of a series of seconds."""
+    m = Measurement(1, list(times), TaskSpec("step", "pass"))
+    return {"median_s": m.median, "iqr_s": m.iqr, "min_s": min(times), "max_s": max(times),
+            "runs": len(times)}  # fmt: skip
+
+
+def count_syncs(step: Callable[[], Any], cuda: bool = True) -> Dict[str, Any]:
+    """Host-device synchronisations in one call of ``step`` (``torch.cuda.set_sync_debug_mode``):
+    ``syncs``, all of them, and ``syncs_in_layers``, those whose warning points into
+    dcnv2/layers or detectron2/layers; "n/a" without ``cuda``."""
+    if not cuda:
+        return {"syncs": "n/a", "syncs_in_layers": "n/a"}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    found = [w.filename.replace("\\", "/") for w in caught if "synchroniz" in str(w.message)]
+    inside = [f for f in found if "dcnv2/layers" in f or "detectron2/layers" in f]
+    return {"syncs": len(found), "syncs_in_layers": len(inside)}
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -126,43 +152,52 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-class PeakRSS:
-    """Peak resident memory of the runs inside a ``with`` block (see the module docstring).
+class PeakMemory:
+    """Peak memory of the work inside a ``with`` block: on CUDA, ``max_memory_allocated``
+    (reset at the start); elsewhere the process's resident-set high-water mark (Linux
+    ``VmHWM``, reset to the current resident set through ``/proc/self/clear_refs``).
 
-    Attributes (MiB, None where ``/proc`` cannot tell): ``start_mib``, the resident set when the
-    block starts; ``peak_mib``, the high-water mark during the block (at least ``start_mib``);
-    ``run_only``, whether the mark was reset at the start (else it includes earlier peaks).
+    Attributes (MiB, None where it cannot be told): ``start_mib`` (at the start), ``peak_mib``
+    (at least ``start_mib``); ``run_only``: whether the mark was reset at the start.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: Any = "cpu") -> None:
+        self.device = torch.device(device)
         self.start_mib: Optional[float] = None
         self.peak_mib: Optional[float] = None
         self.run_only = False
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mib = torch.cuda.memory_allocated(self.device) / 2**20
+            self.run_only = True
+            return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
             self.run_only = True
         except OSError:
             self.run_only = False
-        # Read after the reset: the high-water mark then bounds it from above (the allocator may
-        # hand pages back between a read before the reset and the reset itself).
+        # Read after the reset: the high-water mark then bounds it from above.
         start = _status_kib("VmRSS")
         self.start_mib = None if start is None else start / 1024
         return self
 
     def __exit__(self, *exc) -> None:
-        peak = _status_kib("VmHWM")
-        if peak is None or self.start_mib is None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
             return
-        # The kernel's RSS counters are batched per CPU, so a later high-water mark can read a
-        # few pages below an earlier RSS; the peak is at least the size the block started at.
-        self.peak_mib = max(peak / 1024, self.start_mib)
+        peak = _status_kib("VmHWM")
+        if peak is not None and self.start_mib is not None:
+            # RSS counters are batched per CPU: a later mark can read a little below the start.
+            self.peak_mib = max(peak / 1024, self.start_mib)
 
     @property
     def growth_mib(self) -> Optional[float]:
-        """``peak_mib - start_mib``: what the runs added on top of the inputs and weights."""
+        """``peak_mib - start_mib``: what the block added on top of what was there."""
         if self.peak_mib is None or self.start_mib is None:
             return None
         return self.peak_mib - self.start_mib
@@ -171,9 +206,8 @@ class PeakRSS:
 def run_in_fresh_process(
     module: str, spec: Dict[str, Any], what: str, env: Optional[Dict[str, str]] = None
 ) -> Dict[str, Any]:
-    """``python -m <module> '<spec as JSON>'`` in a new process (so that no allocator state or
-    peak memory carries over from another case); its result is the JSON on the last line of
-    its stdout (see :func:`worker_main`). ``env``: variables added to the worker's environment.
+    """``python -m <module> '<spec as JSON>'`` in a new process; its result is the JSON on the
+    last line of its stdout (see :func:`worker_main`). ``env``: variables added for it.
 
     Raises:
         UserInputError: the worker failed; the message quotes its last error line.
@@ -192,8 +226,7 @@ def run_in_fresh_process(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# Marks the lines of a step worker's stdout that answer the parent; anything else a library
-# prints there is skipped.
+# Marks the lines of a step worker's stdout that answer the parent; other output is skipped.
 _REPLY = "@dcnv2-step "
 
 
@@ -203,26 +236,19 @@ def _reply(message: Dict[str, Any]) -> None:
 
 class InProcessSteps:
     """Steps (name -> function without arguments) timed in this process, one call at a time:
-    what :func:`interleaved_times` asks of a :class:`StepWorker`, for methods that can share a
-    process.
-
-    Attributes:
-        steps (list[str]): the steps' names.
-    """
+    the in-process counterpart of :class:`StepWorker` for :func:`interleaved_times`."""
 
     def __init__(self, steps: Dict[str, Callable[[], Any]]):
         self._steps = dict(steps)
         self.steps = list(self._steps)
 
     def time(self, step: str) -> float:
-        """Seconds of one call of ``step``."""
-        return time_runs(self._steps[step], 0, 1)[0]
+        return time_call(self._steps[step])
 
 
 def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
-    """The worker's side of :class:`StepWorker`: announces ``steps`` (name -> function), then
-    runs and times one call of the step named on each line of stdin, answering with its
-    seconds, until the line ``done``."""
+    """The worker's side of :class:`StepWorker`: announces ``steps``, then times one call of
+    the step named on each line of stdin, until the line ``done``."""
     local = InProcessSteps(steps)
     _reply({"steps": local.steps})
     for line in sys.stdin:
@@ -233,17 +259,12 @@ def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
 
 
 class StepWorker:
-    """A persistent worker process (``python -m <module> '<spec as JSON>'``, whose ``measure``
-    sets up the case and calls :func:`serve_steps`) that times one step at a time on request.
-
-    Use it as a context manager: leaving the block kills a worker that was not finished.
-
-    Attributes:
-        steps (list[str]): the steps the worker can run.
+    """A persistent worker process (``python -m <module> '<spec as JSON>'``, whose entry sets up
+    the case and calls :func:`serve_steps`) that times one step at a time on request. A context
+    manager: leaving the block kills a worker that was not finished.
 
     Raises:
-        UserInputError: the worker failed (at start, in a step, or at the end); the message
-            quotes its last error line.
+        UserInputError: the worker failed; the message quotes its last error line.
     """
 
     def __init__(
@@ -262,7 +283,6 @@ class StepWorker:
         self.steps: List[str] = self._answer()["steps"]
 
     def time(self, step: str) -> float:
-        """Seconds of one run of ``step`` in the worker."""
         self._send(step)
         return self._answer()["seconds"]
 
@@ -318,15 +338,13 @@ def interleaved_times(
     after_round: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Dict[str, List[float]]]:
     """Times of ``steps`` in every worker, in rounds: each round runs each step once in each
-    worker that has it, the workers in turn (their order rotated by one every round, so none is
-    always first after the others). The first ``warmup`` rounds are untimed.
+    worker that has it, the workers in turn, their order rotated by one every round.
 
     Args:
         workers: name -> :class:`StepWorker` or :class:`InProcessSteps` (anything with
             ``steps`` and ``time(step)``).
         steps: the steps to time, in the order each round runs them.
-        repeats: timed rounds.
-        warmup: untimed rounds before them.
+        repeats: timed rounds, after ``warmup`` untimed ones.
         after_round: called after every round (a progress bar's update).
 
     Returns:
@@ -358,22 +376,10 @@ def worker_main(measure: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
-    """The benchmarks' tables, cells as given (``str()`` of each).
+    """The one table writer (tabulate): a Markdown table, or aligned columns for a console."""
+    from tabulate import tabulate
 
-    Args:
-        header: column titles.
-        rows: one sequence of cells per row.
-        markdown: a Markdown table (``| a | b |``, cells unpadded, as pasted into the README);
-            else columns aligned with spaces for a console, the first one left-aligned and the
-            others right-aligned.
-    """
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(row) + " |" for row in cells]
-        lines.insert(1, "|" + "---|" * len(header))
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join(
-        " ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        for row in cells
-    )
+    align = None if markdown else ["left"] + ["right"] * (len(header) - 1)
+    cells = [["-" if c is None else str(c) for c in row] for row in rows]
+    fmt = "github" if markdown else "simple"
+    return tabulate(cells, list(header), fmt, disable_numparse=True, colalign=align)
