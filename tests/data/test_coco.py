@@ -11,10 +11,10 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from dcnv2 import get_cfg
+from dcnv2.config import load_config
 from dcnv2.data.coco import register_coco_datasets, register_config_datasets
 from dcnv2.data.synthetic import generate_synthetic_coco
 from dcnv2.errors import ConfigError
-from dcnv2.lazy_config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The json's own category ids, not 1..K: evaluation and the results file must keep them.

@@ -197,24 +197,24 @@ class CheckedTestLoader:
 
 
 def build_checked_test_loader(
-    dicts: List[dict],
+    dataset: List[dict],
     mapper: Callable,
     *,
     dataset_name: str,
     mode: str = "fail",
     num_workers: int = 0,
 ) -> CheckedTestLoader:
-    """detectron2's ``build_detection_test_loader`` over ``dicts`` (:func:`load_test_dicts`),
+    """detectron2's ``build_detection_test_loader`` (same arguments, usable with ``L(...)``)
     wrapped in a :class:`CheckedTestLoader`.
 
     Args:
-        dicts: the test set's dataset dicts.
+        dataset: the test set's dataset dicts (:func:`load_test_dicts`).
         mapper: maps a dict to the model's input (``DatasetMapper(cfg, False)``).
         dataset_name: for messages.
         mode: ``"fail"`` or ``"skip"`` (``DATASETS.DCNV2.ON_BAD_DATA``).
         num_workers: ``DATALOADER.NUM_WORKERS``.
     """
     loader = build_detection_test_loader(
-        dicts, mapper=_CatchImageErrors(mapper), num_workers=num_workers
+        dataset, mapper=_CatchImageErrors(mapper), num_workers=num_workers
     )
     return CheckedTestLoader(loader, dataset_name=dataset_name, skip=check_mode(mode) == "skip")

@@ -367,7 +367,7 @@ def load_training_dicts(
     The registered datasets are used as they are: the catalog is not changed.
 
     Args:
-        names: ``DATASETS.TRAIN``.
+        names: ``DATASETS.TRAIN`` (or one name).
         mode: ``DATASETS.DCNV2.ON_BAD_DATA``.
         filter_empty, min_keypoints, proposal_files: as ``get_detection_dataset_dicts``.
         mask_on: ``MODEL.MASK_ON``: whether the model reads the segmentations.
@@ -377,6 +377,7 @@ def load_training_dicts(
     """
     from detectron2.data import get_detection_dataset_dicts
 
+    names = [names] if isinstance(names, str) else list(names)
     reports = validate_datasets(names, (), mode) if mode == "skip" else {}
     reports.update(_polygon_reports([n for n in names if n not in reports]))
     for name, report in reports.items():
