@@ -80,7 +80,10 @@ def test_detectron2_model_zoo_resolves_its_configs():
 
 @pytest.mark.parametrize("name", [n for n in dcnv2.list_config_files() if n.endswith(".py")])
 def test_shipped_lazy_configs_name_dcnv2s_data_pieces(name):
-    loader = load_config(name).dataloader
+    cfg = load_config(name, ["train.on_bad_data=skip", "train.seed=5"])
+    loader = cfg.dataloader
+    assert loader.train.on_bad_data == loader.train.dataset.mode == loader.test.mode == "skip"
+    assert loader.train.seed == 5
     assert loader.train._target_ is build_resumable_train_loader
     assert loader.train.dataset._target_ is load_training_dicts
     assert loader.test._target_ is build_checked_test_loader

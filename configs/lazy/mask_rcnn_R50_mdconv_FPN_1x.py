@@ -19,16 +19,20 @@ optimizer = model_zoo.get_config("common/optim.py").SGD
 lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_1x
 train = model_zoo.get_config("common/train.py").train
 train.seed = -1  # of the data stream and the random draws; -1: a random one, saved in checkpoints
+# Bad annotation entries or unreadable images: "fail" (stop, naming them) or "skip" (warn, go on).
+train.on_bad_data = "fail"
 
 # detectron2's COCO loaders with dcnv2's pieces (same arguments): a training stream that resumes
-# exactly, images read without silent damage, malformed polygons and unreadable images named.
+# exactly, images read without silent damage, bad data named or skipped.
 dataloader.train._target_ = build_resumable_train_loader
-dataloader.train.seed = "${train.seed}"
+dataloader.train.update(seed="${train.seed}", on_bad_data="${train.on_bad_data}")
 dataloader.train.dataset._target_ = load_training_dicts
-dataloader.train.dataset.mask_on = "${..mapper.use_instance_mask}"
+dataloader.train.dataset.update(
+    mode="${train.on_bad_data}", mask_on="${..mapper.use_instance_mask}"
+)
 dataloader.train.mapper._target_ = DatasetMapper
 dataloader.test._target_ = build_checked_test_loader
-dataloader.test.dataset_name = "${.dataset.names}"
+dataloader.test.update(dataset_name="${.dataset.names}", mode="${train.on_bad_data}")
 dataloader.test.mapper._target_ = DatasetMapper
 
 # detectron2's ResNet with deformable 3x3 convs in res3-res5 (same stem, names and init).

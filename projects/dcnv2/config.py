@@ -335,7 +335,7 @@ class RunKeys:
         max_nonfinite_skips: iterations with a non-finite loss to skip before stopping.
         allow_unsafe_weights: unpickle any object when loading weights.
         allow_shape_mismatch: skip tensors that do not fit instead of failing (None: no key).
-        on_bad_data: "fail" or "skip" for bad training data (None: no key, always "fail").
+        on_bad_data: "fail" or "skip" for bad data (absent: "fail").
         lr, clip: where the learning rate and gradient clipping are set, for messages.
         coco_datasets: the user's COCO datasets to register (:mod:`dcnv2.data.coco`).
     """
@@ -381,7 +381,7 @@ LAZY_KEYS = RunKeys(
     max_nonfinite_skips="train.max_nonfinite_skips",
     allow_unsafe_weights="train.allow_unsafe_weights",
     allow_shape_mismatch=None,
-    on_bad_data=None,
+    on_bad_data="train.on_bad_data",
     lr="optimizer.lr, lr_multiplier's warmup",
     clip="detectron2.solver.build.maybe_add_gradient_clipping",
     coco_datasets="dataloader.coco_datasets",

@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
+from detectron2 import model_zoo
 from detectron2.config import instantiate
 from detectron2.data import DatasetMapper as D2DatasetMapper
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.modeling import GeneralizedRCNN
 
 from dcnv2.config import load_config
@@ -62,21 +61,18 @@ def test_lazy_loop_builds_the_loader_the_config_names(rel, tiny_dataset, tmp_pat
     assert isinstance(loader, ResumableTrainLoader) and loader.seed == 7
     assert isinstance(loader.dataset.mapper, DatasetMapper)
     assert len(next(iter(loader))) == 2
-    # A config naming detectron2's loader, mapper and dataset gets detectron2's pieces, and the
-    # run says once that its stream restarts on resume.
-    train = cfg.dataloader.train
-    train._target_ = build_detection_train_loader
-    train.dataset._target_ = get_detection_dataset_dicts
-    train.mapper._target_ = D2DatasetMapper
-    del train.seed, train.dataset.mask_on
+    # A config naming detectron2's loader, mapper and dataset (its common/data/coco.py) gets
+    # detectron2's pieces, and the run says once that its stream restarts on resume.
+    train = model_zoo.get_config("common/data/coco.py").dataloader.train
+    train.dataset.names = rel.DATASET
+    train.update(total_batch_size=2, num_workers=0)
+    train.mapper.augmentations = cfg.dataloader.train.mapper.augmentations
+    cfg.dataloader.train = train
     cfg.train.max_iter = 1
     with caplog.at_level(logging.INFO, logger="dcnv2.engine.lazy"):
         lazy.do_train(cfg, _Args(resume=False))
-    assert "The training loader is a AspectRatioGroupedDataset: its data stream restarts" in (
-        caplog.text
-    )
-    assert isinstance(instantiate(train), AspectRatioGroupedDataset)
-    assert type(instantiate(train.mapper)) is D2DatasetMapper
+    assert "training loader (AspectRatioGroupedDataset) restarts its data stream" in caplog.text
+    assert type(instantiate(cfg.dataloader.train.mapper)) is D2DatasetMapper
 
 
 def test_lazy_resume_equals_uninterrupted_run(rel, tiny_dataset, tmp_path):

@@ -317,7 +317,7 @@ def _train_loader_from_config(cfg, mapper: Optional[Callable] = None) -> dict:
         "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         "num_workers": cfg.DATALOADER.NUM_WORKERS,
         "seed": cfg.SEED,
-        "skip_bad_images": mode == "skip",
+        "on_bad_data": mode,
     }
 
 
@@ -331,7 +331,7 @@ def build_resumable_train_loader(
     aspect_ratio_grouping: bool = True,
     num_workers: int = 0,
     seed: Optional[int] = -1,
-    skip_bad_images: bool = False,
+    on_bad_data: str = "fail",
 ):
     """detectron2's ``build_detection_train_loader`` (same arguments, usable with ``L(...)``),
     built as a :class:`ResumableTrainLoader`; called with a YAML config, it reads
@@ -343,7 +343,7 @@ def build_resumable_train_loader(
 
     Args:
         seed: of the data stream; negative or None: one drawn and shared by all processes.
-        skip_bad_images: replace an unreadable image by the next one instead of stopping.
+        on_bad_data: "skip": replace an unreadable image by the next one; "fail": stop.
     """
     if sampler is not None or not isinstance(dataset, list):
         return build_detection_train_loader(
@@ -361,5 +361,5 @@ def build_resumable_train_loader(
         seed=int(seed) if seed is not None and seed >= 0 else comm.shared_random_seed(),
         aspect_ratio_grouping=aspect_ratio_grouping,
         num_workers=num_workers,
-        skip_bad_images=skip_bad_images,
+        skip_bad_images=on_bad_data == "skip",
     )

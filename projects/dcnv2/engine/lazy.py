@@ -1,10 +1,7 @@
-"""Training and evaluation from a LazyConfig (``.py``) file: detectron2's
-``tools/lazyconfig_train_net.py`` loop with the YAML ``Trainer``'s reliability (safe weights,
-atomic checkpoints, non-finite-loss guard, preemption, AMP on any device).
-
-``instantiate`` builds exactly what the config names. A training loader that is a
-:class:`~dcnv2.data.resumable.ResumableTrainLoader` (``build_resumable_train_loader``) resumes
-its data stream exactly; any other restarts it on ``--resume``.
+"""Training and evaluation from a LazyConfig (``.py``): detectron2's ``lazyconfig_train_net.py``
+loop with the YAML ``Trainer``'s reliability (safe weights, atomic checkpoints, non-finite-loss
+guard, preemption, AMP on any device). ``instantiate`` builds exactly what the config names; a
+:class:`~dcnv2.data.resumable.ResumableTrainLoader` resumes its data stream exactly.
 """
 
 import logging
@@ -69,9 +66,9 @@ def do_train(cfg, args) -> None:
     else:
         data_hook = None
         logger.info(
-            f"The training loader is a {type(train_loader).__name__}: its data stream restarts "
-            "when the run is resumed (dcnv2.data.resumable.build_resumable_train_loader resumes "
-            "exactly)."
+            f"The training loader ({type(train_loader).__name__}) restarts its data stream when "
+            "the run is resumed; dcnv2.data.resumable.build_resumable_train_loader resumes it "
+            "exactly."
         )
 
     model = create_ddp_model(model, **cfg.train.ddp)
