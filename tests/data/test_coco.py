@@ -117,6 +117,8 @@ def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir, tiny_train_ne
     opts += [
         "SOLVER.MAX_ITER",
         "2",
+        "SOLVER.WARMUP_ITERS",
+        "2",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
         "0.0",
         "OUTPUT_DIR",
