@@ -188,16 +188,11 @@ def _all_keys(node, prefix: str = "") -> List[str]:
 def _non_finite_value(msg: str) -> Optional[str]:
     # yacs keeps "nan"/"inf" as strings: "Type mismatch (<class 'float'> vs. <class 'str'>)
     # with values (0.02 vs. nan) for config key: SOLVER.BASE_LR".
-    found = re.search(r"\(<class 'float'> vs\. <class 'str'>\) with values \((.*) vs\. (.*)\) "
-                      r"for config key: (\S+)", msg)  # fmt: skip
+    found = re.search(r"'float'> vs\. <class 'str'>\) with values \((.*) vs\. ([-+]?(?:nan|inf"
+                      r"|infinity))\) for config key: (\S+)", msg, re.IGNORECASE)  # fmt: skip
     if found is None:
         return None
     default, value, key = found.groups()
-    try:
-        if math.isfinite(float(value)):
-            return None
-    except ValueError:
-        return None
     return f"{key}: {value!r} is not a finite number; expected a float like {default}"
 
 
