@@ -49,6 +49,7 @@ from torch.multiprocessing import ProcessExitedException  # noqa: E402
 
 import dcnv2  # noqa: E402
 from dcnv2.checkpoint import build_checkpointer  # noqa: E402
+from dcnv2.config import is_lazy_config  # noqa: E402
 from dcnv2.engine import Trainer, lazy  # noqa: E402
 from dcnv2.engine.eval_output import evaluated_weights, record_eval_weights  # noqa: E402
 from dcnv2.engine.launch import resolve_launch, run_in_cluster  # noqa: E402
@@ -56,7 +57,6 @@ from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals  # noqa: 
 from dcnv2.engine.preflight import check_before_launch, report_user_errors  # noqa: E402
 from dcnv2.engine.setup import setup_run  # noqa: E402
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error  # noqa: E402
-from dcnv2.lazy_config import is_lazy_config  # noqa: E402
 from dcnv2.quiet import known_messages_silenced  # noqa: E402
 
 

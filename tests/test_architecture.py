@@ -208,15 +208,14 @@ def test_an_unexpected_error_keeps_its_traceback():
 
 
 def test_lazyconfig_runs_name_their_own_keys_in_preflight_messages():
-    from dcnv2.dialects import LAZY_KEYS, YAML_KEYS, run_keys
+    from dcnv2.config import LAZY_KEYS, YAML_KEYS, cfg_get, load_config, run_keys
     from dcnv2.engine.preflight import check_devices
     from dcnv2.errors import LaunchError
-    from dcnv2.lazy_config import load_config
 
     cfg = load_config("lazy/mask_rcnn_R50_mdconv_FPN_1x.py", ["train.device=cpu"])
     assert run_keys(cfg) is LAZY_KEYS and run_keys(dcnv2.get_cfg()) is YAML_KEYS
-    assert LAZY_KEYS.value(cfg, LAZY_KEYS.device) == "cpu"
-    assert LAZY_KEYS.value(cfg, LAZY_KEYS.max_nonfinite_skips, 0) == 0  # absent: the default
+    assert cfg_get(cfg, LAZY_KEYS.device) == "cpu"
+    assert cfg_get(cfg, LAZY_KEYS.max_nonfinite_skips, 0) == 0  # absent: the default
     with pytest.raises(LaunchError, match=r"train.device is 'nonsense'"):
         check_devices("nonsense", 1, LAZY_KEYS)
     with pytest.raises(LaunchError, match=r"MODEL.DEVICE is 'nonsense'"):

@@ -146,7 +146,8 @@ def test_missing_coco_is_one_clear_error_before_any_model(tmp_path):
 
 
 def test_two_cpu_processes_train_through_launch(datasets_root, tmp_path, tiny_train_net):
-    opts = ["SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
+    opts = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "3", "DATASETS.TEST", "()"]
+    opts += ["OUTPUT_DIR", str(tmp_path)]
     args = ["--config-file", QUICK, "--num-gpus", "2", "--dist-url", "auto"]
     out = _ok(run_train_net([*args, *tiny_train_net, *opts], datasets_root))
     # Both ranks ran; DefaultTrainer wraps the model in DDP whenever the world size is > 1.

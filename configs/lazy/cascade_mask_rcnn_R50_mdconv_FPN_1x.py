@@ -4,12 +4,12 @@
 # Expected: about 44.4 box AP / 38.6 mask AP; no published number for this exact recipe
 # (MMDetection's DCNv1 cascade_mask_rcnn_r50_fpn_dconv_c3-c5_1x_coco: 44.4 / 38.6).
 # ruff: noqa: F401  (names imported from the parent recipe are this config's keys)
-from dcnv2.lazy_config import get_detectron2_config
+from detectron2 import model_zoo
 
 from .mask_rcnn_R50_mdconv_FPN_1x import dataloader, lr_multiplier
 from .mask_rcnn_R50_mdconv_FPN_1x import model as _mask_rcnn  # "_": not a config key
 from .mask_rcnn_R50_mdconv_FPN_1x import optimizer, train
 
-model = get_detectron2_config("common/models/cascade_rcnn.py").model
+model = model_zoo.get_config("common/models/cascade_rcnn.py").model
 model.backbone.bottom_up.stages = _mask_rcnn.backbone.bottom_up.stages
 model.proposal_generator.post_nms_topk = (2000, 1000)  # as detectron2's Cascade R-CNN recipes

@@ -4,14 +4,13 @@
 # 37.4 box AP (detectron2 MODEL_ZOO.md) and mdconv in c3-c5 adds 4.0 to Faster R-CNN in
 # MMDetection (41.4 vs 37.4): roughly 40-41 expected, an estimate, not a measurement.
 # ruff: noqa: F401  (names imported from the parent recipe are this config's keys)
-from dcnv2.lazy_config import get_detectron2_config
+from detectron2 import model_zoo
 
-from .mask_rcnn_R50_mdconv_FPN_1x import lr_multiplier
+from .mask_rcnn_R50_mdconv_FPN_1x import dataloader, lr_multiplier
 from .mask_rcnn_R50_mdconv_FPN_1x import model as _mask_rcnn  # "_": not a config key
 from .mask_rcnn_R50_mdconv_FPN_1x import optimizer, train
 
-model = get_detectron2_config("common/models/retinanet.py").model
+model = model_zoo.get_config("common/models/retinanet.py").model
 model.backbone.bottom_up.stages = _mask_rcnn.backbone.bottom_up.stages
-dataloader = get_detectron2_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False
 optimizer.lr = 0.01  # RetinaNet's, as detectron2's COCO-Detection/retinanet_R_50_FPN_1x.py

@@ -1,22 +1,43 @@
-"""The project's config keys: ``add_dcnv2_config(cfg)`` adds them, under ``MODEL.DCNV2`` (and
-``DATASETS.DCNV2``, ``SOLVER.DCNV2`` for the reliability options).
+"""dcnv2's config keys, and the reading of a run's config: YAML (``CfgNode``) or LazyConfig.
 
-Which stages are deformable and how is said with detectron2's own keys:
-``MODEL.RESNETS.DEFORM_ON_PER_STAGE``, ``DEFORM_MODULATED`` (True: DCNv2) and
-``DEFORM_NUM_GROUPS``.
+``add_dcnv2_config``/``get_cfg`` add the project's YAML keys; ``load_config`` loads a LazyConfig
+with checked ``key=value`` overrides. :func:`cfg_get` reads a dotted key of either dialect, and
+:class:`RunKeys` names the keys a run's settings come from in each. :func:`check_solver` rejects
+numeric settings a run cannot work with, before anything is written.
 """
 
 import contextlib
 import difflib
+import inspect
+import math
 import re
-from typing import Iterable, Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import LazyConfig
+from omegaconf import OmegaConf
 
 from .errors import ConfigError, ConfigFileNotFoundError
 
-__all__ = ["add_dcnv2_config", "closest_keys", "config_errors", "get_cfg"]
+__all__ = [
+    "LAZY_KEYS",
+    "OPTIONAL_KEYS",
+    "YAML_KEYS",
+    "RunKeys",
+    "add_dcnv2_config",
+    "cfg_get",
+    "check_override_keys",
+    "check_solver",
+    "closest_keys",
+    "config_errors",
+    "datasets_used",
+    "get_cfg",
+    "is_lazy_config",
+    "load_config",
+    "run_keys",
+]
 
 
 def add_dcnv2_config(cfg: CN) -> CN:
@@ -106,6 +127,27 @@ def get_cfg(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
     return cfg
 
 
+def is_lazy_config(config_file: str) -> bool:
+    """True for a LazyConfig (Python) file, False for a YAML config."""
+    return config_file.endswith(".py")
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """Load a LazyConfig file and apply ``key=value`` overrides (:func:`check_override_keys`).
+
+    Args:
+        config_file: a ``.py`` config: a path, or a name under the package's ``configs/``
+            (``"lazy/mask_rcnn_R50_mdconv_FPN_1x.py"``).
+        opts: overrides such as ``["train.max_iter=10", "train.device=cpu"]``.
+    """
+    from .model_zoo import resolve_config_file
+
+    if not is_lazy_config(config_file):
+        raise ValueError(f"{config_file!r} is not a LazyConfig file: expected a .py file")
+    cfg = LazyConfig.load(resolve_config_file(config_file))
+    return LazyConfig.apply_overrides(cfg, check_override_keys(cfg, opts))
+
+
 def closest_keys(key: str, valid: Iterable[str], n: int = 3) -> List[str]:
     """The valid config keys closest to a mistyped ``key`` (full dotted names), best first.
 
@@ -129,14 +171,29 @@ def closest_keys(key: str, valid: Iterable[str], n: int = 3) -> List[str]:
     return out[:n]
 
 
-def _all_keys(cfg, prefix: str = "") -> List[str]:
+def _all_keys(node, prefix: str = "") -> List[str]:
+    """Every dotted key of a ``CfgNode`` or LazyConfig, nodes and leaves."""
     keys = []
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            keys += _all_keys(v, f"{prefix}{k}.")
-        else:
-            keys.append(f"{prefix}{k}")
+    for k in node.keys():
+        keys.append(f"{prefix}{k}")
+        try:
+            value = node[k]
+        except Exception:  # a LazyConfig interpolation that does not resolve yet
+            continue
+        if isinstance(value, dict) or OmegaConf.is_dict(value):
+            keys += _all_keys(value, f"{prefix}{k}.")
     return keys
+
+
+def _non_finite_value(msg: str) -> Optional[str]:
+    # yacs keeps "nan"/"inf" as strings: "Type mismatch (<class 'float'> vs. <class 'str'>)
+    # with values (0.02 vs. nan) for config key: SOLVER.BASE_LR".
+    found = re.search(r"'float'> vs\. <class 'str'>\) with values \((.*) vs\. ([-+]?(?:nan|inf"
+                      r"|infinity))\) for config key: (\S+)", msg, re.IGNORECASE)  # fmt: skip
+    if found is None:
+        return None
+    default, value, key = found.groups()
+    return f"{key}: {value!r} is not a finite number; expected a float like {default}"
 
 
 @contextlib.contextmanager
@@ -170,4 +227,247 @@ def config_errors(cfg, source: str) -> Iterator[None]:
             ) from None
         raise ConfigError(f"Config key problem in {source}: {msg}") from None
     except ValueError as e:  # yacs: "Type mismatch (...) with values (...) for config key: K"
-        raise ConfigError(f"Bad config value in {source}: {e}") from None
+        message = _non_finite_value(str(e))
+        raise ConfigError(message or f"Bad config value in {source}: {e}") from None
+
+
+# Keys dcnv2 reads from a LazyConfig when they are set, which the shipped configs may leave out.
+OPTIONAL_KEYS = (
+    "train.seed",
+    "train.max_nonfinite_skips",
+    "train.allow_unsafe_weights",
+    "dataloader.coco_datasets",
+)
+
+
+def _target_accepts(target: Any, name: str) -> bool:
+    # Whether the callable of a LazyCall node takes an argument ``name`` it leaves at its default.
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        try:
+            target = locate(target)
+        except Exception:  # an unimportable target fails in instantiate, with its own message
+            return True
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _known(cfg, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not OmegaConf.is_config(node):
+        return False
+    if OmegaConf.is_list(node):
+        return leaf.isdigit() and int(leaf) < len(node)
+    if leaf in node:
+        return True
+    target = node.get("_target_", None)
+    return target is not None and _target_accepts(target, leaf)
+
+
+def check_override_keys(cfg, opts: Sequence[str], source: Optional[str] = None) -> List[str]:
+    """Refuse ``key=value`` overrides of keys the LazyConfig does not have, as YAML configs do.
+
+    A key is known when the config has it, when it is an argument of the callable of the
+    ``LazyCall`` node above it, or when it is one of :data:`OPTIONAL_KEYS`. ``+key=value`` adds
+    a new key on purpose (Hydra's syntax).
+
+    Returns:
+        The overrides to apply (``+`` removed).
+
+    Raises:
+        ConfigError: an unknown key, naming the closest valid one; an override without ``=``.
+    """
+    source = source or "the command line"
+    out = []
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"Bad LazyConfig override {opt!r} on {source}: expected key=value, e.g. "
+                "train.max_iter=1000"
+            )
+        if key.startswith("+"):
+            out.append(f"{key[1:]}={value}")
+            continue
+        if key not in OPTIONAL_KEYS and not _known(cfg, key):
+            close = closest_keys(key, _all_keys(cfg) + list(OPTIONAL_KEYS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {key} in {opt!r} on {source}{hint} (+{key}=... adds a new "
+                "key on purpose)"
+            )
+        out.append(opt)
+    return out
+
+
+def cfg_get(cfg, key: Optional[str], default: Any = None) -> Any:
+    """The value of the dotted ``key`` (``"SOLVER.MAX_ITER"``, ``"train.max_iter"``) in a
+    ``CfgNode`` or LazyConfig, or ``default`` when ``key`` is None or a part of it is absent."""
+    if key is None:
+        return default
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part, None) if node is not None else None
+        if node is None:
+            return default
+    return node
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The dotted keys (read with :func:`cfg_get`) a run's settings come from in one dialect.
+
+    Attributes:
+        device, output_dir, weights, seed: the model's device, the output folder, the initial
+            weights, the random seed.
+        checkpoint_period, cudnn_benchmark: how often checkpoints are written; cuDNN autotuning.
+        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping.
+        allow_unsafe_weights: unpickle any object when loading weights.
+        allow_shape_mismatch: skip tensors that do not fit instead of failing (None: no key).
+        on_bad_data: "fail" or "skip" for bad data (absent: "fail").
+        lr, clip: where the learning rate and gradient clipping are set, for messages.
+        coco_datasets: the user's COCO datasets to register (:mod:`dcnv2.data.coco`).
+    """
+
+    device: str
+    output_dir: str
+    weights: str
+    seed: str
+    checkpoint_period: str
+    cudnn_benchmark: str
+    max_nonfinite_skips: str
+    allow_unsafe_weights: str
+    allow_shape_mismatch: Optional[str]
+    on_bad_data: Optional[str]
+    lr: str
+    clip: str
+    coco_datasets: str
+
+
+YAML_KEYS = RunKeys(
+    device="MODEL.DEVICE",
+    output_dir="OUTPUT_DIR",
+    weights="MODEL.WEIGHTS",
+    seed="SEED",
+    checkpoint_period="SOLVER.CHECKPOINT_PERIOD",
+    cudnn_benchmark="CUDNN_BENCHMARK",
+    max_nonfinite_skips="SOLVER.DCNV2.MAX_NONFINITE_SKIPS",
+    allow_unsafe_weights="MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS",
+    allow_shape_mismatch="MODEL.DCNV2.ALLOW_SHAPE_MISMATCH",
+    on_bad_data="DATASETS.DCNV2.ON_BAD_DATA",
+    lr="SOLVER.BASE_LR, SOLVER.WARMUP_ITERS",
+    clip="SOLVER.CLIP_GRADIENTS",
+    coco_datasets="DATASETS.DCNV2.COCO",
+)
+
+LAZY_KEYS = RunKeys(
+    device="train.device",
+    output_dir="train.output_dir",
+    weights="train.init_checkpoint",
+    seed="train.seed",
+    checkpoint_period="train.checkpointer.period",
+    cudnn_benchmark="train.cudnn_benchmark",
+    max_nonfinite_skips="train.max_nonfinite_skips",
+    allow_unsafe_weights="train.allow_unsafe_weights",
+    allow_shape_mismatch=None,
+    on_bad_data="train.on_bad_data",
+    lr="optimizer.lr, lr_multiplier's warmup",
+    clip="detectron2.solver.build.maybe_add_gradient_clipping",
+    coco_datasets="dataloader.coco_datasets",
+)
+
+
+def run_keys(cfg) -> RunKeys:
+    """:data:`YAML_KEYS` for a ``CfgNode``, :data:`LAZY_KEYS` for a LazyConfig."""
+    return YAML_KEYS if isinstance(cfg, CN) else LAZY_KEYS
+
+
+def _lazy_names(cfg, split: str) -> Tuple[str, ...]:
+    names = cfg_get(cfg, f"dataloader.{split}.dataset.names", ())
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def datasets_used(cfg) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """The registered dataset names a run of ``cfg`` reads.
+
+    Returns:
+        (train, test): ``DATASETS.TRAIN`` and ``DATASETS.TEST`` of a YAML config, or the
+        ``names`` of ``dataloader.train.dataset`` and ``dataloader.test.dataset`` of a
+        LazyConfig (empty for a loader it does not define).
+    """
+    if isinstance(cfg, CN):
+        return tuple(cfg.DATASETS.TRAIN), tuple(cfg.DATASETS.TEST)
+    return _lazy_names(cfg, "train"), _lazy_names(cfg, "test")
+
+
+def _check_number(cfg, key: str, expected: str, low: float = 0, integer: bool = False) -> Any:
+    # ``key``'s value when absent or a number >= low (an int when ``integer``); else ConfigError.
+    value = cfg_get(cfg, key)
+    if value is None or isinstance(value, str):
+        return value  # absent, or not a plain number (checked where it is used)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value >= low and (not integer or value == int(value))
+    if not ok:
+        raise ConfigError(f"{key} is {value!r}; expected {expected}")
+    return value
+
+
+def _check_steps(steps, key: str, max_iter: Optional[int] = None) -> None:
+    steps = list(steps or ())
+    if not all(a < b for a, b in zip([0] + steps, steps)):
+        raise ConfigError(f"{key} is {tuple(steps)}; expected increasing positive iterations")
+    if max_iter in steps:  # fvcore's scheduler refuses it; steps after the run are ignored
+        raise ConfigError(
+            f"{key} is {tuple(steps)}, a step at the run's last iteration (SOLVER.MAX_ITER "
+            f"{max_iter}); expected steps below {max_iter}"
+        )
+
+
+def check_solver(cfg) -> None:
+    """Reject numeric training settings a run cannot work with: fewer than 1 iteration, a
+    learning rate or weight decay that is negative or not finite, learning-rate steps that are
+    not increasing or fall on the last iteration, a warm-up longer than the run (more than
+    ``SOLVER.MAX_ITER`` iterations, or a ``warmup_length`` fraction above 1), a batch or
+    checkpoint period below 1.
+
+    Raises:
+        ConfigError: the first such setting, naming its key and what was expected.
+    """
+    if isinstance(cfg, CN):
+        max_iter = _check_number(cfg, "SOLVER.MAX_ITER", "at least 1 iteration", 1, True)
+        _check_number(cfg, "SOLVER.BASE_LR", "a finite learning rate >= 0, like 0.02")
+        for key in ("WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS", "MOMENTUM"):
+            _check_number(cfg, f"SOLVER.{key}", "a finite number >= 0, like 0.0001")
+        _check_number(cfg, "SOLVER.IMS_PER_BATCH", "at least 1 image per batch", 1, True)
+        _check_number(cfg, "SOLVER.CHECKPOINT_PERIOD", "at least 1 iteration", 1, True)
+        warmup = _check_number(cfg, "SOLVER.WARMUP_ITERS", "0 or more iterations", 0, True)
+        _check_number(cfg, "SOLVER.WARMUP_FACTOR", "a finite factor >= 0, like 0.001")
+        if warmup > max_iter:
+            raise ConfigError(
+                f"SOLVER.WARMUP_ITERS {warmup} is longer than the run (SOLVER.MAX_ITER "
+                f"{max_iter}): the learning rate would never reach SOLVER.BASE_LR; expected at "
+                f"most {max_iter}"
+            )
+        if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
+            _check_steps(cfg.SOLVER.STEPS, "SOLVER.STEPS", max_iter)
+        return
+    _check_number(cfg, "train.max_iter", "at least 1 iteration", 1, True)
+    _check_number(cfg, "optimizer.lr", "a finite learning rate >= 0, like 0.02")
+    _check_number(cfg, "optimizer.weight_decay", "a finite number >= 0, like 0.0001")
+    _check_number(cfg, "dataloader.train.total_batch_size", "at least 1 image", 1, True)
+    _check_number(cfg, "train.checkpointer.period", "at least 1 iteration", 1, True)
+    warmup = _check_number(cfg, "lr_multiplier.warmup_length", "a fraction of the run, 0 to 1")
+    if warmup is not None and warmup > 1:
+        raise ConfigError(
+            f"lr_multiplier.warmup_length is {warmup!r}: longer than the run; expected a "
+            "fraction of the run from 0 to 1, like 0.01"
+        )
+    milestones = cfg_get(cfg, "lr_multiplier.scheduler.milestones")
+    if milestones is not None:
+        _check_steps(milestones, "lr_multiplier.scheduler.milestones", None)

@@ -11,10 +11,10 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from dcnv2 import get_cfg
+from dcnv2.config import load_config
 from dcnv2.data.coco import register_coco_datasets, register_config_datasets
 from dcnv2.data.synthetic import generate_synthetic_coco
 from dcnv2.errors import ConfigError
-from dcnv2.lazy_config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The json's own category ids, not 1..K: evaluation and the results file must keep them.
@@ -116,6 +116,8 @@ def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir, tiny_train_ne
     opts += ["DATASETS.TEST", "('my_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
     opts += [
         "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.WARMUP_ITERS",
         "2",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
         "0.0",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from detectron2.engine import default_argument_parser
 
+from dcnv2.config import load_config
 from dcnv2.engine.preflight import check_before_launch, check_eval_weights
 from dcnv2.errors import WeightsError
-from dcnv2.lazy_config import load_config
 
 QUICK = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"  # MODEL.WEIGHTS ""
 IMAGENET = "faster_rcnn_R50_mdconv_FPN_1x.yaml"  # MODEL.WEIGHTS detectron2://ImageNetPretrained/...

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcnv2 import get_cfg
-from dcnv2.dialects import LAZY_KEYS
+from dcnv2.config import LAZY_KEYS
 from dcnv2.engine import preflight as preflight_mod
 from dcnv2.engine.preflight import check_weights, preflight
 from dcnv2.errors import DCNv2Error, WeightsError

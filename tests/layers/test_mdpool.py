@@ -15,8 +15,8 @@ from detectron2.utils.events import EventStorage
 from torchvision.ops import roi_align
 
 import dcnv2
+from dcnv2.config import load_config
 from dcnv2.layers import ModulatedDeformRoIAlign, deform_roi_align
-from dcnv2.lazy_config import load_config
 from dcnv2.modeling import DeformableROIPooler
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)

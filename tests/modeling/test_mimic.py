@@ -10,7 +10,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import dcnv2
-from dcnv2.lazy_config import load_config
+from dcnv2.config import load_config
 from dcnv2.modeling import DeformableROIPooler
 from dcnv2.modeling.mimic import (
     MimicGeneralizedRCNN,

@@ -129,12 +129,12 @@ def test_skip_evaluates_the_other_images_and_says_which(rel, tmp_path):
 
 
 def test_lazy_config_loaders_read_images_with_dcnv2s_mapper_and_checks(rel, tmp_path):
+    from detectron2.config import instantiate
     from detectron2.data.datasets import register_coco_instances
 
+    from dcnv2.config import load_config
     from dcnv2.data.mapper import DatasetMapper
-    from dcnv2.engine import lazy
     from dcnv2.errors import ImageReadError
-    from dcnv2.lazy_config import load_config
 
     json_file, image_root = _dataset(rel, tmp_path / "data", [_truncated])
     name = "_eval_bad_images_lazy"
@@ -146,11 +146,11 @@ def test_lazy_config_loaders_read_images_with_dcnv2s_mapper_and_checks(rel, tmp_
         cfg.dataloader.train.update(num_workers=0, total_batch_size=2)
         cfg.dataloader.train.dataset.names = name
         cfg.train.seed = 1
-        loader = lazy.build_test_loader(cfg)
+        loader = instantiate(cfg.dataloader.test)
         with pytest.raises(ImageReadError, match=f"Cannot read image {image_root}/001.png of "):
             for _ in loader:
                 pass
-        train_loader, _ = lazy.build_train_loader(cfg)
+        train_loader = instantiate(cfg.dataloader.train)
         assert isinstance(train_loader.dataset.mapper, DatasetMapper)
         assert len(train_loader.dataset.dicts) == 6
     finally:

@@ -1,18 +1,23 @@
-"""The LazyConfig training loop has the YAML Trainer's reliability: a resumed run continues the
-data stream, augmentations, random sampling and LR schedule exactly, and non-finite losses stop
-the run with a clear message or are skipped up to ``train.max_nonfinite_skips``."""
+"""The LazyConfig training loop builds what its config names and has the YAML Trainer's
+reliability: with dcnv2's resumable loader a resumed run continues the data stream,
+augmentations, random sampling and LR schedule exactly, and non-finite losses stop the run with a
+clear message or are skipped up to ``train.max_nonfinite_skips``."""
 
 import logging
 import shutil
 
 import pytest
 import torch
+from detectron2 import model_zoo
+from detectron2.config import instantiate
+from detectron2.data import DatasetMapper as D2DatasetMapper
 from detectron2.modeling import GeneralizedRCNN
 
+from dcnv2.config import load_config
+from dcnv2.data.mapper import DatasetMapper
 from dcnv2.data.resumable import ResumableTrainLoader
 from dcnv2.engine import lazy
 from dcnv2.errors import NonFiniteLossError
-from dcnv2.lazy_config import load_config
 
 
 class _Args:
@@ -50,21 +55,24 @@ def _tiny_lazy_cfg(dataset, output_dir, max_iter=4):
     return cfg
 
 
-def test_lazy_loop_builds_the_resumable_loader(rel, tiny_dataset, tmp_path, caplog):
+def test_lazy_loop_builds_the_loader_the_config_names(rel, tiny_dataset, tmp_path, caplog):
     cfg = _tiny_lazy_cfg(rel.DATASET, tmp_path)
-    loader, seed = lazy.build_train_loader(cfg)
-    assert isinstance(loader, ResumableTrainLoader) and seed == loader.seed == 7
+    loader = instantiate(cfg.dataloader.train)  # build_resumable_train_loader, seed ${train.seed}
+    assert isinstance(loader, ResumableTrainLoader) and loader.seed == 7
+    assert isinstance(loader.dataset.mapper, DatasetMapper)
     assert len(next(iter(loader))) == 2
-    # A custom sampler keeps detectron2's loader, with a warning that resume restarts it.
-    cfg.dataloader.train.sampler = {
-        "_target_": "detectron2.data.samplers.TrainingSampler",
-        "size": 6,
-        "seed": 0,
-    }
-    with caplog.at_level(logging.WARNING, logger="dcnv2.engine.lazy"):
-        loader, _ = lazy.build_train_loader(cfg)
-    assert not isinstance(loader, ResumableTrainLoader)
-    assert "its sampler" in caplog.text and "restarts when a run is resumed" in caplog.text
+    # A config naming detectron2's loader, mapper and dataset (its common/data/coco.py) gets
+    # detectron2's pieces, and the run says once that its stream restarts on resume.
+    train = model_zoo.get_config("common/data/coco.py").dataloader.train
+    train.dataset.names = rel.DATASET
+    train.update(total_batch_size=2, num_workers=0)
+    train.mapper.augmentations = cfg.dataloader.train.mapper.augmentations
+    cfg.dataloader.train = train
+    cfg.train.max_iter = 1
+    with caplog.at_level(logging.INFO, logger="dcnv2.engine.lazy"):
+        lazy.do_train(cfg, _Args(resume=False))
+    assert "training loader (AspectRatioGroupedDataset) restarts its data stream" in caplog.text
+    assert type(instantiate(cfg.dataloader.train.mapper)) is D2DatasetMapper
 
 
 def test_lazy_resume_equals_uninterrupted_run(rel, tiny_dataset, tmp_path):

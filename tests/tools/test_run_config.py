@@ -128,7 +128,7 @@ def test_weights_without_a_run_config_need_config_file(run_dir, tmp_path):
 def test_lazy_runs_config_is_refused_in_one_line(tmp_path):
     from detectron2.config import LazyConfig
 
-    from dcnv2.lazy_config import load_config
+    from dcnv2.config import load_config
 
     run = tmp_path / "lazy_run"
     run.mkdir()

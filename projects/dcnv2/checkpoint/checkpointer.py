@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..dialects import YAML_KEYS, RunKeys, run_keys
+from ..config import YAML_KEYS, RunKeys, cfg_get, run_keys
 from ..errors import WeightsError
 from .atomic import AtomicCheckpointMixin
 from .integrity import (
@@ -165,8 +165,8 @@ def build_checkpointer(cfg, model, save_dir: str = "", **checkpointables: Any) -
     return DCNv2Checkpointer(
         model,
         save_dir,
-        allow_unsafe=bool(keys.value(cfg, keys.allow_unsafe_weights, False)),
-        allow_shape_mismatch=bool(keys.value(cfg, keys.allow_shape_mismatch, False)),
+        allow_unsafe=bool(cfg_get(cfg, keys.allow_unsafe_weights, False)),
+        allow_shape_mismatch=bool(cfg_get(cfg, keys.allow_shape_mismatch, False)),
         keys=keys,
         **checkpointables,
     )

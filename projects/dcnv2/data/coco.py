@@ -10,7 +10,7 @@ from typing import Any, List, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from ..dialects import run_keys
+from ..config import cfg_get, run_keys
 from ..errors import AnnotationError, ConfigError
 
 __all__ = [
@@ -86,7 +86,7 @@ def register_config_datasets(cfg) -> List[str]:
     """:func:`register_coco_datasets` for the datasets a YAML config (``DATASETS.DCNV2.COCO``) or a
     LazyConfig (``dataloader.coco_datasets``) names."""
     keys = run_keys(cfg)
-    return register_coco_datasets(keys.value(cfg, keys.coco_datasets, ()), keys.coco_datasets)
+    return register_coco_datasets(cfg_get(cfg, keys.coco_datasets, ()), keys.coco_datasets)
 
 
 def load_category_metadata(name: str):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.data import DatasetFromList, MetadataCatalog, build_detection_train_loader
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
@@ -278,20 +279,9 @@ def build_train_mapper(cfg) -> DatasetMapper:
     return DatasetMapper(cfg, True, augmentations=build_train_augmentation(cfg))
 
 
-def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
-    """A :class:`ResumableTrainLoader` over ``DATASETS.TRAIN`` (:func:`load_training_dicts`,
-    ``DATASETS.DCNV2.ON_BAD_DATA``), or detectron2's loader for samplers other than
-    ``TrainingSampler``; ``mapper`` defaults to :func:`build_train_mapper`."""
-    if mapper is None:
-        mapper = build_train_mapper(cfg)
-    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-        logger.warning(
-            f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "
-            "loader, whose data order restarts when a run is resumed"
-        )
-        return build_detection_train_loader(cfg, mapper=mapper)
+def _train_loader_from_config(cfg, mapper: Optional[Callable] = None) -> dict:
     mode = check_mode(cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail"))
-    dicts = load_training_dicts(
+    dataset = load_training_dicts(
         list(cfg.DATASETS.TRAIN),
         mode,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -301,16 +291,69 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None):
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         mask_on=cfg.MODEL.MASK_ON,
     )
-    if isinstance(dicts, Dataset):  # a registered torch Dataset, not a list of dicts
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
-    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    mapper = mapper if mapper is not None else build_train_mapper(cfg)
+    sampler = None
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        logger.warning(
+            f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's "
+            "loader, whose data order restarts when a run is resumed"
+        )
+        sampler = build_detection_train_loader.from_config(cfg, mapper, dataset=dataset)["sampler"]
+    return {
+        "dataset": dataset,
+        "mapper": mapper,
+        "sampler": sampler,
+        "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
+        "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "seed": cfg.SEED,
+        "on_bad_data": mode,
+        "dataset_names": tuple(cfg.DATASETS.TRAIN),
+    }
+
+
+@configurable(from_config=_train_loader_from_config)
+def build_resumable_train_loader(
+    dataset,
+    *,
+    mapper: Callable,
+    total_batch_size: int,
+    sampler=None,
+    aspect_ratio_grouping: bool = True,
+    num_workers: int = 0,
+    seed: Optional[int] = -1,
+    on_bad_data: str = "fail",
+    dataset_names: Sequence[str] = (),
+):
+    """detectron2's ``build_detection_train_loader`` (same arguments, usable with ``L(...)``),
+    built as a :class:`ResumableTrainLoader`; called with a YAML config, it reads
+    ``DATASETS.TRAIN`` (:func:`~dcnv2.data.validation.load_training_dicts`,
+    ``DATASETS.DCNV2.ON_BAD_DATA``), ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.*`` and ``SEED``.
+
+    With a ``sampler``, or a ``dataset`` that is a torch ``Dataset`` rather than a list of
+    dicts, it returns detectron2's loader, whose data stream restarts when a run is resumed.
+
+    Args:
+        seed: of the data stream; negative or None: one drawn and shared by all processes.
+        on_bad_data: "skip": replace an unreadable image by the next one; "fail": stop.
+        dataset_names: the training sets, named in the error of an entry that cannot be mapped.
+    """
+    if sampler is not None or not isinstance(dataset, list):
+        return build_detection_train_loader(
+            dataset=dataset,
+            mapper=mapper,
+            sampler=sampler,
+            total_batch_size=total_batch_size,
+            aspect_ratio_grouping=aspect_ratio_grouping,
+            num_workers=num_workers,
+        )
     return ResumableTrainLoader(
-        dicts,
+        dataset,
         mapper,
-        cfg.SOLVER.IMS_PER_BATCH,
-        seed=seed,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        skip_bad_images=mode == "skip",
-        dataset_names=cfg.DATASETS.TRAIN,
+        total_batch_size,
+        seed=int(seed) if seed is not None and seed >= 0 else comm.shared_random_seed(),
+        aspect_ratio_grouping=aspect_ratio_grouping,
+        num_workers=num_workers,
+        skip_bad_images=on_bad_data == "skip",
+        dataset_names=tuple(dataset_names),
     )

@@ -160,16 +160,16 @@ class CheckedTestLoader:
 
 
 def build_checked_test_loader(
-    dicts: List[dict],
+    dataset: List[dict],
     mapper: Callable,
     *,
     dataset_name: str,
     mode: str = "fail",
     num_workers: int = 0,
 ) -> CheckedTestLoader:
-    """A :class:`CheckedTestLoader` of detectron2's ``build_detection_test_loader`` over
-    ``dicts`` (:func:`load_test_dicts`)."""
+    """detectron2's ``build_detection_test_loader`` (same arguments, usable with ``L(...)``) over
+    ``dataset`` (:func:`load_test_dicts`), wrapped in a :class:`CheckedTestLoader`."""
     loader = build_detection_test_loader(
-        dicts, mapper=_CatchImageErrors(mapper), num_workers=num_workers
+        dataset, mapper=_CatchImageErrors(mapper), num_workers=num_workers
     )
     return CheckedTestLoader(loader, dataset_name=dataset_name, skip=check_mode(mode) == "skip")

@@ -423,7 +423,7 @@ def load_training_dicts(
     Returns:
         list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
     """
-    names = list(names)
+    names = [names] if isinstance(names, str) else list(names)
     reports = validate_datasets(names, (), mode) if check_mode(mode) == "skip" else {}
     reports.update(_polygon_reports([n for n in names if n not in reports]))
     per_dataset = []

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from ..dialects import YAML_KEYS, run_keys
+from ..config import YAML_KEYS, cfg_get, run_keys
 from ..errors import OutputDirError
 
 __all__ = [
@@ -47,7 +47,7 @@ def eval_results_dir(cfg) -> Optional[str]:
     if keys is YAML_KEYS:
         output_dir = cfg.OUTPUT_DIR
         return os.path.join(output_dir, "inference") if output_dir else None
-    folder = keys.value(cfg, "dataloader.evaluator.output_dir")
+    folder = cfg_get(cfg, "dataloader.evaluator.output_dir")
     return folder if isinstance(folder, str) and folder else None
 
 

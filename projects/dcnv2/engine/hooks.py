@@ -21,8 +21,8 @@ import torch.distributed as dist
 from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils import comm
 
+from ..config import YAML_KEYS, RunKeys
 from ..data.resumable import ResumableTrainLoader
-from ..dialects import YAML_KEYS, RunKeys
 from ..errors import DCNv2Error, NonFiniteLossError
 
 __all__ = ["ResumableDataHook", "guard_nonfinite_losses", "quiet_user_error_tracebacks"]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
-from ..dialects import run_keys
+from ..config import cfg_get, run_keys
 from ..errors import USER_ERROR_EXIT, USER_ERRORS, LaunchError
 from .preflight import leave_report_to_main_process, load_run_config
 
@@ -371,7 +371,7 @@ def _run_device(args) -> str:
     try:
         cfg = load_run_config(args.config_file, args.opts)
         keys = run_keys(cfg)
-        return str(keys.value(cfg, keys.device))
+        return str(cfg_get(cfg, keys.device))
     except Exception:  # noqa: BLE001  (reported by the checks, on one process)
         return "cuda" if torch.cuda.is_available() else "cpu"
 

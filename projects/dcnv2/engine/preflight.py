@@ -15,12 +15,21 @@ from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from ..checkpoint.integrity import check_weights_file
-from ..config import get_cfg
+from ..config import (
+    YAML_KEYS,
+    RunKeys,
+    cfg_get,
+    check_solver,
+    datasets_used,
+    get_cfg,
+    is_lazy_config,
+    load_config,
+    run_keys,
+)
 from ..data import build_test_augmentation, check_datasets
 from ..data.coco import register_config_datasets
 from ..data.test_loader import check_test_images
 from ..data.validation import validate_datasets
-from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
     USER_ERRORS,
     ConfigError,
@@ -30,7 +39,6 @@ from ..errors import (
     WeightsError,
     report_user_error,
 )
-from ..lazy_config import is_lazy_config, load_config
 from .eval_output import check_eval_results
 
 __all__ = [
@@ -160,7 +168,7 @@ def check_batch_size(cfg, keys: RunKeys, processes: int) -> None:
         LaunchError: it does not.
     """
     key = "SOLVER.IMS_PER_BATCH" if keys is YAML_KEYS else "dataloader.train.total_batch_size"
-    batch = keys.value(cfg, key)
+    batch = cfg_get(cfg, key)
     if not isinstance(batch, int) or isinstance(batch, bool):
         return  # a LazyConfig whose loader has no total batch size
     if batch < 1 or batch % processes:
@@ -179,7 +187,7 @@ def model_num_classes(cfg, keys: RunKeys) -> Dict[str, int]:
         names = ["MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"]
     else:
         names = ["model.roi_heads.num_classes", "model.num_classes"]
-    found = {name: keys.value(cfg, name) for name in names}
+    found = {name: cfg_get(cfg, name) for name in names}
     return {k: v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
@@ -217,13 +225,15 @@ def preflight(
             (:func:`dcnv2.engine.eval_output.check_eval_results`).
     """
     keys = run_keys(cfg)
+    if not eval_only:
+        check_solver(cfg)
     if isinstance(cfg, CfgNode):
         build_test_augmentation(cfg)  # INPUT.DCNV2.RESIZE_BACKEND known, OpenCV there if named
     train, test = datasets_used(cfg)
     if eval_only:
         train = ()
-    output_dir = keys.value(cfg, keys.output_dir, "")
-    check_devices(keys.value(cfg, keys.device), num_gpus, keys)
+    output_dir = cfg_get(cfg, keys.output_dir, "")
+    check_devices(cfg_get(cfg, keys.device), num_gpus, keys)
     if isinstance(cfg, CfgNode):
         check_backend(cfg)
     if not eval_only:
@@ -240,12 +250,12 @@ def preflight(
     else:
         if eval_only:
             check_eval_weights(cfg, opts, resume=False)
-        check_weights(keys.value(cfg, keys.weights, ""), keys)
+        check_weights(cfg_get(cfg, keys.weights, ""), keys)
     if eval_only:
-        evaluated = resume_file or keys.value(cfg, keys.weights, "") or ""
+        evaluated = resume_file or cfg_get(cfg, keys.weights, "") or ""
         check_eval_results(cfg, evaluated, force=force)
     check_datasets(test + train)
-    on_bad_data = keys.value(cfg, keys.on_bad_data, "fail")
+    on_bad_data = cfg_get(cfg, keys.on_bad_data, "fail")
     validate_datasets(train, test, on_bad_data, num_classes=model_num_classes(cfg, keys))
     check_test_images(test, on_bad_data)  # read by evaluation, after training or instead of it
     check_output_dir(output_dir, keys)
@@ -298,10 +308,10 @@ def check_eval_weights(cfg, opts, *, resume: bool) -> None:
         WeightsError: no trained weights, and no explicit empty ``MODEL.WEIGHTS``.
     """
     keys = run_keys(cfg)
-    output_dir = keys.value(cfg, keys.output_dir, "")
+    output_dir = cfg_get(cfg, keys.output_dir, "")
     if resume and output_dir and _resume_file(output_dir) is not None:
         return
-    weights = keys.value(cfg, keys.weights, "") or ""
+    weights = cfg_get(cfg, keys.weights, "") or ""
     given = _weights_on_command_line(list(opts), keys)
     if given is not None and not given:
         logger.warning(

@@ -20,6 +20,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from ..config import cfg_get, run_keys
 from ..data.coco import register_config_datasets
 from ..model_zoo import resolve_config_file
 from .eval_output import EVAL_CONFIG
@@ -68,17 +69,6 @@ def environment_info(timeout: float = 300.0) -> str:
     )
 
 
-def _key(cfg, yaml_key: str, lazy_key: str, default=None):
-    if isinstance(cfg, CfgNode):
-        return cfg.get(yaml_key, default)
-    node = cfg
-    for part in lazy_key.split("."):
-        if part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def setup_run(cfg, args) -> None:
     """Register the config's COCO datasets (:mod:`dcnv2.data.coco`; in every process of a run),
     then start the run as detectron2's ``default_setup`` does: the output folder, the loggers
@@ -92,7 +82,8 @@ def setup_run(cfg, args) -> None:
         args: the parsed ``train_net.py`` command line.
     """
     register_config_datasets(cfg)
-    output_dir = _key(cfg, "OUTPUT_DIR", "train.output_dir")
+    keys = run_keys(cfg)
+    output_dir = cfg_get(cfg, keys.output_dir)
     if comm.is_main_process() and output_dir:
         PathManager.mkdirs(output_dir)
     rank = comm.get_rank()
@@ -119,8 +110,8 @@ def setup_run(cfg, args) -> None:
         else:
             LazyConfig.save(cfg, path)
         logger.info(f"Full config saved to {path}")
-    seed = _key(cfg, "SEED", "train.seed", -1)
+    seed = cfg_get(cfg, keys.seed, -1)
     seed_all_rng(None if seed is None or seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
-        benchmark = _key(cfg, "CUDNN_BENCHMARK", "train.cudnn_benchmark", False)
+        benchmark = cfg_get(cfg, keys.cudnn_benchmark, False)
         torch.backends.cudnn.benchmark = benchmark

@@ -15,11 +15,11 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
+from ..config import YAML_KEYS, RunKeys, cfg_get
 from ..data import build_test_augmentation
 from ..data.mapper import DatasetMapper
 from ..data.resumable import build_resumable_train_loader
 from ..data.test_loader import build_checked_test_loader, load_test_dicts
-from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
 from .amp import amp_loop
 from .evaluation import EvaluatedImagesCOCOEvaluator
@@ -130,7 +130,7 @@ class Trainer(DefaultTrainer):
             data_loader,
             optimizer,
             amp=cfg.SOLVER.AMP.ENABLED,
-            max_nonfinite_skips=YAML_KEYS.value(cfg, YAML_KEYS.max_nonfinite_skips, 0),
+            max_nonfinite_skips=cfg_get(cfg, YAML_KEYS.max_nonfinite_skips, 0),
             keys=YAML_KEYS,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
