@@ -16,7 +16,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..quiet import known_messages_silenced
 from .cli import UserInputError
 from .timing import InProcessSteps, detection_batch, interleaved_times, sgd_step, text_table
 
@@ -91,7 +90,7 @@ def benchmark_mimic(
 
     steps = {name: training_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
     workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
-    with EventStorage(), known_messages_silenced():
+    with EventStorage():
         times = interleaved_times(workers, ("iteration",), iters)
     rows = {
         name: {
