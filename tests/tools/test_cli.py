@@ -1,5 +1,6 @@
-"""dcnv2.tools.cli's known-message filters: they drop exactly the known third-party messages, the
-tools print none of them, and pytest.ini ignores the same warnings."""
+"""dcnv2.tools.cli's known-message filters: they drop exactly the known third-party messages, every
+tool has them before its main runs and prints none of the messages, and pytest.ini ignores the
+same warnings."""
 
 import configparser
 import logging
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from dcnv2.tools import cli
-from dcnv2.tools.cli import KNOWN_LOG_MESSAGES, KNOWN_WARNINGS, silence_known_warnings
+from dcnv2.tools.cli import KNOWN_LOG_MESSAGES, KNOWN_WARNINGS, run_cli, silence_known_warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESSAGES = {
@@ -85,6 +86,27 @@ def test_only_the_known_messages_are_dropped(caplog):
             assert [r.getMessage() for r in caplog.records] == ["something else", message]
     finally:
         for name in KNOWN_LOG_MESSAGES:
+            logging.getLogger(name).removeFilter(cli._not_known)
+
+
+def test_run_cli_silences_the_known_messages_before_main():
+    seen = []
+
+    def main(argv):
+        warnings.warn(
+            "`torch.jit.script` is deprecated. Please switch", FutureWarning, stacklevel=1
+        )
+        warnings.warn("any other warning", FutureWarning, stacklevel=1)
+        seen.append(cli._not_known in logging.getLogger("torch.fx._symbolic_trace").filters)
+        return 0
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run_cli(main, [], prog="tool.py") == 0
+        assert [str(w.message) for w in caught] == ["any other warning"] and seen == [True]
+    finally:
+        for name in cli.KNOWN_LOG_MESSAGES:
             logging.getLogger(name).removeFilter(cli._not_known)
 
 
