@@ -19,25 +19,6 @@ from ..config import get_cfg
 from ..data.coco import register_config_datasets
 from ..errors import USER_ERRORS, DCNv2Error, WeightsError, report_user_error
 
-__all__ = [
-    "DEFAULT_CONFIG",
-    "KNOWN_LOG_MESSAGES",
-    "KNOWN_WARNINGS",
-    "RUN_CONFIG",
-    "UserInputError",
-    "add_config_arguments",
-    "add_force_argument",
-    "choose_config_file",
-    "load_weights",
-    "refuse_existing_outputs",
-    "run_cli",
-    "run_config_file",
-    "setup_cfg",
-    "silence_known_warnings",
-    "tool_parser",
-    "train_net_parser",
-]
-
 # The config a tool reads when neither --config-file nor a run's weights are given.
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
 # The config a training run saves in its OUTPUT_DIR, beside its checkpoints.
@@ -87,10 +68,8 @@ def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
 
 
 def train_net_parser(doc: str) -> argparse.ArgumentParser:
-    """detectron2's ``default_argument_parser`` with ``doc`` as description and examples, plus
-    ``--force``. ``--num-gpus``, ``--num-machines`` and ``--machine-rank`` default to None: under
-    torchrun or srun the launcher gives them, else they are 1, 1 and 0
-    (:func:`dcnv2.engine.launch.resolve_process_counts`)."""
+    """detectron2's ``default_argument_parser`` with ``doc`` as help, plus ``--force``; the process
+    counts default to None, for :func:`dcnv2.engine.launch.resolve_process_counts`."""
     parser = default_argument_parser(epilog=doc.split("\n\n", 1)[1])
     parser.description = doc.split("\n\n")[0]
     parser.add_argument(
