@@ -22,42 +22,31 @@ one process per GPU with a cluster launcher, which sets --num-gpus, --num-machin
 (tools/slurm_train.sh submits the latter with sbatch).
 """
 
+import contextlib
+import functools
 import sys
 
+import dcnv2  # before detectron2's modules: it keeps their import quiet
+
+# isort: split
+import detectron2.utils.comm as comm
+from detectron2.engine import launch
+from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
+
+from dcnv2.checkpoint import build_checkpointer
+from dcnv2.config import is_lazy_config
+from dcnv2.engine import Trainer, lazy
+from dcnv2.engine.eval_output import evaluated_weights, record_eval_weights
+from dcnv2.engine.launch import resolve_launch, run_in_cluster
+from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
+from dcnv2.engine.preflight import check_before_launch, report_user_errors
+from dcnv2.engine.setup import setup_run
+from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
+from dcnv2.tools.cli import silence_known_warnings, train_net_parser
+
 PROG = "train_net.py"
-
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    from dcnv2.tools.cli import train_net_parser
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-if __name__ == "__main__":
-    # --help and usage errors answer before torch and detectron2 are imported.
-    train_net_parser(__doc__).parse_args()
-
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-
-import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.engine import launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from torch.multiprocessing import ProcessExitedException  # noqa: E402
-
-import dcnv2  # noqa: E402
-from dcnv2.checkpoint import build_checkpointer  # noqa: E402
-from dcnv2.config import is_lazy_config  # noqa: E402
-from dcnv2.engine import Trainer, lazy  # noqa: E402
-from dcnv2.engine.eval_output import evaluated_weights, record_eval_weights  # noqa: E402
-from dcnv2.engine.launch import resolve_launch, run_in_cluster  # noqa: E402
-from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals  # noqa: E402
-from dcnv2.engine.preflight import check_before_launch, report_user_errors  # noqa: E402
-from dcnv2.engine.setup import setup_run  # noqa: E402
-from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error  # noqa: E402
-from dcnv2.quiet import known_messages_silenced  # noqa: E402
 
 
 def setup(args):
@@ -70,13 +59,8 @@ def setup(args):
 
 def main(args):
     """One process of the run; the launching process has checked the input
-    (:func:`dcnv2.engine.preflight.check_before_launch`). The messages detectron2's forward
-    passes print for its developers are dropped (:mod:`dcnv2.quiet`)."""
-    with known_messages_silenced():
-        return _main(args)
-
-
-def _main(args):
+    (:func:`dcnv2.engine.preflight.check_before_launch`)."""
+    silence_known_warnings()  # in every process of the run
     if is_lazy_config(args.config_file):
         return lazy.main(args)
     cfg = setup(args)

@@ -1,23 +1,9 @@
-"""Test-suite hygiene shared by every test folder, and the subprocess prelude and train_net.py
-overrides that several test files use (as fixtures: importlib mode cannot import conftest)."""
+"""Test-suite hygiene shared by every test folder, and the train_net.py overrides that several test
+files use (as fixtures: importlib mode cannot import conftest)."""
 
 import logging
 
 import pytest
-
-# The start of a ``python -c`` script in which detectron2 is hidden from the import system, as in a
-# Python where it is not installed: any import of it raises ModuleNotFoundError.
-HIDE_DETECTRON2 = """
-import importlib.abc, sys
-
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "detectron2" or name.startswith("detectron2."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, Hide())
-"""
 
 # The embedded default shrunk for train_net.py runs whose test is about the wiring, not the recipe.
 TINY_TRAIN_NET = (
@@ -29,13 +15,6 @@ TINY_TRAIN_NET = (
     "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
     "DATALOADER.NUM_WORKERS", "0",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def hide_detectron2() -> str:
-    """:data:`HIDE_DETECTRON2`, the prelude of a subprocess script run without detectron2 (a
-    fixture: pytest's importlib mode cannot import conftest)."""
-    return HIDE_DETECTRON2
 
 
 @pytest.fixture(scope="session")

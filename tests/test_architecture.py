@@ -1,8 +1,10 @@
-"""How dcnv2 extends detectron2: one error family, no swapped detectron2/fvcore internals, one exit
-convention for every entry point, and the config dialect's key names carried in one object."""
+"""How dcnv2 extends detectron2: one error family, no swapped detectron2/fvcore internals, no
+import machinery, one exit convention and one warning filter for every entry point, and the config
+dialect's key names carried in one object."""
 
 import ast
 import contextlib
+import glob
 import importlib
 import importlib.util
 import inspect
@@ -220,3 +222,49 @@ def test_lazyconfig_runs_name_their_own_keys_in_preflight_messages():
         check_devices("nonsense", 1, LAZY_KEYS)
     with pytest.raises(LaunchError, match=r"MODEL.DEVICE is 'nonsense'"):
         check_devices("nonsense", 1)
+
+
+def _python_files():
+    for top in ("projects", "tools", "tests"):
+        for root, _, files in os.walk(os.path.join(REPO, top)):
+            yield from (os.path.join(root, f) for f in sorted(files) if f.endswith(".py"))
+    yield from (os.path.join(REPO, f) for f in ("train_net.py", "setup.py"))
+
+
+def test_no_import_machinery():
+    # The searched-for texts are split, so that this file does not match itself.
+    banned = ("sys." + "meta_path", "noqa: " + "E402", "importlib." + "abc")
+    found = []
+    for path in _python_files():
+        with open(path) as f:
+            source = f.read()
+        found += [f"{os.path.relpath(path, REPO)}: {b}" for b in banned if b in source]
+    lazy = [
+        name
+        for name in MODULES + ["dcnv2"]
+        if "__getattr__" in vars(importlib.import_module(name))  # PEP 562 module attributes
+    ]
+    assert found == [] and lazy == []
+
+
+def _main_block(tree: ast.Module) -> ast.If:
+    (block,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+    ]
+    return block
+
+
+def test_every_entry_point_drops_the_known_messages_first():
+    # The tools run through run_cli, which silences them before the tool's main ...
+    for path in sorted(glob.glob(os.path.join(REPO, "tools", "*.py"))):
+        with open(path) as f:
+            block = _main_block(ast.parse(f.read()))
+        assert "run_cli(main" in ast.unparse(block), path
+    # ... and train_net.py's main does, in every process of the run.
+    with open(os.path.join(REPO, "train_net.py")) as f:
+        tree = ast.parse(f.read())
+    (main,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    first = main.body[1] if ast.get_docstring(main) else main.body[0]
+    assert ast.unparse(first) == "silence_known_warnings()"

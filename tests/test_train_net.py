@@ -15,6 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import hooks
 
 from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split, register_synthetic_dataset
+from dcnv2.tools.cli import KNOWN_LOG_MESSAGES, KNOWN_WARNINGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
@@ -156,3 +157,6 @@ def test_two_cpu_processes_train_through_launch(datasets_root, tmp_path, tiny_tr
         assert "Rank of current process: 1. World size: 2" in f.read()
     assert [r["iteration"] for r in _metrics(str(tmp_path))] == [2]
     assert os.path.isfile(os.path.join(tmp_path, "model_final.pth"))
+    # Neither process prints the known third-party messages (DDP's broadcast_buffers included).
+    known = [m for _, m in KNOWN_WARNINGS] + list(KNOWN_LOG_MESSAGES.values())
+    assert [m for m in known if m in out] == [], out[-3000:]

@@ -18,15 +18,22 @@ Without --config-file the tool reads the config.yaml the training run wrote besi
 import json
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"analyze_model.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
+# dcnv2 before detectron2's modules: it keeps their import quiet
+from dcnv2.tools.cli import (
+    UserInputError,
+    add_config_arguments,
+    choose_config_file,
+    load_weights,
+    run_cli,
+    setup_cfg,
+    tool_parser,
+)
 
-from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+# isort: split
+import torch
+from detectron2.modeling import build_model
+
+from dcnv2.tools.analyze_model import analyze_model, model_inputs
 
 TASKS = ("flop", "activation", "parameter", "structure")
 
@@ -62,12 +69,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.height < 32 or args.width < 32:
         raise UserInputError(f"--height/--width must be >= 32, got {args.height}x{args.width}")
-    import torch
-    from detectron2.modeling import build_model
-
-    from dcnv2.tools.analyze_model import analyze_model, model_inputs
-    from dcnv2.tools.cli import choose_config_file, load_weights, setup_cfg
-
     # Random init unless the user gives weights; seeded, because the heads' counts follow the
     # number of proposals, which follows the weights.
     config_file = choose_config_file(args.config_file, args.opts)

@@ -21,15 +21,8 @@ import argparse
 import json
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"benchmark.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.benchmark import benchmark, format_table
+from dcnv2.tools.cli import run_cli, tool_parser
 
 # The baseline first, so the ratios read "mdconv / baseline".
 DEFAULT_CONFIGS = ["faster_rcnn_R50_FPN_1x.yaml", "faster_rcnn_R50_mdconv_FPN_1x.yaml"]
@@ -66,8 +59,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.tools.benchmark import benchmark, format_table
-
     results = benchmark(
         args.configs,
         modes=args.modes,

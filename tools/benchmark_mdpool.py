@@ -11,18 +11,8 @@ Examples:
 import json
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"benchmark_mdpool.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import UserInputError, run_cli, tool_parser  # noqa: E402
-
-# dcnv2.tools.benchmark_mdpool.METHODS, named here so that --help does not import torch.
-METHODS = ("ROIAlignV2", "mdpool op (torch)", "mdpool op (cpp)", "mdpool layer (cpp)")
+from dcnv2.tools.benchmark_mdpool import METHODS, benchmark_mdpool, format_table
+from dcnv2.tools.cli import run_cli, tool_parser
 
 
 def parse_args(argv=None):
@@ -43,18 +33,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.tools import benchmark_mdpool
-
-    unknown = sorted(set(args.methods) - set(benchmark_mdpool.METHODS))
-    if unknown:
-        raise UserInputError(
-            f"unknown --methods {unknown}; expected any of {list(benchmark_mdpool.METHODS)}"
-        )
-    benchmark_mdpool, format_table = (
-        benchmark_mdpool.benchmark_mdpool,
-        benchmark_mdpool.format_table,
-    )
-
     result = benchmark_mdpool(
         rois=args.rois,
         height=args.height,

@@ -18,15 +18,8 @@ import argparse
 import json
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"benchmark_mimic.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.benchmark_mimic import benchmark_mimic, format_table
+from dcnv2.tools.cli import run_cli, tool_parser
 
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x.yaml"
 
@@ -50,8 +43,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.tools.benchmark_mimic import benchmark_mimic, format_table
-
     result = benchmark_mimic(
         args.config_file,
         args.opts,

@@ -14,15 +14,8 @@ Example:
 import json
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"benchmark_ops.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.benchmark_ops import format_table, notes, parse_shape, plot, run
+from dcnv2.tools.cli import UserInputError, run_cli, tool_parser
 
 
 def parse_args(argv=None):
@@ -43,8 +36,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.tools.benchmark_ops import format_table, notes, parse_shape, plot, run
-
     try:
         shapes = dict(parse_shape(s) for s in args.shapes)
     except ValueError as e:

@@ -15,15 +15,14 @@ pictures are never overwritten unless --force. Logic: dcnv2.tools.browse_dataset
 
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"browse_dataset.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.browse_dataset import browse_dataset
+from dcnv2.tools.cli import (
+    add_config_arguments,
+    choose_config_file,
+    run_cli,
+    setup_cfg,
+    tool_parser,
+)
 
 # Its training data is generated on first use: browsing works offline.
 DEFAULT = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"
@@ -45,9 +44,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.tools.browse_dataset import browse_dataset
-    from dcnv2.tools.cli import choose_config_file, setup_cfg
-
     opts = ["MODEL.WEIGHTS", "", *args.opts]
     cfg = setup_cfg(choose_config_file(args.config_file, opts, DEFAULT), opts)
     summary = browse_dataset(

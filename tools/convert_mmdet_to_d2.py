@@ -16,16 +16,9 @@ Logic: dcnv2.checkpoint.convert_mmdet.
 
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"convert_mmdet_to_d2.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.errors import DCNv2Error, report_user_error  # noqa: E402
-from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
+from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
+from dcnv2.errors import DCNv2Error, report_user_error
+from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser
 
 PROG = "convert_mmdet_to_d2.py"
 
@@ -50,8 +43,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
-
     modulated = None if args.deform_modulated is None else args.deform_modulated == "true"
     try:
         spec = convert_mmdet_checkpoint(

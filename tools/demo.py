@@ -16,15 +16,8 @@ never overwritten unless --force. Runs on the CPU unless --opts MODEL.DEVICE cud
 
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"demo.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import add_config_arguments, run_cli, setup_cfg, tool_parser
+from dcnv2.tools.demo import DemoRunner, collect_inputs, run_demo
 
 
 def parse_args(argv=None):
@@ -46,10 +39,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Heavy imports after argument parsing, so --help is instant.
-    from dcnv2.tools.cli import setup_cfg
-    from dcnv2.tools.demo import DemoRunner, collect_inputs, run_demo
-
     inputs = collect_inputs(args.input)
     cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold, default=None)
     summary = run_demo(

@@ -27,15 +27,35 @@ Without --config-file the tool reads the config.yaml the training run wrote besi
 import os
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"export_model.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
+# dcnv2 before detectron2's modules: it keeps their import quiet
+from dcnv2.tools.cli import (
+    UserInputError,
+    add_config_arguments,
+    load_weights,
+    run_cli,
+    setup_cfg,
+    tool_parser,
+)
 
-from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+# isort: split
+import torch
+from detectron2.modeling import build_model
+
+from dcnv2.tools import deploy_benchmark
+from dcnv2.tools.export_model import (
+    BackboneForExport,
+    ExportError,
+    compare_detections,
+    detector_outputs,
+    export_backbone_onnx,
+    export_detector_onnx,
+    onnx_detections,
+    onnx_operators,
+    onnx_session,
+    relative_errors,
+    run_onnx,
+    trace_detector,
+)
 
 
 def parse_args(argv=None):
@@ -82,12 +102,6 @@ def _check_args(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _check_args(args)
-    import torch
-    from detectron2.modeling import build_model
-
-    from dcnv2.tools import export_model
-    from dcnv2.tools.cli import load_weights, setup_cfg
-
     cfg = setup_cfg(args.config_file, args.opts, confidence_threshold=0.05)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -106,11 +120,9 @@ def main(argv=None) -> int:
         if args.part == "backbone":
             return _onnx_backbone(model, images, args)
         status = _onnx_detector(model, images, args.output, _score_threshold(cfg))
-    except export_model.ExportError as e:
+    except ExportError as e:
         raise UserInputError(str(e)) from None
     if args.benchmark:
-        from dcnv2.tools import deploy_benchmark
-
         result = deploy_benchmark.benchmark_runtimes(
             model, images, args.output, repeats=args.repeats
         )
@@ -127,10 +139,6 @@ def _score_threshold(cfg) -> float:
 
 
 def _torchscript(model, image, path) -> int:
-    import torch
-
-    from dcnv2.tools.export_model import detector_outputs, trace_detector
-
     inputs = [{"image": image}]
     traced, adapter = trace_detector(model, inputs)
     traced.save(path)
@@ -140,15 +148,6 @@ def _torchscript(model, image, path) -> int:
 
 
 def _onnx_backbone(model, images, args) -> int:
-    import torch
-
-    from dcnv2.tools.export_model import (
-        BackboneForExport,
-        export_backbone_onnx,
-        relative_errors,
-        run_onnx,
-    )
-
     names = export_backbone_onnx(model, images[0][None], args.output, deform_op=args.deform_op)
     print(f"wrote {args.output}: outputs {', '.join(names)}; {_operators(args.output)}")
     # The decomposed file takes only the size it was exported with.
@@ -164,15 +163,6 @@ def _onnx_backbone(model, images, args) -> int:
 
 
 def _onnx_detector(model, images, path, score_threshold) -> int:
-    import torch
-
-    from dcnv2.tools.export_model import (
-        compare_detections,
-        export_detector_onnx,
-        onnx_detections,
-        onnx_session,
-    )
-
     names, adapter = export_detector_onnx(model, images[0], path)
     print(f"wrote {path}: outputs {', '.join(names)}; {_operators(path)}")
     session = onnx_session(path)
@@ -196,8 +186,6 @@ def _onnx_detector(model, images, path, score_threshold) -> int:
 
 
 def _operators(path) -> str:
-    from dcnv2.tools.export_model import onnx_operators
-
     ops = onnx_operators(path)
     custom = sorted({op for (domain, op) in ops if domain not in ("", "ai.onnx")})
     return (

@@ -13,15 +13,8 @@ seeds go to their own folders: register them with
 import os
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"generate_synthetic_dataset.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import UserInputError, run_cli, tool_parser  # noqa: E402
+from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
+from dcnv2.tools.cli import UserInputError, run_cli, tool_parser
 
 
 def parse_args(argv=None):
@@ -40,8 +33,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
-
     args.num_train = SPLITS["train"][0] if args.num_train is None else args.num_train
     args.num_val = SPLITS["val"][0] if args.num_val is None else args.num_val
     args.seed = SPLITS["train"][1] if args.seed is None else args.seed

@@ -15,16 +15,8 @@ report); 2 bad command line.
 
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"gpu_check.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import run_cli  # noqa: E402
-from dcnv2.tools.gpu_check import main  # noqa: E402
+from dcnv2.tools.cli import run_cli
+from dcnv2.tools.gpu_check import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, prog="gpu_check.py"))

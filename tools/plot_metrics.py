@@ -22,15 +22,14 @@ import os
 import sys
 import warnings
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"plot_metrics.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser
+from dcnv2.tools.plot_metrics import (
+    MetricsWarning,
+    format_train_time,
+    load_metrics,
+    plot_runs,
+    train_time_stats,
+)
 
 
 def parse_args(argv=None):
@@ -66,8 +65,6 @@ def main(argv=None) -> int:
     for path in (args.out, args.json):
         if path and os.path.exists(path) and not args.force:
             raise UserInputError(f"{path!r} exists; pass --force to overwrite it")
-    from dcnv2.tools.plot_metrics import MetricsWarning, load_metrics, plot_runs
-
     labels = args.labels or [_label(p) for p in args.metrics]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricsWarning)
@@ -75,8 +72,6 @@ def main(argv=None) -> int:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.stats:
-        from dcnv2.tools.plot_metrics import format_train_time, train_time_stats
-
         stats = [(label, train_time_stats(records)) for label, records in runs]
         print(format_train_time(stats))
         if args.json:

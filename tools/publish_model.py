@@ -14,15 +14,8 @@ atomically and never replaces a file unless --force. Logic: dcnv2.checkpoint.pub
 
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"publish_model.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser  # noqa: E402
+from dcnv2.checkpoint.publish import publish_model
+from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser
 
 PROG = "publish_model.py"
 
@@ -43,8 +36,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dcnv2.checkpoint.publish import publish_model
-
     path, info = publish_model(
         args.input, args.output, half=args.half, force=args.force, allow_unsafe=args.allow_unsafe
     )

@@ -17,15 +17,8 @@ pictures are never overwritten unless --force. Logic: dcnv2.tools.visualize_resu
 
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"visualize_results.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools import visualize_results as vr
+from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, setup_cfg, tool_parser
 
 
 def parse_args(argv=None):
@@ -52,9 +45,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if bool(args.json) != bool(args.image_root):
         raise UserInputError("--json and --image-root go together")
-    from dcnv2.tools import visualize_results as vr
-    from dcnv2.tools.cli import setup_cfg
-
     results = vr.load_results(args.results)
     if args.json:
         dicts, metadata = vr.dataset_from_json(args.json, args.image_root)

@@ -23,15 +23,16 @@ import argparse
 import os
 import sys
 
-try:  # dcnv2 first: without detectron2 it raises DependencyMissingError, saying how to install it
-    import dcnv2  # noqa: F401
-except ImportError as e:
-    if e.name != "detectron2":
-        raise
-    print(f"visualize_sampling.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, tool_parser  # noqa: E402
+from dcnv2.tools.cli import (
+    UserInputError,
+    add_config_arguments,
+    choose_config_file,
+    run_cli,
+    setup_cfg,
+    tool_parser,
+)
+from dcnv2.tools.demo import DemoRunner, read_image
+from dcnv2.tools.visualize_sampling import plot_sampling_locations, sample_image
 
 
 def _point(text: str):
@@ -88,10 +89,6 @@ def main(argv=None) -> int:
         raise UserInputError(
             f"--layers {args.layers} would trace 9**{args.layers} points; use <= 5"
         )
-    from dcnv2.tools.cli import choose_config_file, setup_cfg
-    from dcnv2.tools.demo import DemoRunner, read_image
-    from dcnv2.tools.visualize_sampling import plot_sampling_locations, sample_image
-
     image = read_image(args.input)
     config_file = choose_config_file(args.config_file, args.opts)
     cfg = setup_cfg(config_file, args.opts, args.confidence_threshold)

@@ -1,16 +1,8 @@
-"""The one error family of dcnv2, and how every entry point reports it.
+"""dcnv2's one error family and the exit convention of every entry point.
 
-Every exception class defined in dcnv2 derives from :class:`DCNv2Error`: errors caused by what
-the user gave (files, config, command line), not by a bug. Every message says what is wrong,
-which file or key, and what was expected. The classes also derive from the built-in exception a
-caller would catch without dcnv2 (``FileNotFoundError``, ``KeyError``, ``pickle.UnpicklingError``
-...).
-
-Exit convention, shared by ``train_net.py`` and every script in ``tools/``
-(:func:`report_user_error`): an error in :data:`USER_ERRORS` is printed as one
-``<prog>: error: <message>`` on stderr, without a traceback, and the process exits with status
-:data:`USER_ERROR_EXIT` (2). That is argparse's convention for a bad command line, so a mistyped
-option and a missing file read the same. Anything else is a bug and keeps its traceback.
+Each exception dcnv2 defines derives from :class:`DCNv2Error` (an error in what the user gave,
+not a bug) and from the built-in a caller would catch. :func:`report_user_error` prints one
+``<prog>: error: <message>`` line; the exit status is 2, as argparse's for a bad command line.
 """
 
 import sys

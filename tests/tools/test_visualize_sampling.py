@@ -1,5 +1,5 @@
-"""dcnv2.tools.visualize_sampling and tools/visualize_sampling.py: tracing sampling locations back through
-stacked deformable layers."""
+"""dcnv2.tools.visualize_sampling and tools/visualize_sampling.py: tracing sampling locations
+back through stacked deformable layers."""
 
 import importlib.util
 import itertools

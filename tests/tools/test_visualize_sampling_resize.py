@@ -1,5 +1,6 @@
-"""``tools/visualize_sampling.py`` (``dcnv2.tools.visualize_sampling.sample_image``) runs the model on the
-image resized as evaluation resizes it: OpenCV with ``INPUT.DCNV2.RESIZE_BACKEND opencv``."""
+"""``tools/visualize_sampling.py`` (``dcnv2.tools.visualize_sampling.sample_image``) runs the
+model on the image resized as evaluation resizes it: OpenCV with
+``INPUT.DCNV2.RESIZE_BACKEND opencv``."""
 
 import cv2
 import numpy as np

@@ -8,7 +8,6 @@ from detectron2.modeling import build_model
 
 from ..checkpoint import build_checkpointer
 from ..data import build_test_augmentation
-from ..quiet import known_messages_silenced
 
 __all__ = ["Predictor"]
 
@@ -51,9 +50,7 @@ class Predictor:
         Returns:
             dict: the model's output for this image (``instances`` in its coordinates).
         """
-        # detectron2's anchor generator and ROI pooler print messages meant for its developers
-        # on the first forward pass (dcnv2.quiet).
-        with torch.no_grad(), known_messages_silenced():
+        with torch.no_grad():
             if self.input_format == "RGB":
                 original_image = original_image[:, :, ::-1]
             height, width = original_image.shape[:2]

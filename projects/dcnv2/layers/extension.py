@@ -13,8 +13,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..quiet import known_messages_silenced
-
 __all__ = ["JitExtension"]
 
 
@@ -58,10 +56,7 @@ class JitExtension:
     def _build(self) -> Optional[str]:
         """Compiles and loads the library; returns why that failed, or None."""
         try:
-            # Importing cpp_extension on a machine with CUDA tools but no GPU logs "No CUDA
-            # runtime is found": not about this CPU build (dcnv2.quiet).
-            with known_messages_silenced():
-                from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import load
 
             # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
             load(

@@ -24,7 +24,6 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..quiet import known_messages_silenced
 from .cli import UserInputError
 from .timing import InProcessSteps, interleaved_times, text_table
 
@@ -156,8 +155,7 @@ def benchmark_mdpool(
     }
     # Rounds of every method in turn, so that a change in the machine's load during the run
     # affects all methods alike.
-    with known_messages_silenced():  # detectron2's ROIPooler logs one on every call
-        times = interleaved_times(workers, steps, repeats)
+    times = interleaved_times(workers, steps, repeats)
     results = {
         name: {f"{step}_s": statistics.median(times[name][step]) for step in steps}
         for name in methods

@@ -10,7 +10,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..quiet import known_messages_silenced
 from .cli import UserInputError
 from .timing import InProcessSteps, detection_batch, interleaved_times, text_table, training_step
 
@@ -82,8 +81,7 @@ def benchmark_mimic(
     )
     steps = {name: counted_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
     workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
-    with known_messages_silenced():
-        times = interleaved_times(workers, ("iteration",), iters)
+    times = interleaved_times(workers, ("iteration",), iters)
     rows = {
         name: {
             "seconds_per_iter": statistics.median(times[name]["iteration"]),
