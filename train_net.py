@@ -26,7 +26,8 @@ import contextlib
 import functools
 import sys
 
-import dcnv2  # before detectron2's modules: it keeps their import quiet
+# dcnv2's entry-point layer first: it drops the messages detectron2 and torch print at import
+from dcnv2.tools.cli import silence_known_warnings, train_net_parser
 
 # isort: split
 import detectron2.utils.comm as comm
@@ -35,6 +36,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
+import dcnv2
 from dcnv2.checkpoint import build_checkpointer
 from dcnv2.config import is_lazy_config
 from dcnv2.engine import Trainer, lazy
@@ -44,7 +46,6 @@ from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
 from dcnv2.engine.preflight import check_before_launch, report_user_errors
 from dcnv2.engine.setup import setup_run
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
-from dcnv2.tools.cli import silence_known_warnings, train_net_parser
 
 PROG = "train_net.py"
 

@@ -13,6 +13,7 @@ import os
 import pkgutil
 
 import pytest
+from PIL import Image
 
 import dcnv2
 from dcnv2.errors import USER_ERROR_EXIT, DCNv2Error
@@ -190,7 +191,8 @@ def test_train_net_and_the_tools_report_a_user_error_the_same_way(tmp_path):
 
     demo = _import(os.path.join(REPO, "tools", "demo.py"), "dcnv2_tool_demo_exit_test")
     argv = ["--config-file", missing, "--input", str(tmp_path), "--output", str(tmp_path / "o")]
-    (tmp_path / "a.png").write_bytes(b"")  # an input to collect; the config fails first
+    # A readable input to collect (inputs are checked first), then the config fails.
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     out2, status2 = _stderr_and_status(lambda: run_cli(demo.main, argv, prog="demo.py"))
     assert status2 == status
     assert out2.startswith(f"demo.py: error: Config file {missing} does not exist"), out2

@@ -30,8 +30,9 @@ TINY += ["MODEL.RPN.POST_NMS_TOPK_TEST", "20"]
 UNFILTERED = """
 import detectron2.modeling, torch
 import dcnv2
-from dcnv2.tools.cli import setup_cfg
-cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", {opts!r})
+cfg = dcnv2.get_cfg(
+    dcnv2.get_config_file("faster_rcnn_R50_mdconv_FPN_1x.yaml"), {opts!r} + ["MODEL.DEVICE", "cpu"]
+)
 with torch.no_grad():
     detectron2.modeling.build_model(cfg).eval()([{{"image": torch.zeros(3, 64, 96)}}])
 """

@@ -11,8 +11,6 @@ import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from detectron2.engine import default_argument_parser
-
 from ..checkpoint import build_checkpointer
 from ..checkpoint.integrity import check_weights_file
 from ..config import get_cfg
@@ -53,6 +51,11 @@ def silence_known_warnings() -> None:
         logging.getLogger(name).addFilter(_not_known)  # added once: addFilter skips a duplicate
 
 
+# The entry points import this module before detectron2's engine and torch's cpp_extension, which
+# print some of these messages at import.
+silence_known_warnings()
+
+
 class UserInputError(DCNv2Error):
     """Something the user gave (a path, an option) is missing or unusable."""
 
@@ -70,6 +73,8 @@ def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
 def train_net_parser(doc: str) -> argparse.ArgumentParser:
     """detectron2's ``default_argument_parser`` with ``doc`` as help, plus ``--force``; the process
     counts default to None, for :func:`dcnv2.engine.launch.resolve_process_counts`."""
+    from detectron2.engine import default_argument_parser  # after the filters (see above)
+
     parser = default_argument_parser(epilog=doc.split("\n\n", 1)[1])
     parser.description = doc.split("\n\n")[0]
     parser.add_argument(
