@@ -208,13 +208,12 @@ def _packed_weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor)
             gemm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
 
 
-def _packed_gemm_ok(t: torch.Tensor) -> bool:
-    """Whether the extension's packed float32 ``gemm`` can run products of tensors like ``t``."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+def _packed_gemm_ok(t: torch.Tensor, kernels) -> bool:
+    """Whether the extension's packed float32 ``gemm`` can run products of tensors like ``t``;
+    only with the compiled ``kernels``, so that the PyTorch-op kernels never start a build."""
+    if kernels is native_torch or t.device.type != "cpu" or t.dtype != torch.float32:
         return False
-    from . import native_cpp
-
-    return native_cpp.gemm_supported()
+    return kernels.gemm_supported()
 
 
 def _run_fastest(
@@ -251,7 +250,7 @@ def _run_fastest(
     ways[name or next(iter(ways))]()
 
 
-def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor, kernels) -> None:
     """The forward's product of a chunk, ``out[b, group rows] = w[group] @ cols[b, :, group].T``,
     the fastest way for its shapes on this CPU (:func:`_run_fastest`): MKL weight-first (no copy;
     also every other device), MKL columns-first, or the extension's packed ``gemm``.
@@ -262,7 +261,7 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
         out (Tensor): (n, C_out, Pc), where the chunk's output goes (may be strided).
     """
     ways = {"weight_first": _weight_first, "columns_first": _columns_first}
-    if _packed_gemm_ok(cols):
+    if _packed_gemm_ok(cols, kernels):
         ways["packed"] = _packed_weight_first
     key = ("forward", tuple(w.shape), cols.dtype, torch.get_num_threads())
     _run_fastest(
@@ -273,9 +272,7 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
     )
 
 
-def _column_gradient(
-    go: torch.Tensor, w: torch.Tensor, images: slice, p0: int, p1: int, grad_cols: torch.Tensor
-) -> None:
+def _column_gradient(go, w, images: slice, p0: int, p1: int, grad_cols, kernels) -> None:
     """``grad_cols[i, :, group] = go[b, group rows, p0:p1].T @ w[group]`` for the chunk's images
     ``b``, the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
     groups, cog = w.shape[:2]
@@ -285,20 +282,16 @@ def _column_gradient(
             _mm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
 
     def packed(target):
-        from .native_cpp import gemm
-
         for i, b, grp, rows in _image_groups(images, groups, cog):
-            gemm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
+            kernels.gemm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
 
-    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w) else {"mkl": mkl}
+    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w, kernels) else {"mkl": mkl}
     key = ("column_gradient", tuple(w.shape), w.dtype, torch.get_num_threads())
     ways = {k: functools.partial(f, grad_cols) for k, f in ways.items()}
     _run_fastest(key, ways, [grad_cols], grad_cols.numel() * cog)
 
 
-def _add_weight_gradient(
-    go: torch.Tensor, cols: torch.Tensor, images: slice, p0: int, p1: int, grad_w: torch.Tensor
-) -> None:
+def _add_weight_gradient(go, cols, images: slice, p0: int, p1: int, grad_w, kernels) -> None:
     """``grad_w[group] += go[b, group rows, p0:p1] @ cols[i, :, group]`` for the chunk's images,
     the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
     groups, cog = grad_w.shape[:2]
@@ -308,12 +301,10 @@ def _add_weight_gradient(
             target[grp].addmm_(go[b, rows, p0:p1], cols[i, :, grp])
 
     def packed(target):
-        from .native_cpp import gemm
-
         for i, b, grp, rows in _image_groups(images, groups, cog):
-            gemm(go[b, rows, p0:p1], cols[i, :, grp], target[grp], accumulate=True)
+            kernels.gemm(go[b, rows, p0:p1], cols[i, :, grp], target[grp], accumulate=True)
 
-    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols) else {"mkl": mkl}
+    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols, kernels) else {"mkl": mkl}
     key = ("weight_gradient", tuple(grad_w.shape), cols.dtype, torch.get_num_threads())
     ways = {k: functools.partial(f, grad_w) for k, f in ways.items()}
     _run_fastest(key, ways, [grad_w], cols.numel() * cog)
@@ -424,11 +415,11 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
             m = None if mask is None else mask[sl]
             cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
             cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
-            _weight_times_columns(w, cols, target[sl, :, p0:p1])
+            _weight_times_columns(w, cols, target[sl, :, p0:p1], kernels)
             del cols
 
     ways = {"chunked": chunked}
-    if groups == 1 and hasattr(kernels, "forward_packed") and _packed_gemm_ok(x):
+    if groups == 1 and _packed_gemm_ok(x, kernels):
         # The weight is packed inside the way: a process that keeps the chunked way never pays.
         ways["fused"] = lambda target: kernels.forward_packed(
             xp, offset, mask, kernels.pack_rows16(weight), *geometry[:-1], target
@@ -470,7 +461,7 @@ def _backward(
             pc = p1 - p0
             if need_x or need_coord:
                 grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-                _column_gradient(go_all, w, sl, p0, p1, grad_cols)
+                _column_gradient(go_all, w, sl, p0, p1, grad_cols, kernels)
                 # One pass gives the input gradient (into grad_xp), the offset and mask
                 # gradients, and the columns for the weight gradient.
                 g_offset, g_mask, cols = kernels.backward(
@@ -494,12 +485,12 @@ def _backward(
                 grad_mask[sl, :, p0:p1] = g_mask
             if need_weight:
                 _add_weight_gradient(
-                    go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w
+                    go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w, kernels
                 )
                 del cols  # at most two column-sized tensors alive at once
 
     ways = {"chunked": chunked}
-    if groups == 1 and hasattr(kernels, "backward_packed") and _packed_gemm_ok(x):
+    if groups == 1 and _packed_gemm_ok(x, kernels):
         ways["fused"] = lambda: kernels.backward_packed(
             xp, offset, mask, go_all, weight.contiguous(), *geometry[:-1], grad_xp, grad_offset,
             grad_mask,
