@@ -36,6 +36,8 @@ def _check_inputs(features: Tensor, rois: Tensor, offset: Optional[Tensor], size
             f"features must be a floating-point (N, C, H, W) tensor, got {features.dtype} "
             f"of shape {tuple(features.shape)}"
         )
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"output_size must be a positive int or pair, got {tuple(size)}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(
             f"rois must be (R, 5) rows of (batch index, x0, y0, x1, y1), got {tuple(rois.shape)}"
@@ -95,7 +97,7 @@ def deform_roi_align(
 
     Bin ``(i, j)`` of RoI ``r`` is moved by ``gamma * (w_r * offset[r, 0, i, j],
     h_r * offset[r, 1, i, j])``, with ``w_r, h_r`` the RoI's size on the feature map, and averages
-    ``sy x sx`` bilinear samples, ``sy = sampling_ratio`` or, when it is 0, RoIAlign's adaptive
+    ``sy x sx`` bilinear samples, ``sy = sampling_ratio`` or, when it is <= 0, RoIAlign's adaptive
     ``ceil(h_r / output_height)`` (likewise for x). With ``offset=None`` or zeros this is
     torchvision's / detectron2's RoIAlign.
 
@@ -111,7 +113,7 @@ def deform_roi_align(
             channel 1 along y (mmcv's layout).
         output_size: ``(Ph, Pw)`` or an int.
         spatial_scale: feature-map size over image size (1 / stride).
-        sampling_ratio: samples per bin side; 0 for adaptive.
+        sampling_ratio: samples per bin side; <= 0 for adaptive (as torchvision and mmcv).
         gamma: scale of the normalised offsets (paper and mmcv: 0.1).
         aligned: shift boxes by -0.5 pixel (detectron2's ROIAlignV2); False is the legacy
             RoIAlign, which also clamps the RoI size to at least 1 pixel.
@@ -298,7 +300,7 @@ class ModulatedDeformRoIAlign(nn.Module):
             output_size: ``(Ph, Pw)`` bins, or an int.
             in_channels: C, channels of the feature map.
             spatial_scale: feature-map size over image size (1 / stride).
-            sampling_ratio: samples per bin side; 0 for RoIAlign's adaptive choice.
+            sampling_ratio: samples per bin side; <= 0 for RoIAlign's adaptive choice.
             gamma: scale of the predicted offsets, in units of the RoI's width/height.
             fc_dim: width of the hidden fcs of both branches.
             num_offset_fc: hidden fcs of the offset branch (>= 0).
@@ -315,8 +317,6 @@ class ModulatedDeformRoIAlign(nn.Module):
         for name, value in (("num_offset_fc", num_offset_fc), ("num_mask_fc", num_mask_fc)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if sampling_ratio < 0:
-            raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
         self.in_channels = in_channels
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
