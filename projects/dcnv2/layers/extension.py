@@ -14,8 +14,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..quiet import known_messages_silenced
-
 __all__ = ["JitExtension", "build_location"]
 
 _INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
@@ -56,7 +54,7 @@ def build_location(
 
     Returns:
         (module name, build directory): ``<name>_<hash(sources)>`` and
-        ``<root>/dcnv2-<torch>-<hash(sys.prefix)>-<hash(sources)>/<name>``.
+        ``<root>/dcnv2-<python>-<torch>-<hash(sys.prefix)>-<hash(sources)>/<name>``.
     """
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -66,7 +64,8 @@ def build_location(
             content.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
     sources_hash = content.hexdigest()[:12]
     root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    env = f"dcnv2-{torch.__version__}-{_digest(sys.prefix.encode())}-{sources_hash}"
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    env = f"dcnv2-{python}-{torch.__version__}-{_digest(sys.prefix.encode())}-{sources_hash}"
     return f"{name}_{sources_hash}", os.path.join(root, env, name)
 
 
@@ -109,10 +108,7 @@ class JitExtension:
     def _build(self) -> Optional[str]:
         """Compiles and loads the library; returns why that failed, or None."""
         try:
-            # Importing cpp_extension on a machine with CUDA tools but no GPU logs "No CUDA
-            # runtime is found": not about this CPU build.
-            with known_messages_silenced():
-                from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import load
 
             module, directory = build_location(self.name, self.sources)
             os.makedirs(directory, exist_ok=True)

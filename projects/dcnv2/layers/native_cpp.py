@@ -59,39 +59,15 @@ def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_be
 
 
 def backward(
-    xp,
-    offset,
-    mask,
-    grad_cols,
-    kernel,
-    stride,
-    padding,
-    dilation,
-    dg,
-    groups,
-    p_begin,
-    p_end,
-    grad_xp,
-    need_coord,
-    need_cols,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, groups, p_begin, p_end,
+    grad_xp, need_coord, need_cols,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+    """As :func:`.native_torch.backward`: adds the input gradient to ``grad_xp`` and returns
+    (offset gradient, mask gradient, columns), None where not asked for."""
     grad_offset, grad_mask, cols = torch.ops.dcnv2_native.backward(
-        xp,
-        offset,
-        mask,
-        grad_cols.contiguous(),
-        kernel,
-        stride,
-        padding,
-        dilation,
-        dg,
-        groups,
-        p_begin,
-        p_end,
-        grad_xp,
-        need_coord,
-        need_cols,
-    )
+        xp, offset, mask, grad_cols.contiguous(), kernel, stride, padding, dilation, dg, groups,
+        p_begin, p_end, grad_xp, need_coord, need_cols,
+    )  # fmt: skip
     return (
         grad_offset if need_coord else None,
         grad_mask if need_coord and mask is not None else None,
