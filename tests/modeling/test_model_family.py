@@ -416,7 +416,7 @@ def test_detectron2_config_pieces_and_errors():
 def test_train_net_runs_lazy_configs_through_the_lazy_branch():
     """train_net.py loads a .py config as a LazyConfig (key=value overrides) and checks its
     datasets before starting any worker."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(
         [
             sys.executable,
