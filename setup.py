@@ -19,8 +19,15 @@ setup(
     packages=["dcnv2"] + [f"dcnv2.{p}" for p in find_packages("projects/dcnv2")],
     package_dir={"dcnv2": "projects/dcnv2"},
     package_data={
-        # configs resolve by name without a checkout; the C++ source is compiled on first use
-        "dcnv2": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py", "layers/csrc/*.cpp"]
+        # configs resolve by name without a checkout; the C++ sources and the headers they
+        # include are compiled on first use
+        "dcnv2": [
+            "configs/*.yaml",
+            "configs/**/*.yaml",
+            "configs/**/*.py",
+            "layers/csrc/*.cpp",
+            "layers/csrc/*.h",
+        ]
     },
     # detectron2 is not on PyPI under its own name and must match the user's torch/CUDA build,
     # so it is not a requirement here: see README (tools/setup_env.sh installs it).

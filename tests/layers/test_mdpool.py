@@ -194,8 +194,8 @@ def test_bad_inputs_raise_clear_errors():
     layer = ModulatedDeformRoIAlign(output_size=7, in_channels=4, fc_dim=8)
     with pytest.raises(ValueError, match=r"expected \(N, 4, H, W\) features"):
         layer(features, rois)
-    with pytest.raises(ValueError, match="sampling_ratio must be >= 0"):
-        ModulatedDeformRoIAlign(output_size=7, in_channels=3, sampling_ratio=-1)
+    with pytest.raises(ValueError, match="output_size must be a positive int or pair"):
+        deform_roi_align(features, rois, output_size=(7, 0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

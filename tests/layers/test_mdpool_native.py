@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from torchvision.ops import roi_align
 
 from dcnv2.layers import backends, mdpool, mdpool_cpp
 from dcnv2.layers.mdpool import deform_roi_align
@@ -46,7 +47,7 @@ def _run(impl, features, rois, offset, grad, **kwargs):
     return out, features.grad, offset.grad
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("gamma", [0.1, 0.7])
 def test_kernels_equal_the_pytorch_ops_forward_and_backward(sampling_ratio, aligned, gamma):
@@ -69,6 +70,33 @@ def test_kernels_equal_the_pytorch_ops_without_offset_and_in_float32():
         ref = deform_roi_align(features, rois, off, output_size=7, spatial_scale=0.25, impl="torch")
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 0])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_non_positive_sampling_ratio_is_adaptive_in_both_implementations(sampling_ratio, aligned):
+    # torchvision's (and mmcv's) RoIAlign: sampling_ratio <= 0 is ceil(roi size / bins) per RoI.
+    features, rois, offset = _inputs()
+    reference = roi_align(features, rois, 7, 0.25, sampling_ratio, aligned)
+    assert reference.abs().max() > 0.5
+    for impl in ("cpp", "torch"):
+        for off in (None, torch.zeros_like(offset)):
+            out = deform_roi_align(
+                features, rois, off, output_size=7, spatial_scale=0.25,
+                sampling_ratio=sampling_ratio, aligned=aligned, impl=impl,
+            )  # fmt: skip
+            torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
+    features, rois, offset = _inputs(num_rois=6, channels=2, size=(6, 7), seed=3)
+    features.requires_grad_()
+    offset = (0.5 * offset[:, :, :2, :3]).requires_grad_()
+
+    def pool(f, o):
+        return deform_roi_align(
+            f, rois, o, output_size=(2, 3), spatial_scale=0.25, sampling_ratio=sampling_ratio,
+            aligned=aligned, impl="torch",
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(pool, (features, offset), eps=1e-6, atol=1e-6)
 
 
 def test_gradcheck_of_the_kernels():

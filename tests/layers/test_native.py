@@ -10,13 +10,18 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from dcnv2.layers import (
+    DeformConv,
+    ModulatedDeformConv,
+    ModulatedDeformRoIAlign,
     available_backends,
     backends,
+    mdpool_cpp,
     modulated_deform_conv,
     native,
     native_cpp,
     native_torch,
 )
+from dcnv2.layers.extension import JitExtension
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 IMPLS = ["torch"] + (["cpp"] if native_cpp.is_available() else [])
@@ -352,6 +357,40 @@ def test_environment_variable_selects_pytorch_kernels():
     assert native._kernels(torch.zeros(1), chosen) is expected
     with pytest.raises(ValueError, match="DCNV2_NATIVE_IMPL must be"):
         backends.native_impl_from_environment({"DCNV2_NATIVE_IMPL": "fast"})
+
+
+def test_environment_choice_torch_never_starts_a_build(monkeypatch):
+    # DCNV2_NATIVE_IMPL=torch: convolutions (float32, where the packed gemm would apply) and
+    # mdpool, forward and backward, run without building either extension.
+    monkeypatch.setattr(backends, "_NATIVE_IMPL_DEFAULT", "torch")
+    builds = []
+    monkeypatch.setattr(JitExtension, "_build", lambda self: builds.append(self.name) or "no")
+    for module in (native_cpp, mdpool_cpp):
+        real = module._EXTENSION
+        fresh = JitExtension(
+            real.name, real.sources, real.probe, real.what, real.fallback, real.logger
+        )
+        monkeypatch.setattr(module, "_EXTENSION", fresh)
+    native_cpp.gemm_supported.cache_clear()
+    try:
+        x = torch.randn(2, 8, 9, 11, requires_grad=True)
+        for layer in (
+            DeformConv(8, 8, 3, padding=1, bias=False),
+            ModulatedDeformConv(8, 8, 3, padding=1, groups=2),
+        ):
+            n_offset = 18 if isinstance(layer, DeformConv) else 27
+            offset = torch.randn(2, n_offset, 9, 11)
+            if isinstance(layer, DeformConv):
+                out = layer(x, offset)
+            else:
+                out = layer(x, offset[:, :18], offset[:, 18:].sigmoid())
+            out.sum().backward()
+        pool = ModulatedDeformRoIAlign(output_size=3, in_channels=8, fc_dim=16)
+        rois = torch.tensor([[0, 1.0, 1.0, 8.0, 6.0], [1, 0.0, 2.0, 5.0, 9.0]])
+        pool(x, rois).sum().backward()
+        assert builds == []
+    finally:
+        native_cpp.gemm_supported.cache_clear()
 
 
 @CUDA

@@ -1,17 +1,8 @@
-"""Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one,
-never a truncated one.
+"""Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one.
 
-A file is written into a temporary file in the same folder, flushed and ``fsync``-ed, then renamed
-over its target (``os.replace``, atomic on POSIX and Windows) and the folder is ``fsync``-ed so the
-rename itself survives a power loss. The file gets the permissions of any file the user creates
-(``0o666`` less the umask). :class:`AtomicCheckpointMixin` gives a detectron2/fvcore
-``Checkpointer`` this for checkpoints and the ``last_checkpoint`` pointer, written in that order:
-the pointer only ever names a complete file.
-
-A write that runs out of space (``ENOSPC``, or ``EDQUOT`` for a quota; torch.save reports it as a
-``RuntimeError: [enforce fail at inline_container.cc...]`` whose context is that ``OSError``)
-removes its temporary file and raises :class:`DiskFullError`, naming the file, about how many
-bytes it needs and how many are free; the file it would have replaced is unchanged.
+A temporary file in the same folder is written, ``fsync``-ed and renamed over its target. A full
+disk raises :class:`DiskFullError` naming the file and the space needed; the old file is kept.
+:class:`AtomicCheckpointMixin` writes checkpoints and then ``last_checkpoint`` this way.
 """
 
 import contextlib
@@ -118,12 +109,10 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _create_temporary(folder: str, name: str) -> Tuple[int, str]:
-    """Create ``.<name>.<random>.tmp`` in ``folder`` for writing; return (descriptor, path).
+    """Create ``.<name>.<random>.tmp`` in ``folder``; return (descriptor, path).
 
-    Created with mode ``0o666``, which the kernel reduces by the umask exactly as for any file
-    the user creates (0644 under umask 022). ``tempfile.mkstemp`` would give 0600, and reading
-    the umask to ``chmod`` afterwards takes ``os.umask`` twice, a process-wide change another
-    thread can observe.
+    Mode ``0o666`` less the umask, as any new file (``mkstemp`` gives 0600, and reading the umask
+    changes it process-wide for a moment).
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
@@ -139,10 +128,8 @@ def _create_temporary(folder: str, name: str) -> Tuple[int, str]:
 def atomic_write(path: str, mode: str = "wb", *, size_hint: Optional[int] = None) -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the ``with`` block ends without error.
 
-    On an exception the temporary file is removed and ``path`` is left as it was. A process
-    killed inside the block leaves ``path`` untouched and at most a ``.<name>.*.tmp`` file next
-    to it (see :func:`remove_stale_temporaries`). The new file has the permissions a plain
-    ``open(path, "w")`` of a new file would give (``0o666`` less the umask).
+    On an exception, or a kill, ``path`` is left as it was (a kill may leave a ``.<name>.*.tmp``:
+    see :func:`remove_stale_temporaries`).
 
     Args:
         path: the file to write; its folder must exist.
@@ -150,8 +137,7 @@ def atomic_write(path: str, mode: str = "wb", *, size_hint: Optional[int] = None
         size_hint: about how many bytes the file will have, for the message of a full disk.
 
     Raises:
-        DiskFullError: the device (or the quota) ran out of space; the message names ``path``,
-            the bytes needed (``size_hint``, at least what was written) and the free space.
+        DiskFullError: the device or the quota ran out of space.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write opens files for writing, mode 'w' or 'wb'; got {mode!r}")
@@ -210,13 +196,9 @@ def remove_stale_temporaries(path: str) -> int:
 
 
 class AtomicCheckpointMixin:
-    """``save`` and ``tag_last_checkpoint`` for an fvcore ``Checkpointer`` subclass, written
-    atomically (put it before the ``Checkpointer`` class in the bases).
-
-    fvcore writes both files in place, so a run killed during a save leaves a truncated
-    ``model_XXXXXXX.pth`` that ``last_checkpoint`` may already name; ``--resume`` then fails or,
-    worse, the pointer is lost. Here the checkpoint is complete on disk before the pointer is
-    replaced, and the pointer is replaced in one rename.
+    """``save`` and ``tag_last_checkpoint`` of an fvcore ``Checkpointer``, written atomically (put
+    it before the ``Checkpointer`` in the bases): ``last_checkpoint`` only ever names a complete
+    file, where fvcore's in-place writes may leave it naming a truncated one.
     """
 
     def save(self, name: str, **kwargs: Any) -> None:

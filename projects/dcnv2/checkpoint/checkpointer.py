@@ -1,5 +1,6 @@
 """``DCNv2Checkpointer``: detectron2's ``DetectionCheckpointer`` with safe, checked file loading
-and atomic saves."""
+and atomic saves.
+"""
 
 import os
 import pickle
@@ -23,27 +24,17 @@ __all__ = ["DCNv2Checkpointer", "build_checkpointer"]
 
 
 class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
-    """``DetectionCheckpointer`` that reads weight files without running code hidden in them.
-
-    ``.pth``/``.pt`` files are loaded tensors-only and ``.pkl`` files with an unpickler that only
-    rebuilds numpy arrays (see :mod:`dcnv2.checkpoint.loading`); a file that needs anything else
-    raises :class:`~dcnv2.checkpoint.loading.UnsafeCheckpointError` unless ``allow_unsafe``.
-    Everything else (model-zoo formats, Caffe2 name matching, URL queries) is detectron2's.
-    Checkpoints and ``last_checkpoint`` are written atomically (:mod:`.atomic`); a missing,
-    truncated or ill-fitting weights file is one clear error (:mod:`.integrity`).
-
-    It overrides detectron2's documented extension points only: ``_load_file`` (read a file
-    into a checkpoint dict), ``_torch_load`` (detectron2's reader of ``.pth`` files) and
-    ``_load_model`` (load the dict into the model), besides the public ``load``,
-    ``resume_or_load``, ``save`` and ``tag_last_checkpoint``.
+    """``DetectionCheckpointer`` that reads weight files without running code hidden in them
+    (:mod:`.loading`), refuses files and tensors that cannot be used (:mod:`.integrity`) and saves
+    atomically (:mod:`.atomic`), through detectron2's extension points ``_load_file``,
+    ``_torch_load`` and ``_load_model``.
 
     Args:
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
-        allow_unsafe: unpickle any object (``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``). Only for files
-            from a trusted source.
-        allow_shape_mismatch: skip tensors whose shape differs from the model's instead of
-            raising (``MODEL.DCNV2.ALLOW_SHAPE_MISMATCH``; never when resuming).
-        keys: the config keys named in messages (where the weights came from).
+        allow_unsafe: unpickle any object (trusted files only).
+        allow_shape_mismatch: skip tensors whose shape differs from the model's (never when
+            resuming).
+        keys: the config keys named in messages.
     """
 
     def __init__(

@@ -1,30 +1,9 @@
-"""MMDetection (v2/v3) Faster / Mask R-CNN checkpoints with a ResNet(X) + FPN backbone, with or
-without DCN, as detectron2 checkpoints for this plugin.
+"""MMDetection (v2/v3) Faster / Mask R-CNN checkpoints (ResNet(X) + FPN, with or without DCN) as
+detectron2 checkpoints for this plugin.
 
-Every tensor has a fixed place; nothing is reordered, because the conventions already agree
-(MMDetection -> detectron2 / dcnv2):
-
-* ``backbone.conv1``, ``bn1`` -> ``backbone.bottom_up.stem.conv1`` (``.norm``);
-  ``backbone.layer{i}.{j}.conv{k}``, ``bn{k}`` -> ``backbone.bottom_up.res{i+1}.{j}.conv{k}``
-  (``.norm``); ``downsample.0`` / ``.1`` -> ``shortcut`` (``.norm``).
-* ``...conv2.conv_offset`` (``...conv2_offset`` in pre-v2 checkpoints, which mmcv still
-  upgrades) -> ``...conv2_offset``; mmcv and the plugin both take the first 2/3 of its channels
-  as offsets and the last 1/3 as mask logits.
-* ``neck.lateral_convs.{i}.conv`` / ``neck.fpn_convs.{i}.conv`` -> ``backbone.fpn_lateral{i+2}``
-  / ``backbone.fpn_output{i+2}``.
-* ``rpn_head.rpn_conv``, ``rpn_cls``, ``rpn_reg`` -> ``proposal_generator.rpn_head.conv``,
-  ``objectness_logits``, ``anchor_deltas`` (anchor-major channels in both).
-* ``roi_head.bbox_head.shared_fcs.{i}`` -> ``roi_heads.box_head.fc{i+1}``; ``fc_cls`` ->
-  ``roi_heads.box_predictor.cls_score`` (background is the last of the K+1 rows in both);
-  ``fc_reg`` -> ``bbox_pred`` (4 per class, class-major, in both).
-* ``roi_head.mask_head.convs.{i}.conv``, ``upsample``, ``conv_logits`` ->
-  ``roi_heads.mask_head.mask_fcn{i+1}``, ``deconv``, ``predictor``.
-
-``num_batches_tracked`` is dropped. Any other tensor, a missing one or an unexpected shape stops
-the conversion with a list. The model these weights need (deformable stages, classes, mask head,
-pytorch-style strides, RGB normalisation) is read from the tensors and, where the tensors cannot
-tell, from the config text MMDetection stores in the checkpoint's ``meta``; :meth:`MMDetModelSpec.
-overrides` gives it as detectron2 config keys.
+Every tensor is renamed, never reordered: the layouts already agree (offset/mask channels,
+background last, class-major boxes). Unknown, missing or misshapen tensors stop the conversion
+with a list; the model the weights need is read from the shapes and the stored config text.
 """
 
 import ast

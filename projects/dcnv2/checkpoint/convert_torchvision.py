@@ -1,23 +1,8 @@
 """torchvision ImageNet ResNet / ResNeXt weights as a detectron2 initialisation (``.pkl``).
 
-MMDetection initialises its detectors from torchvision's ImageNet models
-(``torchvision://resnet50``); detectron2's recipes from the MSRA caffe2 ones
-(``detectron2://ImageNetPretrained/MSRA/R-50.pkl``). The two differ in more than names:
-
-* torchvision's bottleneck strides in its 3x3 conv ("pytorch" style), MSRA's in the first 1x1
-  (``MODEL.RESNETS.STRIDE_IN_1X1``);
-* torchvision's models take RGB in [0, 255] normalised by the ImageNet mean and std, MSRA's take
-  BGR minus the mean, not scaled.
-
-:func:`convert_torchvision_state_dict` renames the tensors (``layer1.0.bn1`` ->
-``res2.0.conv1.norm``, ``downsample`` -> ``shortcut``), drops the classifier, checks every shape,
-and :attr:`ResNetSpec.overrides` gives the config keys the weights need. The ``.pkl`` written by
-:func:`convert_torchvision_checkpoint` is in detectron2's model-zoo format (numpy arrays,
-``matching_heuristics``), so it loads into any backbone prefix as detectron2's own ImageNet files
-do.
-
-The ResNet key map, shape checks and ImageNet constants are shared with :mod:`.convert_mmdet`
-(MMDetection's backbones use torchvision's names) in :mod:`.weights_io`.
+torchvision's models stride in the 3x3 conv and take normalised RGB; MSRA's stride in the first
+1x1 and take BGR minus the mean. The tensors are renamed and checked, and
+:attr:`ResNetSpec.overrides` gives the config keys the weights need.
 """
 
 from typing import Dict, List, Mapping, Sequence, Tuple

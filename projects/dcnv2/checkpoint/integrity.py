@@ -1,19 +1,7 @@
-"""One clear error for weights that cannot be used: a file that is missing, unreadable, truncated
-or not a checkpoint, tensors whose shapes do not fit the model, or no tensor that fits at all.
-
-detectron2 asserts on a missing file, surfaces torch's zip-reader error for a truncated one, and
-only warns about mismatched shapes (then trains with those tensors left at their random
-initialisation). The checks below raise :class:`~dcnv2.errors.WeightsError` instead, naming the
-file, where it came from (``MODEL.WEIGHTS`` or ``last_checkpoint``) and, for shapes, each tensor.
-:func:`check_weights_file` judges a file by its first and last bytes before anything reads it
-(empty, a text file, a zip archive or a pickle cut short), so the preflight checks refuse it
-before a run writes anything; the readers of :mod:`.loading` (used by the checkpointer, the
-converters and ``publish_model``) run it, and word their own failures with
-:func:`unreadable_file_error`. :class:`~dcnv2.checkpoint.DCNv2Checkpointer` runs the shape
-checks as it loads. Skipping mismatched tensors
-stays available for fine-tuning on other classes (``allow_shape_mismatch``,
-``MODEL.DCNV2.ALLOW_SHAPE_MISMATCH``), but never when resuming: a run's own checkpoint must fit
-its model exactly.
+"""One clear :class:`~dcnv2.errors.WeightsError` for weights that cannot be used: a missing,
+unreadable, truncated or non-checkpoint file (judged from its first and last bytes before it is
+read), or tensors that do not fit the model. Skipping misshapen tensors stays available for
+fine-tuning (``allow_shape_mismatch``), never when resuming.
 """
 
 import os
@@ -47,18 +35,16 @@ UNREADABLE_ERRORS = (
 
 
 def check_weights_file(path: str, source: str, resuming: bool) -> None:
-    """A local ``path`` names a readable file that can be a checkpoint, judged by its first and
-    last bytes only (URLs are fetched later): not a folder, not empty, not a text file, not a
-    zip archive (torch.save's format) or a pickle cut short.
+    """Refuse a local ``path`` that cannot be a checkpoint (folder, empty, text, truncated zip or
+    pickle), judged by its first and last bytes; URLs are checked when fetched.
 
     Args:
         path: the weights file.
         source: where it came from, for the message (``"given by MODEL.WEIGHTS"``; "" for none).
-        resuming: it was named by ``last_checkpoint`` (``--resume``).
+        resuming: it was named by ``last_checkpoint``.
 
     Raises:
-        WeightsError: the file cannot be a checkpoint; the message names it, says why and what
-            was expected.
+        WeightsError: naming the file, why and what was expected.
     """
     if not path or "://" in path:
         return
@@ -117,19 +103,12 @@ def _text_start(head: bytes) -> Optional[str]:
 
 
 def diagnose_file(path: str, *, failed: bool = False) -> Optional[str]:
-    """Why the local file ``path`` cannot be a checkpoint, from its first and last bytes, or
-    None when it may be one.
+    """Why the local file ``path`` cannot be a checkpoint, from its first and last bytes, or None.
 
     Args:
         path: an existing file.
-        failed: loading it already failed: a text file is named as such even when it ends
-            with ``.``, as a protocol-0 (text) pickle would (checked before loading, such a
-            file is left to the loader).
-
-    Returns:
-        e.g. ``"the file is empty"``, ``"it is a text file starting with '...'"``,
-        ``"it is truncated or not a checkpoint (truncated: the zip archive's end record is
-        missing...)"``.
+        failed: loading it already failed, so a text file ending with ``.`` (which could be a
+            protocol-0 pickle) is named as text.
 
     Raises:
         PermissionError: the file cannot be opened for reading.

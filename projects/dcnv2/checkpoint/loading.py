@@ -1,18 +1,8 @@
 """Reading checkpoint files without running code hidden in them.
 
-A ``torch.save`` file (``.pth``/``.pt``) and a detectron2 model-zoo ``.pkl`` are pickles, and
-unpickling can call any importable function. By default both are read by unpicklers that only
-rebuild data:
-
-* ``.pth``/``.pt``/``.pyth`` (anything but ``.pkl``): ``torch.load(..., weights_only=True)``:
-  tensors, numbers, strings and the built-in containers.
-* ``.pkl``: an unpickler that only rebuilds numpy arrays, numpy scalars and ``OrderedDict`` (what
-  detectron2's and Detectron's model-zoo files hold), read with ``encoding="latin1"`` as
-  detectron2 does, for the Python 2 files of the MSRA ImageNet models.
-
-A file that needs anything else is refused with :class:`UnsafeCheckpointError`, which names what
-the file asked for. ``allow_unsafe=True`` loads it with plain pickle: only do this for files from
-a source you trust.
+``.pkl``: an unpickler that only rebuilds numpy arrays, numpy scalars and ``OrderedDict`` (latin1,
+for the MSRA Python 2 files); any other file: ``torch.load(weights_only=True)``. Anything else
+raises :class:`UnsafeCheckpointError` unless ``allow_unsafe`` (trusted files only).
 """
 
 import io

@@ -1,10 +1,6 @@
-"""Publishing trained weights: the model's tensors only, optionally in half precision, in a file
-named by its content's sha256, as MMDetection's ``tools/model_converters/publish_model.py`` does.
-
-A training checkpoint (``model_final.pth``) also holds the optimizer's state (SGD momentum: one
-more copy of every weight), the scheduler and the iteration, about 3x the model; a published
-file holds ``{"model": state_dict}``, which ``train_net.py --eval-only MODEL.WEIGHTS <file>``,
-the tools' ``MODEL.WEIGHTS`` and fine-tuning all load.
+"""Publishing trained weights: the model's tensors only (``{"model": state_dict}``), optionally
+in half precision, in a file named by its content's sha256, as MMDetection's
+``publish_model.py`` does.
 """
 
 import hashlib

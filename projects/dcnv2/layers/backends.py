@@ -1,24 +1,9 @@
 """Implementations ("backends") of the deformable convolution op, and how one is chosen.
 
-Every backend computes the same function with the layout detectron2, mmcv and torchvision share:
-for deformable group ``g`` and kernel tap ``k = i * kw + j``, offset channel
-``g * 2 * kh * kw + 2 * k`` is the vertical shift (dy) and ``+ 1`` the horizontal one (dx);
-mask channel ``g * kh * kw + k`` scales that tap. ``mask=None`` means DCNv1 (no modulation).
-
-Backends:
-    ``"detectron2"``: detectron2's compiled CUDA kernels; CUDA tensors only, and only when
-        ``detectron2._C`` imports (a from-source build of detectron2).
-    ``"torchvision"``: ``torchvision.ops.deform_conv2d``; CPU and CUDA.
-    ``"native"``: this package's implementation (``dcnv2.layers.native``) with detectron2's
-        exact CUDA semantics, forward and backward, on any device. Its column kernels are
-        chosen by ``native_impl``: "cpp" (compiled, CPU float32/float64), "torch" (PyTorch ops)
-        or "auto" (cpp where it applies and builds). The environment variable
-        ``DCNV2_NATIVE_IMPL``, read once at import, replaces "auto".
-
-"native" and "torchvision" run inside the custom operator ``torch.ops.dcnv2.deform_conv2d``
-(:mod:`dcnv2.layers.ops`), which ``torch.compile`` and ``torch.export`` see as one node; each
-has a forward (``BACKENDS``) and a backward (``BACKWARDS``) without autograd of their own.
-"detectron2" stays detectron2's own ``autograd.Function``, called directly.
+"detectron2" (its compiled CUDA kernels, when ``detectron2._C`` imports), "torchvision"
+(``torchvision.ops.deform_conv2d``) and "native" (:mod:`.native`, detectron2's exact semantics
+on any device; its kernels by ``native_impl``: "cpp", "torch", or "auto", which
+``DCNV2_NATIVE_IMPL`` replaces, read once at import). All share detectron2's offset layout.
 """
 
 import functools
@@ -30,7 +15,6 @@ import torch
 
 __all__ = [
     "available_backends",
-    "get_backend",
     "resolve_backend",
     "resolve_native_impl",
     "native_impl_from_environment",
@@ -55,9 +39,8 @@ BACKWARDS: Dict[str, Callable[..., List[Optional[torch.Tensor]]]] = {}
 OP_BACKENDS = ("native", "torchvision")
 # Every value MODEL.DCNV2.BACKEND / the layers' ``backend`` accept.
 BACKEND_NAMES = ("auto", "detectron2", "native", "torchvision")
-# Preference order of "auto" per device type; the first available one wins.
-# CUDA: detectron2's kernels, else torchvision's: on an H200 (tools/gpu_check.py, 2026-11-26) the
-# native backend's PyTorch-op kernels were 9-31x slower than both at ResNet-50's res3-res5 shapes.
+# Preference order of "auto" per device type; the first available one wins. On CUDA the native
+# backend's PyTorch-op kernels are much slower than the compiled ones (docs/benchmarks.md).
 _AUTO_ORDER = {"cuda": ("detectron2", "torchvision", "native"), "cpu": ("native", "torchvision")}
 
 
@@ -112,12 +95,7 @@ def _check_support(name: str, device_type: str) -> bool:
 
 
 def available_backends(device: Optional[torch.device] = None) -> List[str]:
-    """Names of the backends that can run here.
-
-    Args:
-        device: only list backends that accept tensors on this device. By default, list every
-            backend usable on some device of this machine (CPU, and CUDA if present).
-    """
+    """Names of the backends that can run on ``device`` (default: on CPU or, if present, CUDA)."""
     if device is not None:
         device_types = [torch.device(device).type]
     else:
@@ -154,10 +132,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"{reason}; available here: {available_backends(device)}"
         )
     return backend
-
-
-def get_backend(name: str) -> BackendFn:
-    return BACKENDS[name]
 
 
 def native_impl_from_environment(environ: Mapping[str, str] = os.environ) -> str:

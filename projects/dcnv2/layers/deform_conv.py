@@ -221,19 +221,9 @@ def deform_conv(
     Args and shapes as :func:`modulated_deform_conv` without mask and bias.
     """
     return modulated_deform_conv(
-        input,
-        offset,
-        None,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        groups,
-        deformable_groups,
-        backend,
-        native_impl=native_impl,
-    )
+        input, offset, None, weight, None, stride, padding, dilation, groups, deformable_groups,
+        backend, native_impl=native_impl,
+    )  # fmt: skip
 
 
 class _DeformConvBase(nn.Module):
@@ -299,19 +289,9 @@ class _DeformConvBase(nn.Module):
 
     def _forward(self, x, offset, mask):
         x = modulated_deform_conv(
-            x,
-            offset,
-            mask,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.deformable_groups,
-            self.backend,
-            native_impl=self.native_impl,
-        )
+            x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation,
+            self.groups, self.deformable_groups, self.backend, native_impl=self.native_impl,
+        )  # fmt: skip
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
@@ -363,20 +343,9 @@ class DeformConv(_DeformConvBase):
         native_impl: str = "auto",
     ):
         super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            deformable_groups,
-            bias,
-            norm,
-            activation,
-            backend,
-            native_impl=native_impl,
-        )
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            deformable_groups, bias, norm, activation, backend, native_impl=native_impl,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return self._forward(x, offset, None)

@@ -1,33 +1,85 @@
-"""One JIT-compiled C++ extension of dcnv2 (:class:`JitExtension`): built on first use with
-:func:`torch.utils.cpp_extension.load`, the build's outcome kept for the process, and one warning
-naming what falls back when it fails.
-
-torch caches the build under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so
-later processes load it at once. Used by :mod:`dcnv2.layers.native_cpp` and
-:mod:`dcnv2.layers.mdpool_cpp`.
+"""One JIT-compiled C++ extension of dcnv2 (:class:`JitExtension`), built on first use with
+:func:`torch.utils.cpp_extension.load` into a directory of its own per torch version, interpreter
+and source version (:func:`build_location`), so two environments or checkouts never share, wait
+on or load each other's binaries. A failed build is one warning; the caller falls back.
 """
 
+import hashlib
 import logging
+import os
+import re
+import sys
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["JitExtension"]
+__all__ = ["JitExtension", "build_location"]
+
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+# at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _source_files(sources: Sequence[str]) -> List[str]:
+    """``sources`` and every local file they ``#include "..."``, transitively, in a fixed order."""
+    seen, todo = [], [os.path.abspath(s) for s in sources]
+    while todo:
+        path = todo.pop(0)
+        if path in seen:
+            continue
+        seen.append(path)
+        with open(path, "rb") as f:
+            for name in _INCLUDE.findall(f.read()):
+                included = os.path.join(os.path.dirname(path), name.decode())
+                if os.path.isfile(included):
+                    todo.append(os.path.abspath(included))
+    return seen
+
+
+def build_location(
+    name: str, sources: Sequence[str], root: Optional[str] = None
+) -> Tuple[str, str]:
+    """Where this interpreter builds extension ``name`` from ``sources``.
+
+    Args:
+        name: the extension's base name.
+        sources: its C++ files; the local headers they include count as sources too.
+        root: the build root; default ``TORCH_EXTENSIONS_DIR``, else torch's default root.
+
+    Returns:
+        (module name, build directory): ``<name>_<hash(sources)>`` and
+        ``<root>/dcnv2-<python>-<torch>-<hash(sys.prefix)>-<hash(sources)>/<name>``.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    content = hashlib.sha256(" ".join(_CFLAGS + _LDFLAGS).encode())
+    for path in _source_files(sources):
+        with open(path, "rb") as f:
+            content.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    sources_hash = content.hexdigest()[:12]
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    env = f"dcnv2-{python}-{torch.__version__}-{_digest(sys.prefix.encode())}-{sources_hash}"
+    return f"{name}_{sources_hash}", os.path.join(root, env, name)
 
 
 class JitExtension:
     """A C++ extension that registers operators in ``torch.ops``, compiled at most once.
 
     Args:
-        name (str): the extension's name for torch's build cache (``dcnv2_native_cpu``).
+        name (str): the extension's base name (``dcnv2_native_cpu``).
         sources (Sequence[str]): paths of its C++ files.
         probe (str): ``"namespace.op"``, an operator the library registers; the build counts as
             loaded only when ``torch.ops.namespace.op`` resolves.
         what (str): what the extension holds, for the warning ("mdpool kernels").
-        fallback (str): what is used instead when the build fails, for the warning
-            ("PyTorch-op implementation").
-        logger (logging.Logger): where the warning goes (the using module's logger).
+        fallback (str): what is used instead when the build fails, for the warning.
+        logger (logging.Logger): where the warning goes.
     """
 
     def __init__(
@@ -58,12 +110,14 @@ class JitExtension:
         try:
             from torch.utils.cpp_extension import load
 
-            # at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp it runs serially.
+            module, directory = build_location(self.name, self.sources)
+            os.makedirs(directory, exist_ok=True)
             load(
-                name=self.name,
+                name=module,
                 sources=self.sources,
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
+                extra_cflags=list(_CFLAGS),  # copies: torch extends the lists it is given
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=directory,
                 is_python_module=False,
                 verbose=False,
             )

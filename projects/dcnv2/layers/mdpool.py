@@ -1,19 +1,9 @@
 """Modulated deformable RoI pooling (mdpool, DCNv2 paper section 3.2): the op and the layer.
 
-``deform_roi_align`` is RoIAlign whose every output bin is shifted by its own offset, a fraction
-``gamma`` of the RoI's width and height (mmcv's ``deform_roi_pool`` semantics).
-``ModulatedDeformRoIAlign`` is the layer: a plain RoIAlign pass feeds two small fc branches, one
-predicting the bin offsets, one a modulation scalar per bin (sigmoid); the output is the shifted
-RoIAlign times the modulation. Its parameter names and layout are those of mmcv's
-``ModulatedDeformRoIPoolPack`` (``offset_fc.{0,2,4}``, ``mask_fc.{0,2}``).
-
-``deform_roi_align`` has two implementations of one function: compiled CPU kernels
-(:mod:`dcnv2.layers.mdpool_cpp`, float32/float64, forward and backward, parallel over RoIs) and
-differentiable PyTorch operations (``grid_sample``), which run on any device and dtype and are
-used where the kernels do not apply or fail to build (``impl``, ``DCNV2_NATIVE_IMPL``).
-
-Coordinates follow detectron2's ``ROIAlignV2`` (``aligned=True``): pixel ``i`` covers
-``[i, i + 1)``, so a box is scaled by ``spatial_scale`` and shifted by -0.5 before sampling.
+:func:`deform_roi_align` is RoIAlign with a learned shift per bin (mmcv's ``deform_roi_pool``),
+in compiled CPU kernels (:mod:`.mdpool_cpp`) or PyTorch ops (any device), chosen by ``impl``.
+:class:`ModulatedDeformRoIAlign` adds the offset and modulation fc branches with mmcv's
+``ModulatedDeformRoIPoolPack`` parameter names. Coordinates are detectron2's ``ROIAlignV2``.
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -36,6 +26,8 @@ def _check_inputs(features: Tensor, rois: Tensor, offset: Optional[Tensor], size
             f"features must be a floating-point (N, C, H, W) tensor, got {features.dtype} "
             f"of shape {tuple(features.shape)}"
         )
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"output_size must be a positive int or pair, got {tuple(size)}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(
             f"rois must be (R, 5) rows of (batch index, x0, y0, x1, y1), got {tuple(rois.shape)}"
@@ -55,10 +47,8 @@ def _grid_size(extent: Tensor, bins: int, sampling_ratio: int) -> Tensor:
 
 
 def _bilinear_bin_average(feature: Tensor, ys: Tensor, xs: Tensor, sh: int, sw: int) -> Tensor:
-    """Average of bilinear samples of one image, with RoIAlign's border rules.
-
-    As torchvision's RoIAlign: a sample more than one pixel outside the map is 0, a sample
-    within one pixel of it is clamped to the border (``grid_sample``'s "border" padding).
+    """Average of bilinear samples of one image, with RoIAlign's border rules: 0 more than one
+    pixel outside the map, clamped to the border within one pixel.
 
     Args:
         feature (Tensor): (1, C, H, W).
@@ -93,29 +83,23 @@ def deform_roi_align(
 ) -> Tensor:
     """RoIAlign with a learned shift per output bin (mmcv's ``deform_roi_pool``).
 
-    Bin ``(i, j)`` of RoI ``r`` is moved by ``gamma * (w_r * offset[r, 0, i, j],
-    h_r * offset[r, 1, i, j])``, with ``w_r, h_r`` the RoI's size on the feature map, and averages
-    ``sy x sx`` bilinear samples, ``sy = sampling_ratio`` or, when it is 0, RoIAlign's adaptive
-    ``ceil(h_r / output_height)`` (likewise for x). With ``offset=None`` or zeros this is
-    torchvision's / detectron2's RoIAlign.
-
-    ``impl`` picks the implementation: "cpp" (the compiled CPU kernels), "torch" (PyTorch
-    operations) or "auto": ``DCNV2_NATIVE_IMPL``'s choice, else the kernels where they apply
-    (CPU float32/float64, RoIs without gradient, not under ``torch.jit.trace``, which then
-    records the PyTorch operations) and build.
+    Bin ``(i, j)`` of RoI ``r`` moves by ``gamma * (w_r * offset[r, 0, i, j], h_r * offset[r, 1,
+    i, j])`` (RoI size on the feature map). With no or zero offsets this is torchvision's RoIAlign.
 
     Args:
         features (Tensor): (N, C, H, W) feature map.
         rois (Tensor): (R, 5), rows ``(batch index, x0, y0, x1, y1)`` in image coordinates.
-        offset (Tensor or None): (R, 2, Ph, Pw) normalised bin offsets, channel 0 along x,
-            channel 1 along y (mmcv's layout).
+        offset (Tensor or None): (R, 2, Ph, Pw) normalised bin offsets, x then y (mmcv's layout).
         output_size: ``(Ph, Pw)`` or an int.
         spatial_scale: feature-map size over image size (1 / stride).
-        sampling_ratio: samples per bin side; 0 for adaptive.
+        sampling_ratio: samples per bin side; <= 0 for adaptive ``ceil(roi size / bins)``, as
+            torchvision and mmcv.
         gamma: scale of the normalised offsets (paper and mmcv: 0.1).
-        aligned: shift boxes by -0.5 pixel (detectron2's ROIAlignV2); False is the legacy
-            RoIAlign, which also clamps the RoI size to at least 1 pixel.
-        impl: "auto", "cpp" or "torch" (see above).
+        aligned: shift boxes by -0.5 pixel (ROIAlignV2); False is the legacy RoIAlign, which
+            also clamps the RoI size to at least 1 pixel.
+        impl: "cpp" (compiled kernels), "torch" (PyTorch ops) or "auto": ``DCNV2_NATIVE_IMPL``'s
+            choice, else the kernels where they apply (CPU float32/float64, RoIs without gradient,
+            not traced) and build.
 
     Returns:
         Tensor: (R, C, Ph, Pw), in ``features.dtype``; computed in at least float32.
@@ -205,8 +189,8 @@ def _deform_roi_align_torch(
     ph, pw = output_size
     num_rois, channels = rois.shape[0], features.shape[1]
     ctype = torch.promote_types(features.dtype, torch.float32)
-    # grid_sample reads all channels of a sample position at once: channels-last is ~3x faster
-    # on CPU.
+    # grid_sample reads all channels of a sample position at once: channels-last keeps them
+    # contiguous.
     feats = features.to(ctype).contiguous(memory_format=torch.channels_last)
     boxes = rois[:, 1:].to(ctype) * spatial_scale - (0.5 if aligned else 0.0)
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -268,16 +252,10 @@ def _fc_branch(in_dim: int, hidden_dim: int, num_hidden: int, out_dim: int) -> n
 class ModulatedDeformRoIAlign(nn.Module):
     """Modulated deformable RoI pooling for one feature map (mmcv's ModulatedDeformRoIPoolPack).
 
-    ``x = RoIAlign(features, rois)`` feeds an offset branch (``num_offset_fc`` hidden fcs of
-    ``fc_dim``, then an fc to ``2 * Ph * Pw``) and a modulation branch (``num_mask_fc`` hidden fcs,
-    then an fc to ``Ph * Pw`` and a sigmoid); the output is
-    ``deform_roi_align(features, rois, offset) * mask``. The last fc of each branch starts at
-    zero, so a fresh layer returns exactly ``0.5 * RoIAlign`` (the paper's and mmcv's
-    convention). Hidden fcs keep PyTorch's default init, as mmcv.
-
-    The default branch widths are mmcv's (1024; 2 hidden fcs for the offsets, 1 for the mask).
-    Parameter count is dominated by the first fc of each branch,
-    ``C * Ph * Pw * fc_dim``: 12.8M each for C=256 and 7x7 bins, 51.4M each for 14x14.
+    A plain RoIAlign feeds an offset branch and a sigmoid modulation branch of fcs; the output is
+    ``deform_roi_align(features, rois, offset) * mask``. Both last fcs start at zero, so a fresh
+    layer returns ``0.5 * RoIAlign``. The first fc of each branch has ``C * Ph * Pw * fc_dim``
+    parameters (12.8M for C=256, 7x7 bins, 1024).
     """
 
     def __init__(
@@ -293,17 +271,15 @@ class ModulatedDeformRoIAlign(nn.Module):
         num_mask_fc: int = 1,
         aligned: bool = True,
     ):
-        """
-        Args:
-            output_size: ``(Ph, Pw)`` bins, or an int.
-            in_channels: C, channels of the feature map.
-            spatial_scale: feature-map size over image size (1 / stride).
-            sampling_ratio: samples per bin side; 0 for RoIAlign's adaptive choice.
-            gamma: scale of the predicted offsets, in units of the RoI's width/height.
-            fc_dim: width of the hidden fcs of both branches.
-            num_offset_fc: hidden fcs of the offset branch (>= 0).
-            num_mask_fc: hidden fcs of the modulation branch (>= 0).
-            aligned: detectron2's ROIAlignV2 coordinates (True) or legacy RoIAlign (False).
+        """Args:
+        output_size: ``(Ph, Pw)`` bins, or an int.
+        in_channels: C, channels of the feature map.
+        spatial_scale: feature-map size over image size (1 / stride).
+        sampling_ratio: samples per bin side; <= 0 for RoIAlign's adaptive choice.
+        gamma: scale of the predicted offsets, in units of the RoI's width/height.
+        fc_dim: width of the hidden fcs of both branches (mmcv: 1024).
+        num_offset_fc, num_mask_fc: hidden fcs of each branch (mmcv: 2 and 1).
+        aligned: ROIAlignV2 coordinates (True) or legacy RoIAlign (False).
         """
         super().__init__()
         self.output_size: Tuple[int, int] = tuple(_pair(output_size))
@@ -315,8 +291,6 @@ class ModulatedDeformRoIAlign(nn.Module):
         for name, value in (("num_offset_fc", num_offset_fc), ("num_mask_fc", num_mask_fc)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if sampling_ratio < 0:
-            raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
         self.in_channels = in_channels
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)

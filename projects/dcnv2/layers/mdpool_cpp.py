@@ -1,13 +1,6 @@
-"""Compiled CPU kernels of modulated deformable RoI pooling (``csrc/mdpool_cpu.cpp``).
-
-Built like :mod:`dcnv2.layers.native_cpp` (one :class:`dcnv2.layers.extension.JitExtension`
-each): JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use (a few seconds on
-two cores), cached by torch under ``TORCH_EXTENSIONS_DIR``; a failed build is one warning, after
-which :func:`dcnv2.layers.mdpool.deform_roi_align` uses its PyTorch-op implementation.
-``DCNV2_NATIVE_IMPL=torch`` skips the build, as for the deformable convolution.
-
-CPU float32/float64 only; features (N, C, H, W), RoIs (R, 5) and offsets (R, 2, Ph, Pw) all of
-one dtype and contiguous.
+"""Compiled CPU kernels of modulated deformable RoI pooling (``csrc/mdpool_cpu.cpp``), built
+on first use by :class:`.extension.JitExtension`; on a failed build :func:`.mdpool.deform_roi_align`
+uses its PyTorch ops. CPU float32/float64, contiguous inputs of one dtype.
 """
 
 import logging

@@ -1,42 +1,11 @@
 """The "native" deformable-convolution backend: detectron2's exact semantics on any device.
 
-The op is im2col (bilinear sampling into columns) followed by a matmul with the weight, as in
-detectron2's kernels, but channels-last: the input is sampled from an (N, H+2, W+2, C) copy and
-the columns are (n, Pc, G, kh*kw, C/G), one row per output position. A tap's geometry is then
-computed once for all its channels, and every kernel loop runs over contiguous channels. On
-ResNet-50's res3-res5 shapes this made the op 1.2-2.1x faster forward and 1.3-1.7x faster
-forward+backward than channel-major columns with the same kernels (old and new alternated in
-one run of ``tools/benchmark_ops.py``'s workers). Two implementations of the column kernels
-share this driver:
-
-- ``"cpp"`` (:mod:`dcnv2.layers.native_cpp`): a small C++ extension, JIT-compiled on first use
-  and cached, parallel with ``at::parallel_for``; CPU float32/float64 only.
-- ``"torch"`` (:mod:`dcnv2.layers.native_torch`): PyTorch ops; CUDA, other dtypes, and the
-  fallback when the extension cannot be built.
-
-Two ways to run each pass, chosen by measurement (:func:`_run_fastest`: on the first large
-enough call for a weight shape, dtype, thread count (and, in backward, set of gradients), each
-way runs twice and the faster is kept; they give the same values to float32 rounding):
-
-- **chunked**: columns are built for chunks of images, or of output positions, of at most
-  ``_CHUNK_ELEMENTS`` elements (so the peak does not grow with the batch or the image size), and
-  multiplied with the weight by a matrix product: three per chunk (forward ``w @ cols.T``;
-  backward the column gradient ``grad_out.T @ w`` and the weight gradient ``grad_out @ cols``),
-  each with the FLOPs of the dense convolution. Each product is itself measured between MKL
-  (forward: weight-first straight into the output, or columns-first plus a transposing copy,
-  the faster on AMD Zen 3) and the extension's packed AVX2 ``gemm`` (``csrc/gemm_cpu.cpp``).
-  Every device, dtype and group count.
-- **fused** (``csrc/deform_conv_packed.cpp``; one convolution group, float32, x86-64 CPUs with
-  AVX2 and FMA): the sampling writes straight into packed panels of a few dozen positions that
-  stay in cache, and 6x16 AVX2 register tiles multiply them with the weight at once; backward
-  does the column gradient, the sampling pass (input, offset and mask gradients, and the
-  columns) and the weight gradient block by block in the same way. No columns are stored, so
-  the peak memory is the inputs, the outputs and a few MiB per thread. On an AMD EPYC (Zen 3),
-  where MKL's sgemm runs well below oneDNN's convolution, this made the forward 1.0-1.6x and
-  forward+backward 1.0-1.5x faster than the chunked way at ResNet-50's res3-res5 shapes.
-
-Memory: forward saves only its inputs, and backward recomputes the columns (in the same pass as
-the offset and mask gradients).
+im2col (bilinear sampling into channels-last columns (n, Pc, G, kh*kw, C/G) from an (N, H+2,
+W+2, C) copy of the input) and a product with the weight, by one of two column-kernel modules:
+"cpp" (:mod:`.native_cpp`, CPU float32/float64) or "torch" (:mod:`.native_torch`, any device).
+Each pass runs "chunked" (columns of bounded size, products by MKL or the packed AVX2 ``gemm``)
+or "fused" (``forward_packed``/``backward_packed``: one group, float32, AVX2; no columns
+stored), whichever :func:`_run_fastest` measures faster; forward saves only its inputs.
 """
 
 import functools
@@ -52,9 +21,8 @@ __all__ = ["deform_conv2d", "forward", "backward", "chosen_ways", "IMPLS"]
 
 Pair = Tuple[int, int]
 
-# Columns of at most this many elements per chunk (16 MiB in float32). Besides bounding memory,
-# this keeps the buffers small enough for the allocator to reuse them: fresh pages for larger
-# ones cost as much as the sampling itself (measured: page faults on 70 MB columns ~0.05 s).
+# Columns of at most this many elements per chunk (16 MiB in float32): bounds memory and keeps
+# the buffers small enough for the allocator to reuse them (fresh pages cost as much as sampling).
 _CHUNK_ELEMENTS = 1 << 22
 IMPLS = ("auto", "cpp", "torch")
 # The fastest way to compute each of the op's products, per (product, weight shape, dtype,
@@ -67,9 +35,9 @@ _MEASURE_MACS = 1 << 27
 
 
 def chosen_ways() -> Dict[str, str]:
-    """The ways this process has measured and kept so far (see :func:`_run_fastest`), as
-    ``"product weight-shape dtype threads [gradients]": way``, e.g.
-    ``{"forward_pass (256, 256, 3, 3) float32 2": "fused"}``."""
+    """The ways kept so far by :func:`_run_fastest`, e.g.
+    ``{"forward_pass (256, 256, 3, 3) float32 2": "fused"}``.
+    """
     return {
         " ".join(str(part).replace("torch.", "") for part in key): way
         for key, way in _FASTEST.items()
@@ -208,25 +176,22 @@ def _packed_weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor)
             gemm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
 
 
-def _packed_gemm_ok(t: torch.Tensor) -> bool:
-    """Whether the extension's packed float32 ``gemm`` can run products of tensors like ``t``."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+def _packed_gemm_ok(t: torch.Tensor, kernels) -> bool:
+    """Whether the extension's packed float32 ``gemm`` can run products of tensors like ``t``;
+    only with the compiled ``kernels``, so that the PyTorch-op kernels never start a build."""
+    if kernels is native_torch or t.device.type != "cpu" or t.dtype != torch.float32:
         return False
-    from . import native_cpp
-
-    return native_cpp.gemm_supported()
+    return kernels.gemm_supported()
 
 
 def _run_fastest(
     key: Tuple, ways: Dict[str, Callable[[], None]], outs: Sequence[torch.Tensor], macs: int
 ) -> None:
-    """Runs the way of computing something into ``outs`` that is fastest on this CPU: on the
-    first call for ``key`` with at least ``_MEASURE_MACS`` multiply-adds, each way runs twice
-    (each time from the same ``outs``, so accumulating ways accumulate once) and the fastest is
-    kept in ``_FASTEST[key]``. Before that, and for smaller work, the first way runs.
+    """Run the fastest of ``ways`` (each computing the same values into ``outs``) on this CPU.
 
-    All ways compute the same values, to rounding, so a measurement changes only speed; the
-    result the call leaves is the chosen way's.
+    On the first call for ``key`` with at least ``_MEASURE_MACS`` multiply-adds, each way runs
+    twice from the same ``outs`` and the fastest is kept in ``_FASTEST[key]``; before that, and for
+    smaller work, the first way runs.
     """
     name = _FASTEST.get(key)
     device = outs[0].device.type if outs else "cpu"
@@ -251,18 +216,18 @@ def _run_fastest(
     ways[name or next(iter(ways))]()
 
 
-def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
-    """The forward's product of a chunk, ``out[b, group rows] = w[group] @ cols[b, :, group].T``,
-    the fastest way for its shapes on this CPU (:func:`_run_fastest`): MKL weight-first (no copy;
-    also every other device), MKL columns-first, or the extension's packed ``gemm``.
+def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor, kernels) -> None:
+    """``out[b, group rows] = w[group] @ cols[b, :, group].T`` by the fastest way
+    (:func:`_run_fastest`): MKL weight-first, MKL columns-first, or the packed ``gemm``.
 
     Args:
         w (Tensor): (G, C_out/G, K*C/G), the weight of :func:`_weight_rows`.
         cols (Tensor): (n, Pc, G, K*C/G), a chunk's columns.
         out (Tensor): (n, C_out, Pc), where the chunk's output goes (may be strided).
+        kernels: the column-kernel module.
     """
     ways = {"weight_first": _weight_first, "columns_first": _columns_first}
-    if _packed_gemm_ok(cols):
+    if _packed_gemm_ok(cols, kernels):
         ways["packed"] = _packed_weight_first
     key = ("forward", tuple(w.shape), cols.dtype, torch.get_num_threads())
     _run_fastest(
@@ -273,9 +238,7 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
     )
 
 
-def _column_gradient(
-    go: torch.Tensor, w: torch.Tensor, images: slice, p0: int, p1: int, grad_cols: torch.Tensor
-) -> None:
+def _column_gradient(go, w, images: slice, p0: int, p1: int, grad_cols, kernels) -> None:
     """``grad_cols[i, :, group] = go[b, group rows, p0:p1].T @ w[group]`` for the chunk's images
     ``b``, the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
     groups, cog = w.shape[:2]
@@ -285,20 +248,16 @@ def _column_gradient(
             _mm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
 
     def packed(target):
-        from .native_cpp import gemm
-
         for i, b, grp, rows in _image_groups(images, groups, cog):
-            gemm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
+            kernels.gemm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
 
-    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w) else {"mkl": mkl}
+    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w, kernels) else {"mkl": mkl}
     key = ("column_gradient", tuple(w.shape), w.dtype, torch.get_num_threads())
     ways = {k: functools.partial(f, grad_cols) for k, f in ways.items()}
     _run_fastest(key, ways, [grad_cols], grad_cols.numel() * cog)
 
 
-def _add_weight_gradient(
-    go: torch.Tensor, cols: torch.Tensor, images: slice, p0: int, p1: int, grad_w: torch.Tensor
-) -> None:
+def _add_weight_gradient(go, cols, images: slice, p0: int, p1: int, grad_w, kernels) -> None:
     """``grad_w[group] += go[b, group rows, p0:p1] @ cols[i, :, group]`` for the chunk's images,
     the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
     groups, cog = grad_w.shape[:2]
@@ -308,12 +267,10 @@ def _add_weight_gradient(
             target[grp].addmm_(go[b, rows, p0:p1], cols[i, :, grp])
 
     def packed(target):
-        from .native_cpp import gemm
-
         for i, b, grp, rows in _image_groups(images, groups, cog):
-            gemm(go[b, rows, p0:p1], cols[i, :, grp], target[grp], accumulate=True)
+            kernels.gemm(go[b, rows, p0:p1], cols[i, :, grp], target[grp], accumulate=True)
 
-    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols) else {"mkl": mkl}
+    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols, kernels) else {"mkl": mkl}
     key = ("weight_gradient", tuple(grad_w.shape), cols.dtype, torch.get_num_threads())
     ways = {k: functools.partial(f, grad_w) for k, f in ways.items()}
     _run_fastest(key, ways, [grad_w], cols.numel() * cog)
@@ -404,11 +361,9 @@ def backward(
 
 
 def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-    """The output (N, C_out, Ho, Wo), the fastest way for the weight's shape on this CPU
-    (:func:`_run_fastest`): chunk by chunk, im2col into channels-last columns (n, Pc, G, K, C/G)
-    and their product with the weight as (G, C_out/G, K*C/G) (:func:`_weight_times_columns`);
-    or, for one group in float32 on an AVX2 CPU, the extension's fused pass, which samples into
-    cache-sized panels and multiplies them at once (``forward_packed``), never storing columns."""
+    """The output (N, C_out, Ho, Wo), by the faster of the chunked way (im2col and
+    :func:`_weight_times_columns` per chunk) and the fused one (``forward_packed``).
+    """
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     n, c = x.shape[:2]
@@ -424,11 +379,11 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
             m = None if mask is None else mask[sl]
             cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
             cols = cols.view(cols.shape[0], p1 - p0, groups, -1)
-            _weight_times_columns(w, cols, target[sl, :, p0:p1])
+            _weight_times_columns(w, cols, target[sl, :, p0:p1], kernels)
             del cols
 
     ways = {"chunked": chunked}
-    if groups == 1 and hasattr(kernels, "forward_packed") and _packed_gemm_ok(x):
+    if groups == 1 and _packed_gemm_ok(x, kernels):
         # The weight is packed inside the way: a process that keeps the chunked way never pays.
         ways["fused"] = lambda target: kernels.forward_packed(
             xp, offset, mask, kernels.pack_rows16(weight), *geometry[:-1], target
@@ -470,7 +425,7 @@ def _backward(
             pc = p1 - p0
             if need_x or need_coord:
                 grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-                _column_gradient(go_all, w, sl, p0, p1, grad_cols)
+                _column_gradient(go_all, w, sl, p0, p1, grad_cols, kernels)
                 # One pass gives the input gradient (into grad_xp), the offset and mask
                 # gradients, and the columns for the weight gradient.
                 g_offset, g_mask, cols = kernels.backward(
@@ -494,12 +449,12 @@ def _backward(
                 grad_mask[sl, :, p0:p1] = g_mask
             if need_weight:
                 _add_weight_gradient(
-                    go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w
+                    go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w, kernels
                 )
                 del cols  # at most two column-sized tensors alive at once
 
     ways = {"chunked": chunked}
-    if groups == 1 and hasattr(kernels, "backward_packed") and _packed_gemm_ok(x):
+    if groups == 1 and _packed_gemm_ok(x, kernels):
         ways["fused"] = lambda: kernels.backward_packed(
             xp, offset, mask, go_all, weight.contiguous(), *geometry[:-1], grad_xp, grad_offset,
             grad_mask,

@@ -1,15 +1,7 @@
-"""Compiled CPU column kernels of the native backend (``csrc/deform_conv_cpu.cpp``).
-
-The extension (a :class:`dcnv2.layers.extension.JitExtension`) is JIT-compiled with
-:func:`torch.utils.cpp_extension.load` on first use (8-20 s on two cores) and cached by torch
-under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later processes load
-it at once. It needs only gcc and the installed torch. If the build fails, one warning says why
-and the native backend uses the PyTorch-op kernels of :mod:`dcnv2.layers.native_torch` instead.
-Set ``DCNV2_NATIVE_IMPL=torch`` to skip the build altogether.
-
-Same functions and layouts as :mod:`dcnv2.layers.native_torch`; CPU float32/float64 only. Also
-a packed float32 matrix product with AVX2 (:func:`gemm`, ``csrc/gemm_cpu.cpp``), which the
-native backend measures against MKL and uses where it is faster.
+"""Compiled CPU column kernels of the native backend (``csrc/*.cpp``), built on first use by
+:class:`.extension.JitExtension` (gcc and the installed torch); on a failed build the backend
+uses :mod:`.native_torch`, and ``DCNV2_NATIVE_IMPL=torch`` never builds. Same functions and
+layouts as :mod:`.native_torch`, CPU float32/float64, plus a packed AVX2 float32 :func:`gemm`.
 """
 
 import functools
@@ -67,39 +59,15 @@ def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_be
 
 
 def backward(
-    xp,
-    offset,
-    mask,
-    grad_cols,
-    kernel,
-    stride,
-    padding,
-    dilation,
-    dg,
-    groups,
-    p_begin,
-    p_end,
-    grad_xp,
-    need_coord,
-    need_cols,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, groups, p_begin, p_end,
+    grad_xp, need_coord, need_cols,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+    """As :func:`.native_torch.backward`: adds the input gradient to ``grad_xp`` and returns
+    (offset gradient, mask gradient, columns), None where not asked for."""
     grad_offset, grad_mask, cols = torch.ops.dcnv2_native.backward(
-        xp,
-        offset,
-        mask,
-        grad_cols.contiguous(),
-        kernel,
-        stride,
-        padding,
-        dilation,
-        dg,
-        groups,
-        p_begin,
-        p_end,
-        grad_xp,
-        need_coord,
-        need_cols,
-    )
+        xp, offset, mask, grad_cols.contiguous(), kernel, stride, padding, dilation, dg, groups,
+        p_begin, p_end, grad_xp, need_coord, need_cols,
+    )  # fmt: skip
     return (
         grad_offset if need_coord else None,
         grad_mask if need_coord and mask is not None else None,

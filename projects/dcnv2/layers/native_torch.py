@@ -1,17 +1,8 @@
-"""Column kernels of the native backend written with PyTorch ops (any device, any float dtype).
+"""Column kernels of the native backend in PyTorch ops (any device, any float dtype).
 
-They reproduce detectron2's CUDA kernels (``deform_conv_cuda_kernel.cu``): a tap samples
-``p = (ho*sh - ph + i*dh + dy, wo*sw - pw + j*dw + dx)`` only when ``-1 < p_h < H`` and
-``-1 < p_w < W``; bilinear interpolation from the corners ``floor(p)`` and ``floor(p) + 1`` with
-corners outside the image reading 0. The gradients are the exact derivatives of that formula
-with ``floor`` held fixed (so at integer coordinates the high corner's slope is used, and it
-reads 0 past the last row or column), and are 0 for taps outside the open box.
-
-Interface and layouts shared with :mod:`dcnv2.layers.native_cpp`: the input comes channels-last
-and zero-padded by one pixel (``xp``, (n, H+2, W+2, C)) so corners outside the image read 0
-without a test and a tap's channels are one contiguous row; columns are ``(n, Pc, G, K, C/G)``
-(G convolution groups, K = kh*kw taps) for a range ``[p_begin, p_end)`` of the flattened
-``Ho*Wo`` output positions, so the driver can bound their size.
+detectron2's CUDA kernel semantics: a tap samples only inside ``(-1, H) x (-1, W)``, corners
+outside read 0, gradients are exact with ``floor`` held fixed. Input channels-last and padded by
+one pixel (n, H+2, W+2, C); columns (n, Pc, G, K, C/G) for output positions [p_begin, p_end).
 """
 
 from typing import List, NamedTuple, Optional, Tuple

@@ -1,18 +1,7 @@
-"""The deformable convolution as PyTorch custom operators, so that ``torch.compile`` and
-``torch.export`` see it as one node (no graph break) and exporters can translate it.
-
-``torch.ops.dcnv2.deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation,
-groups, deformable_groups, backend, native_impl) -> Tensor``: arguments as in
-:func:`dcnv2.layers.modulated_deform_conv` after validation (``stride``, ``padding``,
-``dilation``: [h, w]; ``mask``, ``bias``: optional), ``backend`` one of
-:data:`dcnv2.layers.backends.OP_BACKENDS` and ``native_impl`` "auto", "cpp" or "torch".
-
-``torch.ops.dcnv2.deform_conv2d_backward(grad_out, input, offset, mask, weight, stride, padding,
-dilation, groups, deformable_groups, needs, backend, native_impl) -> Tensor[5]``: the gradients
-of input, offset, mask, weight and bias; an empty tensor where ``needs`` (5 bools) is False.
-
-Both run on any device (the backends decide), have fake (meta) implementations for tracing
-with symbolic shapes, and the forward is differentiable once through the backward operator.
+"""The deformable convolution as the custom operators ``torch.ops.dcnv2.deform_conv2d`` and
+``deform_conv2d_backward`` (arguments of :func:`dcnv2.layers.modulated_deform_conv`, validated,
+plus ``backend`` and ``native_impl``), so ``torch.compile`` and ``torch.export`` see one node.
+Both have fake implementations; the forward is differentiable once through the backward op.
 """
 
 from typing import List, Optional, Sequence

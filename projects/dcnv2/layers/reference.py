@@ -1,13 +1,6 @@
-"""A float64 NumPy reference of the deformable convolution: forward and every gradient.
-
-Written from the semantics of detectron2's CUDA kernels (``modulated_deformable_im2col`` with
-``dmcn_im2col_bilinear``; ``col2im`` with ``dmcn_get_gradient_weight``; ``col2im_coord`` with
-``dmcn_get_coordinate_weight``), independently of every backend, one (image, channel, tap) at a
-time, vectorised over output positions. Slow; meant for small shapes (checks, not training).
-
-A sampling point outside ``(-1, H) x (-1, W)`` reads 0 and receives no gradient; inside, each of
-its four neighbours contributes only when it lies in the image, and the offset gradient is the
-one-sided slope that this gives at the border (detectron2's and mmcv's convention).
+"""A float64 NumPy reference of the deformable convolution, forward and every gradient, written
+from detectron2's CUDA kernels independently of every backend; slow, for small checks. A point
+outside ``(-1, H) x (-1, W)`` reads 0; inside, only corners in the image contribute.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple

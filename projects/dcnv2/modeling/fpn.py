@@ -22,11 +22,8 @@ __all__ = [
 def fpn_outputs(backbone: nn.Module, x: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
     """The outputs ``names`` of ``backbone(x)``, equal to those of the whole forward.
 
-    For detectron2's ``FPN`` and outputs of its lateral levels (``p2``-``p5``, not the top
-    block's), this runs the bottom-up network, the top-down path only down to the finest level
-    asked for, and only the output convs of the levels asked for: the steps of ``FPN.forward``
-    that those outputs depend on, in its order. Any other backbone or name runs the whole
-    forward.
+    For detectron2's ``FPN`` and its lateral levels (``p2``-``p5``), only the steps of
+    ``FPN.forward`` those outputs depend on run; any other backbone or name runs the whole forward.
 
     Args:
         backbone: the detector's backbone.

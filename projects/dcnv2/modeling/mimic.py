@@ -1,29 +1,9 @@
-"""R-CNN feature mimicking (DCNv2 paper, section 3.3, Figure 3): a training-only R-CNN branch.
+"""R-CNN feature mimicking (DCNv2 paper, section 3.3): a training-only R-CNN branch.
 
-During training, up to ``N`` positive RoIs per image are cropped from the (normalised, padded)
-input images, resized to ``S x S`` and passed through the *same* backbone; each crop is pooled as
-one whole-crop RoI by the heads' box pooler and run through the box head to a feature
-(1024-D with the 2fc head). Of an FPN only the level the pooler reads for the crops is computed
-(p4 for S = 224; :func:`~dcnv2.modeling.fpn.fpn_outputs`). Two losses are added:
-
-* ``loss_mimic``: ``1 - cos(f_frcnn, f_rcnn)`` averaged over the sampled RoIs, pushing the
-  Faster R-CNN RoI features (box head on the full-image feature maps) towards the R-CNN features
-  of the same RoIs. The R-CNN side is the teacher and is detached by default, so the mimic
-  gradient reaches the backbone through the Faster R-CNN branch only.
-* ``loss_rcnn_cls``: cross-entropy of the R-CNN branch's own classifier on the crops (class of
-  the matched ground truth), which trains the backbone through the R-CNN branch.
-
-At inference nothing of this runs: the heads are exactly their base class.
-
-Pieces:
-    :func:`crop_and_resize`, :func:`sample_positives`, :func:`cosine_mimic_loss`: pure functions.
-    :class:`RCNNMimicBranch`: the branch's own parameters and its losses.
-    :class:`MimicROIHeadsMixin` + :class:`MimicROIHeads`: ROI heads that add the branch. The
-        mixin composes with ``StandardROIHeads`` subclasses whose ``box_head`` is one module;
-        ``MimicROIHeads`` builds on ``DCNv2StandardROIHeads``, so the box pooler is mdpool when
-        ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` is "ModulatedDeformROIAlign" (the paper's setting:
-        the whole crop is then pooled by mdpool too) and detectron2's otherwise.
-    :class:`MimicGeneralizedRCNN`: ``GeneralizedRCNN`` that lends its backbone to such heads.
+Up to N positive RoIs per image are cropped from the input, resized to S x S, run through the
+same backbone, pooled as whole-crop RoIs and through the box head. ``loss_mimic`` is
+``1 - cos`` between these (detached) features and the Faster R-CNN RoI features;
+``loss_rcnn_cls`` classifies the crops. At inference the heads are exactly their base class.
 """
 
 import copy
@@ -55,11 +35,10 @@ __all__ = [
 def crop_and_resize(
     images: Tensor, boxes: Sequence[Tensor], size: int, sampling_ratio: int = 2
 ) -> Tensor:
-    """Crop boxes from a batch of images and resize each crop to ``size x size`` (bilinear).
+    """Crop boxes from a batch of images and resize each crop to ``size x size``.
 
-    Pixel ``(i, j)`` of an image covers ``[j, j+1) x [i, i+1)`` in box coordinates (detectron2's
-    convention, hence ``aligned=True``). Each output pixel averages ``sampling_ratio**2``
-    bilinear samples of its bin, which anti-aliases crops of boxes larger than ``size``.
+    RoIAlign with ``aligned=True`` (detectron2's pixel convention); ``sampling_ratio**2`` samples
+    per output pixel anti-alias crops of large boxes.
 
     Args:
         images (Tensor): (N, C, H, W).
@@ -88,11 +67,10 @@ def sample_positives(
     """Indices of up to ``max_per_image`` random foreground RoIs per image.
 
     Args:
-        gt_classes (list[Tensor]): per image, (R_i,) int64 labels of the sampled proposals;
-            ``num_classes`` is background (detectron2's convention), ``-1`` ignored.
+        gt_classes (list[Tensor]): per image, (R_i,) int64 labels; ``num_classes`` is background,
+            ``-1`` ignored.
         num_classes: number of foreground classes.
-        max_per_image: the cap; images with fewer positives keep all of them, images with none
-            give an empty index tensor.
+        max_per_image: the cap.
 
     Returns:
         list[Tensor]: per image, (P_i,) int64 indices into that image's RoIs, P_i <= cap.
@@ -241,11 +219,8 @@ class RCNNMimicBranch(nn.Module):
     ) -> List[Tensor]:
         """The maps ``in_features`` of the crops, as ``box_pooler`` reads them.
 
-        Every crop RoI is the whole S x S crop, so a multi-level ``ROIPooler`` pools all of them
-        from one level (p4 for S = 224 with FPN's canonical mapping, the paper's 14 x 14 maps).
-        Only that level is computed (:func:`~dcnv2.modeling.fpn.fpn_outputs`); the others, which
-        receive no RoI, are (N, C, 1, 1) zero maps that the pooler never samples. The pooled
-        features are those of the full forward.
+        Whole-crop RoIs all pool from one level of a multi-level ``ROIPooler`` (p4 for S = 224):
+        only that level is computed; the others are (N, C, 1, 1) zero maps never sampled.
         """
         level = 0
         if isinstance(box_pooler, ROIPooler) and len(in_features) > 1:
@@ -325,10 +300,8 @@ class MimicROIHeadsMixin:
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
     ):
-        """The base heads' forward; in training also the R-CNN branch's losses.
-
-        In training the base ``StandardROIHeads.forward`` returns the sampled proposals (with
-        ``gt_classes``), which are exactly the RoIs the branch samples its positives from.
+        """The base heads' forward; in training also the R-CNN branch's losses, whose positives are
+        sampled from the proposals the base forward returns (with ``gt_classes``).
         """
         out, losses = super().forward(images, features, proposals, targets)
         if self.training and self.mimic is not None:
@@ -360,11 +333,7 @@ class MimicROIHeads(MimicROIHeadsMixin, DCNv2StandardROIHeads):
 
 @META_ARCH_REGISTRY.register()
 class MimicGeneralizedRCNN(GeneralizedRCNN):
-    """``GeneralizedRCNN`` whose ROI heads get its backbone (for the R-CNN mimicking branch).
-
-    Training and inference are ``GeneralizedRCNN``'s; the heads run the crops through the backbone
-    inside their own forward.
-    """
+    """``GeneralizedRCNN`` whose ROI heads get its backbone (for the R-CNN mimicking branch)."""
 
     @configurable
     def __init__(self, **kwargs):

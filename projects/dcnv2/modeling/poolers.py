@@ -1,18 +1,8 @@
 """Modulated deformable RoI pooling (mdpool) in detectron2's box and mask heads.
 
-detectron2 builds its poolers from ``POOLER_TYPE`` strings inside ``ROIPooler.__init__``, so a new
-pooler needs ROI heads that build it. ``DCNv2StandardROIHeads`` and ``DCNv2CascadeROIHeads`` are
-detectron2's heads, except that a box or mask head whose ``POOLER_TYPE`` is
-``"ModulatedDeformROIAlign"`` gets a :class:`DeformableROIPooler`; every other pooler type is built
-by detectron2 as usual. Select them with::
-
-    MODEL.ROI_HEADS.NAME: "DCNv2StandardROIHeads"
-    MODEL.ROI_BOX_HEAD.POOLER_TYPE: "ModulatedDeformROIAlign"
-
-The pooler keeps detectron2's FPN level assignment (canonical box 224 at level 4) and runs one
-:class:`~dcnv2.layers.mdpool.ModulatedDeformRoIAlign` per level (MMDetection's layout: its
-``SingleRoIExtractor`` builds one ``ModulatedDeformRoIPoolPack`` per level), or one shared by all
-levels with ``MODEL.DCNV2.MDPOOL.SHARE_ACROSS_LEVELS``.
+``DCNv2StandardROIHeads`` / ``DCNv2CascadeROIHeads`` are detectron2's heads, except that
+``POOLER_TYPE: "ModulatedDeformROIAlign"`` builds a :class:`DeformableROIPooler`: detectron2's FPN
+level assignment with one mdpool layer per level (MMDetection's layout) or one shared by all.
 """
 
 from typing import Dict, List, Sequence

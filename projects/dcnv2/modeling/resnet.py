@@ -1,9 +1,6 @@
-"""ResNet / ResNeXt backbones with (modulated) deformable 3x3 convolutions in chosen stages.
-
-The block is a subclass of detectron2's ``DeformBottleneckBlock`` (its forward, its parameter
-names ``conv1``, ``conv2``, ``conv2_offset``, ``conv3``, ``shortcut``, so detectron2 checkpoints
-with deformable layers load as they are) with this plugin's deformable conv; everything else is
-detectron2's own ``ResNet``, ``BasicStem``, ``BottleneckBlock`` and ``ResNet.make_stage``.
+"""ResNet / ResNeXt backbones with (modulated) deformable 3x3 convolutions in chosen stages:
+detectron2's ``DeformBottleneckBlock`` (same parameter names, so its checkpoints load) with this
+plugin's deformable conv, in detectron2's own ``ResNet``.
 """
 
 from typing import List, Sequence
@@ -27,24 +24,17 @@ _BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
 class DCNv2BottleneckBlock(DeformBottleneckBlock):
-    """detectron2's ``DeformBottleneckBlock`` with this plugin's deformable conv, so the 3x3 conv
-    runs on the chosen backend: modulated (DCNv2) or not (DCNv1).
+    """detectron2's ``DeformBottleneckBlock`` with this plugin's deformable conv as ``conv2``.
 
-    The ``forward`` is detectron2's. The constructor is detectron2's written out, in the same
-    order (so one seed gives the same initial weights) with the same names and shapes (so
-    detectron2 checkpoints load as they are), with :class:`~dcnv2.layers.ModulatedDeformConv` /
-    :class:`~dcnv2.layers.DeformConv` and their ``backend`` as ``conv2``. It cannot call
-    detectron2's: that one instantiates ``detectron2.layers``' deformable convs, which a
-    detectron2 built without its compiled ops refuses to construct.
-
-    ``conv2_offset`` predicts, per deformable group, 2*9 offsets and (DCNv2) 9 modulation logits;
-    it is zero-initialised, so the block starts as a plain bottleneck with every tap weighted by
-    sigmoid(0) = 0.5 (DCNv2) or 1 (DCNv1).
+    The constructor is detectron2's written out (same order, names and shapes, so one seed gives
+    the same weights and its checkpoints load): detectron2's own instantiates its deformable convs,
+    which a detectron2 without compiled ops refuses. ``conv2_offset`` starts at zero, so the block
+    starts as a plain bottleneck (taps weighted sigmoid(0) = 0.5 for DCNv2).
 
     Args:
         in_channels, out_channels, bottleneck_channels, stride, num_groups, norm,
             stride_in_1x1, dilation, deform_num_groups: as detectron2's block.
-        deform_modulated: True for DCNv2 (the default here), False for DCNv1.
+        deform_modulated: True for DCNv2, False for DCNv1.
         backend: deformable-conv backend, see :mod:`dcnv2.layers.backends`.
     """
 

@@ -157,7 +157,7 @@ void sample(const T* __restrict v, int64_t C, int64_t wp, const Tap<T>& t, int64
 }
 
 // Channel blocks of the input gradient's split: one block per thread for each image (more,
-// narrower blocks measured 6-11% slower at res3/res4: each recomputes every tap), each a whole
+// narrower blocks are slower: each recomputes every tap), each a whole
 // number of vectors. Returns the block width.
 inline int64_t channel_block(const Geometry& g) {
   const int64_t want = std::max<int64_t>(1, (at::get_num_threads() + g.n - 1) / g.n);

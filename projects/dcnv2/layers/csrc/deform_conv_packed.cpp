@@ -62,9 +62,8 @@ void forward_packed(const at::Tensor& xp, const at::Tensor& offset,
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == at::kFloat &&
                         bias->numel() == c_out),
               "bias: contiguous float32 (C_out,)");
-  // Positions per task: a multiple of 6, at most 96, whose panels fill at most 3 MiB. On an AMD
-  // EPYC (Zen 3) 0.2-6 MiB made little difference at res3/res4, and res5 (36 KiB per position)
-  // was 10-20% faster with 3 MiB than with 384 KiB: each task reads the whole packed weight once.
+  // Positions per task: a multiple of 6, at most 96, whose panels fill at most 3 MiB: each task
+  // reads the whole packed weight once, so wide positions (res5) gain from large panels.
   const int64_t block = std::clamp<int64_t>((kPanelFloats / depth) / 6 * 6, 6, 96);
   const int64_t blocks = (P + block - 1) / block;
   const float *x = xp.data_ptr<float>(), *off = offset.data_ptr<float>();

@@ -1,14 +1,14 @@
 // A float32 matrix product for the native deformable convolution's three column products
 // (see native.py): C = A @ B, or C += A @ B, for strided 2-D operands.
 //
-// Why not only torch.mm: on some x86 CPUs (measured on an AMD EPYC, Zen 3) MKL's sgemm runs well
-// below oneDNN's convolution, so the op's products, which have the FLOPs of the dense 3x3
-// convolution, took 1.5x its time. This is the classic packed algorithm (Goto; BLIS's loop
-// order): blocks of B (KC x NC) and of A (MC x KC) are copied into contiguous panels sized for
-// the caches, and a 6x16 register tile of C is accumulated with AVX2 fused multiply-adds. The
-// Python side measures it against MKL on first use and keeps whichever is faster, so CPUs where
-// MKL wins keep MKL. Compiled for AVX2+FMA by function attribute only; gemm_supported() says
-// whether this CPU can run it (the Python side never calls gemm otherwise).
+// Why not only torch.mm: on some x86 CPUs MKL's sgemm runs well below oneDNN's convolution, so
+// the op's products, which have the FLOPs of the dense 3x3 convolution, take longer than it.
+// This is the classic packed algorithm (Goto; BLIS's loop order): blocks of B (KC x NC) and of
+// A (MC x KC) are copied into contiguous panels sized for the caches, and a 6x16 register tile
+// of C is accumulated with AVX2 fused multiply-adds. The Python side measures it against MKL on
+// first use and keeps whichever is faster, so CPUs where MKL wins keep MKL. Compiled for
+// AVX2+FMA by function attribute only; gemm_supported() says whether this CPU can run it (the
+// Python side never calls gemm otherwise).
 //
 // Threads split C into blocks of columns (and of rows when there are few columns), each with
 // its own packed panels, so no two threads write the same element.

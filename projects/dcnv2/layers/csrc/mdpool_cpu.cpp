@@ -2,7 +2,8 @@
 //
 // The function is exactly ``dcnv2.layers.mdpool``'s PyTorch-op implementation: RoIAlign whose bin
 // (i, j) of RoI r is moved by gamma * (w_r * offset[r, 0, i, j], h_r * offset[r, 1, i, j]), each
-// bin the mean of sy x sx bilinear samples (sampling_ratio, or ceil(extent / bins) when it is 0).
+// bin the mean of sy x sx bilinear samples (sampling_ratio, or ceil(extent / bins) when it is <= 0,
+// as torchvision's and mmcv's RoIAlign).
 // A sample outside [-1, H] x [-1, W] reads 0; one inside is clamped to [0, H-1] x [0, W-1] and
 // interpolated as torchvision's RoIAlign (grid_sample's "border" padding). The coordinate
 // gradient of a sample is that of grid_sample: 0 where it is clamped, borders included.
@@ -79,7 +80,8 @@ Axis<T> axis(T v, int64_t size) {
   return a;
 }
 
-// Samples per bin side: the fixed ratio or ceil(extent / bins); 0 for an empty or NaN extent.
+// Samples per bin side: the fixed ratio, or (ratio <= 0) ceil(extent / bins); 0 for an empty or
+// NaN extent.
 template <typename T>
 int64_t grid_size(T extent, int64_t bins, int64_t sampling_ratio) {
   if (sampling_ratio > 0) return sampling_ratio;
@@ -159,7 +161,7 @@ Params make_params(const at::Tensor& features, const at::Tensor& rois,
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5 && rois.is_contiguous() &&
                   rois.scalar_type() == features.scalar_type(),
               "rois: contiguous (R, 5) tensor of the features' dtype");
-  TORCH_CHECK(ph > 0 && pw > 0 && sampling_ratio >= 0, "output size and sampling ratio");
+  TORCH_CHECK(ph > 0 && pw > 0, "output size must be positive, got (", ph, ", ", pw, ")");
   if (offset) {
     TORCH_CHECK(offset->is_contiguous() && offset->scalar_type() == features.scalar_type() &&
                     offset->dim() == 4 && offset->size(0) == rois.size(0) &&
