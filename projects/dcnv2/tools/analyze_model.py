@@ -1,10 +1,7 @@
 """FLOPs, activations and parameters of dcnv2 models with fvcore, deformable convs included.
 
-fvcore skips ops it has no handle for; handles are registered here for the deformable convs
-(``torchvision::deform_conv2d``, the native backend's ``_DeformConv2d``). One multiply-add is
-one flop (fvcore's convention): ``N*C_out*(C_in/groups)*kh*kw*Ho*Wo`` for the conv plus
-``(4 + modulated)*N*C_in*kh*kw*Ho*Wo`` for the bilinear sampling and the modulation; the bias
-and the bilinear weights are not counted.
+One multiply-add is one flop: ``N*C_out*(C_in/groups)*kh*kw*Ho*Wo`` for the conv plus
+``(4 + modulated)*N*C_in*kh*kw*Ho*Wo`` for sampling and modulation (bias not counted).
 """
 
 from collections import Counter
@@ -27,9 +24,7 @@ __all__ = [
     "TASKS",
 ]
 
-# detectron2's list (detectron2.utils.analysis): elementwise, reduction and bookkeeping ops that
-# are not worth counting (batch norm folds into the conv at inference). Kept in sync by hand
-# because detectron2 keeps it private.
+# detectron2's private list (detectron2.utils.analysis), copied: ops not worth counting.
 _IGNORED_OPS = (
     "aten::add",
     "aten::add_",
@@ -66,8 +61,7 @@ def deform_conv_flops(
     output_shape: Sequence[int],
     modulated: bool,
 ) -> int:
-    """Flops (multiply-adds) of one deformable conv (module docstring) of input (N, C_in, H, W),
-    weight (C_out, C_in / groups, kh, kw) and output (N, C_out, Ho, Wo); DCNv2 if ``modulated``."""
+    """Multiply-adds of one deformable conv (formula in the module docstring)."""
     n, c_in = input_shape[:2]
     c_out, c_per_group, kh, kw = weight_shape
     ho, wo = output_shape[2:]
@@ -124,7 +118,6 @@ ModelInputs = Union[torch.Tensor, Tuple[torch.Tensor, ...], List[Dict[str, Any]]
 
 
 def _traceable(model: nn.Module, inputs: ModelInputs) -> Tuple[nn.Module, Tuple]:
-    # A meta-architecture taking list[dict] is wrapped in TracingAdapter; others taken as they are.
     if isinstance(inputs, list):
         wrapper = TracingAdapter(model, inputs, allow_non_tensor=True)
         return wrapper, wrapper.flattened_inputs
@@ -134,13 +127,10 @@ def _traceable(model: nn.Module, inputs: ModelInputs) -> Tuple[nn.Module, Tuple]
 
 
 def flop_count_analysis(model: nn.Module, inputs: ModelInputs) -> FlopCountAnalysis:
-    """fvcore's ``FlopCountAnalysis`` counting deformable convs and ignoring what detectron2
-    ignores (elementwise ops, NMS, ...).
+    """fvcore's ``FlopCountAnalysis`` counting deformable convs, ignoring what detectron2 ignores.
 
     Args:
-        model: a detectron2 meta-architecture (``inputs`` a ``list[dict]``; module names then
-            start with ``model.``) or a module taking tensors (``inputs`` a tensor or tuple).
-        inputs: what the model is called with.
+        model: a meta-architecture (``inputs`` a ``list[dict]``) or a module taking tensors.
     """
     traceable, args = _traceable(model, inputs)
     analysis = FlopCountAnalysis(traceable, args)
@@ -150,8 +140,7 @@ def flop_count_analysis(model: nn.Module, inputs: ModelInputs) -> FlopCountAnaly
 
 
 def activation_count_analysis(model: nn.Module, inputs: ModelInputs) -> ActivationCountAnalysis:
-    """fvcore's ``ActivationCountAnalysis`` (output elements of convs and matmuls) with the
-    deformable convs counted like convs. Arguments as :func:`flop_count_analysis`."""
+    """fvcore's ``ActivationCountAnalysis`` with deformable convs counted like convs."""
     traceable, args = _traceable(model, inputs)
     analysis = ActivationCountAnalysis(traceable, args)
     _ignore(analysis)
@@ -160,8 +149,7 @@ def activation_count_analysis(model: nn.Module, inputs: ModelInputs) -> Activati
 
 
 def model_inputs(height: int, width: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
-    """One fixed random image, ``[{"image": (3, H, W) float}]``: the heads' flops depend on the
-    number of proposals, which a fixed image keeps reproducible."""
+    """``[{"image": (3, H, W)}]``, fixed so that the heads' proposal count is reproducible."""
     if height < 32 or width < 32:
         raise ValueError(f"the input must be at least 32x32, got {height}x{width}")
     generator = torch.Generator().manual_seed(seed)
@@ -170,8 +158,7 @@ def model_inputs(height: int, width: int, seed: int = 0) -> List[Dict[str, torch
 
 
 def unsupported_ops(analysis) -> Dict[str, int]:
-    """Ops the analysis could not count (counted as 0), with how often they ran
-    (``prim::CallFunction`` is a call into a function detectron2 scripts)."""
+    """Ops the analysis could not count (as 0), with how often they ran."""
     return dict(sorted(analysis.unsupported_ops().items()))
 
 
@@ -184,8 +171,7 @@ def analyze_model(
     """Tables and totals for ``tasks`` (of :data:`TASKS`) of a model in eval mode.
 
     Returns:
-        dict: per task, ``{"table": str, "total": int}`` ("structure": a table only; "flop" and
-        "activation" share one table, and have ``by_operator``; "flop" also ``unsupported``).
+        dict: per task ``{"table", "total"}``; "flop" and "activation" also ``by_operator``.
     """
     from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
 
@@ -194,7 +180,6 @@ def analyze_model(
         raise ValueError(f"unknown task(s) {sorted(unknown)}; expected some of {list(TASKS)}")
     report: Dict[str, Any] = {}
     if "flop" in tasks or "activation" in tasks:
-        # One per-module table with both columns (fvcore formats them together).
         flops = flop_count_analysis(model, inputs)
         acts = activation_count_analysis(model, inputs)
         for analysis in (flops, acts):

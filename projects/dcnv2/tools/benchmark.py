@@ -1,21 +1,7 @@
-"""Model-level speed and memory of detectors built from configs: inference at the test
-resolution and training iterations, the logic of ``tools/benchmark.py``.
+"""Model-level speed and memory of detectors built from configs (``tools/benchmark.py``).
 
-Method (also printed by the tool):
-    * Random-init weights (``MODEL.WEIGHTS ""``), fixed random images of the given size.
-    * The last layers of the RPN head and of the box predictor are zeroed: every model then
-      proposes the anchors with equal scores, gets the same number of proposals
-      (``POST_NMS_TOPK_TEST`` at inference) and scores every class 1/(K+1), below the test
-      threshold, so no model pays for a final NMS. With random weights the proposal count and
-      the number of boxes above the threshold (and so the NMS cost, which can dominate) vary
-      wildly from model to model; a trained model's final NMS is cheap.
-    * Inference: batch of 1 under ``torch.no_grad()``. Training: one iteration of the
-      project's training loop (:func:`.timing.training_step`, SGD at learning rate 0, same
-      cost) on ``batch_size`` images with 3 random boxes each, ``FREEZE_AT 2`` as the recipes.
-    * Every (config, mode) runs in a process of its own (:class:`.timing.StepWorker`); per
-      mode the configs take turns in interleaved rounds (:func:`.timing.interleaved_times`).
-    * Memory: each worker's peak resident set during its runs (:class:`.timing.PeakMemory`),
-      weights and libraries included; ``rss_build_mib`` is the resident size after building.
+Random weights with equal work in the heads (:func:`equal_work_heads`); each (config, mode) runs
+in its own worker process, the configs of a mode in interleaved rounds (:mod:`.timing`).
 """
 
 import contextlib
@@ -43,8 +29,11 @@ MODES = ("inference", "train")
 
 
 def equal_work_heads(model: torch.nn.Module) -> torch.nn.Module:
-    """Zeroes the last layers of ``model``'s RPN head and box predictors, so that models with
-    random weights do equal work in their heads (see the module docstring); returns it."""
+    """Zeroes the last layers of the RPN head and box predictors; returns ``model``.
+
+    Every model then gets the same proposals and scores every class below the test threshold, so
+    random weights do not make the NMS cost vary wildly from model to model.
+    """
     head = model.proposal_generator.rpn_head
     layers = [head.objectness_logits, head.anchor_deltas]
     layers += [
@@ -59,10 +48,8 @@ def equal_work_heads(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_worker(spec: Dict) -> Dict:
-    """Build one model and serve timed runs of one mode (the step ``"run"``) to a
-    :class:`.timing.StepWorker`. ``spec`` holds ``config``, ``opts``, ``mode``, ``height``,
-    ``width``, ``batch_size``, ``seed``. Returns the memory (MiB), the load average and the
-    deformable-conv backend used."""
+    """Build one model and serve timed runs of ``spec["mode"]`` to a :class:`.timing.StepWorker`;
+    returns its memory (MiB), load average and backend."""
     from detectron2.modeling import build_model
 
     from ..config import get_cfg
@@ -107,8 +94,7 @@ def run_worker(spec: Dict) -> Dict:
         "peak_rss_is_run_only": memory.run_only,
         "rss_build_mib": None if memory.start_mib is None else round(memory.start_mib, 1),
         "threads": torch.get_num_threads(),
-        # 1-minute load average before and after the runs: above the core count, other
-        # processes competed for the CPU and the times are inflated.
+        # Above the core count, other processes competed for the CPU: the times are inflated.
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "cpus": os.cpu_count(),
     }
@@ -126,15 +112,11 @@ def benchmark(
     seed: int = 0,
     progress: bool = True,
 ) -> List[Dict]:
-    """Time every (config, mode) in a worker process of its own, the configs of a mode in
-    interleaved rounds (see the module docstring).
+    """Time every (config, mode) in its own worker, the configs of a mode in interleaved rounds.
 
     Returns:
-        list[dict]: per (config, mode), configs outermost: what :func:`run_worker` returned,
-        ``times_s`` (the timed runs' seconds) and their :func:`.timing.summarize`.
-
-    Raises:
-        UserInputError: bad arguments, or a worker failed (its last error line is quoted).
+        list[dict]: per (config, mode), :func:`run_worker`'s result, ``times_s`` and their
+        :func:`.timing.summarize`.
     """
     from tqdm import tqdm
 
@@ -177,8 +159,7 @@ def benchmark(
 
 
 def format_table(results: Sequence[Dict]) -> str:
-    """A Markdown table: time, ratio to the first config and peak memory per config and mode,
-    with the load average seen by each run (above the core count, the times are inflated)."""
+    """A Markdown table: time, ratio to the first config, peak memory and load average."""
     first: Dict[str, float] = {}
     for r in results:
         first.setdefault(r["mode"], r["median_s"])

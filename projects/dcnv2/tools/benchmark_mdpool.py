@@ -1,22 +1,6 @@
-"""Speed of modulated deformable RoI pooling against detectron2's ``ROIAlignV2`` pooler on CPU,
-the logic of ``tools/benchmark_mdpool.py``.
-
-The input is what a detector's box head pools at test time: FPN maps p2-p5 of one
-``height x width`` image (``channels`` each, random) and ``rois`` random boxes (sizes
-log-uniform from 16 px to the image's short side, aspect ratios 1/2 to 2, inside the image),
-7x7 bins, adaptive sampling, detectron2's level assignment. Methods, in one process, one after
-the other on the same inputs:
-
-- ``ROIAlignV2``: detectron2's ``ROIPooler``.
-- ``mdpool op (torch)`` / ``mdpool op (cpp)``: the same pooler with ``deform_roi_align`` and
-  fixed random offsets (std 0.1) at every level, in PyTorch ops / with the compiled kernels; the
-  cost of the deformable sampling itself.
-- ``mdpool layer (cpp)``: :class:`~dcnv2.modeling.DeformableROIPooler` as the configs build it,
-  a RoIAlign pass, the offset and modulation fcs (``fc_dim`` wide) and the deformable sampling.
-
-Forward is timed under ``torch.no_grad``; forward+backward computes the gradients of the maps
-(and of the offsets, or of the layer's parameters), in interleaved rounds
-(:func:`.timing.interleaved_times`); times are medians.
+"""Speed of modulated deformable RoI pooling against detectron2's ``ROIAlignV2`` pooler on CPU
+(``tools/benchmark_mdpool.py``): FPN maps p2-p5 of one image and random boxes, 7x7 bins, forward
+and forward+backward in interleaved rounds; medians.
 """
 
 import statistics
@@ -34,9 +18,8 @@ METHODS = ("ROIAlignV2", "mdpool op (torch)", "mdpool op (cpp)", "mdpool layer (
 
 
 def random_boxes(num: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """(num, 4) XYXY boxes inside a ``height x width`` image, sizes log-uniform from 16 px to
-    ``min(height, width)``, aspect ratios (h / w) log-uniform in [1/2, 2], sides clamped to the
-    image."""
+    """(num, 4) XYXY boxes inside the image, sizes log-uniform in [16, min(height, width)] px,
+    aspect ratios log-uniform in [1/2, 2]."""
     g = torch.Generator().manual_seed(seed)
     low, high = torch.log(torch.tensor(16.0)), torch.log(torch.tensor(float(min(height, width))))
     size = torch.exp(low + (high - low) * torch.rand(num, generator=g))
@@ -81,8 +64,7 @@ def _poolers(channels: int, fc_dim: int):
 
 
 def _steps(pooler, maps, boxes, offsets):
-    """Forward (no grad) and forward+backward (gradients of the maps, of the offsets and the
-    pooler's parameters) of one pooler, as functions without arguments."""
+    """Forward (no grad) and forward+backward of one pooler, as functions without arguments."""
     inputs = [m.clone().requires_grad_() for m in maps]
 
     def forward():
@@ -110,14 +92,11 @@ def benchmark_mdpool(
     repeats: int = 5,
     methods: Sequence[str] = METHODS,
 ) -> Dict:
-    """Time the poolers of :data:`METHODS` on one input (see the module docstring).
+    """Time the poolers of :data:`METHODS` on one input.
 
     Returns:
-        dict: the settings and ``results``: per method, ``forward_s`` and ``forward_backward_s``
-        (medians) and their ratios to ``ROIAlignV2`` (when it ran).
-
-    Raises:
-        UserInputError: bad sizes, counts or method names.
+        dict: the settings and ``results``: per method, median ``forward_s`` and
+        ``forward_backward_s`` and their ratios to ``ROIAlignV2``.
     """
     from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
     from detectron2.structures import Boxes
@@ -153,8 +132,7 @@ def benchmark_mdpool(
         )
         for name in methods
     }
-    # Rounds of every method in turn, so that a change in the machine's load during the run
-    # affects all methods alike.
+    # Interleaved so that a change in the machine's load affects all methods alike.
     times = interleaved_times(workers, steps, repeats)
     results = {
         name: {f"{step}_s": statistics.median(times[name][step]) for step in steps}

@@ -1,8 +1,5 @@
-"""Training-time cost of R-CNN feature mimicking, the logic of ``tools/benchmark_mimic.py``.
-
-The same config and random weights with mimicking on and off (the plain detector: :data:`PLAIN`),
-one training-loop iteration each (:func:`.timing.training_step`) on a fixed synthetic batch, in
-interleaved rounds; medians, the crops the R-CNN branch ran per iteration and the cost per crop.
+"""Training-time cost of R-CNN feature mimicking (``tools/benchmark_mimic.py``): one config with
+mimicking on and off, training iterations in interleaved rounds; medians and cost per crop.
 """
 
 import statistics
@@ -24,9 +21,8 @@ PLAIN = [
 
 
 def counted_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
-    """One training iteration of ``cfg``'s model (seeded random weights, SGD at lr 1e-4) on
-    ``batch``, as a function; and a list that holds, after each call, the batch size of every
-    backbone call of that iteration (the batch itself, then the crops)."""
+    """One training iteration of ``cfg``'s model on ``batch``, and the list of the batch sizes of
+    every backbone call of the last iteration (the batch, then the crops)."""
     from detectron2.modeling import build_model
 
     torch.manual_seed(0)
@@ -56,12 +52,8 @@ def benchmark_mimic(
     """Time training iterations of ``config_file`` (a mimic config) with mimicking off, then on.
 
     Returns:
-        dict: the settings, ``results`` (``{"off"|"on": {"seconds_per_iter",
-        "crops_per_iter"}}``), ``overhead`` (on / off - 1) and ``seconds_per_crop`` ((on - off)
-        / crops, None without crops), as ``--json`` writes it.
-
-    Raises:
-        UserInputError: bad sizes or counts, or a config that does not enable mimicking.
+        dict: the settings, ``results`` (``{"off"|"on": {"seconds_per_iter", "crops_per_iter"}}``),
+        ``overhead`` (on / off - 1) and ``seconds_per_crop``.
     """
     from ..config import get_cfg
 
