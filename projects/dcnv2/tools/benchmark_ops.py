@@ -1,12 +1,6 @@
-"""Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU, the logic
-of ``tools/benchmark_ops.py``.
-
-Each (shape, method) runs in two processes of its own, one for its times (the methods of a shape
-in interleaved rounds of forward and forward+backward, :func:`.timing.interleaved_times`) and one
-for its peak memory (:class:`.timing.PeakMemory` over one forward+backward, with glibc's mmap
-threshold at 64 KiB so that freed buffers leave the resident set). Both run one untimed
-forward+backward first (one-time costs). Methods: dense ``conv2d``, every CPU backend and, when
-installed, onnxruntime's ``DeformConv`` (forward only; its output checked against native's).
+"""Speed and memory of the deformable-conv backends against dense ``conv2d`` on CPU
+(``tools/benchmark_ops.py``). Each (shape, method) runs in one worker process for its times
+(interleaved rounds) and one for its peak memory; onnxruntime's ``DeformConv`` when installed.
 """
 
 import contextlib
@@ -37,14 +31,12 @@ __all__ = [
 ]
 
 ONNXRUNTIME = "onnxruntime"
-# Methods whose ratios the table shows (when measured): name -> column label.
+# name -> column label of the ratios the table shows.
 _REFERENCES = {"conv2d": "conv2d", "torchvision": "tv", ONNXRUNTIME: "ort"}
 
-# The memory worker's glibc returns freed blocks of 64 KiB and more to the system at once (see
-# the module docstring); the timing worker keeps the default allocator.
+# Freed blocks of 64 KiB and more leave the resident set at once, so the peak is the run's own.
 _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-# What each round times, in this order ("forward_backward": not onnxruntime's).
 STEPS = ("forward", "forward_backward")
 
 # ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
@@ -56,11 +48,7 @@ SHAPES = {
 
 
 def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
-    """``"res4"`` (a name of :data:`SHAPES`) or ``"NAME=N,C,H,W"`` -> (name, size).
-
-    Raises:
-        ValueError: neither form.
-    """
+    """``"res4"`` (a name of :data:`SHAPES`) or ``"NAME=N,C,H,W"`` -> (name, size)."""
     if text in SHAPES:
         return text, SHAPES[text]
     name, sep, size = text.partition("=")
@@ -76,8 +64,8 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
 
 
 def op_inputs(size: Sequence[int]):
-    """The fixed random (x, weight, offset, mask) of every method: (N, C, H, W), (C, C, 3, 3),
-    (N, 18, H, W), (N, 9, H, W); offsets of about two pixels."""
+    """Fixed random (x, weight, offset, mask): (N, C, H, W), (C, C, 3, 3), (N, 18, H, W),
+    (N, 9, H, W); offsets of about two pixels."""
     import torch
 
     n, c, h, w = size
@@ -90,9 +78,8 @@ def op_inputs(size: Sequence[int]):
 
 
 def op_steps(method: str, leaves, precision=None):
-    """Forward (no grad) and forward+backward of ``method`` ("conv2d" or a backend), 3x3,
-    padding 1, on ``leaves`` (x, weight, offset, mask, as :func:`op_inputs`), as functions without
-    arguments; under autocast to ``precision`` when given."""
+    """Forward (no grad) and forward+backward of ``method`` (3x3, padding 1) on ``leaves``, as
+    functions without arguments; under autocast to ``precision`` when given."""
     import torch
 
     from ..layers import modulated_deform_conv
@@ -120,13 +107,10 @@ def op_steps(method: str, leaves, precision=None):
 
 
 def measure(spec: Mapping) -> Dict:
-    """One case, in this process: ``spec`` holds ``size`` (N, C, H, W), ``method`` ("conv2d", a
-    backend or "onnxruntime"), ``threads`` and ``part``: "memory" for the peak memory (MiB; run
-    with ``_MEMORY_ENV``), "time" to serve timed runs of :data:`STEPS` to a
-    :class:`.timing.StepWorker` and then return the native backend's chosen ways (``ways``).
-    For "onnxruntime" (time only): its forward, then its output's errors against the native
-    backend's (``max_abs_err``, ``max_rel_err``: :func:`compare_onnxruntime`).
-    """
+    """One case in this process (``spec``: ``size``, ``method``, ``threads``, ``part``): "memory"
+    returns the peak memory (MiB); "time" serves timed runs of :data:`STEPS` to a
+    :class:`.timing.StepWorker`, then returns the native backend's chosen ``ways`` (for
+    onnxruntime, its errors against native's)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -150,13 +134,7 @@ def measure(spec: Mapping) -> Dict:
 
 def onnxruntime_session(size: Sequence[int], threads: int):
     """An onnxruntime CPU session of one ONNX ``DeformConv`` node (opset 19, 3x3, padding 1, mask,
-    no bias) for inputs of ``size`` (N, C, H, W): inputs ``X``, ``W``, ``offset``, ``mask`` in
-    the layouts of :func:`op_inputs`, output ``Y``; ``threads`` intra-op threads, one inter-op
-    thread, spinning off.
-
-    Raises:
-        ImportError: onnxruntime or onnx is not installed.
-    """
+    no bias) with inputs ``X``, ``W``, ``offset``, ``mask`` as :func:`op_inputs`, output ``Y``."""
     import onnx
     import onnxruntime
     from onnx import TensorProto, helper
@@ -195,13 +173,8 @@ def onnxruntime_session(size: Sequence[int], threads: int):
 
 
 def compare_onnxruntime(size: Sequence[int], threads: int = 1) -> Dict[str, float]:
-    """onnxruntime's ``DeformConv`` against the native backend's forward on the benchmark's
-    inputs of ``size`` (N, C, H, W).
-
-    Returns:
-        dict: ``max_abs_err`` (max over elements of the absolute difference) and
-        ``max_rel_err`` (that divided by the largest absolute value of the native output).
-    """
+    """``max_abs_err`` and ``max_rel_err`` (relative to the largest native output) of onnxruntime's
+    ``DeformConv`` against the native backend's forward."""
     session = onnxruntime_session(size, threads)
     return _compare(session, op_inputs(size))
 
@@ -245,17 +218,13 @@ def _methods() -> List[str]:
 
 
 def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2) -> List[Dict]:
-    """Benchmark every CPU backend, conv2d and (when installed) onnxruntime's ``DeformConv`` on
-    ``shapes`` (name -> (N, C, H, W)): per shape, the methods' timing workers in ``repeats``
-    interleaved rounds, then one fresh process per method for its peak memory.
+    """Benchmark conv2d, every CPU backend and onnxruntime (when installed) on ``shapes``
+    (name -> (N, C, H, W)).
 
     Returns:
-        list[dict]: per (shape, method): ``forward_s``, ``forward_backward_s`` (median seconds;
-        None where the method has no backward), ``peak_mib`` (None for onnxruntime), what the
-        timing worker returned (:func:`measure`), ``shape``, ``method``, ``size`` and the
-        ratios to conv2d's (``*_vs_conv2d``), torchvision's (``*_vs_torchvision``) and
-        onnxruntime's (``*_vs_onnxruntime``) of the same shape, for the references measured
-        here (None where either side has no value).
+        list[dict]: per (shape, method): median ``forward_s`` and ``forward_backward_s`` (None
+        without a backward), ``peak_mib``, :func:`measure`'s result and the ratios to the
+        references of :data:`_REFERENCES` (``*_vs_conv2d``, ...).
     """
     rows = []
     for shape, size in shapes.items():
@@ -298,8 +267,7 @@ def _cell(value, digits: int) -> str:
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    """Markdown table; ratios are time (or memory) divided by the reference's. The column of
-    forward time over onnxruntime's ("fwd / ort") is there when onnxruntime was measured."""
+    """Markdown table; ratios are time (or memory) over the reference's."""
     header = [
         "shape", "method", "fwd (s)", "fwd+bwd (s)", "peak MiB", "fwd / conv2d",
         "fwd+bwd / conv2d", "fwd / tv", "fwd+bwd / tv", "peak / tv",
@@ -329,8 +297,7 @@ def format_table(rows: Sequence[Dict]) -> str:
 
 
 def notes(rows: Sequence[Dict]) -> List[str]:
-    """Lines to print under the table: how far onnxruntime's output is from the native
-    backend's at each shape, or why onnxruntime was not measured."""
+    """Lines under the table: onnxruntime's error per shape, or why it was not measured."""
     lines = [
         f"{r['shape']}: native ran the {', '.join(_pass_ways(r['ways']))} (measured on first use)"
         for r in rows
@@ -372,7 +339,6 @@ def plot(rows: Sequence[Dict], path: str) -> None:
         axes, ("forward_s", "forward_backward_s"), ("forward", "forward + backward")
     ):
         for i, method in enumerate(methods):
-            # No bar (NaN) for a forward-only method's forward+backward.
             cell = {(r["shape"], r["method"]): r.get(key) for r in rows}
             values = [math.nan if cell[s, method] is None else cell[s, method] for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=method)

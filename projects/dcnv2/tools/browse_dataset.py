@@ -1,6 +1,5 @@
-"""A dataset's images with their annotations after the training mapper's augmentations: the logic
-of ``tools/browse_dataset.py`` (detectron2's ``visualize_data.py --source dataloader``).
-"""
+"""A dataset's images with their annotations after the training augmentations
+(``tools/browse_dataset.py``; detectron2's ``visualize_data.py --source dataloader``)."""
 
 import copy
 import os
@@ -24,9 +23,8 @@ __all__ = ["browse_dataset", "draw_annotations", "mapped_samples"]
 
 
 def mapped_samples(cfg, names: Sequence[str], num: int, seed: int = 0) -> List[dict]:
-    """The first ``num`` training images of datasets ``names`` through the config's training
-    mapper (augmentations seeded with ``seed``): ``{"record", "image" (RGB, augmented),
-    "instances" (the mapper's)}`` each."""
+    """The first ``num`` training images of ``names`` through the config's training mapper:
+    ``{"record", "image" (RGB, augmented), "instances"}`` each."""
     if num < 1:
         raise UserInputError(f"--num must be at least 1, got {num}")
     dicts = load_training_dicts(
@@ -52,8 +50,7 @@ def mapped_samples(cfg, names: Sequence[str], num: int, seed: int = 0) -> List[d
 
 
 def draw_annotations(image_rgb: np.ndarray, instances: Instances, metadata) -> np.ndarray:
-    """``instances``' ground truth (boxes, class names, masks) drawn on ``image_rgb``; (H, W, 3)
-    uint8 RGB."""
+    """``instances``' ground truth drawn on ``image_rgb``; (H, W, 3) uint8 RGB."""
     fields = instances.get_fields()
     names = metadata.get("thing_classes", None)
     classes = fields.get("gt_classes", torch.zeros(0, dtype=torch.int64)).tolist()
@@ -78,12 +75,11 @@ def browse_dataset(
     force: bool = False,
     seed: int = 0,
 ) -> Dict:
-    """Draw the first ``num`` images of ``DATASETS.TRAIN`` (or ``dataset``) after the config's
-    training augmentations, with their annotations, into ``output_dir``; ``show_original``: the
-    stored image on the left, under titles ("original", "as trained").
+    """Draw the first ``num`` augmented images of ``DATASETS.TRAIN`` (or ``dataset``) with their
+    annotations into ``output_dir``; ``show_original``: the stored image beside each.
 
     Returns:
-        dict: ``{"images": [{"file", "instances" (drawn), "original_size"}, ...]}``.
+        dict: ``{"images": [{"file", "instances", "original_size"}, ...]}``.
     """
     names = [dataset] if dataset else list(cfg.DATASETS.TRAIN)
     if not names:

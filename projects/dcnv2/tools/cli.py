@@ -1,7 +1,5 @@
-"""What ``train_net.py`` and every ``tools/*.py`` share: argument parsers, the config a tool reads,
-weights loading, the third-party messages every entry point drops, and a user error ending as
-one ``<prog>: error:`` line with exit status 2 (:mod:`dcnv2.errors`), not a traceback.
-"""
+"""What ``train_net.py`` and every ``tools/*.py`` share: parsers, the config a tool reads,
+weights loading, silenced third-party messages, user errors as one ``<prog>: error:`` line."""
 
 import argparse
 import logging
@@ -22,15 +20,13 @@ DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
 # The config a training run saves in its OUTPUT_DIR, beside its checkpoints.
 RUN_CONFIG = "config.yaml"
 
-# Messages torch, fvcore and detectron2 print on every run that a dcnv2 user can do nothing
-# about: (category, start of the message). pytest.ini ignores the same ones.
+# Messages a dcnv2 user can do nothing about: (category, start). pytest.ini ignores the same.
 KNOWN_WARNINGS = (
     (FutureWarning, "`torch.jit.script` is deprecated"),  # fvcore, detectron2 at import
     (UserWarning, "torch.meshgrid: in an upcoming release, it will be required to pass the"),
     (FutureWarning, "`broadcast_buffers` is deprecated"),  # detectron2's create_ddp_model
     (UserWarning, "pkg_resources is deprecated as an API"),  # detectron2.model_zoo
 )
-# logger name -> start of the message it logs.
 KNOWN_LOG_MESSAGES = {
     "torch.fx._symbolic_trace": "is_fx_tracing will return true for both",  # ROIPooler
     "torch.utils.cpp_extension": "No CUDA runtime is found",  # CUDA tools without a GPU
@@ -43,16 +39,14 @@ def _not_known(record: logging.LogRecord) -> bool:
 
 
 def silence_known_warnings() -> None:
-    """Drop :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_MESSAGES` for the rest of the process;
-    every other warning and log record still shows. Each entry point calls it once."""
+    """Drop :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_MESSAGES` for the rest of the process."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", re.escape(message), category)
     for name in KNOWN_LOG_MESSAGES:
         logging.getLogger(name).addFilter(_not_known)  # added once: addFilter skips a duplicate
 
 
-# The entry points import this module before detectron2's engine and torch's cpp_extension, which
-# print some of these messages at import.
+# Entry points import this module before modules that print some of these messages at import.
 silence_known_warnings()
 
 
@@ -61,8 +55,8 @@ class UserInputError(DCNv2Error):
 
 
 def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
-    """A tool's parser: ``doc``'s first paragraph as description, the paragraphs after the first
-    ``skip`` ones (examples, notes) verbatim as epilog."""
+    """A parser with ``doc``'s first paragraph as description, the paragraphs after the first
+    ``skip`` as epilog."""
     return argparse.ArgumentParser(
         description=doc.split("\n\n")[0],
         epilog=doc.split("\n\n", skip)[skip],
@@ -71,8 +65,8 @@ def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:
 
 
 def train_net_parser(doc: str) -> argparse.ArgumentParser:
-    """detectron2's ``default_argument_parser`` with ``doc`` as help, plus ``--force``; the process
-    counts default to None, for :func:`dcnv2.engine.launch.resolve_process_counts`."""
+    """detectron2's ``default_argument_parser`` with ``doc`` as help and ``--force``; process
+    counts default to None."""
     from detectron2.engine import default_argument_parser  # after the filters (see above)
 
     parser = default_argument_parser(epilog=doc.split("\n\n", 1)[1])
@@ -117,12 +111,10 @@ def add_config_arguments(
     force: Optional[str] = None,
     config_default: Optional[str] = None,
 ) -> argparse.ArgumentParser:
-    """Add ``--config-file``, ``--opts`` (``KEY VALUE`` overrides, the rest of the command line)
-    and, when ``force`` names what it overwrites, ``--force``.
+    """Add ``--config-file``, ``--opts`` and, when ``force`` names what it overwrites, ``--force``.
 
     Args:
         default: the config of a run without weights (:func:`choose_config_file`).
-        force: what ``--force`` overwrites, for its help; None: no ``--force``.
         config_default: ``--config-file``'s default as its help says it.
     """
     fallback = f"else {default}" if default else "required without MODEL.WEIGHTS"
@@ -155,8 +147,7 @@ def run_config_file(weights: str) -> Optional[str]:
 
 
 def _is_lazy_config_dump(path: str) -> bool:
-    """A LazyConfig saved as YAML: ``model`` at the top level, no ``MODEL``. Read line by line, as
-    such a dump may hold ``!!python/object`` tags."""
+    """A LazyConfig saved as YAML (``model``, no ``MODEL``), read by line: it may hold tags."""
     try:
         with open(path) as f:
             top = {m.group(1) for m in (re.match(r"([A-Za-z_]\w*):", line) for line in f) if m}
@@ -166,8 +157,7 @@ def _is_lazy_config_dump(path: str) -> bool:
 
 
 def refuse_existing_outputs(paths: Sequence[str], force: bool, what: str = "output file(s)"):
-    """Raise :class:`UserInputError` before anything is written when some of ``paths`` exist
-    and ``force`` is not set."""
+    """Raise :class:`UserInputError` when some of ``paths`` exist and ``force`` is not set."""
     existing = [] if force else [p for p in paths if os.path.exists(p)]
     if existing:
         raise UserInputError(
@@ -179,16 +169,9 @@ def refuse_existing_outputs(paths: Sequence[str], force: bool, what: str = "outp
 def choose_config_file(
     config_file: Optional[str], opts: Sequence[str] = (), default: Optional[str] = DEFAULT_CONFIG
 ) -> str:
-    """The config a tool reads: ``config_file``; else the :data:`RUN_CONFIG` beside the local
-    ``MODEL.WEIGHTS`` of ``opts`` (noted on stderr); else ``default``. Without a ``default``
-    (None), a run without any ``MODEL.WEIGHTS`` is refused; ``MODEL.WEIGHTS ""`` reads
-    :data:`DEFAULT_CONFIG`.
-
-    Raises:
-        UserInputError: local weights without a YAML :data:`RUN_CONFIG` beside them; nothing to
-            go on and no ``default``.
-        WeightsError: local weights that are missing or cannot be a checkpoint.
-    """
+    """``config_file``; else the :data:`RUN_CONFIG` beside the local ``MODEL.WEIGHTS`` of
+    ``opts``; else ``default``. Without a ``default``, a run without ``MODEL.WEIGHTS`` is
+    refused; ``MODEL.WEIGHTS ""`` reads :data:`DEFAULT_CONFIG`."""
     if config_file:
         return config_file
     weights = None
@@ -231,16 +214,8 @@ def setup_cfg(
     """The frozen config a tool runs a model of; registers its ``DATASETS.DCNV2.COCO``.
 
     Args:
-        config_file: YAML path or shipped config's name; None: :func:`choose_config_file`.
         opts: ``KEY VALUE ...`` overrides; they win over ``device``.
-        confidence_threshold: minimum score of a kept detection, in [0, 1].
-        device: ``MODEL.DEVICE`` unless ``opts`` sets it.
         default: as :func:`choose_config_file`.
-
-    Raises:
-        UserInputError: unknown config, bad override, threshold out of range, or a local
-            ``MODEL.WEIGHTS`` that cannot be a checkpoint.
-        ConfigError: bad ``DATASETS.DCNV2.COCO`` triples.
     """
     if not 0.0 <= confidence_threshold <= 1.0:
         raise UserInputError(
@@ -268,12 +243,8 @@ def setup_cfg(
 
 
 def load_weights(model, cfg) -> None:
-    """Load ``cfg.MODEL.WEIGHTS`` ("" loads nothing) with dcnv2's checkpointer, following
-    ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS`` and ``ALLOW_SHAPE_MISMATCH``.
-
-    Raises:
-        UserInputError: the file or URL cannot be read, does not fit, or is refused as unsafe.
-    """
+    """Load ``cfg.MODEL.WEIGHTS`` ("" loads nothing) with dcnv2's checkpointer; UserInputError
+    when it cannot be read, does not fit or is refused as unsafe."""
     weights = cfg.MODEL.WEIGHTS
     if not weights:
         return
@@ -284,9 +255,8 @@ def load_weights(model, cfg) -> None:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv=None, prog: str = "") -> int:
-    """A tool's entry point: :func:`silence_known_warnings`, then ``main(argv)`` (``argv`` None:
-    ``sys.argv[1:]``); a user error (:data:`dcnv2.errors.USER_ERRORS`) is printed as
-    ``<prog>: error: <message>`` and returns 2."""
+    """A tool's entry point: ``main(argv)``, a user error printed as ``<prog>: error: ...``
+    returning 2."""
     silence_known_warnings()
     try:
         return main(argv)
