@@ -1,6 +1,5 @@
-"""Run a detector on images, folders of images and videos; draw the detections and optionally save
-them as COCO-format JSON. The logic of ``tools/demo.py``.
-"""
+"""Run a detector on images, folders and videos; draw the detections and optionally save them
+as COCO-format JSON (``tools/demo.py``)."""
 
 import json
 import os
@@ -63,16 +62,9 @@ def _video_output_name(name: str) -> str:
 
 
 def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
-    """Expand files and folders into the list of images and videos to run on.
-
-    A folder contributes its image and video files (recursively, sorted); other files in it are
-    ignored. A file given by name must have an image or video extension. Every input is checked
-    to be readable (:func:`check_readable`).
-
-    Raises:
-        UserInputError: a path does not exist, has an unknown extension or cannot be read, a
-            folder holds no image or video, or two inputs would be drawn to the same output.
-    """
+    """Expand files and folders (recursively, sorted; image and video files only) into the inputs
+    to run on, each checked readable; UserInputError for a missing, unknown or unreadable path, an
+    empty folder or two inputs drawn to the same output."""
     if not paths:
         raise UserInputError("no input given: pass image files, folders of images or videos")
     inputs: List[DemoInput] = []
@@ -121,11 +113,7 @@ def collect_inputs(paths: Sequence[str]) -> List[DemoInput]:
 
 
 def check_readable(inputs: Sequence[DemoInput]) -> None:
-    """Check, before any model is built, that each image's header decodes and each video opens.
-
-    Raises:
-        UserInputError: naming the first input that cannot be read.
-    """
+    """Check, before any model is built, that each image's header decodes and each video opens."""
     for item in inputs:
         if item.kind == "image":
             problem = image_file_problem(item.path)
@@ -158,8 +146,8 @@ def _cv2():
 
 
 def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]]:
-    """An iterator over a video's (H, W, 3) uint8 BGR frames, and ``{"fps", "frames" (0 if
-    unknown), "width", "height"}``; UserInputError without OpenCV or for a file it cannot open."""
+    """A video's (H, W, 3) uint8 BGR frames and ``{"fps", "frames" (0: unknown), "width",
+    "height"}``."""
     cv2 = _cv2()
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
@@ -185,8 +173,7 @@ def iter_video_frames(path: str) -> Tuple[Iterator[np.ndarray], Dict[str, float]
 
 
 class DemoRunner:
-    """A :class:`~dcnv2.engine.predictor.Predictor` of a config (weights that cannot be loaded:
-    one UserInputError) and the metadata that names and draws the classes."""
+    """A config's :class:`~dcnv2.engine.predictor.Predictor` and the metadata of its classes."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -211,8 +198,7 @@ class DemoRunner:
 
 
 def coco_categories(metadata, num_classes: int) -> List[Dict]:
-    """COCO ``categories`` of classes ``0..num_classes-1``: the dataset's ids and names, else the
-    class index and ``class_<index>``."""
+    """COCO ``categories``: the dataset's ids and names, else the index and ``class_<index>``."""
     names = list(metadata.get("thing_classes", []) or [])
     to_dataset = _contiguous_to_dataset_id(metadata)
     categories = []
@@ -230,8 +216,7 @@ def _contiguous_to_dataset_id(metadata) -> Dict[int, int]:
 def instances_to_coco(
     instances: Instances, image_id: int, metadata, first_annotation_id: int = 1
 ) -> List[Dict]:
-    """COCO annotations with ``score`` (``pycocotools``' ``loadRes`` format) of one image's
-    detections, category ids mapped to the dataset's by ``metadata`` where it can."""
+    """One image's detections as COCO results (``loadRes`` format) in the dataset's category ids."""
     to_dataset = _contiguous_to_dataset_id(metadata)
     boxes = instances.pred_boxes.tensor.tolist() if len(instances) else []
     scores = instances.scores.tolist() if len(instances) else []
@@ -261,9 +246,9 @@ def run_demo(
     force: bool = False,
     progress: bool = True,
 ) -> Dict:
-    """Run on every input, write the drawings to ``output_dir`` (videos as .mp4) and optionally
-    the COCO-format detections to ``json_path`` (a video's frames named ``<video>#<index>``).
-    Nothing is written if an output exists, unless ``force``.
+    """Draw every input into ``output_dir`` (videos as .mp4), optionally the COCO detections into
+    ``json_path`` (frames named ``<video>#<index>``); nothing written over an output without
+    ``force``.
 
     Returns:
         dict: ``{"outputs": [paths written], "images": n, "detections": n}``.

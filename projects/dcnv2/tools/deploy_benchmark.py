@@ -1,8 +1,5 @@
-"""Inference time of one detector in the deployment runtimes: PyTorch eager (native backend),
-``torch.compile`` of the backbone, onnxruntime on the exported detector; and of backbone + FPN
-alone, eager and compiled (``fullgraph=True``). The runtimes take turns in interleaved rounds
-(:func:`.timing.interleaved_times`); medians per image.
-"""
+"""Inference time of one detector in the deployment runtimes (eager, ``torch.compile``,
+onnxruntime; backbone + FPN alone too), in interleaved rounds; medians per image."""
 
 import copy
 import json
@@ -19,7 +16,6 @@ from .timing import InProcessSteps, interleaved_times, summarize, text_table, ti
 __all__ = ["RUNTIMES", "benchmark_runtimes", "format_table", "write_json"]
 
 RUNTIMES = ("pytorch_eager", "torch_compile", "onnxruntime", "backbone_eager", "backbone_compile")
-# Row to compare each runtime with in the table.
 _BASELINE = {"backbone_eager": "backbone_eager", "backbone_compile": "backbone_eager"}
 
 
@@ -53,18 +49,12 @@ def benchmark_runtimes(
     """Seconds per image of each runtime on ``images``.
 
     Args:
-        model: the detector (eval mode, on CPU); it is not modified (the compiled runtime
-            compiles the backbone of a copy).
+        model: the detector (eval mode, on CPU); not modified.
         images: (3, H, W) float images, H and W multiples of the size divisibility.
-        onnx_path: where to write the exported detector (exported from ``images[0]``).
-        repeats: timed passes over ``images`` per runtime.
-        warmup: untimed passes first (compilation happens there, for every image size).
-        runtimes: a subset of :data:`RUNTIMES`.
+        warmup: untimed passes first (compilation happens there).
 
     Returns:
-        dict: runtime -> {"times_s": [seconds per image, per repeat], and their
-        :func:`.timing.summarize`}, plus "setup" -> {"threads", "images": [[H, W], ...],
-        "repeats", "export_s", "<runtime>_warmup_s"}.
+        dict: runtime -> {"times_s", and their :func:`.timing.summarize`}, plus "setup".
     """
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
@@ -97,7 +87,6 @@ def benchmark_runtimes(
             runs["backbone_compile"] = _backbone_call(backbone, inputs)
         passes = {name: (lambda run=run: [run(x) for x in images]) for name, run in runs.items()}
         for name, run_pass in passes.items():
-            # Untimed warm-up (compilation happens here, for every image size).
             spent = sum(time_call(run_pass) for _ in range(warmup))
             if name.endswith("compile"):
                 setup[f"{name}_warmup_s"] = spent
@@ -112,8 +101,7 @@ def benchmark_runtimes(
 
 
 def format_table(result: Dict[str, Dict]) -> str:
-    """A text table: one row per runtime, median and min seconds per image, and the speed-up
-    over eager PyTorch (the detector's, or the backbone's for the backbone rows)."""
+    """A text table per runtime: median and min seconds per image, speed-up over eager."""
     rows = []
     for name in (n for n in RUNTIMES if n in result):
         r = result[name]

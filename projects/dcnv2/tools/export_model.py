@@ -1,9 +1,6 @@
-"""Export dcnv2 models: ONNX of the whole detector or of the backbone + FPN, and TorchScript.
-
-ONNX: every deformable conv becomes one standard ``DeformConv`` node (opset >= 19), post-processing
-goes through standard operators as in detectron2's export; ``deform_op="decomposed"`` writes the
-backbone with gathers and matmuls for runtimes without ``DeformConv``. TorchScript traces through
-torchvision's op. Models with mdpool cannot be exported (:class:`ExportError`).
+"""Export dcnv2 models: ONNX of the detector or of the backbone + FPN (deformable convs as
+standard ``DeformConv`` nodes, opset >= 19, or decomposed), and TorchScript. Models with mdpool
+cannot be exported (:class:`ExportError`).
 """
 
 import contextlib
@@ -35,7 +32,6 @@ __all__ = [
     "relative_errors",
 ]
 
-# The first opset with DeformConv.
 ONNX_OPSET = 19
 
 
@@ -45,8 +41,7 @@ class ExportError(DCNv2Error, ValueError):
 
 @contextlib.contextmanager
 def deform_backend(model: nn.Module, backend: str, native_impl: str = "auto") -> Iterator[None]:
-    """Temporarily run every deformable conv of ``model`` with ``backend`` (and, for "native",
-    the kernels ``native_impl``: "auto", "torch" or "cpp"), restoring them afterwards."""
+    """Temporarily run every deformable conv of ``model`` with ``backend`` (and ``native_impl``)."""
     convs = [m for m in model.modules() if isinstance(m, (DeformConv, ModulatedDeformConv))]
     saved = [(m.backend, m.native_impl) for m in convs]
     try:
@@ -97,12 +92,8 @@ def _register_symbolic(opset: int) -> None:
 
 
 def trace_detector(model: nn.Module, inputs: List[Dict]) -> Tuple[torch.jit.ScriptModule, object]:
-    """Trace a detectron2 meta-architecture (eval mode) on ``[{"image": (3, H, W)}]``.
-
-    Returns:
-        (traced, adapter): the TorchScript module (flattened image tensors in) and the
-        ``TracingAdapter`` that rebuilds its outputs (:func:`detector_outputs`).
-    """
+    """Trace a meta-architecture (eval mode) on ``[{"image": (3, H, W)}]``; returns the traced
+    module and the ``TracingAdapter`` that rebuilds its outputs."""
     from detectron2.export import TracingAdapter
 
     with deform_backend(model, "torchvision"):
@@ -114,8 +105,7 @@ def trace_detector(model: nn.Module, inputs: List[Dict]) -> Tuple[torch.jit.Scri
 
 
 def detector_outputs(traced: torch.jit.ScriptModule, adapter, inputs: List[Dict]) -> List:
-    """Run a traced detector and rebuild the eager model's outputs (``[{"instances": ...}]``
-    for ``GeneralizedRCNN``), for images of the traced size."""
+    """Run a traced detector and rebuild the eager model's outputs (images of the traced size)."""
     from detectron2.export.flatten import flatten_to_tuple
 
     flat, _ = flatten_to_tuple([{"image": x["image"]} for x in inputs])
@@ -124,9 +114,8 @@ def detector_outputs(traced: torch.jit.ScriptModule, adapter, inputs: List[Dict]
 
 
 class BackboneForExport(nn.Module):
-    """A detector's backbone (+ FPN) as a tensor-to-tuple module: (N, 3, H, W) 0-255 image in
-    ``cfg.INPUT.FORMAT`` order, normalised as the detector does, to the (N, C, H / s, W / s)
-    features in ``output_names`` order."""
+    """Backbone (+ FPN) as a module: (N, 3, H, W) 0-255 image in ``cfg.INPUT.FORMAT`` order to
+    the features in ``output_names`` order."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -159,8 +148,7 @@ def _onnx_export_traced(module, args, path, input_names, output_names, dynamic_a
 def _decompose_deform_conv(
     input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, *names
 ):
-    """dcnv2::deform_conv2d as functional PyTorch ops (the native backend's sampling, then one
-    einsum), for graphs without the custom operator."""
+    """dcnv2::deform_conv2d as functional PyTorch ops, for graphs without the custom operator."""
     from ..layers import native, native_torch
 
     n = input.shape[0]
@@ -192,13 +180,11 @@ def export_backbone_onnx(
     """Export ``BackboneForExport(model)`` (eval mode) to ONNX, input "image" (1, 3, H, W).
 
     Args:
-        image: example input.
-        deform_op: "DeformConv" (standard nodes, any H and W that are multiples of the
-            backbone's ``size_divisibility``) or "decomposed" (gathers and matmuls, for runtimes
-            without DeformConv; ``image``'s size only).
+        deform_op: "DeformConv" (any H, W multiples of ``size_divisibility``) or "decomposed"
+            (gathers and matmuls; ``image``'s size only).
 
     Returns:
-        list[str]: the output names (the FPN levels, e.g. p2..p6).
+        list[str]: the output names (the FPN levels).
     """
     _check_exportable(model)
     module = BackboneForExport(model).eval()
@@ -223,8 +209,7 @@ def export_backbone_onnx(
 
 
 class _DetectorInference:
-    """The TracingAdapter's inference function: one image tensor in, ``Instances`` out, in the
-    coordinates of the (unresized) input image."""
+    """One image tensor in, ``Instances`` in the input image's coordinates out."""
 
     def __call__(self, model: nn.Module, image: torch.Tensor):
         if hasattr(model, "roi_heads"):  # GeneralizedRCNN: masks stay (R, 1, 28, 28)
@@ -233,9 +218,7 @@ class _DetectorInference:
 
 
 def detector_output_names(instances) -> List[str]:
-    """Names of the exported detector's outputs, in the TracingAdapter's flattening order: the
-    ``Instances`` fields sorted by name (``pred_boxes`` as its (R, 4) tensor), then
-    ``image_size``."""
+    """Output names in the TracingAdapter's order: ``Instances`` fields sorted, then ``image_size``."""
     return sorted(instances.get_fields()) + ["image_size"]
 
 
@@ -244,10 +227,9 @@ def export_detector_onnx(
 ) -> Tuple[List[str], object]:
     """Export a detector (``GeneralizedRCNN`` or ``RetinaNet``, eval mode) to ONNX.
 
-    The file's input "image" is (3, H, W) float32 0-255 in ``cfg.INPUT.FORMAT`` order, not
-    resized, H and W multiples of the backbone's ``size_divisibility``. Its outputs for R
-    detections: ``pred_boxes`` (R, 4) XYXY input pixels, ``pred_classes`` (R,) int64, ``scores``
-    (R,), ``pred_masks`` (R, 1, 28, 28) mask probabilities (Mask R-CNN), ``image_size`` (2,).
+    Input "image": (3, H, W) float32 0-255 in ``cfg.INPUT.FORMAT`` order, not resized, H and W
+    multiples of ``size_divisibility``. Outputs for R detections: ``pred_boxes`` (R, 4) XYXY,
+    ``pred_classes`` (R,) int64, ``scores`` (R,), ``pred_masks`` (R, 1, 28, 28), ``image_size`` (2,).
 
     Returns:
         (output names, adapter): the adapter rebuilds ``Instances`` (:func:`onnx_detections`).
@@ -266,8 +248,7 @@ def export_detector_onnx(
 
 
 def onnx_detections(session, adapter, image: torch.Tensor):
-    """Run an exported detector (an onnxruntime ``InferenceSession``) on one (3, H, W) image and
-    rebuild its ``Instances``."""
+    """Run an exported detector (onnxruntime session) on one (3, H, W) image; its ``Instances``."""
     outputs = session.run(None, {"image": image.numpy().astype(np.float32)})
     return adapter.outputs_schema([torch.from_numpy(o) for o in outputs])
 
@@ -287,8 +268,7 @@ def run_onnx(path: str, image: np.ndarray) -> List[np.ndarray]:
 
 
 def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
-    """``{(domain, op_type): count}`` of the nodes of an ONNX file, subgraphs and local
-    functions included ("" is the standard domain)."""
+    """``{(domain, op_type): count}`` of an ONNX file's nodes, subgraphs and functions included."""
     import onnx
 
     model = onnx.load(path)
@@ -309,23 +289,18 @@ def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
 
 
 def box_tolerance(height: int, width: int) -> float:
-    """How far (pixels) the boxes of two float32 runtimes may differ on an image of this size:
-    2e-4 of its longest side (float32 rounding through the network grows with the coordinates),
-    at least 1e-2 px. A box off by a pixel stays far outside it."""
+    """Pixels the boxes of two float32 runtimes may differ by: 2e-4 of the longest side (rounding
+    grows with the coordinates), at least 1e-2."""
     return max(1e-2, 2e-4 * max(height, width))
 
 
 def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str, float]:
-    """Match two ``Instances`` one to one after the same score threshold: each expected
-    detection, by decreasing score, takes the unmatched detection of ``got`` with its class
-    whose box is closest (near-equal scores listed in either order still match).
+    """Match two ``Instances`` one to one: each expected detection, by decreasing score, takes the
+    closest unmatched box of its class in ``got``.
 
     Returns:
-        dict: ``count`` (expected detections kept), ``count_other`` (``got``'s), ``unmatched``
-        (expected detections without a partner of their class), ``max_box_diff`` (pixels) and
-        ``max_score_diff`` (inf when anything is unmatched), ``box_tolerance``
-        (:func:`box_tolerance` of ``expected.image_size``) and ``agree``: the same detections,
-        classes and counts, the boxes within the tolerance.
+        dict: ``count``, ``count_other``, ``unmatched``, ``max_box_diff`` (pixels),
+        ``max_score_diff``, ``box_tolerance`` and ``agree`` (same detections, boxes within it).
     """
     kept = []
     for inst in (got, expected):

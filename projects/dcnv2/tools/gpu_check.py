@@ -1,13 +1,8 @@
-"""Acceptance check of a (GPU) machine in one command, the logic of ``tools/gpu_check.py``.
+"""Acceptance check of a (GPU) machine in one command: environment, exactness against the
+float64 reference, op and model speed, profile, eval and DDP; reports rewritten per section.
 
-Sections: environment; exactness (every backend against the float64 reference, through the
-helpers the test suite uses: :mod:`dcnv2.layers.reference`); speed (op level); model (training
-and inference of every backend, with and without AMP, and the plain-conv baseline, interleaved);
-profile (top kernels, CPU time and host syncs of one training step); eval; ddp. Each runs in its
-own ``try``; the JSON and Markdown reports are rewritten after every section.
-
-Exit status: 0 all passed; 1 an exactness check failed (or that section crashed or was skipped
-for time); 3 another section failed; 2 a bad command line.
+Exit status: 0 all passed; 1 an exactness check failed (or crashed or was skipped for time);
+3 another section failed; 2 a bad command line.
 """
 
 import itertools
@@ -343,11 +338,7 @@ def _exit_status(report: Dict) -> int:
 def run_check(out_dir: str, device: str = "cuda", quick: bool = False, time_budget: float = 600,
               sections: Sequence[str] = SECTIONS, work_dir: Optional[str] = None,
               iters: Optional[int] = None) -> int:  # fmt: skip
-    """Runs the selected sections, rewriting ``out_dir``/gpu_check.{json,md} after each.
-
-    Returns:
-        The exit status (see the module docstring).
-    """
+    """Runs the selected sections into ``out_dir``/gpu_check.{json,md}; returns the exit status."""
     os.makedirs(out_dir, exist_ok=True)
     ctx = dict(device=torch.device(device), quick=quick, deadline=time.monotonic() + time_budget,
                work_dir=work_dir or tempfile.mkdtemp(prefix="dcnv2_gpu_check_"),
