@@ -218,7 +218,7 @@ class _DetectorInference:
 
 
 def detector_output_names(instances) -> List[str]:
-    """Output names in the TracingAdapter's order: ``Instances`` fields sorted, then ``image_size``."""
+    """Output names in TracingAdapter order: ``Instances`` fields sorted, then ``image_size``."""
     return sorted(instances.get_fields()) + ["image_size"]
 
 
@@ -229,7 +229,8 @@ def export_detector_onnx(
 
     Input "image": (3, H, W) float32 0-255 in ``cfg.INPUT.FORMAT`` order, not resized, H and W
     multiples of ``size_divisibility``. Outputs for R detections: ``pred_boxes`` (R, 4) XYXY,
-    ``pred_classes`` (R,) int64, ``scores`` (R,), ``pred_masks`` (R, 1, 28, 28), ``image_size`` (2,).
+    ``pred_classes`` (R,) int64, ``scores`` (R,), ``pred_masks`` (R, 1, 28, 28),
+    ``image_size`` (2,).
 
     Returns:
         (output names, adapter): the adapter rebuilds ``Instances`` (:func:`onnx_detections`).

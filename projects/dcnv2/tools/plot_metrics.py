@@ -1,7 +1,6 @@
-"""Training curves and training-time statistics from detectron2's ``metrics.json`` (one JSON
-object per line: ``iteration`` and the scalars ``JSONWriter`` logged). The logic of
-``tools/plot_metrics.py``: losses, lr and evaluation APs of several runs in one figure, and
-``--stats`` (s/iter, slowest records, ETA accuracy; MMDetection's ``cal_train_time``).
+"""Training curves and training-time statistics from detectron2's ``metrics.json``
+(``tools/plot_metrics.py``): losses, lr and APs of several runs in one figure, and ``--stats``
+(s/iter, slowest records, ETA accuracy; MMDetection's ``cal_train_time``).
 """
 
 import json
@@ -33,14 +32,8 @@ class MetricsWarning(UserWarning):
 
 
 def load_metrics(path: str) -> List[Dict]:
-    """The records of a ``metrics.json`` (or of the one in a folder), in file order.
-
-    Lines that are not a JSON object with an integer ``iteration`` (a line cut short while
-    training was writing it) are skipped with a :class:`MetricsWarning`.
-
-    Raises:
-        UserInputError: the file is missing or unreadable, or has no usable record.
-    """
+    """The records of a ``metrics.json`` (or of the one in a folder), in file order; lines without
+    an integer ``iteration`` (cut short while training wrote them) are skipped with a warning."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.json")
     try:
@@ -77,8 +70,8 @@ def load_metrics(path: str) -> List[Dict]:
 
 
 def metric_series(records: Sequence[Dict], key: str) -> Tuple[List[int], List[float]]:
-    """``(iterations, values)`` of one scalar, sorted by iteration; the last record of a repeated
-    iteration (a resumed run) wins; non-numeric and non-finite values are left out."""
+    """``(iterations, values)`` of one scalar, sorted; a repeated iteration's last record wins
+    (a resumed run); non-numeric and non-finite values are left out."""
     by_iteration: Dict[int, float] = {}
     for record in records:
         value = record.get(key)
@@ -107,18 +100,10 @@ def draw_runs(
     keys: Optional[Sequence[str]] = None,
     columns: int = 3,
 ):
-    """One panel per metric, one line per run (a point for a run with one value of it).
-
-    Args:
-        runs: ``(label, records)`` per run, records from :func:`load_metrics`.
-        keys: metrics to draw (default: :func:`default_keys`).
-        columns: panels per row.
+    """One panel per metric (default :func:`default_keys`), one line per ``(label, records)`` run.
 
     Returns:
         (figure, drawn): the matplotlib figure and the metrics drawn, in panel order.
-
-    Raises:
-        UserInputError: none of ``keys`` is in any run.
     """
     import matplotlib
 
@@ -206,25 +191,13 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
     """Statistics of one run's iteration times.
 
-    Each record's ``time`` is the median s/iter of the iterations since the previous record, so
-    it stands for ``time x (iterations since the previous record)`` seconds. The ETA detectron2
-    logged (``eta_seconds``) is compared with the time the later records then took; the
-    comparison means something only for a finished run (its last ETA is under one iteration).
-
-    Args:
-        records: the run's records (:func:`load_metrics`).
-        slowest: how many of the slowest records to list.
+    Each record's ``time`` is the median s/iter since the previous record. The logged
+    ``eta_seconds`` is compared with the time the later records took (meaningful when finished).
 
     Returns:
-        dict: ``records``, ``first_iteration``, ``last_iteration``, ``s_per_iter`` (``mean``,
-        ``median``, ``std`` (population), ``p90``, ``min``, ``max``), ``data_time_mean`` (or
-        None), ``slowest`` (``[{"iteration", "s_per_iter"}]``), ``total_seconds``, ``eta``
-        (``[{"iteration", "predicted_seconds", "actual_seconds", "error_seconds",
-        "relative_error"}]``), ``finished`` and ``eta_mean_abs_relative_error`` (None unless
-        finished).
-
-    Raises:
-        UserInputError: no record has ``time`` (not a training run's metrics).
+        dict: ``s_per_iter`` (``mean``, ``median``, ``std``, ``p90``, ``min``, ``max``),
+        ``slowest``, ``total_seconds``, ``eta`` rows, ``finished``, ``eta_mean_abs_relative_error``
+        and record counts.
     """
     iterations, times = metric_series(records, "time")
     if not iterations:
@@ -296,9 +269,7 @@ def _table(rows, headers) -> str:
 
 
 def format_train_time(runs: Sequence[Sequence], eta_rows: int = 5) -> str:
-    """Console tables of ``(label, stats)`` pairs (:func:`train_time_stats`): one row per run,
-    each run's slowest records, and its ETA against the actual time at about ``eta_rows``
-    records."""
+    """Console tables of ``(label, stats)`` pairs: runs, slowest records, ETA against actual."""
     summary = []
     for label, s in runs:
         t = s["s_per_iter"]

@@ -1,10 +1,6 @@
-"""The one timing harness of the benchmarks, the deploy benchmark and the GPU check.
-
-Steps (functions without arguments) are timed one call at a time with torch.utils.benchmark's
-clock (which synchronises the accelerator), in interleaved rounds across workers
-(:func:`interleaved_times`): every method sees the same minutes of a noisy host, so ratios hold
-when its speed drifts. Times are summarised by ``torch.utils.benchmark.Measurement`` (median,
-IQR); training steps go through the project's training loop (:func:`training_step`).
+"""The one timing harness of the benchmarks and the GPU check: steps timed with
+torch.utils.benchmark's clock in interleaved rounds across workers, so that ratios hold when the
+host's speed drifts; medians and IQR by ``torch.utils.benchmark.Measurement``.
 """
 
 import itertools
@@ -48,11 +44,8 @@ def detection_batch(
     num_classes: int = 80,
     seed: int = 0,
 ) -> List[Dict[str, Any]]:
-    """A fixed random batch in detectron2's input format, the same for the same ``seed``: float32
-    (3, height, width) images of integers in [0, 255], and with ``boxes_per_image`` random
-    ground-truth boxes (at least 16 px a side, inside the image, ``num_classes`` classes) under
-    ``"instances"``, for training.
-    """
+    """A fixed random batch in detectron2's format: (3, height, width) float images of integers
+    in [0, 255], with ``boxes_per_image`` random ground-truth ``"instances"`` for training."""
     from detectron2.structures import Boxes, Instances
 
     g = torch.Generator().manual_seed(seed)
@@ -80,11 +73,10 @@ def training_step(
     lr: float = 0.0,
     momentum: float = 0.9,
 ) -> Callable[[], None]:
-    """One iteration of the project's training loop (:func:`dcnv2.engine.trainer.
-    build_training_loop`) on ``batch`` every call, with SGD on the trainable parameters.
+    """One iteration of :func:`dcnv2.engine.trainer.build_training_loop` on ``batch`` per call.
 
-    lr 0 (the default) costs the same as a real step and keeps random weights finite.
-    The loop's ``storage`` (an ``EventStorage``) holds the logged losses.
+    lr 0 costs the same as a real step and keeps random weights finite; ``step.loop.storage``
+    holds the logged losses.
     """
     from detectron2.utils.events import EventStorage
 
@@ -121,9 +113,8 @@ def summarize(times: Sequence[float]) -> Dict[str, float]:
 
 
 def count_syncs(step: Callable[[], Any], cuda: bool = True) -> Dict[str, Any]:
-    """Host-device synchronisations in one call of ``step`` (``torch.cuda.set_sync_debug_mode``):
-    ``syncs``, all of them, and ``syncs_in_layers``, those whose warning points into
-    dcnv2/layers or detectron2/layers; "n/a" without ``cuda``."""
+    """Host-device syncs in one call of ``step``: ``syncs`` and ``syncs_in_layers`` (in
+    dcnv2/layers or detectron2/layers); "n/a" without ``cuda``."""
     if not cuda:
         return {"syncs": "n/a", "syncs_in_layers": "n/a"}
     import warnings
@@ -153,13 +144,9 @@ def _status_kib(field: str) -> Optional[int]:
 
 
 class PeakMemory:
-    """Peak memory of the work inside a ``with`` block: on CUDA, ``max_memory_allocated``
-    (reset at the start); elsewhere the process's resident-set high-water mark (Linux
-    ``VmHWM``, reset to the current resident set through ``/proc/self/clear_refs``).
-
-    Attributes (MiB, None where it cannot be told): ``start_mib`` (at the start), ``peak_mib``
-    (at least ``start_mib``); ``run_only``: whether the mark was reset at the start.
-    """
+    """Peak memory (MiB) of a ``with`` block: CUDA's ``max_memory_allocated``, else Linux's
+    ``VmHWM``. Attributes ``start_mib``, ``peak_mib`` (None where unknown) and ``run_only``
+    (whether the mark was reset at the start)."""
 
     def __init__(self, device: Any = "cpu") -> None:
         self.device = torch.device(device)
@@ -206,12 +193,8 @@ class PeakMemory:
 def run_in_fresh_process(
     module: str, spec: Dict[str, Any], what: str, env: Optional[Dict[str, str]] = None
 ) -> Dict[str, Any]:
-    """``python -m <module> '<spec as JSON>'`` in a new process; its result is the JSON on the
-    last line of its stdout (see :func:`worker_main`). ``env``: variables added for it.
-
-    Raises:
-        UserInputError: the worker failed; the message quotes its last error line.
-    """
+    """``python -m <module> '<spec as JSON>'`` in a new process; returns the JSON on the last line
+    of its stdout (see :func:`worker_main`)."""
     proc = subprocess.run(
         [sys.executable, "-m", module, json.dumps(spec)],
         capture_output=True,
@@ -235,8 +218,7 @@ def _reply(message: Dict[str, Any]) -> None:
 
 
 class InProcessSteps:
-    """Steps (name -> function without arguments) timed in this process, one call at a time:
-    the in-process counterpart of :class:`StepWorker` for :func:`interleaved_times`."""
+    """Steps timed in this process: the in-process :class:`StepWorker`."""
 
     def __init__(self, steps: Dict[str, Callable[[], Any]]):
         self._steps = dict(steps)
@@ -247,8 +229,7 @@ class InProcessSteps:
 
 
 def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
-    """The worker's side of :class:`StepWorker`: announces ``steps``, then times one call of
-    the step named on each line of stdin, until the line ``done``."""
+    """The worker's side of :class:`StepWorker`: times the step named on each stdin line."""
     local = InProcessSteps(steps)
     _reply({"steps": local.steps})
     for line in sys.stdin:
@@ -259,13 +240,8 @@ def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
 
 
 class StepWorker:
-    """A persistent worker process (``python -m <module> '<spec as JSON>'``, whose entry sets up
-    the case and calls :func:`serve_steps`) that times one step at a time on request. A context
-    manager: leaving the block kills a worker that was not finished.
-
-    Raises:
-        UserInputError: the worker failed; the message quotes its last error line.
-    """
+    """A worker process (``python -m <module> '<spec as JSON>'`` calling :func:`serve_steps`)
+    timing one step per request; leaving the ``with`` block kills it."""
 
     def __init__(
         self, module: str, spec: Dict[str, Any], what: str, env: Optional[Dict[str, str]] = None
@@ -337,15 +313,12 @@ def interleaved_times(
     warmup: int = 1,
     after_round: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Dict[str, List[float]]]:
-    """Times of ``steps`` in every worker, in rounds: each round runs each step once in each
-    worker that has it, the workers in turn, their order rotated by one every round.
+    """Times of ``steps`` in every worker, in rounds: each step once per worker, the workers' order
+    rotated by one every round.
 
     Args:
-        workers: name -> :class:`StepWorker` or :class:`InProcessSteps` (anything with
-            ``steps`` and ``time(step)``).
-        steps: the steps to time, in the order each round runs them.
+        workers: name -> anything with ``steps`` and ``time(step)``.
         repeats: timed rounds, after ``warmup`` untimed ones.
-        after_round: called after every round (a progress bar's update).
 
     Returns:
         dict: name -> {step: ``repeats`` seconds}, for the steps the worker has.
@@ -367,8 +340,7 @@ def interleaved_times(
 
 
 def worker_main(measure: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
-    """Entry point of a worker process: one JSON spec in ``sys.argv[1]``, one JSON result
-    printed on the last line of stdout."""
+    """Worker process entry: JSON spec in ``sys.argv[1]``, JSON result on stdout's last line."""
     import warnings
 
     warnings.filterwarnings("ignore")

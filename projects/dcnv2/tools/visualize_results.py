@@ -1,6 +1,5 @@
-"""Detections of a COCO-format results file drawn beside the ground truth, one picture per image:
-the logic of ``tools/visualize_results.py`` (detectron2's ``visualize_json_results.py``).
-"""
+"""Detections of a COCO-format results file drawn beside the ground truth
+(``tools/visualize_results.py``; detectron2's ``visualize_json_results.py``)."""
 
 import json
 import os
@@ -35,8 +34,7 @@ TITLE_HEIGHT = 22
 
 
 def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
-    """A COCO results file (``COCOEvaluator``'s) grouped by image id, or a ``tools/demo.py
-    --json`` file grouped by image file name; UserInputError for a file of another kind."""
+    """A COCO results file grouped by image id, or a ``demo.py --json`` file by file name."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -64,8 +62,7 @@ def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
 
 
 def results_config_file(results_path: str) -> Optional[str]:
-    """The config of the run whose ``OUTPUT_DIR/inference/`` holds ``results_path``: the eval-only
-    run's ``config_eval.yaml`` if it wrote them, else ``config.yaml``, else None."""
+    """The ``config_eval.yaml`` or ``config.yaml`` of the run whose output holds the results."""
     folder = os.path.dirname(os.path.abspath(results_path))
     output_dir = os.path.dirname(folder)
     evaluated = os.path.isfile(os.path.join(folder, WEIGHTS_RECORD))
@@ -78,8 +75,7 @@ def results_config_file(results_path: str) -> Optional[str]:
 
 
 def dataset_from_config(cfg, dataset: Optional[str] = None) -> Tuple[List[dict], object]:
-    """The dicts and metadata (with the category id mapping) of ``dataset``, else of the config's
-    first ``DATASETS.TEST``; UserInputError when there is none or it is not registered."""
+    """Dicts and metadata of ``dataset``, else of the config's first ``DATASETS.TEST``."""
     if not dataset:
         if not len(cfg.DATASETS.TEST):
             raise UserInputError("the config has no DATASETS.TEST: name the dataset with --dataset")
@@ -106,8 +102,7 @@ def dataset_from_json(json_file: str, image_root: str) -> Tuple[List[dict], obje
 def results_to_instances(
     results: Sequence[dict], image_size: Tuple[int, int], metadata, conf_threshold: float
 ) -> Instances:
-    """The COCO results of one image with ``score >= conf_threshold`` as ``Instances`` (XYXY
-    boxes, contiguous classes by ``metadata``); UserInputError for a category it does not have."""
+    """One image's results with ``score >= conf_threshold`` as ``Instances`` (XYXY, contiguous)."""
     to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id", None) or {}
     chosen = [r for r in results if r["score"] >= conf_threshold]
     unknown = sorted({r["category_id"] for r in chosen if r["category_id"] not in to_contiguous})
@@ -127,8 +122,7 @@ def results_to_instances(
 
 
 def titled_panels(panels: Sequence[Tuple[str, np.ndarray]]) -> np.ndarray:
-    """(H + TITLE_HEIGHT, sum of W, 3) uint8: (H_i, W_i, 3) RGB panels side by side, padded at
-    the bottom to the tallest, each under a white strip with its title."""
+    """(H_i, W_i, 3) RGB panels side by side, bottom-padded, each under a strip with its title."""
     from PIL import ImageDraw, ImageFont
 
     height = max(image.shape[0] for _, image in panels)
@@ -143,8 +137,7 @@ def titled_panels(panels: Sequence[Tuple[str, np.ndarray]]) -> np.ndarray:
 
 
 def side_by_side(image_rgb: np.ndarray, instances: Instances, record: dict, metadata) -> np.ndarray:
-    """``instances`` drawn on the left, the ground truth of ``record`` (a detectron2 dataset
-    dict) on the right, under titles (:func:`titled_panels`)."""
+    """``instances`` on the left, ``record``'s ground truth on the right, under titles."""
     predictions = Visualizer(image_rgb, metadata).draw_instance_predictions(instances)
     ground_truth = Visualizer(image_rgb, metadata).draw_dataset_dict(record)
     return titled_panels(
@@ -176,17 +169,12 @@ def draw_results(
     force: bool = False,
     max_images: Optional[int] = None,
 ) -> Dict:
-    """Write one :func:`side_by_side` picture per image of the dataset (the first
-    ``max_images``) into ``output_dir``, named after the image (with its id where two share a
-    name); ``results`` from :func:`load_results`.
+    """Write one :func:`side_by_side` picture per image (the first ``max_images``) into
+    ``output_dir``.
 
     Returns:
         dict: ``{"images": [{"file", "predictions", "ground_truth"}, ...],
         "unmatched_results": detections of image ids not in the dataset}``.
-
-    Raises:
-        UserInputError: a threshold out of [0, 1], no result for any image of the dataset, an
-            existing picture without ``force``.
     """
     if not 0.0 <= conf_threshold <= 1.0:
         raise UserInputError(f"--conf-threshold must be in [0, 1], got {conf_threshold}")

@@ -1,9 +1,6 @@
-"""Where stacked deformable layers look: the DCNv2 paper's sampling-location pictures.
-
-Tracing ``L`` deformable layers back from an image position gives ``(kh*kw)**L`` positions, each
-weighted by the product of the modulations on its path (arXiv 1811.11168, Fig. 1 and 3).
-Positions are ``(y, x)`` image pixels; cell ``(i, j)`` of a stride-``s`` map is at ``(s*i, s*j)``;
-offsets between cells are interpolated bilinearly; with several deformable groups, the first.
+"""The DCNv2 paper's sampling-location pictures (arXiv 1811.11168, Fig. 1 and 3): image
+positions traced back through stacked deformable layers, weighted by the modulations' product.
+Positions are ``(y, x)`` image pixels; the first deformable group is used.
 """
 
 import contextlib
@@ -36,10 +33,9 @@ class DeformableLayerRecord:
     """What one deformable conv did on one image.
 
     Attributes:
-        offset (Tensor): (2*kh*kw, Ho, Wo) of the first deformable group: (dy, dx) of tap
-            ``k = i*kw + j`` in channels ``2k, 2k+1``, in input-feature-map cells.
-        mask (Tensor): (kh*kw, Ho, Wo) modulation of each tap (ones for DCNv1).
-        in_stride: stride of the conv's input feature map, in image pixels.
+        offset (Tensor): (2*kh*kw, Ho, Wo), (dy, dx) of tap ``k = i*kw + j`` in channels
+            ``2k, 2k+1``, in input cells.
+        mask (Tensor): (kh*kw, Ho, Wo), ones for DCNv1.
     """
 
     name: str
@@ -90,12 +86,8 @@ def deformable_layers(resnet: ResNet) -> List[Tuple[str, nn.Module, int]]:
 def record_deformable_layers(
     model: nn.Module, batch_index: int = 0
 ) -> Iterator[List[DeformableLayerRecord]]:
-    """Record the offset and mask each deformable conv of ``model``'s ResNet receives.
-
-    Yields:
-        list[DeformableLayerRecord]: filled in execution order by each forward pass inside the
-        ``with`` block (cleared at each new forward).
-    """
+    """Yields the list of :class:`DeformableLayerRecord` of ``model``'s ResNet, filled in
+    execution order by each forward inside the block."""
     resnet = find_resnet(model)
     layers = deformable_layers(resnet)
     if not layers:
@@ -166,14 +158,10 @@ def _bilinear(field: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Te
 def trace_sampling_locations(
     layers: Sequence[DeformableLayerRecord], points: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Trace image positions back through stacked deformable layers (execution order).
-
-    Args:
-        points (Tensor): (P, 2) query positions ``(y, x)`` in image pixels.
+    """Trace ``points`` (P, 2) ``(y, x)`` back through ``layers`` (execution order).
 
     Returns:
-        (locations, weights): (P, T, 2) sampled positions ``(y, x)``, ``T = prod(kh*kw)`` (the
-        last layer's tap the slowest index), and (P, T) products of the modulations.
+        (locations, weights): (P, T, 2) positions, ``T = prod(kh*kw)``, and (P, T) weights.
     """
     if not len(layers):
         raise ValueError("trace_sampling_locations needs at least one deformable layer")
@@ -185,7 +173,6 @@ def trace_sampling_locations(
     for layer in reversed(layers):
         kh, kw = layer.kernel_size
         taps = kh * kw
-        # Position in the layer's output grid (where its offset field lives).
         cells = locations / layer.out_stride
         fy, fx = cells[..., 0], cells[..., 1]
         offset = _bilinear(layer.offset.double(), fy, fx)  # (2*taps, P, M)
@@ -205,14 +192,9 @@ def trace_sampling_locations(
 def randomize_offsets(
     model: nn.Module, inputs: List[dict], offset_rms: float, seed: int = 0, mask_logit_rms=2.0
 ) -> int:
-    """Give the offset/mask predictors (``conv2_offset``) random weights with offsets of about
-    ``offset_rms`` cells and mask logits of about ``mask_logit_rms`` (RMS on ``inputs``), for
-    illustration: untrained weights give a regular grid. A conv with N(0, s^2) weights has output
-    variance ``s^2 * E[sum of x^2 over the window]``, measured in one forward pass.
-
-    Returns:
-        int: how many predictors were changed.
-    """
+    """Give the offset/mask predictors random weights scaled to offsets of about ``offset_rms``
+    cells and mask logits of about ``mask_logit_rms`` on ``inputs`` (untrained weights give a
+    regular grid); returns how many predictors changed."""
     predictors = [
         (name, module)
         for name, module in find_resnet(model).named_modules()
@@ -262,22 +244,18 @@ def sample_image(
     random_offsets: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Run a detector (eval mode) on one (H, W, 3) uint8 BGR image, resized as its config's
-    test-time augmentation says, and trace the last ``num_layers`` deformable layers.
+    """Run a detector on one (H, W, 3) uint8 BGR image and trace the last ``num_layers``
+    deformable layers.
 
     Args:
-        points_xy: query positions ``(x, y)`` in pixels of ``image_bgr``; by default the
-            centres of the ``max_boxes`` highest-scoring detections.
-        random_offsets: if > 0, :func:`randomize_offsets` with this RMS first (illustration).
+        points_xy: ``(x, y)`` pixels of ``image_bgr``; default the centres of the top
+            ``max_boxes`` detections.
+        random_offsets: if > 0, :func:`randomize_offsets` with this RMS first.
 
     Returns:
-        dict (numpy, positions ``(y, x)``): at the network's resolution ``image_rgb``,
-        ``points`` (P, 2), ``locations`` (P, T, 2), ``weights`` (P, T), ``layers`` (names),
-        ``scale`` (network pixels per input pixel); at the input's, ``input_image_rgb``,
-        ``input_points`` (``points_xy`` exactly) and ``input_locations``.
-
-    Raises:
-        UserInputError: bad ``num_layers``, a point outside the image, or no detection to use.
+        dict (numpy, ``(y, x)``): ``image_rgb``, ``points`` (P, 2), ``locations`` (P, T, 2),
+        ``weights`` (P, T), ``layers``, ``scale`` at the network's resolution, and
+        ``input_image_rgb``, ``input_points``, ``input_locations`` at the input's.
     """
     from detectron2.data import transforms as T
 
@@ -346,9 +324,7 @@ def plot_sampling_locations(
     title: Optional[str] = None,
     dpi: int = 100,
 ) -> None:
-    """Save a PNG with one row per query point (``points`` (P, 2), ``locations`` (P, T, 2),
-    ``weights`` (P, T), as :func:`sample_image` returns them): every sampled location coloured
-    by its weight on the left; on the right, sizes and opacities proportional to the weights."""
+    """Save a PNG, one row per point: locations coloured by weight, and sized by it."""
     import matplotlib
 
     matplotlib.use("Agg")
