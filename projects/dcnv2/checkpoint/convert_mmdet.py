@@ -391,10 +391,7 @@ def convert_mmdet_state_dict(
     meta: Optional[Mapping[str, Any]] = None,
     deform_modulated: Optional[bool] = None,
 ) -> Tuple[Dict[str, torch.Tensor], MMDetModelSpec]:
-    """Rename an MMDetection Faster/Mask R-CNN state dict to this plugin's detectron2 model.
-
-    Returns:
-        (weights, spec): detectron2-named tensors, and the model they need.
+    """Rename an MMDetection R-CNN state dict to this plugin's names; return (weights, spec).
 
     Raises:
         ConversionError: listing every unplaceable, missing or misshapen tensor.

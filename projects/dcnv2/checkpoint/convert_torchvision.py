@@ -75,11 +75,7 @@ def _state_dict_of(checkpoint, path: str) -> Mapping[str, torch.Tensor]:
 def convert_torchvision_checkpoint(
     input_path: str, output_path: str, *, allow_unsafe: bool = False, overwrite: bool = False
 ) -> Tuple[ResNetSpec, List[str]]:
-    """Convert a torchvision ResNet ``.pth`` into a detectron2 ``.pkl`` for ``MODEL.WEIGHTS``.
-
-    Returns:
-        (spec, dropped): see :func:`convert_torchvision_state_dict`.
-    """
+    """Convert a torchvision ResNet ``.pth`` into a detectron2 ``.pkl``; return (spec, dropped)."""
     check_output_path(input_path, output_path, overwrite, (".pkl",))
     state_dict = _state_dict_of(
         load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT), input_path

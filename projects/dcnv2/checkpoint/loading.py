@@ -97,11 +97,7 @@ def load_pickle_file(path: str, *, allow_unsafe: bool = False, source: str = "")
 
 
 def load_torch_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
-    """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``.
-
-    Args:
-        source: where the path came from, for messages (``"given by MODEL.WEIGHTS"``).
-    """
+    """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``."""
     local = PathManager.get_local_path(path)
     check_weights_file(local, source, resuming=False)
     try:

@@ -16,11 +16,7 @@ __all__ = ["publish_model", "published_name", "weights_only"]
 
 
 def weights_only(checkpoint: Any, *, half: bool = False) -> Dict[str, torch.Tensor]:
-    """The model tensors of a checkpoint (numpy arrays become tensors).
-
-    Args:
-        half: floating-point tensors as float16 (integer tensors are kept).
-    """
+    """The model tensors of a checkpoint (arrays as tensors, floats float16 if ``half``)."""
     model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(model, Mapping):
         raise WeightsError(

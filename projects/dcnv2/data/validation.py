@@ -197,11 +197,7 @@ def _image_problem(im, id_type, sizes) -> Optional[str]:
 def validate_coco_json(
     json_file: str, image_root: Optional[str] = None, *, check_files: bool = True
 ) -> CocoReport:
-    """Check a COCO instances file entry by entry (and, with ``check_files``, its image files).
-
-    Raises:
-        AnnotationError: the file is unreadable, not JSON, or lacks the lists or valid categories.
-    """
+    """Check a COCO instances file entry by entry (and, with ``check_files``, its image files)."""
     data = _load_json(json_file)
     report = CocoReport(json_file=json_file, data=data)
     problems = report.problems
@@ -399,11 +395,7 @@ def load_training_dicts(
     proposal_files: Optional[Sequence[str]] = None,
     mask_on: bool = True,
 ):
-    """Training dataset dicts as detectron2's ``get_detection_dataset_dicts``, bad entries handled.
-
-    Returns:
-        list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
-    """
+    """Training dataset dicts as ``get_detection_dataset_dicts`` gives them, bad entries handled."""
     names = [names] if isinstance(names, str) else list(names)
     reports = validate_datasets(names, (), mode) if check_mode(mode) == "skip" else {}
     reports.update(_polygon_reports([n for n in names if n not in reports]))

@@ -168,11 +168,7 @@ def known_difference(backend: str, case: Dict, tensor: str) -> bool:
 def backend_errors(
     case: Dict, backend: str, modulated: bool, dtype: torch.dtype, device="cpu"
 ) -> Dict[str, float]:
-    """Errors of one backend on one :func:`reference_cases` case against the reference.
-
-    Returns:
-        dict: tensor name -> largest absolute error over the largest absolute reference value.
-    """
+    """Per tensor name: one backend's largest error on a case, over the largest reference value."""
     from .deform_conv import modulated_deform_conv
 
     stride, padding, dilation, groups, dg = case["geometry"]

@@ -18,12 +18,7 @@ __all__ = [
 
 
 def fpn_outputs(backbone: nn.Module, x: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
-    """The outputs ``names`` of ``backbone(x)``, running only the FPN steps they depend on.
-
-    Args:
-        x (Tensor): (N, 3, H, W) images.
-        names: output names, e.g. ``["p4"]``.
-    """
+    """The outputs ``names`` (e.g. ``["p4"]``) of ``backbone(x)``, running only what they need."""
     # The outputs of the lateral levels, finest first (the top block's come after them).
     levels = (
         backbone._out_features[: len(backbone.in_features)] if isinstance(backbone, FPN) else []

@@ -134,9 +134,6 @@ def make_dcnv2_stages(
         in_channels: channels out of the stem; out_channels: channels out of res2.
         stride_in_1x1: True for caffe2/MSRA-style weights, False for pytorch-style ones.
         res5_dilation: 1 or 2 (then res5 keeps stride 16).
-
-    Returns:
-        list[list[CNNBlockBase]]: the blocks of each stage, for ``detectron2``'s ``ResNet``.
     """
     if depth not in _BLOCKS_PER_STAGE:
         raise ValueError(
