@@ -1,9 +1,7 @@
 """dcnv2's config keys, and the reading of a run's config: YAML (``CfgNode``) or LazyConfig.
 
-``add_dcnv2_config``/``get_cfg`` add the project's YAML keys; ``load_config`` loads a LazyConfig
-with checked ``key=value`` overrides. :func:`cfg_get` reads a dotted key of either dialect, and
-:class:`RunKeys` names the keys a run's settings come from in each. :func:`check_solver` rejects
-numeric settings a run cannot work with, before anything is written.
+:func:`cfg_get` reads a dotted key of either dialect; :class:`RunKeys` names a run's keys in each;
+:func:`check_solver` rejects unusable numeric settings before anything is written.
 """
 
 import contextlib
@@ -43,21 +41,15 @@ __all__ = [
 def add_dcnv2_config(cfg: CN) -> CN:
     """Add the dcnv2 keys, with defaults that reproduce the seed recipe, to ``cfg`` (in place)."""
     cfg.MODEL.DCNV2 = CN()
-    # Deformable-conv implementation: "auto" (best for the device), "detectron2", "native"
-    # or "torchvision". See dcnv2.layers.backends.
+    # Deformable-conv implementation: "auto", "detectron2", "native" or "torchvision".
     cfg.MODEL.DCNV2.BACKEND = "auto"
     # Unpickle any object when loading weights (dcnv2.checkpoint): only for trusted files.
     cfg.MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS = False
-    # Load weights whose tensors' shapes differ from the model's by skipping those tensors
-    # (detectron2's behaviour, e.g. to fine-tune on other classes); False: a clear error.
+    # Skip tensors whose shapes differ from the model's (detectron2's behaviour); False: an error.
     cfg.MODEL.DCNV2.ALLOW_SHAPE_MISMATCH = False
-    # Model family options (dcnv2.engine.solver). Learning-rate factor of the convs that predict the
-    # offsets and masks (parameters named "*conv2_offset*"). 1.0 is what detectron2 and
-    # MMDetection (paramwise_cfg dcn_offset_lr_mult) use by default and what every shipped recipe
-    # uses; 0.1 is the lower rate of the DCNv2 paper's recipe for these layers.
+    # LR factor of the offset/mask convs (*conv2_offset*); the DCNv2 paper's recipe uses 0.1.
     cfg.MODEL.DCNV2.OFFSET_LR_MULTIPLIER = 1.0
-    # R-CNN feature mimicking (paper section 3.3; dcnv2.modeling.mimic), training only. Needs
-    # ROI_HEADS.NAME "MimicROIHeads" and META_ARCHITECTURE "MimicGeneralizedRCNN".
+    # R-CNN feature mimicking (paper 3.3), with MimicROIHeads and MimicGeneralizedRCNN.
     cfg.MODEL.DCNV2.MIMIC = CN()
     # Add the R-CNN branch and its two losses.
     cfg.MODEL.DCNV2.MIMIC.ENABLED = False
@@ -73,9 +65,7 @@ def add_dcnv2_config(cfg: CN) -> CN:
     cfg.MODEL.DCNV2.MIMIC.SHARE_HEAD_FCS = True
     # Treat the R-CNN features as the target: no mimic gradient through the R-CNN branch.
     cfg.MODEL.DCNV2.MIMIC.DETACH_RCNN_FEATURES = True
-    # Modulated deformable RoI pooling (mdpool; dcnv2.modeling.poolers), used by a head whose
-    # POOLER_TYPE is "ModulatedDeformROIAlign" under ROI_HEADS.NAME "DCNv2StandardROIHeads" or
-    # "DCNv2CascadeROIHeads". Defaults are mmcv's ModulatedDeformRoIPoolPack.
+    # mdpool for POOLER_TYPE "ModulatedDeformROIAlign"; defaults are mmcv's.
     cfg.MODEL.DCNV2.MDPOOL = CN()
     # Scale of the predicted bin offsets, in units of the RoI's width and height.
     cfg.MODEL.DCNV2.MDPOOL.GAMMA = 0.1
@@ -85,20 +75,16 @@ def add_dcnv2_config(cfg: CN) -> CN:
     cfg.MODEL.DCNV2.MDPOOL.NUM_OFFSET_FC = 2
     # Hidden fc layers of the modulation branch.
     cfg.MODEL.DCNV2.MDPOOL.NUM_MASK_FC = 1
-    # One set of branch parameters for all FPN levels (True) or one per level (False, as
-    # MMDetection, whose SingleRoIExtractor builds one ModulatedDeformRoIPoolPack per level).
+    # One set of branch parameters for all FPN levels (True) or one per level (MMDetection).
     cfg.MODEL.DCNV2.MDPOOL.SHARE_ACROSS_LEVELS = False
     # Reliability options (dcnv2.data.validation, dcnv2.engine.hooks).
     cfg.DATASETS.DCNV2 = CN()
-    # Bad annotation entries or unreadable images in a training set: "fail" (stop, listing
-    # them) or "skip" (warn and train without them).
+    # Bad annotation entries in a training set: "fail" or "skip" (warn, drop them).
     cfg.DATASETS.DCNV2.ON_BAD_DATA = "fail"
-    # The user's COCO-format datasets, registered by name before the run reads DATASETS.TRAIN
-    # and TEST (dcnv2.data.coco): (("my_train", "train.json", "images/"), ...).
+    # User COCO datasets: (("my_train", "train.json", "images/"), ...).
     cfg.DATASETS.DCNV2.COCO = ()
     cfg.INPUT.DCNV2 = CN()
-    # How images are resized (dcnv2.data.transforms): "pil", detectron2's ResizeShortestEdge; or
-    # "opencv", MMDetection's keep-ratio Resize (cv2.resize, mmcv's size rounding), bit for bit.
+    # Image resizing: "pil" (detectron2) or "opencv" (MMDetection's keep-ratio Resize).
     cfg.INPUT.DCNV2.RESIZE_BACKEND = "pil"
     cfg.SOLVER.DCNV2 = CN()
     # Iterations with a non-finite loss to skip (no update) before stopping; 0: stop at the first.
@@ -111,7 +97,7 @@ def get_cfg(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
 
     Args:
         config_file: a YAML config (a path, or a name under ``configs/`` of the package).
-        opts: ``["KEY", "VALUE", ...]`` overrides, as on the command line.
+        opts: ``["KEY", "VALUE", ...]`` overrides.
     """
     from detectron2.config import get_cfg as d2_get_cfg
 
@@ -133,13 +119,7 @@ def is_lazy_config(config_file: str) -> bool:
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
-    """Load a LazyConfig file and apply ``key=value`` overrides (:func:`check_override_keys`).
-
-    Args:
-        config_file: a ``.py`` config: a path, or a name under the package's ``configs/``
-            (``"lazy/mask_rcnn_R50_mdconv_FPN_1x.py"``).
-        opts: overrides such as ``["train.max_iter=10", "train.device=cpu"]``.
-    """
+    """Load a LazyConfig file (a path or a name under ``configs/``), apply ``key=value`` opts."""
     from .model_zoo import resolve_config_file
 
     if not is_lazy_config(config_file):
@@ -149,11 +129,7 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
 
 
 def closest_keys(key: str, valid: Iterable[str], n: int = 3) -> List[str]:
-    """The valid config keys closest to a mistyped ``key`` (full dotted names), best first.
-
-    The last component weighs most (``SOLVER.BASE_LRR`` -> ``SOLVER.BASE_LR``), but a key put
-    under the wrong node (``MODEL.BASE_LR``) is found too.
-    """
+    """The valid config keys closest to a mistyped ``key`` (full dotted names), best first."""
     valid = list(valid)
     by_full = difflib.get_close_matches(key, valid, n=n, cutoff=0.6)
     leaf = key.rsplit(".", 1)[-1]
@@ -186,8 +162,7 @@ def _all_keys(node, prefix: str = "") -> List[str]:
 
 
 def _non_finite_value(msg: str) -> Optional[str]:
-    # yacs keeps "nan"/"inf" as strings: "Type mismatch (<class 'float'> vs. <class 'str'>)
-    # with values (0.02 vs. nan) for config key: SOLVER.BASE_LR".
+    # yacs keeps "nan"/"inf" as strings and reports a type mismatch.
     found = re.search(r"'float'> vs\. <class 'str'>\) with values \((.*) vs\. ([-+]?(?:nan|inf"
                       r"|infinity))\) for config key: (\S+)", msg, re.IGNORECASE)  # fmt: skip
     if found is None:
@@ -198,9 +173,7 @@ def _non_finite_value(msg: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def config_errors(cfg, source: str) -> Iterator[None]:
-    """Turn yacs's errors while merging into ``cfg`` into :class:`ConfigError` /
-    :class:`ConfigFileNotFoundError` naming ``source`` (a file, or "the command line") and, for
-    an unknown key, the closest valid ones."""
+    """Turn yacs's merge errors into :class:`ConfigError` naming ``source`` and close keys."""
     try:
         yield
     except yaml.YAMLError as e:
@@ -211,8 +184,7 @@ def config_errors(cfg, source: str) -> Iterator[None]:
             "(paths in _BASE_ are relative to the file that names them)"
         ) from None
     except (KeyError, AssertionError) as e:
-        # yacs: KeyError "Non-existent config key: K" from a file, AssertionError "Non-existent
-        # key: K" or "Override list has odd length" from a list of overrides.
+        # yacs raises KeyError from a file, AssertionError from a list of overrides.
         msg = str(e.args[0]) if e.args else ""
         found = re.search(r"Non-existent (?:config )?key: (\S+)", msg)
         if found:
@@ -272,15 +244,11 @@ def _known(cfg, key: str) -> bool:
 def check_override_keys(cfg, opts: Sequence[str], source: Optional[str] = None) -> List[str]:
     """Refuse ``key=value`` overrides of keys the LazyConfig does not have, as YAML configs do.
 
-    A key is known when the config has it, when it is an argument of the callable of the
-    ``LazyCall`` node above it, or when it is one of :data:`OPTIONAL_KEYS`. ``+key=value`` adds
-    a new key on purpose (Hydra's syntax).
+    Known keys: the config's, the arguments of the ``LazyCall`` callable above, and
+    :data:`OPTIONAL_KEYS`; ``+key=value`` adds a new key (Hydra's syntax).
 
     Returns:
         The overrides to apply (``+`` removed).
-
-    Raises:
-        ConfigError: an unknown key, naming the closest valid one; an override without ``=``.
     """
     source = source or "the command line"
     out = []
@@ -307,8 +275,7 @@ def check_override_keys(cfg, opts: Sequence[str], source: Optional[str] = None) 
 
 
 def cfg_get(cfg, key: Optional[str], default: Any = None) -> Any:
-    """The value of the dotted ``key`` (``"SOLVER.MAX_ITER"``, ``"train.max_iter"``) in a
-    ``CfgNode`` or LazyConfig, or ``default`` when ``key`` is None or a part of it is absent."""
+    """The value of the dotted ``key`` in a ``CfgNode`` or LazyConfig, or ``default`` if absent."""
     if key is None:
         return default
     node = cfg
@@ -324,15 +291,8 @@ class RunKeys:
     """The dotted keys (read with :func:`cfg_get`) a run's settings come from in one dialect.
 
     Attributes:
-        device, output_dir, weights, seed: the model's device, the output folder, the initial
-            weights, the random seed.
-        checkpoint_period, cudnn_benchmark: how often checkpoints are written; cuDNN autotuning.
-        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping.
-        allow_unsafe_weights: unpickle any object when loading weights.
         allow_shape_mismatch: skip tensors that do not fit instead of failing (None: no key).
-        on_bad_data: "fail" or "skip" for bad data (absent: "fail").
         lr, clip: where the learning rate and gradient clipping are set, for messages.
-        coco_datasets: the user's COCO datasets to register (:mod:`dcnv2.data.coco`).
     """
 
     device: str
@@ -394,13 +354,7 @@ def _lazy_names(cfg, split: str) -> Tuple[str, ...]:
 
 
 def datasets_used(cfg) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-    """The registered dataset names a run of ``cfg`` reads.
-
-    Returns:
-        (train, test): ``DATASETS.TRAIN`` and ``DATASETS.TEST`` of a YAML config, or the
-        ``names`` of ``dataloader.train.dataset`` and ``dataloader.test.dataset`` of a
-        LazyConfig (empty for a loader it does not define).
-    """
+    """The (train, test) registered dataset names a run of ``cfg`` reads."""
     if isinstance(cfg, CN):
         return tuple(cfg.DATASETS.TRAIN), tuple(cfg.DATASETS.TEST)
     return _lazy_names(cfg, "train"), _lazy_names(cfg, "test")
@@ -430,11 +384,7 @@ def _check_steps(steps, key: str, max_iter: Optional[int] = None) -> None:
 
 
 def check_solver(cfg) -> None:
-    """Reject numeric training settings a run cannot work with: fewer than 1 iteration, a
-    learning rate or weight decay that is negative or not finite, learning-rate steps that are
-    not increasing or fall on the last iteration, a warm-up longer than the run (more than
-    ``SOLVER.MAX_ITER`` iterations, or a ``warmup_length`` fraction above 1), a batch or
-    checkpoint period below 1.
+    """Reject numeric training settings a run cannot work with (iterations, rates, steps, warm-up).
 
     Raises:
         ConfigError: the first such setting, naming its key and what was expected.

@@ -1,8 +1,7 @@
 """dcnv2's one error family and the exit convention of every entry point.
 
-Each exception dcnv2 defines derives from :class:`DCNv2Error` (an error in what the user gave,
-not a bug) and from the built-in a caller would catch. :func:`report_user_error` prints one
-``<prog>: error: <message>`` line; the exit status is 2, as argparse's for a bad command line.
+Each exception derives from :class:`DCNv2Error` and from the built-in a caller would catch;
+:func:`report_user_error` prints one ``<prog>: error: <message>`` line (exit status 2).
 """
 
 import sys
@@ -66,9 +65,7 @@ class NonFiniteLossError(DCNv2Error, FloatingPointError):
     """A training loss (or gradient) became NaN or infinite; the weights were not updated with it.
 
     Attributes:
-        diverged: the weights already diverged in an earlier update whose loss was finite (the
-            last checkpoint may hold them), rather than this iteration's loss being the first
-            non-finite value.
+        diverged: the weights already diverged in an earlier update whose loss was finite.
     """
 
     def __init__(self, message: str, *, diverged: bool = False):
@@ -95,14 +92,10 @@ def detectron2_missing(cause: ImportError) -> DependencyMissingError:
 
 
 class TrainingInterrupted(DCNv2Error):
-    """Training stopped cleanly on a signal (SIGTERM, SIGINT) after writing a checkpoint; not a
-    mistake, but reported like one: one line (``<prog>: stopped: <message>``), exit status
-    :attr:`exit_status` = 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, the
-    statuses of a shell's job killed by that signal), so schedulers that requeue preempted jobs
-    see it as preempted.
+    """Training stopped cleanly on a signal after writing a checkpoint.
 
-    Attributes:
-        signum: the signal's number.
+    Reported as ``<prog>: stopped: <message>`` with :attr:`exit_status` 128 + ``signum`` (143 for
+    SIGTERM), so schedulers that requeue preempted jobs see it as preempted.
     """
 
     def __init__(self, message: str, *, signum: int):
@@ -114,21 +107,14 @@ class TrainingInterrupted(DCNv2Error):
         return 128 + self.signum
 
 
-# Problems with the user's input: one "<prog>: error: ..." line, without a traceback. Plain
-# FileNotFoundError/IsADirectoryError/PermissionError name a path the user gave.
+# Problems with the user's input; plain OS errors name a path the user gave.
 USER_ERRORS = (DCNv2Error, FileNotFoundError, IsADirectoryError, PermissionError)
 # Exit status of an entry point stopped by a user error (argparse's, for its own errors).
 USER_ERROR_EXIT = 2
 
 
 def report_user_error(prog: str, error: BaseException) -> int:
-    """Print ``error`` as ``<prog>: error: <message>`` on stderr; return :data:`USER_ERROR_EXIT`
-    (a :class:`TrainingInterrupted`: ``<prog>: stopped: <message>``, and its ``exit_status``).
-
-    Args:
-        prog: the entry point's name, e.g. ``"train_net.py"``.
-        error: an instance of one of :data:`USER_ERRORS`.
-    """
+    """Print ``error`` as ``<prog>: error: <message>`` on stderr; return the exit status."""
     message = str(error) or type(error).__name__
     if isinstance(error, TrainingInterrupted):
         print(f"{prog}: stopped: {message}", file=sys.stderr, flush=True)

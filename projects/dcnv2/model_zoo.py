@@ -9,11 +9,7 @@ _CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs
 
 
 def get_config_file(name: str) -> str:
-    """Absolute path of a config shipped with dcnv2.
-
-    Args:
-        name: path relative to ``configs/``, e.g. ``"faster_rcnn_R50_mdconv_FPN_1x.yaml"``.
-    """
+    """Absolute path of a config shipped with dcnv2 (``name`` relative to ``configs/``)."""
     path = os.path.join(_CONFIG_ROOT, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -34,13 +30,7 @@ def list_config_files() -> list:
 
 
 def resolve_config_file(config_file: str) -> str:
-    """The file a ``--config-file`` value names: the path itself when it is a file, else the
-    config shipped with dcnv2 under that name (``"quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"``,
-    ``"lazy/mask_rcnn_R50_mdconv_FPN_1x.py"``).
-
-    Raises:
-        ConfigFileNotFoundError: neither exists.
-    """
+    """The path itself when it is a file, else the config shipped with dcnv2 under that name."""
     from .errors import ConfigFileNotFoundError
 
     if os.path.isfile(config_file):

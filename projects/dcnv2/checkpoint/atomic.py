@@ -1,8 +1,6 @@
 """Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one.
 
-A temporary file in the same folder is written, ``fsync``-ed and renamed over its target. A full
-disk raises :class:`DiskFullError` naming the file and the space needed; the old file is kept.
-:class:`AtomicCheckpointMixin` writes checkpoints and then ``last_checkpoint`` this way.
+A full disk raises :class:`DiskFullError` and keeps the old file.
 """
 
 import contextlib
@@ -41,14 +39,11 @@ _NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) 
 
 
 class DiskFullError(DCNv2Error, OSError):
-    """No space left on the device (or the user's quota) while writing a file: nothing was
-    written, the partial file was removed. ``errno`` is the ``OSError``'s, ``filename`` the
-    file."""
+    """No space left on the device or quota while writing ``filename``; nothing was written."""
 
 
 def _no_space_error(error: Optional[BaseException]) -> Optional[OSError]:
-    """The ``ENOSPC``/``EDQUOT`` ``OSError`` that is ``error`` or that it was raised from or
-    while handling (torch.save wraps the ``OSError`` of its write into a ``RuntimeError``)."""
+    """The ``ENOSPC``/``EDQUOT`` ``OSError`` that is ``error`` or caused it, else None."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -63,8 +58,7 @@ def _size(n: int) -> str:
 
 
 def payload_bytes(obj: Any) -> int:
-    """The bytes of the tensors and arrays in ``obj`` (nested dicts, lists, tuples): about the
-    size of its ``torch.save`` / pickle file, whose other contents are small."""
+    """About the ``torch.save`` size of ``obj``: the bytes of its tensors and arrays."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
@@ -109,11 +103,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _create_temporary(folder: str, name: str) -> Tuple[int, str]:
-    """Create ``.<name>.<random>.tmp`` in ``folder``; return (descriptor, path).
-
-    Mode ``0o666`` less the umask, as any new file (``mkstemp`` gives 0600, and reading the umask
-    changes it process-wide for a moment).
-    """
+    """Create ``.<name>.<random>.tmp`` in ``folder`` with the umask's mode; return (fd, path)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
@@ -128,16 +118,9 @@ def _create_temporary(folder: str, name: str) -> Tuple[int, str]:
 def atomic_write(path: str, mode: str = "wb", *, size_hint: Optional[int] = None) -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the ``with`` block ends without error.
 
-    On an exception, or a kill, ``path`` is left as it was (a kill may leave a ``.<name>.*.tmp``:
-    see :func:`remove_stale_temporaries`).
-
     Args:
-        path: the file to write; its folder must exist.
         mode: "wb" or "w".
         size_hint: about how many bytes the file will have, for the message of a full disk.
-
-    Raises:
-        DiskFullError: the device or the quota ran out of space.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write opens files for writing, mode 'w' or 'wb'; got {mode!r}")
@@ -169,8 +152,7 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def atomic_pickle(obj: Any, path: str) -> None:
-    """``pickle.dump(obj, file, protocol=2)`` to ``path``, atomically (detectron2's ``.pkl``
-    weights format)."""
+    """``pickle.dump(obj, file, protocol=2)`` to ``path``, atomically."""
     with atomic_write(path, "wb", size_hint=payload_bytes(obj)) as f:
         pickle.dump(obj, f, protocol=2)
 
@@ -182,10 +164,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def remove_stale_temporaries(path: str) -> int:
-    """Delete the temporary files that killed writes of ``path`` left behind; return how many.
-
-    Only call this where no other process is writing ``path`` at the same time.
-    """
+    """Delete the temporary files that killed writes of ``path`` left; return how many."""
     folder, name = os.path.split(os.path.abspath(path))
     removed = 0
     for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{_TMP_SUFFIX}")):
@@ -196,10 +175,7 @@ def remove_stale_temporaries(path: str) -> int:
 
 
 class AtomicCheckpointMixin:
-    """``save`` and ``tag_last_checkpoint`` of an fvcore ``Checkpointer``, written atomically (put
-    it before the ``Checkpointer`` in the bases): ``last_checkpoint`` only ever names a complete
-    file, where fvcore's in-place writes may leave it naming a truncated one.
-    """
+    """``save`` and ``tag_last_checkpoint`` of an fvcore ``Checkpointer``, written atomically."""
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -212,8 +188,7 @@ class AtomicCheckpointMixin:
         save_file = os.path.join(self.save_dir, basename)
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
-        # Partial writes left by a kill, of this file and of the pointer (a kill between two
-        # saves may cut either short): at most the write in progress is ever left over.
+        # A kill may have cut this file or the pointer short.
         for path in (save_file, os.path.join(self.save_dir, "last_checkpoint")):
             removed = remove_stale_temporaries(self.path_manager.get_local_path(path))
             if removed:

@@ -1,6 +1,4 @@
-"""``DCNv2Checkpointer``: detectron2's ``DetectionCheckpointer`` with safe, checked file loading
-and atomic saves.
-"""
+"""``DCNv2Checkpointer``: detectron2's ``DetectionCheckpointer``, safe loading, atomic saves."""
 
 import os
 import pickle
@@ -24,16 +22,11 @@ __all__ = ["DCNv2Checkpointer", "build_checkpointer"]
 
 
 class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
-    """``DetectionCheckpointer`` that reads weight files without running code hidden in them
-    (:mod:`.loading`), refuses files and tensors that cannot be used (:mod:`.integrity`) and saves
-    atomically (:mod:`.atomic`), through detectron2's extension points ``_load_file``,
-    ``_torch_load`` and ``_load_model``.
+    """``DetectionCheckpointer`` with safe, checked loading and atomic saves.
 
     Args:
-        model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
         allow_unsafe: unpickle any object (trusted files only).
-        allow_shape_mismatch: skip tensors whose shape differs from the model's (never when
-            resuming).
+        allow_shape_mismatch: skip tensors whose shape differs from the model's (never on resume).
         keys: the config keys named in messages.
     """
 
@@ -122,9 +115,7 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
 
 
 def _pkl_checkpoint(data: Any) -> Dict[str, Any]:
-    # The .pkl formats detectron2 reads: its own model zoo ({"model", "__author__"}) as is; a
-    # Caffe2/Detectron model ({"blobs": ...}) or an ImageNet model (the blobs themselves) for
-    # name matching, without the SGD momentum blobs.
+    # Detectron2's zoo .pkl as is; Caffe2/ImageNet blobs for name matching, without momentum.
     if not isinstance(data, dict):
         raise pickle.UnpicklingError(f"a .pkl checkpoint must hold a dict, not {type(data)}")
     if "model" in data and "__author__" in data:
@@ -144,14 +135,7 @@ def _pycls_checkpoint(filename: str, data: Any) -> Dict[str, Any]:
 
 
 def build_checkpointer(cfg, model, save_dir: str = "", **checkpointables: Any) -> DCNv2Checkpointer:
-    """A :class:`DCNv2Checkpointer` for a YAML config or a LazyConfig: it follows the config's
-    ``allow_unsafe_weights`` / ``allow_shape_mismatch`` keys and names its keys in messages.
-
-    Args:
-        cfg: a YAML config (``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``, ``ALLOW_SHAPE_MISMATCH``) or a
-            LazyConfig (``train.allow_unsafe_weights``).
-        model, save_dir, checkpointables: as ``DetectionCheckpointer``.
-    """
+    """A :class:`DCNv2Checkpointer` following a YAML config's or LazyConfig's weight keys."""
     keys = run_keys(cfg)
     return DCNv2Checkpointer(
         model,

@@ -1,9 +1,7 @@
-"""MMDetection (v2/v3) Faster / Mask R-CNN checkpoints (ResNet(X) + FPN, with or without DCN) as
-detectron2 checkpoints for this plugin.
+"""MMDetection (v2/v3) Faster / Mask R-CNN checkpoints (ResNet(X) + FPN, DCN) for detectron2.
 
-Every tensor is renamed, never reordered: the layouts already agree (offset/mask channels,
-background last, class-major boxes). Unknown, missing or misshapen tensors stop the conversion
-with a list; the model the weights need is read from the shapes and the stored config text.
+Tensors are renamed, never reordered (the layouts agree); unknown, missing or misshapen tensors stop
+the conversion with a list. The model is read from the shapes and the stored config text.
 """
 
 import ast
@@ -174,8 +172,7 @@ def _deformable_layout(
     if len(channels) != 1:
         raise ConversionError(f"the offset convs have different output channels {sorted(channels)}")
     (c,) = channels
-    # mmcv: DCNv2 (ModulatedDeformConv2dPack) predicts 3*9 channels per deformable group (dy, dx,
-    # mask), DCN (DeformConv2dPack) 2*9.
+    # mmcv's DCNv2 predicts 3*9 channels per deformable group (dy, dx, mask), DCN 2*9.
     candidates = {m: c // (27 if m else 18) for m in (True, False) if c % (27 if m else 18) == 0}
     if modulated_hint is not None:
         if modulated_hint not in candidates:
@@ -240,9 +237,7 @@ def infer_mmdet_spec(
     """The model an MMDetection state dict (name -> shape) belongs to.
 
     Args:
-        shapes: tensor shapes by MMDetection name.
-        meta: the checkpoint's ``meta`` (its config text says the ResNet style and the input
-            normalisation; without it MMDetection's defaults are assumed).
+        meta: the checkpoint's ``meta``; its config text gives the ResNet style and normalisation.
         deform_modulated: DCNv2 (True) or DCN (False) when the offset channels fit both.
 
     Returns:
@@ -324,9 +319,7 @@ def infer_mmdet_spec(
 def expected_mmdet_shapes(
     spec: MMDetModelSpec, offset_names: Mapping[str, str]
 ) -> Dict[str, Tuple[int, ...]]:
-    """Shape of every tensor (``num_batches_tracked`` aside) of the MMDetection model ``spec``
-    describes: ResNet, FPN (1x1 laterals and 3x3 outputs, P6 by max-pooling, so no extra conv),
-    RPNHead (one 3x3 conv, 1x1 objectness and deltas), Shared2FCBBoxHead, FCNMaskHead."""
+    """Shape of every tensor (``num_batches_tracked`` aside) of the MMDetection model ``spec``."""
     shapes = {f"backbone.{k}": v for k, v in expected_resnet_shapes(spec.resnet).items()}
     r = spec.resnet
     width = r.num_groups * r.width_per_group
@@ -398,19 +391,10 @@ def convert_mmdet_state_dict(
     meta: Optional[Mapping[str, Any]] = None,
     deform_modulated: Optional[bool] = None,
 ) -> Tuple[Dict[str, torch.Tensor], MMDetModelSpec]:
-    """Rename an MMDetection Faster/Mask R-CNN state dict to this plugin's detectron2 model.
-
-    Args:
-        state_dict: MMDetection names -> tensors (``checkpoint["state_dict"]``).
-        meta: ``checkpoint["meta"]``, if any (see :func:`infer_mmdet_spec`).
-        deform_modulated: see :func:`infer_mmdet_spec`.
-
-    Returns:
-        (weights, spec): detectron2-named tensors, and the model they need.
+    """Rename an MMDetection R-CNN state dict to this plugin's names; return (weights, spec).
 
     Raises:
-        ConversionError: listing every tensor it cannot place, every expected tensor that is
-            missing and every unexpected shape.
+        ConversionError: listing every unplaceable, missing or misshapen tensor.
     """
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     spec, offset_names = infer_mmdet_spec(shapes, meta, deform_modulated)
@@ -446,13 +430,9 @@ def convert_mmdet_checkpoint(
     """Convert an MMDetection checkpoint file into a detectron2 ``.pth`` for ``MODEL.WEIGHTS``.
 
     Args:
-        input_path: MMDetection ``.pth`` (v2 or v3; ``{"meta", "state_dict", ...}``).
-        output_path: the ``.pth`` to write (atomically): ``{"model": weights, "__author__",
-            "config_overrides": ["KEY", "VALUE", ...], "classes": [...]}``.
-        allow_unsafe: load an input that needs arbitrary pickled objects (trusted files only;
-            for example an mmengine training checkpoint with its message hub).
-        overwrite: replace ``output_path`` if it exists.
-        deform_modulated: see :func:`infer_mmdet_spec`.
+        output_path: the ``.pth`` to write atomically, with ``"model"``, ``"config_overrides"`` and
+            ``"classes"``.
+        allow_unsafe: load an input that needs arbitrary pickled objects (trusted files only).
 
     Returns:
         The model spec; ``spec.overrides()`` are the config keys the weights need.
@@ -473,8 +453,7 @@ def convert_mmdet_checkpoint(
 
 
 def conversion_report(spec: MMDetModelSpec, output_path: str) -> str:
-    """What :func:`convert_mmdet_checkpoint` wrote and the overrides to use it with, as printed
-    by ``tools/convert_mmdet_to_d2.py``."""
+    """What :func:`convert_mmdet_checkpoint` wrote and the overrides to use it with."""
     stages = [f"res{i + 2}" for i, on in enumerate(spec.deform_on_per_stage) if on]
     dcn = (
         f"{'DCNv2 (mdconv)' if spec.deform_modulated else 'DCN (dconv)'} in {', '.join(stages)}, "

@@ -1,8 +1,6 @@
 """torchvision ImageNet ResNet / ResNeXt weights as a detectron2 initialisation (``.pkl``).
 
-torchvision's models stride in the 3x3 conv and take normalised RGB; MSRA's stride in the first
-1x1 and take BGR minus the mean. The tensors are renamed and checked, and
-:attr:`ResNetSpec.overrides` gives the config keys the weights need.
+:attr:`ResNetSpec.overrides` gives the config keys the weights need (stride, input format).
 """
 
 from typing import Dict, List, Mapping, Sequence, Tuple
@@ -36,16 +34,9 @@ def convert_torchvision_state_dict(
 ) -> Tuple[Dict[str, np.ndarray], ResNetSpec, List[str]]:
     """Rename a torchvision ResNet/ResNeXt state dict to detectron2's ResNet names.
 
-    Args:
-        state_dict: ``torchvision.models.resnet50().state_dict()`` and the like.
-
     Returns:
-        (weights, spec, dropped): detectron2-named float32 numpy arrays (``stem.conv1.weight``,
-        ``res2.0.conv1.norm.weight``, ...); the architecture; the names left out on purpose (the
-        ImageNet classifier ``fc``, ``num_batches_tracked``).
-
-    Raises:
-        ConversionError: an unknown tensor, a missing one or an unexpected shape (all listed).
+        (weights, spec, dropped): detectron2-named float32 numpy arrays; the architecture; the names
+        left out on purpose (``fc``, ``num_batches_tracked``).
     """
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     spec = infer_resnet_spec(shapes)
@@ -84,18 +75,7 @@ def _state_dict_of(checkpoint, path: str) -> Mapping[str, torch.Tensor]:
 def convert_torchvision_checkpoint(
     input_path: str, output_path: str, *, allow_unsafe: bool = False, overwrite: bool = False
 ) -> Tuple[ResNetSpec, List[str]]:
-    """Convert a torchvision ResNet ``.pth`` into a detectron2 ``.pkl`` for ``MODEL.WEIGHTS``.
-
-    Args:
-        input_path: a torchvision state dict, e.g. ``resnet50-0676ba61.pth``.
-        output_path: the ``.pkl`` to write (atomically).
-        allow_unsafe: load an input that needs arbitrary pickled objects (trusted files only).
-        overwrite: replace ``output_path`` if it exists.
-
-    Returns:
-        (spec, dropped): see :func:`convert_torchvision_state_dict`;
-        ``spec.overrides()`` are the config keys to use with these weights.
-    """
+    """Convert a torchvision ResNet ``.pth`` into a detectron2 ``.pkl``; return (spec, dropped)."""
     check_output_path(input_path, output_path, overwrite, (".pkl",))
     state_dict = _state_dict_of(
         load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT), input_path
@@ -107,8 +87,7 @@ def convert_torchvision_checkpoint(
 
 
 def conversion_report(spec: ResNetSpec, dropped: Sequence[str], output_path: str) -> str:
-    """What :func:`convert_torchvision_checkpoint` wrote and how to train from it, as printed by
-    ``tools/convert_torchvision_to_d2.py``."""
+    """What :func:`convert_torchvision_checkpoint` wrote and how to train from it."""
     counters = [k for k in dropped if k.endswith("num_batches_tracked")]
     others = [k for k in dropped if k not in counters]
     arch = (

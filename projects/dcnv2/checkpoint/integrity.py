@@ -1,7 +1,6 @@
-"""One clear :class:`~dcnv2.errors.WeightsError` for weights that cannot be used: a missing,
-unreadable, truncated or non-checkpoint file (judged from its first and last bytes before it is
-read), or tensors that do not fit the model. Skipping misshapen tensors stays available for
-fine-tuning (``allow_shape_mismatch``), never when resuming.
+"""One clear :class:`~dcnv2.errors.WeightsError` for weights that cannot be used.
+
+A missing, unreadable, truncated or non-checkpoint file, or tensors that do not fit the model.
 """
 
 import os
@@ -21,8 +20,6 @@ __all__ = [
 ]
 
 # What torch.load / pickle raise on a file cut short or not written by torch.save / pickle.
-# A truncated torch.save file fails in any of these ways, depending on where it was cut (an
-# OSError "Invalid argument" from torch's zip reader included).
 UNREADABLE_ERRORS = (
     RuntimeError,
     EOFError,
@@ -35,16 +32,11 @@ UNREADABLE_ERRORS = (
 
 
 def check_weights_file(path: str, source: str, resuming: bool) -> None:
-    """Refuse a local ``path`` that cannot be a checkpoint (folder, empty, text, truncated zip or
-    pickle), judged by its first and last bytes; URLs are checked when fetched.
+    """Refuse a local ``path`` that cannot be a checkpoint, judged by its first and last bytes.
 
     Args:
-        path: the weights file.
         source: where it came from, for the message (``"given by MODEL.WEIGHTS"``; "" for none).
         resuming: it was named by ``last_checkpoint``.
-
-    Raises:
-        WeightsError: naming the file, why and what was expected.
     """
     if not path or "://" in path:
         return
@@ -75,8 +67,7 @@ def check_weights_file(path: str, source: str, resuming: bool) -> None:
 _ZIP_MAGIC = b"PK\x03\x04"
 _ZIP_END = b"PK\x05\x06"
 _ZIP_END_SEARCH = 22 + 65535  # the record, and a zip comment of at most 64 KiB before it
-# torch.save(..., _use_new_zipfile_serialization=False): pickles of this magic number, ...,
-# then raw tensor bytes (so no final STOP opcode).
+# Legacy torch.save: pickles of this magic number, then raw tensor bytes (no STOP opcode).
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 _TEXT_HINTS = (
     ("<", "an HTML or XML page: a download that returned a web page instead of the file?"),
@@ -106,12 +97,7 @@ def diagnose_file(path: str, *, failed: bool = False) -> Optional[str]:
     """Why the local file ``path`` cannot be a checkpoint, from its first and last bytes, or None.
 
     Args:
-        path: an existing file.
-        failed: loading it already failed, so a text file ending with ``.`` (which could be a
-            protocol-0 pickle) is named as text.
-
-    Raises:
-        PermissionError: the file cannot be opened for reading.
+        failed: loading it already failed, so a text file ending with ``.`` is named as text.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -151,8 +137,7 @@ def _cannot_read(path: str, source: str, problem: str) -> str:
 
 
 def unreadable_file_error(filename: str, source: str, error: BaseException) -> WeightsError:
-    """The error for a file whose reading raised ``error`` (one of :data:`UNREADABLE_ERRORS`):
-    what :func:`diagnose_file` finds, else the reader's own first line."""
+    """The error for a file whose reading raised ``error`` (one of :data:`UNREADABLE_ERRORS`)."""
     where = f" ({source})" if source else ""
     if isinstance(error, PermissionError):
         return WeightsError(
@@ -176,8 +161,7 @@ def unreadable_file_error(filename: str, source: str, error: BaseException) -> W
 
 
 def check_checkpoint_dict(checkpoint: Any, filename: str, source: str) -> None:
-    """``checkpoint`` is ``{"model": dict of tensors, ...}``, as ``Checkpointer._load_file``
-    must return."""
+    """Check ``checkpoint`` is ``{"model": dict of tensors, ...}``."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise WeightsError(
             f"Weights file {filename} ({source}) holds a "
@@ -197,23 +181,15 @@ def check_fit(
     allow_shape_mismatch: bool,
     shape_option: str = "MODEL.DCNV2.ALLOW_SHAPE_MISMATCH",
 ) -> None:
-    """The loaded weights fit the model: no tensor of the wrong shape (unless allowed and not
-    resuming), and at least one tensor used.
+    """Check the loaded weights fit the model: no misshapen tensor (unless allowed), one used.
 
     Args:
-        incompatible: fvcore's ``_IncompatibleKeys`` of the load (``incorrect_shapes``: list of
-            (name, shape in the file, shape in the model); ``unexpected_keys``).
-        num_tensors: tensors in the file.
-        name_matching: the file was matched to the model by name heuristics (Caffe2, pycls),
-            which drop what they cannot match and log it themselves.
-        model_keys: the model's state-dict keys, quoted when nothing matched.
-        source, resuming: as :func:`check_weights_file`.
-        allow_shape_mismatch: skip tensors of the wrong shape instead.
-        shape_option: the config key that allows it, named in the message.
+        incompatible: fvcore's ``_IncompatibleKeys`` of the load.
+        name_matching: matched by name heuristics (Caffe2, pycls), which log their own drops.
+        shape_option: the config key that allows shape mismatches, named in the message.
     """
     shapes: Sequence[Tuple[str, Any, Any]] = incompatible.incorrect_shapes
     if shapes and (resuming or not allow_shape_mismatch):
-        # Every tensor: the list is what tells which config keys differ.
         listed: List[str] = [
             f"  {name}: {tuple(ckpt)} in the file, {tuple(model)} in the model"
             for name, ckpt, model in shapes

@@ -1,8 +1,7 @@
 """Reading checkpoint files without running code hidden in them.
 
-``.pkl``: an unpickler that only rebuilds numpy arrays, numpy scalars and ``OrderedDict`` (latin1,
-for the MSRA Python 2 files); any other file: ``torch.load(weights_only=True)``. Anything else
-raises :class:`UnsafeCheckpointError` unless ``allow_unsafe`` (trusted files only).
+``.pkl``: numpy arrays and dicts only; other files: ``torch.load(weights_only=True)``.
+Anything else raises :class:`UnsafeCheckpointError` unless ``allow_unsafe`` (trusted files only).
 """
 
 import io
@@ -45,9 +44,8 @@ _PKL_ALLOWED_GLOBALS = frozenset(
     ]
 )
 
-# torch's weights-only unpickler reports an object it will not build with one of these phrases
-# (the wording varies across torch versions and with why it refuses); any other failure means a
-# damaged file.
+# torch's weights-only unpickler refuses an object with one of these phrases (by version);
+# any other failure means a damaged file.
 _TORCH_REFUSAL = re.compile(
     r"unsupported GLOBAL (\S+) whose module|Unsupported global: GLOBAL (\S+)"
     r"|Unsupported class (\S+)|(\S+) was not an allowed global"
@@ -83,13 +81,7 @@ def load_pickle_file(path: str, *, allow_unsafe: bool = False, source: str = "")
 
     Args:
         path: a local path or a detectron2 ``PathManager`` URI.
-        allow_unsafe: use plain ``pickle`` (runs whatever the file says).
         source: where the path came from, for messages (``"given by MODEL.WEIGHTS"``).
-
-    Raises:
-        UnsafeCheckpointError: the file needs a Python global other than numpy's array
-            constructors (only when ``allow_unsafe`` is False).
-        WeightsError: the file is not a readable pickle (a folder, empty, text, cut short).
     """
     check_weights_file(path, source, resuming=False)
     try:
@@ -105,18 +97,7 @@ def load_pickle_file(path: str, *, allow_unsafe: bool = False, source: str = "")
 
 
 def load_torch_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
-    """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``.
-
-    Args:
-        path: a local path (a ``PathManager`` URI is fetched first).
-        allow_unsafe: ``weights_only=False`` (runs whatever the file says).
-        source: where the path came from, for messages (``"given by MODEL.WEIGHTS"``).
-
-    Raises:
-        UnsafeCheckpointError: the file needs Python objects other than tensors, numbers,
-            strings and containers (only when ``allow_unsafe`` is False).
-        WeightsError: the file is not a readable checkpoint (a folder, empty, text, cut short).
-    """
+    """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``."""
     local = PathManager.get_local_path(path)
     check_weights_file(local, source, resuming=False)
     try:

@@ -1,7 +1,4 @@
-"""Publishing trained weights: the model's tensors only (``{"model": state_dict}``), optionally
-in half precision, in a file named by its content's sha256, as MMDetection's
-``publish_model.py`` does.
-"""
+"""Publishing trained weights: ``{"model": state_dict}``, optionally half, named by sha256."""
 
 import hashlib
 import io
@@ -19,17 +16,7 @@ __all__ = ["publish_model", "published_name", "weights_only"]
 
 
 def weights_only(checkpoint: Any, *, half: bool = False) -> Dict[str, torch.Tensor]:
-    """The model tensors of a checkpoint.
-
-    Args:
-        checkpoint: a loaded checkpoint: ``{"model": state_dict, ...}`` (detectron2's, with
-            ``optimizer``, ``scheduler``, ``iteration`` that are dropped) or a plain state dict;
-            numpy arrays (``.pkl`` files) become tensors.
-        half: floating-point tensors as float16 (half the size; integer tensors are kept).
-
-    Raises:
-        WeightsError: no tensors to publish.
-    """
+    """The model tensors of a checkpoint (arrays as tensors, floats float16 if ``half``)."""
     model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(model, Mapping):
         raise WeightsError(
@@ -67,21 +54,8 @@ def publish_model(
 ) -> Tuple[str, Dict[str, Any]]:
     """Write the weights of ``input_path`` to ``output_path`` with the sha256 prefix in the name.
 
-    Args:
-        input_path: a checkpoint (``.pth`` or detectron2 ``.pkl``), read tensors-only unless
-            ``allow_unsafe``.
-        output_path: ``<name>.pth``; the file written is :func:`published_name` of it.
-        half: float16 weights.
-        force: replace an existing file of that name.
-        allow_unsafe: unpickle arbitrary objects in the input (trusted files only).
-
     Returns:
-        (path written, {"tensors", "parameters", "bytes", "input_bytes", "sha256", "dropped"}):
-        ``dropped`` lists the checkpoint's other entries (``optimizer``, ``iteration`` ...).
-
-    Raises:
-        WeightsError: a missing or unreadable input, nothing to publish, an output that is not
-            a ``.pth`` file, or one that exists without ``force``.
+        (path written, {"tensors", "parameters", "bytes", "input_bytes", "sha256", "dropped"}).
     """
     if not output_path.endswith(".pth"):
         raise WeightsError(f"output {output_path!r} must end with .pth")

@@ -1,9 +1,6 @@
-"""Weights I/O shared by the converters (:mod:`.convert_torchvision`, :mod:`.convert_mmdet`):
-the torchvision/MMDetection -> detectron2 ResNet key map, the ResNet architecture read from (and
-expected of) the tensors' shapes, the ImageNet input normalisation, the config overrides the
-converted weights need, and the checks on the input and output paths.
+"""Weights I/O shared by the converters: the ResNet key map and shapes, normalisation, paths.
 
-Both converters write their output with :func:`save_weights`, atomically (:mod:`.atomic`).
+Both converters write their output with :func:`save_weights`, atomically.
 """
 
 import os
@@ -59,12 +56,7 @@ def _bn_d2(prefix: str, field: str) -> str:
 
 
 def resnet_key_to_d2(key: str) -> Optional[str]:
-    """detectron2 name of a torchvision-named ResNet tensor, or None if it is not one.
-
-    ``conv1``/``bn1`` -> ``stem.conv1``(``.norm``); ``layer{i}.{j}.conv{k}``/``bn{k}`` ->
-    ``res{i+1}.{j}.conv{k}``(``.norm``); ``downsample.0``/``.1`` -> ``shortcut``(``.norm``).
-    ``num_batches_tracked`` and the classifier have no counterpart (None).
-    """
+    """detectron2 name of a torchvision-named ResNet tensor, or None if it has no counterpart."""
     m = re.fullmatch(r"conv1\.weight", key)
     if m:
         return "stem.conv1.weight"
@@ -127,9 +119,7 @@ def format_overrides(pairs: Sequence[Tuple[str, str]]) -> str:
 
 
 def expected_resnet_shapes(spec: ResNetSpec, in_channels: int = 3) -> Dict[str, Tuple[int, ...]]:
-    """Shape of every tensor of a torchvision-named bottleneck ResNet (no classifier, no
-    ``num_batches_tracked``), from its spec: stem conv 7x7, then per stage a first block with a
-    1x1 projection shortcut and blocks ``conv1`` 1x1, ``conv2`` 3x3 grouped, ``conv3`` 1x1."""
+    """Shape of every tensor of a torchvision-named bottleneck ResNet ``spec`` describes."""
     shapes: Dict[str, Tuple[int, ...]] = {}
 
     def conv_bn(conv: str, bn: str, out_c: int, in_c: int, k: int) -> None:
@@ -155,11 +145,7 @@ def expected_resnet_shapes(spec: ResNetSpec, in_channels: int = 3) -> Dict[str, 
 
 
 def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
-    """The :class:`ResNetSpec` of torchvision-named ResNet tensors (name -> shape).
-
-    Raises:
-        ConversionError: not a bottleneck ResNet of depth 50, 101 or 152, or a ResNet-D.
-    """
+    """The :class:`ResNetSpec` of torchvision-named ResNet tensors (name -> shape)."""
     if "conv1.weight" not in shapes:
         if any(k.startswith("stem.") for k in shapes):
             raise ConversionError(
@@ -208,8 +194,7 @@ def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
 def check_shapes(
     shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Tuple[int, ...]], what: str
 ) -> None:
-    """Raise a :class:`ConversionError` listing every tensor of ``expected`` that is missing
-    from ``shapes`` or has another shape."""
+    """Raise a ConversionError listing each tensor of ``expected`` missing or misshapen."""
     missing = sorted(k for k in expected if k not in shapes)
     wrong = sorted(
         f"{k}: {tuple(shapes[k])}, expected {expected[k]}"
@@ -223,10 +208,7 @@ def check_shapes(
 
 
 def check_output_path(input_path: str, output_path: str, overwrite: bool, suffixes: tuple) -> None:
-    """Refuse a missing input, and an output that is the input, has the wrong extension, or
-    exists (unless ``overwrite``), before anything is read or written."""
-    # What exists but cannot be a checkpoint (a folder, an empty or text file, a file cut
-    # short) is refused by the reader, before anything is written.
+    """Refuse a missing input, or an output that is the input, misnamed, or exists."""
     if "://" not in input_path and not os.path.exists(input_path):
         raise ConversionError(f"input {input_path!r} does not exist or is not a file")
     if not output_path.endswith(suffixes):
@@ -243,12 +225,7 @@ def check_output_path(input_path: str, output_path: str, overwrite: bool, suffix
 
 
 def save_weights(data: Mapping, path: str) -> None:
-    """Write converted weights to ``path`` atomically, creating its folder: a ``.pkl`` as a
-    protocol-2 pickle (detectron2's model-zoo format), anything else with ``torch.save``.
-
-    An interrupted or failed write leaves no partial file; the file gets the permissions of any
-    file the user creates (``0o666`` less the umask).
-    """
+    """Write converted weights to ``path`` atomically (``.pkl``: a protocol-2 pickle)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".pkl"):
         atomic_pickle(data, path)

@@ -21,14 +21,7 @@ class DatasetNotFoundError(DCNv2Error, FileNotFoundError):
 
 
 def check_datasets(dataset_names: Iterable[str]) -> None:
-    """Make sure every named dataset can be loaded; generate the synthetic ones if needed.
-
-    Args:
-        dataset_names: registered detectron2 dataset names (``cfg.DATASETS.TRAIN`` + ``TEST``).
-
-    Raises:
-        DatasetNotFoundError: naming the dataset, the path looked at and the expected layout.
-    """
+    """Make sure every named dataset can be loaded; generate the synthetic ones if needed."""
     for name in dataset_names:
         if name not in DatasetCatalog.list():
             raise DatasetNotFoundError(

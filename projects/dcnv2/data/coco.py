@@ -1,6 +1,6 @@
-"""The user's COCO-format datasets named in the config (``DATASETS.DCNV2.COCO``, or a LazyConfig's
-``dataloader.coco_datasets``: ``(name, json_file, image_root)`` triples), registered with
-detectron2's ``register_coco_instances``; idempotent, and a name taken by other files is an error.
+"""The user's COCO-format datasets named in the config, registered with detectron2.
+
+``DATASETS.DCNV2.COCO`` or ``dataloader.coco_datasets``: ``(name, json_file, image_root)`` triples.
 """
 
 import json
@@ -26,11 +26,7 @@ _EXAMPLE = "e.g. (('my_train', 'train.json', 'images/'),)"
 def parse_coco_datasets(
     entries: Any, key: str = "DATASETS.DCNV2.COCO"
 ) -> List[Tuple[str, str, str]]:
-    """The ``(name, json_file, image_root)`` triples of config key ``key``, paths made absolute.
-
-    Raises:
-        ConfigError: not triples of non-empty strings, a missing file or folder, a repeated name.
-    """
+    """The ``(name, json_file, image_root)`` triples of config key ``key``, paths made absolute."""
     if entries is None:
         return []
     if isinstance(entries, str) or not _is_sequence(entries):
@@ -64,9 +60,7 @@ def parse_coco_datasets(
 
 
 def register_coco_datasets(entries: Any, key: str = "DATASETS.DCNV2.COCO") -> List[str]:
-    """Register each triple with detectron2's ``register_coco_instances`` unless it is already
-    registered with the same files; returns the names. ConfigError: see
-    :func:`parse_coco_datasets`, or a name registered with other files."""
+    """Register each triple with ``register_coco_instances`` unless already registered."""
     triples = parse_coco_datasets(entries, key)
     for name, json_file, image_root in triples:
         if name in DatasetCatalog.list():
@@ -83,16 +77,13 @@ def register_coco_datasets(entries: Any, key: str = "DATASETS.DCNV2.COCO") -> Li
 
 
 def register_config_datasets(cfg) -> List[str]:
-    """:func:`register_coco_datasets` for the datasets a YAML config (``DATASETS.DCNV2.COCO``) or a
-    LazyConfig (``dataloader.coco_datasets``) names."""
+    """:func:`register_coco_datasets` for the datasets a YAML config or LazyConfig names."""
     keys = run_keys(cfg)
     return register_coco_datasets(cfg_get(cfg, keys.coco_datasets, ()), keys.coco_datasets)
 
 
 def load_category_metadata(name: str):
-    """The metadata of dataset ``name`` with ``thing_dataset_id_to_contiguous_id`` read from its
-    json's ``categories`` as ``load_coco_json`` does (detectron2 sets it only when the dataset is
-    loaded); unchanged without a json file. AnnotationError: no valid ``categories``."""
+    """The metadata of ``name`` with ``thing_dataset_id_to_contiguous_id`` read from its json."""
     meta = MetadataCatalog.get(name)
     if meta.get("thing_dataset_id_to_contiguous_id", None) or name not in DatasetCatalog.list():
         return meta

@@ -1,9 +1,7 @@
 """Reading images without silent damage, and image files checked against their dataset entry.
 
-:func:`read_image` is detectron2's ``read_image`` with 16-bit images scaled to 8 bits (PIL's
-``convert`` clips them), palette transparency kept and floating-point images refused.
-:func:`image_file_problem` checks a file from its header only (format, stored size, EXIF
-orientation), fast enough for a whole test set before a run.
+:func:`read_image` is detectron2's with 16-bit images scaled to 8 bits and float images refused;
+:func:`image_file_problem` checks a file from its header only.
 """
 
 import os
@@ -60,8 +58,7 @@ def exif_orientation(image: Image.Image) -> int:
 def size_problem(
     file_name: str, stored_wh: Tuple[int, int], orientation: int, expected_wh: Tuple[int, int]
 ) -> Optional[str]:
-    """Why an image stored as ``stored_wh`` (width, height) with EXIF ``orientation`` does not
-    have its entry's size ``expected_wh`` once turned upright, or None when it does."""
+    """Why an image stored as ``stored_wh`` is not ``expected_wh`` once upright, or None."""
     turned = orientation in _TURNED
     read_wh = stored_wh[::-1] if turned else tuple(stored_wh)
     if tuple(read_wh) == tuple(expected_wh):
@@ -86,8 +83,7 @@ def size_problem(
 def image_file_problem(
     file_name: str, width: Optional[int] = None, height: Optional[int] = None
 ) -> Optional[str]:
-    """One line on why an image file cannot be read as its entry (``width``, ``height``; None:
-    any size) says, from its header only (pixels cut short are found when read), or None."""
+    """Why an image file cannot be read as its entry says, from its header only, or None."""
     try:
         size = os.path.getsize(file_name)
     except OSError as e:
@@ -123,12 +119,7 @@ def _bit_depth(image: Image.Image, values: np.ndarray) -> Optional[int]:
 
 
 def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
-    """``image``, or an image PIL's ``convert`` turns into the right 8-bit pixels: an "L" image
-    of ``value >> (bits - 8)`` for 16-bit and mode "I" ones, "RGBA" for palette transparency.
-
-    Raises:
-        ImageReadError: floating-point pixels (mode "F"), or mode "I" pixels of unknown depth.
-    """
+    """``image``, or one PIL's ``convert`` turns into the right 8-bit pixels."""
     mode = image.mode
     if mode in _MODES_16 or mode == "I":
         values = np.asarray(image).astype(np.int64)
@@ -153,13 +144,11 @@ def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
 def read_image(
     file_name: str, format: Optional[str] = None, *, expected_size: Optional[Tuple[int, int]] = None
 ) -> np.ndarray:
-    """An image file as detectron2's ``read_image`` reads it (upright, (H, W, C) in ``format``),
-    without its silent damage (module docstring).
+    """An image file as detectron2's ``read_image`` reads it, without its silent damage.
 
     Raises:
-        ImageReadError: its size differs from ``expected_size`` (width, height), checked before
-            decoding, or pixels that cannot be made 8-bit.
-        OSError: PIL cannot read the file.
+        ImageReadError: its size differs from ``expected_size`` (width, height), or pixels that
+            cannot be made 8-bit.
     """
     with PathManager.open(file_name, "rb") as f:
         image = Image.open(f)

@@ -14,10 +14,7 @@ __all__ = ["DatasetMapper"]
 
 
 class DatasetMapper(D2DatasetMapper):
-    """detectron2's ``DatasetMapper`` (same arguments, same output) reading images with
-    :func:`dcnv2.data.images.read_image`. detectron2's ``__call__`` reads the image inline, with
-    no method to override: it is written out here with that one call changed.
-    """
+    """detectron2's ``DatasetMapper`` whose ``__call__`` uses :func:`.images.read_image`."""
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified by code below

@@ -1,8 +1,7 @@
 """Malformed polygons in COCO ``segmentation`` fields, dropped only where they must be.
 
-detectron2's ``load_coco_json`` drops a malformed polygon (and an instance left without one,
-its box too) with a line that names nothing. Here each such annotation is named in one warning;
-a model without masks keeps the box, a mask model keeps the valid polygons.
+Each such annotation is named in one warning; a box model keeps the box, a mask model the valid
+polygons.
 """
 
 import math
@@ -32,8 +31,7 @@ def polygon_problem(polygon) -> Optional[str]:
 
 @dataclass
 class PolygonIssue:
-    """An annotation (at ``index`` in ``annotations``) with malformed polygons: what is wrong
-    with the first (``reason``) and its ``valid`` polygons (maybe none)."""
+    """An annotation (at ``index``) with malformed polygons, and its ``valid`` ones."""
 
     index: int
     annotation_id: object
@@ -43,8 +41,7 @@ class PolygonIssue:
 
 
 def find_polygon_issues(annotations: List[dict]) -> List[PolygonIssue]:
-    """The annotations whose ``segmentation`` is a polygon list with malformed polygons (RLE
-    masks, dicts, are not polygons and are left to pycocotools)."""
+    """The annotations whose polygon list ``segmentation`` has malformed polygons."""
     issues = []
     for i, a in enumerate(annotations):
         segmentation = a.get("segmentation") if isinstance(a, dict) else None
@@ -63,8 +60,7 @@ def find_polygon_issues(annotations: List[dict]) -> List[PolygonIssue]:
 
 
 def fix_annotation(annotation: dict, issue: PolygonIssue, mask_on: bool) -> Optional[dict]:
-    """A copy of ``annotation`` as training uses it: without its segmentation (no mask head),
-    with its valid polygons, or None (dropped) when a mask model has none."""
+    """``annotation`` as training uses it, or None (dropped) when a mask model has no polygon."""
     if not mask_on:
         return {k: v for k, v in annotation.items() if k != "segmentation"}
     if issue.valid:

@@ -1,8 +1,7 @@
-"""A training data loader that resumes where it stopped and shards the same global batches over
-any number of processes: every batch, and its augmentations, is a pure function of
-``(seed, iteration)`` (the index stream of detectron2's ``TrainingSampler``, its aspect-ratio
-groups, per-sample seeds), so a run resumed at iteration ``k`` reads what an uninterrupted run
-reads from ``k`` on, whatever the number of processes and workers.
+"""A training loader whose every batch is a pure function of ``(seed, iteration)``.
+
+A run resumed at iteration ``k`` reads what an uninterrupted run reads from ``k`` on, whatever the
+number of processes and workers.
 """
 
 import contextlib
@@ -34,9 +33,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# What reading a missing, unreadable, truncated or wrongly sized image raises inside the mapper
-# (PIL: OSError / UnidentifiedImageError / SyntaxError for broken PNG chunks; detectron2:
-# SizeMismatchError).
+# What reading a missing, unreadable, truncated or wrongly sized image raises in the mapper.
 _IMAGE_ERRORS = (OSError, SyntaxError, SizeMismatchError)
 # Replacement attempts, in "skip" mode, before giving up on a run of unreadable images.
 _MAX_REPLACEMENTS = 16
@@ -48,9 +45,11 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class GlobalBatchSampler(Sampler):
-    """This process's slice of each global batch of ``total_batch_size`` images, as lists of
-    ``(dataset index, sample seed)``; ``aspect_groups``: per item 0 if width > height else 1,
-    or None for no grouping; ``rank``, ``world_size`` default to detectron2's comm."""
+    """This process's slice of each global batch, as lists of ``(dataset index, sample seed)``.
+
+    Args:
+        aspect_groups: per item 0 if width > height else 1, or None for no grouping.
+    """
 
     def __init__(
         self,
@@ -118,8 +117,7 @@ class GlobalBatchSampler(Sampler):
 
 
 class _BadImage:
-    """Returned by a worker instead of a sample it cannot map: an unreadable image ("fail"
-    mode), or annotations the mapper fails on (``image=False``, any mode)."""
+    """Returned by a worker instead of a sample it cannot map."""
 
     def __init__(self, file_name: Optional[str], reason: str, image: bool = True):
         self.file_name, self.reason, self.image = file_name, reason, image
@@ -127,8 +125,7 @@ class _BadImage:
 
 @contextlib.contextmanager
 def _seeded_rng(seed: int) -> Iterator[None]:
-    """Seed python's, numpy's and torch's global generators, restoring them afterwards so the
-    model's random draws do not depend on how many samples this process mapped."""
+    """Seed the global generators, restoring them afterwards."""
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
@@ -176,15 +173,11 @@ class _SeededMapDataset(Dataset):
 
 
 class ResumableTrainLoader:
-    """Iterable of this process's training batches (lists of mapped dicts; module docstring).
+    """Iterable of this process's training batches (lists of mapped dicts).
 
     Args:
         total_batch_size: ``SOLVER.IMS_PER_BATCH``.
-        seed: seed of the data order and augmentations.
-        skip_bad_images: replace an unreadable image by the next item (True) or stop the
-            run with :class:`~dcnv2.errors.ImageReadError` naming it (False).
-        dataset_names: the datasets of ``dataset_dicts``, named when the mapper fails on an
-            image's annotations (:class:`~dcnv2.errors.AnnotationError`).
+        skip_bad_images: replace an unreadable image by the next item, or raise ImageReadError.
     """
 
     def __init__(
@@ -218,15 +211,13 @@ class ResumableTrainLoader:
         return self.sampler.seed
 
     def start_at(self, iteration: int, seed: Optional[int] = None) -> None:
-        """Make the next ``iter()`` begin with the batch of ``iteration`` (of the stream of
-        ``seed``, when given)."""
+        """Make the next ``iter()`` begin with the batch of ``iteration``."""
         self.sampler.start_iter = int(iteration)
         if seed is not None:
             self.sampler.seed = int(seed)
 
     def __iter__(self) -> Iterator[List[dict]]:
-        # Its own generator: creating the iterator draws from it, which would otherwise shift the
-        # global generator the model samples from, at the iteration the run (re)started.
+        # Own generator: drawing from the global one would shift the model's random draws.
         generator = torch.Generator()
         generator.manual_seed(self.sampler.seed)
         loader = DataLoader(
@@ -256,8 +247,7 @@ class ResumableTrainLoader:
 
 
 def _source(file_name: Optional[str], names: Sequence[str]) -> str:
-    """ " (dataset 'name', its json)" for the dataset among ``names`` whose image folder holds
-    ``file_name``, else ""."""
+    """ " (dataset 'name', its json)" for the dataset holding ``file_name``, else ""."""
     for name in names:
         meta = MetadataCatalog.get(name)
         root = meta.get("image_root", None)
@@ -268,9 +258,7 @@ def _source(file_name: Optional[str], names: Sequence[str]) -> str:
 
 
 def _own_process_group(worker_id: int) -> None:
-    # A SIGTERM/SIGINT to the process group (Ctrl-C, a launcher's group kill) is the training
-    # process's to handle (it stops after the iteration, then ends its workers); a worker it
-    # killed would fail the run ("DataLoader worker is killed by signal") instead.
+    # A group signal is the training process's to handle; a killed worker would fail the run.
     os.setpgid(0, 0)
 
 
@@ -325,18 +313,13 @@ def build_resumable_train_loader(
     on_bad_data: str = "fail",
     dataset_names: Sequence[str] = (),
 ):
-    """detectron2's ``build_detection_train_loader`` (same arguments, usable with ``L(...)``),
-    built as a :class:`ResumableTrainLoader`; called with a YAML config, it reads
-    ``DATASETS.TRAIN`` (:func:`~dcnv2.data.validation.load_training_dicts`,
-    ``DATASETS.DCNV2.ON_BAD_DATA``), ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.*`` and ``SEED``.
+    """detectron2's ``build_detection_train_loader`` as a :class:`ResumableTrainLoader`.
 
-    With a ``sampler``, or a ``dataset`` that is a torch ``Dataset`` rather than a list of
-    dicts, it returns detectron2's loader, whose data stream restarts when a run is resumed.
+    With a ``sampler`` or a torch ``Dataset``, detectron2's own loader (not resumable) is returned.
 
     Args:
         seed: of the data stream; negative or None: one drawn and shared by all processes.
         on_bad_data: "skip": replace an unreadable image by the next one; "fail": stop.
-        dataset_names: the training sets, named in the error of an entry that cannot be mapped.
     """
     if sampler is not None or not isinstance(dataset, list):
         return build_detection_train_loader(

@@ -1,8 +1,7 @@
-"""A small deterministic COCO-format dataset the project generates itself (shapes on a textured
-background, boxes and polygons), so ``train_net.py`` runs end to end with no download.
-``import dcnv2`` registers ``dcnv2_synthetic_{train,val}``; a split is generated on first use
-into ``$DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/`` (hash of the parameters
-and of this file), written to a temporary folder and renamed into place.
+"""A small deterministic COCO-format dataset (shapes on a texture), so training needs no download.
+
+``import dcnv2`` registers ``dcnv2_synthetic_{train,val}``; a split is generated on first use under
+``$DETECTRON2_DATASETS/dcnv2_synthetic/<split>_<fingerprint>/``.
 """
 
 import functools
@@ -39,8 +38,7 @@ SPLITS: Dict[str, Tuple[int, int]] = {"train": (96, 0), "val": (24, 1)}
 SUBDIR = "dcnv2_synthetic"
 
 _MIN_SIDE, _MAX_SIDE = 160, 256  # image sides, drawn independently: odd and non-square sizes
-# Object scale sqrt(box area) in pixels, log-uniform as object sizes in natural images, so that
-# COCO's small (< 32^2), medium and large (> 96^2) areas all occur; aspect ratios 1:2 to 2:1.
+# Log-uniform object scale, so COCO's small, medium and large areas all occur.
 _MIN_SCALE, _MAX_SCALE = 16, 144
 _MAX_OBJECTS = 6
 _COLOUR_JITTER = 20  # per channel, so a category is a colour range, not one exact value
@@ -51,8 +49,7 @@ def _source_hash() -> str:
         return hashlib.sha1(f.read()).hexdigest()
 
 
-# Hash of the code this process runs (read once: a file edited during a run must not move the
-# dataset), so any change to the generator invalidates the cache, with no version to bump.
+# Hash of this code, read once: any change to the generator invalidates the cache.
 _CODE_HASH = _source_hash()
 
 
@@ -76,7 +73,6 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     gy, gx = rng.uniform(-0.15, 0.15, size=2)
     base = rng.uniform(90, 160) + gy * yy + gx * xx
-    # Low-frequency texture: coarse noise upsampled with nearest-neighbour blocks.
     coarse = rng.normal(0, 12, size=(h // 16 + 1, w // 16 + 1)).astype(np.float32)
     blobs = np.kron(coarse, np.ones((16, 16), np.float32))[:h, :w]
     grey = base + blobs
@@ -123,7 +119,7 @@ def _make_image(rng: np.random.Generator, empty: bool):
     n = 0 if empty else int(rng.integers(1, _MAX_OBJECTS + 1))
     scales = np.exp(rng.uniform(np.log(_MIN_SCALE), np.log(_MAX_SCALE), size=n))
     ratios = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=n))  # height / width
-    # Largest first: placed last, big objects would rarely find room, and large would be rare.
+    # Largest first: placed last, big objects would rarely find room.
     for scale, ratio in sorted(zip(scales, ratios), reverse=True):
         bw = int(np.clip(round(scale / np.sqrt(ratio)), 8, w))
         bh = int(np.clip(round(scale * np.sqrt(ratio)), 8, h))
@@ -140,9 +136,8 @@ def _make_image(rng: np.random.Generator, empty: bool):
         poly = _shape_polygon(rng, cat, box)
         colour = np.array(CATEGORIES[cat][1]) + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)
         colour = tuple(int(c) for c in np.clip(colour, 0, 255))
-        # PIL fills the pixels whose integer coordinates lie in the closed polygon, so the
-        # continuous shape (box [x0, x1)) is drawn shrunk to [x0, x1 - 1]: its pixels are then
-        # exactly the pixels of the annotated box.
+        # PIL fills the closed polygon, so the shape is drawn shrunk by one pixel to cover exactly
+        # the pixels of the annotated box.
         lo, size = np.array(box[:2], np.float64), np.array([bw, bh], np.float64)
         drawn = lo + (poly - lo) * (size - 1) / size
         draw.polygon([tuple(p) for p in drawn], fill=colour)
@@ -152,8 +147,7 @@ def _make_image(rng: np.random.Generator, empty: bool):
 
 
 def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str = "") -> None:
-    """Write ``images/*.png`` and ``annotations.json`` into a new folder ``out_dir``; the last
-    image has no objects. Same ``seed`` and ``num_images``: identical files."""
+    """Write ``images/*.png`` and ``annotations.json`` into a new ``out_dir``; deterministic."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     os.makedirs(os.path.join(out_dir, "images"))
@@ -194,8 +188,7 @@ def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str 
 
 
 def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -> str:
-    """Generate a split unless its folder exists; return the folder. Safe from several
-    processes at once (each renames its own temporary copy into place)."""
+    """Generate a split unless its folder exists; return the folder (safe across processes)."""
     out_dir = synthetic_split_dir(root, split, num_images, seed)
     if os.path.isfile(os.path.join(out_dir, "annotations.json")):
         return out_dir
@@ -208,8 +201,7 @@ def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -
         try:
             os.rename(work, out_dir)
         except OSError:
-            # Another process renamed its complete copy first (rename onto a non-empty folder
-            # fails); that copy is identical, so use it.
+            # Another process renamed its identical copy first; use it.
             if not os.path.isfile(os.path.join(out_dir, "annotations.json")):
                 raise
     finally:
@@ -227,8 +219,7 @@ def _load(name: str, root: str, split: str, num_images: int, seed: int) -> List[
 def register_synthetic_dataset(
     name: str, root: str, split: str, num_images: int, seed: int
 ) -> None:
-    """Register a synthetic split without generating it; its metadata's ``prepare`` does
-    (``dcnv2.data.check_datasets`` calls it)."""
+    """Register a synthetic split without generating it; its metadata's ``prepare`` does."""
     out_dir = synthetic_split_dir(root, split, num_images, seed)
     args = (root, split, num_images, seed)
     DatasetCatalog.register(name, functools.partial(_load, name, *args))

@@ -1,7 +1,7 @@
-"""Evaluation data with the training path's handling of bad images (``DATASETS.DCNV2.ON_BAD_DATA``):
-"fail" checks every test image's header before the run and stops naming a bad one; "skip" leaves
-bad images out of evaluation with one warning. An image that breaks while evaluation reads it is
-reported by the main process (:class:`CheckedTestLoader`), not as a worker's traceback.
+"""Evaluation data with the training path's handling of bad images (``ON_BAD_DATA``).
+
+"fail" checks every test image's header before the run; "skip" leaves bad images out with one
+warning.
 """
 
 import logging
@@ -62,8 +62,7 @@ def _skipped_text(file_names: Sequence[str]) -> str:
 
 
 def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
-    """In ``"fail"`` mode, check the test sets' image headers before a run: ImageReadError
-    naming the first bad image of a dataset (and how many more)."""
+    """In ``"fail"`` mode, check the test sets' image headers before a run."""
     if check_mode(mode) != "fail":
         return
     for name in dataset_names:
@@ -79,9 +78,7 @@ def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
 def load_test_dicts(
     dataset_name: str, mode: str = "fail", *, proposal_file: Optional[str] = None
 ) -> List[dict]:
-    """The dataset dicts of a test set as detectron2's test loader loads them; an unusable
-    image file raises ImageReadError (``"fail"``) or is left out with one warning (``"skip"``;
-    AnnotationError if none is left)."""
+    """The dataset dicts of a test set; unusable images raise (``"fail"``) or are left out."""
     check_mode(mode)
     with reading_dataset(dataset_name):
         dicts = get_detection_dataset_dicts(
@@ -123,8 +120,7 @@ class _CatchImageErrors:
 
 
 class CheckedTestLoader:
-    """Test batches of a loader whose mapper is a :class:`_CatchImageErrors`: an unreadable
-    image raises ImageReadError, or with ``skip`` is left out with a warning (``skipped``)."""
+    """Test batches; an unreadable image raises ImageReadError or, with ``skip``, is left out."""
 
     def __init__(self, loader, *, dataset_name: str, skip: bool):
         self.loader = loader
@@ -167,8 +163,7 @@ def build_checked_test_loader(
     mode: str = "fail",
     num_workers: int = 0,
 ) -> CheckedTestLoader:
-    """detectron2's ``build_detection_test_loader`` (same arguments, usable with ``L(...)``) over
-    ``dataset`` (:func:`load_test_dicts`), wrapped in a :class:`CheckedTestLoader`."""
+    """detectron2's ``build_detection_test_loader`` over ``dataset``, as a CheckedTestLoader."""
     loader = build_detection_test_loader(
         dataset, mapper=_CatchImageErrors(mapper), num_workers=num_workers
     )

@@ -1,6 +1,4 @@
-"""Image resizing as detectron2 does it (PIL) or as MMDetection does it (OpenCV, byte-exact),
-chosen by ``INPUT.DCNV2.RESIZE_BACKEND``, and the builders of the train/test augmentation lists.
-"""
+"""Image resizing as detectron2 (PIL) or MMDetection (OpenCV) does it, and augmentation builders."""
 
 import sys
 from typing import List, Sequence, Tuple, Union
@@ -41,15 +39,13 @@ def _cv2():
 
 
 def mmdet_rescale_size(h: int, w: int, short: float, long: float) -> Tuple[int, int]:
-    """(new_h, new_w) of MMDetection's keep-ratio resize of an ``h x w`` image to the scale
-    ``(long, short)`` (mmcv's ``rescale_size``: ``int(side * factor + 0.5)``)."""
+    """(new_h, new_w) of MMDetection's keep-ratio resize of ``h x w`` to ``(long, short)``."""
     factor = min(long / max(h, w), short / min(h, w))
     return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
 
 class OpenCVResizeTransform(Transform):
-    """Resize to ``(new_h, new_w)`` with ``cv2.resize`` (bilinear, ``INTER_LINEAR``), as
-    MMDetection's ``Resize``; detectron2's ``ResizeTransform`` with OpenCV instead of PIL."""
+    """detectron2's ``ResizeTransform`` with ``cv2.resize``, as MMDetection's ``Resize``."""
 
     def __init__(self, h: int, w: int, new_h: int, new_w: int):
         super().__init__()
@@ -89,8 +85,7 @@ class OpenCVResizeTransform(Transform):
 
 
 class OpenCVResizeShortestEdge(T.Augmentation):
-    """MMDetection's keep-ratio resize to ``(max_size, short)``, ``short`` drawn as detectron2's
-    ``ResizeShortestEdge`` draws it (same arguments, same use of ``np.random``)."""
+    """MMDetection's keep-ratio resize, ``short`` drawn as detectron2's ``ResizeShortestEdge``."""
 
     def __init__(
         self,
@@ -139,15 +134,13 @@ def _resize(cfg, short: Sequence[int], max_size: int, sample_style: str) -> T.Au
 
 
 def build_test_augmentation(cfg) -> List[T.Augmentation]:
-    """The resize to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` with
-    ``INPUT.DCNV2.RESIZE_BACKEND``'s method; ResizeBackendError for an unknown or missing one."""
+    """The test resize with ``INPUT.DCNV2.RESIZE_BACKEND``'s method."""
     size = cfg.INPUT.MIN_SIZE_TEST
     return [_resize(cfg, [size, size], cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
 
 def build_train_augmentation(cfg) -> List[T.Augmentation]:
-    """The training augmentation detectron2's ``DatasetMapper(cfg, True)`` builds, with the
-    resize of ``INPUT.DCNV2.RESIZE_BACKEND`` ("pil", the default: detectron2's list unchanged)."""
+    """``DatasetMapper(cfg, True)``'s augmentation with ``INPUT.DCNV2.RESIZE_BACKEND``."""
     augmentation = [
         _resize(
             cfg,

@@ -1,10 +1,7 @@
 """Checks of COCO instances files, and one-line errors for any failure while a dataset is read.
 
-:func:`validate_coco_json` lists every entry detectron2 would crash on or train wrongly from
-(structure, the types each COCO field may hold, missing image files, unknown ids).
-``DATASETS.DCNV2.ON_BAD_DATA`` "fail" stops the run with that list; "skip" (training sets only)
-drops the bad entries with a warning. :func:`reading_dataset` turns a loader's failure into an
-:class:`~dcnv2.errors.AnnotationError` naming the dataset and its json.
+``DATASETS.DCNV2.ON_BAD_DATA`` "fail" stops a run on a bad entry; "skip" (training sets only) drops
+them with a warning. :func:`reading_dataset` names the dataset and json of a loader's failure.
 """
 
 import contextlib
@@ -40,9 +37,7 @@ _OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
 
 @dataclass
 class CocoReport:
-    """What :func:`validate_coco_json` found: ``problems`` (one line each, in file order), the
-    images (by id) and annotations (by position) to drop to train on the rest, the malformed
-    polygons (not problems: :mod:`dcnv2.data.polygons`) and the parsed JSON (``data``)."""
+    """What :func:`validate_coco_json` found: problems, drops, malformed polygons."""
 
     json_file: str
     problems: List[str] = field(default_factory=list)
@@ -60,8 +55,7 @@ class CocoReport:
         return "\n".join(lines)
 
     def cleaned(self, mask_on: bool = True) -> dict:
-        """The parsed JSON without the bad entries, malformed polygons fixed for a model with
-        (``mask_on``) or without masks (:func:`dcnv2.data.polygons.fix_annotation`)."""
+        """The parsed JSON without the bad entries, malformed polygons fixed for ``mask_on``."""
         data = dict(self.data)
         data["images"] = [
             im
@@ -105,9 +99,7 @@ def check_mode(mode: str) -> str:
 
 @contextlib.contextmanager
 def reading_dataset(name: str):
-    """Any failure inside the block (detectron2's ``load_coco_json``, pycocotools, a registered
-    loader) becomes one :class:`~dcnv2.errors.AnnotationError` line naming dataset ``name`` and
-    its json file (``MetadataCatalog.get(name).json_file``)."""
+    """Turn any failure inside the block into one AnnotationError naming dataset ``name``."""
     try:
         yield
     except DCNv2Error as e:
@@ -205,13 +197,7 @@ def _image_problem(im, id_type, sizes) -> Optional[str]:
 def validate_coco_json(
     json_file: str, image_root: Optional[str] = None, *, check_files: bool = True
 ) -> CocoReport:
-    """Check a COCO instances file entry by entry (and, with ``check_files``, that each image is
-    under ``image_root``).
-
-    Raises:
-        AnnotationError: the file cannot be read, is not JSON, or lacks the top-level lists or
-            valid categories (nothing can be trained from it, whatever the option).
-    """
+    """Check a COCO instances file entry by entry (and, with ``check_files``, its image files)."""
     data = _load_json(json_file)
     report = CocoReport(json_file=json_file, data=data)
     problems = report.problems
@@ -291,8 +277,7 @@ def _annotation_problem(a, sizes, cat_ids, cats_text) -> Optional[str]:
 
 
 def _segmentation_problem(segmentation, size) -> Optional[str]:
-    """What is wrong with a ``segmentation``'s type (malformed polygons are left to
-    :mod:`dcnv2.data.polygons`); ``size``: its image's (height, width)."""
+    """What is wrong with a ``segmentation``'s type; ``size``: its image's (height, width)."""
     if segmentation is None or isinstance(segmentation, list):
         return None
     if not isinstance(segmentation, dict):
@@ -311,8 +296,7 @@ def _segmentation_problem(segmentation, size) -> Optional[str]:
 
 
 def _coco_files(name: str):
-    """(json_file, image_root) of a dataset detectron2 loads with ``load_coco_json``, else Nones
-    (LVIS and others have a ``json_file`` in another format)."""
+    """(json_file, image_root) of a dataset read by ``load_coco_json``, else Nones."""
     meta = MetadataCatalog.get(name)
     if meta.get("evaluator_type", None) != "coco":
         return None, None
@@ -330,8 +314,7 @@ def _check_categories(
     num_classes: Dict[str, int],
     first: Optional[tuple],
 ) -> None:
-    """The categories of ``json_file`` fit the model's class count and equal those of the
-    first dataset checked (``first``: (json_file, categories), or None)."""
+    """Check the categories fit the model's class count and equal the first dataset's."""
     for key, value in num_classes.items():
         if value != len(categories):
             raise AnnotationError(
@@ -355,17 +338,15 @@ def validate_datasets(
     *,
     num_classes: Optional[Dict[str, int]] = None,
 ) -> Dict[str, CocoReport]:
-    """Validate the COCO-format datasets a run reads. Problems of test sets always stop the run
-    (evaluation reads the file as ground truth); those of training sets are warnings with
-    ``mode="skip"``. ``num_classes`` (config key -> the model's class count) is compared with
-    each dataset's categories, and the datasets' categories with each other.
+    """Validate the COCO-format datasets a run reads.
+
+    Test sets' problems always stop the run; training sets' are warnings with ``mode="skip"``.
+
+    Args:
+        num_classes: config key -> the model's class count, compared with each dataset's categories.
 
     Returns:
         dict: dataset name -> report, for the datasets with problems (warned about).
-
-    Raises:
-        AnnotationError: the first dataset whose problems stop the run, a training set without
-            annotations, or categories that differ from the model's count or between datasets.
     """
     check_mode(mode)
     reports = {}
@@ -414,15 +395,7 @@ def load_training_dicts(
     proposal_files: Optional[Sequence[str]] = None,
     mask_on: bool = True,
 ):
-    """The dataset dicts of training sets, loaded and filtered as detectron2's
-    ``get_detection_dataset_dicts`` does, with: the bad entries of COCO-format sets dropped
-    (``mode="skip"``, :meth:`CocoReport.cleaned`); malformed polygons named in one warning
-    (:mod:`dcnv2.data.polygons`); a failure while a set is read one line
-    (:func:`reading_dataset`). The dataset catalog is not changed.
-
-    Returns:
-        list[dict] (or the registered torch ``Dataset``, as detectron2 returns it).
-    """
+    """Training dataset dicts as ``get_detection_dataset_dicts`` gives them, bad entries handled."""
     names = [names] if isinstance(names, str) else list(names)
     reports = validate_datasets(names, (), mode) if check_mode(mode) == "skip" else {}
     reports.update(_polygon_reports([n for n in names if n not in reports]))
@@ -443,8 +416,7 @@ def load_training_dicts(
 
 
 def _polygon_reports(names: Sequence[str]) -> Dict[str, CocoReport]:
-    """Reports of the COCO-format sets among ``names`` that have malformed polygons, holding
-    only those (their other problems stopped the run before, in "fail" mode)."""
+    """Reports, holding only malformed polygons, of the COCO-format sets among ``names``."""
     reports = {}
     for name in dict.fromkeys(names):
         json_file, image_root = _coco_files(name)
@@ -460,8 +432,7 @@ def _polygon_reports(names: Sequence[str]) -> Dict[str, CocoReport]:
 
 
 def _cleaned_dicts(name: str, report: CocoReport, mask_on: bool = True) -> List[dict]:
-    # What the registered loader of a COCO-format set (register_coco_instances) returns, read
-    # from the cleaned JSON; load_coco_json also fills the dataset's metadata, as it would.
+    # What register_coco_instances's loader returns, read from the cleaned JSON.
     from detectron2.data.datasets import load_coco_json
 
     with tempfile.TemporaryDirectory(prefix="dcnv2_clean_annotations_") as tmp:
@@ -472,8 +443,7 @@ def _cleaned_dicts(name: str, report: CocoReport, mask_on: bool = True) -> List[
 
 
 def _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files):
-    # The steps of detectron2's get_detection_dataset_dicts after DatasetCatalog.get, through
-    # its public helpers (it takes dataset names, not loaded dicts).
+    # detectron2's get_detection_dataset_dicts after DatasetCatalog.get (it takes names).
     from detectron2.data.build import (
         filter_images_with_few_keypoints,
         filter_images_with_only_crowd_annotations,

@@ -1,9 +1,7 @@
 """Implementations ("backends") of the deformable convolution op, and how one is chosen.
 
-"detectron2" (its compiled CUDA kernels, when ``detectron2._C`` imports), "torchvision"
-(``torchvision.ops.deform_conv2d``) and "native" (:mod:`.native`, detectron2's exact semantics
-on any device; its kernels by ``native_impl``: "cpp", "torch", or "auto", which
-``DCNV2_NATIVE_IMPL`` replaces, read once at import). All share detectron2's offset layout.
+"detectron2" (its CUDA kernels, when ``detectron2._C`` imports), "torchvision" and "native"
+(:mod:`.native`, any device); all share detectron2's offset layout.
 """
 
 import functools
@@ -27,20 +25,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # name -> fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg,
-# native_impl) -> output; stride/padding/dilation are (h, w) int tuples; mask and bias may be
-# None. The forward of the backends in OP_BACKENDS records no autograd graph.
+# native_impl) -> output, recording no autograd graph.
 BackendFn = Callable[..., torch.Tensor]
 BACKENDS: Dict[str, BackendFn] = {}
 # name -> fn(grad_out, input, offset, mask, weight, stride, padding, dilation, groups, dg, needs,
-# native_impl) -> [grad_input, grad_offset, grad_mask, grad_weight, grad_bias], None where
-# ``needs`` (5 bools) is False.
+# native_impl) -> [grad_input, grad_offset, grad_mask, grad_weight, grad_bias].
 BACKWARDS: Dict[str, Callable[..., List[Optional[torch.Tensor]]]] = {}
 # Backends that run inside torch.ops.dcnv2.deform_conv2d.
 OP_BACKENDS = ("native", "torchvision")
 # Every value MODEL.DCNV2.BACKEND / the layers' ``backend`` accept.
 BACKEND_NAMES = ("auto", "detectron2", "native", "torchvision")
-# Preference order of "auto" per device type; the first available one wins. On CUDA the native
-# backend's PyTorch-op kernels are much slower than the compiled ones (docs/benchmarks.md).
+# Preference order of "auto" per device type; on CUDA the native torch kernels are slow.
 _AUTO_ORDER = {"cuda": ("detectron2", "torchvision", "native"), "cpu": ("native", "torchvision")}
 
 
@@ -135,8 +130,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def native_impl_from_environment(environ: Mapping[str, str] = os.environ) -> str:
-    """The native implementation that ``native_impl="auto"`` stands for: ``DCNV2_NATIVE_IMPL``
-    ("auto", "cpp" or "torch") when set, else "auto"."""
+    """The native implementation ``native_impl="auto"`` stands for (``DCNV2_NATIVE_IMPL``)."""
     value = environ.get("DCNV2_NATIVE_IMPL", "auto") or "auto"
     if value not in ("auto", "cpp", "torch"):
         raise ValueError(f"DCNV2_NATIVE_IMPL must be 'auto', 'cpp' or 'torch', got {value!r}")
@@ -158,8 +152,7 @@ def resolve_native_impl(native_impl: str) -> str:
 
 
 def traceable_backend(name: str) -> BackendFn:
-    """The backend as ``torch.jit.trace`` should record it (outside the custom operator): the
-    "torchvision" op, the "native" ``autograd.Function``, detectron2's function."""
+    """The backend as ``torch.jit.trace`` should record it (outside the custom operator)."""
     if name == "native":
 
         def native_function(input, offset, mask, weight, bias, *geometry, native_impl="auto"):
@@ -253,8 +246,7 @@ def _torchvision_backward(
 BACKWARDS["torchvision"] = _torchvision_backward
 
 
-# Registration of the native backend is deferred to first use (see _native_ops) so that an
-# import problem there never breaks ``import dcnv2``.
+# Native registration is deferred to first use so its import problems never break dcnv2.
 @register_backend("native")
 def _native_backend(
     input, offset, mask, weight, bias, stride, padding, dilation, groups, dg, native_impl="auto"

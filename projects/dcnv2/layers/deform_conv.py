@@ -1,7 +1,7 @@
 """Deformable convolution (DCNv1) and modulated deformable convolution (DCNv2) for detectron2.
 
-The functional op and the modules keep detectron2's signatures (``detectron2.layers.deform_conv``)
-and add ``backend``: see :mod:`dcnv2.layers.backends` for what each backend is.
+detectron2's signatures (``detectron2.layers.deform_conv``) plus ``backend``
+(:mod:`dcnv2.layers.backends`).
 """
 
 import math
@@ -108,20 +108,15 @@ def modulated_deform_conv(
         input (Tensor): (N, C_in, H, W).
         offset (Tensor): (N, 2*G*kh*kw, Ho, Wo), G = ``deformable_groups``; channel
             ``g*2*kh*kw + 2*k`` is dy and ``+1`` is dx of kernel tap ``k = i*kw + j``.
-        mask (Tensor or None): (N, G*kh*kw, Ho, Wo), modulation of each tap (usually a sigmoid).
+        mask (Tensor or None): (N, G*kh*kw, Ho, Wo), modulation of each tap.
         weight (Tensor): (C_out, C_in // groups, kh, kw).
         bias (Tensor or None): (C_out,).
-        stride, padding, dilation (int or (int, int)): as in ``conv2d``.
-        groups (int): convolution groups (ResNeXt).
-        deformable_groups (int): groups of input channels that share one offset field.
         backend (str): "auto", "detectron2", "native" or "torchvision".
-        native_impl (str): kernels of the "native" backend: "auto", "cpp" or "torch" (see
-            :mod:`dcnv2.layers.backends`).
+        native_impl (str): kernels of the "native" backend: "auto", "cpp" or "torch".
 
     Returns:
-        Tensor: (N, C_out, Ho, Wo), in the promoted floating dtype of the tensors (float16 and
-        bfloat16 are computed in float32 and rounded once). Under autocast the op runs in
-        float32 and returns float32.
+        Tensor: (N, C_out, Ho, Wo) in the promoted floating dtype (half precision computed in
+        float32, rounded once); float32 under autocast.
     """
     stride = _as_pair("stride", stride, 1)
     padding = _as_pair("padding", padding, 0)
@@ -135,8 +130,7 @@ def modulated_deform_conv(
     if autocast:
         dtype = torch.float32
     if input.shape[0] == 0:
-        # Empty batch: an empty output of the right shape that still connects to every input,
-        # so backward() gives zero gradients instead of failing.
+        # Empty batch: an output still connected to every input, so backward gives zeros.
         out = input.new_zeros((0, weight.shape[0], ho, wo), dtype=dtype)
         for t in (input, offset, mask, weight, bias):
             if t is not None and t.is_floating_point():
@@ -144,9 +138,8 @@ def modulated_deform_conv(
         return out
     name = resolve_backend(backend, input.device)
     fn = _backend_call(name, resolve_native_impl(native_impl))
-    # The kernels need one dtype. Half precision runs in float32 and is rounded once at the end:
-    # sampling coordinates in float16/bfloat16 are off by up to a pixel on large maps, and some
-    # kernels have no bfloat16 version (the long-standing autocast failure of detectron2's op).
+    # Half precision runs in float32: float16 sampling coordinates are off by up to a pixel on
+    # large maps, and some kernels have no bfloat16 version.
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     tensors = (input, offset, mask, weight, bias)
     if autocast or any(t is not None and t.dtype != compute for t in tensors):
@@ -158,10 +151,7 @@ def modulated_deform_conv(
 
 
 def _backend_call(name: str, native_impl: str):
-    """fn(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg) running
-    backend ``name``: through the custom operator, except under ``torch.jit.trace`` outside an
-    ONNX export (which records the backend's own op, as TorchScript files and fvcore's counters
-    expect) and for "detectron2" (its own ``autograd.Function``)."""
+    """fn(input, offset, ..., dg) running backend ``name`` (custom operator unless traced)."""
     tracing = torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
     if name in OP_BACKENDS and not tracing:
 
@@ -177,8 +167,7 @@ def _backend_call(name: str, native_impl: str):
 
 
 def _result_dtype(input, offset, mask, weight, bias) -> torch.dtype:
-    """The floating dtype of the result: input's, promoted with the other floating tensors'.
-    Offsets and masks may also be integer or bool (exact in any float dtype)."""
+    """The floating dtype of the result: input's, promoted with the other floating tensors'."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -216,10 +205,7 @@ def deform_conv(
     *,
     native_impl: str = "auto",
 ) -> torch.Tensor:
-    """Deformable convolution (DCNv1) with detectron2's ``deform_conv`` signature.
-
-    Args and shapes as :func:`modulated_deform_conv` without mask and bias.
-    """
+    """Deformable convolution (DCNv1) with detectron2's ``deform_conv`` signature."""
     return modulated_deform_conv(
         input, offset, None, weight, None, stride, padding, dilation, groups, deformable_groups,
         backend, native_impl=native_impl,
@@ -310,11 +296,9 @@ class _DeformConvBase(nn.Module):
 
 
 class ModulatedDeformConv(_DeformConvBase):
-    """Modulated deformable convolution (DCNv2), detectron2's constructor plus ``backend`` and
-    ``native_impl`` (see :func:`modulated_deform_conv`).
+    """Modulated deformable convolution (DCNv2), detectron2's constructor plus ``backend``.
 
-    ``forward(x, offset, mask)``: x (N, C_in, H, W), offset (N, 2*G*kh*kw, Ho, Wo),
-    mask (N, G*kh*kw, Ho, Wo); returns (N, C_out, Ho, Wo) after ``norm`` and ``activation``.
+    ``forward(x, offset, mask)``: offset (N, 2*G*kh*kw, Ho, Wo), mask (N, G*kh*kw, Ho, Wo).
     """
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -322,8 +306,7 @@ class ModulatedDeformConv(_DeformConvBase):
 
 
 class DeformConv(_DeformConvBase):
-    """Deformable convolution (DCNv1), detectron2's constructor (``bias=False`` default) plus
-    ``backend``. ``forward(x, offset)`` with offset (N, 2*G*kh*kw, Ho, Wo)."""
+    """Deformable convolution (DCNv1), detectron2's constructor plus ``backend``."""
 
     def __init__(
         self,

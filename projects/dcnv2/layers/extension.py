@@ -1,7 +1,7 @@
-"""One JIT-compiled C++ extension of dcnv2 (:class:`JitExtension`), built on first use with
-:func:`torch.utils.cpp_extension.load` into a directory of its own per torch version, interpreter
-and source version (:func:`build_location`), so two environments or checkouts never share, wait
-on or load each other's binaries. A failed build is one warning; the caller falls back.
+"""One JIT-compiled C++ extension of dcnv2 (:class:`JitExtension`), built on first use.
+
+Each build directory is per torch version, interpreter and source version (:func:`build_location`);
+a failed build is one warning, and the caller falls back.
 """
 
 import hashlib
@@ -45,12 +45,7 @@ def _source_files(sources: Sequence[str]) -> List[str]:
 def build_location(
     name: str, sources: Sequence[str], root: Optional[str] = None
 ) -> Tuple[str, str]:
-    """Where this interpreter builds extension ``name`` from ``sources``.
-
-    Args:
-        name: the extension's base name.
-        sources: its C++ files; the local headers they include count as sources too.
-        root: the build root; default ``TORCH_EXTENSIONS_DIR``, else torch's default root.
+    """Where this interpreter builds extension ``name`` from ``sources`` (local headers included).
 
     Returns:
         (module name, build directory): ``<name>_<hash(sources)>`` and
@@ -73,13 +68,9 @@ class JitExtension:
     """A C++ extension that registers operators in ``torch.ops``, compiled at most once.
 
     Args:
-        name (str): the extension's base name (``dcnv2_native_cpu``).
-        sources (Sequence[str]): paths of its C++ files.
-        probe (str): ``"namespace.op"``, an operator the library registers; the build counts as
-            loaded only when ``torch.ops.namespace.op`` resolves.
+        probe (str): ``"namespace.op"``; the build counts as loaded only when that op resolves.
         what (str): what the extension holds, for the warning ("mdpool kernels").
         fallback (str): what is used instead when the build fails, for the warning.
-        logger (logging.Logger): where the warning goes.
     """
 
     def __init__(
@@ -135,8 +126,7 @@ class JitExtension:
             return self._loaded
 
     def is_available(self, warn: bool = True) -> bool:
-        """Whether the extension loads (building it on the first call); with ``warn``, a failed
-        build is logged once per extension, with the reason."""
+        """Whether the extension loads (building it on the first call); warns once on failure."""
         ok = self._load()
         if not ok and warn:
             with self._lock:

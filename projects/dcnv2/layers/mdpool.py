@@ -1,9 +1,7 @@
 """Modulated deformable RoI pooling (mdpool, DCNv2 paper section 3.2): the op and the layer.
 
-:func:`deform_roi_align` is RoIAlign with a learned shift per bin (mmcv's ``deform_roi_pool``),
-in compiled CPU kernels (:mod:`.mdpool_cpp`) or PyTorch ops (any device), chosen by ``impl``.
-:class:`ModulatedDeformRoIAlign` adds the offset and modulation fc branches with mmcv's
-``ModulatedDeformRoIPoolPack`` parameter names. Coordinates are detectron2's ``ROIAlignV2``.
+:func:`deform_roi_align` is RoIAlign with a learned shift per bin (mmcv's ``deform_roi_pool``);
+:class:`ModulatedDeformRoIAlign` adds mmcv's offset and modulation fc branches.
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -47,13 +45,11 @@ def _grid_size(extent: Tensor, bins: int, sampling_ratio: int) -> Tensor:
 
 
 def _bilinear_bin_average(feature: Tensor, ys: Tensor, xs: Tensor, sh: int, sw: int) -> Tensor:
-    """Average of bilinear samples of one image, with RoIAlign's border rules: 0 more than one
-    pixel outside the map, clamped to the border within one pixel.
+    """Mean of RoIAlign-style bilinear samples of one image.
 
     Args:
         feature (Tensor): (1, C, H, W).
         ys, xs (Tensor): (K, sh * sw) sample coordinates in pixels (pixel centres at integers).
-        sh, sw: samples per bin along y and x.
 
     Returns:
         Tensor: (C, K), the mean over the ``sh * sw`` samples of each of the K bins.
@@ -83,26 +79,17 @@ def deform_roi_align(
 ) -> Tensor:
     """RoIAlign with a learned shift per output bin (mmcv's ``deform_roi_pool``).
 
-    Bin ``(i, j)`` of RoI ``r`` moves by ``gamma * (w_r * offset[r, 0, i, j], h_r * offset[r, 1,
-    i, j])`` (RoI size on the feature map). With no or zero offsets this is torchvision's RoIAlign.
-
     Args:
         features (Tensor): (N, C, H, W) feature map.
         rois (Tensor): (R, 5), rows ``(batch index, x0, y0, x1, y1)`` in image coordinates.
         offset (Tensor or None): (R, 2, Ph, Pw) normalised bin offsets, x then y (mmcv's layout).
-        output_size: ``(Ph, Pw)`` or an int.
-        spatial_scale: feature-map size over image size (1 / stride).
-        sampling_ratio: samples per bin side; <= 0 for adaptive ``ceil(roi size / bins)``, as
-            torchvision and mmcv.
+        sampling_ratio: samples per bin side; <= 0 for adaptive ``ceil(roi size / bins)``.
         gamma: scale of the normalised offsets (paper and mmcv: 0.1).
-        aligned: shift boxes by -0.5 pixel (ROIAlignV2); False is the legacy RoIAlign, which
-            also clamps the RoI size to at least 1 pixel.
-        impl: "cpp" (compiled kernels), "torch" (PyTorch ops) or "auto": ``DCNV2_NATIVE_IMPL``'s
-            choice, else the kernels where they apply (CPU float32/float64, RoIs without gradient,
-            not traced) and build.
+        aligned: ROIAlignV2 coordinates; False is the legacy RoIAlign.
+        impl: "cpp", "torch" or "auto" (``DCNV2_NATIVE_IMPL``, else the kernels where they apply).
 
     Returns:
-        Tensor: (R, C, Ph, Pw), in ``features.dtype``; computed in at least float32.
+        Tensor: (R, C, Ph, Pw), in ``features.dtype``.
     """
     ph, pw = _pair(output_size)
     _check_inputs(features, rois, offset, (ph, pw))
@@ -181,23 +168,17 @@ def _deform_roi_align_torch(
     gamma: float,
     aligned: bool,
 ) -> Tensor:
-    """``deform_roi_align`` in PyTorch operations (any device and dtype).
-
-    RoIs are grouped by their sample grid ``(sy, sx)`` and by image, so the work is exact (no
-    padding to the largest grid) at the cost of one ``grid_sample`` call per group.
-    """
+    """``deform_roi_align`` in PyTorch ops, one ``grid_sample`` per (image, sample grid) group."""
     ph, pw = output_size
     num_rois, channels = rois.shape[0], features.shape[1]
     ctype = torch.promote_types(features.dtype, torch.float32)
-    # grid_sample reads all channels of a sample position at once: channels-last keeps them
-    # contiguous.
+    # Channels-last keeps the channels of a sample position contiguous for grid_sample.
     feats = features.to(ctype).contiguous(memory_format=torch.channels_last)
     boxes = rois[:, 1:].to(ctype) * spatial_scale - (0.5 if aligned else 0.0)
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     if not aligned:
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
     bin_w, bin_h = width / pw, height / ph
-    # Top-left corner of every (shifted) bin: (R, Ph, Pw).
     cols = torch.arange(pw, dtype=ctype, device=rois.device)
     rows = torch.arange(ph, dtype=ctype, device=rois.device)
     x0 = (boxes[:, 0, None] + cols * bin_w[:, None])[:, None, :].expand(-1, ph, -1)
@@ -222,7 +203,6 @@ def _deform_roi_align_torch(
         idx = torch.nonzero(key == k).squeeze(1)
         iy = torch.arange(sh, dtype=ctype, device=rois.device) + 0.5
         ix = torch.arange(sw, dtype=ctype, device=rois.device) + 0.5
-        # Sample coordinates (Rg, Ph, Pw, sh, sw), flattened to (Rg * Ph * Pw, sh * sw).
         ys = y0[idx][..., None, None] + iy[:, None] * bin_h[idx, None, None, None, None] / sh
         xs = x0[idx][..., None, None] + ix * bin_w[idx, None, None, None, None] / sw
         shape = (idx.numel() * ph * pw, sh * sw)
@@ -252,10 +232,8 @@ def _fc_branch(in_dim: int, hidden_dim: int, num_hidden: int, out_dim: int) -> n
 class ModulatedDeformRoIAlign(nn.Module):
     """Modulated deformable RoI pooling for one feature map (mmcv's ModulatedDeformRoIPoolPack).
 
-    A plain RoIAlign feeds an offset branch and a sigmoid modulation branch of fcs; the output is
-    ``deform_roi_align(features, rois, offset) * mask``. Both last fcs start at zero, so a fresh
-    layer returns ``0.5 * RoIAlign``. The first fc of each branch has ``C * Ph * Pw * fc_dim``
-    parameters (12.8M for C=256, 7x7 bins, 1024).
+    Output is ``deform_roi_align(features, rois, offset) * mask``; zero-initialised last fcs make a
+    fresh layer return ``0.5 * RoIAlign``.
     """
 
     def __init__(
@@ -273,13 +251,9 @@ class ModulatedDeformRoIAlign(nn.Module):
     ):
         """Args:
         output_size: ``(Ph, Pw)`` bins, or an int.
-        in_channels: C, channels of the feature map.
-        spatial_scale: feature-map size over image size (1 / stride).
-        sampling_ratio: samples per bin side; <= 0 for RoIAlign's adaptive choice.
         gamma: scale of the predicted offsets, in units of the RoI's width/height.
         fc_dim: width of the hidden fcs of both branches (mmcv: 1024).
         num_offset_fc, num_mask_fc: hidden fcs of each branch (mmcv: 2 and 1).
-        aligned: ROIAlignV2 coordinates (True) or legacy RoIAlign (False).
         """
         super().__init__()
         self.output_size: Tuple[int, int] = tuple(_pair(output_size))
@@ -304,12 +278,7 @@ class ModulatedDeformRoIAlign(nn.Module):
     def predict(
         self, features: Tensor, rois: Tensor, spatial_scale: float
     ) -> Tuple[Tensor, Tensor]:
-        """The offsets and modulation of each bin, from a plain RoIAlign pass.
-
-        Returns:
-            tuple[Tensor, Tensor]: offset (R, 2, Ph, Pw), normalised, x then y; and the
-            modulation (R, 1, Ph, Pw) in (0, 1).
-        """
+        """Offset (R, 2, Ph, Pw), x then y, and modulation (R, 1, Ph, Pw) from a plain RoIAlign."""
         if _use_kernels(features, rois, "auto"):
             # The compiled kernels without offsets are this RoIAlign, with a parallel backward
             # (torchvision's CPU backward is serial).
@@ -333,12 +302,10 @@ class ModulatedDeformRoIAlign(nn.Module):
     def forward(
         self, features: Tensor, rois: Tensor, spatial_scale: Optional[float] = None
     ) -> Tensor:
-        """
-        Args:
+        """Args:
             features (Tensor): (N, C, H, W).
             rois (Tensor): (R, 5), rows ``(batch index, x0, y0, x1, y1)`` in image coordinates.
-            spatial_scale: overrides the layer's own, for a layer shared by several pyramid
-                levels.
+            spatial_scale: overrides the layer's own (a layer shared by pyramid levels).
 
         Returns:
             Tensor: (R, C, Ph, Pw) in ``features.dtype``.
@@ -361,8 +328,7 @@ class ModulatedDeformRoIAlign(nn.Module):
         )
         out = pooled * mask
         if rois.shape[0] == 0:
-            # Keep the offset branch in the graph for DDP, which expects a gradient for every
-            # parameter on every rank, also when a pyramid level received no RoI.
+            # DDP expects a gradient for every parameter, also when a level received no RoI.
             out = out + offset.sum() * 0
         return out.to(features.dtype)
 

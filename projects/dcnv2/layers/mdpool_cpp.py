@@ -1,6 +1,6 @@
-"""Compiled CPU kernels of modulated deformable RoI pooling (``csrc/mdpool_cpu.cpp``), built
-on first use by :class:`.extension.JitExtension`; on a failed build :func:`.mdpool.deform_roi_align`
-uses its PyTorch ops. CPU float32/float64, contiguous inputs of one dtype.
+"""Compiled CPU kernels of modulated deformable RoI pooling (``csrc/mdpool_cpu.cpp``).
+
+Built on first use; without them :func:`.mdpool.deform_roi_align` uses PyTorch ops.
 """
 
 import logging
@@ -26,8 +26,7 @@ _EXTENSION = JitExtension(
 
 
 def is_available(warn: bool = True) -> bool:
-    """Whether the compiled kernels load (building them on the first call); with ``warn``, a
-    failed build is logged once."""
+    """Whether the compiled kernels load (building them on the first call)."""
     return _EXTENSION.is_available(warn)
 
 

@@ -1,11 +1,8 @@
 """The "native" deformable-convolution backend: detectron2's exact semantics on any device.
 
-im2col (bilinear sampling into channels-last columns (n, Pc, G, kh*kw, C/G) from an (N, H+2,
-W+2, C) copy of the input) and a product with the weight, by one of two column-kernel modules:
-"cpp" (:mod:`.native_cpp`, CPU float32/float64) or "torch" (:mod:`.native_torch`, any device).
-Each pass runs "chunked" (columns of bounded size, products by MKL or the packed AVX2 ``gemm``)
-or "fused" (``forward_packed``/``backward_packed``: one group, float32, AVX2; no columns
-stored), whichever :func:`_run_fastest` measures faster; forward saves only its inputs.
+im2col into channels-last columns and a product with the weight, by compiled CPU kernels
+(:mod:`.native_cpp`) or PyTorch ops (:mod:`.native_torch`); each pass runs "chunked" or "fused"
+(``forward_packed``/``backward_packed``), whichever :func:`_run_fastest` measures faster.
 """
 
 import functools
@@ -21,23 +18,17 @@ __all__ = ["deform_conv2d", "forward", "backward", "chosen_ways", "IMPLS"]
 
 Pair = Tuple[int, int]
 
-# Columns of at most this many elements per chunk (16 MiB in float32): bounds memory and keeps
-# the buffers small enough for the allocator to reuse them (fresh pages cost as much as sampling).
+# Columns per chunk (16 MiB in float32): bounds memory and lets the allocator reuse buffers.
 _CHUNK_ELEMENTS = 1 << 22
 IMPLS = ("auto", "cpp", "torch")
-# The fastest way to compute each of the op's products, per (product, weight shape, dtype,
-# threads), measured on first use (see _run_fastest). Not per number of positions, which changes
-# with every image size in training.
+# Fastest way per (product, weight shape, dtype, threads); not per size, which varies in training.
 _FASTEST: Dict[Tuple, str] = {}
-# Chunk products of fewer multiply-adds (a few ms on one core) run the first way, unmeasured: too
-# short to time reliably, and too short for the way to matter.
+# Smaller chunk products run the first way, unmeasured: too short to time or to matter.
 _MEASURE_MACS = 1 << 27
 
 
 def chosen_ways() -> Dict[str, str]:
-    """The ways kept so far by :func:`_run_fastest`, e.g.
-    ``{"forward_pass (256, 256, 3, 3) float32 2": "fused"}``.
-    """
+    """The ways kept so far by :func:`_run_fastest`, e.g. ``{"forward_pass ...": "fused"}``."""
     return {
         " ".join(str(part).replace("torch.", "") for part in key): way
         for key, way in _FASTEST.items()
@@ -87,10 +78,7 @@ def deform_conv2d(
         mask (Tensor or None): (N, G*kh*kw, Ho, Wo).
         weight (Tensor): (C_out, C_in // groups, kh, kw).
         bias (Tensor or None): (C_out,).
-        stride, padding, dilation ((int, int)): vertical and horizontal.
-        groups, deformable_groups (int): convolution and offset groups.
-        impl (str): "auto" (compiled kernels on CPU when they build, else PyTorch ops), "cpp"
-            or "torch".
+        impl (str): "auto" (compiled kernels on CPU if they build, else PyTorch), "cpp", "torch".
 
     Returns:
         Tensor: (N, C_out, Ho, Wo).
@@ -112,9 +100,7 @@ def deform_conv2d(
 
 
 def _chunks(n: int, rows: int, positions: int):
-    """Yield (images, p_begin, p_end) so that each chunk's columns (n_chunk, Pc, rows) stay
-    within ``_CHUNK_ELEMENTS``: whole images when they fit, else ranges of output positions of
-    (nearly) equal sizes."""
+    """Yield (images, p_begin, p_end) chunks whose columns stay within ``_CHUNK_ELEMENTS``."""
     per_image = rows * positions
     if per_image <= _CHUNK_ELEMENTS:
         step = _CHUNK_ELEMENTS // per_image
@@ -155,8 +141,7 @@ def _weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> Non
 
 
 def _columns_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
-    """The same product as ``cols @ w[group].T`` (n, Pc, C_out), one matmul per group for all
-    the chunk's images, then one transposing copy into the output."""
+    """``cols @ w[group].T`` (n, Pc, C_out), one matmul per group, then one transposing copy."""
     groups, cog = w.shape[:2]
     nc, pc = cols.shape[:2]
     prod = cols.new_empty(nc * pc, groups * cog)
@@ -177,8 +162,7 @@ def _packed_weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor)
 
 
 def _packed_gemm_ok(t: torch.Tensor, kernels) -> bool:
-    """Whether the extension's packed float32 ``gemm`` can run products of tensors like ``t``;
-    only with the compiled ``kernels``, so that the PyTorch-op kernels never start a build."""
+    """Whether the compiled ``kernels``' packed float32 ``gemm`` can run products of ``t``."""
     if kernels is native_torch or t.device.type != "cpu" or t.dtype != torch.float32:
         return False
     return kernels.gemm_supported()
@@ -189,9 +173,8 @@ def _run_fastest(
 ) -> None:
     """Run the fastest of ``ways`` (each computing the same values into ``outs``) on this CPU.
 
-    On the first call for ``key`` with at least ``_MEASURE_MACS`` multiply-adds, each way runs
-    twice from the same ``outs`` and the fastest is kept in ``_FASTEST[key]``; before that, and for
-    smaller work, the first way runs.
+    The first call for ``key`` of at least ``_MEASURE_MACS`` multiply-adds times each way and keeps
+    the fastest in ``_FASTEST[key]``; until then, and for smaller work, the first way runs.
     """
     name = _FASTEST.get(key)
     device = outs[0].device.type if outs else "cpu"
@@ -217,14 +200,12 @@ def _run_fastest(
 
 
 def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor, kernels) -> None:
-    """``out[b, group rows] = w[group] @ cols[b, :, group].T`` by the fastest way
-    (:func:`_run_fastest`): MKL weight-first, MKL columns-first, or the packed ``gemm``.
+    """``out[b, group rows] = w[group] @ cols[b, :, group].T`` by the fastest way.
 
     Args:
         w (Tensor): (G, C_out/G, K*C/G), the weight of :func:`_weight_rows`.
         cols (Tensor): (n, Pc, G, K*C/G), a chunk's columns.
         out (Tensor): (n, C_out, Pc), where the chunk's output goes (may be strided).
-        kernels: the column-kernel module.
     """
     ways = {"weight_first": _weight_first, "columns_first": _columns_first}
     if _packed_gemm_ok(cols, kernels):
@@ -239,8 +220,7 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
 
 
 def _column_gradient(go, w, images: slice, p0: int, p1: int, grad_cols, kernels) -> None:
-    """``grad_cols[i, :, group] = go[b, group rows, p0:p1].T @ w[group]`` for the chunk's images
-    ``b``, the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
+    """``grad_cols[i, :, group] = go[b, group rows, p0:p1].T @ w[group]``, the fastest way."""
     groups, cog = w.shape[:2]
 
     def mkl(target):
@@ -258,8 +238,7 @@ def _column_gradient(go, w, images: slice, p0: int, p1: int, grad_cols, kernels)
 
 
 def _add_weight_gradient(go, cols, images: slice, p0: int, p1: int, grad_w, kernels) -> None:
-    """``grad_w[group] += go[b, group rows, p0:p1] @ cols[i, :, group]`` for the chunk's images,
-    the fastest way (:func:`_run_fastest`): MKL or the extension's packed ``gemm``."""
+    """``grad_w[group] += go[b, group rows, p0:p1] @ cols[i, :, group]``, the fastest way."""
     groups, cog = grad_w.shape[:2]
 
     def mkl(target):
@@ -277,8 +256,7 @@ def _add_weight_gradient(go, cols, images: slice, p0: int, p1: int, grad_w, kern
 
 
 def _image_groups(images: slice, groups: int, group_out: int):
-    """Yield (i, b, grp, rows): image ``b`` (``i``-th of the chunk ``images``), convolution group
-    ``grp`` and its output channels ``rows``: one matmul each."""
+    """Yield (i, b, grp, rows): one matmul per chunk image and convolution group."""
     for i, b in enumerate(range(images.start, images.stop)):
         for grp in range(groups):
             yield i, b, grp, slice(grp * group_out, (grp + 1) * group_out)
@@ -317,8 +295,7 @@ def forward(
     deformable_groups: int,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """The forward computation of :func:`deform_conv2d`, without autograd: same arguments and
-    result. The custom operator ``torch.ops.dcnv2.deform_conv2d`` calls it."""
+    """:func:`deform_conv2d` without autograd; ``torch.ops.dcnv2.deform_conv2d`` calls it."""
     kernels = _kernels(input, impl)
     geometry = (tuple(stride), tuple(padding), tuple(dilation))
     return _forward(
@@ -344,14 +321,10 @@ def backward(
 
     Args:
         grad_out (Tensor): (N, C_out, Ho, Wo).
-        input, offset, mask, weight: the forward's tensors (mask may be None).
-        stride, padding, dilation, groups, deformable_groups: the forward's geometry.
         needs (5 bools): which of the gradients of input, offset, mask, weight, bias to compute.
-        impl (str): as in :func:`deform_conv2d`.
 
     Returns:
-        list: [grad_input, grad_offset, grad_mask, grad_weight, grad_bias], shaped like the
-        forward's tensors (grad_bias: (C_out,)); None where not needed.
+        list: [grad_input, grad_offset, grad_mask, grad_weight, grad_bias]; None where not needed.
     """
     kernels = _kernels(input, impl)
     geometry = (tuple(stride), tuple(padding), tuple(dilation))
@@ -361,9 +334,7 @@ def backward(
 
 
 def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-    """The output (N, C_out, Ho, Wo), by the faster of the chunked way (im2col and
-    :func:`_weight_times_columns` per chunk) and the fused one (``forward_packed``).
-    """
+    """The output (N, C_out, Ho, Wo), by the faster of the chunked and the fused way."""
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     n, c = x.shape[:2]
@@ -415,7 +386,6 @@ def _backward(
     grad_xp = torch.zeros_like(xp) if need_x else None
     grad_offset = offset.new_empty(n, offset.shape[1], ho * wo) if need_offset else None
     grad_mask = mask.new_empty(n, mask.shape[1], ho * wo) if need_mask else None
-    # In the weight's rows layout (G, C_out/G, K*C/G) of _weight_rows.
     grad_w = x.new_zeros(groups, cog, kh * kw * cg) if need_weight else None
 
     def chunked():
@@ -426,8 +396,6 @@ def _backward(
             if need_x or need_coord:
                 grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
                 _column_gradient(go_all, w, sl, p0, p1, grad_cols, kernels)
-                # One pass gives the input gradient (into grad_xp), the offset and mask
-                # gradients, and the columns for the weight gradient.
                 g_offset, g_mask, cols = kernels.backward(
                     xp[sl],
                     offset[sl],
@@ -479,8 +447,7 @@ def _backward(
 
 
 def _weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(C_out, C/G, kh, kw) -> (G, C_out/G, kh*kw*C/G), columns ordered (tap, channel) like a
-    position's row of the columns."""
+    """(C_out, C/G, kh, kw) -> (G, C_out/G, kh*kw*C/G), columns ordered (tap, channel)."""
     c_out, cg, kh, kw = weight.shape
     return (
         weight.reshape(groups, c_out // groups, cg, kh * kw)

@@ -1,7 +1,6 @@
-"""Compiled CPU column kernels of the native backend (``csrc/*.cpp``), built on first use by
-:class:`.extension.JitExtension` (gcc and the installed torch); on a failed build the backend
-uses :mod:`.native_torch`, and ``DCNV2_NATIVE_IMPL=torch`` never builds. Same functions and
-layouts as :mod:`.native_torch`, CPU float32/float64, plus a packed AVX2 float32 :func:`gemm`.
+"""Compiled CPU column kernels of the native backend (``csrc/*.cpp``), built on first use.
+
+Same functions and layouts as :mod:`.native_torch` (CPU), plus a packed AVX2 :func:`gemm`.
 """
 
 import functools
@@ -42,8 +41,7 @@ _EXTENSION = JitExtension(
 
 
 def is_available(warn: bool = True) -> bool:
-    """Whether the compiled kernels load (building them on the first call); with ``warn``, a
-    failed build is logged once."""
+    """Whether the compiled kernels load (building them on the first call)."""
     return _EXTENSION.is_available(warn)
 
 
@@ -62,8 +60,7 @@ def backward(
     xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, groups, p_begin, p_end,
     grad_xp, need_coord, need_cols,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
-    """As :func:`.native_torch.backward`: adds the input gradient to ``grad_xp`` and returns
-    (offset gradient, mask gradient, columns), None where not asked for."""
+    """As :func:`.native_torch.backward`: (offset gradient, mask gradient, columns)."""
     grad_offset, grad_mask, cols = torch.ops.dcnv2_native.backward(
         xp, offset, mask, grad_cols.contiguous(), kernel, stride, padding, dilation, dg, groups,
         p_begin, p_end, grad_xp, need_coord, need_cols,
@@ -87,32 +84,23 @@ def gemm_supported() -> bool:
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool = False) -> None:
-    """``c = a @ b`` (``c += a @ b`` when ``accumulate``) for float32 CPU matrices of any strides,
-    ``c`` with unit column stride; needs :func:`gemm_supported`.
-
-    Args:
-        a (Tensor): (M, K).
-        b (Tensor): (K, N).
-        c (Tensor): (M, N), written in place.
-        accumulate (bool): add to ``c`` instead of overwriting it.
-    """
+    """``c = a @ b`` (``c += a @ b`` when ``accumulate``) for float32 (M, K) @ (K, N)."""
     torch.ops.dcnv2_native.gemm(a, b, c, accumulate)
 
 
 def forward_packed(xp, offset, mask, wpacked, kernel, stride, padding, dilation, dg, out) -> None:
-    """The whole forward of one convolution group in float32 into ``out`` (n, C_out, Ho*Wo):
-    sampling into cache-sized panels multiplied at once with ``wpacked`` (ceil(C_out/16),
-    kh*kw*C, 16), the weight's rows in panels of 16 output channels; needs
-    :func:`gemm_supported`."""
+    """One convolution group's float32 forward into ``out`` (n, C_out, Ho*Wo).
+
+    Args:
+        wpacked (Tensor): (ceil(C_out/16), kh*kw*C, 16), from :func:`pack_rows16`.
+    """
     torch.ops.dcnv2_native.forward_packed(
         xp, offset, mask, wpacked, None, kernel, stride, padding, dilation, dg, out
     )
 
 
 def pack_rows16(w: torch.Tensor) -> torch.Tensor:
-    """(M, D) float32 -> (ceil(M/16), D, 16): rows in zero-padded panels of 16, the weight layout
-    of :func:`forward_packed`. A convolution weight (C_out, C, kh, kw) is taken as its rows
-    (C_out, kh*kw*C) with columns ordered (tap, channel), in the same pass."""
+    """(M, D) float32 -> (ceil(M/16), D, 16): rows in zero-padded panels of 16."""
     return torch.ops.dcnv2_native.pack_rows16(w)
 
 
@@ -120,12 +108,13 @@ def backward_packed(
     xp, offset, mask, grad_out, weight, kernel, stride, padding, dilation, dg,
     grad_xp, grad_offset, grad_mask, grad_w,
 ) -> None:  # fmt: skip
-    """The whole backward of one convolution group in float32, no columns stored: adds the
-    input gradient to ``grad_xp`` (zeroed, like ``xp``) and the weight gradient to ``grad_w``
-    (zeroed, (C_out, kh*kw*C): the weight's rows, columns ordered (tap, channel)), and writes
-    the offset and mask gradients (n, 2*dg*K / dg*K, Ho*Wo); any of the four may be None.
-    ``weight``: (C_out, C, kh, kw) and ``grad_out``: (n, C_out, Ho*Wo), contiguous. Needs
-    :func:`gemm_supported`."""
+    """One convolution group's float32 backward, no columns stored; any output may be None.
+
+    Args:
+        grad_w: zeroed (C_out, kh*kw*C), columns ordered (tap, channel).
+        weight (Tensor): (C_out, C, kh, kw).
+        grad_out (Tensor): (n, C_out, Ho*Wo).
+    """
     torch.ops.dcnv2_native.backward_packed(
         xp, offset, mask, grad_out, weight, kernel, stride, padding, dilation, dg,
         grad_xp, grad_offset, grad_mask, grad_w,

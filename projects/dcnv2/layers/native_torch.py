@@ -1,8 +1,7 @@
 """Column kernels of the native backend in PyTorch ops (any device, any float dtype).
 
-detectron2's CUDA kernel semantics: a tap samples only inside ``(-1, H) x (-1, W)``, corners
-outside read 0, gradients are exact with ``floor`` held fixed. Input channels-last and padded by
-one pixel (n, H+2, W+2, C); columns (n, Pc, G, K, C/G) for output positions [p_begin, p_end).
+Input channels-last, padded by one pixel (n, H+2, W+2, C); columns (n, Pc, G, K, C/G) for output
+positions [p_begin, p_end); detectron2's CUDA kernel semantics.
 """
 
 from typing import List, NamedTuple, Optional, Tuple
@@ -31,7 +30,6 @@ def _taps(xp, offset, mask, kernel, stride, padding, dilation, dg, positions) ->
     kh, kw = kernel
     dtype, device = offset.dtype, offset.device
     ar = torch.arange
-    # Integer part of each tap's position, (Pc, K), before the learned shift.
     base_h = (ar(kh, device=device) * dilation[0]).view(kh, 1, 1, 1) + (
         ar(ho, device=device) * stride[0] - padding[0]
     ).view(1, 1, ho, 1)
@@ -60,8 +58,7 @@ def _taps(xp, offset, mask, kernel, stride, padding, dilation, dg, positions) ->
 
 
 def _corners(xp: torch.Tensor, taps: _Taps, dg: int):
-    """For each corner: (gather index over the flat pixels of xp viewed (n, HW, G_d, C/G_d),
-    its bilinear weights viewed to broadcast over the channels)."""
+    """Per corner: (gather index into xp viewed (n, HW, G_d, C/G_d), its bilinear weights)."""
     n, pc, k, _ = taps.corner.shape
     wp, c = xp.shape[2], xp.shape[3]
     for shift, weight in zip((0, 1, wp, wp + 1), taps.bilinear):
@@ -108,8 +105,7 @@ def im2col(
         mask (Tensor or None): (n, G_d*kh*kw, Ho, Wo).
 
     Returns:
-        Tensor: (n, Pc, kh*kw*C), Pc = p_end - p_begin; row p holds, for each convolution group,
-        its channels sampled by tap 0, then by tap 1, ...
+        Tensor: (n, Pc, kh*kw*C), Pc = p_end - p_begin.
     """
     n, c = xp.shape[0], xp.shape[3]
     k = kernel[0] * kernel[1]
@@ -141,13 +137,10 @@ def backward(
     need_coord: bool,
     need_cols: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """What backward needs from a chunk's column gradient ``grad_cols`` (n, Pc, kh*kw*C): adds
-    the input gradient to ``grad_xp`` (like xp) when given; returns the offset gradient
-    (n, 2*G_d*kh*kw, Pc) and mask gradient (n, G_d*kh*kw, Pc; None for DCNv1) when
-    ``need_coord``, and the columns when ``need_cols``.
+    """What backward needs from a chunk's column gradient ``grad_cols`` (n, Pc, kh*kw*C).
 
-    What lands on the padding of ``grad_xp`` belongs to corners outside the image: the caller
-    crops it. Outside the open box every gradient is 0, as in detectron2.
+    Adds the input gradient to ``grad_xp`` (the caller crops its padding); returns offset gradient
+    (n, 2*G_d*kh*kw, Pc) and mask gradient (n, G_d*kh*kw, Pc) and the columns, where asked.
     """
     n, c = xp.shape[0], xp.shape[3]
     k, pc = kernel[0] * kernel[1], p_end - p_begin

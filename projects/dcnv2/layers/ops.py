@@ -1,7 +1,5 @@
-"""The deformable convolution as the custom operators ``torch.ops.dcnv2.deform_conv2d`` and
-``deform_conv2d_backward`` (arguments of :func:`dcnv2.layers.modulated_deform_conv`, validated,
-plus ``backend`` and ``native_impl``), so ``torch.compile`` and ``torch.export`` see one node.
-Both have fake implementations; the forward is differentiable once through the backward op.
+"""The deformable convolution as custom operators ``torch.ops.dcnv2.deform_conv2d`` and
+``deform_conv2d_backward``, so ``torch.compile`` and ``torch.export`` see one node.
 """
 
 from typing import List, Optional, Sequence

@@ -1,6 +1,6 @@
-"""A float64 NumPy reference of the deformable convolution, forward and every gradient, written
-from detectron2's CUDA kernels independently of every backend; slow, for small checks. A point
-outside ``(-1, H) x (-1, W)`` reads 0; inside, only corners in the image contribute.
+"""A float64 NumPy reference of the deformable convolution, forward and every gradient.
+
+Written from detectron2's CUDA kernels independently of every backend; slow, for small checks.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -46,13 +46,10 @@ def deform_conv_reference(
         weight: (C_out, C_in // groups, kh, kw).
         bias: (C_out,) or None.
         grad_out: (N, C_out, Ho, Wo), the upstream gradient.
-        stride, padding, dilation: (h, w) pairs.
-        groups: convolution groups.
-        dg: deformable groups.
 
     Returns:
-        ``{"out", "input", "offset", "mask", "weight", "bias"}``: float64 CPU tensors of the
-        shapes of the output and of each argument; ``mask``/``bias`` are None when not given.
+        ``{"out", "input", "offset", "mask", "weight", "bias"}``: float64 CPU tensors (None if not
+        given).
     """
     xs, off, w, go = (t.detach().double().cpu().numpy() for t in (x, offset, weight, grad_out))
     m = None if mask is None else mask.detach().double().cpu().numpy()
@@ -132,14 +129,7 @@ TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def reference_cases(quick: bool = False) -> List[Dict]:
-    """The checked calls: float64 CPU ``x``, ``offset``, ``mask``, ``weight``, ``bias``,
-    ``grad_out``, ``geometry`` (stride, padding, dilation, groups, dg), ``name`` and
-    ``integer_points`` (every sampling point on a pixel or outside, where torchvision's offset
-    gradient is known to differ from detectron2's).
-
-    Cases: "random" (offsets, groups and deformable groups), "integer" (integer offsets with
-    stride and dilation 2) and "border" (points on -1, 0, H-1, H and halves).
-    """
+    """The checked cases ("random", "integer", "border"): float64 CPU arguments and geometry."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -171,20 +161,14 @@ def reference_cases(quick: bool = False) -> List[Dict]:
 
 
 def known_difference(backend: str, case: Dict, tensor: str) -> bool:
-    """Whether ``tensor``'s error is a known, accepted difference: torchvision's offset and mask
-    gradients at points exactly on integers follow another convention than detectron2's."""
+    """Whether ``tensor``'s error is torchvision's known convention at integer points."""
     return backend == "torchvision" and case["integer_points"] and tensor in ("offset", "mask")
 
 
 def backend_errors(
     case: Dict, backend: str, modulated: bool, dtype: torch.dtype, device="cpu"
 ) -> Dict[str, float]:
-    """Errors of one backend on one :func:`reference_cases` case against the reference.
-
-    Returns:
-        dict: tensor name ("out", "input", "offset"[, "mask"], "weight", "bias") -> largest
-        absolute error divided by the largest absolute reference value.
-    """
+    """Per tensor name: one backend's largest error on a case, over the largest reference value."""
     from .deform_conv import modulated_deform_conv
 
     stride, padding, dilation, groups, dg = case["geometry"]

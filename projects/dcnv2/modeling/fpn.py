@@ -1,6 +1,4 @@
-"""FPN on top of the deformable ResNet, as detectron2's ``build_resnet_fpn_backbone`` (R-CNN)
-and ``build_retinanet_resnet_fpn_backbone`` (RetinaNet); :func:`fpn_outputs`, some outputs of an
-FPN without computing the others."""
+"""FPN on top of the deformable ResNet (R-CNN and RetinaNet), and :func:`fpn_outputs`."""
 
 from typing import Dict, Sequence
 
@@ -20,19 +18,7 @@ __all__ = [
 
 
 def fpn_outputs(backbone: nn.Module, x: Tensor, names: Sequence[str]) -> Dict[str, Tensor]:
-    """The outputs ``names`` of ``backbone(x)``, equal to those of the whole forward.
-
-    For detectron2's ``FPN`` and its lateral levels (``p2``-``p5``), only the steps of
-    ``FPN.forward`` those outputs depend on run; any other backbone or name runs the whole forward.
-
-    Args:
-        backbone: the detector's backbone.
-        x (Tensor): (N, 3, H, W) images.
-        names: output names, e.g. ``["p4"]``.
-
-    Returns:
-        dict[str, Tensor]: the outputs ``names``.
-    """
+    """The outputs ``names`` (e.g. ``["p4"]``) of ``backbone(x)``, running only what they need."""
     # The outputs of the lateral levels, finest first (the top block's come after them).
     levels = (
         backbone._out_features[: len(backbone.in_features)] if isinstance(backbone, FPN) else []
@@ -59,8 +45,7 @@ def fpn_outputs(backbone: nn.Module, x: Tensor, names: Sequence[str]) -> Dict[st
 
 @BACKBONE_REGISTRY.register()
 def build_dcnv2_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """Deformable ResNet + FPN (P2-P6, P6 by max-pooling P5) from ``MODEL.RESNETS`` and
-    ``MODEL.FPN``."""
+    """Deformable ResNet + FPN (P2-P6) from ``MODEL.RESNETS`` and ``MODEL.FPN``."""
     return FPN(
         bottom_up=build_dcnv2_resnet_backbone(cfg, input_shape),
         in_features=cfg.MODEL.FPN.IN_FEATURES,
@@ -73,8 +58,7 @@ def build_dcnv2_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
 
 @BACKBONE_REGISTRY.register()
 def build_dcnv2_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """Deformable ResNet + FPN for RetinaNet (P3-P7; P6, P7 by strided convs on res5), as
-    detectron2's ``build_retinanet_resnet_fpn_backbone``."""
+    """Deformable ResNet + FPN for RetinaNet (P3-P7)."""
     bottom_up = build_dcnv2_resnet_backbone(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(

@@ -1,9 +1,7 @@
 """R-CNN feature mimicking (DCNv2 paper, section 3.3): a training-only R-CNN branch.
 
-Up to N positive RoIs per image are cropped from the input, resized to S x S, run through the
-same backbone, pooled as whole-crop RoIs and through the box head. ``loss_mimic`` is
-``1 - cos`` between these (detached) features and the Faster R-CNN RoI features;
-``loss_rcnn_cls`` classifies the crops. At inference the heads are exactly their base class.
+Positive RoIs are cropped, resized, run through the same backbone and box head; ``loss_mimic`` is
+``1 - cos`` to the Faster R-CNN RoI features. At inference the heads are exactly their base class.
 """
 
 import copy
@@ -35,16 +33,11 @@ __all__ = [
 def crop_and_resize(
     images: Tensor, boxes: Sequence[Tensor], size: int, sampling_ratio: int = 2
 ) -> Tensor:
-    """Crop boxes from a batch of images and resize each crop to ``size x size``.
-
-    RoIAlign with ``aligned=True`` (detectron2's pixel convention); ``sampling_ratio**2`` samples
-    per output pixel anti-alias crops of large boxes.
+    """Crop boxes from a batch of images and resize each crop to ``size x size`` (aligned RoIAlign).
 
     Args:
         images (Tensor): (N, C, H, W).
         boxes (list[Tensor]): N tensors of shape (R_i, 4), XYXY in image pixels.
-        size: side of the square output crops.
-        sampling_ratio: bilinear samples per bin side.
 
     Returns:
         Tensor: (sum R_i, C, size, size), crops in the order of ``boxes``.
@@ -67,13 +60,10 @@ def sample_positives(
     """Indices of up to ``max_per_image`` random foreground RoIs per image.
 
     Args:
-        gt_classes (list[Tensor]): per image, (R_i,) int64 labels; ``num_classes`` is background,
-            ``-1`` ignored.
-        num_classes: number of foreground classes.
-        max_per_image: the cap.
+        gt_classes (list[Tensor]): per image, (R_i,); ``num_classes`` is background, -1 ignored.
 
     Returns:
-        list[Tensor]: per image, (P_i,) int64 indices into that image's RoIs, P_i <= cap.
+        list[Tensor]: per image, (P_i,) int64 indices into that image's RoIs.
     """
     if max_per_image < 0:
         raise ValueError(f"max_per_image must be >= 0, got {max_per_image}")
@@ -87,15 +77,7 @@ def sample_positives(
 
 
 def cosine_mimic_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean over RoIs of ``1 - cos(student, teacher)``; 0 when the two are parallel.
-
-    Args:
-        student (Tensor): (R, D) features to be pushed (Faster R-CNN branch).
-        teacher (Tensor): (R, D) target features (R-CNN branch); detach it to make it a target.
-
-    Returns:
-        Tensor: scalar in [0, 2].
-    """
+    """Mean over RoIs of ``1 - cos(student, teacher)``, for (R, D) features; a scalar in [0, 2]."""
     if student.shape != teacher.shape or student.dim() != 2:
         raise ValueError(
             f"expected two (R, D) feature tensors of the same shape, got {tuple(student.shape)} "
@@ -107,8 +89,7 @@ def cosine_mimic_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class RCNNMimicBranch(nn.Module):
     """The R-CNN branch's own parameters (classifier, optionally its own fcs) and its losses.
 
-    Everything it shares with the detector (backbone, box pooler, and by default the box head's
-    fcs) is passed to :meth:`losses`, so that nothing is registered twice.
+    What it shares with the detector is passed to :meth:`losses`, so nothing is registered twice.
     """
 
     def __init__(
@@ -124,18 +105,13 @@ class RCNNMimicBranch(nn.Module):
         detach_teacher: bool = True,
         sampling_ratio: int = 2,
     ):
-        """
-        Args:
-            feature_dim: channels of the box head's output (1024 for the 2fc head).
-            num_classes: foreground classes. The classifier has no background logit: only
-                positive RoIs ever reach it.
-            num_positives_per_image: cap on sampled positive RoIs per image (paper: 32).
-            crop_size: side of the resized crops (paper: 224).
-            loss_weight: weight of ``loss_mimic`` (paper: 0.1).
-            cls_loss_weight: weight of ``loss_rcnn_cls``.
-            box_head: the branch's own fcs; None shares the detector's box head.
-            detach_teacher: stop the mimic gradient at the R-CNN features (they are the target).
-            sampling_ratio: bilinear samples per bin side when cropping.
+        """Args:
+        num_classes: foreground classes (no background logit: only positive RoIs reach it).
+        num_positives_per_image: cap on sampled positive RoIs per image (paper: 32).
+        crop_size: side of the resized crops (paper: 224).
+        loss_weight: weight of ``loss_mimic`` (paper: 0.1).
+        box_head: the branch's own fcs; None shares the detector's box head.
+        detach_teacher: stop the mimic gradient at the R-CNN features (they are the target).
         """
         super().__init__()
         if crop_size <= 0 or num_positives_per_image < 0:
@@ -170,17 +146,11 @@ class RCNNMimicBranch(nn.Module):
 
         Args:
             images (Tensor): (N, 3, H, W) normalised, padded images (``ImageList.tensor``).
-            features (list[Tensor]): the detector's feature maps named by ``in_features``.
-            proposals (list[Instances]): N sampled proposals from ``label_and_sample_proposals``
-                with ``proposal_boxes`` and ``gt_classes``.
-            backbone: the detector's backbone; returns a dict with ``in_features``.
+            proposals (list[Instances]): proposals with ``proposal_boxes``, ``gt_classes``.
             box_pooler: the heads' pooler, ``(list[Tensor], list[Boxes]) -> (R, C, k, k)``.
-            box_head: the detector's box head (the Faster R-CNN features, and the R-CNN ones
-                too unless the branch has its own fcs).
-            in_features: names of the pooled feature maps.
 
         Returns:
-            dict: ``loss_mimic`` and ``loss_rcnn_cls``, scalars (weighted).
+            dict: ``loss_mimic`` and ``loss_rcnn_cls``, weighted scalars.
         """
         keep = sample_positives(
             [p.gt_classes for p in proposals], self.num_classes, self.num_positives_per_image
@@ -193,12 +163,9 @@ class RCNNMimicBranch(nn.Module):
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return {"loss_mimic": zero, "loss_rcnn_cls": zero.clone()}
 
-        # Faster R-CNN branch: the same pooling + box head as the detector applies to these RoIs
-        # (recomputed for the few sampled ones rather than intercepting the heads' forward).
         frcnn = box_head(box_pooler(list(features), [Boxes(b) for b in boxes]))
 
-        # R-CNN branch: the crops through the shared backbone, one whole-crop RoI each, pooled at
-        # the level the pooler picks for an S x S box (p4 for 224 with FPN's canonical mapping).
+        # Crops pool at the level the pooler picks for an S x S box (p4 for 224 with FPN).
         crops = crop_and_resize(images, boxes, self.crop_size, self.sampling_ratio)
         s = float(self.crop_size)
         whole = torch.tensor([[0.0, 0.0, s, s]], device=crops.device, dtype=crops.dtype)
@@ -217,11 +184,7 @@ class RCNNMimicBranch(nn.Module):
     def _crop_maps(
         self, crops: Tensor, backbone: nn.Module, box_pooler: nn.Module, in_features: Sequence[str]
     ) -> List[Tensor]:
-        """The maps ``in_features`` of the crops, as ``box_pooler`` reads them.
-
-        Whole-crop RoIs all pool from one level of a multi-level ``ROIPooler`` (p4 for S = 224):
-        only that level is computed; the others are (N, C, 1, 1) zero maps never sampled.
-        """
+        """The maps ``in_features`` of the crops; levels the crops never sample are zeros."""
         level = 0
         if isinstance(box_pooler, ROIPooler) and len(in_features) > 1:
             whole = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
@@ -245,17 +208,14 @@ class RCNNMimicBranch(nn.Module):
 class MimicROIHeadsMixin:
     """Adds the R-CNN mimicking branch to a ``StandardROIHeads`` subclass (put it first).
 
-    ``MODEL.DCNV2.MIMIC.ENABLED=False`` builds no branch: the heads are then exactly the base
-    class. With it enabled, the heads need the backbone: build them inside
-    :class:`MimicGeneralizedRCNN` (``MODEL.META_ARCHITECTURE: "MimicGeneralizedRCNN"``).
+    With ``MODEL.DCNV2.MIMIC.ENABLED`` the heads need the backbone: build them inside
+    :class:`MimicGeneralizedRCNN`.
     """
 
     @configurable
     def __init__(self, *, mimic: Optional[RCNNMimicBranch] = None, **kwargs):
-        """
-        Args:
-            mimic: the branch, or None for the plain heads.
-            kwargs: the base heads' arguments.
+        """Args:
+        mimic: the branch, or None for the plain heads.
         """
         super().__init__(**kwargs)
         self.mimic = mimic
@@ -277,7 +237,6 @@ class MimicROIHeadsMixin:
                 crop_size=mc.CROP_SIZE,
                 loss_weight=mc.LOSS_WEIGHT,
                 cls_loss_weight=mc.CLS_LOSS_WEIGHT,
-                # Own fcs start as a copy of the detector's (same initial weights).
                 box_head=None if mc.SHARE_HEAD_FCS else copy.deepcopy(ret["box_head"]),
                 detach_teacher=mc.DETACH_RCNN_FEATURES,
             )
@@ -300,9 +259,7 @@ class MimicROIHeadsMixin:
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
     ):
-        """The base heads' forward; in training also the R-CNN branch's losses, whose positives are
-        sampled from the proposals the base forward returns (with ``gt_classes``).
-        """
+        """The base heads' forward; in training also the R-CNN branch's losses."""
         out, losses = super().forward(images, features, proposals, targets)
         if self.training and self.mimic is not None:
             if not self._backbone:
@@ -327,8 +284,7 @@ class MimicROIHeadsMixin:
 
 @ROI_HEADS_REGISTRY.register()
 class MimicROIHeads(MimicROIHeadsMixin, DCNv2StandardROIHeads):
-    """``DCNv2StandardROIHeads`` (detectron2's standard heads, optional mdpool) with the
-    training-only R-CNN feature-mimicking branch."""
+    """``DCNv2StandardROIHeads`` with the training-only R-CNN feature-mimicking branch."""
 
 
 @META_ARCH_REGISTRY.register()

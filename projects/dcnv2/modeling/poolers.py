@@ -1,8 +1,7 @@
 """Modulated deformable RoI pooling (mdpool) in detectron2's box and mask heads.
 
-``DCNv2StandardROIHeads`` / ``DCNv2CascadeROIHeads`` are detectron2's heads, except that
-``POOLER_TYPE: "ModulatedDeformROIAlign"`` builds a :class:`DeformableROIPooler`: detectron2's FPN
-level assignment with one mdpool layer per level (MMDetection's layout) or one shared by all.
+``POOLER_TYPE: "ModulatedDeformROIAlign"`` in ``DCNv2StandardROIHeads`` / ``DCNv2CascadeROIHeads``
+builds a :class:`DeformableROIPooler`.
 """
 
 from typing import Dict, List, Sequence
@@ -34,11 +33,7 @@ MDPOOL_TYPE = "ModulatedDeformROIAlign"
 
 
 class DeformableROIPooler(ROIPooler):
-    """detectron2's multi-level ROIPooler with modulated deformable RoIAlign at every level.
-
-    ``level_poolers`` holds one :class:`ModulatedDeformRoIAlign` per level, or a single one
-    (called with each level's scale) when ``share_across_levels``.
-    """
+    """detectron2's multi-level ROIPooler with modulated deformable RoIAlign at every level."""
 
     def __init__(
         self,
@@ -55,14 +50,10 @@ class DeformableROIPooler(ROIPooler):
         canonical_box_size: int = 224,
         canonical_level: int = 4,
     ):
-        """
-        Args:
-            output_size, scales, sampling_ratio, canonical_box_size, canonical_level: as
-                detectron2's ``ROIPooler`` (coordinates are always ROIAlignV2's).
-            in_channels: channels of every feature map.
-            gamma, fc_dim, num_offset_fc, num_mask_fc: see :class:`ModulatedDeformRoIAlign`.
-            share_across_levels: one set of branch parameters for all levels (True) or one per
-                level (False, as MMDetection).
+        """Args:
+        in_channels: channels of every feature map.
+        gamma, fc_dim, num_offset_fc, num_mask_fc: see :class:`ModulatedDeformRoIAlign`.
+        share_across_levels: one set of branch parameters for all levels, or one per level.
         """
         # ROIAlignV2 only to reuse the parent's checks of the pyramid; replaced below.
         super().__init__(
@@ -95,8 +86,7 @@ class DeformableROIPooler(ROIPooler):
         return pooler(features, rois, spatial_scale=self.scales[level])
 
     def forward(self, x: List[Tensor], box_lists: List[Boxes]) -> Tensor:
-        """
-        Args:
+        """Args:
             x (list[Tensor]): one (N, C, H_l, W_l) map per level, in the order of ``scales``.
             box_lists (list[Boxes]): N lists of boxes in image coordinates.
 
@@ -131,14 +121,7 @@ class DeformableROIPooler(ROIPooler):
 def build_deformable_pooler(
     cfg: CfgNode, input_shape: Dict[str, ShapeSpec], head: str
 ) -> DeformableROIPooler:
-    """The mdpool pooler of one head, from the config.
-
-    Args:
-        cfg: config with ``MODEL.DCNV2.MDPOOL`` (see ``dcnv2.add_dcnv2_config``).
-        input_shape: the backbone's output shapes.
-        head: ``"ROI_BOX_HEAD"`` or ``"ROI_MASK_HEAD"``, whose resolution and sampling ratio
-            are used.
-    """
+    """The mdpool pooler of ``head`` (``"ROI_BOX_HEAD"`` or ``"ROI_MASK_HEAD"``) from the config."""
     in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
     channels = {input_shape[f].channels for f in in_features}
     if len(channels) != 1:
@@ -166,11 +149,7 @@ def _with_plain_pooler(cfg: CfgNode, head: str) -> CfgNode:
 
 
 class DeformablePoolingMixin:
-    """Gives a ``StandardROIHeads`` subclass mdpool in the box/mask heads (put it first).
-
-    detectron2 builds each head as usual, with ROIAlignV2 standing in for
-    ``"ModulatedDeformROIAlign"``; the pooler is then swapped for a :class:`DeformableROIPooler`.
-    """
+    """Gives a ``StandardROIHeads`` subclass mdpool in the box/mask heads (put it first)."""
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

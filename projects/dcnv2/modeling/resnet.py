@@ -1,6 +1,6 @@
-"""ResNet / ResNeXt backbones with (modulated) deformable 3x3 convolutions in chosen stages:
-detectron2's ``DeformBottleneckBlock`` (same parameter names, so its checkpoints load) with this
-plugin's deformable conv, in detectron2's own ``ResNet``.
+"""ResNet / ResNeXt backbones with (modulated) deformable 3x3 convolutions in chosen stages.
+
+detectron2's ``DeformBottleneckBlock`` names (its checkpoints load), in detectron2's ``ResNet``.
 """
 
 from typing import List, Sequence
@@ -26,14 +26,10 @@ _BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 class DCNv2BottleneckBlock(DeformBottleneckBlock):
     """detectron2's ``DeformBottleneckBlock`` with this plugin's deformable conv as ``conv2``.
 
-    The constructor is detectron2's written out (same order, names and shapes, so one seed gives
-    the same weights and its checkpoints load): detectron2's own instantiates its deformable convs,
-    which a detectron2 without compiled ops refuses. ``conv2_offset`` starts at zero, so the block
-    starts as a plain bottleneck (taps weighted sigmoid(0) = 0.5 for DCNv2).
+    The constructor is detectron2's written out (same weights for one seed), since
+    detectron2's own instantiates convs a build without compiled ops refuses.
 
     Args:
-        in_channels, out_channels, bottleneck_channels, stride, num_groups, norm,
-            stride_in_1x1, dilation, deform_num_groups: as detectron2's block.
         deform_modulated: True for DCNv2, False for DCNv1.
         backend: deformable-conv backend, see :mod:`dcnv2.layers.backends`.
     """
@@ -131,23 +127,13 @@ def make_dcnv2_stages(
 ) -> List[List[CNNBlockBase]]:
     """The four stages (res2-res5) of a ResNet/ResNeXt with deformable 3x3 convs where asked.
 
-    Keyword-only so it can be wrapped in ``L(...)`` in a LazyConfig, for example
-    ``L(ResNet)(stem=..., stages=L(make_dcnv2_stages)(depth=50), out_features=[...])``.
+    Keyword-only for ``L(ResNet)(stem=..., stages=L(make_dcnv2_stages)(depth=50), ...)``.
 
     Args:
-        depth: 50, 101 or 152.
         deform_on_per_stage: four booleans, res2 to res5.
-        deform_modulated: True for DCNv2 (mdconv), False for DCNv1 (dconv).
-        deform_num_groups: deformable groups of each deformable conv.
-        num_groups, width_per_group: ResNeXt cardinality and width (1, 64 for ResNet).
         in_channels: channels out of the stem; out_channels: channels out of res2.
         stride_in_1x1: True for caffe2/MSRA-style weights, False for pytorch-style ones.
         res5_dilation: 1 or 2 (then res5 keeps stride 16).
-        norm: a detectron2 norm name ("FrozenBN", "BN", "SyncBN", "GN", ...).
-        backend: deformable-conv backend, see :mod:`dcnv2.layers.backends`.
-
-    Returns:
-        list[list[CNNBlockBase]]: the blocks of each stage, for ``detectron2``'s ``ResNet``.
     """
     if depth not in _BLOCKS_PER_STAGE:
         raise ValueError(
@@ -194,9 +180,7 @@ def make_dcnv2_stages(
 
 @BACKBONE_REGISTRY.register()
 def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
-    """detectron2's ResNet built from ``MODEL.RESNETS`` with deformable convs per
-    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` (DCNv2 when ``DEFORM_MODULATED``) and the op backend
-    from ``MODEL.DCNV2.BACKEND``."""
+    """detectron2's ResNet with deformable convs, from ``MODEL.RESNETS`` and ``MODEL.DCNV2``."""
     r = cfg.MODEL.RESNETS
     stem = BasicStem(
         in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
