@@ -35,7 +35,6 @@ A config defines ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``),
 import logging
 from typing import Any, List, Optional, Tuple
 
-import torch
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -48,11 +47,11 @@ from ..data.resumable import ResumableTrainLoader
 from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..data.validation import load_training_dicts
 from ..dialects import LAZY_KEYS
-from ..errors import NonFiniteLossError
 from ..lazy_config import load_config
 from .eval_output import evaluated_weights, record_eval_weights
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
+from .preflight import check_devices
 from .setup import setup_run
 from .trainer import build_training_loop, create_ddp_model, explain_nonfinite_stop
 
@@ -65,15 +64,6 @@ _D2_DATASET_DICTS = "detectron2.data.build.get_detection_dataset_dicts"
 _D2_MAPPER = "detectron2.data.dataset_mapper.DatasetMapper"
 
 logger = logging.getLogger(__name__)
-
-
-def _check_device(cfg) -> None:
-    device = torch.device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device is {cfg.train.device!r} but CUDA is not available; "
-            "add train.device=cpu to the command line to run on the CPU"
-        )
 
 
 def _target_name(target: Any) -> str:
@@ -202,7 +192,7 @@ def do_train(cfg, args) -> None:
         args: the command line of ``train_net.py``; only ``args.resume`` is read.
     """
     quiet_user_error_tracebacks()
-    _check_device(cfg)
+    check_devices(cfg.train.device, 1, LAZY_KEYS)
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
@@ -251,8 +241,8 @@ def do_train(cfg, args) -> None:
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     try:
         trainer.train(start_iter, cfg.train.max_iter)
-    except NonFiniteLossError as e:
-        raise explain_nonfinite_stop(e, checkpointer, LAZY_KEYS) from None
+    except FloatingPointError as e:
+        raise explain_nonfinite_stop(e, checkpointer, LAZY_KEYS, trainer.iter) from None
 
 
 def main(args):
@@ -263,7 +253,7 @@ def main(args):
     setup_run(cfg, args)
     if not args.eval_only:
         return do_train(cfg, args)
-    _check_device(cfg)
+    check_devices(cfg.train.device, 1, LAZY_KEYS)
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)

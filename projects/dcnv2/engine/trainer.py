@@ -21,9 +21,9 @@ from ..data.resumable import build_resumable_train_loader
 from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
-from .amp import amp_loop
+from .amp import amp_trainer
 from .evaluation import EvaluatedImagesCOCOEvaluator
-from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
+from .hooks import NonFiniteGuard, ResumableDataHook, quiet_user_error_tracebacks, usual_causes
 from .preemption import PreemptionHook
 from .solver import build_optimizer
 
@@ -48,42 +48,48 @@ def build_training_loop(
     data_loader,
     optimizer: torch.optim.Optimizer,
     *,
-    amp: bool,
-    max_nonfinite_skips: int = 0,
+    amp: bool = False,
+    max_nonfinite_skips: Optional[int] = 0,
     keys: RunKeys = YAML_KEYS,
 ) -> SimpleTrainer:
-    """The training loop of the YAML :class:`Trainer` and of the LazyConfig loop.
-
+    """The training loop of the YAML :class:`Trainer`, the LazyConfig loop and the benchmarks:
     detectron2's ``SimpleTrainer``, or with ``amp`` the mixed-precision loop for the model's
-    device (:func:`~dcnv2.engine.amp.amp_loop`), whose non-finite losses are checked on every
-    process before the optimizer step (:func:`~dcnv2.engine.hooks.guard_nonfinite_losses`).
+    device (:func:`~dcnv2.engine.amp.amp_trainer`), with a
+    :class:`~dcnv2.engine.hooks.NonFiniteGuard` registered.
+
+    Run it with ``loop.train(start_iter, max_iter)``, or step by step with ``loop.run_step()``
+    inside a detectron2 ``EventStorage``.
 
     Args:
         model: the (possibly DDP-wrapped) model, on its device.
-        data_loader, optimizer: as ``SimpleTrainer``.
+        data_loader: any iterable of batches.
+        optimizer: as ``SimpleTrainer``.
         amp: ``SOLVER.AMP.ENABLED`` / ``train.amp.enabled``.
-        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping.
+        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping; None: no
+            guard (nothing checked, nothing synchronised per step).
         keys: the config keys its messages name.
     """
-    loop_class, kwargs = (
-        amp_loop(next(model.parameters()).device.type) if amp else (SimpleTrainer, {})
-    )
-    return guard_nonfinite_losses(loop_class)(
-        model,
-        data_loader,
-        optimizer,
-        max_nonfinite_skips=max_nonfinite_skips,
-        keys=keys,
-        **kwargs,
-    )
+    loop = (amp_trainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+    if max_nonfinite_skips is not None:
+        loop.register_hooks([NonFiniteGuard(model, max_nonfinite_skips, keys)])
+    return loop
 
 
 def explain_nonfinite_stop(
-    error: NonFiniteLossError, checkpointer, keys: RunKeys = YAML_KEYS
+    error: FloatingPointError, checkpointer, keys: RunKeys = YAML_KEYS, iteration: int = -1
 ) -> NonFiniteLossError:
-    """``error`` with what the run left behind: the last checkpoint to ``--resume`` from (and
-    whether it may hold diverged weights), or that none was written (``keys.checkpoint_period``).
-    """
+    """A :class:`~dcnv2.errors.NonFiniteLossError` for a run stopped by ``error``, saying what the
+    run left behind: the last checkpoint to ``--resume`` from (and whether it may hold diverged
+    weights), or that none was written. A ``FloatingPointError`` of detectron2's (its RPN finds
+    non-finite predictions in the forward pass of ``iteration``) means the weights diverged in an
+    earlier update whose loss was still finite."""
+    if not isinstance(error, NonFiniteLossError):
+        error = NonFiniteLossError(
+            f"The model's outputs became non-finite at iteration {iteration} ({error}): the "
+            "weights diverged in an earlier update, whose loss was still finite. "
+            f"{usual_causes(keys)}.",
+            diverged=True,
+        )
     if checkpointer.has_checkpoint():
         kept = (
             f" The last checkpoint, {checkpointer.get_checkpoint_file()}, was written before "
@@ -161,8 +167,8 @@ class Trainer(DefaultTrainer):
     def train(self):
         try:
             return super().train()
-        except NonFiniteLossError as e:
-            raise explain_nonfinite_stop(e, self.checkpointer, YAML_KEYS) from None
+        except FloatingPointError as e:
+            raise explain_nonfinite_stop(e, self.checkpointer, YAML_KEYS, self.iter) from None
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
