@@ -37,7 +37,7 @@ from typing import Any, List, Optional, Tuple
 
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,6 +49,7 @@ from ..data.validation import load_training_dicts
 from ..dialects import LAZY_KEYS
 from ..lazy_config import load_config
 from .eval_output import evaluated_weights, record_eval_weights
+from .evaluation import NothingDetectedWarning
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
 from .preflight import check_devices
@@ -177,9 +178,8 @@ def do_test(cfg, model) -> Optional[dict]:
     """
     if "evaluator" not in cfg.dataloader:
         return None
-    results = inference_on_dataset(
-        model, build_test_loader(cfg), instantiate(cfg.dataloader.evaluator)
-    )
+    evaluator = DatasetEvaluators([NothingDetectedWarning(), instantiate(cfg.dataloader.evaluator)])
+    results = inference_on_dataset(model, build_test_loader(cfg), evaluator)
     print_csv_format(results)
     return results
 

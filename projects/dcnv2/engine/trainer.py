@@ -11,7 +11,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
@@ -22,7 +22,7 @@ from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..dialects import YAML_KEYS, RunKeys
 from ..errors import NonFiniteLossError
 from .amp import amp_trainer
-from .evaluation import EvaluatedImagesCOCOEvaluator
+from .evaluation import EvaluatedImagesCOCOEvaluator, NothingDetectedWarning
 from .hooks import NonFiniteGuard, ResumableDataHook, quiet_user_error_tracebacks, usual_causes
 from .preemption import PreemptionHook
 from .solver import build_optimizer
@@ -207,4 +207,5 @@ class Trainer(DefaultTrainer):
                 f"dcnv2's Trainer evaluates COCO-format datasets; {dataset_name!r} has "
                 f"evaluator_type={evaluator_type!r}. Override Trainer.build_evaluator for it."
             )
-        return EvaluatedImagesCOCOEvaluator(dataset_name, output_dir=output_folder)
+        coco = EvaluatedImagesCOCOEvaluator(dataset_name, output_dir=output_folder)
+        return DatasetEvaluators([NothingDetectedWarning(), coco])
