@@ -1,7 +1,6 @@
 """``DCNv2Checkpointer``: detectron2's ``DetectionCheckpointer`` with safe, checked file loading
 and atomic saves."""
 
-import os
 import pickle
 from typing import Any, Dict, Optional
 
@@ -9,7 +8,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..dialects import YAML_KEYS, RunKeys, run_keys
 from ..errors import WeightsError
-from .atomic import AtomicCheckpointMixin
+from .atomic import AtomicCheckpointMixin, last_checkpoint_pointer
 from .integrity import (
     UNREADABLE_ERRORS,
     check_checkpoint_dict,
@@ -65,7 +64,7 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
 
     def _source(self) -> str:
         if self._resuming:
-            return f"named by {os.path.join(self.save_dir, 'last_checkpoint')} (--resume)"
+            return f"named by {last_checkpoint_pointer(self.save_dir)} (--resume)"
         return f"given by {self.keys.weights}"
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:

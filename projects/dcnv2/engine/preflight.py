@@ -14,6 +14,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
+from ..checkpoint.atomic import last_checkpoint_pointer
 from ..checkpoint.integrity import check_weights_file
 from ..config import get_cfg
 from ..data import build_test_augmentation, check_datasets
@@ -184,7 +185,7 @@ def model_num_classes(cfg, keys: RunKeys) -> Dict[str, int]:
 
 
 def _resume_file(output_dir: str) -> Optional[str]:
-    pointer = os.path.join(output_dir, "last_checkpoint")
+    pointer = last_checkpoint_pointer(output_dir)
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
@@ -230,7 +231,7 @@ def preflight(
         check_batch_size(cfg, keys, num_gpus * num_machines)
     resume_file = _resume_file(output_dir) if resume and output_dir else None
     if resume_file is not None:
-        pointer = os.path.join(output_dir, "last_checkpoint")
+        pointer = last_checkpoint_pointer(output_dir)
         if not os.path.exists(resume_file):
             raise WeightsError(
                 f"--resume: {pointer} names {resume_file}, "
