@@ -1,7 +1,6 @@
-"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file:
-each problem is one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected;
-and the reporting of such errors from worker processes.
-"""
+"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file
+(each problem one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected),
+and the reporting of such errors from worker processes."""
 
 import logging
 import os
@@ -28,6 +27,7 @@ from ..errors import (
     ConfigFileNotFoundError,
     LaunchError,
     OutputDirError,
+    TrainingInterrupted,
     WeightsError,
     report_user_error,
 )
@@ -359,4 +359,6 @@ def report_user_errors(prog: str, main_func: Callable, *args):
         if not comm.is_main_process():
             # Most such errors happen on every process: leave the report to the main one.
             leave_report_to_main_process()
+            if isinstance(e, TrainingInterrupted):  # every process stops, the main one says so
+                sys.exit(e.exit_status)
         sys.exit(report_user_error(prog, e))

@@ -1,5 +1,5 @@
-"""Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator,
-distributed training and mixed precision that also work on CPU (gloo, bfloat16)."""
+"""Training and evaluation of dcnv2 YAML configs (:class:`Trainer`), and the one training loop
+(:func:`build_training_loop`) it shares with the LazyConfig loop and the benchmarks."""
 
 import logging
 import os
@@ -104,17 +104,11 @@ def explain_nonfinite_stop(
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP, mixed precision
-    (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``, safe weight
-    loading (``dcnv2.checkpoint.DCNv2Checkpointer``, ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``).
-
-    Reliability: atomic checkpoints; a training loader and per-iteration seeds that make a resumed
-    run continue exactly (``dcnv2.data.resumable``, ``dcnv2.engine.hooks``); non-finite losses
-    stop the run, or skip up to ``SOLVER.DCNV2.MAX_NONFINITE_SKIPS`` iterations, on every process
-    together; SIGTERM/SIGINT stop it after the iteration in progress, with a checkpoint
-    (:class:`~dcnv2.engine.preemption.PreemptionHook`); ``DATASETS.DCNV2.ON_BAD_DATA`` for bad
-    annotations and unreadable images, in training and in evaluation (whose metrics then cover
-    the evaluated images: :mod:`dcnv2.engine.evaluation`)."""
+    """``DefaultTrainer`` for dcnv2 models: COCO evaluation over the evaluated images, DDP on CPU
+    too, mixed precision on any device, the offset-conv learning rate, safe weight loading and
+    atomic checkpoints, exact resume (:class:`~dcnv2.engine.hooks.ResumableDataHook`), the
+    non-finite guard (``SOLVER.DCNV2.MAX_NONFINITE_SKIPS``), a clean stop with a checkpoint on
+    SIGTERM/SIGINT, and ``DATASETS.DCNV2.ON_BAD_DATA`` in training and evaluation."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
