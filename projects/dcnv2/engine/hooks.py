@@ -50,7 +50,8 @@ class NonFiniteGuard(HookBase):
     write and the optimizer step) on every process together. A non-finite one stops the run with
     :class:`~dcnv2.errors.NonFiniteLossError` naming the iteration and the terms (or parameters),
     the weights not updated with it; or, while fewer than ``max_nonfinite_skips`` were skipped,
-    drops the iteration's update (gradients cleared) and its non-finite terms from the metrics.
+    drops the iteration's update (gradients cleared) and its non-finite terms from the metrics
+    (its ``total_loss`` sums the finite ones).
 
     Register it on the ``SimpleTrainer`` that runs the step (``DefaultTrainer._trainer``).
 
