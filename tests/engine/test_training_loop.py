@@ -86,3 +86,22 @@ def test_a_skipped_update_changes_nothing_then_the_limit_stops_the_run():
     assert str(e.value).startswith("Loss became non-finite at iteration 3: loss_a=nan")
     assert "Iterations skipped before for the same reason: [1]" in str(e.value)
     assert loop._hooks[0].state_dict() == {"skipped": [1]}
+
+
+def test_with_a_grad_scaler_a_skipped_update_is_a_step_the_scaler_skips():
+    # AMPTrainer (CUDA only) steps through its GradScaler, which refuses a step without any
+    # gradient: the guard leaves it non-finite gradients, whose step the scaler skips.
+    model = Regression()
+    optimizer = _sgd(model)
+    loop = build_training_loop(model, _data(1), optimizer, max_nonfinite_skips=1)
+    loop.grad_scaler = scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    losses = model(_data(1)[0])
+    scaler.scale(sum(losses.values())).backward()
+    losses["loss_c"] = torch.tensor(float("nan"))  # a non-finite term without gradients
+    before = _weights(model)
+    loop._hooks[0].after_backward()
+    assert set(losses) == {"loss_a", "loss_b"}  # the NaN term does not reach the metrics
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+    assert scaler.get_scale() < 8.0 and loop._hooks[0].skipped == [0]
