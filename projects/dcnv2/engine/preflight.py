@@ -22,10 +22,12 @@ from ..data.test_loader import check_test_images
 from ..data.validation import validate_datasets
 from ..dialects import YAML_KEYS, RunKeys, datasets_used, run_keys
 from ..errors import (
+    USER_ERROR_EXIT,
     USER_ERRORS,
     ConfigError,
     ConfigFileNotFoundError,
     LaunchError,
+    NonFiniteLossError,
     OutputDirError,
     TrainingInterrupted,
     WeightsError,
@@ -359,6 +361,9 @@ def report_user_errors(prog: str, main_func: Callable, *args):
         if not comm.is_main_process():
             # Most such errors happen on every process: leave the report to the main one.
             leave_report_to_main_process()
-            if isinstance(e, TrainingInterrupted):  # every process stops, the main one says so
+            # Raised by every process together (they agree on it): the main one reports it.
+            if isinstance(e, TrainingInterrupted):
                 sys.exit(e.exit_status)
+            if isinstance(e, NonFiniteLossError) and not e.diverged:
+                sys.exit(USER_ERROR_EXIT)
         sys.exit(report_user_error(prog, e))
