@@ -205,20 +205,11 @@ def preflight(
     force: bool = False,
 ) -> None:
     """Every check above, cheapest first, in the launching process, for a YAML config or a
-    LazyConfig; the datasets are checked (and the synthetic ones generated) here only.
-
-    Args:
-        cfg: the run's config (:func:`load_run_config`).
-        num_gpus: ``--num-gpus``.
-        resume: ``--resume``: the checkpoint ``last_checkpoint`` names, if any, replaces the
-            initial weights.
-        eval_only: ``--eval-only``: the training sets are not read, and trained weights are
-            required (:func:`check_eval_weights`).
-        opts: the command line's overrides, for :func:`check_eval_weights`.
-        num_machines: ``--num-machines``.
-        force: ``--force``: an eval-only run may replace results of other weights
-            (:func:`dcnv2.engine.eval_output.check_eval_results`).
-    """
+    LazyConfig (:func:`load_run_config`); the datasets are checked (and the synthetic ones
+    generated) here only. The keyword arguments are ``train_net.py``'s options (``opts``: its
+    overrides); with ``eval_only`` the training sets are not read and trained weights are
+    required (:func:`check_eval_weights`); with ``resume`` the checkpoint ``last_checkpoint``
+    names, if any, replaces the initial weights."""
     keys = run_keys(cfg)
     if isinstance(cfg, CfgNode):
         build_test_augmentation(cfg)  # INPUT.DCNV2.RESIZE_BACKEND known, OpenCV there if named

@@ -54,20 +54,11 @@ def build_training_loop(
 ) -> SimpleTrainer:
     """The training loop of the YAML :class:`Trainer`, the LazyConfig loop and the benchmarks:
     detectron2's ``SimpleTrainer``, or with ``amp`` the mixed-precision loop for the model's
-    device (:func:`~dcnv2.engine.amp.amp_trainer`), with a
-    :class:`~dcnv2.engine.hooks.NonFiniteGuard` registered.
-
-    Run it with ``loop.train(start_iter, max_iter)``, or step by step with ``loop.run_step()``
-    inside a detectron2 ``EventStorage``.
-
-    Args:
-        model: the (possibly DDP-wrapped) model, on its device.
-        data_loader: any iterable of batches.
-        optimizer: as ``SimpleTrainer``.
-        amp: ``SOLVER.AMP.ENABLED`` / ``train.amp.enabled``.
-        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping; None: no
-            guard (nothing checked, nothing synchronised per step).
-        keys: the config keys its messages name.
+    device (:func:`~dcnv2.engine.amp.amp_trainer`), over any iterable of batches, with a
+    :class:`~dcnv2.engine.hooks.NonFiniteGuard` (none when ``max_nonfinite_skips`` is None:
+    nothing checked or synchronised per step; ``keys`` name the config keys in its messages).
+    Run it with ``loop.train(start_iter, max_iter)``, or ``loop.run_step()`` in an
+    ``EventStorage``.
     """
     loop = (amp_trainer if amp else SimpleTrainer)(model, data_loader, optimizer)
     if max_nonfinite_skips is not None:
