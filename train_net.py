@@ -18,8 +18,8 @@ one process per GPU with a cluster launcher, which sets --num-gpus, --num-machin
 --machine-rank (leave them out):
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
         train_net.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml
-    srun --ntasks-per-node 8 python train_net.py --config-file faster_rcnn_R50_mdconv_FPN_1x.yaml
-(tools/slurm_train.sh submits the latter with sbatch).
+    GPUS=16 bash tools/slurm_train.sh PARTITION JOB_NAME faster_rcnn_R50_mdconv_FPN_1x.yaml
+(srun, one task per GPU, with MASTER_ADDR/MASTER_PORT exported; SBATCH=1 submits it).
 """
 
 import contextlib

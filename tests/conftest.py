@@ -1,12 +1,15 @@
-"""Test-suite hygiene shared by every test folder, and the train_net.py overrides that several test
-files use (as fixtures: importlib mode cannot import conftest)."""
+"""Test-suite hygiene shared by every test folder, and the tiny-config overrides that
+several test files use (as fixtures: importlib mode cannot import conftest)."""
 
 import logging
 
 import pytest
 
-# The embedded default shrunk for train_net.py runs whose test is about the wiring, not the recipe.
-TINY_TRAIN_NET = (
+# The embedded default (configs/quick) shrunk for runs whose test is about the wiring, not the
+# recipe: 128-px images, small sampling and proposal budgets, 2 images per batch, no loader
+# workers, no periodic checkpoint. Tests add what their subject needs (tests/reliability: a
+# narrow network on 64-px images).
+TINY_OPTS = (
     "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192",
     "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "100000",
@@ -18,9 +21,10 @@ TINY_TRAIN_NET = (
 
 
 @pytest.fixture(scope="session")
-def tiny_train_net() -> tuple:
-    """:data:`TINY_TRAIN_NET`, ``--opts`` arguments of train_net.py (a tuple: shared, immutable)."""
-    return TINY_TRAIN_NET
+def tiny_opts() -> tuple:
+    """:data:`TINY_OPTS`, config overrides (``KEY VALUE`` pairs) of the embedded default (a tuple:
+    shared, immutable)."""
+    return TINY_OPTS
 
 
 @pytest.fixture

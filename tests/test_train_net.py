@@ -55,12 +55,12 @@ def _metrics(out_dir):
 
 
 @pytest.fixture(scope="session")
-def trained(datasets_root, tmp_path_factory, tiny_train_net):
+def trained(datasets_root, tmp_path_factory, tiny_opts):
     """Output folder of 20 iterations (one metrics.json record) of the shrunk embedded default."""
     out_dir = str(tmp_path_factory.mktemp("train"))
     # No evaluation here: test_eval_only evaluates the weights.
     opts = ["SOLVER.MAX_ITER", "20", "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir]
-    _ok(run_train_net(["--config-file", QUICK, *tiny_train_net, *opts], datasets_root))
+    _ok(run_train_net(["--config-file", QUICK, *tiny_opts, *opts], datasets_root))
     return out_dir
 
 
@@ -85,9 +85,7 @@ def _import_train_net():
     return module
 
 
-def test_losses_decrease_iteration_by_iteration(
-    datasets_root, tmp_path, monkeypatch, tiny_train_net
-):
+def test_losses_decrease_iteration_by_iteration(datasets_root, tmp_path, monkeypatch, tiny_opts):
     train_net = _import_train_net()
     history = []
 
@@ -103,7 +101,7 @@ def test_losses_decrease_iteration_by_iteration(
     opts = ["DATASETS.TRAIN", "('_test_train_net_synthetic',)", "DATASETS.TEST", "()"]
     opts += ["SOLVER.MAX_ITER", "8", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01"]
     args = train_net.train_net_parser(train_net.__doc__).parse_args(
-        ["--config-file", QUICK, *tiny_train_net, *opts, "OUTPUT_DIR", str(tmp_path)]
+        ["--config-file", QUICK, *tiny_opts, *opts, "OUTPUT_DIR", str(tmp_path)]
     )
     name = "_test_train_net_synthetic"
     register_synthetic_dataset(name, datasets_root, "train", *SPLITS["train"])
@@ -116,12 +114,12 @@ def test_losses_decrease_iteration_by_iteration(
     assert sum(history[-3:]) / 3 < 0.7 * history[0], history
 
 
-def test_eval_only_reports_coco_box_metrics(trained, datasets_root, tmp_path, tiny_train_net):
+def test_eval_only_reports_coco_box_metrics(trained, datasets_root, tmp_path, tiny_opts):
     weights = os.path.join(trained, "model_final.pth")
     # Score threshold 0: a briefly trained model still gives detections to evaluate.
     opts = ["MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     opts += ["OUTPUT_DIR", str(tmp_path)]
-    args = ["--config-file", QUICK, "--eval-only", *tiny_train_net, *opts]
+    args = ["--config-file", QUICK, "--eval-only", *tiny_opts, *opts]
     out = _ok(run_train_net(args, datasets_root))
     # detectron2 prints each task's results as "copypaste:" csv lines.
     rows = re.findall(r"copypaste: (.*)", out)
@@ -146,11 +144,11 @@ def test_missing_coco_is_one_clear_error_before_any_model(tmp_path):
     assert "GeneralizedRCNN" not in out and "Starting training" not in out
 
 
-def test_two_cpu_processes_train_through_launch(datasets_root, tmp_path, tiny_train_net):
+def test_two_cpu_processes_train_through_launch(datasets_root, tmp_path, tiny_opts):
     opts = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "3", "DATASETS.TEST", "()"]
     opts += ["OUTPUT_DIR", str(tmp_path)]
     args = ["--config-file", QUICK, "--num-gpus", "2", "--dist-url", "auto"]
-    out = _ok(run_train_net([*args, *tiny_train_net, *opts], datasets_root))
+    out = _ok(run_train_net([*args, *tiny_opts, *opts], datasets_root))
     # Both ranks ran; DefaultTrainer wraps the model in DDP whenever the world size is > 1.
     assert "Rank of current process: 0. World size: 2" in out
     with open(os.path.join(tmp_path, "log.txt.rank1")) as f:

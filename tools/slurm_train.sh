@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Train on a SLURM cluster: one train_net.py process per GPU, started by srun (each process
-# reads its rank, its machine and the rendezvous host from SLURM's variables; see
-# dcnv2/engine/launch.py), as MMDetection's tools/slurm_train.sh does.
+# Train on a SLURM cluster: one train_net.py process per GPU, started by srun, as MMDetection's
+# tools/slurm_train.sh does. Each task exports MASTER_ADDR (the allocation's first node) and
+# MASTER_PORT for torch's env:// rendezvous; train_net.py reads its rank from SLURM's variables.
 #
 #   [GPUS=16] [GPUS_PER_NODE=8] bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG \
 #       [train_net.py options] [KEY VALUE overrides]
@@ -14,6 +14,7 @@
 #   CPUS_PER_TASK   CPU cores per process, for its data-loading workers (default: 5)
 #   SRUN_ARGS       more srun options, e.g. "--time=2-00:00:00 --qos=high"
 #   PYTHON          the interpreter (default: python)
+#   MASTER_PORT     the rendezvous port (default: 10000 + SLURM_JOB_ID % 20000)
 #   SBATCH=1        submit the job with sbatch and return (log: JOB_NAME-<job id>.log) instead
 #                   of running srun in this shell
 # --num-gpus, --num-machines and --machine-rank come from SLURM: leave them out. Scale
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 PARTITION=$1
@@ -40,10 +41,14 @@ if [ $((GPUS % GPUS_PER_NODE)) -ne 0 ]; then
 fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
+# Run by each task, inside the allocation, where the node list is known.
+# shellcheck disable=SC2016  # expanded by the task's bash, not here
+RENDEZVOUS='export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1);'
+RENDEZVOUS+=' export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}; exec "$@"'
 # shellcheck disable=SC2086  # SRUN_ARGS holds several options
 SRUN=(srun --partition="$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE"
       --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK"
-      --kill-on-bad-exit=1 $SRUN_ARGS
+      --kill-on-bad-exit=1 $SRUN_ARGS bash -c "$RENDEZVOUS" slurm_train.sh
       "$PYTHON" -u "$REPO/train_net.py" --config-file "$CONFIG" "$@")
 
 if [ "${SBATCH:-0}" = 1 ]; then

@@ -109,7 +109,7 @@ def _train_net(args, cwd):
     )  # fmt: skip
 
 
-def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir, tiny_train_net):
+def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir, tiny_opts):
     coco = "(('my_train','train/annotations.json','train/images/'),"
     coco += "('my_val','val/annotations.json','val/images/'))"
     opts = ["DATASETS.DCNV2.COCO", coco, "DATASETS.TRAIN", "('my_train',)"]
@@ -125,7 +125,7 @@ def test_train_net_trains_and_evaluates_on_own_coco_data(data_dir, tiny_train_ne
         "out",
     ]
     config = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"
-    proc = _train_net(["--config-file", config, *tiny_train_net, *opts], data_dir)
+    proc = _train_net(["--config-file", config, *tiny_opts, *opts], data_dir)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     rows = re.findall(r"copypaste: (.*)", out)

@@ -1,15 +1,18 @@
 """EvaluatedImagesCOCOEvaluator scores the images it received: an oracle that predicts every
 ground-truth box of the evaluated images gets AP 100 when an image was left out, where
-detectron2's COCOEvaluator counts that image's objects as missed."""
+detectron2's COCOEvaluator counts that image's objects as missed; a model that detects nothing
+is said to in one warning line before detectron2's NaN metrics."""
 
 import json
 import logging
+import math
 
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.structures import Boxes, Instances
 
 from dcnv2.engine.evaluation import EvaluatedImagesCOCOEvaluator
@@ -98,3 +101,44 @@ def test_every_image_evaluated_scores_the_whole_dataset(dataset, caplog):
         ],
     )
     assert ours.evaluate()["bbox"]["AP"] < 90.0
+
+
+def _nothing(image_id):
+    return {
+        "instances": Instances(
+            (64, 64),
+            pred_boxes=Boxes(torch.zeros(0, 4)),
+            scores=torch.zeros(0),
+            pred_classes=torch.zeros(0, dtype=torch.long),
+        )
+    }
+
+
+def test_no_detections_is_said_plainly_before_the_nan_metrics(dataset, tmp_path, caplog):
+    from dcnv2.engine import Trainer
+
+    cfg = get_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path)
+    evaluator = Trainer.build_evaluator(cfg, dataset)  # the YAML Trainer's (the LazyConfig loop
+    assert isinstance(evaluator, DatasetEvaluators)  # wraps its evaluator the same way)
+    with caplog.at_level(logging.WARNING):
+        evaluator.reset()
+        for i in BOXES:
+            evaluator.process([{"image_id": i, "height": 64, "width": 64}], [_nothing(i)])
+        results = evaluator.evaluate()
+    assert math.isnan(results["bbox"]["AP"])
+    ours = [r.getMessage() for r in caplog.records if r.name == "dcnv2.engine.evaluation"]
+    assert ours == [
+        "The model predicted no object above its score threshold on the 3 evaluated images, so "
+        "the metrics below are NaN: expected early in training (few iterations, or random "
+        "weights); otherwise check the weights evaluated"
+    ]
+    assert caplog.text.index("predicted no object") < caplog.text.index("No predictions")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluator.reset()
+        evaluator.process([{"image_id": 1, "height": 64, "width": 64}], [_oracle(1)])
+        evaluator.process([{"image_id": 2, "height": 64, "width": 64}], [_nothing(2)])
+        evaluator.evaluate()
+    assert "predicted no object" not in caplog.text

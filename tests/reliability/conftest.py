@@ -1,5 +1,6 @@
-"""Shared pieces of the reliability tests: a tiny COCO-format dataset, a tiny model config, and
-ways to run train_net.py (in this process, or as a subprocess with injected faults)."""
+"""Shared pieces of the reliability tests: a tiny COCO-format dataset, the tiny config's settings
+for them, and ways to run train_net.py (in this process, or as a subprocess with injected faults).
+"""
 
 import importlib.util
 import json
@@ -20,11 +21,12 @@ QUICK = os.path.join(REPO, "configs", "quick", "faster_rcnn_R50_mdconv_FPN_insta
 FAULTY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faulty_train_net.py")
 DATASET = "_reliability_tiny"
 
-# The embedded default, made tiny and free of sampling randomness: 64x64 images (never resized),
-# narrow layers with frozen BN (GroupNorm needs 32 channels), every anchor and every proposal
-# sampled (so each image weighs the same in a batch of 2 as on its own process). The random flip
-# stays: data order and augmentation both have to be reproduced on resume.
-TINY = [
+# Added to the shared tiny_opts (tests/conftest.py): the tiny dataset, 64x64 images (never
+# resized), a narrow network with frozen BN (GroupNorm needs 32 channels), no sampling randomness
+# (every anchor and every proposal sampled, so each image weighs the same in a batch of 2 as on
+# its own process), 4 iterations with checkpoints after iterations 1 and 3. The random flip stays:
+# data order and augmentation both have to be reproduced on resume.
+RELIABILITY_OPTS = [
     "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()",
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
@@ -34,10 +36,11 @@ TINY = [
     "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
     "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "100000", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", "20", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "1000",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
+    "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
     "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(3,)",
-    "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
 ]  # fmt: skip
+TINY: list = []  # tiny_opts + RELIABILITY_OPTS, set by the ``rel`` fixture
 
 
 def write_tiny_coco(root: str, num_images: int = 6, seed: int = 0) -> tuple:
@@ -158,7 +161,7 @@ FLOAT64 = {"DCNV2_TEST_FLOAT64": "1"}
 
 
 @pytest.fixture(scope="session")
-def reference_run(train_net, tiny_dataset, tmp_path_factory):
+def reference_run(rel, train_net, tiny_dataset, tmp_path_factory):
     """Output folder of an uninterrupted 1-process float64 run of the tiny config (4 iterations,
     checkpoints after iterations 1 and 3)."""
     out = tmp_path_factory.mktemp("reference")
@@ -191,6 +194,8 @@ def weights_moved(after: dict, before: dict) -> float:
 
 
 @pytest.fixture(scope="session")
-def rel():
-    """This module's helpers, for the tests (pytest's importlib mode cannot import conftest)."""
+def rel(tiny_opts):
+    """This module's helpers, for the tests (pytest's importlib mode cannot import conftest), with
+    :data:`TINY` set."""
+    TINY[:] = [*tiny_opts, *RELIABILITY_OPTS]
     return sys.modules[__name__]

@@ -75,7 +75,7 @@ def test_bounded_skips_drop_the_update_then_stop(rel, train_net, tiny_dataset, t
     assert all(torch.isfinite(v).all() for v in w1.values())
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     state = torch.load(tmp_path / "model_0000001.pth", weights_only=True)["trainer"]
-    assert state["_trainer"]["nonfinite_skipped"] == [1]  # resumed runs keep counting
+    assert state["_trainer"]["hooks"]["NonFiniteGuard"] == {"skipped": [1]}  # kept on resume
 
 
 def test_real_divergence_stops_with_a_clear_message(rel, train_net, tiny_dataset, tmp_path):
@@ -114,9 +114,8 @@ def test_nonfinite_gradients_can_be_skipped(rel, train_net, tiny_dataset, tmp_pa
 
 
 def test_gradient_scan_names_parameters_and_leaves_grad_scalers_alone():
-    from detectron2.engine import SimpleTrainer
-
-    from dcnv2.engine.hooks import guard_nonfinite_losses
+    from dcnv2.engine.hooks import NonFiniteGuard
+    from dcnv2.engine.trainer import build_training_loop
 
     class Wrapped(torch.nn.Module):  # DDP-like: parameters named "module.<name>"
         def __init__(self):
@@ -124,15 +123,16 @@ def test_gradient_scan_names_parameters_and_leaves_grad_scalers_alone():
             self.module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
 
     model = Wrapped()
-    loop = guard_nonfinite_losses(SimpleTrainer)(
-        model, [], torch.optim.SGD(model.parameters(), 0.1)
-    )
+    loop = build_training_loop(model, [], torch.optim.SGD(model.parameters(), 0.1))
+    (guard,) = loop._hooks
+    assert isinstance(guard, NonFiniteGuard)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    assert loop._nonfinite_gradients() == {}
+    assert guard._nonfinite_gradients() == {}
     model.module[1].weight.grad[0, 1] = float("inf")
     model.module[0].bias.grad[0] = float("nan")
-    bad = loop._nonfinite_gradients()
+    bad = guard._nonfinite_gradients()
     assert list(bad) == ["0.bias", "1.weight"] and bad["1.weight"] == float("inf")
     loop.grad_scaler = object()  # detectron2's AMPTrainer: inf gradients are the scaler's job
-    assert loop._nonfinite_gradients() == {}
+    assert guard._nonfinite_gradients() == {}
+    assert build_training_loop(model, [], loop.optimizer, max_nonfinite_skips=None)._hooks == []

@@ -5,6 +5,8 @@ weights of an uninterrupted run. A second SIGTERM while the checkpoint is writte
 
 import glob
 import os
+import shlex
+import sys
 
 import pytest
 import torch
@@ -21,7 +23,9 @@ def _assert_stopped_at(out_dir, proc, iteration):
     checkpoint = os.path.join(out_dir, f"model_{iteration:07d}.pth")
     assert f"Stopped by SIGTERM after iteration {iteration} of 4" in stopped[0]
     assert f"checkpoint {checkpoint} written" in stopped[0]
-    assert "--resume" in stopped[0].split("Continue the run with: ")[1]
+    command = shlex.split(stopped[0].split("Continue the run with: ")[1])
+    assert command[0] == sys.executable and command[1].endswith("faulty_train_net.py")
+    assert command[2] == "--resume" and str(out_dir) in command  # the same overrides
     with open(os.path.join(out_dir, "last_checkpoint")) as f:
         assert f.read() == os.path.basename(checkpoint)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -68,12 +72,18 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_iteration(
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["train_net.py", "--config-file", "a b.yaml"], "--resume --config-file 'a b.yaml'"),
-        (["train_net.py", "--resume", "X", "1"], "train_net.py --resume X 1"),
+        (
+            ["train_net.py", "--config-file", "a b.yaml"],
+            "train_net.py --resume --config-file 'a b.yaml'",
+        ),
+        (["/x/train_net.py", "--resume", "X", "1"], "/x/train_net.py --resume X 1"),
     ],
 )
-def test_resume_command(argv, expected):
-    assert resume_command(argv).endswith(expected)
+def test_resume_command_names_this_interpreter_script_and_overrides(argv, expected, monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/opt/env 1/bin/python3")
+    assert resume_command(argv) == f"'/opt/env 1/bin/python3' {expected}"
+    monkeypatch.setattr(sys, "argv", argv)
+    assert resume_command() == f"'/opt/env 1/bin/python3' {expected}"
 
 
 def test_sigterm_to_the_whole_process_group_with_loader_workers(rel, tiny_dataset, tmp_path):

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
+    "last_checkpoint_pointer",
     "remove_stale_temporaries",
 ]
 
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 # Temporary files are ".<target name>.<random>.tmp" next to their target.
 _TMP_SUFFIX = ".tmp"
+
+
+def last_checkpoint_pointer(save_dir: str) -> str:
+    """The file in which fvcore's ``Checkpointer`` names a run's latest checkpoint."""
+    return os.path.join(save_dir, "last_checkpoint")
 
 
 _NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
@@ -189,7 +195,7 @@ class AtomicCheckpointMixin:
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
         # A kill may have cut this file or the pointer short.
-        for path in (save_file, os.path.join(self.save_dir, "last_checkpoint")):
+        for path in (save_file, last_checkpoint_pointer(self.save_dir)):
             removed = remove_stale_temporaries(self.path_manager.get_local_path(path))
             if removed:
                 self.logger.info(f"Removed {removed} partial write(s) of {path} left by a kill")
@@ -206,7 +212,7 @@ class AtomicCheckpointMixin:
             ) as f:
                 torch.save(data, f)
         except DiskFullError as e:
-            pointer = os.path.join(self.save_dir, "last_checkpoint")
+            pointer = last_checkpoint_pointer(self.save_dir)
             kept = (
                 f"{pointer} still names {previous}, which --resume continues from"
                 if previous
@@ -218,5 +224,5 @@ class AtomicCheckpointMixin:
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        pointer = os.path.join(self.save_dir, "last_checkpoint")
+        pointer = last_checkpoint_pointer(self.save_dir)
         atomic_write_text(self.path_manager.get_local_path(pointer), last_filename_basename)

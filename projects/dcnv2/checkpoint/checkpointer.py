@@ -1,6 +1,5 @@
 """``DCNv2Checkpointer``: detectron2's ``DetectionCheckpointer``, safe loading, atomic saves."""
 
-import os
 import pickle
 from typing import Any, Dict, Optional
 
@@ -8,7 +7,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..config import YAML_KEYS, RunKeys, cfg_get, run_keys
 from ..errors import WeightsError
-from .atomic import AtomicCheckpointMixin
+from .atomic import AtomicCheckpointMixin, last_checkpoint_pointer
 from .integrity import (
     UNREADABLE_ERRORS,
     check_checkpoint_dict,
@@ -49,7 +48,7 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
 
     def _source(self) -> str:
         if self._resuming:
-            return f"named by {os.path.join(self.save_dir, 'last_checkpoint')} (--resume)"
+            return f"named by {last_checkpoint_pointer(self.save_dir)} (--resume)"
         return f"given by {self.keys.weights}"
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:

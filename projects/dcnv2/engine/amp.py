@@ -1,18 +1,13 @@
-"""Mixed-precision training loops for every device.
-
-detectron2's ``AMPTrainer`` asserts CUDA in ``run_step`` and uses ``torch.cuda.amp``. On CUDA we
-keep it (float16 autocast with a ``GradScaler``); elsewhere (CPU) the loop below autocasts to
-bfloat16, which has float32's exponent range, so gradients need no loss scaling. The deformable
-op itself always runs in float32 under autocast (see ``dcnv2.layers.deform_conv``).
-"""
+"""Mixed precision on every device: detectron2's ``AMPTrainer`` on CUDA (it asserts CUDA);
+elsewhere :class:`AutocastTrainer`, in bfloat16, whose float32 exponent range needs no loss
+scaling. The deformable op itself runs in float32 under autocast."""
 
 import time
-from typing import Any, Dict, Tuple, Type
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["AutocastTrainer", "amp_loop", "amp_trainer"]
+__all__ = ["AutocastTrainer", "amp_trainer"]
 
 
 class AutocastTrainer(SimpleTrainer):
@@ -63,22 +58,11 @@ class AutocastTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
-def amp_loop(device_type: str) -> Tuple[Type[SimpleTrainer], Dict[str, Any]]:
-    """The mixed-precision training-loop class for a device, and the keyword arguments it needs
-    besides detectron2's ``(model, data_loader, optimizer)``.
-
-    Returns:
-        ``(AMPTrainer, {})`` (float16 + GradScaler) on CUDA; ``(AutocastTrainer,
-        {"device_type", "precision": bfloat16})`` elsewhere.
-    """
-    if device_type == "cuda":
-        return AMPTrainer, {}
-    return AutocastTrainer, {"device_type": device_type, "precision": torch.bfloat16}
-
-
 def amp_trainer(model, data_loader, optimizer, **kwargs) -> SimpleTrainer:
-    """The mixed-precision training loop for the device ``model``'s parameters are on
-    (:func:`amp_loop`). Extra keyword arguments go to the loop (``precision``, ``grad_scaler``
-    only on CUDA)."""
-    loop_class, defaults = amp_loop(next(model.parameters()).device.type)
-    return loop_class(model, data_loader, optimizer, **{**defaults, **kwargs})
+    """The mixed-precision training loop for the device of ``model``'s parameters: detectron2's
+    ``AMPTrainer`` (float16 with a ``GradScaler``) on CUDA, else :class:`AutocastTrainer` in
+    bfloat16. Extra keyword arguments go to the loop."""
+    device_type = next(model.parameters()).device.type
+    if device_type == "cuda":
+        return AMPTrainer(model, data_loader, optimizer, **kwargs)
+    return AutocastTrainer(model, data_loader, optimizer, device_type=device_type, **kwargs)

@@ -1,17 +1,8 @@
-"""What ``train_net.py --eval-only`` writes, and what it must not overwrite.
-
-An evaluation writes its results (detectron2's ``COCOEvaluator``: ``coco_instances_results.json``
-and ``instances_predictions.pth``) in ``OUTPUT_DIR/inference/`` (a LazyConfig: its
-``dataloader.evaluator.output_dir``, when set), and its full config in ``OUTPUT_DIR``. In a
-training run's folder these hold the run's own results and ``config.yaml``, which the tools read
-beside the run's weights (:func:`dcnv2.tools.cli.choose_config_file`). So an eval-only run:
-
-- saves its config as :data:`EVAL_CONFIG`, never over the training run's ``config.yaml``;
-- records the weights it evaluates in :data:`WEIGHTS_RECORD` beside the results;
-- refuses, before anything is written (:func:`check_eval_results`, in the preflight), to replace
-  results of other weights: results recorded for other weights, or unrecorded results (a
-  training run's evaluation) unless the weights are that run's ``model_final.pth``. ``--force``
-  replaces them; another ``OUTPUT_DIR`` keeps both.
+"""What ``train_net.py --eval-only`` writes beside a training run's files, and what it must not
+overwrite: its config goes to :data:`EVAL_CONFIG` (the run's ``config.yaml``, which the tools read,
+stays), the weights it evaluated to :data:`WEIGHTS_RECORD` beside the results, and it refuses
+(:func:`check_eval_results`, before anything is written) to replace results of other weights
+unless ``--force``.
 """
 
 import json

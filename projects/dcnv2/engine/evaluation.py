@@ -1,28 +1,23 @@
-"""COCO evaluation over the images that were evaluated.
-
-detectron2's ``COCOEvaluator`` scores predictions against every image of the annotation file: an
-image left out of evaluation (``DATASETS.DCNV2.ON_BAD_DATA "skip"``,
-:mod:`dcnv2.data.test_loader`) would count as an image where every object was missed, lowering
-AP without a word. :class:`EvaluatedImagesCOCOEvaluator` passes the ids of the images it
-received to ``COCOEvaluator.evaluate(img_ids=...)``, detectron2's own way to score a subset, and
-logs that the metrics are over those images.
-"""
+"""COCO evaluation that says what its numbers cover: :class:`EvaluatedImagesCOCOEvaluator`
+scores only the images it received (an image left out by ``DATASETS.DCNV2.ON_BAD_DATA "skip"``
+is not counted as all misses), and :class:`NothingDetectedWarning` says in one line when the
+model detected nothing, where detectron2 prints ``No predictions from the model!`` and NaN."""
 
 import itertools
 import logging
 from typing import List, Optional
 
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 
-__all__ = ["EvaluatedImagesCOCOEvaluator"]
+__all__ = ["EvaluatedImagesCOCOEvaluator", "NothingDetectedWarning"]
 
 logger = logging.getLogger(__name__)
 
 
 class EvaluatedImagesCOCOEvaluator(COCOEvaluator):
     """``COCOEvaluator`` whose metrics cover only the images passed to :meth:`process` (on all
-    processes together), when some of the dataset's images were left out; the same as
+    processes together), through ``COCOEvaluator.evaluate(img_ids=...)``; the same as
     ``COCOEvaluator`` when every image was evaluated. Takes ``COCOEvaluator``'s arguments."""
 
     def reset(self):
@@ -56,3 +51,29 @@ class EvaluatedImagesCOCOEvaluator(COCOEvaluator):
             f"({len(every) - len(seen)} left out)"
         )
         return sorted(seen)
+
+
+class NothingDetectedWarning(DatasetEvaluator):
+    """Counts the model's detections (``instances``); when there are none over all processes,
+    logs one warning on the main process that the model predicted nothing above its score
+    threshold. Put it before the metric evaluators (``DatasetEvaluators``); it returns no
+    results."""
+
+    def reset(self):
+        self._images = self._detections = 0
+
+    def process(self, inputs, outputs):
+        for output in outputs:
+            if "instances" in output:
+                self._images += 1
+                self._detections += len(output["instances"])
+
+    def evaluate(self):
+        images, detections = map(sum, zip(*comm.all_gather((self._images, self._detections))))
+        if comm.is_main_process() and images and not detections:
+            logger.warning(
+                f"The model predicted no object above its score threshold on the {images} "
+                "evaluated images, so the metrics below are NaN: expected early in training "
+                "(few iterations, or random weights); otherwise check the weights evaluated"
+            )
+        return None

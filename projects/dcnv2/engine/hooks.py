@@ -1,38 +1,32 @@
-"""Training-loop pieces for runs that survive interruption and bad iterations.
-
-* :func:`guard_nonfinite_losses`: the subclass of a training loop (``SimpleTrainer``,
-  ``AMPTrainer``, ``AutocastTrainer``) whose non-finite losses, or non-finite gradients of a
-  finite loss, stop the run with a message naming the iteration and the loss terms (or
-  parameters), before the optimizer step (the weights and the last checkpoint stay good), or
-  skip up to a bounded number of such iterations. All processes decide together.
-* :class:`ResumableDataHook`: seeds the random generators from ``(seed, iteration, rank)`` before
-  every step and starts a :class:`~dcnv2.data.resumable.ResumableTrainLoader` at the iteration
-  training starts from, so a resumed run continues the data order, augmentations and sampling
-  of an uninterrupted one.
-"""
+"""Training hooks for runs that survive bad iterations and interruption: :class:`NonFiniteGuard`
+stops (or skips) an iteration whose loss or gradients are not finite, on every process together,
+before the optimizer step; :class:`ResumableDataHook` makes a resumed run continue the data
+order and random draws of an uninterrupted one."""
 
 import logging
 import random
-from typing import Dict, List, Type
+from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..config import YAML_KEYS, RunKeys
 from ..data.resumable import ResumableTrainLoader
 from ..errors import DCNv2Error, NonFiniteLossError
 
-__all__ = ["ResumableDataHook", "guard_nonfinite_losses", "quiet_user_error_tracebacks"]
+__all__ = ["NonFiniteGuard", "ResumableDataHook", "quiet_user_error_tracebacks", "usual_causes"]
 
 logger = logging.getLogger(__name__)
 
 
-class _SkipStep(DCNv2Error):
-    """Raised between backward and the optimizer step to drop this iteration's update; caught
-    by the guard's ``run_step``, never seen outside it."""
+def usual_causes(keys: RunKeys) -> str:
+    return (
+        f"Usual causes: a learning rate too high for the batch size ({keys.lr}), "
+        f"no gradient clipping ({keys.clip})"
+    )
 
 
 def _nonfinite_terms(loss_dict: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -51,53 +45,50 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-class _NonFiniteLossGuard:
-    """Base placed before a ``SimpleTrainer`` class by :func:`guard_nonfinite_losses`.
+class NonFiniteGuard(HookBase):
+    """Check the loss terms and gradients in ``after_backward`` (before detectron2's metrics
+    write and the optimizer step) on every process together. A non-finite one stops the run with
+    :class:`~dcnv2.errors.NonFiniteLossError` naming the iteration and the terms (or parameters),
+    the weights not updated with it; or, while fewer than ``max_nonfinite_skips`` were skipped,
+    drops the iteration's update (gradients cleared) and its non-finite terms from the metrics
+    (its ``total_loss`` sums the finite ones).
 
-    Args (keyword-only, besides the loop class's own):
+    Register it on the ``SimpleTrainer`` that runs the step (``DefaultTrainer._trainer``).
+
+    Args:
+        model: the trained model; a forward hook records its training losses.
         max_nonfinite_skips: iterations to skip before stopping.
         keys: the config keys its messages name.
     """
 
-    def __init__(
-        self, *args, max_nonfinite_skips: int = 0, keys: RunKeys = YAML_KEYS, **kwargs
-    ) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: torch.nn.Module, max_nonfinite_skips: int = 0, keys=YAML_KEYS):
         self.max_nonfinite_skips = int(max_nonfinite_skips)
         self.keys = keys
-        self.nonfinite_skipped: List[int] = []
+        self.skipped: List[int] = []
+        self._losses = None
+        model.register_forward_hook(self._record_losses)
 
-    def _usual_causes(self) -> str:
-        return (
-            f"Usual causes: a learning rate too high for the batch size ({self.keys.lr}), "
-            f"no gradient clipping ({self.keys.clip})"
-        )
+    def _record_losses(self, module, inputs, outputs) -> None:
+        if module.training:
+            self._losses = outputs if isinstance(outputs, dict) else {"total_loss": outputs}
 
-    # detectron2 offers no public hook that sees the loss dict between backward and the
-    # optimizer step (``after_backward`` gets no losses), and it raises FloatingPointError in
-    # ``_write_metrics``, on the main process only (the others then hang in their next
-    # collective). SimpleTrainer and AMPTrainer call it at that point: the override checks first,
-    # on every process together, then leaves the rest to detectron2.
-    def _write_metrics(self, loss_dict, data_time, prefix: str = "", iter=None):
-        self._check_finite(loss_dict, self.iter if iter is None else iter)
-        super()._write_metrics(loss_dict, data_time, prefix, iter)
-
-    def _check_finite(self, loss_dict: Dict[str, torch.Tensor], it: int) -> None:
-        values = list(loss_dict.values())
-        device = values[0].device if values else torch.device("cpu")
-        local_bad = _nonfinite_terms(loss_dict)
-        # A finite loss can still have non-finite gradients (a backward that overflows); the
-        # optimizer step would then write them into the weights. Not with a GradScaler
-        # (detectron2's AMPTrainer): its scaled gradients may be inf, and it skips those steps.
-        local_grads = {} if local_bad else self._nonfinite_gradients()
-        if _any_process(bool(local_bad or local_grads), device):
-            self._on_nonfinite(it, local_bad, local_grads)
+    def after_backward(self):
+        losses, self._losses = self._losses or {}, None
+        bad = _nonfinite_terms(losses)
+        # A finite loss can still have non-finite gradients (a backward that overflows), which
+        # the optimizer step would write into the weights; a GradScaler skips those steps itself.
+        grads = {} if bad else self._nonfinite_gradients()
+        device = next(iter(losses.values())).device if losses else torch.device("cpu")
+        if _any_process(bool(bad or grads), device):
+            self._on_nonfinite(self.trainer.iter, losses, bad, grads)
 
     def _nonfinite_gradients(self) -> Dict[str, float]:
         """Names of the parameters whose gradient has a NaN or Inf, with the gradient's norm."""
-        if getattr(self, "grad_scaler", None) is not None:
+        if getattr(self.trainer, "grad_scaler", None) is not None:
             return {}
-        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        named = [
+            (n, p.grad) for n, p in self.trainer.model.named_parameters() if p.grad is not None
+        ]
         if not named:
             return {}
         norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in named])])
@@ -109,9 +100,7 @@ class _NonFiniteLossGuard:
             for i in torch.nonzero(~finite).flatten().tolist()
         }
 
-    def _on_nonfinite(
-        self, it: int, local_bad: Dict[str, float], local_grads: Dict[str, float]
-    ) -> None:
+    def _on_nonfinite(self, it: int, losses, local_bad, local_grads) -> None:
         per_rank = comm.all_gather((local_bad, local_grads))
         multi = len(per_rank) > 1
         if any(bad for bad, _ in per_rank):
@@ -122,7 +111,7 @@ class _NonFiniteLossGuard:
                 for k, v in bad.items()
             )
             headline = f"Loss became non-finite at iteration {it}: {detail}."
-            causes = f"{self._usual_causes()}, bad boxes."
+            causes = f"{usual_causes(self.keys)}, bad boxes."
         else:
             # After DDP's all-reduce every process holds the same gradients: list them once.
             names = list(dict.fromkeys(n for _, grads in per_rank for n in grads))
@@ -139,18 +128,17 @@ class _NonFiniteLossGuard:
                 f"or bfloat16 training, on degenerate boxes), a learning rate too high for the "
                 f"batch size ({self.keys.lr})."
             )
-        skipped: List[int] = self.nonfinite_skipped
-        if len(skipped) < self.max_nonfinite_skips:
-            skipped.append(it)
+        limit = f"at most {self.max_nonfinite_skips}, {self.keys.max_nonfinite_skips}"
+        if len(self.skipped) < self.max_nonfinite_skips:
+            self.skipped.append(it)
             logger.warning(
                 f"Non-finite {what} at iteration {it}: {detail}. Skipped this iteration's update "
-                f"({len(skipped)} of at most {self.max_nonfinite_skips}, "
-                f"{self.keys.max_nonfinite_skips})."
+                f"({len(self.skipped)} of {limit})."
             )
-            raise _SkipStep()
+            self._skip_update(losses, {k for bad, _ in per_rank for k in bad})
+            return
         earlier = (
-            f" Iterations skipped before for the same reason: {skipped} (at most "
-            f"{self.max_nonfinite_skips}, {self.keys.max_nonfinite_skips})."
+            f" Iterations skipped before for the same reason: {self.skipped} ({limit})."
             if self.max_nonfinite_skips
             else f" To skip up to N such iterations instead, set {self.keys.max_nonfinite_skips} N."
         )
@@ -159,51 +147,30 @@ class _NonFiniteLossGuard:
             f"updated with it.{earlier} {causes}"
         )
 
-    def run_step(self):
-        try:
-            super().run_step()
-        except _SkipStep:
-            self.optimizer.zero_grad(set_to_none=True)
-        except FloatingPointError as e:
-            if isinstance(e, NonFiniteLossError):
-                raise
-            # detectron2's RPN raises this in the forward pass when its predictions are not
-            # finite: the weights already diverged in an earlier update whose loss was finite.
-            # Skipping cannot help, and the other processes are already in backward: stop.
-            raise NonFiniteLossError(
-                f"The model's outputs became non-finite at iteration {self.iter} ({e}): the "
-                "weights diverged in an earlier update, whose loss was still finite. "
-                f"{self._usual_causes()}.",
-                diverged=True,
-            ) from None
+    def _skip_update(self, losses, bad_terms) -> None:
+        # The same terms leave the metrics on every process (detectron2 averages them by name
+        # and raises on the main process for a non-finite total).
+        if "total_loss" in bad_terms:
+            losses.clear()
+        for name in bad_terms:
+            losses.pop(name, None)
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        if scaler is None:
+            # torch's optimizers leave parameters without a gradient alone (no momentum, no
+            # weight decay): the step updates nothing.
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+        else:
+            # A GradScaler skips a step whose gradients are not finite (and lowers its scale).
+            for group in self.trainer.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
 
     def state_dict(self):
-        ret = super().state_dict()
-        ret["nonfinite_skipped"] = list(self.nonfinite_skipped)
-        return ret
+        return {"skipped": list(self.skipped)}
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self.nonfinite_skipped = list(state_dict.get("nonfinite_skipped", []))
-
-
-_GUARDED: Dict[type, type] = {}
-
-
-def guard_nonfinite_losses(loop_class: Type[SimpleTrainer]) -> Type[SimpleTrainer]:
-    """A subclass of ``loop_class`` whose non-finite losses stop the run with
-    :class:`~dcnv2.errors.NonFiniteLossError`, or skip the iteration's update while fewer than
-    ``max_nonfinite_skips`` (a keyword argument of its constructor) were skipped.
-
-    The check replaces detectron2's (which raises on the main process only) at the same point:
-    after backward, before the optimizer step. Needs synchronous metrics
-    (``async_write_metrics=False``, detectron2's default).
-    """
-    if loop_class not in _GUARDED:
-        _GUARDED[loop_class] = type(
-            f"Guarded{loop_class.__name__}", (_NonFiniteLossGuard, loop_class), {}
-        )
-    return _GUARDED[loop_class]
+        self.skipped = list(state_dict.get("skipped", []))
 
 
 def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -211,10 +178,10 @@ def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
 
 
 class ResumableDataHook(HookBase):
-    """Continue data order and random draws exactly where a resumed run stopped.
-
-    Its state (the seed) is saved in checkpoints with the trainer's, so a run started with a
-    random seed (``SEED -1``) resumes the same stream.
+    """Seed the random generators from ``(seed, iteration, rank)`` before every step and start a
+    :class:`~dcnv2.data.resumable.ResumableTrainLoader` at the iteration training starts from.
+    The seed is saved in checkpoints, so a run with a random seed (``SEED -1``) resumes the same
+    stream.
 
     Args:
         seed: seed of the data stream and of the per-iteration generators.
@@ -248,7 +215,9 @@ class ResumableDataHook(HookBase):
 
 class _QuietUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], DCNv2Error))
+        return not (
+            record.exc_info and isinstance(record.exc_info[1], (DCNv2Error, FloatingPointError))
+        )
 
 
 def quiet_user_error_tracebacks() -> None:

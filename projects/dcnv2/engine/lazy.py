@@ -9,14 +9,14 @@ from typing import Optional
 
 from detectron2.config import instantiate
 from detectron2.engine import default_writers, hooks
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..checkpoint import build_checkpointer
 from ..config import LAZY_KEYS, cfg_get, load_config
 from ..data.resumable import ResumableTrainLoader
-from ..errors import NonFiniteLossError
 from .eval_output import evaluated_weights, record_eval_weights
+from .evaluation import NothingDetectedWarning
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
 from .setup import setup_run
@@ -36,9 +36,8 @@ def do_test(cfg, model) -> Optional[dict]:
     """
     if "evaluator" not in cfg.dataloader:
         return None
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    evaluator = DatasetEvaluators([NothingDetectedWarning(), instantiate(cfg.dataloader.evaluator)])
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
     print_csv_format(results)
     return results
 
@@ -110,8 +109,8 @@ def do_train(cfg, args) -> None:
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     try:
         trainer.train(start_iter, cfg.train.max_iter)
-    except NonFiniteLossError as e:
-        raise explain_nonfinite_stop(e, checkpointer, LAZY_KEYS) from None
+    except FloatingPointError as e:
+        raise explain_nonfinite_stop(e, checkpointer, LAZY_KEYS, trainer.iter) from None
 
 
 def main(args):

@@ -1,18 +1,8 @@
-"""Stopping a training run cleanly on SIGTERM or SIGINT (how SLURM, Kubernetes and Ctrl-C end
-a job).
-
-* :class:`PreemptionHook`: in each training process, records the signal, lets the iteration in
-  progress finish, then every process agrees (one all-reduce of a stop flag per iteration) on
-  stopping after that same iteration; the checkpoint of that iteration is written atomically by
-  the checkpointer, and the run ends with :class:`~dcnv2.errors.TrainingInterrupted` (exit
-  status ``128 + signal``: 143 for SIGTERM, 130 for SIGINT), whose message names the checkpoint
-  and the command that continues the run (``--resume``). Further signals while it stops are
-  logged and ignored.
-* :func:`forward_stop_signals`: in the process that launched several training processes, sends
-  the SIGTERM/SIGINT it receives on to them, and waits for them to stop.
-
-Handlers are installed from the main thread only, and the previous ones are restored after.
-"""
+"""Stopping a training run cleanly on SIGTERM or SIGINT (how SLURM, Kubernetes and Ctrl-C end a
+job): :class:`PreemptionHook` finishes the iteration in progress on every process, writes its
+checkpoint and ends the run with :class:`~dcnv2.errors.TrainingInterrupted` (exit status 128 +
+signal) naming the command that resumes it; :func:`forward_stop_signals` passes the signals from
+a launching process on to its workers."""
 
 import contextlib
 import logging
@@ -39,12 +29,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def resume_command(argv: Optional[List[str]] = None) -> str:
-    """The command line that continues this run: ``argv`` (default ``sys.argv``) with
-    ``--resume`` after the script's name, shell-quoted."""
+    """The command line that continues this run, shell-quoted: this interpreter
+    (``sys.executable``), then ``argv`` (default ``sys.argv``: the same script, options and
+    overrides) with ``--resume`` after the script."""
     argv = list(sys.argv if argv is None else argv)
     if "--resume" not in argv:
         argv.insert(1, "--resume")
-    return shlex.join([os.path.basename(sys.executable) or "python", *argv])
+    return shlex.join([sys.executable or "python", *argv])
 
 
 @contextlib.contextmanager

@@ -1,7 +1,6 @@
-"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file:
-each problem is one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected;
-and the reporting of such errors from worker processes.
-"""
+"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file
+(each problem one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected),
+and the reporting of such errors from worker processes."""
 
 import logging
 import os
@@ -14,6 +13,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
+from ..checkpoint.atomic import last_checkpoint_pointer
 from ..checkpoint.integrity import check_weights_file
 from ..config import (
     YAML_KEYS,
@@ -31,11 +31,14 @@ from ..data.coco import register_config_datasets
 from ..data.test_loader import check_test_images
 from ..data.validation import validate_datasets
 from ..errors import (
+    USER_ERROR_EXIT,
     USER_ERRORS,
     ConfigError,
     ConfigFileNotFoundError,
     LaunchError,
+    NonFiniteLossError,
     OutputDirError,
+    TrainingInterrupted,
     WeightsError,
     report_user_error,
 )
@@ -192,7 +195,7 @@ def model_num_classes(cfg, keys: RunKeys) -> Dict[str, int]:
 
 
 def _resume_file(output_dir: str) -> Optional[str]:
-    pointer = os.path.join(output_dir, "last_checkpoint")
+    pointer = last_checkpoint_pointer(output_dir)
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
@@ -210,20 +213,11 @@ def preflight(
     force: bool = False,
 ) -> None:
     """Every check above, cheapest first, in the launching process, for a YAML config or a
-    LazyConfig; the datasets are checked (and the synthetic ones generated) here only.
-
-    Args:
-        cfg: the run's config (:func:`load_run_config`).
-        num_gpus: ``--num-gpus``.
-        resume: ``--resume``: the checkpoint ``last_checkpoint`` names, if any, replaces the
-            initial weights.
-        eval_only: ``--eval-only``: the training sets are not read, and trained weights are
-            required (:func:`check_eval_weights`).
-        opts: the command line's overrides, for :func:`check_eval_weights`.
-        num_machines: ``--num-machines``.
-        force: ``--force``: an eval-only run may replace results of other weights
-            (:func:`dcnv2.engine.eval_output.check_eval_results`).
-    """
+    LazyConfig (:func:`load_run_config`); the datasets are checked (and the synthetic ones
+    generated) here only. The keyword arguments are ``train_net.py``'s options (``opts``: its
+    overrides); with ``eval_only`` the training sets are not read and trained weights are
+    required (:func:`check_eval_weights`); with ``resume`` the checkpoint ``last_checkpoint``
+    names, if any, replaces the initial weights."""
     keys = run_keys(cfg)
     if not eval_only:
         check_solver(cfg)
@@ -240,7 +234,7 @@ def preflight(
         check_batch_size(cfg, keys, num_gpus * num_machines)
     resume_file = _resume_file(output_dir) if resume and output_dir else None
     if resume_file is not None:
-        pointer = os.path.join(output_dir, "last_checkpoint")
+        pointer = last_checkpoint_pointer(output_dir)
         if not os.path.exists(resume_file):
             raise WeightsError(
                 f"--resume: {pointer} names {resume_file}, "
@@ -368,4 +362,9 @@ def report_user_errors(prog: str, main_func: Callable, *args):
         if not comm.is_main_process():
             # Most such errors happen on every process: leave the report to the main one.
             leave_report_to_main_process()
+            # Raised by every process together (they agree on it): the main one reports it.
+            if isinstance(e, TrainingInterrupted):
+                sys.exit(e.exit_status)
+            if isinstance(e, NonFiniteLossError) and not e.diverged:
+                sys.exit(USER_ERROR_EXIT)
         sys.exit(report_user_error(prog, e))

@@ -1,11 +1,7 @@
-"""``setup_run``: what detectron2's ``default_setup`` does at the start of a run (logger, config
-backup, seeds), with its environment report taken where a crash cannot end the run.
-
-detectron2 built from source with CUDA 13's nvcc crashes (SIGSEGV) in ``_C.get_cuda_version()``,
-which ``collect_env_info`` calls to fill its "CUDA compiler" row (seen on an H200 with torch
-2.11, 2026-11-26: every ``train_net.py`` run died before building its model). The report is
-only logged, so on machines where ``_C`` is loaded with CUDA it is collected in a child process;
-if that child fails, one warning replaces the table and the run goes on.
+"""``setup_run``: detectron2's ``default_setup`` (logger, config backup, seeds) for YAML configs and
+LazyConfigs, saving an eval-only run's config as ``config_eval.yaml`` and logging a shipped config
+given by name. detectron2 built with CUDA 13's nvcc crashes in ``collect_env_info``: with its CUDA
+ops loaded, the environment report comes from a child process, or is one warning line.
 """
 
 import os
@@ -42,12 +38,8 @@ def _detectron2_cuda_ops_loaded() -> bool:
 
 
 def environment_info(timeout: float = 300.0) -> str:
-    """detectron2's environment report (``collect_env_info``), from a child process when
-    detectron2's compiled ops are loaded with CUDA (see the module docstring).
-
-    Returns:
-        str: the report, or one line saying why it is unavailable.
-    """
+    """detectron2's ``collect_env_info``, from a child process when its compiled ops are loaded
+    with CUDA; one line saying why when that fails."""
     if not _detectron2_cuda_ops_loaded():
         return collect_env_info()
     try:
@@ -70,12 +62,10 @@ def environment_info(timeout: float = 300.0) -> str:
 
 
 def setup_run(cfg, args) -> None:
-    """Register the config's COCO datasets (:mod:`dcnv2.data.coco`; in every process of a run),
-    then start the run as detectron2's ``default_setup`` does: the output folder, the loggers
-    (fvcore, detectron2), the rank, the environment (:func:`environment_info`), the command line
-    and the config logged, ``config.yaml`` (``config_eval.yaml`` for ``--eval-only``,
-    :mod:`dcnv2.engine.eval_output`) saved by the main process, seeds (``SEED`` or
-    ``train.seed`` plus the rank) and cuDNN benchmarking for training runs.
+    """Register the config's COCO datasets (in every process), then what detectron2's
+    ``default_setup`` does: output folder, loggers, environment and command line logged, the
+    config saved by the main process (``config.yaml``, or :data:`.eval_output.EVAL_CONFIG` for
+    ``--eval-only``), seeds (``SEED`` / ``train.seed`` plus the rank), cuDNN benchmarking.
 
     Args:
         cfg: a YAML ``CfgNode`` or a LazyConfig.

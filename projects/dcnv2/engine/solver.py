@@ -1,13 +1,7 @@
-"""Optimizer for dcnv2 models: detectron2's SGD, with its own learning rate for the offset convs.
-
-The convs that predict offsets and modulation masks (``conv2_offset`` in every deformable block)
-can be trained at a fraction of the base learning rate (``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``):
-the DCNv2 paper's recipe uses 0.1x, MMDetection's ``paramwise_cfg.dcn_offset_lr_mult`` and
-detectron2 default to 1x, and so do the shipped configs.
-The factor goes through detectron2's ``get_default_optimizer_params(lr_factor_func=...)``, so
-every other rule (norm weight decay, bias factors) and the LR schedule stay detectron2's: the
-schedule multiplies each group's own initial lr, so the ratio holds for the whole run.
-"""
+"""detectron2's SGD with its own learning rate for the offset convs (``conv2_offset`` in every
+deformable block): ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER`` (the DCNv2 paper 0.1, MMDetection's
+``dcn_offset_lr_mult`` and detectron2 1.0, as the shipped configs), applied through
+``get_default_optimizer_params(lr_factor_func=...)``, so every other rule stays detectron2's."""
 
 import functools
 from typing import Callable

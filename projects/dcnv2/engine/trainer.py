@@ -1,5 +1,5 @@
-"""Training and evaluation for dcnv2 configs: detectron2's DefaultTrainer with a COCO evaluator,
-distributed training and mixed precision that also work on CPU (gloo, bfloat16)."""
+"""Training and evaluation of dcnv2 YAML configs (:class:`Trainer`), and the one training loop
+(:func:`build_training_loop`) it shares with the LazyConfig loop and the benchmarks."""
 
 import logging
 import os
@@ -11,7 +11,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
@@ -21,9 +21,9 @@ from ..data.mapper import DatasetMapper
 from ..data.resumable import build_resumable_train_loader
 from ..data.test_loader import build_checked_test_loader, load_test_dicts
 from ..errors import NonFiniteLossError
-from .amp import amp_loop
-from .evaluation import EvaluatedImagesCOCOEvaluator
-from .hooks import ResumableDataHook, guard_nonfinite_losses, quiet_user_error_tracebacks
+from .amp import amp_trainer
+from .evaluation import EvaluatedImagesCOCOEvaluator, NothingDetectedWarning
+from .hooks import NonFiniteGuard, ResumableDataHook, quiet_user_error_tracebacks, usual_causes
 from .preemption import PreemptionHook
 from .solver import build_optimizer
 
@@ -48,42 +48,39 @@ def build_training_loop(
     data_loader,
     optimizer: torch.optim.Optimizer,
     *,
-    amp: bool,
-    max_nonfinite_skips: int = 0,
+    amp: bool = False,
+    max_nonfinite_skips: Optional[int] = 0,
     keys: RunKeys = YAML_KEYS,
 ) -> SimpleTrainer:
-    """The training loop of the YAML :class:`Trainer` and of the LazyConfig loop.
-
+    """The training loop of the YAML :class:`Trainer`, the LazyConfig loop and the benchmarks:
     detectron2's ``SimpleTrainer``, or with ``amp`` the mixed-precision loop for the model's
-    device (:func:`~dcnv2.engine.amp.amp_loop`), whose non-finite losses are checked on every
-    process before the optimizer step (:func:`~dcnv2.engine.hooks.guard_nonfinite_losses`).
-
-    Args:
-        model: the (possibly DDP-wrapped) model, on its device.
-        data_loader, optimizer: as ``SimpleTrainer``.
-        amp: ``SOLVER.AMP.ENABLED`` / ``train.amp.enabled``.
-        max_nonfinite_skips: iterations with a non-finite loss to skip before stopping.
-        keys: the config keys its messages name.
+    device (:func:`~dcnv2.engine.amp.amp_trainer`), over any iterable of batches, with a
+    :class:`~dcnv2.engine.hooks.NonFiniteGuard` (none when ``max_nonfinite_skips`` is None:
+    nothing checked or synchronised per step; ``keys`` name the config keys in its messages).
+    Run it with ``loop.train(start_iter, max_iter)``, or ``loop.run_step()`` in an
+    ``EventStorage``.
     """
-    loop_class, kwargs = (
-        amp_loop(next(model.parameters()).device.type) if amp else (SimpleTrainer, {})
-    )
-    return guard_nonfinite_losses(loop_class)(
-        model,
-        data_loader,
-        optimizer,
-        max_nonfinite_skips=max_nonfinite_skips,
-        keys=keys,
-        **kwargs,
-    )
+    loop = (amp_trainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+    if max_nonfinite_skips is not None:
+        loop.register_hooks([NonFiniteGuard(model, max_nonfinite_skips, keys)])
+    return loop
 
 
 def explain_nonfinite_stop(
-    error: NonFiniteLossError, checkpointer, keys: RunKeys = YAML_KEYS
+    error: FloatingPointError, checkpointer, keys: RunKeys = YAML_KEYS, iteration: int = -1
 ) -> NonFiniteLossError:
-    """``error`` with what the run left behind: the last checkpoint to ``--resume`` from (and
-    whether it may hold diverged weights), or that none was written (``keys.checkpoint_period``).
-    """
+    """A :class:`~dcnv2.errors.NonFiniteLossError` for a run stopped by ``error``, saying what the
+    run left behind: the last checkpoint to ``--resume`` from (and whether it may hold diverged
+    weights), or that none was written. A ``FloatingPointError`` of detectron2's (its RPN finds
+    non-finite predictions in the forward pass of ``iteration``) means the weights diverged in an
+    earlier update whose loss was still finite."""
+    if not isinstance(error, NonFiniteLossError):
+        error = NonFiniteLossError(
+            f"The model's outputs became non-finite at iteration {iteration} ({error}): the "
+            "weights diverged in an earlier update, whose loss was still finite. "
+            f"{usual_causes(keys)}.",
+            diverged=True,
+        )
     if checkpointer.has_checkpoint():
         kept = (
             f" The last checkpoint, {checkpointer.get_checkpoint_file()}, was written before "
@@ -98,17 +95,11 @@ def explain_nonfinite_stop(
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer for dcnv2 models: COCO evaluation, CPU-capable DDP, mixed precision
-    (``SOLVER.AMP.ENABLED``) on any device, ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``, safe weight
-    loading (``dcnv2.checkpoint.DCNv2Checkpointer``, ``MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS``).
-
-    Reliability: atomic checkpoints; a training loader and per-iteration seeds that make a resumed
-    run continue exactly (``dcnv2.data.resumable``, ``dcnv2.engine.hooks``); non-finite losses
-    stop the run, or skip up to ``SOLVER.DCNV2.MAX_NONFINITE_SKIPS`` iterations, on every process
-    together; SIGTERM/SIGINT stop it after the iteration in progress, with a checkpoint
-    (:class:`~dcnv2.engine.preemption.PreemptionHook`); ``DATASETS.DCNV2.ON_BAD_DATA`` for bad
-    annotations and unreadable images, in training and in evaluation (whose metrics then cover
-    the evaluated images: :mod:`dcnv2.engine.evaluation`)."""
+    """``DefaultTrainer`` for dcnv2 models: COCO evaluation over the evaluated images, DDP on CPU
+    too, mixed precision on any device, the offset-conv learning rate, safe weight loading and
+    atomic checkpoints, exact resume (:class:`~dcnv2.engine.hooks.ResumableDataHook`), the
+    non-finite guard (``SOLVER.DCNV2.MAX_NONFINITE_SKIPS``), a clean stop with a checkpoint on
+    SIGTERM/SIGINT, and ``DATASETS.DCNV2.ON_BAD_DATA`` in training and evaluation."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
@@ -161,8 +152,8 @@ class Trainer(DefaultTrainer):
     def train(self):
         try:
             return super().train()
-        except NonFiniteLossError as e:
-            raise explain_nonfinite_stop(e, self.checkpointer, YAML_KEYS) from None
+        except FloatingPointError as e:
+            raise explain_nonfinite_stop(e, self.checkpointer, YAML_KEYS, self.iter) from None
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
@@ -201,4 +192,5 @@ class Trainer(DefaultTrainer):
                 f"dcnv2's Trainer evaluates COCO-format datasets; {dataset_name!r} has "
                 f"evaluator_type={evaluator_type!r}. Override Trainer.build_evaluator for it."
             )
-        return EvaluatedImagesCOCOEvaluator(dataset_name, output_dir=output_folder)
+        coco = EvaluatedImagesCOCOEvaluator(dataset_name, output_dir=output_folder)
+        return DatasetEvaluators([NothingDetectedWarning(), coco])
