@@ -13,6 +13,8 @@ TORCHRUN += [TRAIN_NET]
 
 def _run(command, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # torchrun gives each process one thread; so must launch's, for the same arithmetic.
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         command,
         cwd=REPO,

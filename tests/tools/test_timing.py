@@ -1,6 +1,8 @@
 """The one timing harness: the table writer, the synthetic batch, the training step, the timing
 and its summary, the peak-memory measure and the worker processes."""
 
+import json
+import subprocess
 import sys
 
 import pytest
@@ -113,19 +115,33 @@ def test_syncs_are_counted_and_attributed_to_the_layers_by_the_warnings_frame(mo
     assert modes == ["warn", 0]
 
 
+# In a fresh interpreter: what earlier tests left in this process's allocator (freed blocks it
+# keeps, raised mmap thresholds) would let the block reuse resident pages.
+_PEAK_SCRIPT = """
+import json, torch
+from dcnv2.tools import timing
+big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched: resident
+del big  # a large block goes back to the system: the high-water mark stays above
+with timing.PeakMemory() as idle:
+    pass
+with timing.PeakMemory() as busy:
+    x = torch.ones(48 * 2**20 // 4)
+    del x
+print(json.dumps([idle.run_only, busy.run_only, idle.growth_mib, busy.growth_mib,
+                  busy.peak_mib, busy.start_mib]))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_peak_rss_counts_the_block_only():
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched: resident
-    del big  # a large block goes back to the system: the high-water mark stays above
-    with timing.PeakMemory() as idle:
-        pass
-    with timing.PeakMemory() as busy:
-        x = torch.ones(48 * 2**20 // 4)
-        del x
-    assert idle.run_only and busy.run_only
-    assert idle.growth_mib < 16  # not the 64 MiB peak before the block
-    assert busy.growth_mib >= 44
-    assert busy.peak_mib >= busy.start_mib > 0
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout
+    idle_reset, busy_reset, idle_growth, busy_growth, peak, start = json.loads(out.splitlines()[-1])
+    assert idle_reset and busy_reset
+    assert idle_growth < 16  # not the 64 MiB peak before the block
+    assert busy_growth >= 44
+    assert peak >= start > 0
 
 
 def test_a_failing_worker_is_one_clear_error():
