@@ -34,16 +34,16 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        # detectron2 0.6/0.7 (and sal-detectron2 0.7.2, the set-up's fallback) need numpy 1. A
-        # GPU machine whose detectron2 is built from source may run numpy 2: tools/setup_env.sh
-        # --install-from installs this package there with --no-deps, keeping its numpy.
-        "numpy<2",
+        "numpy",
         "pillow",
         "pycocotools",
         "fvcore",
         "iopath",
         "tqdm",
         "matplotlib",  # tools/visualize_sampling.py and tools/plot_metrics.py
+        # the demo's videos and INPUT.DCNV2.RESIZE_BACKEND "opencv" (MMDetection's resize); the
+        # headless build, since a library installed on servers needs no GUI (see README)
+        "opencv-python-headless",
     ],
     extras_require={
         "test": [
@@ -53,16 +53,11 @@ setup(
             "black",
             "isort",
             "ruff",
-            # tools/demo.py reads and writes videos with OpenCV; 4.11+ needs numpy 2, which
-            # detectron2 0.7 does not support.
-            "opencv-python-headless<4.11",
             # tools/export_model.py: ONNX export (torch's dynamo exporter needs onnxscript) and
             # the check of the exported backbone in onnxruntime.
             "onnx",
             "onnxscript",
             "onnxruntime",
         ],
-        # INPUT.DCNV2.RESIZE_BACKEND "opencv" (the configs/mmdet files): MMDetection's resize.
-        "mmdet": ["opencv-python-headless<4.11"],
     },
 )

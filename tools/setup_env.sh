@@ -20,12 +20,12 @@
 #   PYTHON=/path/to/python3 bash tools/setup_env.sh --install-from DIR      # offline
 #
 # --download-wheels puts into DIR every wheel the project needs except torch, torchvision and
-# numpy (the machine's own are kept): binary wheels for CPython X.Y on manylinux x86_64, pure
-# ones built from source where PyPI has no wheel, the retagged sal-detectron2 (unless
-# DCNV2_D2_WHEEL=0) and DIR/requirements.txt. DCNV2_WHEELS_SKIP="name ..." leaves more out
+# numpy (the machine's own are kept), pip and setuptools included: binary wheels for CPython
+# X.Y on manylinux x86_64, pure ones built from source where PyPI has no wheel, the retagged
+# sal-detectron2 (unless DCNV2_D2_WHEEL=0) and DIR/requirements.txt. DCNV2_WHEELS_SKIP="name ..." leaves more out
 # (packages the target machine already has).
-# --install-from installs from DIR with pip --no-index into $PYTHON itself (no venv), keeping
-# its torch, torchvision and numpy, then this package (editable, no dependencies).
+# --install-from installs from DIR with pip --no-index into $PYTHON itself (no venv), pip first,
+# keeping its torch, torchvision and numpy, then this package (editable, no dependencies).
 #   DETECTRON2_SRC     a detectron2 source folder: built and installed with the machine's nvcc
 #                      (set TORCH_CUDA_ARCH_LIST, e.g. 9.0, and MAX_JOBS as usual)
 set -euo pipefail
@@ -36,7 +36,9 @@ PYTHON="${PYTHON:-python3}"
 VENV="${DCNV2_VENV:-$ROOT/.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 D2_FALLBACK="sal-detectron2==0.7.2"
-CACHE="$ROOT/.cache/setup"
+# detectron2 (sal 0.7.2 and upstream alike) imports pkg_resources, which setuptools 81 removed,
+# without declaring it: model_zoo fails to import without this pin in the environment.
+SETUPTOOLS_PIN="setuptools<81"
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf 'setup_env.sh: error: %s\n' "$*" >&2; exit 2; }
@@ -45,17 +47,21 @@ die() { printf 'setup_env.sh: error: %s\n' "$*" >&2; exit 2; }
 # (downloads use --no-deps, so that no numpy or torch comes along). Versions: detectron2's
 # pins (fvcore<0.1.6, iopath<0.1.10, omegaconf<2.4; hydra 1.3 needs antlr4 4.9).
 OFFLINE_SDIST_ONLY="fvcore==0.1.5.post20221221 iopath==0.1.9 antlr4-python3-runtime==4.9.3"
-OFFLINE_WHEELS="yacs termcolor omegaconf==2.3.0 hydra-core==1.3.2 tabulate cloudpickle
-  portalocker tqdm pyyaml pycocotools packaging typing_extensions pillow matplotlib contourpy
-  cycler fonttools kiwisolver pyparsing python-dateutil six tensorboard tensorboard-data-server
-  absl-py markdown werkzeug markupsafe grpcio protobuf"
-OFFLINE_REQUIREMENTS="fvcore iopath yacs termcolor omegaconf hydra-core tabulate cloudpickle
-  tqdm pycocotools pillow matplotlib tensorboard"
+OFFLINE_WHEELS="pip $SETUPTOOLS_PIN opencv-python-headless yacs termcolor omegaconf==2.3.0
+  hydra-core==1.3.2 tabulate cloudpickle portalocker tqdm pyyaml pycocotools packaging
+  typing_extensions pillow matplotlib contourpy cycler fonttools kiwisolver pyparsing
+  python-dateutil six tensorboard tensorboard-data-server absl-py markdown werkzeug markupsafe
+  grpcio protobuf"
+OFFLINE_REQUIREMENTS="$SETUPTOOLS_PIN opencv-python-headless fvcore iopath yacs termcolor
+  omegaconf hydra-core tabulate cloudpickle tqdm pycocotools pillow matplotlib tensorboard"
 
-skipped() { case " ${DCNV2_WHEELS_SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
+skipped() {  # $1: a requirement; true when its name is in DCNV2_WHEELS_SKIP
+  case " ${DCNV2_WHEELS_SKIP:-} " in *" ${1%%[<=>]*} "*) return 0 ;; esac; return 1
+}
 
 # Retag sal-detectron2's cp310 wheel (pure Python apart from a _C that cannot load on other
-# Pythons) as py3-none-any, without the binary. $1: the Python to run, $2: the downloaded wheel.
+# Pythons) as py3-none-any, without the binary and without its numpy<2 pin (detectron2's
+# Python sources run on numpy 2). $1: the Python to run, $2: the downloaded wheel.
 retag_sal_wheel() {
   "$1" - "$2" <<'PYEOF'
 import base64, hashlib, os, re, sys, zipfile
@@ -71,6 +77,8 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED
         if name.endswith(".dist-info/WHEEL"):
             data = re.sub(rb"Tag: .*", b"Tag: py3-none-any", data)
             data = data.replace(b"Root-Is-Purelib: false", b"Root-Is-Purelib: true")
+        elif name.endswith(".dist-info/METADATA"):
+            data = re.sub(rb"Requires-Dist: numpy<2", b"Requires-Dist: numpy", data)
         zout.writestr(name, data)
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         records.append(f"{name},sha256={digest},{len(data)}")
@@ -84,13 +92,13 @@ download_wheels() {  # $1: folder, $2: Python version (X.Y)
   local dir="$1" pyver="$2" py="$PYTHON" names=() name
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
-  for name in $OFFLINE_SDIST_ONLY; do skipped "${name%%==*}" || names+=("$name"); done
+  for name in $OFFLINE_SDIST_ONLY; do skipped "$name" || names+=("$name"); done
   if [ ${#names[@]} -gt 0 ]; then
     log "building pure-Python wheels of ${names[*]}"
     "$py" -m pip wheel --disable-pip-version-check -q --no-deps -w "$dir" "${names[@]}"
   fi
   names=()
-  for name in $OFFLINE_WHEELS; do skipped "${name%%==*}" || names+=("$name"); done
+  for name in $OFFLINE_WHEELS; do skipped "$name" || names+=("$name"); done
   log "downloading wheels for CPython $pyver manylinux x86_64: ${names[*]}"
   "$py" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
     --python-version "$pyver" --implementation cp --platform manylinux_2_28_x86_64 \
@@ -112,6 +120,12 @@ install_from() {  # $1: folder made by --download-wheels
   local dir="$1" py="$PYTHON"
   [ -f "$dir/requirements.txt" ] || die "$dir/requirements.txt not found (make the folder with --download-wheels)"
   local pip=("$py" -m pip install --disable-pip-version-check -q --no-index --find-links "$dir")
+  if ls "$dir"/pip-*.whl >/dev/null 2>&1; then
+    "${pip[@]}" --upgrade pip
+  else
+    log "warning: no pip wheel in $dir: keeping $("$py" -m pip --version | cut -d' ' -f1-2)" \
+      "(a pip older than 24 may not build detectron2 with --no-build-isolation)"
+  fi
   log "installing $(tr '\n' ' ' < "$dir/requirements.txt")from $dir into $("$py" -c 'import sys; print(sys.prefix)') (keeping its torch, torchvision, numpy)"
   "${pip[@]}" -r "$dir/requirements.txt"
   if [ -n "${DETECTRON2_SRC:-}" ]; then
@@ -174,8 +188,6 @@ PYEOF
   then :; else log "warning: $PY cannot import torch, torchvision and dcnv2 together yet"; fi
   exit 0
 fi
-mkdir -p "$CACHE"
-
 if [ ! -x "$VENV/bin/python" ]; then
   venv_args=()
   if [ "${DCNV2_SYSTEM_SITE:-0}" = "1" ]; then venv_args+=(--system-site-packages); fi
@@ -204,16 +216,13 @@ if has detectron2; then
   log "detectron2 already importable: keeping it"
 else
   log "detectron2 not importable: installing $D2_FALLBACK (Python sources of detectron2)"
-  wheel_dir="$CACHE/wheels"
-  mkdir -p "$wheel_dir"
-  if ! ls "$wheel_dir"/sal_detectron2-0.7.2-py3-none-any.whl >/dev/null 2>&1; then
-    "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
-      --python-version 3.10 "$D2_FALLBACK" -d "$wheel_dir"
-    # Retag as py3-none-any and drop the cp310 binary (it cannot load on other Pythons).
-    retag_sal_wheel "$PY" "$wheel_dir"/sal_detectron2-0.7.2-cp310-none-any.whl
-  fi
+  wheel_dir="$(mktemp -d)"
+  "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+    --python-version 3.10 "$D2_FALLBACK" -d "$wheel_dir"
+  retag_sal_wheel "$PY" "$wheel_dir"/sal_detectron2-0.7.2-cp310-none-any.whl
   # fvcore and iopath are imported by detectron2 but missing from the wheel's metadata.
-  pip_install "$wheel_dir"/sal_detectron2-0.7.2-py3-none-any.whl "numpy<2" fvcore iopath
+  pip_install "$wheel_dir"/sal_detectron2-0.7.2-py3-none-any.whl fvcore iopath
+  rm -rf "$wheel_dir"
 fi
 
 # 3. this package, editable, with test extras. Skipped when setup.py has not changed since the
@@ -224,9 +233,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && has dcnv2; then
   log "dcnv2 already installed (editable) from $ROOT"
 else
   log "installing dcnv2 (editable, with test extras)"
-  # numpy<2 stays pinned here: detectron2 0.6/0.7 need it, and without the constraint the
-  # resolver takes numpy 2 for onnx's ml_dtypes.
-  pip_install -e "$ROOT[test]" "numpy<2"
+  pip_install -e "$ROOT[test]" "$SETUPTOOLS_PIN"
   echo "$want" > "$stamp"
 fi
 
@@ -245,6 +252,9 @@ print(f"  torch        {torch.__version__} (CUDA available: {torch.cuda.is_avail
 print(f"  torchvision  {torchvision.__version__}")
 print(f"  detectron2   {detectron2.__version__} from {detectron2.__path__[0]} ({d2c})")
 print(f"  dcnv2        {md.version('dcnv2')} from {dcnv2.__path__[0]}")
+versions = {d.metadata["Name"].lower(): d.version for d in md.distributions()}
+print("  " + ", ".join(f"{n} {versions.get(n, '-')}"
+                      for n in ("numpy", "opencv-python-headless", "setuptools", "pip")))
 print(f"  deformable-conv backends: {', '.join(available_backends())}")
 PYEOF
 log "activate with: source ${VENV#"$ROOT"/}/bin/activate"
