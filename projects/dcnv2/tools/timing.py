@@ -340,10 +340,8 @@ def interleaved_times(
 
 
 def worker_main(measure: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
-    """Worker process entry: JSON spec in ``sys.argv[1]``, JSON result on stdout's last line."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    """Worker process entry: JSON spec in ``sys.argv[1]``, JSON result on stdout's last line.
+    Known third-party messages are already dropped: this module imports :mod:`.cli`."""
     print(json.dumps(measure(json.loads(sys.argv[1]))))
 
 
