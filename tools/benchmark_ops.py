@@ -14,8 +14,9 @@ Example:
 import json
 import sys
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools.benchmark_ops import format_table, notes, parse_shape, plot, run
-from dcnv2.tools.cli import UserInputError, run_cli, tool_parser
+from dcnv2.tools.cli import run_cli, tool_parser
 
 
 def parse_args(argv=None):

@@ -17,8 +17,8 @@ Logic: dcnv2.checkpoint.convert_mmdet.
 import sys
 
 from dcnv2.checkpoint.convert_mmdet import conversion_report, convert_mmdet_checkpoint
-from dcnv2.errors import DCNv2Error, report_user_error
-from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser
+from dcnv2.errors import DCNv2Error, UserInputError, report_user_error
+from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser
 
 PROG = "convert_mmdet_to_d2.py"
 

@@ -18,8 +18,8 @@ from dcnv2.checkpoint.convert_torchvision import (
     conversion_report,
     convert_torchvision_checkpoint,
 )
-from dcnv2.errors import DCNv2Error, report_user_error
-from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser
+from dcnv2.errors import DCNv2Error, UserInputError, report_user_error
+from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser
 
 PROG = "convert_torchvision_to_d2.py"
 

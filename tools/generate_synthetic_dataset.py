@@ -14,7 +14,8 @@ import os
 import sys
 
 from dcnv2.data.synthetic import SPLITS, prepare_synthetic_split
-from dcnv2.tools.cli import UserInputError, run_cli, tool_parser
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import run_cli, tool_parser
 
 
 def parse_args(argv=None):

@@ -22,7 +22,8 @@ import os
 import sys
 import warnings
 
-from dcnv2.tools.cli import UserInputError, add_force_argument, run_cli, tool_parser
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser
 from dcnv2.tools.plot_metrics import (
     MetricsWarning,
     format_train_time,

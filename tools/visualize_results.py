@@ -17,8 +17,9 @@ pictures are never overwritten unless --force. Logic: dcnv2.tools.visualize_resu
 
 import sys
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools import visualize_results as vr
-from dcnv2.tools.cli import UserInputError, add_config_arguments, run_cli, setup_cfg, tool_parser
+from dcnv2.tools.cli import add_config_arguments, run_cli, setup_cfg, tool_parser
 
 
 def parse_args(argv=None):

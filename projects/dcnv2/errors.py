@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteLossError",
     "OutputDirError",
     "TrainingInterrupted",
+    "UserInputError",
     "USER_ERRORS",
     "USER_ERROR_EXIT",
     "WeightsError",
@@ -43,6 +44,10 @@ class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
 
 class WeightsError(DCNv2Error, OSError):
     """A weights/checkpoint file that is missing, unreadable, truncated or does not fit."""
+
+
+class UserInputError(DCNv2Error):
+    """Something the user gave a tool (a path, an option) is missing or unusable."""
 
 
 class AnnotationError(DCNv2Error, ValueError):

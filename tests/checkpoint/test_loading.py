@@ -188,7 +188,7 @@ def test_trainer_and_demo_predictor_load_through_the_safe_checkpointer(tmp_path)
     # The demo predictor's weights come through the same checkpointer: a refusal names the key.
     path, marker = _tampered(tmp_path, ".pth")
     demo_cfg = setup_cfg("faster_rcnn_R50_mdconv_FPN_1x.yaml", ["MODEL.WEIGHTS", path])
-    from dcnv2.tools.cli import UserInputError
+    from dcnv2.errors import UserInputError
 
     with pytest.raises(UserInputError, match="ALLOW_UNSAFE_WEIGHTS"):
         DemoRunner(demo_cfg)
@@ -207,7 +207,8 @@ def test_lazy_config_loop_reads_train_allow_unsafe_weights(tmp_path):
 
 
 def test_demo_tools_turn_a_refusal_into_a_user_error(tmp_path):
-    from dcnv2.tools.cli import UserInputError, load_weights
+    from dcnv2.errors import UserInputError
+    from dcnv2.tools.cli import load_weights
 
     path, marker = _tampered(tmp_path, ".pth")
     with pytest.raises(UserInputError, match="ALLOW_UNSAFE_WEIGHTS"):

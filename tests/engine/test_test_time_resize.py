@@ -18,7 +18,8 @@ from PIL import Image
 from torch import nn
 
 from dcnv2.engine import Trainer
-from dcnv2.tools.cli import UserInputError, setup_cfg
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import setup_cfg
 from dcnv2.tools.demo import DemoRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools import benchmark as benchmark_tool
 from dcnv2.tools.benchmark import benchmark, format_table
-from dcnv2.tools.cli import UserInputError
 from dcnv2.tools.timing import StepWorker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

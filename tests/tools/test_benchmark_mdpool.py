@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools.benchmark_mdpool import METHODS, benchmark_mdpool, format_table, random_boxes
-from dcnv2.tools.cli import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools.benchmark_mimic import benchmark_mimic, format_table
-from dcnv2.tools.cli import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A small crop keeps the mimicking branch cheap; the ResNet-50 is what it is.

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools import benchmark_ops
-from dcnv2.tools.cli import UserInputError
 from dcnv2.tools.timing import StepWorker, interleaved_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,8 +10,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools.browse_dataset import browse_dataset
-from dcnv2.tools.cli import UserInputError, run_cli, setup_cfg
+from dcnv2.tools.cli import run_cli, setup_cfg
 from dcnv2.tools.visualize_results import TITLE_HEIGHT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dcnv2.tools.cli import UserInputError, run_cli, setup_cfg
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import run_cli, setup_cfg
 from dcnv2.tools.demo import DemoRunner, collect_inputs, run_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -229,7 +229,7 @@ def test_backends_give_the_same_features(model_and_image):
 
 
 def test_tool_refuses_bad_sizes_and_existing_files(tmp_path):
-    from dcnv2.tools.cli import UserInputError
+    from dcnv2.errors import UserInputError
 
     spec = importlib.util.spec_from_file_location(
         "dcnv2_tool_export", os.path.join(ROOT, "tools", "export_model.py")
@@ -253,7 +253,7 @@ def _tool():
 
 
 def test_tool_refuses_inconsistent_options(tmp_path):
-    from dcnv2.tools.cli import UserInputError
+    from dcnv2.errors import UserInputError
 
     out = str(tmp_path / "x.onnx")
     with pytest.raises(UserInputError, match="--part backbone"):

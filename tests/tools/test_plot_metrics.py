@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcnv2.tools.cli import UserInputError, run_cli
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import run_cli
 from dcnv2.tools.plot_metrics import (
     MetricsWarning,
     default_keys,

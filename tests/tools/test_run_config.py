@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcnv2.errors import WeightsError
-from dcnv2.tools.cli import DEFAULT_CONFIG, UserInputError, choose_config_file, run_cli
+from dcnv2.errors import UserInputError, WeightsError
+from dcnv2.tools.cli import DEFAULT_CONFIG, choose_config_file, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = "quick/faster_rcnn_R50_mdconv_FPN_instant.yaml"

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from dcnv2.errors import UserInputError
 from dcnv2.tools import timing
-from dcnv2.tools.cli import UserInputError
 
 
 def _cells(line):

@@ -10,7 +10,8 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from dcnv2.tools.cli import UserInputError, run_cli
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import run_cli
 from dcnv2.tools.visualize_results import (
     TITLE_HEIGHT,
     dataset_from_json,

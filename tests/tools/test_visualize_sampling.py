@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcnv2.tools.cli import UserInputError, setup_cfg
+from dcnv2.errors import UserInputError
+from dcnv2.tools.cli import setup_cfg
 from dcnv2.tools.demo import DemoRunner
 from dcnv2.tools.visualize_sampling import (
     DeformableLayerRecord,

@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .cli import UserInputError
+from ..errors import UserInputError
 from .timing import (
     PeakMemory,
     StepWorker,

@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .cli import UserInputError
+from ..errors import UserInputError
 from .timing import InProcessSteps, interleaved_times, text_table
 
 __all__ = ["METHODS", "SCALES", "random_boxes", "benchmark_mdpool", "format_table"]

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .cli import UserInputError
+from ..errors import UserInputError
 from .timing import InProcessSteps, detection_batch, interleaved_times, text_table, training_step
 
 __all__ = ["PLAIN", "benchmark_mimic", "format_table", "counted_step"]

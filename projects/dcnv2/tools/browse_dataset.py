@@ -16,7 +16,8 @@ from PIL import Image
 
 from ..data.resumable import build_train_mapper
 from ..data.validation import load_training_dicts
-from .cli import UserInputError, refuse_existing_outputs
+from ..errors import UserInputError
+from .cli import refuse_existing_outputs
 from .visualize_results import titled_panels
 
 __all__ = ["browse_dataset", "draw_annotations", "mapped_samples"]

@@ -13,7 +13,7 @@ from ..checkpoint import build_checkpointer
 from ..checkpoint.integrity import check_weights_file
 from ..config import get_cfg
 from ..data.coco import register_config_datasets
-from ..errors import USER_ERRORS, DCNv2Error, WeightsError, report_user_error
+from ..errors import USER_ERRORS, DCNv2Error, UserInputError, WeightsError, report_user_error
 
 # The config a tool reads when neither --config-file nor a run's weights are given.
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
@@ -48,10 +48,6 @@ def silence_known_warnings() -> None:
 
 # Entry points import this module before modules that print some of these messages at import.
 silence_known_warnings()
-
-
-class UserInputError(DCNv2Error):
-    """Something the user gave (a path, an option) is missing or unusable."""
 
 
 def tool_parser(doc: str, skip: int = 1) -> argparse.ArgumentParser:

@@ -18,8 +18,8 @@ from ..data.images import image_file_problem
 from ..data.images import read_image as dcnv2_read_image
 from ..data.transforms import ResizeBackendError
 from ..engine.predictor import Predictor
-from ..errors import DCNv2Error
-from .cli import UserInputError, refuse_existing_outputs
+from ..errors import DCNv2Error, UserInputError
+from .cli import refuse_existing_outputs
 
 __all__ = [
     "IMAGE_EXTENSIONS",

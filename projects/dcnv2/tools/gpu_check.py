@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..errors import UserInputError
 from ..layers import available_backends, reference
 from .benchmark import equal_work_heads
 from .benchmark_ops import SHAPES, op_inputs, op_steps
-from .cli import UserInputError
 from .timing import (
     InProcessSteps,
     PeakMemory,

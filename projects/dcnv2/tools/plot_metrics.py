@@ -10,7 +10,7 @@ import re
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .cli import UserInputError
+from ..errors import UserInputError
 
 __all__ = [
     "MetricsWarning",

@@ -16,7 +16,7 @@ from torch.utils.benchmark import Measurement
 from torch.utils.benchmark.utils.common import TaskSpec
 from torch.utils.benchmark.utils.timer import timer
 
-from .cli import UserInputError
+from ..errors import UserInputError
 
 __all__ = [
     "InProcessSteps",

@@ -15,7 +15,8 @@ from PIL import Image
 
 from ..data.coco import load_category_metadata
 from ..engine.eval_output import EVAL_CONFIG, WEIGHTS_RECORD
-from .cli import RUN_CONFIG, UserInputError, refuse_existing_outputs
+from ..errors import UserInputError
+from .cli import RUN_CONFIG, refuse_existing_outputs
 from .demo import read_image
 
 __all__ = [

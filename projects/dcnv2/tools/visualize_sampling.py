@@ -13,8 +13,8 @@ from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 
 from ..data import build_test_augmentation
+from ..errors import UserInputError
 from ..layers import DeformConv, ModulatedDeformConv
-from .cli import UserInputError
 
 __all__ = [
     "DeformableLayerRecord",
