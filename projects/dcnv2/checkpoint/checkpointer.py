@@ -1,26 +1,29 @@
 """``DCNv2Checkpointer``: detectron2's ``DetectionCheckpointer``, safe loading, atomic saves."""
 
+import os
 import pickle
 from typing import Any, Dict, Optional
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..config import YAML_KEYS, RunKeys, cfg_get, run_keys
-from ..errors import WeightsError
-from .atomic import AtomicCheckpointMixin, last_checkpoint_pointer
-from .integrity import (
-    UNREADABLE_ERRORS,
-    check_checkpoint_dict,
-    check_fit,
-    check_weights_file,
-    unreadable_file_error,
+from ..errors import DCNv2Error, WeightsError
+from .atomic import (
+    DiskFullError,
+    atomic_write,
+    atomic_write_text,
+    last_checkpoint_pointer,
+    payload_bytes,
+    remove_stale_temporaries,
 )
-from .loading import UnsafeCheckpointError, load_pickle_file, load_torch_file
+from .integrity import READ_ERRORS, check_weights_file, unreadable_file_error
+from .loading import load_pickle_file, load_torch_file
 
 __all__ = ["DCNv2Checkpointer", "build_checkpointer"]
 
 
-class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
+class DCNv2Checkpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with safe, checked loading and atomic saves.
 
     Args:
@@ -46,6 +49,44 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
         self.keys = keys
         self._resuming = False
 
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's ``save``, atomic; a full disk names the checkpoint --resume continues from."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
+        pointer = last_checkpoint_pointer(self.save_dir)
+        for path in (save_file, pointer):  # what a kill during a write left
+            removed = remove_stale_temporaries(self.path_manager.get_local_path(path))
+            if removed:
+                self.logger.info(f"Removed {removed} partial write(s) of {path} left by a kill")
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else None
+        size_hint = payload_bytes(data)
+        if previous and os.path.isfile(previous):
+            size_hint = max(size_hint, os.path.getsize(previous))
+        try:
+            with atomic_write(
+                self.path_manager.get_local_path(save_file), size_hint=size_hint
+            ) as f:
+                torch.save(data, f)
+        except DiskFullError as e:
+            kept = "no checkpoint of this run was written yet"
+            if previous:
+                kept = f"{pointer} still names {previous}, which --resume continues from"
+            full = DiskFullError(f"{e} {kept}.")
+            full.errno, full.filename = e.errno, e.filename
+            raise full from None
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        pointer = last_checkpoint_pointer(self.save_dir)
+        atomic_write_text(self.path_manager.get_local_path(pointer), last_filename_basename)
+
     def _source(self) -> str:
         if self._resuming:
             return f"named by {last_checkpoint_pointer(self.save_dir)} (--resume)"
@@ -63,7 +104,7 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
         try:
             return super().load(path, *args, **kwargs)
         except OSError as e:
-            if not path or "://" not in path or isinstance(e, WeightsError):
+            if "://" not in (path or "") or isinstance(e, WeightsError):
                 raise
             raise WeightsError(
                 f"Cannot fetch weights {path} ({self._source()}): {e}. Download the file "
@@ -71,45 +112,66 @@ class DCNv2Checkpointer(AtomicCheckpointMixin, DetectionCheckpointer):
             ) from None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        try:
-            checkpoint = self._read_file(filename)
-        except (UnsafeCheckpointError, WeightsError):
-            raise
-        except UNREADABLE_ERRORS as e:
-            raise unreadable_file_error(filename, self._source(), e) from None
-        check_checkpoint_dict(checkpoint, filename, self._source())
-        return checkpoint
-
-    def _read_file(self, filename: str) -> Dict[str, Any]:
         source = self._source()
-        if filename.endswith(".pkl"):
-            return _pkl_checkpoint(
-                load_pickle_file(filename, allow_unsafe=self.allow_unsafe, source=source)
+        try:
+            if filename.endswith(".pkl"):
+                checkpoint = _pkl_checkpoint(
+                    load_pickle_file(filename, allow_unsafe=self.allow_unsafe, source=source)
+                )
+            elif filename.endswith(".pyth"):
+                data = load_torch_file(filename, allow_unsafe=self.allow_unsafe, source=source)
+                checkpoint = _pycls_checkpoint(filename, data)
+            else:  # detectron2's own path for .pth and the rest: it calls self._torch_load
+                checkpoint = super()._load_file(filename)
+        except DCNv2Error:  # already says what is wrong
+            raise
+        except READ_ERRORS as e:
+            raise unreadable_file_error(filename, source, e) from None
+        if not isinstance(checkpoint.get("model"), dict):
+            raise WeightsError(
+                f"Weights file {filename} ({source}) holds a "
+                f"{type(checkpoint['model']).__name__}, not a state dict; expected a dict of "
+                "tensors, or {'model': dict of tensors, ...}"
             )
-        if filename.endswith(".pyth"):
-            return _pycls_checkpoint(
-                filename, load_torch_file(filename, allow_unsafe=self.allow_unsafe, source=source)
-            )
-        # detectron2's own path for .pth and the rest: it calls self._torch_load.
-        return super()._load_file(filename)
+        return checkpoint
 
     def _torch_load(self, f: str) -> Any:
         return load_torch_file(f, allow_unsafe=self.allow_unsafe, source=self._source())
 
     def _load_model(self, checkpoint: Any):
-        num_tensors = len(checkpoint.get("model", {}))
+        """detectron2's ``_load_model``; refuses misshapen tensors (unless allowed) and weights
+        of which no tensor is used."""
+        num_tensors = len(checkpoint["model"])
         name_matching = bool(checkpoint.get("matching_heuristics", False))
         incompatible = super()._load_model(checkpoint)
-        check_fit(
-            incompatible,
-            num_tensors=num_tensors,
-            name_matching=name_matching,
-            model_keys=self.model.state_dict().keys(),
-            source=self._source(),
-            resuming=self._resuming,
-            allow_shape_mismatch=self.allow_shape_mismatch,
-            shape_option=self.keys.allow_shape_mismatch or YAML_KEYS.allow_shape_mismatch,
-        )
+        shapes = incompatible.incorrect_shapes
+        if shapes and (self._resuming or not self.allow_shape_mismatch):
+            listed = [
+                f"  {k}: {tuple(ckpt)} in the file, {tuple(m)} in the model"
+                for k, ckpt, m in shapes
+            ]
+            option = self.keys.allow_shape_mismatch or YAML_KEYS.allow_shape_mismatch
+            hint = (
+                "A checkpoint of this run must fit its model exactly: was the config changed "
+                "since the run started?"
+                if self._resuming
+                else "Check that the config matches the model the weights come from (e.g. "
+                "MODEL.ROI_HEADS.NUM_CLASSES, MODEL.RESNETS.DEPTH). To fine-tune on other "
+                f"classes, leaving these tensors at their initialisation, set {option} True."
+            )
+            raise WeightsError(
+                f"{len(shapes)} tensor(s) of the weights ({self._source()}) do not fit the "
+                "model:\n" + "\n".join(listed) + "\n" + hint
+            )
+        used = num_tensors - len(incompatible.unexpected_keys) - len(shapes)
+        if num_tensors and used <= 0 and not name_matching:  # heuristics log their own drops
+            raise WeightsError(
+                f"None of the {num_tensors} tensors of the weights ({self._source()}) matches a "
+                f"parameter of the model by name, e.g. the file has "
+                f"{sorted(incompatible.unexpected_keys)[:3]}, the model "
+                f"{sorted(self.model.state_dict())[:3]}. Expected weights of a detectron2 model "
+                "of this architecture (convert other formats with the tools in tools/)."
+            )
         return incompatible
 
 

@@ -7,21 +7,15 @@ Anything else raises :class:`UnsafeCheckpointError` unless ``allow_unsafe`` (tru
 import io
 import pickle
 import re
-from typing import Any, Union
+from typing import Any
 
 import torch
 from detectron2.utils.file_io import PathManager
 
-from ..errors import DCNv2Error, WeightsError
-from .integrity import UNREADABLE_ERRORS, check_weights_file, unreadable_file_error
+from ..errors import DCNv2Error
+from .integrity import READ_ERRORS, check_weights_file, unreadable_file_error
 
-__all__ = [
-    "UNSAFE_OVERRIDE_HINT",
-    "UnsafeCheckpointError",
-    "load_checkpoint_file",
-    "load_pickle_file",
-    "load_torch_file",
-]
+__all__ = ["UnsafeCheckpointError", "load_checkpoint_file", "load_pickle_file", "load_torch_file"]
 
 UNSAFE_OVERRIDE_HINT = (
     "If you trust the file's source, allow it explicitly: MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS True "
@@ -29,20 +23,15 @@ UNSAFE_OVERRIDE_HINT = (
     "tools) or allow_unsafe=True (DCNv2Checkpointer and dcnv2.checkpoint.load_checkpoint_file)."
 )
 
-# (module, name) pairs the .pkl unpickler may rebuild. numpy 2 moved numpy.core to numpy._core.
-_PKL_ALLOWED_GLOBALS = frozenset(
-    [
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-        # Python 3 pickles (protocol < 3) write bytes as _codecs.encode(str, "latin1").
-        ("_codecs", "encode"),
-    ]
-)
+# (module, name) pairs the .pkl unpickler may rebuild. numpy 2 moved numpy.core to numpy._core;
+# Python 3 pickles (protocol < 3) write bytes as _codecs.encode(str, "latin1").
+_PKL_ALLOWED_GLOBALS = {
+    (f"numpy.{core}.multiarray", name)
+    for core in ("core", "_core")
+    for name in ("_reconstruct", "scalar")
+}
+_PKL_ALLOWED_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+_PKL_ALLOWED_GLOBALS.add(("_codecs", "encode"))
 
 # torch's weights-only unpickler refuses an object with one of these phrases (by version);
 # any other failure means a damaged file.
@@ -65,15 +54,15 @@ def _refuse(path: str, global_name: str) -> UnsafeCheckpointError:
     )
 
 
-class _NotAllowed(UnsafeCheckpointError):
-    """Raised inside the unpickler with the refused global's name; :func:`_refuse` words it."""
-
-
 class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: str):
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self.path = path
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PKL_ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise _NotAllowed(f"{module}.{name}")
+        raise _refuse(self.path, f"{module}.{name}")
 
 
 def load_pickle_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
@@ -83,40 +72,33 @@ def load_pickle_file(path: str, *, allow_unsafe: bool = False, source: str = "")
         path: a local path or a detectron2 ``PathManager`` URI.
         source: where the path came from, for messages (``"given by MODEL.WEIGHTS"``).
     """
-    check_weights_file(path, source, resuming=False)
+    check_weights_file(path, source)
     try:
         with PathManager.open(path, "rb") as f:
             data = f.read()
         if allow_unsafe:
             return pickle.loads(data, encoding="latin1")
-        return _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except _NotAllowed as e:
-        raise _refuse(path, str(e)) from None
-    except UNREADABLE_ERRORS as e:
+        return _ArraysOnlyUnpickler(data, path).load()
+    except UnsafeCheckpointError:
+        raise
+    except READ_ERRORS as e:
         raise unreadable_file_error(path, source, e) from None
 
 
 def load_torch_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
     """``torch.load`` a checkpoint onto the CPU, tensors-only unless ``allow_unsafe``."""
     local = PathManager.get_local_path(path)
-    check_weights_file(local, source, resuming=False)
+    check_weights_file(local, source)
     try:
         return torch.load(local, map_location="cpu", weights_only=not allow_unsafe)
-    except pickle.UnpicklingError as e:
+    except READ_ERRORS as e:
         found = None if allow_unsafe else _TORCH_REFUSAL.search(str(e))
-        if found:
+        if isinstance(e, pickle.UnpicklingError) and found:
             raise _refuse(path, next(g for g in found.groups() if g).rstrip(".,")) from None
         raise unreadable_file_error(local, source, e) from None
-    except UNREADABLE_ERRORS as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise unreadable_file_error(local, source, e) from None
 
 
-def load_checkpoint_file(
-    path: str, *, allow_unsafe: bool = False, source: str = ""
-) -> Union[dict, Any]:
+def load_checkpoint_file(path: str, *, allow_unsafe: bool = False, source: str = "") -> Any:
     """Load a ``.pkl`` with :func:`load_pickle_file`, anything else with :func:`load_torch_file`."""
-    if path.endswith(".pkl"):
-        return load_pickle_file(path, allow_unsafe=allow_unsafe, source=source)
-    return load_torch_file(path, allow_unsafe=allow_unsafe, source=source)
+    load = load_pickle_file if path.endswith(".pkl") else load_torch_file
+    return load(path, allow_unsafe=allow_unsafe, source=source)

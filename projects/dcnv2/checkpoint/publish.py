@@ -12,7 +12,7 @@ from ..errors import WeightsError
 from .atomic import atomic_write
 from .loading import load_checkpoint_file
 
-__all__ = ["publish_model", "published_name", "weights_only"]
+__all__ = ["publish_model", "weights_only"]
 
 
 def weights_only(checkpoint: Any, *, half: bool = False) -> Dict[str, torch.Tensor]:
@@ -38,12 +38,6 @@ def weights_only(checkpoint: Any, *, half: bool = False) -> Dict[str, torch.Tens
     return out
 
 
-def published_name(output_path: str, digest: str) -> str:
-    """``out/model.pth`` -> ``out/model-<first 8 hex digits of the sha256>.pth``."""
-    stem, ext = os.path.splitext(output_path)
-    return f"{stem}-{digest[:8]}{ext}"
-
-
 def publish_model(
     input_path: str,
     output_path: str,
@@ -61,21 +55,14 @@ def publish_model(
         raise WeightsError(f"output {output_path!r} must end with .pth")
     if not os.path.exists(input_path):
         raise WeightsError(f"input checkpoint {input_path!r} does not exist or is not a file")
-    try:
-        # A folder, an empty or text file, a file cut short: WeightsError, naming the file.
-        checkpoint = load_checkpoint_file(
-            input_path, allow_unsafe=allow_unsafe, source="publish_model's input"
-        )
-    except WeightsError:
-        raise
-    except Exception as e:  # any unpickling failure of a file that is not a checkpoint
-        raise WeightsError(f"cannot read checkpoint {input_path!r}: {e}") from None
+    source = "publish_model's input"
+    checkpoint = load_checkpoint_file(input_path, allow_unsafe=allow_unsafe, source=source)
     weights = weights_only(checkpoint, half=half)
     buffer = io.BytesIO()
     torch.save({"model": weights}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    path = published_name(output_path, digest)
+    path = f"{output_path[:-4]}-{digest[:8]}.pth"  # MMDetection's publish_model convention
     if os.path.abspath(path) == os.path.abspath(input_path):
         raise WeightsError(f"{path!r} is the input file; give another output name")
     if os.path.exists(path) and not force:
