@@ -46,6 +46,7 @@ from dcnv2.tools.export_model import (
     BackboneForExport,
     ExportError,
     compare_detections,
+    detector_instances,
     detector_outputs,
     export_backbone_onnx,
     export_detector_onnx,
@@ -170,10 +171,7 @@ def _onnx_detector(model, images, path, score_threshold) -> int:
     for image in images:
         got = onnx_detections(session, adapter, image)
         with torch.no_grad():
-            if hasattr(model, "roi_heads"):
-                expected = model.inference([{"image": image}], do_postprocess=False)[0]
-            else:
-                expected = model([{"image": image}])[0]["instances"]
+            expected = detector_instances(model, image)
         s = compare_detections(got, expected, score_threshold)
         ok = ok and s["agree"]
         print(

@@ -1,7 +1,5 @@
-"""Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one.
-
-A full disk raises :class:`DiskFullError` and keeps the old file.
-"""
+"""Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one;
+a full disk raises :class:`DiskFullError` and keeps the old file."""
 
 import contextlib
 import errno
@@ -10,7 +8,7 @@ import os
 import pickle
 import secrets
 import shutil
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -33,15 +31,13 @@ class DiskFullError(DCNv2Error, OSError):
 
 def payload_bytes(obj: Any) -> int:
     """About the ``torch.save`` size of ``obj``: the bytes of its tensors and arrays."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
         return int(obj.nbytes)
     if isinstance(obj, (bytes, bytearray)):
         return len(obj)
     if isinstance(obj, dict):
         obj = list(obj.values())
-    return sum(payload_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+    return sum(map(payload_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 
 def _size(n: int) -> str:
@@ -131,12 +127,10 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def remove_stale_temporaries(path: str) -> int:
-    """Delete the temporary files that killed writes of ``path`` left; return how many."""
+def remove_stale_temporaries(path: str) -> List[str]:
+    """Delete the temporary files that killed writes of ``path`` left; return their names."""
     folder, name = os.path.split(os.path.abspath(path))
-    removed = 0
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-            removed += 1
-    return removed
+    stale = glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp"))
+    for tmp in stale:
+        os.remove(tmp)
+    return stale

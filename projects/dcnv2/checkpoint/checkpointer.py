@@ -2,7 +2,7 @@
 
 import os
 import pickle
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -30,6 +30,7 @@ class DCNv2Checkpointer(DetectionCheckpointer):
         allow_unsafe: unpickle any object (trusted files only).
         allow_shape_mismatch: skip tensors whose shape differs from the model's (never on resume).
         keys: the config keys named in messages.
+        kwargs: ``save_to_disk`` and the checkpointables, as ``DetectionCheckpointer`` takes them.
     """
 
     def __init__(
@@ -40,10 +41,9 @@ class DCNv2Checkpointer(DetectionCheckpointer):
         allow_unsafe: bool = False,
         allow_shape_mismatch: bool = False,
         keys: RunKeys = YAML_KEYS,
-        save_to_disk: Optional[bool] = None,
-        **checkpointables: Any,
+        **kwargs: Any,
     ):
-        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        super().__init__(model, save_dir, **kwargs)
         self.allow_unsafe = allow_unsafe
         self.allow_shape_mismatch = allow_shape_mismatch
         self.keys = keys
@@ -57,35 +57,28 @@ class DCNv2Checkpointer(DetectionCheckpointer):
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        if os.path.basename(save_file) != basename:
-            raise ValueError(f"checkpoint name {name!r} must be a file name, not a path")
         pointer = last_checkpoint_pointer(self.save_dir)
-        for path in (save_file, pointer):  # what a kill during a write left
-            removed = remove_stale_temporaries(self.path_manager.get_local_path(path))
-            if removed:
-                self.logger.info(f"Removed {removed} partial write(s) of {path} left by a kill")
+        for path in (save_file, pointer):
+            for tmp in remove_stale_temporaries(path):
+                self.logger.info(f"Removed {tmp}, a partial write left by a kill")
         self.logger.info(f"Saving checkpoint to {save_file}")
         previous = self.get_checkpoint_file() if self.has_checkpoint() else None
         size_hint = payload_bytes(data)
         if previous and os.path.isfile(previous):
             size_hint = max(size_hint, os.path.getsize(previous))
         try:
-            with atomic_write(
-                self.path_manager.get_local_path(save_file), size_hint=size_hint
-            ) as f:
+            with atomic_write(save_file, size_hint=size_hint) as f:
                 torch.save(data, f)
         except DiskFullError as e:
             kept = "no checkpoint of this run was written yet"
             if previous:
                 kept = f"{pointer} still names {previous}, which --resume continues from"
-            full = DiskFullError(f"{e} {kept}.")
-            full.errno, full.filename = e.errno, e.filename
-            raise full from None
+            e.args = (f"{e} {kept}.",)
+            raise
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        pointer = last_checkpoint_pointer(self.save_dir)
-        atomic_write_text(self.path_manager.get_local_path(pointer), last_filename_basename)
+        atomic_write_text(last_checkpoint_pointer(self.save_dir), last_filename_basename)
 
     def _source(self) -> str:
         if self._resuming:
@@ -113,14 +106,12 @@ class DCNv2Checkpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         source = self._source()
+        safety = dict(allow_unsafe=self.allow_unsafe, source=source)
         try:
             if filename.endswith(".pkl"):
-                checkpoint = _pkl_checkpoint(
-                    load_pickle_file(filename, allow_unsafe=self.allow_unsafe, source=source)
-                )
+                checkpoint = _pkl_checkpoint(load_pickle_file(filename, **safety))
             elif filename.endswith(".pyth"):
-                data = load_torch_file(filename, allow_unsafe=self.allow_unsafe, source=source)
-                checkpoint = _pycls_checkpoint(filename, data)
+                checkpoint = _pycls_checkpoint(filename, load_torch_file(filename, **safety))
             else:  # detectron2's own path for .pth and the rest: it calls self._torch_load
                 checkpoint = super()._load_file(filename)
         except DCNv2Error:  # already says what is wrong

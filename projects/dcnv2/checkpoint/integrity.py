@@ -2,6 +2,7 @@
 missing, a folder, unreadable, empty, text, or cut short, judged by its first and last bytes."""
 
 import codecs
+import contextlib
 import os
 from pickle import UnpicklingError
 from typing import Optional
@@ -25,15 +26,11 @@ def check_weights_file(path: str, source: str, resuming: bool = False) -> None:
     if not path or "://" in path:
         return
     if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "is not a regular file"  # /dev/null, FIFO
         hint = "expected a .pth/.pkl checkpoint file (or a URL such as detectron2://...)"
-        if os.path.isdir(path):
-            what = "is a folder"
-        elif os.path.exists(path):  # a device file (/dev/null), a FIFO or a socket
-            what = "is not a regular file"
-        else:
+        if not os.path.exists(path):
             what = "does not exist"
-            if resuming:
-                hint = "restore it, or start without --resume"
+            hint = "restore it, or start without --resume" if resuming else hint
         raise WeightsError(f"Weights file {path}{f' ({source})' if source else ''} {what}; {hint}")
     try:
         problem = diagnose_file(path)
@@ -114,11 +111,8 @@ def unreadable_file_error(filename: str, source: str, error: BaseException) -> W
             "this user can read"
         )
     problem = None
-    if os.path.isfile(filename):
-        try:
-            problem = diagnose_file(filename, failed=True)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError):  # not a local file
+        problem = diagnose_file(filename, failed=True)
     if problem is None:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         problem = _CUT_SHORT.format(f"{type(error).__name__}: {reason}")

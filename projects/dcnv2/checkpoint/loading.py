@@ -1,8 +1,6 @@
-"""Reading checkpoint files without running code hidden in them.
-
-``.pkl``: numpy arrays and dicts only; other files: ``torch.load(weights_only=True)``.
-Anything else raises :class:`UnsafeCheckpointError` unless ``allow_unsafe`` (trusted files only).
-"""
+"""Reading checkpoint files without running code hidden in them: ``.pkl`` numpy arrays and dicts
+only, other files ``torch.load(weights_only=True)``; anything else raises
+:class:`UnsafeCheckpointError` unless ``allow_unsafe`` (trusted files only)."""
 
 import io
 import pickle
@@ -16,12 +14,6 @@ from ..errors import DCNv2Error
 from .integrity import READ_ERRORS, check_weights_file, unreadable_file_error
 
 __all__ = ["UnsafeCheckpointError", "load_checkpoint_file", "load_pickle_file", "load_torch_file"]
-
-UNSAFE_OVERRIDE_HINT = (
-    "If you trust the file's source, allow it explicitly: MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS True "
-    "(YAML configs), train.allow_unsafe_weights=True (LazyConfigs), --allow-unsafe (the convert "
-    "tools) or allow_unsafe=True (DCNv2Checkpointer and dcnv2.checkpoint.load_checkpoint_file)."
-)
 
 # (module, name) pairs the .pkl unpickler may rebuild. numpy 2 moved numpy.core to numpy._core;
 # Python 3 pickles (protocol < 3) write bytes as _codecs.encode(str, "latin1").
@@ -48,9 +40,11 @@ class UnsafeCheckpointError(DCNv2Error, pickle.UnpicklingError):
 
 def _refuse(path: str, global_name: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
-        f"Refusing to load {path!r}: besides tensors/arrays, numbers, strings and containers it "
-        f"asks the unpickler for the Python global {global_name!r}, and unpickling arbitrary "
-        f"objects can run arbitrary code. {UNSAFE_OVERRIDE_HINT}"
+        f"Refusing to load {path!r}: it asks the unpickler for the Python global {global_name!r}, "
+        "and unpickling objects other than tensors/arrays and containers can run code. If you "
+        "trust its source: MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS True (YAML configs), "
+        "train.allow_unsafe_weights=True (LazyConfigs), --allow-unsafe (convert tools) or "
+        "allow_unsafe=True (Python)."
     )
 
 

@@ -77,26 +77,21 @@ def train_net_parser(doc: str) -> argparse.ArgumentParser:
 
 
 class _DeprecatedForce(argparse.Action):
-    """``--overwrite``, the converters' former ``--force``: hidden, warns once."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, "force", nargs=0, help=argparse.SUPPRESS)
-        self._warned = False
+    """``--overwrite``, the converters' former ``--force``: sets ``force`` with a warning."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if not self._warned:
-            print(
-                f"{parser.prog}: warning: {option_string} is deprecated; use --force",
-                file=sys.stderr,
-            )
-            self._warned = True
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated; use --force", file=sys.stderr
+        )
         namespace.force = True
 
 
 def add_force_argument(parser: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
-    """Add ``--force`` (overwrite ``what``) and its deprecated alias ``--overwrite``."""
+    """Add ``--force`` (overwrite ``what``) and its hidden, deprecated alias ``--overwrite``."""
     parser.add_argument("--force", action="store_true", help=f"overwrite {what}")
-    parser.add_argument("--overwrite", action=_DeprecatedForce)
+    parser.add_argument(
+        "--overwrite", action=_DeprecatedForce, dest="force", nargs=0, help=argparse.SUPPRESS
+    )
     return parser
 
 
@@ -114,13 +109,11 @@ def add_config_arguments(
         config_default: ``--config-file``'s default as its help says it.
     """
     fallback = f"else {default}" if default else "required without MODEL.WEIGHTS"
-    config_default = config_default or (
-        f"the {RUN_CONFIG} beside --opts MODEL.WEIGHTS, written by the run that trained them; "
-        f"{fallback}"
+    config_default = (
+        config_default or f"the {RUN_CONFIG} of the run that wrote --opts MODEL.WEIGHTS; {fallback}"
     )
     parser.add_argument(
         "--config-file",
-        default=None,
         help=f"YAML path or name of a config shipped with dcnv2 (default: {config_default})",
     )
     if force is not None:
@@ -132,24 +125,6 @@ def add_config_arguments(
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth",
     )
     return parser
-
-
-def run_config_file(weights: str) -> Optional[str]:
-    """The :data:`RUN_CONFIG` beside a local weights file, or None."""
-    if not weights or "://" in weights or not os.path.isfile(weights):
-        return None
-    path = os.path.join(os.path.dirname(os.path.abspath(weights)), RUN_CONFIG)
-    return path if os.path.isfile(path) else None
-
-
-def _is_lazy_config_dump(path: str) -> bool:
-    """A LazyConfig saved as YAML (``model``, no ``MODEL``), read by line: it may hold tags."""
-    try:
-        with open(path) as f:
-            top = {m.group(1) for m in (re.match(r"([A-Za-z_]\w*):", line) for line in f) if m}
-    except (OSError, UnicodeDecodeError):
-        return False  # reading it as a YAML config gives the clear error
-    return "model" in top and "MODEL" not in top
 
 
 def refuse_existing_outputs(paths: Sequence[str], force: bool, what: str = "output file(s)"):
@@ -170,21 +145,21 @@ def choose_config_file(
     refused; ``MODEL.WEIGHTS ""`` reads :data:`DEFAULT_CONFIG`."""
     if config_file:
         return config_file
-    weights = None
-    for key, value in zip(opts[::2], opts[1::2]):
-        if key == "MODEL.WEIGHTS":
-            weights = value
+    weights = dict(zip(opts[::2], opts[1::2])).get("MODEL.WEIGHTS")  # the last one counts
     if weights and "://" not in weights:
         # A file that cannot be weights is the first thing to say, before any config.yaml.
-        check_weights_file(weights, "given by MODEL.WEIGHTS", resuming=False)
-        found = run_config_file(weights)
-        if found is None:
+        check_weights_file(weights, "given by MODEL.WEIGHTS")
+        found = os.path.join(os.path.dirname(os.path.abspath(weights)), RUN_CONFIG)
+        if not os.path.isfile(found):
             raise UserInputError(
                 f"no --config-file, and MODEL.WEIGHTS {weights!r} has no {RUN_CONFIG} beside it "
                 "(a training run writes one in its OUTPUT_DIR): pass --config-file with the "
                 "config the weights were trained with"
             )
-        if _is_lazy_config_dump(found):
+        # A LazyConfig saved as YAML has "model:" and no "MODEL:" (read by line: it may hold tags).
+        with open(found, errors="replace") as f:
+            top = {m.group(1) for m in (re.match(r"([A-Za-z_]\w*):", line) for line in f) if m}
+        if "model" in top and "MODEL" not in top:
             raise UserInputError(
                 f"the run's config {found} is a LazyConfig (a .py run); the tools read YAML "
                 "configs: pass --config-file with a YAML config of the same model"
@@ -217,8 +192,6 @@ def setup_cfg(
         raise UserInputError(
             f"--confidence-threshold must be in [0, 1], got {confidence_threshold}"
         )
-    if len(opts) % 2:
-        raise UserInputError(f"--opts needs KEY VALUE pairs, got an odd number: {list(opts)}")
     config_file = choose_config_file(config_file, opts, default)
     try:
         cfg = get_cfg(config_file, ["MODEL.DEVICE", device, *opts])
@@ -231,7 +204,7 @@ def setup_cfg(
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = confidence_threshold
     try:  # a local file that cannot be a checkpoint, before the model is built
-        check_weights_file(cfg.MODEL.WEIGHTS, "given by MODEL.WEIGHTS", resuming=False)
+        check_weights_file(cfg.MODEL.WEIGHTS, "given by MODEL.WEIGHTS")
     except WeightsError as e:
         raise UserInputError(str(e)) from None
     cfg.freeze()

@@ -1,8 +1,8 @@
 """Export dcnv2 models: ONNX of the detector or of the backbone + FPN (deformable convs as
 standard ``DeformConv`` nodes, opset >= 19, or decomposed), and TorchScript. Models with mdpool
-cannot be exported (:class:`ExportError`).
-"""
+cannot be exported (:class:`ExportError`)."""
 
+import collections
 import contextlib
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -12,25 +12,6 @@ from torch import nn
 
 from ..errors import DCNv2Error
 from ..layers import DeformConv, ModulatedDeformConv, ModulatedDeformRoIAlign
-
-__all__ = [
-    "ExportError",
-    "ONNX_OPSET",
-    "deform_backend",
-    "trace_detector",
-    "detector_outputs",
-    "BackboneForExport",
-    "export_backbone_onnx",
-    "export_detector_onnx",
-    "detector_output_names",
-    "onnx_detections",
-    "onnx_session",
-    "run_onnx",
-    "onnx_operators",
-    "box_tolerance",
-    "compare_detections",
-    "relative_errors",
-]
 
 ONNX_OPSET = 19
 
@@ -85,32 +66,21 @@ def _deform_conv_symbolic(
     )
 
 
-def _register_symbolic(opset: int) -> None:
-    if opset < ONNX_OPSET:
-        raise ValueError(f"ONNX DeformConv needs opset >= {ONNX_OPSET}, got {opset}")
-    torch.onnx.register_custom_op_symbolic("dcnv2::deform_conv2d", _deform_conv_symbolic, opset)
-
-
 def trace_detector(model: nn.Module, inputs: List[Dict]) -> Tuple[torch.jit.ScriptModule, object]:
     """Trace a meta-architecture (eval mode) on ``[{"image": (3, H, W)}]``; returns the traced
     module and the ``TracingAdapter`` that rebuilds its outputs."""
     from detectron2.export import TracingAdapter
 
-    with deform_backend(model, "torchvision"):
-        adapter = TracingAdapter(model, [{"image": x["image"]} for x in inputs])
-        adapter.eval()
-        with torch.no_grad():
-            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+    with deform_backend(model, "torchvision"), torch.no_grad():
+        adapter = TracingAdapter(model, [{"image": x["image"]} for x in inputs]).eval()
+        traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
     return traced, adapter
 
 
 def detector_outputs(traced: torch.jit.ScriptModule, adapter, inputs: List[Dict]) -> List:
     """Run a traced detector and rebuild the eager model's outputs (images of the traced size)."""
-    from detectron2.export.flatten import flatten_to_tuple
-
-    flat, _ = flatten_to_tuple([{"image": x["image"]} for x in inputs])
     with torch.no_grad():
-        return adapter.outputs_schema(traced(*flat))
+        return adapter.outputs_schema(traced(*(x["image"] for x in inputs)))
 
 
 class BackboneForExport(nn.Module):
@@ -131,7 +101,9 @@ class BackboneForExport(nn.Module):
 
 def _onnx_export_traced(module, args, path, input_names, output_names, dynamic_axes, opset):
     """torch.onnx.export's TorchScript-based exporter, deformable convs as DeformConv."""
-    _register_symbolic(opset)
+    if opset < ONNX_OPSET:
+        raise ValueError(f"ONNX DeformConv needs opset >= {ONNX_OPSET}, got {opset}")
+    torch.onnx.register_custom_op_symbolic("dcnv2::deform_conv2d", _deform_conv_symbolic, opset)
     with deform_backend(module, "native"), torch.no_grad():
         torch.onnx.export(
             module,
@@ -208,18 +180,12 @@ def export_backbone_onnx(
     return names
 
 
-class _DetectorInference:
-    """One image tensor in, ``Instances`` in the input image's coordinates out."""
-
-    def __call__(self, model: nn.Module, image: torch.Tensor):
-        if hasattr(model, "roi_heads"):  # GeneralizedRCNN: masks stay (R, 1, 28, 28)
-            return model.inference([{"image": image}], do_postprocess=False)[0]
-        return model([{"image": image}])[0]["instances"]
-
-
-def detector_output_names(instances) -> List[str]:
-    """Output names in TracingAdapter order: ``Instances`` fields sorted, then ``image_size``."""
-    return sorted(instances.get_fields()) + ["image_size"]
+def detector_instances(model: nn.Module, image: torch.Tensor):
+    """One (3, H, W) image through the detector: ``Instances`` in the image's coordinates
+    (``GeneralizedRCNN`` masks stay (R, 1, 28, 28))."""
+    if hasattr(model, "roi_heads"):
+        return model.inference([{"image": image}], do_postprocess=False)[0]
+    return model([{"image": image}])[0]["instances"]
 
 
 def export_detector_onnx(
@@ -238,10 +204,10 @@ def export_detector_onnx(
     from detectron2.export import TracingAdapter
 
     _check_exportable(model)
-    adapter = TracingAdapter(model, (image,), _DetectorInference()).eval()
+    adapter = TracingAdapter(model, (image,), detector_instances).eval()
     with torch.no_grad():
-        instances = _DetectorInference()(model, image)
-    names = detector_output_names(instances)
+        fields = detector_instances(model, image).get_fields()
+    names = sorted(fields) + ["image_size"]  # TracingAdapter's order
     axes = {"image": {1: "height", 2: "width"}}
     axes.update({n: {0: "detections"} for n in names if n != "image_size"})
     _onnx_export_traced(adapter, adapter.flattened_inputs, path, ["image"], names, axes, opset)
@@ -263,9 +229,7 @@ def onnx_session(path: str):
 
 def run_onnx(path: str, image: np.ndarray) -> List[np.ndarray]:
     """Run an exported backbone in onnxruntime (CPU) on a (1, 3, H, W) float32 image."""
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: image.astype(np.float32)})
+    return onnx_session(path).run(None, {"image": image.astype(np.float32)})
 
 
 def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
@@ -273,26 +237,18 @@ def onnx_operators(path: str) -> Dict[Tuple[str, str], int]:
     import onnx
 
     model = onnx.load(path)
-    counts: Dict[Tuple[str, str], int] = {}
+    counts: Dict[Tuple[str, str], int] = collections.Counter()
 
     def visit(nodes: Sequence) -> None:
         for node in nodes:
-            key = (node.domain or "", node.op_type)
-            counts[key] = counts.get(key, 0) + 1
+            counts[node.domain or "", node.op_type] += 1
             for attr in node.attribute:
-                if attr.g is not None and len(attr.g.node):
-                    visit(attr.g.node)
+                visit(attr.g.node)  # the subgraphs of If and Loop; empty for other attributes
 
     visit(model.graph.node)
     for function in model.functions:
         visit(function.node)
     return counts
-
-
-def box_tolerance(height: int, width: int) -> float:
-    """Pixels the boxes of two float32 runtimes may differ by: 2e-4 of the longest side (rounding
-    grows with the coordinates), at least 1e-2."""
-    return max(1e-2, 2e-4 * max(height, width))
 
 
 def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str, float]:
@@ -302,12 +258,12 @@ def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str,
     Returns:
         dict: ``count``, ``count_other``, ``unmatched``, ``max_box_diff`` (pixels),
         ``max_score_diff``, ``box_tolerance`` and ``agree`` (same detections, boxes within it).
+        Float32 rounding grows with the coordinates: the tolerance is 2e-4 of the image's longest
+        side, at least 1e-2 px.
     """
-    kept = []
-    for inst in (got, expected):
-        keep = inst.scores >= score_threshold
-        kept.append((inst.scores[keep], inst.pred_classes[keep], inst.pred_boxes.tensor[keep]))
-    (s1, c1, b1), (s0, c0, b0) = kept
+    got, kept = (inst[inst.scores >= score_threshold] for inst in (got, expected))
+    s1, c1, b1 = got.scores, got.pred_classes, got.pred_boxes.tensor
+    s0, c0, b0 = kept.scores, kept.pred_classes, kept.pred_boxes.tensor
     free = torch.ones(len(s1), dtype=torch.bool)
     box_diff, score_diff, unmatched = 0.0, 0.0, 0
     for i in s0.argsort(descending=True, stable=True).tolist():
@@ -322,7 +278,7 @@ def compare_detections(got, expected, score_threshold: float = 0.0) -> Dict[str,
         score_diff = max(score_diff, float((s1[j] - s0[i]).abs()))
     if unmatched or len(s0) != len(s1):
         box_diff = score_diff = float("inf")
-    tolerance = box_tolerance(*expected.image_size)
+    tolerance = max(1e-2, 2e-4 * max(expected.image_size))
     return {
         "count": len(s0),
         "count_other": len(s1),
