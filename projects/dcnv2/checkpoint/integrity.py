@@ -13,7 +13,7 @@ from ..errors import WeightsError
 # What torch.load / pickle raise on a file cut short or not written by torch.save / pickle
 # (KeyError: torch.load's legacy reader of a file that is not a checkpoint).
 READ_ERRORS = (RuntimeError, EOFError, UnpicklingError, BadZipFile, ValueError, OSError, KeyError)
-EXPECTED = "Expected a checkpoint written by torch.save (.pth) or a detectron2 model-zoo .pkl"
+_EXPECTED = "Expected a checkpoint written by torch.save (.pth) or a detectron2 model-zoo .pkl"
 
 
 def check_weights_file(path: str, source: str, resuming: bool = False) -> None:
@@ -81,11 +81,9 @@ def diagnose_file(path: str, *, failed: bool = False) -> Optional[str]:
     if size == 0:
         return "the file is empty"
     if head.startswith(_ZIP_MAGIC):
-        return (
-            None
-            if _ZIP_END in tail
-            else _CUT_SHORT.format("truncated: the zip archive's end record is missing")
-        )
+        if _ZIP_END in tail:
+            return None
+        return _CUT_SHORT.format("truncated: the zip archive's end record is missing")
     is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
     if is_pickle and not head.startswith(_TORCH_LEGACY_MAGIC) and not tail.endswith(b"."):
         return _CUT_SHORT.format("truncated: the pickle's final STOP opcode is missing")
@@ -99,7 +97,7 @@ def diagnose_file(path: str, *, failed: bool = False) -> Optional[str]:
 def _cannot_read(path: str, source: str, problem: str) -> str:
     size = os.path.getsize(path) if os.path.isfile(path) else "?"
     where = f", {source}" if source else ""
-    return f"Cannot read weights file {path} ({size} bytes{where}): {problem}. {EXPECTED}"
+    return f"Cannot read weights file {path} ({size} bytes{where}): {problem}. {_EXPECTED}"
 
 
 def unreadable_file_error(filename: str, source: str, error: BaseException) -> WeightsError:
