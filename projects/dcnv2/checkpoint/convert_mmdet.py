@@ -11,22 +11,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .loading import load_torch_file
 from .weights_io import (
-    CONVERTER_INPUT,
     IMAGENET_RGB_MEAN,
     IMAGENET_RGB_STD,
     RESNET_RULES,
     ConversionError,
     ResNetSpec,
-    check_output_path,
     check_shapes,
     expected_resnet_shapes,
     format_overrides,
     infer_resnet_spec,
+    read_input,
     rename_key,
     save_weights,
-    state_dict_of,
 )
 
 __all__ = ["conversion_report", "convert_mmdet_checkpoint", "convert_mmdet_state_dict"]
@@ -107,34 +104,29 @@ def _deformable_layout(
     backbone: Mapping[str, Sequence[int]], resnet: ResNetSpec, modulated_hint: Optional[bool]
 ) -> Tuple[Tuple[bool, ...], bool, int]:
     """Deformable stages, DCNv2 (True) or DCN, and the deformable groups."""
-    per_stage, channels = [], set()
+    per_stage, offsets = [], []
     for stage, num_blocks in enumerate(resnet.blocks_per_stage, start=1):
         names = [f"layer{stage}.{b}.conv2.conv_offset.weight" for b in range(num_blocks)]
         found = [name for name in names if name in backbone]
         if found and len(found) < num_blocks:
             raise ConversionError(
-                f"layer{stage} has offset convs in some blocks only ({len(found)} of "
-                f"{num_blocks}); MMDetection's stage_with_dcn and the plugin's "
-                "DEFORM_ON_PER_STAGE make a whole stage deformable"
+                f"layer{stage} has offset convs in {len(found)} of {num_blocks} blocks; "
+                "stage_with_dcn and DEFORM_ON_PER_STAGE make a whole stage deformable"
             )
         per_stage.append(bool(found))
-        channels |= {int(backbone[name][0]) for name in found}
-    if not channels:
+        offsets += found
+    if not offsets:
         return tuple(per_stage), True, 1
-    if len(channels) != 1:
-        raise ConversionError(f"the offset convs have different output channels {sorted(channels)}")
-    (c,) = channels
+    c = int(backbone[offsets[0]][0])  # the shape check reports offset convs that differ
     # mmcv's DCNv2 predicts 3*9 channels per deformable group (dy, dx, mask), DCN 2*9.
     candidates = {m: c // (27 if m else 18) for m in (True, False) if c % (27 if m else 18) == 0}
     if modulated_hint is not None:
-        if modulated_hint not in candidates:
-            kind = "DCNv2 (27 per group)" if modulated_hint else "DCN (18 per group)"
-            raise ConversionError(f"offset convs with {c} output channels cannot be {kind}")
-        candidates = {modulated_hint: candidates[modulated_hint]}
+        candidates = {m: g for m, g in candidates.items() if m == modulated_hint}
     if not candidates:
+        kind = {True: "DCNv2", False: "DCN"}.get(modulated_hint, "DCNv2 or DCN")
         raise ConversionError(
-            f"offset convs with {c} output channels are neither DCNv2 (27 per deformable group) "
-            "nor DCN (18 per deformable group)"
+            f"offset convs with {c} output channels cannot be {kind} (DCNv2 has 27 per deformable "
+            "group, DCN 18)"
         )
     if len(candidates) > 1:
         raise ConversionError(
@@ -158,17 +150,19 @@ def _config_value(text: str, name: str) -> Optional[Any]:
     return found.pop() if len(found) == 1 else None
 
 
+# mmcv's deformable conv types, modulated (DCNv2) and not (DCN).
+_MODULATED = ("DCNv2", "ModulatedDeformConv2dPack", "ModulatedDeformConvPack")
+_UNMODULATED = ("DCN", "DeformConv2dPack", "DeformConvPack")
+
+
 def _dcn_modulated_from_config(text: str) -> Optional[bool]:
     """DCNv2 (True) or DCN (False) as the config's ``dcn=dict(...)`` says, if it says."""
     kinds = set()
-    for m in re.finditer(r"\bdcn\s*[=:]\s*dict\(([^)]*)\)", text):
-        body = m[1]
+    for body in re.findall(r"\bdcn\s*[=:]\s*dict\(([^)]*)\)", text):
         kind = re.search(r"type\s*[=:]\s*['\"](\w+)['\"]", body)
         legacy = re.search(r"modulated\s*[=:]\s*(True|False)", body)  # MMDetection v1
-        if kind and kind[1] in ("DCNv2", "ModulatedDeformConv2dPack", "ModulatedDeformConvPack"):
-            kinds.add(True)
-        elif kind and kind[1] in ("DCN", "DeformConv2dPack", "DeformConvPack"):
-            kinds.add(False)
+        if kind and kind[1] in _MODULATED + _UNMODULATED:
+            kinds.add(kind[1] in _MODULATED)
         elif legacy:
             kinds.add(legacy[1] == "True")
     return kinds.pop() if len(kinds) == 1 else None
@@ -279,11 +273,7 @@ def convert_mmdet_state_dict(
     meta: Optional[Mapping[str, Any]] = None,
     deform_modulated: Optional[bool] = None,
 ) -> Tuple[Dict[str, torch.Tensor], MMDetModelSpec]:
-    """Rename an MMDetection R-CNN state dict to this plugin's names; return (weights, spec).
-
-    Raises:
-        ConversionError: listing every unplaceable, missing or misshapen tensor.
-    """
+    """Rename an MMDetection R-CNN state dict to this plugin's names; return (weights, spec)."""
     # BN counters have no detectron2 counterpart; v3's data_preprocessor holds no weights. The
     # offset convs' pre-v2 name (layerX.Y.conv2_offset) is the one mmcv still upgrades.
     kept = {
@@ -312,19 +302,14 @@ def convert_mmdet_checkpoint(
     overwrite: bool = False,
     deform_modulated: Optional[bool] = None,
 ) -> MMDetModelSpec:
-    """Convert an MMDetection checkpoint file into a detectron2 ``.pth`` for ``MODEL.WEIGHTS``.
-
-    Args:
-        output_path: the ``.pth`` to write atomically, with ``"model"``, ``"config_overrides"`` and
-            ``"classes"``.
-        allow_unsafe: load an input that needs arbitrary pickled objects (trusted files only).
+    """Convert an MMDetection checkpoint into a detectron2 ``.pth`` (``"model"``,
+    ``"config_overrides"``, ``"classes"``); ``allow_unsafe``: unpickle anything (trusted files).
 
     Returns:
         The model spec; ``spec.overrides()`` are the config keys the weights need.
     """
-    check_output_path(input_path, output_path, overwrite, (".pth", ".pt"))
-    raw = load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT)
-    state_dict, meta = state_dict_of(raw, input_path)
+    suffixes = (".pth", ".pt")
+    state_dict, meta = read_input(input_path, output_path, suffixes, overwrite, allow_unsafe)
     weights, spec = convert_mmdet_state_dict(state_dict, meta, deform_modulated)
     classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes") or ()
     data = {
@@ -342,26 +327,19 @@ def conversion_report(spec: MMDetModelSpec, output_path: str) -> str:
     stages = [f"res{i + 2}" for i, on in enumerate(spec.deform_on_per_stage) if on]
     dcn = "DCNv2 (mdconv)" if spec.deform_modulated else "DCN (dconv)"
     dcn = f"{dcn} in {', '.join(stages)}, {spec.deform_num_groups} deformable group(s)"
-    config = (
-        f"configs/mmdet/{'mask' if spec.mask_on else 'faster'}_rcnn_R50_mdconv_FPN_1x_mmdet.yaml"
-    )
+    head = "Mask" if spec.mask_on else "Faster"
+    config = f"configs/mmdet/{head.lower()}_rcnn_R50_mdconv_FPN_1x_mmdet.yaml"
+    source = "ResNet style and input normalisation: read from the checkpoint's meta config"
+    if spec.preprocessing_source != "meta config":
+        source = (
+            "note: the checkpoint's meta does not give the ResNet style and input normalisation; "
+            "assumed MMDetection's defaults (style='pytorch', RGB, ImageNet mean/std)"
+        )
     overrides = format_overrides(spec.overrides())
-    return "\n".join(
-        [
-            f"wrote {output_path}: {'Mask' if spec.mask_on else 'Faster'} R-CNN, "
-            f"{spec.resnet.name}-FPN, {dcn if stages else 'no deformable convs'}, "
-            f"{spec.num_classes} classes",
-            (
-                "ResNet style and input normalisation: read from the checkpoint's meta config"
-                if spec.preprocessing_source == "meta config"
-                else "note: the checkpoint's meta does not give the ResNet style and input "
-                "normalisation; assumed MMDetection's defaults (style='pytorch', RGB, ImageNet "
-                "mean/std)"
-            ),
-            "config overrides these weights need:",
-            "  " + overrides,
-            "evaluate, for example:",
-            f"  python train_net.py --config-file {config} --eval-only MODEL.WEIGHTS {output_path} "
-            + overrides,
-        ]
+    return (
+        f"wrote {output_path}: {head} R-CNN, {spec.resnet.name}-FPN, "
+        f"{dcn if stages else 'no deformable convs'}, {spec.num_classes} classes\n{source}\n"
+        f"config overrides these weights need:\n  {overrides}\nevaluate, for example:\n"
+        f"  python train_net.py --config-file {config} --eval-only MODEL.WEIGHTS {output_path} "
+        + overrides
     )

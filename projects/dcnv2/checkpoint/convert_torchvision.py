@@ -8,19 +8,16 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from .loading import load_torch_file
 from .weights_io import (
-    CONVERTER_INPUT,
     RESNET_RULES,
     ResNetSpec,
-    check_output_path,
     check_shapes,
     expected_resnet_shapes,
     format_overrides,
     infer_resnet_spec,
+    read_input,
     rename_key,
     save_weights,
-    state_dict_of,
 )
 
 __all__ = ["conversion_report", "convert_torchvision_checkpoint", "convert_torchvision_state_dict"]
@@ -51,9 +48,8 @@ def convert_torchvision_checkpoint(
     input_path: str, output_path: str, *, allow_unsafe: bool = False, overwrite: bool = False
 ) -> Tuple[ResNetSpec, List[str]]:
     """Convert a torchvision ResNet ``.pth`` into a detectron2 ``.pkl``; return (spec, dropped)."""
-    check_output_path(input_path, output_path, overwrite, (".pkl",))
-    raw = load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT)
-    weights, spec, dropped = convert_torchvision_state_dict(state_dict_of(raw, input_path)[0])
+    state_dict, _ = read_input(input_path, output_path, (".pkl",), overwrite, allow_unsafe)
+    weights, spec, dropped = convert_torchvision_state_dict(state_dict)
     data = {"model": weights, "__author__": "torchvision", "matching_heuristics": True}
     save_weights(data, output_path)
     return spec, dropped

@@ -7,12 +7,13 @@ import os
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import DCNv2Error
 from .atomic import atomic_pickle, atomic_save
+from .loading import load_torch_file
 
 __all__ = ["ConversionError", "ResNetSpec", "rename_key", "save_weights"]
 
@@ -140,9 +141,8 @@ def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
     if "conv1.weight" not in shapes:
         if any(k.startswith("stem.") for k in shapes):
             raise ConversionError(
-                "this is a ResNet-D (deep 3x3 stem 'stem.*', average-pooling shortcuts): the "
-                "plugin's backbone has detectron2's 7x7 stem and strided 1x1 shortcuts, so these "
-                "weights have nowhere to go"
+                "a ResNet-D (deep 3x3 stem 'stem.*'): the plugin's backbone has detectron2's 7x7 "
+                "stem and strided 1x1 shortcuts"
             )
         raise ConversionError(
             "no ResNet stem ('conv1.weight') found; expected torchvision/MMDetection ResNet names "
@@ -168,15 +168,11 @@ def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
             f"blocks per stage {tuple(blocks)} match no bottleneck ResNet; expected one of "
             + ", ".join(f"{b} (R{d})" for b, d in _BLOCKS_TO_DEPTH.items())
         )
-    conv2 = shapes["layer1.0.conv2.weight"]
-    width, per_group = int(conv2[0]), int(conv2[1])
-    if per_group <= 0 or width % per_group:
-        raise ConversionError(f"layer1.0.conv2.weight has shape {tuple(conv2)}: not a grouped 3x3")
-    groups = width // per_group
+    width, per_group = shapes["layer1.0.conv2.weight"][:2]  # (out, in / groups, 3, 3)
     return ResNetSpec(
         depth=depth,
-        num_groups=groups,
-        width_per_group=width // groups,
+        num_groups=int(width) // int(per_group),
+        width_per_group=int(per_group),
         stem_out_channels=int(shapes["conv1.weight"][0]),
         res2_out_channels=int(shapes["layer1.0.conv3.weight"][0]),
     )
@@ -186,48 +182,24 @@ def check_shapes(
     shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Tuple[int, ...]], what: str
 ) -> None:
     """Raise a ConversionError listing each tensor unexpected, missing or misshapen."""
-    extra = sorted(f"{k} {tuple(shapes[k])}" for k in shapes if k not in expected)
-    missing = sorted(k for k in expected if k not in shapes)
-    wrong = sorted(
-        f"{k}: {tuple(shapes[k])}, expected {expected[k]}"
-        for k in expected
+    extra = [f"  no place: {k} {tuple(shapes[k])}" for k in sorted(shapes) if k not in expected]
+    missing = [f"  missing: {k}" for k in sorted(expected) if k not in shapes]
+    wrong = [
+        f"  shape: {k}: {tuple(shapes[k])}, expected {expected[k]}"
+        for k in sorted(expected)
         if k in shapes and tuple(shapes[k]) != expected[k]
-    )
+    ]
     if extra or missing or wrong:
-        lines = [
-            f"{what}: {len(extra)} tensor(s) with no place in it, {len(missing)} missing, "
-            f"{len(wrong)} with an unexpected shape"
-        ]
-        lines += [f"  no place: {k}" for k in extra] + [f"  missing: {k}" for k in missing]
-        raise ConversionError("\n".join(lines + [f"  shape: {w}" for w in wrong]))
+        head = f"{what}: {len(extra)} tensor(s) with no place in it, {len(missing)} missing, "
+        head += f"{len(wrong)} with an unexpected shape"
+        raise ConversionError("\n".join([head, *extra, *missing, *wrong]))
 
 
-def state_dict_of(checkpoint: Any, path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """(state dict, ``meta``) of a loaded checkpoint: a name -> tensor dict, or a dict holding one
-    under ``state_dict`` or ``model``; a DataParallel ``module.`` prefix is removed."""
-    meta = {}
-    if isinstance(checkpoint, Mapping):
-        meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else {}
-        for key in ("state_dict", "model"):
-            if isinstance(checkpoint.get(key), Mapping):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, Mapping) or not checkpoint:
-        raise ConversionError(
-            f"{path!r} holds no state dict: expected a name -> tensor dict, or a dict holding one "
-            "under 'state_dict' (MMDetection) or 'model'"
-        )
-    not_tensors = sorted(k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ConversionError(f"the state dict has non-tensor entries: {not_tensors[:5]}")
-    state_dict = dict(checkpoint)
-    if all(k.startswith("module.") for k in state_dict):  # saved from a DataParallel wrapper
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict, dict(meta)
-
-
-def check_output_path(input_path: str, output_path: str, overwrite: bool, suffixes: tuple) -> None:
-    """Refuse a missing input, or an output that is the input, misnamed, or exists."""
+def read_input(
+    input_path: str, output_path: str, suffixes: tuple, overwrite: bool, allow_unsafe: bool
+) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """(state dict, ``meta``) of a converter's input (the state dict alone, or under ``state_dict``
+    or ``model``), after refusing an output that is the input, misnamed, or exists."""
     if "://" not in input_path and not os.path.exists(input_path):
         raise ConversionError(f"input {input_path!r} does not exist or is not a file")
     if not output_path.endswith(suffixes):
@@ -241,6 +213,26 @@ def check_output_path(input_path: str, output_path: str, overwrite: bool, suffix
         raise ConversionError(
             f"{output_path!r} exists; pass --force (formerly --overwrite) to replace it"
         )
+    checkpoint = load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT)
+    meta = {}
+    if isinstance(checkpoint, Mapping):
+        meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else {}
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        raise ConversionError(
+            f"{input_path!r} holds no state dict: expected a name -> tensor dict, or a dict "
+            "holding one under 'state_dict' (MMDetection) or 'model'"
+        )
+    not_tensors = sorted(k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"the state dict has non-tensor entries: {not_tensors[:5]}")
+    state_dict = dict(checkpoint)
+    if all(k.startswith("module.") for k in state_dict):  # saved from a DataParallel wrapper
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict, dict(meta)
 
 
 def save_weights(data: Mapping, path: str) -> None:
