@@ -290,18 +290,18 @@ def datasets_used(cfg) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     return tuple((n,) if isinstance(n, str) else tuple(n) for n in names)
 
 
-_ITERS, _RATE = "at least 1 iteration", "a finite learning rate >= 0, like 0.02"
-_DECAY, _BATCH = "a finite number >= 0, like 0.0001", "at least 1 image per batch"
+_ITERS = "at least 1 iteration"
+_DECAY = "a finite number >= 0, like 0.0001"
 # (YAML key, LazyConfig key, what is expected, lowest value, whole number) of each number
 # check_solver checks; None: the dialect has no such key.
 _NUMBERS = (
     ("SOLVER.MAX_ITER", "train.max_iter", _ITERS, 1, True),
-    ("SOLVER.BASE_LR", "optimizer.lr", _RATE, 0, False),
+    ("SOLVER.BASE_LR", "optimizer.lr", "a finite learning rate >= 0, like 0.02", 0, False),
     ("SOLVER.WEIGHT_DECAY", "optimizer.weight_decay", _DECAY, 0, False),
     ("SOLVER.WEIGHT_DECAY_NORM", None, _DECAY, 0, False),
     ("SOLVER.WEIGHT_DECAY_BIAS", None, _DECAY, 0, False),
     ("SOLVER.MOMENTUM", None, _DECAY, 0, False),
-    ("SOLVER.IMS_PER_BATCH", "dataloader.train.total_batch_size", _BATCH, 1, True),
+    ("SOLVER.IMS_PER_BATCH", "dataloader.train.total_batch_size", "at least 1 image", 1, True),
     ("SOLVER.CHECKPOINT_PERIOD", "train.checkpointer.period", _ITERS, 1, True),
     ("SOLVER.WARMUP_ITERS", None, "0 or more iterations", 0, True),
     ("SOLVER.WARMUP_FACTOR", None, "a finite factor >= 0, like 0.001", 0, False),

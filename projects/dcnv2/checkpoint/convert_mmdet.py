@@ -203,6 +203,7 @@ def infer_mmdet_spec(
         {k.split(".")[3] for k in shapes if k.startswith("roi_head.bbox_head.shared_fcs.")}
     )
     mask_convs = {k.split(".")[3] for k in shapes if k.startswith("roi_head.mask_head.convs.")}
+    reg = shapes.get("roi_head.bbox_head.fc_reg.weight", (0,))
     logits = shapes.get("roi_head.mask_head.conv_logits.weight")
     style, mean, std = (_config_value(text, name) for name in ("style", "mean", "std"))
     to_rgb = _config_value(text, "bgr_to_rgb")
@@ -218,8 +219,7 @@ def infer_mmdet_spec(
         num_anchors=int(shapes.get("rpn_head.rpn_cls.weight", (3,))[0]),
         fc_dim=int(shapes.get("roi_head.bbox_head.shared_fcs.0.weight", (1024,))[0]),
         num_fc=num_fc,
-        cls_agnostic_bbox_reg=int(shapes.get("roi_head.bbox_head.fc_reg.weight", (0,))[0]) == 4
-        and num_classes != 1,
+        cls_agnostic_bbox_reg=int(reg[0]) == 4 and num_classes != 1,
         mask_on=logits is not None,
         num_mask_convs=len(mask_convs),
         cls_agnostic_mask=logits is not None and int(logits[0]) == 1 and num_classes != 1,
