@@ -83,9 +83,11 @@ def test_every_repository_config_is_shipped_with_the_package():
         assert os.path.isfile(dcnv2.get_config_file(name))
 
 
-def test_unknown_config_name_lists_the_available_ones():
-    with pytest.raises(FileNotFoundError, match="faster_rcnn_R50_mdconv_FPN_1x.yaml"):
+def test_unknown_config_name_says_the_close_ones_and_where_the_list_is():
+    with pytest.raises(FileNotFoundError) as info:
         dcnv2.get_config_file("faster_rcnn_R50_nothing.yaml")
+    assert "did you mean faster_rcnn_R50_FPN_1x.yaml or" in str(info.value)
+    assert "dcnv2.list_config_files()" in str(info.value)
 
 
 def test_get_cfg_has_dcnv2_keys_and_seed_recipe():

@@ -9,27 +9,26 @@ import difflib
 import inspect
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections import namedtuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig
+from detectron2.config import get_cfg as d2_get_cfg
+from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, ConfigFileNotFoundError
+from .model_zoo import resolve_config_file
 
 __all__ = [
     "LAZY_KEYS",
-    "OPTIONAL_KEYS",
     "YAML_KEYS",
     "RunKeys",
     "add_dcnv2_config",
     "cfg_get",
-    "check_override_keys",
     "check_solver",
-    "closest_keys",
-    "config_errors",
     "datasets_used",
     "get_cfg",
     "is_lazy_config",
@@ -93,16 +92,8 @@ def add_dcnv2_config(cfg: CN) -> CN:
 
 
 def get_cfg(config_file: Optional[str] = None, opts: Sequence[str] = ()) -> CN:
-    """detectron2's default config with the dcnv2 keys, merged with a YAML file and overrides.
-
-    Args:
-        config_file: a YAML config (a path, or a name under ``configs/`` of the package).
-        opts: ``["KEY", "VALUE", ...]`` overrides.
-    """
-    from detectron2.config import get_cfg as d2_get_cfg
-
-    from .model_zoo import resolve_config_file
-
+    """detectron2's default config with the dcnv2 keys, merged with a YAML ``config_file`` (a
+    path or a name under ``configs/``) and ``["KEY", "VALUE", ...]`` overrides."""
     cfg = add_dcnv2_config(d2_get_cfg())
     if config_file:
         config_file = resolve_config_file(config_file)
@@ -120,31 +111,20 @@ def is_lazy_config(config_file: str) -> bool:
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
     """Load a LazyConfig file (a path or a name under ``configs/``), apply ``key=value`` opts."""
-    from .model_zoo import resolve_config_file
-
-    if not is_lazy_config(config_file):
-        raise ValueError(f"{config_file!r} is not a LazyConfig file: expected a .py file")
     cfg = LazyConfig.load(resolve_config_file(config_file))
     return LazyConfig.apply_overrides(cfg, check_override_keys(cfg, opts))
 
 
-def closest_keys(key: str, valid: Iterable[str], n: int = 3) -> List[str]:
-    """The valid config keys closest to a mistyped ``key`` (full dotted names), best first."""
-    valid = list(valid)
-    by_full = difflib.get_close_matches(key, valid, n=n, cutoff=0.6)
-    leaf = key.rsplit(".", 1)[-1]
-    leaves = {}
-    for k in valid:
-        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
-    by_leaf = [
-        full for name in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.75)
-        for full in sorted(leaves[name])
-    ]  # fmt: skip
-    out: List[str] = []
-    for k in by_full + by_leaf:
-        if k not in out:
-            out.append(k)
-    return out[:n]
+def _did_you_mean(key: str, valid: Sequence[str]) -> str:
+    """``"; did you mean K?"`` for the valid key K closest to a mistyped ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:  # the right name under the wrong node: match the last part alone
+        by_leaf = {}
+        for k in sorted(valid):
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+        leaf = key.rsplit(".", 1)[-1]
+        close = [by_leaf[n] for n in difflib.get_close_matches(leaf, list(by_leaf), 1, 0.75)]
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _all_keys(node, prefix: str = "") -> List[str]:
@@ -161,27 +141,26 @@ def _all_keys(node, prefix: str = "") -> List[str]:
     return keys
 
 
-def _non_finite_value(msg: str) -> Optional[str]:
-    # yacs keeps "nan"/"inf" as strings and reports a type mismatch.
-    found = re.search(r"'float'> vs\. <class 'str'>\) with values \((.*) vs\. ([-+]?(?:nan|inf"
-                      r"|infinity))\) for config key: (\S+)", msg, re.IGNORECASE)  # fmt: skip
-    if found is None:
-        return None
-    default, value, key = found.groups()
-    return f"{key}: {value!r} is not a finite number; expected a float like {default}"
+# yacs keeps "nan"/"inf" as strings and reports a type mismatch.
+_NON_FINITE = re.compile(
+    r"'float'> vs\. <class 'str'>\) with values \((.*) vs\. ([-+]?(?:nan|inf|infinity))\) "
+    r"for config key: (\S+)",
+    re.IGNORECASE,
+)
 
 
 @contextlib.contextmanager
 def config_errors(cfg, source: str) -> Iterator[None]:
     """Turn yacs's merge errors into :class:`ConfigError` naming ``source`` and close keys."""
+    title = source[0].upper() + source[1:]
     try:
         yield
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source[0].upper()}{source[1:]} is not valid YAML: {e}") from None
+        raise ConfigError(f"{title} is not valid YAML: {e}") from None
     except FileNotFoundError as e:  # a _BASE_ file
         raise ConfigFileNotFoundError(
-            f"{source[0].upper()}{source[1:]} names a file that does not exist: {e.filename} "
-            "(paths in _BASE_ are relative to the file that names them)"
+            f"{title} names a file that does not exist: {e.filename} (paths in _BASE_ are "
+            "relative to the file that names them)"
         ) from None
     except (KeyError, AssertionError) as e:
         # yacs raises KeyError from a file, AssertionError from a list of overrides.
@@ -189,8 +168,7 @@ def config_errors(cfg, source: str) -> Iterator[None]:
         found = re.search(r"Non-existent (?:config )?key: (\S+)", msg)
         if found:
             key = found.group(1)
-            close = closest_keys(key, _all_keys(cfg), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = _did_you_mean(key, _all_keys(cfg))
             raise ConfigError(f"Unknown config key {key} in {source}{hint}") from None
         if isinstance(e, AssertionError):
             raise ConfigError(
@@ -199,8 +177,13 @@ def config_errors(cfg, source: str) -> Iterator[None]:
             ) from None
         raise ConfigError(f"Config key problem in {source}: {msg}") from None
     except ValueError as e:  # yacs: "Type mismatch (...) with values (...) for config key: K"
-        message = _non_finite_value(str(e))
-        raise ConfigError(message or f"Bad config value in {source}: {e}") from None
+        found = _NON_FINITE.search(str(e))
+        if found:
+            default, value, key = found.groups()
+            raise ConfigError(
+                f"{key}: {value!r} is not a finite number; expected a float like {default}"
+            ) from None
+        raise ConfigError(f"Bad config value in {source}: {e}") from None
 
 
 # Keys dcnv2 reads from a LazyConfig when they are set, which the shipped configs may leave out.
@@ -213,19 +196,13 @@ OPTIONAL_KEYS = (
 
 
 def _target_accepts(target: Any, name: str) -> bool:
-    # Whether the callable of a LazyCall node takes an argument ``name`` it leaves at its default.
-    if isinstance(target, str):
-        from detectron2.utils.registry import locate
-
-        try:
-            target = locate(target)
-        except Exception:  # an unimportable target fails in instantiate, with its own message
-            return True
+    # Whether the callable of a LazyCall node takes an argument ``name`` it leaves at its default;
+    # True when that cannot be told (instantiate reports an unimportable target itself).
     try:
-        params = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):
+        params = inspect.signature(locate(target) if isinstance(target, str) else target).parameters
+    except Exception:
         return True
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _known(cfg, key: str) -> bool:
@@ -241,36 +218,27 @@ def _known(cfg, key: str) -> bool:
     return target is not None and _target_accepts(target, leaf)
 
 
-def check_override_keys(cfg, opts: Sequence[str], source: Optional[str] = None) -> List[str]:
-    """Refuse ``key=value`` overrides of keys the LazyConfig does not have, as YAML configs do.
-
-    Known keys: the config's, the arguments of the ``LazyCall`` callable above, and
-    :data:`OPTIONAL_KEYS`; ``+key=value`` adds a new key (Hydra's syntax).
-
-    Returns:
-        The overrides to apply (``+`` removed).
-    """
-    source = source or "the command line"
+def check_override_keys(cfg, opts: Sequence[str], source: str = "the command line") -> List[str]:
+    """The ``key=value`` overrides to apply (``+key`` adds a key, as in Hydra); refuse keys that
+    are not the config's, an argument of the ``LazyCall`` callable above, or OPTIONAL_KEYS."""
     out = []
     for opt in opts:
         key, sep, value = opt.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(
-                f"Bad LazyConfig override {opt!r} on {source}: expected key=value, e.g. "
-                "train.max_iter=1000"
+                f"Bad override {opt!r} on {source}: expected key=value, like train.max_iter=10"
             )
         if key.startswith("+"):
             out.append(f"{key[1:]}={value}")
-            continue
-        if key not in OPTIONAL_KEYS and not _known(cfg, key):
-            close = closest_keys(key, _all_keys(cfg) + list(OPTIONAL_KEYS), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+        elif key in OPTIONAL_KEYS or _known(cfg, key):
+            out.append(opt)
+        else:
+            hint = _did_you_mean(key, _all_keys(cfg) + list(OPTIONAL_KEYS))
             raise ConfigError(
                 f"Unknown config key {key} in {opt!r} on {source}{hint} (+{key}=... adds a new "
                 "key on purpose)"
             )
-        out.append(opt)
     return out
 
 
@@ -286,61 +254,27 @@ def cfg_get(cfg, key: Optional[str], default: Any = None) -> Any:
     return node
 
 
-@dataclass(frozen=True)
-class RunKeys:
-    """The dotted keys (read with :func:`cfg_get`) a run's settings come from in one dialect.
-
-    Attributes:
-        allow_shape_mismatch: skip tensors that do not fit instead of failing (None: no key).
-        lr, clip: where the learning rate and gradient clipping are set, for messages.
-    """
-
-    device: str
-    output_dir: str
-    weights: str
-    seed: str
-    checkpoint_period: str
-    cudnn_benchmark: str
-    max_nonfinite_skips: str
-    allow_unsafe_weights: str
-    allow_shape_mismatch: Optional[str]
-    on_bad_data: Optional[str]
-    lr: str
-    clip: str
-    coco_datasets: str
-
-
-YAML_KEYS = RunKeys(
-    device="MODEL.DEVICE",
-    output_dir="OUTPUT_DIR",
-    weights="MODEL.WEIGHTS",
-    seed="SEED",
-    checkpoint_period="SOLVER.CHECKPOINT_PERIOD",
-    cudnn_benchmark="CUDNN_BENCHMARK",
-    max_nonfinite_skips="SOLVER.DCNV2.MAX_NONFINITE_SKIPS",
-    allow_unsafe_weights="MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS",
-    allow_shape_mismatch="MODEL.DCNV2.ALLOW_SHAPE_MISMATCH",
-    on_bad_data="DATASETS.DCNV2.ON_BAD_DATA",
-    lr="SOLVER.BASE_LR, SOLVER.WARMUP_ITERS",
-    clip="SOLVER.CLIP_GRADIENTS",
-    coco_datasets="DATASETS.DCNV2.COCO",
-)
-
-LAZY_KEYS = RunKeys(
-    device="train.device",
-    output_dir="train.output_dir",
-    weights="train.init_checkpoint",
-    seed="train.seed",
-    checkpoint_period="train.checkpointer.period",
-    cudnn_benchmark="train.cudnn_benchmark",
-    max_nonfinite_skips="train.max_nonfinite_skips",
-    allow_unsafe_weights="train.allow_unsafe_weights",
-    allow_shape_mismatch=None,
-    on_bad_data="train.on_bad_data",
-    lr="optimizer.lr, lr_multiplier's warmup",
-    clip="detectron2.solver.build.maybe_add_gradient_clipping",
-    coco_datasets="dataloader.coco_datasets",
-)
+# Where each of a run's settings is set, read with cfg_get: (YAML key, LazyConfig key); None: the
+# dialect has no such key. lr and clip name where those are set, for messages.
+_RUN_KEYS = {
+    "device": ("MODEL.DEVICE", "train.device"),
+    "output_dir": ("OUTPUT_DIR", "train.output_dir"),
+    "weights": ("MODEL.WEIGHTS", "train.init_checkpoint"),
+    "seed": ("SEED", "train.seed"),
+    "checkpoint_period": ("SOLVER.CHECKPOINT_PERIOD", "train.checkpointer.period"),
+    "cudnn_benchmark": ("CUDNN_BENCHMARK", "train.cudnn_benchmark"),
+    "max_nonfinite_skips": ("SOLVER.DCNV2.MAX_NONFINITE_SKIPS", "train.max_nonfinite_skips"),
+    "allow_unsafe_weights": ("MODEL.DCNV2.ALLOW_UNSAFE_WEIGHTS", "train.allow_unsafe_weights"),
+    "allow_shape_mismatch": ("MODEL.DCNV2.ALLOW_SHAPE_MISMATCH", None),
+    "on_bad_data": ("DATASETS.DCNV2.ON_BAD_DATA", "train.on_bad_data"),
+    "lr": ("SOLVER.BASE_LR, SOLVER.WARMUP_ITERS", "optimizer.lr, lr_multiplier's warmup"),
+    "clip": ("SOLVER.CLIP_GRADIENTS", "detectron2.solver.build.maybe_add_gradient_clipping"),
+    "coco_datasets": ("DATASETS.DCNV2.COCO", "dataloader.coco_datasets"),
+}
+# The keys of one dialect, as attributes: YAML_KEYS.device == "MODEL.DEVICE".
+RunKeys = namedtuple("RunKeys", list(_RUN_KEYS))
+YAML_KEYS = RunKeys(*(yaml_key for yaml_key, _ in _RUN_KEYS.values()))
+LAZY_KEYS = RunKeys(*(lazy_key for _, lazy_key in _RUN_KEYS.values()))
 
 
 def run_keys(cfg) -> RunKeys:
@@ -348,28 +282,31 @@ def run_keys(cfg) -> RunKeys:
     return YAML_KEYS if isinstance(cfg, CN) else LAZY_KEYS
 
 
-def _lazy_names(cfg, split: str) -> Tuple[str, ...]:
-    names = cfg_get(cfg, f"dataloader.{split}.dataset.names", ())
-    return (names,) if isinstance(names, str) else tuple(names)
-
-
 def datasets_used(cfg) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """The (train, test) registered dataset names a run of ``cfg`` reads."""
     if isinstance(cfg, CN):
         return tuple(cfg.DATASETS.TRAIN), tuple(cfg.DATASETS.TEST)
-    return _lazy_names(cfg, "train"), _lazy_names(cfg, "test")
+    names = [cfg_get(cfg, f"dataloader.{split}.dataset.names", ()) for split in ("train", "test")]
+    return tuple((n,) if isinstance(n, str) else tuple(n) for n in names)
 
 
-def _check_number(cfg, key: str, expected: str, low: float = 0, integer: bool = False) -> Any:
-    # ``key``'s value when absent or a number >= low (an int when ``integer``); else ConfigError.
-    value = cfg_get(cfg, key)
-    if value is None or isinstance(value, str):
-        return value  # absent, or not a plain number (checked where it is used)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and value >= low and (not integer or value == int(value))
-    if not ok:
-        raise ConfigError(f"{key} is {value!r}; expected {expected}")
-    return value
+_ITERS = "at least 1 iteration"
+_DECAY = "a finite number >= 0, like 0.0001"
+# (YAML key, LazyConfig key, what is expected, lowest value, whole number) of each number
+# check_solver checks; None: the dialect has no such key.
+_NUMBERS = (
+    ("SOLVER.MAX_ITER", "train.max_iter", _ITERS, 1, True),
+    ("SOLVER.BASE_LR", "optimizer.lr", "a finite learning rate >= 0, like 0.02", 0, False),
+    ("SOLVER.WEIGHT_DECAY", "optimizer.weight_decay", _DECAY, 0, False),
+    ("SOLVER.WEIGHT_DECAY_NORM", None, _DECAY, 0, False),
+    ("SOLVER.WEIGHT_DECAY_BIAS", None, _DECAY, 0, False),
+    ("SOLVER.MOMENTUM", None, _DECAY, 0, False),
+    ("SOLVER.IMS_PER_BATCH", "dataloader.train.total_batch_size", "at least 1 image", 1, True),
+    ("SOLVER.CHECKPOINT_PERIOD", "train.checkpointer.period", _ITERS, 1, True),
+    ("SOLVER.WARMUP_ITERS", None, "0 or more iterations", 0, True),
+    ("SOLVER.WARMUP_FACTOR", None, "a finite factor >= 0, like 0.001", 0, False),
+    (None, "lr_multiplier.warmup_length", "a fraction of the run, 0 to 1", 0, False),
+)
 
 
 def _check_steps(steps, key: str, max_iter: Optional[int] = None) -> None:
@@ -384,40 +321,32 @@ def _check_steps(steps, key: str, max_iter: Optional[int] = None) -> None:
 
 
 def check_solver(cfg) -> None:
-    """Reject numeric training settings a run cannot work with (iterations, rates, steps, warm-up).
-
-    Raises:
-        ConfigError: the first such setting, naming its key and what was expected.
-    """
-    if isinstance(cfg, CN):
-        max_iter = _check_number(cfg, "SOLVER.MAX_ITER", "at least 1 iteration", 1, True)
-        _check_number(cfg, "SOLVER.BASE_LR", "a finite learning rate >= 0, like 0.02")
-        for key in ("WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_BIAS", "MOMENTUM"):
-            _check_number(cfg, f"SOLVER.{key}", "a finite number >= 0, like 0.0001")
-        _check_number(cfg, "SOLVER.IMS_PER_BATCH", "at least 1 image per batch", 1, True)
-        _check_number(cfg, "SOLVER.CHECKPOINT_PERIOD", "at least 1 iteration", 1, True)
-        warmup = _check_number(cfg, "SOLVER.WARMUP_ITERS", "0 or more iterations", 0, True)
-        _check_number(cfg, "SOLVER.WARMUP_FACTOR", "a finite factor >= 0, like 0.001")
+    """Raise ConfigError naming the first numeric setting a run cannot work with."""
+    is_yaml = isinstance(cfg, CN)
+    for yaml_key, lazy_key, expected, low, integer in _NUMBERS:
+        key = yaml_key if is_yaml else lazy_key
+        value = cfg_get(cfg, key)
+        if value is None or isinstance(value, str):
+            continue  # absent, or not a plain number (checked where it is used)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and value >= low and (not integer or value % 1 == 0)):
+            raise ConfigError(f"{key} is {value!r}; expected {expected}")
+    if is_yaml:
+        max_iter, warmup = cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS
         if warmup > max_iter:
             raise ConfigError(
                 f"SOLVER.WARMUP_ITERS {warmup} is longer than the run (SOLVER.MAX_ITER "
-                f"{max_iter}): the learning rate would never reach SOLVER.BASE_LR; expected at "
-                f"most {max_iter}"
+                f"{max_iter}); expected at most {max_iter}"
             )
         if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
             _check_steps(cfg.SOLVER.STEPS, "SOLVER.STEPS", max_iter)
         return
-    _check_number(cfg, "train.max_iter", "at least 1 iteration", 1, True)
-    _check_number(cfg, "optimizer.lr", "a finite learning rate >= 0, like 0.02")
-    _check_number(cfg, "optimizer.weight_decay", "a finite number >= 0, like 0.0001")
-    _check_number(cfg, "dataloader.train.total_batch_size", "at least 1 image", 1, True)
-    _check_number(cfg, "train.checkpointer.period", "at least 1 iteration", 1, True)
-    warmup = _check_number(cfg, "lr_multiplier.warmup_length", "a fraction of the run, 0 to 1")
-    if warmup is not None and warmup > 1:
+    warmup = cfg_get(cfg, "lr_multiplier.warmup_length")
+    if isinstance(warmup, (int, float)) and warmup > 1:
         raise ConfigError(
             f"lr_multiplier.warmup_length is {warmup!r}: longer than the run; expected a "
             "fraction of the run from 0 to 1, like 0.01"
         )
     milestones = cfg_get(cfg, "lr_multiplier.scheduler.milestones")
     if milestones is not None:
-        _check_steps(milestones, "lr_multiplier.scheduler.milestones", None)
+        _check_steps(milestones, "lr_multiplier.scheduler.milestones")

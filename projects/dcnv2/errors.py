@@ -30,7 +30,7 @@ class DCNv2Error(Exception):
     """Root of every dcnv2 exception: a problem with the user's input, reported as one message."""
 
     def __str__(self) -> str:
-        # KeyError's str() is the repr of its argument; keep the message readable.
+        # OSError's str() shows errno and filename when set, KeyError's is a repr: keep the message.
         return str(self.args[0]) if self.args else ""
 
 
@@ -84,16 +84,15 @@ class DependencyMissingError(DCNv2Error, ImportError):
 
 def detectron2_missing(cause: ImportError) -> DependencyMissingError:
     """The error ``import dcnv2`` raises when detectron2 cannot be imported (``cause``)."""
-    error = DependencyMissingError(
+    return DependencyMissingError(
         f"dcnv2 needs detectron2, which this Python ({sys.executable}) cannot import ({cause}). "
         "Install everything with the README's set-up command, `bash tools/setup_env.sh` (a "
-        "virtual environment with torch, detectron2 and dcnv2; then `source .venv/bin/activate`)"
-        ", or on a GPU machine build detectron2 from source first, so its CUDA ops are compiled "
-        "(python -m pip install 'git+https://github.com/facebookresearch/detectron2.git'), then "
-        "run `DCNV2_SYSTEM_SITE=1 bash tools/setup_env.sh`."
+        "virtual environment with torch, detectron2 and dcnv2), or on a GPU machine build "
+        "detectron2 from source first, so its CUDA ops are compiled (python -m pip install "
+        "'git+https://github.com/facebookresearch/detectron2.git'), then run "
+        "`DCNV2_SYSTEM_SITE=1 bash tools/setup_env.sh`.",
+        name="detectron2",
     )
-    error.name = "detectron2"
-    return error
 
 
 class TrainingInterrupted(DCNv2Error):

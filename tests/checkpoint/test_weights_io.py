@@ -13,12 +13,13 @@ from dcnv2.checkpoint import DCNv2Checkpointer
 from dcnv2.checkpoint.atomic import atomic_pickle
 from dcnv2.checkpoint.convert_torchvision import convert_torchvision_checkpoint
 from dcnv2.checkpoint.weights_io import (
+    RESNET_RULES,
     ConversionError,
     ResNetSpec,
     expected_resnet_shapes,
     float_list,
     infer_resnet_spec,
-    resnet_key_to_d2,
+    rename_key,
     save_weights,
 )
 from dcnv2.errors import DCNv2Error
@@ -62,7 +63,7 @@ def test_converted_weights_get_the_permissions_of_a_new_file(tmp_path, umask):
     assert sorted(os.listdir(out.parent)) == ["tiny.pkl"]  # no temporary left
     with open(out, "rb") as f:
         data = pickle.load(f)
-    assert set(data["model"]) == {resnet_key_to_d2(k) for k in shapes}
+    assert set(data["model"]) == {rename_key(k, RESNET_RULES) for k in shapes}
 
 
 def test_save_weights_pickles_pkl_and_torch_saves_the_rest(tmp_path, umask):
@@ -120,4 +121,4 @@ def test_float_list_is_a_config_value():
     ],
 )
 def test_resnet_key_map(key, d2):
-    assert resnet_key_to_d2(key) == d2
+    assert rename_key(key, RESNET_RULES) == d2

@@ -6,37 +6,50 @@ the conversion with a list. The model is read from the shapes and the stored con
 
 import ast
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .loading import load_torch_file
 from .weights_io import (
-    CONVERTER_INPUT,
     IMAGENET_RGB_MEAN,
     IMAGENET_RGB_STD,
+    RESNET_RULES,
     ConversionError,
     ResNetSpec,
-    check_output_path,
     check_shapes,
     expected_resnet_shapes,
-    float_list,
     format_overrides,
     infer_resnet_spec,
-    resnet_key_to_d2,
+    read_input,
+    rename_key,
     save_weights,
 )
 
-__all__ = [
-    "MMDetModelSpec",
-    "conversion_report",
-    "convert_mmdet_checkpoint",
-    "convert_mmdet_state_dict",
-    "expected_mmdet_shapes",
-    "infer_mmdet_spec",
-    "mmdet_key_to_d2",
-]
+__all__ = ["conversion_report", "convert_mmdet_checkpoint", "convert_mmdet_state_dict"]
+
+# weights_io.rename_key's rules from MMDetection's names to this plugin's; the names were checked
+# against the model's (expected_mmdet_shapes) before. Offset convs are named as in mmcv >= 1.
+_BACKBONE_RULES = RESNET_RULES + (
+    (r"layer(\d)\.(\d+)\.conv2\.conv_offset\.(\w+)", "res{0}.{1}.conv2_offset.{2}", 1),
+)
+_RENAMES = {
+    "rpn_head.rpn_conv": "proposal_generator.rpn_head.conv",
+    "rpn_head.rpn_cls": "proposal_generator.rpn_head.objectness_logits",
+    "rpn_head.rpn_reg": "proposal_generator.rpn_head.anchor_deltas",
+    "roi_head.bbox_head.fc_cls": "roi_heads.box_predictor.cls_score",
+    "roi_head.bbox_head.fc_reg": "roi_heads.box_predictor.bbox_pred",
+    "roi_head.mask_head.upsample": "roi_heads.mask_head.deconv",
+    "roi_head.mask_head.conv_logits": "roi_heads.mask_head.predictor",
+}
+MMDET_RULES = (
+    *((rf"backbone\.{p}", f"backbone.bottom_up.{t}", s) for p, t, s in _BACKBONE_RULES),
+    (r"neck\.lateral_convs\.(\d)\.conv\.(\w+)", "backbone.fpn_lateral{0}.{1}", 2),
+    (r"neck\.fpn_convs\.(\d)\.conv\.(\w+)", "backbone.fpn_output{0}.{1}", 2),
+    (r"roi_head\.bbox_head\.shared_fcs\.(\d+)\.(\w+)", "roi_heads.box_head.fc{0}.{1}", 1),
+    (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.(\w+)", "roi_heads.mask_head.mask_fcn{0}.{1}", 1),
+    *((rf"{re.escape(m)}\.(\w+)", f"{d2}.{{0}}", 0) for m, d2 in _RENAMES.items()),
+)
 
 
 @dataclass(frozen=True)
@@ -62,127 +75,58 @@ class MMDetModelSpec:
     pixel_std: Tuple[float, float, float] = IMAGENET_RGB_STD
     # Where stride_in_1x1 / input_format / pixel_* come from: "meta config" or "defaults".
     preprocessing_source: str = "defaults"
-    notes: Tuple[str, ...] = field(default=())
 
     def overrides(self) -> List[Tuple[str, str]]:
         """``(KEY, VALUE)`` detectron2 config overrides for the converted weights."""
-        r = self.resnet
-        pairs = [
-            ("MODEL.RESNETS.DEPTH", str(r.depth)),
-            ("MODEL.RESNETS.NUM_GROUPS", str(r.num_groups)),
-            ("MODEL.RESNETS.WIDTH_PER_GROUP", str(r.width_per_group)),
-            ("MODEL.RESNETS.STRIDE_IN_1X1", str(self.stride_in_1x1)),
+        pairs = self.resnet.overrides(
+            self.stride_in_1x1, self.input_format, self.pixel_mean, self.pixel_std
+        ) + [
             ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", str(list(self.deform_on_per_stage))),
             ("MODEL.RESNETS.DEFORM_MODULATED", str(self.deform_modulated)),
             ("MODEL.RESNETS.DEFORM_NUM_GROUPS", str(self.deform_num_groups)),
-            ("INPUT.FORMAT", self.input_format),
-            ("MODEL.PIXEL_MEAN", float_list(self.pixel_mean)),
-            ("MODEL.PIXEL_STD", float_list(self.pixel_std)),
             ("MODEL.ROI_HEADS.NUM_CLASSES", str(self.num_classes)),
             ("MODEL.MASK_ON", str(self.mask_on)),
         ]
-        if r.stem_out_channels != 64:
-            pairs.append(("MODEL.RESNETS.STEM_OUT_CHANNELS", str(r.stem_out_channels)))
-        if r.res2_out_channels != 256:
-            pairs.append(("MODEL.RESNETS.RES2_OUT_CHANNELS", str(r.res2_out_channels)))
-        if self.fpn_channels != 256:
-            pairs.append(("MODEL.FPN.OUT_CHANNELS", str(self.fpn_channels)))
-        if self.fc_dim != 1024:
-            pairs.append(("MODEL.ROI_BOX_HEAD.FC_DIM", str(self.fc_dim)))
-        if self.num_fc != 2:
-            pairs.append(("MODEL.ROI_BOX_HEAD.NUM_FC", str(self.num_fc)))
-        if self.cls_agnostic_bbox_reg:
-            pairs.append(("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"))
-        if self.mask_on and self.num_mask_convs != 4:
-            pairs.append(("MODEL.ROI_MASK_HEAD.NUM_CONV", str(self.num_mask_convs)))
-        if self.mask_on and self.cls_agnostic_mask:
-            pairs.append(("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", "True"))
+        for key, value, default in (
+            ("MODEL.FPN.OUT_CHANNELS", self.fpn_channels, 256),
+            ("MODEL.ROI_BOX_HEAD.FC_DIM", self.fc_dim, 1024),
+            ("MODEL.ROI_BOX_HEAD.NUM_FC", self.num_fc, 2),
+            ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", self.cls_agnostic_bbox_reg, False),
+            ("MODEL.ROI_MASK_HEAD.NUM_CONV", self.num_mask_convs if self.mask_on else 4, 4),
+            ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", self.cls_agnostic_mask, False),
+        ):
+            if value != default:
+                pairs.append((key, str(value)))
         return pairs
 
 
-def mmdet_key_to_d2(key: str) -> Optional[str]:
-    """detectron2 name of an MMDetection Faster/Mask R-CNN tensor, or None if it has none."""
-    if key.startswith("backbone."):
-        rest = key[len("backbone.") :]
-        m = re.fullmatch(
-            r"layer([1-4])\.(\d+)\.conv2(?:\.conv_offset|_offset)\.(weight|bias)", rest
-        )
-        if m:
-            return f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.conv2_offset.{m[3]}"
-        d2 = resnet_key_to_d2(rest)
-        return None if d2 is None else f"backbone.bottom_up.{d2}"
-    table = [
-        (r"neck\.lateral_convs\.([0-3])\.conv\.(weight|bias)", "backbone.fpn_lateral{}.{}", 2),
-        (r"neck\.fpn_convs\.([0-3])\.conv\.(weight|bias)", "backbone.fpn_output{}.{}", 2),
-        (r"roi_head\.bbox_head\.shared_fcs\.(\d+)\.(weight|bias)", "roi_heads.box_head.fc{}.{}", 1),
-        (
-            r"roi_head\.mask_head\.convs\.(\d+)\.conv\.(weight|bias)",
-            "roi_heads.mask_head.mask_fcn{}.{}",
-            1,
-        ),
-    ]
-    for pattern, target, first in table:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return target.format(int(m[1]) + first, m[2])
-    renames = {
-        "rpn_head.rpn_conv": "proposal_generator.rpn_head.conv",
-        "rpn_head.rpn_cls": "proposal_generator.rpn_head.objectness_logits",
-        "rpn_head.rpn_reg": "proposal_generator.rpn_head.anchor_deltas",
-        "roi_head.bbox_head.fc_cls": "roi_heads.box_predictor.cls_score",
-        "roi_head.bbox_head.fc_reg": "roi_heads.box_predictor.bbox_pred",
-        "roi_head.mask_head.upsample": "roi_heads.mask_head.deconv",
-        "roi_head.mask_head.conv_logits": "roi_heads.mask_head.predictor",
-    }
-    module, _, param = key.rpartition(".")
-    if module in renames and param in ("weight", "bias"):
-        return f"{renames[module]}.{param}"
-    return None
-
-
-def _offset_key(shapes: Mapping[str, Sequence[int]], stage: int, block: int) -> Optional[str]:
-    for name in (f"layer{stage}.{block}.conv2.conv_offset", f"layer{stage}.{block}.conv2_offset"):
-        if f"{name}.weight" in shapes:
-            return name
-    return None
-
-
 def _deformable_layout(
-    backbone: Mapping[str, Sequence[int]],
-    resnet: ResNetSpec,
-    modulated_hint: Optional[bool],
-) -> Tuple[Tuple[bool, ...], bool, int, Dict[str, str]]:
-    """Deformable stages, DCNv2 or v1, deformable groups, and each block's offset-conv name."""
-    per_stage, names, channels = [], {}, set()
+    backbone: Mapping[str, Sequence[int]], resnet: ResNetSpec, modulated_hint: Optional[bool]
+) -> Tuple[Tuple[bool, ...], bool, int]:
+    """Deformable stages, DCNv2 (True) or DCN, and the deformable groups."""
+    per_stage, offsets = [], []
     for stage, num_blocks in enumerate(resnet.blocks_per_stage, start=1):
-        found = [_offset_key(backbone, stage, b) for b in range(num_blocks)]
-        if any(found) and not all(found):
+        names = [f"layer{stage}.{b}.conv2.conv_offset.weight" for b in range(num_blocks)]
+        found = [name for name in names if name in backbone]
+        if found and len(found) < num_blocks:
             raise ConversionError(
-                f"layer{stage} has offset convs in some blocks only "
-                f"({sum(map(bool, found))} of {num_blocks}); MMDetection's stage_with_dcn and "
-                "the plugin's DEFORM_ON_PER_STAGE make a whole stage deformable"
+                f"layer{stage} has offset convs in {len(found)} of {num_blocks} blocks; "
+                "stage_with_dcn and DEFORM_ON_PER_STAGE make a whole stage deformable"
             )
-        per_stage.append(all(found))
-        for b, name in enumerate(found):
-            if name:
-                names[f"layer{stage}.{b}"] = name
-                channels.add(int(backbone[f"{name}.weight"][0]))
-    if not names:
-        return tuple(per_stage), True, 1, names
-    if len(channels) != 1:
-        raise ConversionError(f"the offset convs have different output channels {sorted(channels)}")
-    (c,) = channels
+        per_stage.append(bool(found))
+        offsets += found
+    if not offsets:
+        return tuple(per_stage), True, 1
+    c = int(backbone[offsets[0]][0])  # the shape check reports offset convs that differ
     # mmcv's DCNv2 predicts 3*9 channels per deformable group (dy, dx, mask), DCN 2*9.
     candidates = {m: c // (27 if m else 18) for m in (True, False) if c % (27 if m else 18) == 0}
     if modulated_hint is not None:
-        if modulated_hint not in candidates:
-            kind = "DCNv2 (27 per group)" if modulated_hint else "DCN (18 per group)"
-            raise ConversionError(f"offset convs with {c} output channels cannot be {kind}")
-        candidates = {modulated_hint: candidates[modulated_hint]}
+        candidates = {m: g for m, g in candidates.items() if m == modulated_hint}
     if not candidates:
+        kind = {True: "DCNv2", False: "DCN"}.get(modulated_hint, "DCNv2 or DCN")
         raise ConversionError(
-            f"offset convs with {c} output channels are neither DCNv2 (27 per deformable group) "
-            "nor DCN (18 per deformable group)"
+            f"offset convs with {c} output channels cannot be {kind} (DCNv2 has 27 per deformable "
+            "group, DCN 18)"
         )
     if len(candidates) > 1:
         raise ConversionError(
@@ -191,14 +135,7 @@ def _deformable_layout(
             "not say which; pass deform_modulated=True/False (--deform-modulated true/false)"
         )
     ((modulated, groups),) = candidates.items()
-    return tuple(per_stage), modulated, groups, names
-
-
-def _meta_config_text(meta: Mapping[str, Any]) -> str:
-    for key in ("config", "cfg"):  # MMDetection v2 / v3 store the config's text here
-        if isinstance(meta.get(key), str):
-            return meta[key]
-    return ""
+    return tuple(per_stage), modulated, groups
 
 
 def _config_value(text: str, name: str) -> Optional[Any]:
@@ -213,17 +150,19 @@ def _config_value(text: str, name: str) -> Optional[Any]:
     return found.pop() if len(found) == 1 else None
 
 
+# mmcv's deformable conv types, modulated (DCNv2) and not (DCN).
+_MODULATED = ("DCNv2", "ModulatedDeformConv2dPack", "ModulatedDeformConvPack")
+_UNMODULATED = ("DCN", "DeformConv2dPack", "DeformConvPack")
+
+
 def _dcn_modulated_from_config(text: str) -> Optional[bool]:
     """DCNv2 (True) or DCN (False) as the config's ``dcn=dict(...)`` says, if it says."""
     kinds = set()
-    for m in re.finditer(r"\bdcn\s*[=:]\s*dict\(([^)]*)\)", text):
-        body = m[1]
+    for body in re.findall(r"\bdcn\s*[=:]\s*dict\(([^)]*)\)", text):
         kind = re.search(r"type\s*[=:]\s*['\"](\w+)['\"]", body)
         legacy = re.search(r"modulated\s*[=:]\s*(True|False)", body)  # MMDetection v1
-        if kind and kind[1] in ("DCNv2", "ModulatedDeformConv2dPack", "ModulatedDeformConvPack"):
-            kinds.add(True)
-        elif kind and kind[1] in ("DCN", "DeformConv2dPack", "DeformConvPack"):
-            kinds.add(False)
+        if kind and kind[1] in _MODULATED + _UNMODULATED:
+            kinds.add(kind[1] in _MODULATED)
         elif legacy:
             kinds.add(legacy[1] == "True")
     return kinds.pop() if len(kinds) == 1 else None
@@ -233,15 +172,12 @@ def infer_mmdet_spec(
     shapes: Mapping[str, Sequence[int]],
     meta: Optional[Mapping[str, Any]] = None,
     deform_modulated: Optional[bool] = None,
-) -> Tuple[MMDetModelSpec, Dict[str, str]]:
+) -> MMDetModelSpec:
     """The model an MMDetection state dict (name -> shape) belongs to.
 
     Args:
         meta: the checkpoint's ``meta``; its config text gives the ResNet style and normalisation.
         deform_modulated: DCNv2 (True) or DCN (False) when the offset channels fit both.
-
-    Returns:
-        (spec, offset_names): the spec, and the offset-conv prefix of each deformable block.
     """
     meta = meta or {}
     if any(k.startswith(("bbox_head.", "mask_head.")) for k in shapes):
@@ -249,7 +185,7 @@ def infer_mmdet_spec(
             "heads without the 'roi_head.' prefix: an MMDetection v1.x checkpoint; upgrade it "
             "with MMDetection's tools/model_converters/upgrade_model_version.py first"
         )
-    for required in ("backbone.", "neck.", "rpn_head.", "roi_head.bbox_head."):
+    for required in ("backbone.", "neck.", "rpn_head.", "roi_head.bbox_head.fc_cls."):
         if not any(k.startswith(required) for k in shapes):
             raise ConversionError(
                 f"no '{required}*' tensors: expected a two-stage MMDetection detector (Faster or "
@@ -257,50 +193,31 @@ def infer_mmdet_spec(
             )
     backbone = {k[len("backbone.") :]: v for k, v in shapes.items() if k.startswith("backbone.")}
     resnet = infer_resnet_spec(backbone)
-    text = _meta_config_text(meta)
-    if deform_modulated is None and text:
+    # MMDetection v2 / v3 store the config's text under "config" / "cfg".
+    text = next((t for t in (meta.get("config"), meta.get("cfg")) if isinstance(t, str)), "")
+    if deform_modulated is None:
         deform_modulated = _dcn_modulated_from_config(text)
-    per_stage, modulated, groups, offset_names = _deformable_layout(
-        backbone, resnet, deform_modulated
-    )
-    cls = shapes.get("roi_head.bbox_head.fc_cls.weight")
-    reg = shapes.get("roi_head.bbox_head.fc_reg.weight")
-    if cls is None or reg is None:
-        raise ConversionError(
-            "the box head has no fc_cls/fc_reg (roi_head.bbox_head.fc_cls.weight)"
-        )
-    num_classes = int(cls[0]) - 1
+    per_stage, modulated, groups = _deformable_layout(backbone, resnet, deform_modulated)
+    num_classes = int(shapes["roi_head.bbox_head.fc_cls.weight"][0]) - 1
     num_fc = len(
         {k.split(".")[3] for k in shapes if k.startswith("roi_head.bbox_head.shared_fcs.")}
     )
     mask_convs = {k.split(".")[3] for k in shapes if k.startswith("roi_head.mask_head.convs.")}
+    reg = shapes.get("roi_head.bbox_head.fc_reg.weight", (0,))
     logits = shapes.get("roi_head.mask_head.conv_logits.weight")
-    style = _config_value(text, "style") if text else None
-    mean = _config_value(text, "mean") if text else None
-    std = _config_value(text, "std") if text else None
-    to_rgb = None
-    if text:
-        to_rgb = _config_value(text, "bgr_to_rgb")
-        to_rgb = _config_value(text, "to_rgb") if to_rgb is None else to_rgb
+    style, mean, std = (_config_value(text, name) for name in ("style", "mean", "std"))
+    to_rgb = _config_value(text, "bgr_to_rgb")
+    to_rgb = _config_value(text, "to_rgb") if to_rgb is None else to_rgb
     from_meta = all(v is not None for v in (style, mean, std, to_rgb))
-    notes = []
-    if not from_meta:
-        notes.append(
-            "the checkpoint's meta does not give the ResNet style and input normalisation; "
-            "assumed MMDetection's defaults (style='pytorch', RGB, ImageNet mean/std)"
-        )
-    lat = shapes.get("neck.lateral_convs.0.conv.weight", (256,))
-    rpn_cls = shapes.get("rpn_head.rpn_cls.weight", (3,))
-    fc0 = shapes.get("roi_head.bbox_head.shared_fcs.0.weight", (1024,))
-    spec = MMDetModelSpec(
+    return MMDetModelSpec(
         resnet=resnet,
         deform_on_per_stage=tuple(per_stage),
         deform_modulated=modulated,
         deform_num_groups=groups,
         num_classes=num_classes,
-        fpn_channels=int(lat[0]),
-        num_anchors=int(rpn_cls[0]),
-        fc_dim=int(fc0[0]),
+        fpn_channels=int(shapes.get("neck.lateral_convs.0.conv.weight", (256,))[0]),
+        num_anchors=int(shapes.get("rpn_head.rpn_cls.weight", (3,))[0]),
+        fc_dim=int(shapes.get("roi_head.bbox_head.shared_fcs.0.weight", (1024,))[0]),
         num_fc=num_fc,
         cls_agnostic_bbox_reg=int(reg[0]) == 4 and num_classes != 1,
         mask_on=logits is not None,
@@ -311,79 +228,44 @@ def infer_mmdet_spec(
         pixel_mean=tuple(float(v) for v in mean) if from_meta else IMAGENET_RGB_MEAN,
         pixel_std=tuple(float(v) for v in std) if from_meta else IMAGENET_RGB_STD,
         preprocessing_source="meta config" if from_meta else "defaults",
-        notes=tuple(notes),
     )
-    return spec, offset_names
 
 
-def expected_mmdet_shapes(
-    spec: MMDetModelSpec, offset_names: Mapping[str, str]
-) -> Dict[str, Tuple[int, ...]]:
+def expected_mmdet_shapes(spec: MMDetModelSpec) -> Dict[str, Tuple[int, ...]]:
     """Shape of every tensor (``num_batches_tracked`` aside) of the MMDetection model ``spec``."""
-    shapes = {f"backbone.{k}": v for k, v in expected_resnet_shapes(spec.resnet).items()}
-    r = spec.resnet
+    r, f, k = spec.resnet, spec.fpn_channels, spec.num_classes
+    shapes = {f"backbone.{n}": s for n, s in expected_resnet_shapes(r).items()}
+
+    def add(name: str, *weight_shape: int) -> None:
+        shapes[f"{name}.weight"] = weight_shape
+        shapes[f"{name}.bias"] = weight_shape[:1]
+
+    offset_channels = (27 if spec.deform_modulated else 18) * spec.deform_num_groups
     width = r.num_groups * r.width_per_group
-    per_group = (27 if spec.deform_modulated else 18) * spec.deform_num_groups
-    for block, name in offset_names.items():
-        stage = int(block[len("layer")])
-        w = width * 2 ** (stage - 1)
-        shapes[f"backbone.{name}.weight"] = (per_group, w, 3, 3)
-        shapes[f"backbone.{name}.bias"] = (per_group,)
-    f = spec.fpn_channels
+    for stage, num_blocks in enumerate(r.blocks_per_stage, start=1):
+        for b in range(num_blocks) if spec.deform_on_per_stage[stage - 1] else ():
+            w = width * 2 ** (stage - 1)
+            add(f"backbone.layer{stage}.{b}.conv2.conv_offset", offset_channels, w, 3, 3)
     for i in range(4):
-        in_c = r.res2_out_channels * 2**i
-        shapes[f"neck.lateral_convs.{i}.conv.weight"] = (f, in_c, 1, 1)
-        shapes[f"neck.lateral_convs.{i}.conv.bias"] = (f,)
-        shapes[f"neck.fpn_convs.{i}.conv.weight"] = (f, f, 3, 3)
-        shapes[f"neck.fpn_convs.{i}.conv.bias"] = (f,)
+        add(f"neck.lateral_convs.{i}.conv", f, r.res2_out_channels * 2**i, 1, 1)
+        add(f"neck.fpn_convs.{i}.conv", f, f, 3, 3)
     a = spec.num_anchors
-    for name, out_c, k in (("rpn_conv", f, 3), ("rpn_cls", a, 1), ("rpn_reg", 4 * a, 1)):
-        shapes[f"rpn_head.{name}.weight"] = (out_c, f, k, k)
-        shapes[f"rpn_head.{name}.bias"] = (out_c,)
+    add("rpn_head.rpn_conv", f, f, 3, 3)
+    add("rpn_head.rpn_cls", a, f, 1, 1)
+    add("rpn_head.rpn_reg", 4 * a, f, 1, 1)
     in_c = f * 7 * 7
     for i in range(spec.num_fc):
-        shapes[f"roi_head.bbox_head.shared_fcs.{i}.weight"] = (spec.fc_dim, in_c)
-        shapes[f"roi_head.bbox_head.shared_fcs.{i}.bias"] = (spec.fc_dim,)
+        add(f"roi_head.bbox_head.shared_fcs.{i}", spec.fc_dim, in_c)
         in_c = spec.fc_dim
-    k = spec.num_classes
-    reg = 4 if spec.cls_agnostic_bbox_reg else 4 * k
-    for name, out_c in (("fc_cls", k + 1), ("fc_reg", reg)):
-        shapes[f"roi_head.bbox_head.{name}.weight"] = (out_c, in_c)
-        shapes[f"roi_head.bbox_head.{name}.bias"] = (out_c,)
+    add("roi_head.bbox_head.fc_cls", k + 1, in_c)
+    add("roi_head.bbox_head.fc_reg", 4 if spec.cls_agnostic_bbox_reg else 4 * k, in_c)
     if spec.mask_on:
         for i in range(spec.num_mask_convs):
-            shapes[f"roi_head.mask_head.convs.{i}.conv.weight"] = (f, f, 3, 3)
-            shapes[f"roi_head.mask_head.convs.{i}.conv.bias"] = (f,)
+            add(f"roi_head.mask_head.convs.{i}.conv", f, f, 3, 3)
         shapes["roi_head.mask_head.upsample.weight"] = (f, f, 2, 2)  # ConvTranspose2d: in, out
         shapes["roi_head.mask_head.upsample.bias"] = (f,)
-        logits = 1 if spec.cls_agnostic_mask else k
-        shapes["roi_head.mask_head.conv_logits.weight"] = (logits, f, 1, 1)
-        shapes["roi_head.mask_head.conv_logits.bias"] = (logits,)
+        add("roi_head.mask_head.conv_logits", 1 if spec.cls_agnostic_mask else k, f, 1, 1)
     return shapes
-
-
-def _split_checkpoint(checkpoint: Any, path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    meta = {}
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else {}
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not checkpoint:
-        raise ConversionError(
-            f"{path!r} holds no state dict: expected MMDetection's {{'meta', 'state_dict'}} "
-            "checkpoint or a plain name -> tensor dict"
-        )
-    not_tensors = sorted(k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ConversionError(f"the state dict has non-tensor entries: {not_tensors[:5]}")
-    state_dict = dict(checkpoint)
-    if all(k.startswith("module.") for k in state_dict):  # saved from a DataParallel wrapper
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict, dict(meta)
-
-
-def _dropped(key: str) -> bool:
-    # BN counters have no detectron2 counterpart; v3's data_preprocessor holds no weights.
-    return key.endswith("num_batches_tracked") or key.startswith("data_preprocessor.")
 
 
 def convert_mmdet_state_dict(
@@ -391,31 +273,24 @@ def convert_mmdet_state_dict(
     meta: Optional[Mapping[str, Any]] = None,
     deform_modulated: Optional[bool] = None,
 ) -> Tuple[Dict[str, torch.Tensor], MMDetModelSpec]:
-    """Rename an MMDetection R-CNN state dict to this plugin's names; return (weights, spec).
-
-    Raises:
-        ConversionError: listing every unplaceable, missing or misshapen tensor.
-    """
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    spec, offset_names = infer_mmdet_spec(shapes, meta, deform_modulated)
-    unmapped = sorted(k for k in shapes if not _dropped(k) and mmdet_key_to_d2(k) is None)
-    if unmapped:
-        raise ConversionError(
-            f"{len(unmapped)} tensor(s) have no place in a detectron2 Faster/Mask R-CNN with a "
-            "ResNet+FPN backbone, StandardRPNHead, FastRCNNConvFCHead and "
-            "MaskRCNNConvUpsampleHead:\n" + "\n".join(f"  {k} {shapes[k]}" for k in unmapped)
-        )
-    kept = {k: v for k, v in shapes.items() if not _dropped(k)}
-    expected = expected_mmdet_shapes(spec, offset_names)
-    extra = sorted(k for k in kept if k not in expected)
-    if extra:
-        raise ConversionError(
-            f"{len(extra)} tensor(s) do not belong to the model the checkpoint describes "
-            f"({spec.resnet.depth} layers, {spec.num_classes} classes):\n"
-            + "\n".join(f"  {k} {shapes[k]}" for k in extra)
-        )
-    check_shapes(kept, expected, "MMDetection checkpoint")
-    weights = {mmdet_key_to_d2(k): state_dict[k].detach().cpu().clone() for k in kept}
+    """Rename an MMDetection R-CNN state dict to this plugin's names; return (weights, spec)."""
+    # BN counters have no detectron2 counterpart; v3's data_preprocessor holds no weights. The
+    # offset convs' pre-v2 name (layerX.Y.conv2_offset) is the one mmcv still upgrades.
+    kept = {
+        k.replace(".conv2_offset.", ".conv2.conv_offset."): v
+        for k, v in state_dict.items()
+        if not (k.endswith("num_batches_tracked") or k.startswith("data_preprocessor."))
+    }
+    shapes = {k: tuple(v.shape) for k, v in kept.items()}
+    spec = infer_mmdet_spec(shapes, meta, deform_modulated)
+    check_shapes(
+        shapes,
+        expected_mmdet_shapes(spec),
+        f"the MMDetection checkpoint ({spec.resnet.name}, {spec.num_classes} classes) does not "
+        "fit a detectron2 Faster/Mask R-CNN with a ResNet+FPN backbone, StandardRPNHead, "
+        "FastRCNNConvFCHead and MaskRCNNConvUpsampleHead",
+    )
+    weights = {rename_key(k, MMDET_RULES): v.detach().cpu().clone() for k, v in kept.items()}
     return weights, spec
 
 
@@ -427,19 +302,14 @@ def convert_mmdet_checkpoint(
     overwrite: bool = False,
     deform_modulated: Optional[bool] = None,
 ) -> MMDetModelSpec:
-    """Convert an MMDetection checkpoint file into a detectron2 ``.pth`` for ``MODEL.WEIGHTS``.
-
-    Args:
-        output_path: the ``.pth`` to write atomically, with ``"model"``, ``"config_overrides"`` and
-            ``"classes"``.
-        allow_unsafe: load an input that needs arbitrary pickled objects (trusted files only).
+    """Convert an MMDetection checkpoint into a detectron2 ``.pth`` (``"model"``,
+    ``"config_overrides"``, ``"classes"``); ``allow_unsafe``: unpickle anything (trusted files).
 
     Returns:
         The model spec; ``spec.overrides()`` are the config keys the weights need.
     """
-    check_output_path(input_path, output_path, overwrite, (".pth", ".pt"))
-    raw = load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT)
-    state_dict, meta = _split_checkpoint(raw, input_path)
+    suffixes = (".pth", ".pt")
+    state_dict, meta = read_input(input_path, output_path, suffixes, overwrite, allow_unsafe)
     weights, spec = convert_mmdet_state_dict(state_dict, meta, deform_modulated)
     classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes") or ()
     data = {
@@ -455,29 +325,21 @@ def convert_mmdet_checkpoint(
 def conversion_report(spec: MMDetModelSpec, output_path: str) -> str:
     """What :func:`convert_mmdet_checkpoint` wrote and the overrides to use it with."""
     stages = [f"res{i + 2}" for i, on in enumerate(spec.deform_on_per_stage) if on]
-    dcn = (
-        f"{'DCNv2 (mdconv)' if spec.deform_modulated else 'DCN (dconv)'} in {', '.join(stages)}, "
-        f"{spec.deform_num_groups} deformable group(s)"
-        if stages
-        else "no deformable convs"
+    dcn = "DCNv2 (mdconv)" if spec.deform_modulated else "DCN (dconv)"
+    dcn = f"{dcn} in {', '.join(stages)}, {spec.deform_num_groups} deformable group(s)"
+    head = "Mask" if spec.mask_on else "Faster"
+    config = f"configs/mmdet/{head.lower()}_rcnn_R50_mdconv_FPN_1x_mmdet.yaml"
+    source = "ResNet style and input normalisation: read from the checkpoint's meta config"
+    if spec.preprocessing_source != "meta config":
+        source = (
+            "note: the checkpoint's meta does not give the ResNet style and input normalisation; "
+            "assumed MMDetection's defaults (style='pytorch', RGB, ImageNet mean/std)"
+        )
+    overrides = format_overrides(spec.overrides())
+    return (
+        f"wrote {output_path}: {head} R-CNN, {spec.resnet.name}-FPN, "
+        f"{dcn if stages else 'no deformable convs'}, {spec.num_classes} classes\n{source}\n"
+        f"config overrides these weights need:\n  {overrides}\nevaluate, for example:\n"
+        f"  python train_net.py --config-file {config} --eval-only MODEL.WEIGHTS {output_path} "
+        + overrides
     )
-    r = spec.resnet
-    arch = f"R{r.depth}" if r.num_groups == 1 else f"X{r.depth}-{r.num_groups}x{r.width_per_group}d"
-    head = "Mask R-CNN" if spec.mask_on else "Faster R-CNN"
-    mask_yaml = "mask_rcnn" if spec.mask_on else "faster_rcnn"
-    lines = [
-        f"wrote {output_path}: {head}, {arch}-FPN, {dcn}, {spec.num_classes} classes",
-        *(
-            ["ResNet style and input normalisation: read from the checkpoint's meta config"]
-            if spec.preprocessing_source == "meta config"
-            else []
-        ),
-        *[f"note: {n}" for n in spec.notes],
-        "config overrides these weights need:",
-        "  " + format_overrides(spec.overrides()),
-        "evaluate, for example:",
-        f"  python train_net.py --config-file configs/mmdet/{mask_yaml}"
-        f"_R50_mdconv_FPN_1x_mmdet.yaml --eval-only MODEL.WEIGHTS {output_path} "
-        + format_overrides(spec.overrides()),
-    ]
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Weights I/O shared by the converters: the ResNet key map and shapes, normalisation, paths.
+"""Weights I/O shared by the converters: key renaming rules, the ResNet's shapes, paths.
 
 Both converters write their output with :func:`save_weights`, atomically.
 """
@@ -9,41 +9,48 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
+
 from ..errors import DCNv2Error
 from .atomic import atomic_pickle, atomic_save
+from .loading import load_torch_file
 
-__all__ = [
-    "CONVERTER_INPUT",
-    "BN_FIELDS",
-    "IMAGENET_RGB_MEAN",
-    "IMAGENET_RGB_STD",
-    "ConversionError",
-    "ResNetSpec",
-    "check_output_path",
-    "check_shapes",
-    "expected_resnet_shapes",
-    "float_list",
-    "format_overrides",
-    "infer_resnet_spec",
-    "resnet_key_to_d2",
-    "save_weights",
-]
+__all__ = ["ConversionError", "ResNetSpec", "rename_key", "save_weights"]
 
 # torchvision's (and MMDetection's) input normalisation: RGB, 0-255 scale.
 IMAGENET_RGB_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_RGB_STD = (58.395, 57.12, 57.375)
-
-# The tensors of a BatchNorm layer that carry weights (num_batches_tracked has no counterpart).
-BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 _BLOCKS_TO_DEPTH = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
-
-
 # Where a converter's input came from, in messages about it.
 CONVERTER_INPUT = "the converter's input"
+
+# (pattern, template, shift): a key fully matching ``pattern`` becomes ``template`` formatted with
+# its groups, the first one plus ``shift`` (torchvision's layer1 is detectron2's res2).
+_BN = r"(weight|bias|running_mean|running_var)"
+RESNET_RULES = (
+    (r"conv1\.weight", "stem.conv1.weight", 0),
+    (rf"bn1\.{_BN}", "stem.conv1.norm.{0}", 0),
+    (r"layer([1-4])\.(\d+)\.conv([1-3])\.weight", "res{0}.{1}.conv{2}.weight", 1),
+    (rf"layer([1-4])\.(\d+)\.bn([1-3])\.{_BN}", "res{0}.{1}.conv{2}.norm.{3}", 1),
+    (r"layer([1-4])\.(\d+)\.downsample\.0\.weight", "res{0}.{1}.shortcut.weight", 1),
+    (rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}", "res{0}.{1}.shortcut.norm.{2}", 1),
+)
 
 
 class ConversionError(DCNv2Error, ValueError):
     """The weights are not the architecture the converter maps (the message lists why)."""
+
+
+def rename_key(key: str, rules: Sequence[Tuple[str, str, int]]) -> Optional[str]:
+    """``key`` renamed by the first of ``rules`` it fully matches, or None if none does."""
+    for pattern, template, shift in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            groups = list(m.groups())
+            if shift:
+                groups[0] = int(groups[0]) + shift
+            return template.format(*groups)
+    return None
 
 
 def float_list(values: Sequence[float]) -> str:
@@ -51,34 +58,9 @@ def float_list(values: Sequence[float]) -> str:
     return "[" + ", ".join(repr(float(v)) for v in values) + "]"
 
 
-def _bn_d2(prefix: str, field: str) -> str:
-    return f"{prefix}.norm.{field}"
-
-
-def resnet_key_to_d2(key: str) -> Optional[str]:
-    """detectron2 name of a torchvision-named ResNet tensor, or None if it has no counterpart."""
-    m = re.fullmatch(r"conv1\.weight", key)
-    if m:
-        return "stem.conv1.weight"
-    m = re.fullmatch(r"bn1\.(\w+)", key)
-    if m and m[1] in BN_FIELDS:
-        return _bn_d2("stem.conv1", m[1])
-    m = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", key)
-    if not m:
-        return None
-    block, rest = f"res{int(m[1]) + 1}.{m[2]}", m[3]
-    m = re.fullmatch(r"conv([1-3])\.weight", rest)
-    if m:
-        return f"{block}.conv{m[1]}.weight"
-    m = re.fullmatch(r"bn([1-3])\.(\w+)", rest)
-    if m and m[2] in BN_FIELDS:
-        return _bn_d2(f"{block}.conv{m[1]}", m[2])
-    if rest == "downsample.0.weight":
-        return f"{block}.shortcut.weight"
-    m = re.fullmatch(r"downsample\.1\.(\w+)", rest)
-    if m and m[1] in BN_FIELDS:
-        return _bn_d2(f"{block}.shortcut", m[1])
-    return None
+def format_overrides(pairs: Sequence[Tuple[str, str]]) -> str:
+    """The overrides as ``KEY VALUE`` arguments for ``train_net.py`` (shell-quoted)."""
+    return " ".join(f"{k} {shlex.quote(v)}" for k, v in pairs)
 
 
 @dataclass(frozen=True)
@@ -95,27 +77,37 @@ class ResNetSpec:
     def blocks_per_stage(self) -> Tuple[int, ...]:
         return next(b for b, d in _BLOCKS_TO_DEPTH.items() if d == self.depth)
 
-    def overrides(self) -> List[Tuple[str, str]]:
-        """``(KEY, VALUE)`` config overrides for these weights (pytorch-style, RGB input)."""
+    @property
+    def name(self) -> str:
+        """``R50``, ``X101-32x8d``."""
+        if self.num_groups == 1:
+            return f"R{self.depth}"
+        return f"X{self.depth}-{self.num_groups}x{self.width_per_group}d"
+
+    def overrides(
+        self,
+        stride_in_1x1: bool = False,
+        input_format: str = "RGB",
+        pixel_mean: Sequence[float] = IMAGENET_RGB_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_RGB_STD,
+    ) -> List[Tuple[str, str]]:
+        """``(KEY, VALUE)`` config overrides for these weights (default: torchvision's input)."""
         pairs = [
             ("MODEL.RESNETS.DEPTH", str(self.depth)),
             ("MODEL.RESNETS.NUM_GROUPS", str(self.num_groups)),
             ("MODEL.RESNETS.WIDTH_PER_GROUP", str(self.width_per_group)),
-            ("MODEL.RESNETS.STRIDE_IN_1X1", "False"),
-            ("INPUT.FORMAT", "RGB"),
-            ("MODEL.PIXEL_MEAN", float_list(IMAGENET_RGB_MEAN)),
-            ("MODEL.PIXEL_STD", float_list(IMAGENET_RGB_STD)),
+            ("MODEL.RESNETS.STRIDE_IN_1X1", str(stride_in_1x1)),
+            ("INPUT.FORMAT", input_format),
+            ("MODEL.PIXEL_MEAN", float_list(pixel_mean)),
+            ("MODEL.PIXEL_STD", float_list(pixel_std)),
         ]
-        if self.stem_out_channels != 64:
-            pairs.append(("MODEL.RESNETS.STEM_OUT_CHANNELS", str(self.stem_out_channels)))
-        if self.res2_out_channels != 256:
-            pairs.append(("MODEL.RESNETS.RES2_OUT_CHANNELS", str(self.res2_out_channels)))
+        for key, value, default in (
+            ("MODEL.RESNETS.STEM_OUT_CHANNELS", self.stem_out_channels, 64),
+            ("MODEL.RESNETS.RES2_OUT_CHANNELS", self.res2_out_channels, 256),
+        ):
+            if value != default:
+                pairs.append((key, str(value)))
         return pairs
-
-
-def format_overrides(pairs: Sequence[Tuple[str, str]]) -> str:
-    """The overrides as ``KEY VALUE`` arguments for ``train_net.py`` (shell-quoted)."""
-    return " ".join(f"{k} {shlex.quote(v)}" for k, v in pairs)
 
 
 def expected_resnet_shapes(spec: ResNetSpec, in_channels: int = 3) -> Dict[str, Tuple[int, ...]]:
@@ -124,7 +116,7 @@ def expected_resnet_shapes(spec: ResNetSpec, in_channels: int = 3) -> Dict[str, 
 
     def conv_bn(conv: str, bn: str, out_c: int, in_c: int, k: int) -> None:
         shapes[f"{conv}.weight"] = (out_c, in_c, k, k)
-        for field in BN_FIELDS:
+        for field in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"{bn}.{field}"] = (out_c,)
 
     conv_bn("conv1", "bn1", spec.stem_out_channels, in_channels, 7)
@@ -149,9 +141,8 @@ def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
     if "conv1.weight" not in shapes:
         if any(k.startswith("stem.") for k in shapes):
             raise ConversionError(
-                "this is a ResNet-D (deep 3x3 stem 'stem.*', average-pooling shortcuts): the "
-                "plugin's backbone has detectron2's 7x7 stem and strided 1x1 shortcuts, so these "
-                "weights have nowhere to go"
+                "a ResNet-D (deep 3x3 stem 'stem.*'): the plugin's backbone has detectron2's 7x7 "
+                "stem and strided 1x1 shortcuts"
             )
         raise ConversionError(
             "no ResNet stem ('conv1.weight') found; expected torchvision/MMDetection ResNet names "
@@ -177,15 +168,11 @@ def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
             f"blocks per stage {tuple(blocks)} match no bottleneck ResNet; expected one of "
             + ", ".join(f"{b} (R{d})" for b, d in _BLOCKS_TO_DEPTH.items())
         )
-    conv2 = shapes["layer1.0.conv2.weight"]
-    width, per_group = int(conv2[0]), int(conv2[1])
-    if per_group <= 0 or width % per_group:
-        raise ConversionError(f"layer1.0.conv2.weight has shape {tuple(conv2)}: not a grouped 3x3")
-    groups = width // per_group
+    width, per_group = shapes["layer1.0.conv2.weight"][:2]  # (out, in / groups, 3, 3)
     return ResNetSpec(
         depth=depth,
-        num_groups=groups,
-        width_per_group=width // groups,
+        num_groups=int(width) // int(per_group),
+        width_per_group=int(per_group),
         stem_out_channels=int(shapes["conv1.weight"][0]),
         res2_out_channels=int(shapes["layer1.0.conv3.weight"][0]),
     )
@@ -194,21 +181,25 @@ def infer_resnet_spec(shapes: Mapping[str, Sequence[int]]) -> ResNetSpec:
 def check_shapes(
     shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Tuple[int, ...]], what: str
 ) -> None:
-    """Raise a ConversionError listing each tensor of ``expected`` missing or misshapen."""
-    missing = sorted(k for k in expected if k not in shapes)
-    wrong = sorted(
-        f"{k}: {tuple(shapes[k])}, expected {expected[k]}"
-        for k in expected
+    """Raise a ConversionError listing each tensor unexpected, missing or misshapen."""
+    extra = [f"  no place: {k} {tuple(shapes[k])}" for k in sorted(shapes) if k not in expected]
+    missing = [f"  missing: {k}" for k in sorted(expected) if k not in shapes]
+    wrong = [
+        f"  shape: {k}: {tuple(shapes[k])}, expected {expected[k]}"
+        for k in sorted(expected)
         if k in shapes and tuple(shapes[k]) != expected[k]
-    )
-    if missing or wrong:
-        lines = [f"{what}: {len(missing)} tensor(s) missing, {len(wrong)} with an unexpected shape"]
-        lines += [f"  missing: {k}" for k in missing] + [f"  shape: {w}" for w in wrong]
-        raise ConversionError("\n".join(lines))
+    ]
+    if extra or missing or wrong:
+        head = f"{what}: {len(extra)} tensor(s) with no place in it, {len(missing)} missing, "
+        head += f"{len(wrong)} with an unexpected shape"
+        raise ConversionError("\n".join([head, *extra, *missing, *wrong]))
 
 
-def check_output_path(input_path: str, output_path: str, overwrite: bool, suffixes: tuple) -> None:
-    """Refuse a missing input, or an output that is the input, misnamed, or exists."""
+def read_input(
+    input_path: str, output_path: str, suffixes: tuple, overwrite: bool, allow_unsafe: bool
+) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """(state dict, ``meta``) of a converter's input (the state dict alone, or under ``state_dict``
+    or ``model``), after refusing an output that is the input, misnamed, or exists."""
     if "://" not in input_path and not os.path.exists(input_path):
         raise ConversionError(f"input {input_path!r} does not exist or is not a file")
     if not output_path.endswith(suffixes):
@@ -222,6 +213,26 @@ def check_output_path(input_path: str, output_path: str, overwrite: bool, suffix
         raise ConversionError(
             f"{output_path!r} exists; pass --force (formerly --overwrite) to replace it"
         )
+    checkpoint = load_torch_file(input_path, allow_unsafe=allow_unsafe, source=CONVERTER_INPUT)
+    meta = {}
+    if isinstance(checkpoint, Mapping):
+        meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), Mapping) else {}
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        raise ConversionError(
+            f"{input_path!r} holds no state dict: expected a name -> tensor dict, or a dict "
+            "holding one under 'state_dict' (MMDetection) or 'model'"
+        )
+    not_tensors = sorted(k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"the state dict has non-tensor entries: {not_tensors[:5]}")
+    state_dict = dict(checkpoint)
+    if all(k.startswith("module.") for k in state_dict):  # saved from a DataParallel wrapper
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict, dict(meta)
 
 
 def save_weights(data: Mapping, path: str) -> None:
