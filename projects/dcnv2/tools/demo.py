@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
@@ -91,18 +92,8 @@ def read_image(path: str) -> np.ndarray:
         raise UserInputError(f"cannot read image {path!r}: {e}") from None
 
 
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise UserInputError(
-            "reading and writing videos needs OpenCV: pip install opencv-python-headless"
-        ) from None
-    return cv2
-
-
 def _open_video(path: str):
-    capture = _cv2().VideoCapture(path)
+    capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise UserInputError(f"cannot open video {path!r}; expected a video file")
     return capture
@@ -194,7 +185,6 @@ def run_demo(
 
 
 def _run_video(runner: DemoRunner, path: str, out_path: str, record, progress: bool) -> None:
-    cv2 = _cv2()
     capture = _open_video(path)
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # 0: unknown

@@ -226,9 +226,7 @@ def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
         "total_seconds": sum(spans),
         "eta": eta,
         "finished": finished,
-        "eta_mean_abs_relative_error": (
-            sum(relative) / len(relative) if relative and finished else None
-        ),
+        "eta_mean_abs_relative_error": float(np.mean(relative)) if relative and finished else None,
     }
 
 

@@ -248,14 +248,12 @@ def sample_image(
         top = instances.scores.argsort(descending=True)[:max_boxes]
         centres = instances.pred_boxes.get_centers()[top]  # (P, 2) as (x, y), network pixels
         points = centres[:, [1, 0]].double()
-    else:
-        points = torch.tensor([[y * scale, x * scale] for x, y in points_xy], dtype=torch.float64)
+        input_points = points.numpy() / scale
+    else:  # input_points exactly as asked for, not a rescaled round trip
+        input_points = np.array([[y, x] for x, y in points_xy], dtype=np.float64)
+        points = torch.from_numpy(input_points * scale)
     traced = layers[-num_layers:]
     locations, weights = trace_sampling_locations(traced, points)
-    if points_xy is None:
-        input_points = points.numpy() / scale
-    else:  # exactly what was asked for, not a rescaled round trip
-        input_points = np.array([[y, x] for x, y in points_xy], dtype=np.float64)
     return {
         "image_rgb": np.ascontiguousarray(resized[:, :, ::-1]),
         "points": points.numpy(),
