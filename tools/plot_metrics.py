@@ -23,7 +23,7 @@ import sys
 import warnings
 
 from dcnv2.errors import UserInputError
-from dcnv2.tools.cli import add_force_argument, refuse_existing_outputs, run_cli, tool_parser
+from dcnv2.tools.cli import add_force_argument, run_cli, tool_parser
 from dcnv2.tools.plot_metrics import (
     MetricsWarning,
     format_train_time,
@@ -63,7 +63,9 @@ def main(argv=None) -> int:
         raise UserInputError("nothing to do: give --out PNG (curves) and/or --stats")
     if args.json and not args.stats:
         raise UserInputError("--json writes the --stats statistics: add --stats")
-    refuse_existing_outputs([path for path in (args.out, args.json) if path], args.force)
+    for path in (args.out, args.json):
+        if path and os.path.exists(path) and not args.force:
+            raise UserInputError(f"{path!r} exists; pass --force to overwrite it")
     labels = args.labels or [_label(p) for p in args.metrics]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricsWarning)
