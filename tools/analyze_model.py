@@ -33,9 +33,7 @@ from dcnv2.tools.cli import (
 import torch
 from detectron2.modeling import build_model
 
-from dcnv2.tools.analyze_model import analyze_model, model_inputs
-
-TASKS = ("flop", "activation", "parameter", "structure")
+from dcnv2.tools.analyze_model import TASKS, analyze_model, model_inputs
 
 
 def parse_args(argv=None):

@@ -27,6 +27,7 @@ from dcnv2.tools.cli import (
     UserInputError,
     add_config_arguments,
     choose_config_file,
+    refuse_existing_outputs,
     run_cli,
     setup_cfg,
     tool_parser,
@@ -83,8 +84,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if os.path.exists(args.output) and not args.force:
-        raise UserInputError(f"{args.output!r} exists; pass --force to overwrite it")
+    refuse_existing_outputs([args.output], args.force)
     if args.layers > 5:
         raise UserInputError(
             f"--layers {args.layers} would trace 9**{args.layers} points; use <= 5"

@@ -10,18 +10,9 @@ import re
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import UserInputError
+import numpy as np
 
-__all__ = [
-    "MetricsWarning",
-    "default_keys",
-    "draw_runs",
-    "format_train_time",
-    "load_metrics",
-    "metric_series",
-    "plot_runs",
-    "train_time_stats",
-]
+from ..errors import UserInputError
 
 # Evaluation results worth a panel by default: the main AP of each task and AP50/AP75.
 _EVAL_KEY = re.compile(r"^[a-z_]+/AP(50|75)?$")
@@ -84,10 +75,7 @@ def metric_series(records: Sequence[Dict], key: str) -> Tuple[List[int], List[fl
 
 def default_keys(runs: Sequence[Sequence[Dict]]) -> List[str]:
     """Panels to draw: ``total_loss``, each ``loss_*``, ``lr``, then the evaluation APs."""
-    present = set()
-    for records in runs:
-        for record in records:
-            present.update(record)
+    present = {key for records in runs for record in records for key in record}
     losses = sorted(k for k in present if k.startswith("loss_"))
     evals = sorted(k for k in present if _EVAL_KEY.match(k))
     head = [k for k in ("total_loss",) if k in present]
@@ -120,7 +108,6 @@ def draw_runs(
     rows = math.ceil(len(drawn) / columns)
     cols = min(columns, len(drawn))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes.flat, drawn):
         for index, (label, records) in enumerate(runs):
             iterations, values = metric_series(records, key)
@@ -132,7 +119,7 @@ def draw_runs(
                 iterations,
                 values,
                 label=label,
-                color=colours[index % len(colours)],
+                color=f"C{index}",  # the run's colour in every panel, whichever it misses
                 marker=marker,
                 markersize=4,
                 linewidth=1.2,
@@ -180,14 +167,6 @@ def plot_runs(
     return drawn
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    # Linear interpolation between closest ranks (numpy's default).
-    position = (len(sorted_values) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
-
-
 def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
     """Statistics of one run's iteration times.
 
@@ -205,8 +184,6 @@ def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
             "no record has 'time' (seconds per iteration): expected the metrics.json of a "
             "training run"
         )
-    ordered = sorted(times)
-    mean = sum(times) / len(times)
     spans = [
         (it - (iterations[k - 1] if k else -1)) * t
         for k, (it, t) in enumerate(zip(iterations, times))
@@ -230,28 +207,26 @@ def train_time_stats(records: Sequence[Dict], slowest: int = 5) -> Dict:
     # detectron2 logs an ETA of 0 at max_iter - 1.
     finished = bool(eta) and eta[-1]["predicted_seconds"] < times[-1]
     relative = [abs(e["relative_error"]) for e in eta if e["relative_error"] is not None]
-    data_iterations, data_times = metric_series(records, "data_time")
+    _, data_times = metric_series(records, "data_time")
     by_time = sorted(zip(times, iterations), key=lambda p: (-p[0], p[1]))
     return {
         "records": len(iterations),
         "first_iteration": iterations[0],
         "last_iteration": iterations[-1],
         "s_per_iter": {
-            "mean": mean,
-            "median": _percentile(ordered, 50),
-            "std": math.sqrt(sum((t - mean) ** 2 for t in times) / len(times)),
-            "p90": _percentile(ordered, 90),
-            "min": ordered[0],
-            "max": ordered[-1],
+            "mean": float(np.mean(times)),
+            "median": float(np.median(times)),
+            "std": float(np.std(times)),
+            "p90": float(np.percentile(times, 90)),
+            "min": min(times),
+            "max": max(times),
         },
-        "data_time_mean": sum(data_times) / len(data_times) if data_iterations else None,
+        "data_time_mean": float(np.mean(data_times)) if data_times else None,
         "slowest": [{"iteration": i, "s_per_iter": t} for t, i in by_time[:slowest]],
         "total_seconds": sum(spans),
         "eta": eta,
         "finished": finished,
-        "eta_mean_abs_relative_error": (
-            sum(relative) / len(relative) if relative and finished else None
-        ),
+        "eta_mean_abs_relative_error": float(np.mean(relative)) if relative and finished else None,
     }
 
 

@@ -19,17 +19,6 @@ from ..errors import UserInputError
 from .cli import RUN_CONFIG, refuse_existing_outputs
 from .demo import read_image
 
-__all__ = [
-    "dataset_from_config",
-    "dataset_from_json",
-    "draw_results",
-    "load_results",
-    "results_config_file",
-    "results_to_instances",
-    "side_by_side",
-    "titled_panels",
-]
-
 # Height (pixels) of the title strip over each panel of a picture.
 TITLE_HEIGHT = 22
 
@@ -65,14 +54,10 @@ def load_results(path: str) -> Dict[Union[int, str], List[dict]]:
 def results_config_file(results_path: str) -> Optional[str]:
     """The ``config_eval.yaml`` or ``config.yaml`` of the run whose output holds the results."""
     folder = os.path.dirname(os.path.abspath(results_path))
-    output_dir = os.path.dirname(folder)
     evaluated = os.path.isfile(os.path.join(folder, WEIGHTS_RECORD))
     names = (EVAL_CONFIG, RUN_CONFIG) if evaluated else (RUN_CONFIG,)
-    for name in names:
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            return path
-    return None
+    found = [os.path.join(os.path.dirname(folder), name) for name in names]
+    return next((path for path in found if os.path.isfile(path)), None)
 
 
 def dataset_from_config(cfg, dataset: Optional[str] = None) -> Tuple[List[dict], object]:
@@ -137,20 +122,6 @@ def titled_panels(panels: Sequence[Tuple[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate(columns, axis=1)
 
 
-def side_by_side(image_rgb: np.ndarray, instances: Instances, record: dict, metadata) -> np.ndarray:
-    """``instances`` on the left, ``record``'s ground truth on the right, under titles."""
-    predictions = Visualizer(image_rgb, metadata).draw_instance_predictions(instances)
-    ground_truth = Visualizer(image_rgb, metadata).draw_dataset_dict(record)
-    return titled_panels(
-        [("detections", predictions.get_image()), ("ground truth", ground_truth.get_image())]
-    )
-
-
-def _results_of(results: Dict, record: dict) -> List[dict]:
-    found = results.get(record["image_id"])
-    return found if found is not None else results.get(os.path.basename(record["file_name"]), [])
-
-
 def _output_names(dicts: Sequence[dict]) -> List[str]:
     names = [os.path.basename(d["file_name"]) for d in dicts]
     repeated = {n for n in names if names.count(n) > 1}
@@ -170,8 +141,8 @@ def draw_results(
     force: bool = False,
     max_images: Optional[int] = None,
 ) -> Dict:
-    """Write one :func:`side_by_side` picture per image (the first ``max_images``) into
-    ``output_dir``.
+    """Write one picture per image (the first ``max_images``) into ``output_dir``: the results
+    with ``score >= conf_threshold`` on the left, the ground truth on the right, under titles.
 
     Returns:
         dict: ``{"images": [{"file", "predictions", "ground_truth"}, ...],
@@ -193,10 +164,14 @@ def draw_results(
     drawn = []
     for record, path in zip(selected, paths):
         image = read_image(record["file_name"])[:, :, ::-1]
-        instances = results_to_instances(
-            _results_of(results, record), image.shape[:2], metadata, conf_threshold
-        )
-        Image.fromarray(side_by_side(image, instances, record, metadata)).save(path)
+        found = results.get(record["image_id"])
+        if found is None:  # a tools/demo.py --json file: by file name
+            found = results.get(os.path.basename(record["file_name"]), [])
+        instances = results_to_instances(found, image.shape[:2], metadata, conf_threshold)
+        predictions = Visualizer(image, metadata).draw_instance_predictions(instances)
+        ground_truth = Visualizer(image, metadata).draw_dataset_dict(record)
+        panels = [("detections", predictions), ("ground truth", ground_truth)]
+        Image.fromarray(titled_panels([(t, v.get_image()) for t, v in panels])).save(path)
         drawn.append(
             {
                 "file": path,

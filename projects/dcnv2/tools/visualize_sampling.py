@@ -4,6 +4,7 @@ Positions are ``(y, x)`` image pixels; the first deformable group is used.
 """
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -11,21 +12,11 @@ import numpy as np
 import torch
 from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
+from torch.nn import functional as F
 
 from ..data import build_test_augmentation
 from ..errors import UserInputError
 from ..layers import DeformConv, ModulatedDeformConv
-
-__all__ = [
-    "DeformableLayerRecord",
-    "find_resnet",
-    "deformable_layers",
-    "record_deformable_layers",
-    "trace_sampling_locations",
-    "randomize_offsets",
-    "sample_image",
-    "plot_sampling_locations",
-]
 
 
 @dataclass
@@ -70,15 +61,12 @@ def deformable_layers(resnet: ResNet) -> List[Tuple[str, nn.Module, int]]:
     stride = resnet.stem.stride
     for stage in resnet.stages:
         for block in stage:
-            block_in_stride = stride
             stride *= block.stride
             for module in block.modules():
                 if isinstance(module, (DeformConv, ModulatedDeformConv)):
                     # The block's stride sits either in this conv or before it (stride_in_1x1):
                     # the conv's output has the block's output stride either way.
-                    in_stride = stride // module.stride[0]
-                    assert in_stride in (block_in_stride, stride), (module, in_stride)
-                    layers.append((names[module], module, in_stride))
+                    layers.append((names[module], module, stride // module.stride[0]))
     return layers
 
 
@@ -96,63 +84,39 @@ def record_deformable_layers(
             "all False): nothing to visualise"
         )
     records: List[DeformableLayerRecord] = []
-    handles = []
 
-    def make_hook(name: str, in_stride: int, is_first: bool):
-        def hook(module, args, kwargs, output):
-            if is_first:
-                records.clear()
-            values = list(args[1:]) + [kwargs.get(k) for k in ("offset", "mask") if k in kwargs]
-            offset = values[0][batch_index].detach().float()
-            mask = values[1] if len(values) > 1 else None
-            kh, kw = module.kernel_size
-            taps = kh * kw
-            if mask is None:
-                mask = torch.ones((taps,) + tuple(offset.shape[1:]))
-            else:
-                mask = mask[batch_index].detach().float()
-            records.append(
-                DeformableLayerRecord(
-                    name=name,
-                    offset=offset[: 2 * taps].cpu(),
-                    mask=mask[:taps].cpu(),
-                    kernel_size=tuple(module.kernel_size),
-                    stride=tuple(module.stride),
-                    padding=tuple(module.padding),
-                    dilation=tuple(module.dilation),
-                    in_stride=in_stride,
-                )
+    def hook(name, in_stride, module, args, kwargs, output):
+        if name == layers[0][0]:  # a new forward
+            records.clear()
+        values = [*args[1:], *(kwargs[k] for k in ("offset", "mask") if k in kwargs), None]
+        offset, mask = values[0][batch_index], values[1]
+        taps = module.kernel_size[0] * module.kernel_size[1]
+        mask = torch.ones((taps,) + offset.shape[1:]) if mask is None else mask[batch_index]
+        records.append(
+            DeformableLayerRecord(
+                name=name,
+                offset=offset[: 2 * taps].detach().float().cpu(),
+                mask=mask[:taps].detach().float().cpu(),
+                kernel_size=tuple(module.kernel_size),
+                stride=tuple(module.stride),
+                padding=tuple(module.padding),
+                dilation=tuple(module.dilation),
+                in_stride=in_stride,
             )
+        )
 
-        return hook
-
-    for i, (name, module, in_stride) in enumerate(layers):
-        hook = make_hook(name, in_stride, is_first=i == 0)
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    try:
+    with contextlib.ExitStack() as hooks:
+        for name, module, in_stride in layers:
+            hook_of_layer = functools.partial(hook, name, in_stride)
+            hooks.enter_context(module.register_forward_hook(hook_of_layer, with_kwargs=True))
         yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _bilinear(field: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``field`` (C, H, W) sampled bilinearly at cells ``y``, ``x`` (shape S, clamped): (C, *S)."""
     h, w = field.shape[-2:]
-    y = y.clamp(0, h - 1)
-    x = x.clamp(0, w - 1)
-    y0 = y.floor().long()
-    x0 = x.floor().long()
-    y1 = (y0 + 1).clamp(max=h - 1)
-    x1 = (x0 + 1).clamp(max=w - 1)
-    ly = (y - y0).to(field.dtype)
-    lx = (x - x0).to(field.dtype)
-    return (
-        field[:, y0, x0] * (1 - ly) * (1 - lx)
-        + field[:, y0, x1] * (1 - ly) * lx
-        + field[:, y1, x0] * ly * (1 - lx)
-        + field[:, y1, x1] * ly * lx
-    )
+    grid = torch.stack([x * 2 / max(w - 1, 1) - 1, y * 2 / max(h - 1, 1) - 1], dim=-1)
+    return F.grid_sample(field[None], grid[None], padding_mode="border", align_corners=True)[0]
 
 
 def trace_sampling_locations(
@@ -163,8 +127,6 @@ def trace_sampling_locations(
     Returns:
         (locations, weights): (P, T, 2) positions, ``T = prod(kh*kw)``, and (P, T) weights.
     """
-    if not len(layers):
-        raise ValueError("trace_sampling_locations needs at least one deformable layer")
     points = torch.as_tensor(points, dtype=torch.float64)
     if points.dim() != 2 or points.shape[1] != 2:
         raise ValueError(f"points must be (P, 2) (y, x) positions, got shape {tuple(points.shape)}")
@@ -172,7 +134,6 @@ def trace_sampling_locations(
     weights = torch.ones(points.shape[0], 1, dtype=torch.float64)
     for layer in reversed(layers):
         kh, kw = layer.kernel_size
-        taps = kh * kw
         cells = locations / layer.out_stride
         fy, fx = cells[..., 0], cells[..., 1]
         offset = _bilinear(layer.offset.double(), fy, fx)  # (2*taps, P, M)
@@ -185,7 +146,6 @@ def trace_sampling_locations(
         in_x = fx[..., None] * layer.stride[1] - layer.padding[1] + tx * layer.dilation[1] + dx
         locations = torch.stack([in_y, in_x], dim=-1).flatten(1, 2) * layer.in_stride
         weights = (weights[..., None] * mask.permute(1, 2, 0)).flatten(1, 2)
-        assert locations.shape[1] == weights.shape[1] and weights.shape[1] % taps == 0
     return locations, weights
 
 
@@ -196,29 +156,23 @@ def randomize_offsets(
     cells and mask logits of about ``mask_logit_rms`` on ``inputs`` (untrained weights give a
     regular grid); returns how many predictors changed."""
     predictors = [
-        (name, module)
+        module
         for name, module in find_resnet(model).named_modules()
         if name.endswith("conv2_offset") and isinstance(module, nn.Conv2d)
     ]
     energy = {}
 
-    def make_hook(name):
-        def hook(module, args, output):
-            x = args[0].detach().double()
-            kh, kw = module.kernel_size
-            energy[name] = float((x**2).mean()) * x.shape[1] * kh * kw
+    def hook(module, args, output):
+        x = args[0].detach().double()
+        # C * kh * kw products per output value
+        energy[module] = float((x**2).mean()) * x.shape[1] * module.weight[0, 0].numel()
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in predictors]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with contextlib.ExitStack() as hooks, torch.no_grad():
+        for module in predictors:
+            hooks.enter_context(module.register_forward_hook(hook))
+        model(inputs)
     generator = torch.Generator().manual_seed(seed)
-    for name, module in predictors:
+    for module in predictors:
         weight = torch.randn(module.weight.shape, generator=generator, dtype=torch.float64)
         # The first 2/3 of the channels are offsets, the rest mask logits (DCNv2 layout);
         # DCNv1 predictors have offsets only.
@@ -226,7 +180,7 @@ def randomize_offsets(
         num_offsets = channels * 2 // 3 if channels % 27 == 0 else channels
         scale = torch.full((channels, 1, 1, 1), mask_logit_rms, dtype=torch.float64)
         scale[:num_offsets] = offset_rms
-        weight *= scale / max(energy[name], 1e-12) ** 0.5
+        weight *= scale / max(energy[module], 1e-12) ** 0.5
         with torch.no_grad():
             module.weight.copy_(weight)
             if module.bias is not None:
@@ -294,14 +248,12 @@ def sample_image(
         top = instances.scores.argsort(descending=True)[:max_boxes]
         centres = instances.pred_boxes.get_centers()[top]  # (P, 2) as (x, y), network pixels
         points = centres[:, [1, 0]].double()
-    else:
-        points = torch.tensor([[y * scale, x * scale] for x, y in points_xy], dtype=torch.float64)
+        input_points = points.numpy() / scale
+    else:  # input_points exactly as asked for, not a rescaled round trip
+        input_points = np.array([[y, x] for x, y in points_xy], dtype=np.float64)
+        points = torch.from_numpy(input_points * scale)
     traced = layers[-num_layers:]
     locations, weights = trace_sampling_locations(traced, points)
-    if points_xy is None:
-        input_points = points.numpy() / scale
-    else:  # exactly what was asked for, not a rescaled round trip
-        input_points = np.array([[y, x] for x, y in points_xy], dtype=np.float64)
     return {
         "image_rgb": np.ascontiguousarray(resized[:, :, ::-1]),
         "points": points.numpy(),
@@ -342,20 +294,16 @@ def plot_sampling_locations(
         left, right = axes[row]
         for ax in (left, right):
             ax.imshow(image_rgb)
-            ax.set_xlim(0, w - 1)
-            ax.set_ylim(h - 1, 0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xlim=(0, w - 1), ylim=(h - 1, 0), xticks=[], yticks=[])
+            star = {"marker": "*", "s": 160, "c": "lime", "edgecolors": "black"}
+            ax.scatter([point[1]], [point[0]], zorder=3, **star)  # over the locations
         scatter = left.scatter(
             locs[order, 1], locs[order, 0], c=wts[order], s=6, cmap="plasma", vmin=0, vmax=vmax
         )
-        rel = wts / (wts.max() if wts.max() > 0 else 1.0)
-        colours = np.zeros((len(rel), 4))
-        colours[:, 0] = 1.0
-        colours[:, 3] = 0.1 + 0.9 * rel
-        right.scatter(locs[order, 1], locs[order, 0], s=2 + 40 * rel[order], c=colours[order])
-        for ax in (left, right):
-            ax.scatter([point[1]], [point[0]], marker="*", s=160, c="lime", edgecolors="black")
+        rel = (wts / (wts.max() if wts.max() > 0 else 1.0))[order]
+        right.scatter(
+            locs[order, 1], locs[order, 0], s=2 + 40 * rel, c="red", alpha=0.1 + 0.9 * rel
+        )
         fig.colorbar(scatter, ax=left, fraction=0.035, pad=0.01, label="modulation (product)")
         left.set_title(f"({point[1]:.0f}, {point[0]:.0f}): {locs.shape[0]} sampling locations")
         right.set_title("effective sampling locations (size, opacity = weight)")
