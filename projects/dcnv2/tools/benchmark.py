@@ -23,8 +23,6 @@ from .timing import (
     worker_main,
 )
 
-__all__ = ["MODES", "benchmark", "equal_work_heads", "format_table", "run_worker"]
-
 MODES = ("inference", "train")
 
 
@@ -64,24 +62,20 @@ def run_worker(spec: Dict) -> Dict:
     backend = resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device("cpu"))
     deformable = any(getattr(m, "deformable_groups", None) for m in model.modules())
     load_before = os.getloadavg()[0]
-    size = (spec["height"], spec["width"])
+    size, seed = (spec["height"], spec["width"]), spec["seed"]
     with PeakMemory() as memory:
         if mode == "inference":
+            inputs = detection_batch(1, *size, seed=seed)
             model.eval()
-            inputs = detection_batch(1, *size, seed=spec["seed"])
 
             def step():
                 with torch.no_grad():
                     model(inputs)
 
         else:
-            model.train()
+            classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
             batch = detection_batch(
-                spec["batch_size"],
-                *size,
-                boxes_per_image=3,
-                num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                seed=spec["seed"],
+                spec["batch_size"], *size, boxes_per_image=3, num_classes=classes, seed=seed
             )
             # lr 0: random weights (frozen-BN ResNet) would diverge within a few real steps.
             step = training_step(model, batch)
@@ -120,7 +114,7 @@ def benchmark(
     """
     from tqdm import tqdm
 
-    from ..model_zoo import get_config_file
+    from ..model_zoo import resolve_config_file
 
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -130,26 +124,18 @@ def benchmark(
             "need --repeats >= 1, --warmup >= 0, --batch-size >= 1 and images of at least 32x32"
         )
     for config in configs:
-        if not os.path.isfile(config):
-            try:
-                get_config_file(config)
-            except FileNotFoundError as e:
-                raise UserInputError(str(e)) from None
+        resolve_config_file(config)  # a missing one: ConfigFileNotFoundError, a user error
+    common = dict(opts=list(opts), height=height, width=width, batch_size=batch_size, seed=seed)
     results = {}
     rounds = len(modes) * (warmup + repeats)
     with tqdm(total=rounds, desc="benchmark", unit="round", disable=not progress) as bar:
         for mode in modes:
-            size = dict(height=height, width=width, batch_size=batch_size, seed=seed)
             with contextlib.ExitStack() as stack:
                 workers = {
                     i: stack.enter_context(
-                        StepWorker(
-                            __name__,
-                            dict(config=config, opts=list(opts), mode=mode, **size),
-                            f"{config} ({mode})",
-                        )
+                        StepWorker(__name__, dict(common, config=c, mode=mode), f"{c} ({mode})")
                     )
-                    for i, config in enumerate(configs)
+                    for i, c in enumerate(configs)
                 }
                 times = interleaved_times(workers, ("run",), repeats, warmup, bar.update)
                 for i, worker in workers.items():

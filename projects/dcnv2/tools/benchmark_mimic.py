@@ -10,8 +10,6 @@ import torch
 from ..errors import UserInputError
 from .timing import InProcessSteps, detection_batch, interleaved_times, text_table, training_step
 
-__all__ = ["PLAIN", "benchmark_mimic", "format_table", "counted_step"]
-
 # Overrides that turn a mimic config into the plain detector it extends.
 PLAIN = [
     "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
@@ -64,13 +62,8 @@ def benchmark_mimic(
     if not cfg_on.MODEL.DCNV2.MIMIC.ENABLED:
         raise UserInputError(f"{config_file} does not enable MODEL.DCNV2.MIMIC")
     cfg_off = get_cfg(config_file, base + PLAIN)
-    images = detection_batch(
-        batch,
-        height,
-        width,
-        boxes_per_image=boxes,
-        num_classes=cfg_on.MODEL.ROI_HEADS.NUM_CLASSES,
-    )
+    classes = cfg_on.MODEL.ROI_HEADS.NUM_CLASSES
+    images = detection_batch(batch, height, width, boxes_per_image=boxes, num_classes=classes)
     steps = {name: counted_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
     workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
     times = interleaved_times(workers, ("iteration",), iters)

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..checkpoint.atomic import atomic_write_text
 from ..errors import UserInputError
 from ..layers import available_backends, reference
 from .benchmark import equal_work_heads
@@ -37,8 +37,6 @@ from .timing import (
     time_call,
     training_step,
 )
-
-__all__ = ["SECTIONS", "format_markdown", "main", "run_check"]
 
 SECTIONS = ("environment", "exactness", "speed", "model", "profile", "eval", "ddp")
 SEED_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
@@ -245,11 +243,8 @@ def check_ddp(ctx: Dict) -> Dict:
     from torch.nn.parallel import DistributedDataParallel
 
     device, quick = ctx["device"], ctx["quick"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     group = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(group, init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    dist.init_process_group(group, store=dist.HashStore(), world_size=1, rank=0)
     try:
         model, _, _ = _build(ctx, dict(model="auto", config=SEED_CONFIG, amp=False))
         ids = [device.index or 0] if device.type == "cuda" else None
@@ -319,15 +314,6 @@ def format_markdown(report: Dict) -> str:
     return "\n".join(lines)
 
 
-def _write(report: Dict, out_dir: str) -> None:
-    texts = {"gpu_check.json": json.dumps(report, indent=1, default=str),
-             "gpu_check.md": format_markdown(report)}  # fmt: skip
-    for name, text in texts.items():
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-
-
 def _exit_status(report: Dict) -> int:
     exact = report["sections"].get("exactness")
     if exact is not None and exact["status"] != "ok":
@@ -363,7 +349,9 @@ def run_check(out_dir: str, device: str = "cuda", quick: bool = False, time_budg
                     torch.cuda.empty_cache()
             report["sections"][name]["seconds"] = time.perf_counter() - start
         report["exit_status"] = _exit_status(report)
-        _write(report, out_dir)
+        json_text = json.dumps(report, indent=1, default=str)
+        atomic_write_text(os.path.join(out_dir, "gpu_check.json"), json_text)
+        atomic_write_text(os.path.join(out_dir, "gpu_check.md"), format_markdown(report))
     return report["exit_status"]
 
 

@@ -99,6 +99,22 @@ def summarize(times: Sequence[float]) -> Dict[str, float]:
             "runs": len(times)}  # fmt: skip
 
 
+def forward_steps(forward: Callable[[], Any], leaves: Sequence[torch.Tensor]):
+    """Forward without grad and forward+backward (of ``forward().float().sum()``, clearing the
+    grads of ``leaves``) as functions without arguments."""
+
+    def no_grad_forward():
+        with torch.no_grad():
+            forward()
+
+    def forward_backward():
+        forward().float().sum().backward()
+        for t in leaves:
+            t.grad = None
+
+    return no_grad_forward, forward_backward
+
+
 def count_syncs(step: Callable[[], Any], cuda: bool = True) -> Dict[str, Any]:
     """Host-device syncs in one call of ``step``: ``syncs`` and ``syncs_in_layers`` (in
     dcnv2/layers or detectron2/layers); "n/a" without ``cuda``."""
@@ -288,6 +304,12 @@ def interleaved_times(
         if after_round is not None:
             after_round()
     return times
+
+
+def write_json(obj: Any, path: str) -> None:
+    """``obj`` as indented JSON at ``path``: the results file of every benchmark."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
