@@ -42,11 +42,7 @@ _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 STEPS = ("forward", "forward_backward")
 
 # ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
-SHAPES = {
-    "res3": (2, 128, 100, 152),
-    "res4": (2, 256, 50, 76),
-    "res5": (2, 512, 25, 38),
-}
+SHAPES = {"res3": (2, 128, 100, 152), "res4": (2, 256, 50, 76), "res5": (2, 512, 25, 38)}
 
 
 def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
@@ -129,17 +125,7 @@ def onnxruntime_session(size: Sequence[int], threads: int):
     n, c, h, w = size
     shapes = {"X": [n, c, h, w], "W": [c, c, 3, 3], "offset": [n, 18, h, w], "mask": [n, 9, h, w]}
     # DeformConv's optional inputs are positional (X, W, offset, B, mask): "" omits the bias.
-    node = helper.make_node(
-        "DeformConv",
-        ["X", "W", "offset", "", "mask"],
-        ["Y"],
-        kernel_shape=[3, 3],
-        pads=[1, 1, 1, 1],
-        strides=[1, 1],
-        dilations=[1, 1],
-        group=1,
-        offset_group=1,
-    )
+    node = helper.make_node("DeformConv", ["X", "W", "offset", "", "mask"], ["Y"], pads=[1] * 4)
     graph = helper.make_graph(
         [node],
         "deform_conv",

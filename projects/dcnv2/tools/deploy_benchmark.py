@@ -46,11 +46,8 @@ def benchmark_runtimes(
     if unknown:
         raise ValueError(f"Unknown runtimes {sorted(unknown)}; expected some of {RUNTIMES}")
     runs = {}
-    setup: Dict = {
-        "threads": torch.get_num_threads(),
-        "images": [list(x.shape[1:]) for x in images],
-        "repeats": repeats,
-    }
+    sizes = [list(x.shape[1:]) for x in images]
+    setup = dict(threads=torch.get_num_threads(), images=sizes, repeats=repeats)
     with deform_backend(model, "native"):
         if "pytorch_eager" in runtimes:
             runs["pytorch_eager"] = _detector_call(model)

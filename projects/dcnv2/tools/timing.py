@@ -16,10 +16,14 @@ from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from tabulate import tabulate
 from torch.utils.benchmark import Measurement
 from torch.utils.benchmark.utils.common import TaskSpec
 from torch.utils.benchmark.utils.timer import timer
 
+from ..engine.trainer import build_training_loop
 from ..errors import UserInputError
 
 
@@ -34,8 +38,6 @@ def detection_batch(
 ) -> List[Dict[str, Any]]:
     """A fixed random batch in detectron2's format: (3, height, width) float images of integers
     in [0, 255], with ``boxes_per_image`` random ground-truth ``"instances"`` for training."""
-    from detectron2.structures import Boxes, Instances
-
     g = torch.Generator().manual_seed(seed)
     batch = []
     for _ in range(num_images):
@@ -66,10 +68,6 @@ def training_step(
     lr 0 costs the same as a real step and keeps random weights finite; ``step.loop.storage``
     holds the logged losses.
     """
-    from detectron2.utils.events import EventStorage
-
-    from ..engine.trainer import build_training_loop
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
     loop = build_training_loop(model.train(), itertools.repeat(batch), optimizer, amp=amp)
@@ -206,8 +204,7 @@ def serve_steps(steps: Dict[str, Callable[[], Any]]) -> None:
 
 def worker_main(measure: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
     """A worker process's entry: ``measure(spec)`` (the JSON spec in ``sys.argv[1]``), which may
-    :func:`serve_steps`; then its result. Known third-party messages are already dropped: this
-    module is imported after :mod:`.cli`."""
+    :func:`serve_steps`; then its result."""
     _reply("result", measure(json.loads(sys.argv[1])))
 
 
@@ -281,16 +278,9 @@ def interleaved_times(
     warmup: int = 1,
     after_round: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Dict[str, List[float]]]:
-    """Times of ``steps`` in every worker, in rounds: each step once per worker, the workers' order
-    rotated by one every round.
-
-    Args:
-        workers: name -> anything with ``steps`` and ``time(step)``.
-        repeats: timed rounds, after ``warmup`` untimed ones.
-
-    Returns:
-        dict: name -> {step: ``repeats`` seconds}, for the steps the worker has.
-    """
+    """Times of ``steps`` in ``workers`` (name -> anything with ``steps`` and ``time(step)``):
+    ``warmup`` untimed rounds, then ``repeats`` timed ones, each step once per worker, the workers'
+    order rotated by one every round. Returns name -> {step: seconds}, for the steps it has."""
     names = list(workers)
     times = {n: {s: [] for s in steps if s in workers[n].steps} for n in names}
     for r in range(warmup + repeats):
@@ -314,8 +304,6 @@ def write_json(obj: Any, path: str) -> None:
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
     """The one table writer (tabulate): a Markdown table, or aligned columns for a console."""
-    from tabulate import tabulate
-
     align = None if markdown else ["left"] + ["right"] * (len(header) - 1)
     cells = [["-" if c is None else str(c) for c in row] for row in rows]
     fmt = "github" if markdown else "simple"
