@@ -18,11 +18,11 @@ Examples:
 """
 
 import argparse
-import json
 import sys
 
 from dcnv2.tools.benchmark import benchmark, format_table
 from dcnv2.tools.cli import run_cli, tool_parser
+from dcnv2.tools.timing import write_json
 
 # The baseline first, so the ratios read "mdconv / baseline".
 DEFAULT_CONFIGS = ["faster_rcnn_R50_FPN_1x.yaml", "faster_rcnn_R50_mdconv_FPN_1x.yaml"]
@@ -84,8 +84,7 @@ def main(argv=None) -> int:
             "other processes competed for the CPU, times are inflated"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        write_json({"args": vars(args), "results": results}, args.json)
     return 0
 
 

@@ -8,11 +8,11 @@ Examples:
     python tools/benchmark_mdpool.py --rois 300 --height 512 --width 768 --repeats 3
 """
 
-import json
 import sys
 
 from dcnv2.tools.benchmark_mdpool import METHODS, benchmark_mdpool, format_table
 from dcnv2.tools.cli import run_cli, tool_parser
+from dcnv2.tools.timing import write_json
 
 
 def parse_args(argv=None):
@@ -44,8 +44,7 @@ def main(argv=None) -> int:
     )
     print(format_table(result, markdown=args.markdown))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json)
     return 0
 
 

@@ -15,11 +15,11 @@ Examples:
 """
 
 import argparse
-import json
 import sys
 
 from dcnv2.tools.benchmark_mimic import benchmark_mimic, format_table
 from dcnv2.tools.cli import run_cli, tool_parser
+from dcnv2.tools.timing import write_json
 
 DEFAULT_CONFIG = "faster_rcnn_R50_mdconv_mdpool_mimic_FPN_1x.yaml"
 
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     )
     print(format_table(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json)
     return 0
 
 

@@ -11,12 +11,12 @@ Example:
     python tools/benchmark_ops.py --shapes res4 small=1,64,32,48 --repeats 3
 """
 
-import json
 import sys
 
 from dcnv2.errors import UserInputError
 from dcnv2.tools.benchmark_ops import format_table, notes, parse_shape, plot, run
 from dcnv2.tools.cli import run_cli, tool_parser
+from dcnv2.tools.timing import write_json
 
 
 def parse_args(argv=None):
@@ -47,8 +47,7 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print("\n".join(notes(rows)))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(rows, args.out)
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dcnv2.errors import UserInputError
+from dcnv2.errors import ConfigFileNotFoundError, UserInputError
 from dcnv2.tools import benchmark as benchmark_tool
 from dcnv2.tools.benchmark import benchmark, format_table
 from dcnv2.tools.timing import StepWorker
@@ -101,7 +101,7 @@ def test_table_ratios_are_to_the_first_config():
 
 
 def test_bad_arguments_are_clear_errors():
-    with pytest.raises(UserInputError, match="no config"):
+    with pytest.raises(ConfigFileNotFoundError, match="nope.yaml does not exist"):
         benchmark(["nope.yaml"], progress=False)
     with pytest.raises(UserInputError, match="--repeats"):
         benchmark(["faster_rcnn_R50_FPN_1x.yaml"], repeats=0, progress=False)

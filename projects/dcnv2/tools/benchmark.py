@@ -9,8 +9,13 @@ import os
 from typing import Dict, List, Sequence
 
 import torch
+from detectron2.modeling import build_model
+from tqdm import tqdm
 
+from ..config import get_cfg
 from ..errors import UserInputError
+from ..layers.backends import resolve_backend
+from ..model_zoo import resolve_config_file
 from .timing import (
     PeakMemory,
     StepWorker,
@@ -22,8 +27,6 @@ from .timing import (
     training_step,
     worker_main,
 )
-
-__all__ = ["MODES", "benchmark", "equal_work_heads", "format_table", "run_worker"]
 
 MODES = ("inference", "train")
 
@@ -47,45 +50,52 @@ def equal_work_heads(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def model_steps(config, opts=(), device="cpu", size=(800, 1216), batch_size=2, amp=False, seed=0):
+    """A model of ``config`` (random weights, :func:`equal_work_heads`) and ``make_step(mode)``,
+    a function without arguments: one training iteration on a fixed batch ("train") or inference
+    of one image ("inference"), under AMP if ``amp``. Returns (cfg, model, make_step)."""
+    cfg = get_cfg(config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device), *opts])
+    torch.manual_seed(seed)
+    model = equal_work_heads(build_model(cfg))
+    device = torch.device(device)
+
+    def make_step(mode):
+        if mode == "train":
+            classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+            batch = detection_batch(
+                batch_size, *size, boxes_per_image=3, num_classes=classes, seed=seed
+            )
+            # lr 0: random weights (frozen-BN ResNet) would diverge within a few real steps.
+            return training_step(model, batch, amp=amp)
+        image = detection_batch(1, *size, seed=seed)
+        half = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+        def infer():
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, half, enabled=amp):
+                model(image)
+            model.train()
+
+        return infer
+
+    return cfg, model, make_step
+
+
 def run_worker(spec: Dict) -> Dict:
     """Build one model and serve timed runs of ``spec["mode"]`` to a :class:`.timing.StepWorker`;
     returns its memory (MiB), load average and backend."""
-    from detectron2.modeling import build_model
-
-    from ..config import get_cfg
-    from ..layers.backends import resolve_backend
-
     mode = spec["mode"]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    cfg = get_cfg(spec["config"], ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *spec["opts"]])
-    torch.manual_seed(spec["seed"])
-    model = equal_work_heads(build_model(cfg))
+    size = (spec["height"], spec["width"])
+    cfg, model, make_step = model_steps(
+        spec["config"], spec["opts"], "cpu", size, spec["batch_size"], seed=spec["seed"]
+    )
     backend = resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device("cpu"))
     deformable = any(getattr(m, "deformable_groups", None) for m in model.modules())
     load_before = os.getloadavg()[0]
-    size = (spec["height"], spec["width"])
     with PeakMemory() as memory:
-        if mode == "inference":
-            model.eval()
-            inputs = detection_batch(1, *size, seed=spec["seed"])
-
-            def step():
-                with torch.no_grad():
-                    model(inputs)
-
-        else:
-            model.train()
-            batch = detection_batch(
-                spec["batch_size"],
-                *size,
-                boxes_per_image=3,
-                num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                seed=spec["seed"],
-            )
-            # lr 0: random weights (frozen-BN ResNet) would diverge within a few real steps.
-            step = training_step(model, batch)
-        serve_steps({"run": step})
+        serve_steps({"run": make_step(mode)})
     return {
         "config": spec["config"],
         "mode": mode,
@@ -118,10 +128,6 @@ def benchmark(
         list[dict]: per (config, mode), :func:`run_worker`'s result, ``times_s`` and their
         :func:`.timing.summarize`.
     """
-    from tqdm import tqdm
-
-    from ..model_zoo import get_config_file
-
     unknown = set(modes) - set(MODES)
     if unknown:
         raise UserInputError(f"unknown mode(s) {sorted(unknown)}; expected some of {list(MODES)}")
@@ -130,26 +136,18 @@ def benchmark(
             "need --repeats >= 1, --warmup >= 0, --batch-size >= 1 and images of at least 32x32"
         )
     for config in configs:
-        if not os.path.isfile(config):
-            try:
-                get_config_file(config)
-            except FileNotFoundError as e:
-                raise UserInputError(str(e)) from None
+        resolve_config_file(config)  # a missing one: ConfigFileNotFoundError, a user error
+    common = dict(opts=list(opts), height=height, width=width, batch_size=batch_size, seed=seed)
     results = {}
     rounds = len(modes) * (warmup + repeats)
     with tqdm(total=rounds, desc="benchmark", unit="round", disable=not progress) as bar:
         for mode in modes:
-            size = dict(height=height, width=width, batch_size=batch_size, seed=seed)
             with contextlib.ExitStack() as stack:
                 workers = {
                     i: stack.enter_context(
-                        StepWorker(
-                            __name__,
-                            dict(config=config, opts=list(opts), mode=mode, **size),
-                            f"{config} ({mode})",
-                        )
+                        StepWorker(__name__, dict(common, config=c, mode=mode), f"{c} ({mode})")
                     )
-                    for i, config in enumerate(configs)
+                    for i, c in enumerate(configs)
                 }
                 times = interleaved_times(workers, ("run",), repeats, warmup, bar.update)
                 for i, worker in workers.items():

@@ -7,14 +7,17 @@ import statistics
 from typing import Dict, List, Sequence
 
 import torch
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.structures import Boxes
 
 from ..errors import UserInputError
-from .timing import InProcessSteps, interleaved_times, text_table
-
-__all__ = ["METHODS", "SCALES", "random_boxes", "benchmark_mdpool", "format_table"]
+from ..layers.mdpool import deform_roi_align
+from ..modeling.poolers import DeformableROIPooler
+from .timing import InProcessSteps, forward_steps, interleaved_times, text_table
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 METHODS = ("ROIAlignV2", "mdpool op (torch)", "mdpool op (cpp)", "mdpool layer (cpp)")
+STEPS = ("forward", "forward_backward")
 
 
 def random_boxes(num: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -31,56 +34,19 @@ def random_boxes(num: int, height: int, width: int, seed: int = 0) -> torch.Tens
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
-def _poolers(channels: int, fc_dim: int):
-    from detectron2.modeling.poolers import ROIPooler
-    from torch import nn
+class FixedOffsetPooler(DeformableROIPooler):
+    """The mdpool op alone: ``deform_roi_align`` with given offsets (one row per RoI of the
+    level) at every level; the parent's offset branches go unused."""
 
-    from ..layers.mdpool import deform_roi_align
-    from ..modeling.poolers import DeformableROIPooler
+    def __init__(self, offsets: List[torch.Tensor], impl: str):
+        super().__init__(7, SCALES, 0, in_channels=1, fc_dim=1)
+        self.offsets, self.impl = offsets, impl
 
-    class FixedOffsetAlign(nn.Module):
-        """``deform_roi_align`` of one level with given offsets (one row per RoI of the level)."""
-
-        def __init__(self, offset: torch.Tensor, scale: float, impl: str):
-            super().__init__()
-            self.offset, self.scale, self.impl = offset, scale, impl
-
-        def forward(self, x, rois):
-            return deform_roi_align(
-                x, rois, self.offset, output_size=7, spatial_scale=self.scale, impl=self.impl
-            )
-
-    class FixedOffsetPooler(ROIPooler):
-        """detectron2's pooler with ``deform_roi_align`` and given offsets at every level."""
-
-        def __init__(self, offsets: List[torch.Tensor], impl: str):
-            super().__init__(7, SCALES, 0, "ROIAlignV2")
-            self.level_poolers = nn.ModuleList(
-                FixedOffsetAlign(o, s, impl) for o, s in zip(offsets, SCALES)
-            )
-
-    layer = DeformableROIPooler(7, SCALES, 0, in_channels=channels, fc_dim=fc_dim)
-    return FixedOffsetPooler, layer
-
-
-def _steps(pooler, maps, boxes, offsets):
-    """Forward (no grad) and forward+backward of one pooler, as functions without arguments."""
-    inputs = [m.clone().requires_grad_() for m in maps]
-
-    def forward():
-        with torch.no_grad():
-            pooler(inputs, boxes)
-
-    def forward_backward():
-        for t in offsets:
-            t.requires_grad_()
-        pooler(inputs, boxes).sum().backward()
-        for t in [*inputs, *offsets, *pooler.parameters()]:
-            t.grad = None
-        for t in offsets:
-            t.requires_grad_(False)
-
-    return forward, forward_backward
+    def _pool(self, level: int, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        offset, scale = self.offsets[level], SCALES[level]
+        return deform_roi_align(
+            features, rois, offset, output_size=7, spatial_scale=scale, impl=self.impl
+        )
 
 
 def benchmark_mdpool(
@@ -98,9 +64,6 @@ def benchmark_mdpool(
         dict: the settings and ``results``: per method, median ``forward_s`` and
         ``forward_backward_s`` and their ratios to ``ROIAlignV2``.
     """
-    from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
-    from detectron2.structures import Boxes
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown or min(rois, height, width, channels, fc_dim, repeats) < 1:
         raise UserInputError(
@@ -108,6 +71,7 @@ def benchmark_mdpool(
             f"among {list(METHODS)}; got unknown {unknown}"
         )
     torch.manual_seed(0)
+    layer = DeformableROIPooler(7, SCALES, 0, in_channels=channels, fc_dim=fc_dim)
     g = torch.Generator().manual_seed(1)
     maps = [
         torch.randn(1, channels, -(-height // int(1 / s)), -(-width // int(1 / s)), generator=g)
@@ -115,41 +79,33 @@ def benchmark_mdpool(
     ]
     boxes = [Boxes(random_boxes(rois, height, width))]
     levels = assign_boxes_to_levels(boxes, 2, 5, 224, 4)
-    offsets = [
-        (0.1 * torch.randn(int((levels == i).sum()), 2, 7, 7, generator=g)) for i in range(4)
-    ]
-    fixed_offset_pooler, layer = _poolers(channels, fc_dim)
+    per_level = [int((levels == i).sum()) for i in range(4)]
+    offsets = [0.1 * torch.randn(n, 2, 7, 7, generator=g) for n in per_level]
+    leaves = [t.requires_grad_() for t in maps + offsets]
     poolers = {
         "ROIAlignV2": ROIPooler(7, SCALES, 0, "ROIAlignV2"),
-        "mdpool op (torch)": fixed_offset_pooler(offsets, "torch"),
-        "mdpool op (cpp)": fixed_offset_pooler(offsets, "cpp"),
+        "mdpool op (torch)": FixedOffsetPooler(offsets, "torch"),
+        "mdpool op (cpp)": FixedOffsetPooler(offsets, "cpp"),
         "mdpool layer (cpp)": layer,
     }
-    steps = ("forward", "forward_backward")
-    workers = {
-        name: InProcessSteps(
-            dict(zip(steps, _steps(poolers[name], maps, boxes, offsets if "op" in name else [])))
-        )
-        for name in methods
-    }
+    workers = {}
+    for name in methods:
+        pooler = poolers[name]
+        steps = forward_steps(lambda p=pooler: p(maps, boxes), leaves + list(pooler.parameters()))
+        workers[name] = InProcessSteps(dict(zip(STEPS, steps)))
     # Interleaved so that a change in the machine's load affects all methods alike.
-    times = interleaved_times(workers, steps, repeats)
-    results = {
-        name: {f"{step}_s": statistics.median(times[name][step]) for step in steps}
-        for name in methods
-    }
-    if "ROIAlignV2" in results:
-        base = results["ROIAlignV2"]
-        for r in results.values():
-            r["forward_ratio"] = r["forward_s"] / base["forward_s"]
-            r["forward_backward_ratio"] = r["forward_backward_s"] / base["forward_backward_s"]
+    times = interleaved_times(workers, STEPS, repeats)
+    results = {n: {f"{s}_s": statistics.median(times[n][s]) for s in STEPS} for n in methods}
+    base = results.get("ROIAlignV2")
+    for r in results.values() if base else ():
+        r.update({f"{s}_ratio": r[f"{s}_s"] / base[f"{s}_s"] for s in STEPS})
     return {
         "rois": rois,
         "height": height,
         "width": width,
         "channels": channels,
         "fc_dim": fc_dim,
-        "rois_per_level": [int((levels == i).sum()) for i in range(4)],
+        "rois_per_level": per_level,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "results": results,
@@ -158,19 +114,11 @@ def benchmark_mdpool(
 
 def format_table(result: Dict, markdown: bool = False) -> str:
     """Forward and forward+backward milliseconds of each method, and ratios to ROIAlignV2."""
-
-    def ratio(r, key):
-        return f"{r[key]:.2f}x" if key in r else "-"
-
-    rows = [
-        [
-            name,
-            f"{1000 * r['forward_s']:.1f}",
-            ratio(r, "forward_ratio"),
-            f"{1000 * r['forward_backward_s']:.1f}",
-            ratio(r, "forward_backward_ratio"),
-        ]
-        for name, r in result["results"].items()
-    ]
+    rows = []
+    for name, r in result["results"].items():
+        rows.append([name])
+        for step in STEPS:
+            ratio = r.get(f"{step}_ratio")
+            rows[-1] += [f"{1000 * r[f'{step}_s']:.1f}", "-" if ratio is None else f"{ratio:.2f}x"]
     header = ["method", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio"]
     return text_table(header, rows, markdown=markdown)

@@ -6,11 +6,11 @@ import statistics
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+from detectron2.modeling import build_model
 
+from ..config import get_cfg
 from ..errors import UserInputError
 from .timing import InProcessSteps, detection_batch, interleaved_times, text_table, training_step
-
-__all__ = ["PLAIN", "benchmark_mimic", "format_table", "counted_step"]
 
 # Overrides that turn a mimic config into the plain detector it extends.
 PLAIN = [
@@ -23,8 +23,6 @@ PLAIN = [
 def counted_step(cfg, batch) -> Tuple[Callable[[], None], List[int]]:
     """One training iteration of ``cfg``'s model on ``batch``, and the list of the batch sizes of
     every backbone call of the last iteration (the batch, then the crops)."""
-    from detectron2.modeling import build_model
-
     torch.manual_seed(0)
     model = build_model(cfg).train()
     calls: List[int] = []
@@ -55,8 +53,6 @@ def benchmark_mimic(
         dict: the settings, ``results`` (``{"off"|"on": {"seconds_per_iter", "crops_per_iter"}}``),
         ``overhead`` (on / off - 1) and ``seconds_per_crop``.
     """
-    from ..config import get_cfg
-
     if min(height, width) < 64 or iters < 1 or batch < 1:
         raise UserInputError("need --height/--width >= 64, --iters >= 1 and --batch >= 1")
     base = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts)
@@ -64,13 +60,8 @@ def benchmark_mimic(
     if not cfg_on.MODEL.DCNV2.MIMIC.ENABLED:
         raise UserInputError(f"{config_file} does not enable MODEL.DCNV2.MIMIC")
     cfg_off = get_cfg(config_file, base + PLAIN)
-    images = detection_batch(
-        batch,
-        height,
-        width,
-        boxes_per_image=boxes,
-        num_classes=cfg_on.MODEL.ROI_HEADS.NUM_CLASSES,
-    )
+    classes = cfg_on.MODEL.ROI_HEADS.NUM_CLASSES
+    images = detection_batch(batch, height, width, boxes_per_image=boxes, num_classes=classes)
     steps = {name: counted_step(cfg, images) for name, cfg in (("off", cfg_off), ("on", cfg_on))}
     workers = {name: InProcessSteps({"iteration": step}) for name, (step, _) in steps.items()}
     times = interleaved_times(workers, ("iteration",), iters)

@@ -6,11 +6,16 @@
 import contextlib
 import math
 import statistics
+from importlib.util import find_spec
 from typing import Dict, List, Mapping, Sequence, Tuple
 
+import torch
+
+from ..layers import available_backends, modulated_deform_conv, native
 from .timing import (
     PeakMemory,
     StepWorker,
+    forward_steps,
     interleaved_times,
     run_in_fresh_process,
     serve_steps,
@@ -18,21 +23,18 @@ from .timing import (
     worker_main,
 )
 
-__all__ = [
-    "SHAPES",
-    "format_table",
-    "measure",
-    "notes",
-    "op_inputs",
-    "op_steps",
-    "parse_shape",
-    "plot",
-    "run",
-]
-
 ONNXRUNTIME = "onnxruntime"
-# name -> column label of the ratios the table shows.
-_REFERENCES = {"conv2d": "conv2d", "torchvision": "tv", ONNXRUNTIME: "ort"}
+# The references of the ratios (``forward_vs_conv2d``, ...).
+_REFERENCES = ("conv2d", "torchvision", ONNXRUNTIME)
+# Ratio columns of the table: key -> label; "fwd / ort" only where onnxruntime ran.
+_RATIO_COLUMNS = {
+    "forward_vs_conv2d": "fwd / conv2d",
+    "forward_backward_vs_conv2d": "fwd+bwd / conv2d",
+    "forward_vs_torchvision": "fwd / tv",
+    "forward_vs_onnxruntime": "fwd / ort",
+    "forward_backward_vs_torchvision": "fwd+bwd / tv",
+    "peak_vs_torchvision": "peak / tv",
+}
 
 # Freed blocks of 64 KiB and more leave the resident set at once, so the peak is the run's own.
 _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -40,11 +42,7 @@ _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 STEPS = ("forward", "forward_backward")
 
 # ResNet-50 3x3 convs of an 800x1216 input, batch 2: name -> (N, C, H, W); C_out = C.
-SHAPES = {
-    "res3": (2, 128, 100, 152),
-    "res4": (2, 256, 50, 76),
-    "res5": (2, 512, 25, 38),
-}
+SHAPES = {"res3": (2, 128, 100, 152), "res4": (2, 256, 50, 76), "res5": (2, 512, 25, 38)}
 
 
 def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
@@ -66,8 +64,6 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, int, int, int]]:
 def op_inputs(size: Sequence[int]):
     """Fixed random (x, weight, offset, mask): (N, C, H, W), (C, C, 3, 3), (N, 18, H, W),
     (N, 9, H, W); offsets of about two pixels."""
-    import torch
-
     n, c, h, w = size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, h, w, generator=g)
@@ -80,10 +76,6 @@ def op_inputs(size: Sequence[int]):
 def op_steps(method: str, leaves, precision=None):
     """Forward (no grad) and forward+backward of ``method`` (3x3, padding 1) on ``leaves``, as
     functions without arguments; under autocast to ``precision`` when given."""
-    import torch
-
-    from ..layers import modulated_deform_conv
-
     x, weight, offset, mask = leaves
     half = precision not in (None, torch.float32)
     autocast = torch.autocast(x.device.type, precision or torch.float32, enabled=half)
@@ -94,16 +86,7 @@ def op_steps(method: str, leaves, precision=None):
                 return torch.nn.functional.conv2d(x, weight, padding=1)
             return modulated_deform_conv(x, offset, mask, weight, padding=1, backend=method)
 
-    def no_grad_forward():
-        with torch.no_grad():
-            forward()
-
-    def forward_backward():
-        forward().float().sum().backward()
-        for t in leaves:
-            t.grad = None
-
-    return no_grad_forward, forward_backward
+    return forward_steps(forward, leaves)
 
 
 def measure(spec: Mapping) -> Dict:
@@ -111,13 +94,15 @@ def measure(spec: Mapping) -> Dict:
     returns the peak memory (MiB); "time" serves timed runs of :data:`STEPS` to a
     :class:`.timing.StepWorker`, then returns the native backend's chosen ``ways`` (for
     onnxruntime, its errors against native's)."""
-    import torch
-
     torch.set_num_threads(spec["threads"])
-    method = spec["method"]
+    method, size = spec["method"], spec["size"]
     if method == ONNXRUNTIME:
-        return _measure_onnxruntime(spec)
-    leaves = [t.requires_grad_() for t in op_inputs(spec["size"])]
+        session = onnxruntime_session(size, spec["threads"])
+        feeds = _feeds(op_inputs(size))
+        session.run(None, feeds)  # one-time costs, as the other methods' first forward+backward
+        serve_steps({"forward": lambda: session.run(None, feeds)})
+        return compare_onnxruntime(size, session=session)  # after the timed runs
+    leaves = [t.requires_grad_() for t in op_inputs(size)]
     no_grad_forward, forward_backward = op_steps(method, leaves)
     forward_backward()  # one-time costs (see the module docstring)
     if spec.get("part") == "memory":
@@ -125,11 +110,7 @@ def measure(spec: Mapping) -> Dict:
             forward_backward()
         return {"peak_mib": memory.growth_mib}
     serve_steps({"forward": no_grad_forward, "forward_backward": forward_backward})
-    if method == "native":
-        from ..layers import native
-
-        return {"ways": native.chosen_ways()}
-    return {}
+    return {"ways": native.chosen_ways()} if method == "native" else {}
 
 
 def onnxruntime_session(size: Sequence[int], threads: int):
@@ -144,17 +125,7 @@ def onnxruntime_session(size: Sequence[int], threads: int):
     n, c, h, w = size
     shapes = {"X": [n, c, h, w], "W": [c, c, 3, 3], "offset": [n, 18, h, w], "mask": [n, 9, h, w]}
     # DeformConv's optional inputs are positional (X, W, offset, B, mask): "" omits the bias.
-    node = helper.make_node(
-        "DeformConv",
-        ["X", "W", "offset", "", "mask"],
-        ["Y"],
-        kernel_shape=[3, 3],
-        pads=[1, 1, 1, 1],
-        strides=[1, 1],
-        dilations=[1, 1],
-        group=1,
-        offset_group=1,
-    )
+    node = helper.make_node("DeformConv", ["X", "W", "offset", "", "mask"], ["Y"], pads=[1] * 4)
     graph = helper.make_graph(
         [node],
         "deform_conv",
@@ -172,19 +143,11 @@ def onnxruntime_session(size: Sequence[int], threads: int):
     )
 
 
-def compare_onnxruntime(size: Sequence[int], threads: int = 1) -> Dict[str, float]:
+def compare_onnxruntime(size: Sequence[int], threads: int = 1, session=None) -> Dict[str, float]:
     """``max_abs_err`` and ``max_rel_err`` (relative to the largest native output) of onnxruntime's
-    ``DeformConv`` against the native backend's forward."""
-    session = onnxruntime_session(size, threads)
-    return _compare(session, op_inputs(size))
-
-
-def _compare(session, inputs) -> Dict[str, float]:
-    import torch
-
-    from ..layers import modulated_deform_conv
-
-    x, weight, offset, mask = inputs
+    ``DeformConv`` (``session``, else a new one) against the native backend's forward."""
+    session = session or onnxruntime_session(size, threads)
+    x, weight, offset, mask = inputs = op_inputs(size)
     ours = modulated_deform_conv(x, offset, mask, weight, padding=1, backend="native")
     theirs = torch.from_numpy(session.run(None, _feeds(inputs))[0])
     err = (theirs - ours).abs().max().item()
@@ -195,24 +158,11 @@ def _feeds(inputs) -> Dict:
     return dict(zip(("X", "W", "offset", "mask"), (t.numpy() for t in inputs)))
 
 
-def _measure_onnxruntime(spec: Mapping) -> Dict[str, float]:
-    session = onnxruntime_session(spec["size"], spec["threads"])
-    inputs = op_inputs(spec["size"])
-    feeds = _feeds(inputs)
-    session.run(None, feeds)  # one-time costs, as the other methods' first forward+backward
-    serve_steps({"forward": lambda: session.run(None, feeds)})
-    return _compare(session, inputs)  # after the timed runs: nothing else was loaded
-
-
 def _onnxruntime_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    return all(find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def _methods() -> List[str]:
-    from ..layers import available_backends
-
     extra = [ONNXRUNTIME] if _onnxruntime_available() else []
     return ["conv2d"] + available_backends("cpu") + extra
 
@@ -238,28 +188,23 @@ def run(shapes: Mapping[str, Sequence[int]], repeats: int = 3, threads: int = 2)
             }
             times = interleaved_times(workers, STEPS, repeats)
             results = {m: worker.finish() for m, worker in workers.items()}
-        for method, spec in specs.items():
-            result = results[method]
+        for method, r in results.items():
             for step in STEPS:
                 series = times[method].get(step)
-                result[f"{step}_s"] = statistics.median(series) if series else None
-            result["peak_mib"] = None
+                r[f"{step}_s"] = statistics.median(series) if series else None
+            r["peak_mib"] = None
             if method != ONNXRUNTIME:
-                what, memory_spec = f"{shape} with {method}", dict(spec, part="memory")
-                result.update(run_in_fresh_process(__name__, memory_spec, what, env=_MEMORY_ENV))
+                memory_spec, what = dict(specs[method], part="memory"), f"{shape} with {method}"
+                r.update(run_in_fresh_process(__name__, memory_spec, what, env=_MEMORY_ENV))
         for method, r in results.items():
             r.update(shape=shape, method=method, size=list(size))
             for key in ("forward_s", "forward_backward_s", "peak_mib"):
-                name = key.replace("_s", "").replace("_mib", "")
-                for ref in _REFERENCES:
-                    if ref in results:
-                        r[f"{name}_vs_{ref}"] = _ratio(r[key], results[ref][key])
+                for ref in (ref for ref in _REFERENCES if ref in results):
+                    value, reference = r[key], results[ref][key]
+                    ratio = None if value is None or not reference else value / reference
+                    r[f"{key.rsplit('_', 1)[0]}_vs_{ref}"] = ratio
             rows.append(r)
     return rows
-
-
-def _ratio(value, reference):
-    return None if value is None or not reference else value / reference
 
 
 def _cell(value, digits: int) -> str:
@@ -268,20 +213,9 @@ def _cell(value, digits: int) -> str:
 
 def format_table(rows: Sequence[Dict]) -> str:
     """Markdown table; ratios are time (or memory) over the reference's."""
-    header = [
-        "shape", "method", "fwd (s)", "fwd+bwd (s)", "peak MiB", "fwd / conv2d",
-        "fwd+bwd / conv2d", "fwd / tv", "fwd+bwd / tv", "peak / tv",
-    ]  # fmt: skip
-    ratios = [
-        "forward_vs_conv2d",
-        "forward_backward_vs_conv2d",
-        "forward_vs_torchvision",
-        "forward_backward_vs_torchvision",
-        "peak_vs_torchvision",
-    ]
-    if any("forward_vs_onnxruntime" in r for r in rows):
-        header.insert(8, "fwd / ort")
-        ratios.insert(3, "forward_vs_onnxruntime")
+    onnx = any("forward_vs_onnxruntime" in r for r in rows)
+    ratios = [k for k in _RATIO_COLUMNS if onnx or k != "forward_vs_onnxruntime"]
+    header = ["shape", "method", "fwd (s)", "fwd+bwd (s)", "peak MiB"]
     table = [
         [
             f"{r['shape']} {tuple(r['size'])}",
@@ -293,7 +227,7 @@ def format_table(rows: Sequence[Dict]) -> str:
         ]
         for r in rows
     ]
-    return text_table(header, table)
+    return text_table(header + [_RATIO_COLUMNS[k] for k in ratios], table)
 
 
 def notes(rows: Sequence[Dict]) -> List[str]:
@@ -338,8 +272,8 @@ def plot(rows: Sequence[Dict], path: str) -> None:
     for ax, key, title in zip(
         axes, ("forward_s", "forward_backward_s"), ("forward", "forward + backward")
     ):
+        cell = {(r["shape"], r["method"]): r.get(key) for r in rows}
         for i, method in enumerate(methods):
-            cell = {(r["shape"], r["method"]): r.get(key) for r in rows}
             values = [math.nan if cell[s, method] is None else cell[s, method] for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=method)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)

@@ -2,7 +2,6 @@
 onnxruntime; backbone + FPN alone too), in interleaved rounds; medians per image."""
 
 import copy
-import json
 import time
 from typing import Dict, Sequence
 
@@ -11,30 +10,17 @@ import torch
 from torch import nn
 
 from .export_model import deform_backend, export_detector_onnx, onnx_session
+from .timing import write_json  # noqa: F401  (tools/export_model.py writes its results with it)
 from .timing import InProcessSteps, interleaved_times, summarize, text_table, time_call
-
-__all__ = ["RUNTIMES", "benchmark_runtimes", "format_table", "write_json"]
 
 RUNTIMES = ("pytorch_eager", "torch_compile", "onnxruntime", "backbone_eager", "backbone_compile")
 _BASELINE = {"backbone_eager": "backbone_eager", "backbone_compile": "backbone_eager"}
 
 
 def _detector_call(model: nn.Module):
-    def run(image: torch.Tensor):
-        with torch.no_grad():
-            if hasattr(model, "roi_heads"):
-                return model.inference([{"image": image}], do_postprocess=False)
-            return model([{"image": image}])
-
-    return run
-
-
-def _backbone_call(backbone: nn.Module, inputs: Dict[int, torch.Tensor]):
-    def run(image: torch.Tensor):
-        with torch.no_grad():
-            return backbone(inputs[id(image)])
-
-    return run
+    if hasattr(model, "roi_heads"):
+        return lambda image: model.inference([{"image": image}], do_postprocess=False)
+    return lambda image: model([{"image": image}])
 
 
 def benchmark_runtimes(
@@ -60,11 +46,8 @@ def benchmark_runtimes(
     if unknown:
         raise ValueError(f"Unknown runtimes {sorted(unknown)}; expected some of {RUNTIMES}")
     runs = {}
-    setup: Dict = {
-        "threads": torch.get_num_threads(),
-        "images": [list(x.shape[1:]) for x in images],
-        "repeats": repeats,
-    }
+    sizes = [list(x.shape[1:]) for x in images]
+    setup = dict(threads=torch.get_num_threads(), images=sizes, repeats=repeats)
     with deform_backend(model, "native"):
         if "pytorch_eager" in runtimes:
             runs["pytorch_eager"] = _detector_call(model)
@@ -81,17 +64,18 @@ def benchmark_runtimes(
             runs["onnxruntime"] = lambda x: session.run(None, {"image": arrays[id(x)]})
         inputs = {id(x): model.preprocess_image([{"image": x}]).tensor for x in images}
         if "backbone_eager" in runtimes:
-            runs["backbone_eager"] = _backbone_call(model.backbone, inputs)
+            runs["backbone_eager"] = lambda x: model.backbone(inputs[id(x)])
         if "backbone_compile" in runtimes:
             backbone = torch.compile(model.backbone, fullgraph=True)
-            runs["backbone_compile"] = _backbone_call(backbone, inputs)
+            runs["backbone_compile"] = lambda x: backbone(inputs[id(x)])
         passes = {name: (lambda run=run: [run(x) for x in images]) for name, run in runs.items()}
-        for name, run_pass in passes.items():
-            spent = sum(time_call(run_pass) for _ in range(warmup))
-            if name.endswith("compile"):
-                setup[f"{name}_warmup_s"] = spent
-        workers = {name: InProcessSteps({"pass": p}) for name, p in passes.items()}
-        times = interleaved_times(workers, ("pass",), repeats, warmup=0)
+        with torch.no_grad():
+            for name, run_pass in passes.items():
+                spent = sum(time_call(run_pass) for _ in range(warmup))
+                if name.endswith("compile"):
+                    setup[f"{name}_warmup_s"] = spent
+            workers = {name: InProcessSteps({"pass": p}) for name, p in passes.items()}
+            times = interleaved_times(workers, ("pass",), repeats, warmup=0)
     result: Dict[str, Dict] = {}
     for name in runs:
         per_image = [t / len(images) for t in times[name]["pass"]]
@@ -110,8 +94,3 @@ def format_table(result: Dict[str, Dict]) -> str:
         rows.append([name, f"{r['median_s']:.4f}", f"{r['iqr_s']:.4f}", f"{r['min_s']:.4f}", ratio])
     header = ["runtime", "median s/img", "IQR s/img", "min s/img", "speed-up"]
     return text_table(header, rows, markdown=False)
-
-
-def write_json(result: Dict[str, Dict], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)

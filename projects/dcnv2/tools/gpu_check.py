@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,12 +19,20 @@ import traceback
 from importlib.util import find_spec
 from typing import Dict, List, Optional, Sequence
 
+import detectron2
 import torch
+import torch.distributed as dist
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import ProfilerActivity, profile
 
+from ..checkpoint.atomic import atomic_write_text
 from ..errors import UserInputError
 from ..layers import available_backends, reference
-from .benchmark import equal_work_heads
+from ..layers.backends import resolve_backend
+from .benchmark import model_steps
 from .benchmark_ops import SHAPES, op_inputs, op_steps
+from .cli import tool_parser
 from .timing import (
     InProcessSteps,
     PeakMemory,
@@ -37,8 +44,6 @@ from .timing import (
     time_call,
     training_step,
 )
-
-__all__ = ["SECTIONS", "format_markdown", "main", "run_check"]
 
 SECTIONS = ("environment", "exactness", "speed", "model", "profile", "eval", "ddp")
 SEED_CONFIG = "faster_rcnn_R50_mdconv_FPN_1x.yaml"
@@ -57,11 +62,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 
 def check_environment(ctx: Dict) -> Dict:
-    import detectron2
-    import torchvision
-
-    from ..layers.backends import resolve_backend
-
     device = ctx["device"]
     env = dict(python=platform.python_version(), platform=platform.platform(),
                torch=torch.__version__, torch_cuda=torch.version.cuda,
@@ -135,29 +135,11 @@ def _model_configs(ctx: Dict) -> List[Dict]:
 
 def _build(ctx: Dict, spec: Dict):
     """A model of ``spec`` with equal work in its heads; its training step and its inference."""
-    from detectron2.modeling import build_model
-
-    from ..config import get_cfg
-
     backend = "auto" if spec["model"] == "plain" else spec["model"]
-    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", str(ctx["device"]), "MODEL.DCNV2.BACKEND", backend]
-    cfg = get_cfg(spec["config"], opts + (QUICK_MODEL_OPTS if ctx["quick"] else []))
-    torch.manual_seed(0)
-    model = equal_work_heads(build_model(cfg))
-    h, w = (64, 96) if ctx["quick"] else (800, 1216)
-    classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    train = training_step(model, detection_batch(2, h, w, boxes_per_image=3, num_classes=classes),
-                          amp=spec["amp"])  # fmt: skip
-    image = detection_batch(1, h, w, seed=1)
-    half = torch.float16 if ctx["device"].type == "cuda" else torch.bfloat16
-
-    def infer():
-        model.eval()
-        with torch.no_grad(), torch.autocast(ctx["device"].type, half, enabled=spec["amp"]):
-            model(image)
-        model.train()
-
-    return model, train, infer
+    opts = ["MODEL.DCNV2.BACKEND", backend] + (QUICK_MODEL_OPTS if ctx["quick"] else [])
+    size = (64, 96) if ctx["quick"] else (800, 1216)
+    _, model, make_step = model_steps(spec["config"], opts, ctx["device"], size, amp=spec["amp"])
+    return model, make_step("train"), make_step("inference")
 
 
 def check_model(ctx: Dict) -> Dict:
@@ -199,8 +181,6 @@ def check_model(ctx: Dict) -> Dict:
 
 def check_profile(ctx: Dict) -> Dict:
     """Per backend and precision: top kernels (CPU ops on CPU), CPU time, syncs of one step."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = ctx["device"].type == "cuda"
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = []
@@ -241,15 +221,9 @@ def check_eval(ctx: Dict) -> Dict:
 
 def check_ddp(ctx: Dict) -> Dict:
     """Training iterations of the seed model in DDP, world size 1 (NCCL; gloo on CPU)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
     device, quick = ctx["device"], ctx["quick"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     group = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(group, init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    dist.init_process_group(group, store=dist.HashStore(), world_size=1, rank=0)
     try:
         model, _, _ = _build(ctx, dict(model="auto", config=SEED_CONFIG, amp=False))
         ids = [device.index or 0] if device.type == "cuda" else None
@@ -319,15 +293,6 @@ def format_markdown(report: Dict) -> str:
     return "\n".join(lines)
 
 
-def _write(report: Dict, out_dir: str) -> None:
-    texts = {"gpu_check.json": json.dumps(report, indent=1, default=str),
-             "gpu_check.md": format_markdown(report)}  # fmt: skip
-    for name, text in texts.items():
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-
-
 def _exit_status(report: Dict) -> int:
     exact = report["sections"].get("exactness")
     if exact is not None and exact["status"] != "ok":
@@ -359,17 +324,16 @@ def run_check(out_dir: str, device: str = "cuda", quick: bool = False, time_budg
             except Exception:
                 report["sections"][name] = {"status": "error", "error": traceback.format_exc()}
             finally:
-                if ctx["device"].type == "cuda":
-                    torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # a no-op without CUDA
             report["sections"][name]["seconds"] = time.perf_counter() - start
         report["exit_status"] = _exit_status(report)
-        _write(report, out_dir)
+        json_text = json.dumps(report, indent=1, default=str)
+        atomic_write_text(os.path.join(out_dir, "gpu_check.json"), json_text)
+        atomic_write_text(os.path.join(out_dir, "gpu_check.md"), format_markdown(report))
     return report["exit_status"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import tool_parser
-
     parser = tool_parser(__doc__, skip=1)
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
