@@ -5,6 +5,7 @@
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -29,32 +30,31 @@ def parse_coco_datasets(
     """The ``(name, json_file, image_root)`` triples of config key ``key``, paths made absolute."""
     if entries is None:
         return []
-    if isinstance(entries, str) or not _is_sequence(entries):
+    if not _is_sequence(entries):
         raise ConfigError(f"{key} is {entries!r}; expected (name, json_file, image_root) triples, "
                           f"{_EXAMPLE}")  # fmt: skip
-    out, names = [], set()
+    out = []
     for entry in entries:
-        if isinstance(entry, str) or not _is_sequence(entry) or len(entry) != 3:
+        shown = repr(tuple(entry)) if _is_sequence(entry) else repr(entry)
+        if not _is_sequence(entry) or len(entry) != 3:
             raise ConfigError(
-                f"{key} has {_show(entry)}; expected (name, json_file, image_root) triples, "
+                f"{key} has {shown}; expected (name, json_file, image_root) triples, "
                 f"{_EXAMPLE} (a single dataset needs the trailing comma)"
             )
         if not all(isinstance(v, str) and v for v in entry):
-            raise ConfigError(f"{key} has {_show(entry)}; expected three non-empty strings")
+            raise ConfigError(f"{key} has {shown}; expected three non-empty strings")
         name, json_file, image_root = entry
-        if name in names:
+        if name in [n for n, _, _ in out]:
             raise ConfigError(f"{key} names dataset {name!r} twice")
-        names.add(name)
-        if not os.path.isfile(json_file):
-            raise ConfigError(
-                f"{key}: the annotation file of {name!r}, {os.path.abspath(json_file)}, does not "
-                "exist; expected a COCO instances json"
-            )
-        if not os.path.isdir(image_root):
-            raise ConfigError(
-                f"{key}: the image folder of {name!r}, {os.path.abspath(image_root)}, does not "
-                "exist"
-            )
+        for path, what, exists, expected in (
+            (json_file, "annotation file", os.path.isfile, "a COCO instances json"),
+            (image_root, "image folder", os.path.isdir, "the folder of its images"),
+        ):
+            if not exists(path):
+                raise ConfigError(
+                    f"{key}: the {what} of {name!r}, {os.path.abspath(path)}, does not exist; "
+                    f"expected {expected}"
+                )
         out.append((name, os.path.abspath(json_file), os.path.abspath(image_root)))
     return out
 
@@ -110,13 +110,4 @@ def load_category_metadata(name: str):
 
 
 def _is_sequence(value: Any) -> bool:
-    return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, dict)
-
-
-def _show(entry: Any) -> str:
-    try:
-        if isinstance(entry, str) or not _is_sequence(entry):
-            return repr(entry)
-        return repr(tuple(entry))
-    except TypeError:
-        return repr(entry)
+    return isinstance(value, Sequence) and not isinstance(value, str)
