@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -177,8 +176,7 @@ def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(out_dir)}.", dir=parent) as tmp:
         work = os.path.join(tmp, "split")
         generate_synthetic_coco(work, num_images, seed, desc=f"{SUBDIR} {split} -> {parent}")
         try:
@@ -187,8 +185,6 @@ def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -
             # Another process renamed its identical copy first; use it.
             if not os.path.isfile(os.path.join(out_dir, "annotations.json")):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -1,7 +1,9 @@
 """Checks of COCO instances files, and one-line errors for any failure while a dataset is read.
 
 ``DATASETS.DCNV2.ON_BAD_DATA`` "fail" stops a run on a bad entry; "skip" (training sets only) drops
-them with a warning. :func:`reading_dataset` names the dataset and json of a loader's failure.
+them with a warning. Malformed polygons are dropped only where they must be, in one warning: a box
+model keeps the box, a mask model the valid polygons. :func:`reading_dataset` names the dataset and
+json of a loader's failure.
 """
 
 import contextlib
@@ -25,14 +27,13 @@ from detectron2.data.detection_utils import check_metadata_consistency
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import AnnotationError, DCNv2Error
-from . import polygons
 
 __all__ = [
-    "BAD_DATA_MODES",
     "CocoReport",
     "check_mode",
     "listed",
     "load_training_dicts",
+    "polygon_problem",
     "reading_dataset",
     "validate_coco_json",
     "validate_datasets",
@@ -40,7 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BAD_DATA_MODES = ("fail", "skip")
 OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
 _COCO = "expected an object with 'images', 'annotations' and 'categories' lists (COCO instances)"
 
@@ -60,7 +60,7 @@ class CocoReport:
     problems: List[str] = field(default_factory=list)
     bad_image_ids: set = field(default_factory=set)
     bad_annotation_indices: set = field(default_factory=set)
-    polygon_issues: List[polygons.PolygonIssue] = field(default_factory=list)
+    polygon_issues: List["PolygonIssue"] = field(default_factory=list)
 
     def summary(self, dataset_name: str) -> str:
         n = len(self.problems)
@@ -77,7 +77,10 @@ class CocoReport:
         for i, a in enumerate(self.data["annotations"]):
             if i in self.bad_annotation_indices or a.get("image_id") not in kept:
                 continue
-            a = polygons.fix_annotation(a, issues[i], mask_on) if i in issues else a
+            if i in issues and not mask_on:  # a box model keeps the box
+                a = {k: v for k, v in a.items() if k != "segmentation"}
+            elif i in issues:  # a mask model keeps the valid polygons, if any
+                a = dict(a, segmentation=issues[i].valid) if issues[i].valid else None
             if a is not None:
                 annotations.append(a)
         return dict(self.data, images=images, annotations=annotations)
@@ -101,7 +104,7 @@ def _is_number(v) -> bool:
 
 def check_mode(mode: str) -> str:
     """``mode`` if it is a ``DATASETS.DCNV2.ON_BAD_DATA`` value, else an AnnotationError."""
-    if mode not in BAD_DATA_MODES:
+    if mode not in ("fail", "skip"):
         raise AnnotationError(f"{OPTION} is {mode!r}; expected one of 'fail', 'skip'")
     return mode
 
@@ -221,16 +224,13 @@ def validate_coco_json(
             problem = "repeats an annotation id (detectron2 needs unique ids)"
         if problem is None:
             seen_ann_ids.add(aid)
+            issue = _polygon_issue(i, a)
+            report.polygon_issues += [issue] if issue is not None else []
             continue
         what = f"annotation id {aid}" if aid is not None else f"annotation #{i}"
         img = a.get("image_id") if isinstance(a, dict) else None
         report.problems.append(f"{what}{f' (image {img})' if img is not None else ''}: {problem}")
         report.bad_annotation_indices.add(i)
-    report.polygon_issues = [
-        issue
-        for issue in polygons.find_polygon_issues(data["annotations"])
-        if issue.index not in report.bad_annotation_indices
-    ]
     return report
 
 
@@ -277,6 +277,72 @@ def _segmentation_problem(segmentation, size) -> Optional[str]:
     if all(map(_is_int, size)) and rle_size != list(size):
         return f"RLE segmentation 'size' {rle_size} differs from its image's {list(size)}"
     return None
+
+
+def polygon_problem(polygon) -> Optional[str]:
+    """What is wrong with one polygon, or None when it is a valid ``[x1, y1, ..., xn, yn]``."""
+    if not isinstance(polygon, (list, tuple)):
+        return f"a polygon is a {type(polygon).__name__}, not a list of coordinates"
+    numbers = [v for v in polygon if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) != len(polygon):
+        return f"a polygon holds {len(polygon) - len(numbers)} non-numeric value(s)"
+    if not all(math.isfinite(v) for v in numbers):
+        return "a polygon holds a non-finite coordinate (NaN or infinity)"
+    if len(polygon) % 2:
+        return f"a polygon has an odd count of numbers ({len(polygon)}); expected x, y pairs"
+    if len(polygon) < 6:
+        return f"a polygon has {len(polygon)} numbers; expected at least 6 (3 points)"
+    return None
+
+
+@dataclass
+class PolygonIssue:
+    """An annotation (at ``index``) with malformed polygons: the first problem, the valid ones."""
+
+    index: int
+    annotation: dict
+    reason: str
+    valid: List[list]
+
+
+def _polygon_issue(index: int, a: dict) -> Optional[PolygonIssue]:
+    segmentation = a.get("segmentation")
+    if not isinstance(segmentation, list):
+        return None  # an RLE, or no mask
+    problems = [polygon_problem(p) for p in segmentation]
+    bad = [p for p in problems if p is not None]
+    if not bad:
+        return None
+    valid = [poly for poly, p in zip(segmentation, problems) if p is None]
+    many = f" ({len(bad)} of its {len(segmentation)} polygons)" if len(segmentation) > 1 else ""
+    return PolygonIssue(index, a, bad[0] + many, valid)
+
+
+def _polygon_warning(name: str, report: CocoReport, mask_on: bool) -> str:
+    """The one warning naming every annotation with malformed polygons, and what training does."""
+    files = {_id(im): im.get("file_name") for im in report.data["images"] if _is_key(_id(im))}
+    lines = []
+    for issue in report.polygon_issues:
+        if not mask_on:
+            action = "box kept without its segmentation"
+        elif issue.valid:
+            action = f"kept with its {len(issue.valid)} valid polygon(s)"
+        else:
+            action = "instance dropped (no valid polygon for its mask)"
+        image_id, aid = issue.annotation["image_id"], issue.annotation["id"]
+        image = files.get(image_id, image_id)
+        lines.append(f"image {image}, annotation id {aid}: {issue.reason}; {action}")
+    n = len(lines)
+    head = (
+        f"Dataset {name!r}: {report.json_file} has {n} annotation{'s' * (n != 1)} with malformed "
+        "polygons (expected [x1, y1, x2, y2, ...] with at least 3 points):"
+    )
+    tail = (
+        "MODEL.MASK_ON is True: an instance without a valid polygon has no mask to learn."
+        if mask_on
+        else "MODEL.MASK_ON is False: the boxes train as usual."
+    )
+    return "\n  ".join([head, listed(lines, sep="\n  ")]) + "\n" + tail
 
 
 def _report(name: str, check_files: bool = True) -> Optional[CocoReport]:
@@ -382,10 +448,7 @@ def load_training_dicts(
                 report.bad_annotation_indices.clear()
                 report = report if report.polygon_issues else None
         if report is not None and report.polygon_issues:
-            files = {_id(im): im.get("file_name") for im in report.data["images"]}
-            logger.warning(
-                polygons.warning(name, report.json_file, report.polygon_issues, files, mask_on)
-            )
+            logger.warning(_polygon_warning(name, report, mask_on))
         with reading_dataset(name):
             if report is None:
                 per_dataset.append(DatasetCatalog.get(name))
