@@ -84,13 +84,9 @@ class GlobalBatchSampler(Sampler):
 
     def global_batches(self) -> Iterator[List[Tuple[int, int]]]:
         """Every process's batches together: lists of (position in the stream, dataset index)."""
-        stream = enumerate(self._stream())
-        if self.aspect_groups is None:
-            while True:
-                yield [next(stream) for _ in range(self.total_batch_size)]
         buckets: Tuple[list, list] = ([], [])
-        for item in stream:
-            bucket = buckets[self.aspect_groups[item[1]]]
+        for item in enumerate(self._stream()):
+            bucket = buckets[self.aspect_groups[item[1]] if self.aspect_groups else 0]
             bucket.append(item)
             if len(bucket) == self.total_batch_size:
                 yield bucket[:]
