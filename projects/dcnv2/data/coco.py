@@ -97,17 +97,15 @@ def load_category_metadata(name: str):
         return meta
     try:
         with open(json_file) as f:
-            categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
-        ids = [int(c["id"]) for c in categories]
-        names = [str(c["name"]) for c in categories]
+            categories = sorted((int(c["id"]), str(c["name"])) for c in json.load(f)["categories"])
     except (ValueError, KeyError, TypeError) as e:
         raise AnnotationError(
             f"Dataset {name!r}: {json_file} has no valid 'categories' list ({e!r}); expected "
             "[{'id': ..., 'name': ...}, ...] as in COCO"
         ) from None
-    meta.thing_dataset_id_to_contiguous_id = {v: i for i, v in enumerate(ids)}
+    meta.thing_dataset_id_to_contiguous_id = {cid: i for i, (cid, _) in enumerate(categories)}
     if meta.get("thing_classes", None) is None:
-        meta.thing_classes = names
+        meta.thing_classes = [name for _, name in categories]
     return meta
 
 

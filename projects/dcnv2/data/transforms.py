@@ -49,10 +49,9 @@ class OpenCVResizeTransform(T.ResizeTransform):
     """detectron2's ``ResizeTransform`` with ``cv2.resize``, as MMDetection's ``Resize``."""
 
     def apply_image(self, img: np.ndarray, interp=None) -> np.ndarray:
-        """(H, W) or (H, W, C) image (uint8 or float) -> (new_h, new_w[, C]), same dtype.
-
-        ``interp``: ``Image.NEAREST`` for nearest neighbour, else bilinear.
-        """
+        """(H, W[, C]) image -> (new_h, new_w[, C]); ``interp`` Image.NEAREST or bilinear."""
+        if img.dtype == bool:  # a mask: OpenCV does not resize boolean arrays
+            return self.apply_image(img.view(np.uint8), interp).view(bool)
         if img.shape[:2] != (self.h, self.w):
             raise ValueError(
                 f"OpenCVResizeTransform for {self.h}x{self.w} images got an image of shape "
@@ -62,12 +61,6 @@ class OpenCVResizeTransform(T.ResizeTransform):
         mode = cv2.INTER_NEAREST if interp == Image.NEAREST else cv2.INTER_LINEAR
         out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=mode)
         return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out  # a lost channel
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        """(H, W) label map or mask -> (new_h, new_w), nearest neighbour (as MMDetection)."""
-        if segmentation.dtype == bool:  # OpenCV does not resize boolean arrays
-            return self.apply_image(segmentation.view(np.uint8), Image.NEAREST).view(bool)
-        return self.apply_image(segmentation, Image.NEAREST)
 
     def inverse(self) -> "OpenCVResizeTransform":
         return OpenCVResizeTransform(self.new_h, self.new_w, self.h, self.w)

@@ -355,26 +355,6 @@ def _report(name: str, check_files: bool = True) -> Optional[CocoReport]:
         return validate_coco_json(json_file, meta.get("image_root", None), check_files=check_files)
 
 
-def _check_categories(json_file, categories, num_classes, first) -> None:
-    """Check the categories fit the model's class count and equal the first dataset's."""
-    text = listed([f"{cid}:{name}" for cid, name in categories])
-    for key, value in num_classes.items():
-        if value != len(categories):
-            raise AnnotationError(
-                f"Annotation file {json_file} has {len(categories)} categories ({text}) but {key} "
-                f"is {value}; expected them equal. Set {key} {len(categories)} (a model trained "
-                "with another count keeps a head of the wrong size), or use a dataset with the "
-                "model's categories."
-            )
-    if first is not None and categories != first[1]:
-        first_text = listed([f"{cid}:{name}" for cid, name in first[1]])
-        raise AnnotationError(
-            f"Annotation files {first[0]} and {json_file} list different categories "
-            f"({first_text} vs {text}); expected the same ids and names in every dataset of a run "
-            "(class indices follow the sorted ids)."
-        )
-
-
 def validate_datasets(
     train_names: Sequence[str],
     test_names: Sequence[str] = (),
@@ -393,15 +373,29 @@ def validate_datasets(
         dict: dataset name -> report, for the datasets with problems (warned about).
     """
     check_mode(mode)
-    reports, first_categories = {}, None
+    reports, first = {}, None  # first: (json_file, categories, their text)
     for name in dict.fromkeys(list(train_names) + list(test_names)):
         report = _report(name)
         if report is None:
             continue
         json_file = report.json_file
-        categories = sorted((_id(c), c["name"]) for c in report.data["categories"])
-        _check_categories(json_file, categories, num_classes or {}, first_categories)
-        first_categories = first_categories or (json_file, categories)
+        cats = sorted((_id(c), c["name"]) for c in report.data["categories"])
+        text = listed([f"{cid}:{cat}" for cid, cat in cats])
+        for key, value in (num_classes or {}).items():
+            if value != len(cats):
+                raise AnnotationError(
+                    f"Annotation file {json_file} has {len(cats)} categories ({text}) but {key} "
+                    f"is {value}; expected them equal. Set {key} {len(cats)} (a model trained "
+                    "with another count keeps a head of the wrong size), or use a dataset with "
+                    "the model's categories."
+                )
+        first = first or (json_file, cats, text)
+        if cats != first[1]:
+            raise AnnotationError(
+                f"Annotation files {first[0]} and {json_file} list different categories "
+                f"({first[2]} vs {text}); expected the same ids and names in every dataset of a "
+                "run (class indices follow the sorted ids)."
+            )
         if name in train_names and not report.data["annotations"]:
             raise AnnotationError(
                 f"Annotation file {json_file} (training set {name!r}) has no annotations; "
