@@ -155,16 +155,9 @@ def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str 
                     "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
                 }
             )
-    coco = {
-        "info": {"description": "dcnv2 synthetic shapes", "version": "1"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {"id": k + 1, "name": name, "supercategory": "shape"}
-            for k, (name, _) in enumerate(CATEGORIES)
-        ],
-    }
+    cats = [{"id": k + 1, "name": c[0], "supercategory": "shape"} for k, c in enumerate(CATEGORIES)]
+    info = {"description": "dcnv2 synthetic shapes", "version": "1"}
+    coco = dict(info=info, licenses=[], images=images, annotations=annotations, categories=cats)
     with open(os.path.join(out_dir, "annotations.json"), "w") as f:
         json.dump(coco, f, indent=1, sort_keys=True)
 

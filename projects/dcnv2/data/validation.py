@@ -146,12 +146,8 @@ def _load_json(json_file: str) -> dict:
             f"Annotation file {json_file} is not valid JSON{where}: {getattr(e, 'msg', e)} (cut "
             f"short by an interrupted copy?); {_COCO}"
         ) from None
-    if not isinstance(data, dict):
-        raise AnnotationError(f"Annotation file {json_file} holds a JSON {type(data).__name__}; "
-                              f"{_COCO}")  # fmt: skip
-    missing = [
-        k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)
-    ]
+    keys = ("images", "annotations", "categories")
+    missing = [k for k in keys if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
         raise AnnotationError(
             f"Annotation file {json_file} has no {' / '.join(map(repr, missing))} list; {_COCO}"
