@@ -18,12 +18,9 @@ class DatasetMapper(D2DatasetMapper):
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified by code below
-        expected = None
-        if "width" in dataset_dict and "height" in dataset_dict:
-            expected = (dataset_dict["width"], dataset_dict["height"])
-        image = read_image(
-            dataset_dict["file_name"], format=self.image_format, expected_size=expected
-        )
+        size = dataset_dict.get("width"), dataset_dict.get("height")
+        expected = size if None not in size else None
+        image = read_image(dataset_dict["file_name"], self.image_format, expected_size=expected)
         utils.check_image_size(dataset_dict, image)  # fills a missing width/height
 
         if "sem_seg_file_name" in dataset_dict:

@@ -81,21 +81,15 @@ class OpenCVResizeShortestEdge(T.ResizeShortestEdge):
         return OpenCVResizeTransform(h, w, new_h, new_w)
 
 
-def _backend(cfg) -> str:
+def _with_backend(cfg, augmentation: List[T.Augmentation]) -> List[T.Augmentation]:
+    """detectron2's ``build_augmentation``, its resize done by ``INPUT.DCNV2.RESIZE_BACKEND``."""
     backend = cfg.INPUT.get("DCNV2", {}).get("RESIZE_BACKEND", "pil")
     if backend not in RESIZE_BACKENDS:
         raise ResizeBackendError(
-            f"INPUT.DCNV2.RESIZE_BACKEND is {backend!r}; expected one of "
-            + ", ".join(repr(b) for b in RESIZE_BACKENDS)
+            f"INPUT.DCNV2.RESIZE_BACKEND is {backend!r}; expected one of 'pil', 'opencv'"
         )
     if backend == "opencv":
-        _cv2()
-    return backend
-
-
-def _with_backend(cfg, augmentation: List[T.Augmentation]) -> List[T.Augmentation]:
-    """detectron2's ``build_augmentation``, its resize done by ``INPUT.DCNV2.RESIZE_BACKEND``."""
-    if _backend(cfg) == "opencv":
+        _cv2()  # installed?
         d2 = augmentation[0]
         augmentation[0] = OpenCVResizeShortestEdge(
             d2.short_edge_length, d2.max_size, d2.sample_style

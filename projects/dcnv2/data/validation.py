@@ -60,7 +60,7 @@ class CocoReport:
     problems: List[str] = field(default_factory=list)
     bad_image_ids: set = field(default_factory=set)
     bad_annotation_indices: set = field(default_factory=set)
-    polygon_issues: List["PolygonIssue"] = field(default_factory=list)
+    polygon_issues: Dict[int, "PolygonIssue"] = field(default_factory=dict)  # by annotation index
 
     def summary(self, dataset_name: str) -> str:
         n = len(self.problems)
@@ -72,15 +72,15 @@ class CocoReport:
         images = [im for im in self.data["images"] if _is_key(_id(im))]
         images = [im for im in images if _id(im) not in self.bad_image_ids]
         kept = {_id(im) for im in images}
-        issues = {issue.index: issue for issue in self.polygon_issues}
         annotations = []
         for i, a in enumerate(self.data["annotations"]):
             if i in self.bad_annotation_indices or a.get("image_id") not in kept:
                 continue
-            if i in issues and not mask_on:  # a box model keeps the box
+            issue = self.polygon_issues.get(i)
+            if issue is not None and not mask_on:  # a box model keeps the box
                 a = {k: v for k, v in a.items() if k != "segmentation"}
-            elif i in issues:  # a mask model keeps the valid polygons, if any
-                a = dict(a, segmentation=issues[i].valid) if issues[i].valid else None
+            elif issue is not None:  # a mask model keeps the valid polygons, if any
+                a = dict(a, segmentation=issue.valid) if issue.valid else None
             if a is not None:
                 annotations.append(a)
         return dict(self.data, images=images, annotations=annotations)
@@ -220,8 +220,9 @@ def validate_coco_json(
             problem = "repeats an annotation id (detectron2 needs unique ids)"
         if problem is None:
             seen_ann_ids.add(aid)
-            issue = _polygon_issue(i, a)
-            report.polygon_issues += [issue] if issue is not None else []
+            issue = _polygon_issue(a)
+            if issue is not None:
+                report.polygon_issues[i] = issue
             continue
         what = f"annotation id {aid}" if aid is not None else f"annotation #{i}"
         img = a.get("image_id") if isinstance(a, dict) else None
@@ -293,15 +294,14 @@ def polygon_problem(polygon) -> Optional[str]:
 
 @dataclass
 class PolygonIssue:
-    """An annotation (at ``index``) with malformed polygons: the first problem, the valid ones."""
+    """An annotation with malformed polygons: the first problem, the valid ones."""
 
-    index: int
     annotation: dict
     reason: str
     valid: List[list]
 
 
-def _polygon_issue(index: int, a: dict) -> Optional[PolygonIssue]:
+def _polygon_issue(a: dict) -> Optional[PolygonIssue]:
     segmentation = a.get("segmentation")
     if not isinstance(segmentation, list):
         return None  # an RLE, or no mask
@@ -311,14 +311,14 @@ def _polygon_issue(index: int, a: dict) -> Optional[PolygonIssue]:
         return None
     valid = [poly for poly, p in zip(segmentation, problems) if p is None]
     many = f" ({len(bad)} of its {len(segmentation)} polygons)" if len(segmentation) > 1 else ""
-    return PolygonIssue(index, a, bad[0] + many, valid)
+    return PolygonIssue(a, bad[0] + many, valid)
 
 
 def _polygon_warning(name: str, report: CocoReport, mask_on: bool) -> str:
     """The one warning naming every annotation with malformed polygons, and what training does."""
     files = {_id(im): im.get("file_name") for im in report.data["images"] if _is_key(_id(im))}
     lines = []
-    for issue in report.polygon_issues:
+    for issue in report.polygon_issues.values():
         if not mask_on:
             action = "box kept without its segmentation"
         elif issue.valid:
