@@ -204,9 +204,11 @@ def validate_coco_json(
     id_type = str if data["images"] and isinstance(_id(data["images"][0]), str) else int
     for im in data["images"]:
         problem = _image_problem(im, id_type, sizes)
-        path = os.path.join(image_root or "", str(im.get("file_name")))
-        if problem is None and check_files and image_root is not None and not os.path.isfile(path):
-            problem = f"image id {im['id']}: file {path} not found"
+        if problem is None and check_files and image_root is not None:
+            path = os.path.join(image_root, im["file_name"])
+            problem = (
+                None if os.path.isfile(path) else f"image id {im['id']}: file {path} not found"
+            )
         if problem is not None:
             report.problems.append(problem)
             report.bad_image_ids.add(_id(im) if _is_key(_id(im)) else None)
@@ -432,11 +434,9 @@ def load_training_dicts(
     for name in names:
         report = reports.get(name)
         if report is None:  # only its malformed polygons are handled
-            report = _report(name, check_files=False)
-            if report is not None:
-                report.bad_image_ids.clear()
-                report.bad_annotation_indices.clear()
-                report = report if report.polygon_issues else None
+            full = _report(name, check_files=False)
+            if full is not None and full.polygon_issues:
+                report = CocoReport(full.json_file, full.data, polygon_issues=full.polygon_issues)
         if report is not None and report.polygon_issues:
             logger.warning(_polygon_warning(name, report, mask_on))
         with reading_dataset(name):
