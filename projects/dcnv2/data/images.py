@@ -41,22 +41,21 @@ def size_problem(
 ) -> Optional[str]:
     """Why an image stored as ``stored_wh`` is not ``expected_wh`` once upright, or None."""
     turned = orientation in _TURNED
-    read_wh = stored_wh[::-1] if turned else tuple(stored_wh)
-    if tuple(read_wh) == tuple(expected_wh):
+    (w, h), (rw, rh) = expected_wh, (stored_wh[::-1] if turned else stored_wh)
+    if (rw, rh) == (w, h):
         return None
-    w, h = expected_wh
-    if turned and tuple(stored_wh) == tuple(expected_wh):
+    if turned and tuple(stored_wh) == (w, h):
         return (
-            f"image {file_name} is stored as {stored_wh[0]}x{stored_wh[1]} (width x height) but "
-            f"its EXIF orientation {orientation} ({_TURNED[orientation]}) makes it "
-            f"{read_wh[0]}x{read_wh[1]} when read upright; its annotation gives the stored size "
-            f"{w}x{h} (drawn on the unturned pixels?). Expected {read_wh[0]}x{read_wh[1]}: remove "
-            "the file's EXIF orientation tag (keeping the pixels) or turn the annotations too"
+            f"image {file_name} is stored as {w}x{h} (width x height) but its EXIF orientation "
+            f"{orientation} ({_TURNED[orientation]}) makes it {rw}x{rh} when read upright; its "
+            f"annotation gives the stored size {w}x{h} (drawn on the unturned pixels?). Expected "
+            f"{rw}x{rh}: remove the file's EXIF orientation tag (keeping the pixels) or turn the "
+            "annotations too"
         )
     note = f" after its EXIF orientation {orientation}" if orientation != 1 else ""
     return (
-        f"image {file_name} is {read_wh[0]}x{read_wh[1]} (width x height{note}) but its "
-        f"annotation gives width={w}, height={h}; expected them equal"
+        f"image {file_name} is {rw}x{rh} (width x height{note}) but its annotation gives "
+        f"width={w}, height={h}; expected them equal"
     )
 
 

@@ -206,9 +206,8 @@ def validate_coco_json(
         problem = _image_problem(im, id_type, sizes)
         if problem is None and check_files and image_root is not None:
             path = os.path.join(image_root, im["file_name"])
-            problem = (
-                None if os.path.isfile(path) else f"image id {im['id']}: file {path} not found"
-            )
+            if not os.path.isfile(path):
+                problem = f"image id {im['id']}: file {path} not found"
         if problem is not None:
             report.problems.append(problem)
             report.bad_image_ids.add(_id(im) if _is_key(_id(im)) else None)
