@@ -23,7 +23,7 @@ __all__ = [
     "register_config_datasets",
 ]
 
-_EXAMPLE = "e.g. (('my_train', 'train.json', 'images/'),)"
+_EXPECTED = "expected (name, json_file, image_root) triples, e.g. (('my', 'a.json', 'images/'),)"
 
 
 def parse_coco_datasets(
@@ -33,15 +33,13 @@ def parse_coco_datasets(
     if entries is None:
         return []
     if not _is_sequence(entries):
-        raise ConfigError(f"{key} is {entries!r}; expected (name, json_file, image_root) triples, "
-                          f"{_EXAMPLE}")  # fmt: skip
+        raise ConfigError(f"{key} is {entries!r}; {_EXPECTED}")
     out = []
     for entry in entries:
         shown = repr(tuple(entry)) if _is_sequence(entry) else repr(entry)
         if not _is_sequence(entry) or len(entry) != 3:
             raise ConfigError(
-                f"{key} has {shown}; expected (name, json_file, image_root) triples, "
-                f"{_EXAMPLE} (a single dataset needs the trailing comma)"
+                f"{key} has {shown}; {_EXPECTED} (a single dataset needs the trailing comma)"
             )
         if not all(isinstance(v, str) and v for v in entry):
             raise ConfigError(f"{key} has {shown}; expected three non-empty strings")
