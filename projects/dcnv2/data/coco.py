@@ -87,9 +87,8 @@ def load_category_metadata(name: str):
     meta = MetadataCatalog.get(name)
     if meta.get("thing_dataset_id_to_contiguous_id", None) or name not in DatasetCatalog.list():
         return meta
-    prepare = meta.get("prepare", None)
-    if prepare is not None:
-        prepare()
+    if meta.get("prepare", None) is not None:  # a dataset this project generates
+        meta.prepare()
     json_file = meta.get("json_file", None)
     if not json_file or not os.path.isfile(json_file):
         return meta
@@ -133,9 +132,8 @@ def check_datasets(dataset_names: Iterable[str]) -> None:
                 f"'coco_2017_train'."
             )
         meta = MetadataCatalog.get(name)
-        prepare = meta.get("prepare", None)
-        if prepare is not None:  # datasets this project generates itself
-            prepare()
+        if meta.get("prepare", None) is not None:  # a dataset this project generates
+            meta.prepare()
         for key in ("json_file", "image_root"):
             path = meta.get(key, None)
             if path is None or os.path.exists(path):

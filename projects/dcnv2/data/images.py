@@ -90,9 +90,7 @@ def _bit_depth(image: Image.Image, values: np.ndarray) -> Optional[int]:
     bits = bits[0] if isinstance(bits, (tuple, list)) and bits else bits
     if isinstance(bits, int) and 1 <= bits <= 32:
         return bits
-    if values.size and values.min() >= 0 and values.max() < 2**16:
-        return 16
-    return None
+    return 16 if values.size and values.min() >= 0 and values.max() < 2**16 else None
 
 
 def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
@@ -106,8 +104,8 @@ def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
                 f"image {file_name} has 32-bit integer pixels (PIL mode I) from "
                 f"{values.min()} to {values.max()}; expected 8- or 16-bit pixels (0-65535)"
             )
-        shift = max(bits - 8, 0)
-        return Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8), mode="L")
+        values = np.clip(values >> max(bits - 8, 0), 0, 255)
+        return Image.fromarray(values.astype(np.uint8), mode="L")
     if mode == "F":
         raise ImageReadError(
             f"image {file_name} has floating-point pixels (PIL mode F), whose range is unknown; "

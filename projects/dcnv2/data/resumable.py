@@ -127,9 +127,6 @@ class _SeededMapDataset(Dataset):
         self.dicts, self.mapper, self.skip_bad_images = dicts, mapper, skip_bad_images
         self._warned = set()
 
-    def __len__(self) -> int:
-        return len(self.dicts)
-
     def __getitem__(self, key: Tuple[int, int]) -> Any:
         idx, seed = key
         n = len(self.dicts)

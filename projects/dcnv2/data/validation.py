@@ -255,25 +255,21 @@ def _annotation_problem(a, sizes, cat_ids, cats_text) -> Optional[str]:
         return "has 'ignore' set, which detectron2 does not support (use 'iscrowd': 1)"
     if k is not None and not (isinstance(k, list) and len(k) % 3 == 0 and all(map(_is_number, k))):
         return f"keypoints {k!r} is not a list of [x, y, visibility] numbers"
-    return _segmentation_problem(a.get("segmentation"), sizes[image_id])
-
-
-def _segmentation_problem(segmentation, size) -> Optional[str]:
-    """What is wrong with a ``segmentation``'s type; ``size``: its image's (height, width)."""
-    if segmentation is None or isinstance(segmentation, list):
-        return None
-    if not isinstance(segmentation, dict):
+    seg, size = a.get("segmentation"), list(sizes[image_id])
+    if seg is None or isinstance(seg, list):
+        return None  # polygons: _polygon_issue
+    if not isinstance(seg, dict):
         return (
-            f"segmentation {segmentation!r} is neither a list of polygons nor an RLE "
+            f"segmentation {seg!r} is neither a list of polygons nor an RLE "
             "{'counts': ..., 'size': [height, width]}"
         )
-    counts, rle_size = segmentation.get("counts"), segmentation.get("size")
+    counts, rle_size = seg.get("counts"), seg.get("size")
     if not (isinstance(counts, str) or (isinstance(counts, list) and all(map(_is_int, counts)))):
         return f"RLE segmentation 'counts' {counts!r} is not a string or a list of integers"
     if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(map(_is_int, rle_size))):
         return f"RLE segmentation 'size' {rle_size!r} is not [height, width]"
-    if all(map(_is_int, size)) and rle_size != list(size):
-        return f"RLE segmentation 'size' {rle_size} differs from its image's {list(size)}"
+    if all(map(_is_int, size)) and rle_size != size:
+        return f"RLE segmentation 'size' {rle_size} differs from its image's {size}"
     return None
 
 
@@ -443,12 +439,11 @@ def load_training_dicts(
                 per_dataset.append(DatasetCatalog.get(name))
                 continue
             # What register_coco_instances's loader returns, read from the cleaned JSON.
-            with tempfile.TemporaryDirectory(prefix="dcnv2_clean_annotations_") as tmp:
-                clean_file = os.path.join(tmp, "annotations.json")
-                with open(clean_file, "w") as f:
-                    json.dump(report.cleaned(mask_on), f)
+            with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+                json.dump(report.cleaned(mask_on), f)
+                f.flush()
                 image_root = MetadataCatalog.get(name).image_root
-                per_dataset.append(load_coco_json(clean_file, image_root, name))
+                per_dataset.append(load_coco_json(f.name, image_root, name))
     return _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files)
 
 
