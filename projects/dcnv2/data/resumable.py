@@ -75,17 +75,14 @@ class GlobalBatchSampler(Sampler):
         self.batch_size = total_batch_size // self.world_size
         self.seed, self.aspect_groups, self.start_iter = int(seed), aspect_groups, 0
 
-    def _stream(self) -> Iterator[int]:
-        """Dataset indices forever: detectron2's ``TrainingSampler`` order."""
-        g = torch.Generator()
-        g.manual_seed(self.seed)
-        while True:
-            yield from torch.randperm(self.size, generator=g).tolist()
-
     def global_batches(self) -> Iterator[List[Tuple[int, int]]]:
         """Every process's batches together: lists of (position in the stream, dataset index)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        # detectron2's TrainingSampler order: one permutation of the dataset after another
+        perms = (torch.randperm(self.size, generator=g).tolist() for _ in itertools.count())
         buckets: Tuple[list, list] = ([], [])
-        for item in enumerate(self._stream()):
+        for item in enumerate(itertools.chain.from_iterable(perms)):
             bucket = buckets[self.aspect_groups[item[1]] if self.aspect_groups else 0]
             bucket.append(item)
             if len(bucket) == self.total_batch_size:

@@ -30,12 +30,11 @@ def find_bad_images(dicts: Sequence[dict]) -> List[Tuple[dict, str]]:
     """``(entry, problem)`` of the entries whose local image file is not usable."""
     bad = []
     for d in dicts:
-        name = d.get("file_name") if isinstance(d, dict) else None
-        if not isinstance(name, str) or "://" in name:
-            continue  # no local file to check (read by PathManager, or not from a file)
-        problem = image_file_problem(name, d.get("width"), d.get("height"))
-        if problem is not None:
-            bad.append((d, problem))
+        name = d.get("file_name")
+        if isinstance(name, str) and "://" not in name:  # a local file (PathManager reads URLs)
+            problem = image_file_problem(name, d.get("width"), d.get("height"))
+            if problem is not None:
+                bad.append((d, problem))
     return bad
 
 
