@@ -25,18 +25,18 @@ def parse_args(argv=None):
         default=os.getenv("DETECTRON2_DATASETS", "datasets"),
         help="datasets folder (default: $DETECTRON2_DATASETS, else datasets/)",
     )
-    # Defaults (None): those of the registered splits, dcnv2.data.synthetic.SPLITS.
-    parser.add_argument("--num-train", type=int, help="training images (default: 96)")
-    parser.add_argument("--num-val", type=int, help="validation images (default: 24)")
-    parser.add_argument("--seed", type=int, help="train seed; val uses seed + 1 (default: 0)")
+    (num_train, seed), (num_val, _) = SPLITS["train"], SPLITS["val"]  # the registered splits
+    for flag, default, what in (
+        ("--num-train", num_train, "training images"),
+        ("--num-val", num_val, "validation images"),
+        ("--seed", seed, "train seed; val uses seed + 1"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.num_train = SPLITS["train"][0] if args.num_train is None else args.num_train
-    args.num_val = SPLITS["val"][0] if args.num_val is None else args.num_val
-    args.seed = SPLITS["train"][1] if args.seed is None else args.seed
     if args.num_train < 1 or args.num_val < 1:
         raise UserInputError(
             f"--num-train and --num-val must be >= 1, got {args.num_train}, {args.num_val}"

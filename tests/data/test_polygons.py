@@ -1,4 +1,4 @@
-"""Malformed polygons (dcnv2.data.polygons through load_training_dicts): each annotation named
+"""Malformed polygons (dcnv2.data.validation through load_training_dicts): each annotation named
 once (image file, annotation id) in one warning; a box-only model keeps the instance and its box,
 a mask model drops only an instance with no valid polygon (detectron2 drops it in both cases)."""
 
@@ -10,9 +10,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_datas
 from detectron2.data.datasets import register_coco_instances
 
 import dcnv2
-from dcnv2.data.polygons import polygon_problem
 from dcnv2.data.resumable import build_resumable_train_loader
-from dcnv2.data.validation import load_training_dicts
+from dcnv2.data.validation import load_training_dicts, polygon_problem
 
 NAME = "_polygons_test"
 SQUARE = [10, 10, 30, 10, 30, 30, 10, 30]

@@ -8,48 +8,29 @@ import os
 from typing import Optional, Tuple
 
 import numpy as np
-from detectron2.data.detection_utils import convert_PIL_to_numpy
+from detectron2.data.detection_utils import (
+    _EXIF_ORIENT,
+    _apply_exif_orientation,
+    convert_PIL_to_numpy,
+)
 from detectron2.utils.file_io import PathManager
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageReadError
 
-__all__ = [
-    "EXIF_ORIENTATION",
-    "exif_orientation",
-    "image_file_problem",
-    "read_image",
-    "size_problem",
-    "to_8bit",
-]
+__all__ = ["exif_orientation", "image_file_problem", "read_image", "size_problem", "to_8bit"]
 
-# The EXIF tag detectron2's read_image applies (detection_utils._EXIF_ORIENT).
-EXIF_ORIENTATION = 0x0112
 # Orientations that turn the image by 90 degrees (width and height swap when it is read).
 _TURNED = {5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
            8: "rotated 90 degrees counter-clockwise"}  # fmt: skip
-
-
-# How detectron2's read_image turns an image upright, by EXIF orientation.
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-# PIL's modes of 16-bit single-channel pixels.
-_MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
-# TIFF's BitsPerSample tag.
-_BITS_PER_SAMPLE = 258
+_MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit single-channel pixels
+_BITS_PER_SAMPLE = 258  # TIFF's tag
 
 
 def exif_orientation(image: Image.Image) -> int:
     """The EXIF orientation (1-8) of an opened image; 1 (as stored) when it has none."""
     try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
+        value = image.getexif().get(_EXIF_ORIENT, 1)
     except Exception:  # a malformed EXIF block: detectron2 then reads the image as stored
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
@@ -60,23 +41,21 @@ def size_problem(
 ) -> Optional[str]:
     """Why an image stored as ``stored_wh`` is not ``expected_wh`` once upright, or None."""
     turned = orientation in _TURNED
-    read_wh = stored_wh[::-1] if turned else tuple(stored_wh)
-    if tuple(read_wh) == tuple(expected_wh):
+    (w, h), (rw, rh) = expected_wh, (stored_wh[::-1] if turned else stored_wh)
+    if (rw, rh) == (w, h):
         return None
-    w, h = expected_wh
-    if turned and tuple(stored_wh) == tuple(expected_wh):
+    if turned and tuple(stored_wh) == (w, h):
         return (
-            f"image {file_name} is stored as {stored_wh[0]}x{stored_wh[1]} (width x height) but "
-            f"its EXIF orientation {orientation} ({_TURNED[orientation]}) makes it "
-            f"{read_wh[0]}x{read_wh[1]} when read upright; its annotation gives the stored size "
-            f"{w}x{h}, so the annotations were likely drawn on the unturned pixels. Expected the "
-            f"annotation to give {read_wh[0]}x{read_wh[1]}: remove the file's EXIF orientation "
-            "tag (keeping the pixels as stored) or turn the annotations with the image"
+            f"image {file_name} is stored as {w}x{h} (width x height) but its EXIF orientation "
+            f"{orientation} ({_TURNED[orientation]}) makes it {rw}x{rh} when read upright; its "
+            f"annotation gives the stored size {w}x{h} (drawn on the unturned pixels?). Expected "
+            f"{rw}x{rh}: remove the file's EXIF orientation tag (keeping the pixels) or turn the "
+            "annotations too"
         )
     note = f" after its EXIF orientation {orientation}" if orientation != 1 else ""
     return (
-        f"image {file_name} is {read_wh[0]}x{read_wh[1]} (width x height{note}) but its "
-        f"annotation gives width={w}, height={h}; expected them equal"
+        f"image {file_name} is {rw}x{rh} (width x height{note}) but its annotation gives "
+        f"width={w}, height={h}; expected them equal"
     )
 
 
@@ -107,15 +86,11 @@ def image_file_problem(
 
 def _bit_depth(image: Image.Image, values: np.ndarray) -> Optional[int]:
     """Bits per pixel of a mode "I" image: TIFF's BitsPerSample, else 16 if the values fit."""
-    tags = getattr(image, "tag_v2", None)
-    bits = tags.get(_BITS_PER_SAMPLE) if tags is not None else None
-    if isinstance(bits, (tuple, list)) and bits:
-        bits = bits[0]
+    bits = (getattr(image, "tag_v2", None) or {}).get(_BITS_PER_SAMPLE)
+    bits = bits[0] if isinstance(bits, (tuple, list)) and bits else bits
     if isinstance(bits, int) and 1 <= bits <= 32:
         return bits
-    if values.size and values.min() >= 0 and values.max() < 2**16:
-        return 16
-    return None
+    return 16 if values.size and values.min() >= 0 and values.max() < 2**16 else None
 
 
 def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
@@ -129,8 +104,8 @@ def to_8bit(image: Image.Image, file_name: str = "") -> Image.Image:
                 f"image {file_name} has 32-bit integer pixels (PIL mode I) from "
                 f"{values.min()} to {values.max()}; expected 8- or 16-bit pixels (0-65535)"
             )
-        shift = max(bits - 8, 0)
-        return Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8), mode="L")
+        values = np.clip(values >> max(bits - 8, 0), 0, 255)
+        return Image.fromarray(values.astype(np.uint8), mode="L")
     if mode == "F":
         raise ImageReadError(
             f"image {file_name} has floating-point pixels (PIL mode F), whose range is unknown; "
@@ -157,6 +132,5 @@ def read_image(
             problem = size_problem(file_name, image.size, orientation, expected_size)
             if problem is not None:
                 raise ImageReadError(problem)
-        if orientation in _UPRIGHT:
-            image = image.transpose(_UPRIGHT[orientation])
+        image = _apply_exif_orientation(image)  # as detectron2 reads it
         return convert_PIL_to_numpy(to_8bit(image, file_name), format)

@@ -18,19 +18,13 @@ class DatasetMapper(D2DatasetMapper):
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified by code below
-        expected = None
-        if "width" in dataset_dict and "height" in dataset_dict:
-            expected = (dataset_dict["width"], dataset_dict["height"])
-        image = read_image(
-            dataset_dict["file_name"], format=self.image_format, expected_size=expected
-        )
+        size = dataset_dict.get("width"), dataset_dict.get("height")
+        expected = size if None not in size else None
+        image = read_image(dataset_dict["file_name"], self.image_format, expected_size=expected)
         utils.check_image_size(dataset_dict, image)  # fills a missing width/height
 
-        if "sem_seg_file_name" in dataset_dict:
-            sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
-        else:
-            sem_seg_gt = None
-
+        sem_seg_file = dataset_dict.pop("sem_seg_file_name", None)
+        sem_seg_gt = utils.read_image(sem_seg_file, "L").squeeze(2) if sem_seg_file else None
         aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
         transforms = self.augmentations(aug_input)
         image, sem_seg_gt = aug_input.image, aug_input.sem_seg
@@ -47,7 +41,6 @@ class DatasetMapper(D2DatasetMapper):
 
         if not self.is_train:
             dataset_dict.pop("annotations", None)
-            dataset_dict.pop("sem_seg_file_name", None)
             return dataset_dict
 
         if "annotations" in dataset_dict:

@@ -5,10 +5,11 @@ number of processes and workers.
 """
 
 import contextlib
+import itertools
 import logging
 import os
 import random
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import AnnotationError, ImageReadError
 from .mapper import DatasetMapper
 from .transforms import build_train_augmentation
-from .validation import check_mode, load_training_dicts
+from .validation import load_training_dicts
 
 __all__ = [
     "GlobalBatchSampler",
@@ -58,7 +59,6 @@ class GlobalBatchSampler(Sampler):
         *,
         seed: int,
         aspect_groups: Optional[Sequence[int]] = None,
-        shuffle: bool = True,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ):
@@ -71,36 +71,19 @@ class GlobalBatchSampler(Sampler):
                 f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the "
                 f"number of processes ({self.world_size})"
             )
-        if aspect_groups is not None and len(aspect_groups) != size:
-            raise ValueError(f"aspect_groups has {len(aspect_groups)} entries for {size} items")
-        self.size = size
-        self.total_batch_size = total_batch_size
+        self.size, self.total_batch_size = size, total_batch_size
         self.batch_size = total_batch_size // self.world_size
-        self.seed = int(seed)
-        self.aspect_groups = aspect_groups
-        self.shuffle = shuffle
-        self.start_iter = 0
-
-    def _stream(self) -> Iterator[Tuple[int, int]]:
-        """(position, dataset index) forever."""
-        g = torch.Generator()
-        g.manual_seed(self.seed)
-        position = 0
-        while True:
-            order = torch.randperm(self.size, generator=g) if self.shuffle else range(self.size)
-            for idx in order.tolist() if self.shuffle else order:
-                yield position, idx
-                position += 1
+        self.seed, self.aspect_groups, self.start_iter = int(seed), aspect_groups, 0
 
     def global_batches(self) -> Iterator[List[Tuple[int, int]]]:
-        """Every process's batches together: lists of (position, dataset index)."""
-        stream = self._stream()
-        if self.aspect_groups is None:
-            while True:
-                yield [next(stream) for _ in range(self.total_batch_size)]
+        """Every process's batches together: lists of (position in the stream, dataset index)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        # detectron2's TrainingSampler order: one permutation of the dataset after another
+        perms = (torch.randperm(self.size, generator=g).tolist() for _ in itertools.count())
         buckets: Tuple[list, list] = ([], [])
-        for item in stream:
-            bucket = buckets[self.aspect_groups[item[1]]]
+        for item in enumerate(itertools.chain.from_iterable(perms)):
+            bucket = buckets[self.aspect_groups[item[1]] if self.aspect_groups else 0]
             bucket.append(item)
             if len(bucket) == self.total_batch_size:
                 yield bucket[:]
@@ -108,19 +91,17 @@ class GlobalBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         lo = self.rank * self.batch_size
-        for it, batch in enumerate(self.global_batches()):
-            if it >= self.start_iter:
-                yield [
-                    (idx, sample_seed(self.seed, pos))
-                    for pos, idx in batch[lo : lo + self.batch_size]
-                ]
+        batches = itertools.islice(self.global_batches(), self.start_iter, None)
+        for batch in batches:
+            yield [(i, sample_seed(self.seed, pos)) for pos, i in batch[lo : lo + self.batch_size]]
 
 
-class _BadImage:
+class _BadImage(NamedTuple):
     """Returned by a worker instead of a sample it cannot map."""
 
-    def __init__(self, file_name: Optional[str], reason: str, image: bool = True):
-        self.file_name, self.reason, self.image = file_name, reason, image
+    file_name: Optional[str]
+    reason: str
+    image: bool = True  # an image that cannot be read, not an annotation that cannot be mapped
 
 
 @contextlib.contextmanager
@@ -140,13 +121,8 @@ def _seeded_rng(seed: int) -> Iterator[None]:
 
 class _SeededMapDataset(Dataset):
     def __init__(self, dicts: Dataset, mapper: Callable, skip_bad_images: bool):
-        self.dicts = dicts
-        self.mapper = mapper
-        self.skip_bad_images = skip_bad_images
+        self.dicts, self.mapper, self.skip_bad_images = dicts, mapper, skip_bad_images
         self._warned = set()
-
-    def __len__(self) -> int:
-        return len(self.dicts)
 
     def __getitem__(self, key: Tuple[int, int]) -> Any:
         idx, seed = key
@@ -192,19 +168,15 @@ class ResumableTrainLoader:
         skip_bad_images: bool = False,
         dataset_names: Sequence[str] = (),
     ):
-        groups = (
-            [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
-            if aspect_ratio_grouping
-            else None
-        )
+        groups = [int(d["width"] <= d["height"]) for d in dataset_dicts]  # landscape: 0
+        groups = groups if aspect_ratio_grouping else None
         self.sampler = GlobalBatchSampler(
             len(dataset_dicts), total_batch_size, seed=seed, aspect_groups=groups
         )
         self.dataset = _SeededMapDataset(
             DatasetFromList(dataset_dicts, copy=False), mapper, skip_bad_images
         )
-        self.num_workers = num_workers
-        self.dataset_names = tuple(dataset_names)
+        self.num_workers, self.dataset_names = num_workers, tuple(dataset_names)
 
     @property
     def seed(self) -> int:
@@ -229,32 +201,30 @@ class ResumableTrainLoader:
             worker_init_fn=_own_process_group,
         )
         for batch in loader:
-            for item in batch:
-                if isinstance(item, _BadImage) and not item.image:
-                    raise AnnotationError(
-                        f"Cannot map training image {item.file_name}"
-                        f"{_source(item.file_name, self.dataset_names)} with its annotations: "
-                        f"{item.reason}. Expected entries of the types COCO defines."
-                    )
-                if isinstance(item, _BadImage):
-                    what = "image " + item.file_name if item.file_name else "images"
-                    raise ImageReadError(
-                        f"Cannot read training {what}: {item.reason}. Expected "
-                        "a readable image file of the size its annotation gives. Replace the "
-                        "file, or set DATASETS.DCNV2.ON_BAD_DATA skip to train without it."
-                    )
+            bad = next((item for item in batch if isinstance(item, _BadImage)), None)
+            if bad is not None and not bad.image:
+                raise AnnotationError(
+                    f"Cannot map training image {bad.file_name}{self._source(bad.file_name)} with "
+                    f"its annotations: {bad.reason}. Expected entries of the types COCO defines."
+                )
+            if bad is not None:
+                what = "image " + bad.file_name if bad.file_name else "images"
+                raise ImageReadError(
+                    f"Cannot read training {what}: {bad.reason}. Expected a readable image file "
+                    "of the size its annotation gives. Replace the file, or set "
+                    "DATASETS.DCNV2.ON_BAD_DATA skip to train without it."
+                )
             yield batch
 
-
-def _source(file_name: Optional[str], names: Sequence[str]) -> str:
-    """ " (dataset 'name', its json)" for the dataset holding ``file_name``, else ""."""
-    for name in names:
-        meta = MetadataCatalog.get(name)
-        root = meta.get("image_root", None)
-        folder = os.path.join(os.path.abspath(root), "") if root else None
-        if folder and file_name and os.path.abspath(file_name).startswith(folder):
-            return f" (dataset {name!r}, {meta.get('json_file', 'no json file')})"
-    return ""
+    def _source(self, file_name: Optional[str]) -> str:
+        """ " (dataset 'name', its json)" for the dataset holding ``file_name``, else ""."""
+        for name in self.dataset_names:
+            meta = MetadataCatalog.get(name)
+            root = meta.get("image_root", None)
+            folder = os.path.join(os.path.abspath(root), "") if root else None
+            if folder and file_name and os.path.abspath(file_name).startswith(folder):
+                return f" (dataset {name!r}, {meta.get('json_file', 'no json file')})"
+        return ""
 
 
 def _own_process_group(worker_id: int) -> None:
@@ -268,7 +238,7 @@ def build_train_mapper(cfg) -> DatasetMapper:
 
 
 def _train_loader_from_config(cfg, mapper: Optional[Callable] = None) -> dict:
-    mode = check_mode(cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail"))
+    mode = cfg.DATASETS.get("DCNV2", {}).get("ON_BAD_DATA", "fail")
     dataset = load_training_dicts(
         list(cfg.DATASETS.TRAIN),
         mode,

@@ -8,9 +8,9 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -44,28 +44,15 @@ _MAX_OBJECTS = 6
 _COLOUR_JITTER = 20  # per channel, so a category is a colour range, not one exact value
 
 
-def _source_hash() -> str:
-    with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-# Hash of this code, read once: any change to the generator invalidates the cache.
-_CODE_HASH = _source_hash()
-
-
-def _fingerprint(params: dict) -> str:
-    text = json.dumps(params, sort_keys=True) + _CODE_HASH
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def _params(split: str, num_images: int, seed: int) -> dict:
-    return {"split": split, "num_images": num_images, "seed": seed}
+# Hash of this code: any change to the generator gives new folders.
+_CODE_HASH = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
 
 
 def synthetic_split_dir(root: str, split: str, num_images: int, seed: int) -> str:
     """Folder of one generated split under ``root`` (``$DETECTRON2_DATASETS``); may not exist."""
-    fp = _fingerprint(_params(split, num_images, seed))
-    return os.path.join(root, SUBDIR, f"{split}_{fp}")
+    params = {"split": split, "num_images": num_images, "seed": seed}
+    text = json.dumps(params, sort_keys=True) + _CODE_HASH
+    return os.path.join(root, SUBDIR, f"{split}_{hashlib.sha1(text.encode()).hexdigest()[:12]}")
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -75,8 +62,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     base = rng.uniform(90, 160) + gy * yy + gx * xx
     coarse = rng.normal(0, 12, size=(h // 16 + 1, w // 16 + 1)).astype(np.float32)
     blobs = np.kron(coarse, np.ones((16, 16), np.float32))[:h, :w]
-    grey = base + blobs
-    img = grey[..., None] + rng.normal(0, 8, size=(h, w, 3))
+    img = (base + blobs)[..., None] + rng.normal(0, 8, size=(h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -96,11 +82,6 @@ def _shape_polygon(rng: np.random.Generator, cat: int, box: Tuple[float, float, 
     return np.array([[x0, y0], [x1, y0], [apex, y1]], np.float64)
 
 
-def _polygon_area(poly: np.ndarray) -> float:
-    x, y = poly[:, 0], poly[:, 1]
-    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
 def _overlaps(box, boxes, margin: float = 4.0) -> bool:
     x0, y0, x1, y1 = box
     return any(
@@ -114,8 +95,7 @@ def _make_image(rng: np.random.Generator, empty: bool):
     h, w = (int(s) for s in rng.integers(_MIN_SIDE, _MAX_SIDE + 1, size=2))
     img = Image.fromarray(_background(rng, h, w))
     draw = ImageDraw.Draw(img)
-    objects: List[Tuple[int, np.ndarray]] = []
-    boxes: List[Tuple[float, float, float, float]] = []
+    objects, boxes = [], []  # (category index, polygon), (x0, y0, x1, y1)
     n = 0 if empty else int(rng.integers(1, _MAX_OBJECTS + 1))
     scales = np.exp(rng.uniform(np.log(_MIN_SCALE), np.log(_MAX_SCALE), size=n))
     ratios = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=n))  # height / width
@@ -162,27 +142,22 @@ def generate_synthetic_coco(out_dir: str, num_images: int, seed: int, desc: str 
         for cat, poly in objects:
             x0, y0 = poly.min(axis=0)
             x1, y1 = poly.max(axis=0)
+            x, y = poly[:, 0], poly[:, 1]
+            area = float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
                     "category_id": cat + 1,
                     "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-                    "area": round(_polygon_area(poly), 2),
+                    "area": round(area, 2),
                     "iscrowd": 0,
                     "segmentation": [[round(float(v), 2) for v in poly.reshape(-1)]],
                 }
             )
-    coco = {
-        "info": {"description": "dcnv2 synthetic shapes", "version": "1"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {"id": k + 1, "name": name, "supercategory": "shape"}
-            for k, (name, _) in enumerate(CATEGORIES)
-        ],
-    }
+    cats = [{"id": k + 1, "name": c[0], "supercategory": "shape"} for k, c in enumerate(CATEGORIES)]
+    info = {"description": "dcnv2 synthetic shapes", "version": "1"}
+    coco = dict(info=info, licenses=[], images=images, annotations=annotations, categories=cats)
     with open(os.path.join(out_dir, "annotations.json"), "w") as f:
         json.dump(coco, f, indent=1, sort_keys=True)
 
@@ -194,8 +169,7 @@ def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(out_dir)}.", dir=parent) as tmp:
         work = os.path.join(tmp, "split")
         generate_synthetic_coco(work, num_images, seed, desc=f"{SUBDIR} {split} -> {parent}")
         try:
@@ -204,16 +178,12 @@ def prepare_synthetic_split(root: str, split: str, num_images: int, seed: int) -
             # Another process renamed its identical copy first; use it.
             if not os.path.isfile(os.path.join(out_dir, "annotations.json")):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def _load(name: str, root: str, split: str, num_images: int, seed: int) -> List[dict]:
-    out_dir = prepare_synthetic_split(root, split, num_images, seed)
-    return load_coco_json(
-        os.path.join(out_dir, "annotations.json"), os.path.join(out_dir, "images"), name
-    )
+def _load(name: str, *split_args) -> List[dict]:
+    out_dir = prepare_synthetic_split(*split_args)
+    return load_coco_json(f"{out_dir}/annotations.json", f"{out_dir}/images", name)
 
 
 def register_synthetic_dataset(
@@ -233,11 +203,7 @@ def register_synthetic_dataset(
     )
 
 
-def _register_default(root: Optional[str] = None) -> None:
-    # Resolved at import, like detectron2's builtin datasets.
-    root = os.path.expanduser(root or os.getenv("DETECTRON2_DATASETS", "datasets"))
-    for split, (num_images, seed) in SPLITS.items():
-        register_synthetic_dataset(f"dcnv2_synthetic_{split}", root, split, num_images, seed)
-
-
-_register_default()
+# Registered at import under $DETECTRON2_DATASETS, like detectron2's builtin datasets.
+_ROOT = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+for _split, (_num, _seed) in SPLITS.items():
+    register_synthetic_dataset(f"dcnv2_synthetic_{_split}", _ROOT, _split, _num, _seed)

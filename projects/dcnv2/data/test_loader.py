@@ -4,6 +4,7 @@
 warning.
 """
 
+import functools
 import logging
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -12,7 +13,7 @@ from detectron2.data import build_detection_test_loader, get_detection_dataset_d
 from ..errors import AnnotationError, ImageReadError
 from .images import image_file_problem
 from .resumable import _IMAGE_ERRORS, _BadImage
-from .validation import check_mode, reading_dataset
+from .validation import OPTION, check_mode, listed, reading_dataset
 
 __all__ = [
     "CheckedTestLoader",
@@ -24,55 +25,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
-_LISTED = 5
-
 
 def find_bad_images(dicts: Sequence[dict]) -> List[Tuple[dict, str]]:
     """``(entry, problem)`` of the entries whose local image file is not usable."""
     bad = []
     for d in dicts:
-        name = d.get("file_name") if isinstance(d, dict) else None
-        if not isinstance(name, str) or "://" in name:
-            continue  # no local file to check (read by PathManager, or not from a file)
-        problem = image_file_problem(name, d.get("width"), d.get("height"))
-        if problem is not None:
-            bad.append((d, problem))
+        name = d.get("file_name")
+        if isinstance(name, str) and "://" not in name:  # a local file (PathManager reads URLs)
+            problem = image_file_problem(name, d.get("width"), d.get("height"))
+            if problem is not None:
+                bad.append((d, problem))
     return bad
-
-
-def _fail_message(dataset_name: str, bad: List[Tuple[dict, str]], total: int) -> str:
-    more = ""
-    if len(bad) > 1:
-        names = ", ".join(d["file_name"] for d, _ in bad[1 : 1 + _LISTED])
-        extra = len(bad) - 1 - _LISTED
-        more = f" ({len(bad) - 1} more of its {total} images too: {names}"
-        more += f", ... and {extra} more)" if extra > 0 else ")"
-    return (
-        f"Cannot evaluate on dataset {dataset_name!r}: {bad[0][1]}{more}. Replace the file(s), "
-        f"or set {_OPTION} skip to evaluate on the other images."
-    )
-
-
-def _skipped_text(file_names: Sequence[str]) -> str:
-    text = ", ".join(file_names[:_LISTED])
-    return text + (
-        f", ... and {len(file_names) - _LISTED} more" if len(file_names) > _LISTED else ""
-    )
 
 
 def check_test_images(dataset_names: Sequence[str], mode: str) -> None:
     """In ``"fail"`` mode, check the test sets' image headers before a run."""
-    if check_mode(mode) != "fail":
-        return
-    for name in dataset_names:
-        with reading_dataset(name):
-            dicts = get_detection_dataset_dicts([name], filter_empty=False)
-        if not isinstance(dicts, list):
-            continue  # a registered torch Dataset: read as it is
-        bad = find_bad_images(dicts)
-        if bad:
-            raise ImageReadError(_fail_message(name, bad, len(dicts)))
+    if check_mode(mode) == "fail":
+        for name in dataset_names:
+            load_test_dicts(name, mode)
 
 
 def load_test_dicts(
@@ -86,12 +56,17 @@ def load_test_dicts(
             filter_empty=False,
             proposal_files=[proposal_file] if proposal_file else None,
         )
-    bad = find_bad_images(dicts) if isinstance(dicts, list) else []
+    bad = find_bad_images(dicts) if isinstance(dicts, list) else []  # else a torch Dataset
     if not bad:
         return dicts
-    if mode == "fail":
-        raise ImageReadError(_fail_message(dataset_name, bad, len(dicts)))
     names = [d["file_name"] for d, _ in bad]
+    if mode == "fail":
+        more = f" ({len(bad) - 1} more of its {len(dicts)} images too: {listed(names[1:], 5)})"
+        more = more if len(bad) > 1 else ""
+        raise ImageReadError(
+            f"Cannot evaluate on dataset {dataset_name!r}: {bad[0][1]}{more}. "
+            f"Replace the file(s), or set {OPTION} skip to evaluate on the other images."
+        )
     if len(bad) == len(dicts):
         raise AnnotationError(
             f"Dataset {dataset_name!r}: none of its {len(dicts)} images can be evaluated on "
@@ -99,33 +74,26 @@ def load_test_dicts(
         )
     logger.warning(
         f"Dataset {dataset_name!r}: skipping {len(bad)} of its {len(dicts)} images in evaluation "
-        f"({_OPTION} is 'skip'): {_skipped_text(names)}. First problem: {bad[0][1]}. Its "
+        f"({OPTION} is 'skip'): {listed(names, 5)}. First problem: {bad[0][1]}. Its "
         f"metrics are computed over the remaining {len(dicts) - len(bad)} images."
     )
     skipped = {id(d) for d, _ in bad}
     return [d for d in dicts if id(d) not in skipped]
 
 
-class _CatchImageErrors:
-    """A mapper returning a ``_BadImage`` for an unreadable image, for the main process."""
-
-    def __init__(self, mapper: Callable):
-        self.mapper = mapper
-
-    def __call__(self, dataset_dict: dict):
-        try:
-            return self.mapper(dataset_dict)
-        except _IMAGE_ERRORS as e:
-            return _BadImage(dataset_dict.get("file_name"), f"{type(e).__name__}: {e}")
+def _map_or_bad_image(mapper: Callable, dataset_dict: dict):
+    """``mapper(dataset_dict)``, or a ``_BadImage`` for the main process to report."""
+    try:
+        return mapper(dataset_dict)
+    except _IMAGE_ERRORS as e:
+        return _BadImage(dataset_dict.get("file_name"), f"{type(e).__name__}: {e}")
 
 
 class CheckedTestLoader:
     """Test batches; an unreadable image raises ImageReadError or, with ``skip``, is left out."""
 
     def __init__(self, loader, *, dataset_name: str, skip: bool):
-        self.loader = loader
-        self.dataset_name = dataset_name
-        self.skip = skip
+        self.loader, self.dataset_name, self.skip = loader, dataset_name, skip
         self.skipped: List[str] = []
 
     def __len__(self) -> int:
@@ -133,24 +101,22 @@ class CheckedTestLoader:
 
     def __iter__(self) -> Iterator[list]:
         for batch in self.loader:
-            kept = []
+            kept = [item for item in batch if not isinstance(item, _BadImage)]
             for item in batch:
                 if not isinstance(item, _BadImage):
-                    kept.append(item)
-                elif not self.skip:
+                    continue
+                what = f"image {item.file_name} of dataset {self.dataset_name!r} in evaluation"
+                if not self.skip:
                     raise ImageReadError(
-                        f"Cannot read image {item.file_name} of dataset {self.dataset_name!r} "
-                        f"in evaluation: {item.reason}. Expected a readable image file of the "
-                        f"size its annotation gives. Replace the file, or set {_OPTION} skip "
+                        f"Cannot read {what}: {item.reason}. Expected a readable image file of "
+                        f"the size its annotation gives. Replace the file, or set {OPTION} skip "
                         "to evaluate on the other images."
                     )
-                else:
-                    self.skipped.append(item.file_name)
-                    logger.warning(
-                        f"Skipping image {item.file_name} of dataset {self.dataset_name!r} in "
-                        f"evaluation, which cannot be read ({item.reason}); metrics are "
-                        "computed over the other images"
-                    )
+                self.skipped.append(item.file_name)
+                logger.warning(
+                    f"Skipping {what}, which cannot be read ({item.reason}); metrics are computed "
+                    "over the other images"
+                )
             if kept:
                 yield kept
 
@@ -164,7 +130,6 @@ def build_checked_test_loader(
     num_workers: int = 0,
 ) -> CheckedTestLoader:
     """detectron2's ``build_detection_test_loader`` over ``dataset``, as a CheckedTestLoader."""
-    loader = build_detection_test_loader(
-        dataset, mapper=_CatchImageErrors(mapper), num_workers=num_workers
-    )
+    mapper = functools.partial(_map_or_bad_image, mapper)
+    loader = build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
     return CheckedTestLoader(loader, dataset_name=dataset_name, skip=check_mode(mode) == "skip")

@@ -1,11 +1,12 @@
 """Image resizing as detectron2 (PIL) or MMDetection (OpenCV) does it, and augmentation builders."""
 
-import sys
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple
 
 import numpy as np
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.transforms import Transform
+from PIL import Image
 
 from ..errors import DCNv2Error
 
@@ -44,68 +45,33 @@ def mmdet_rescale_size(h: int, w: int, short: float, long: float) -> Tuple[int, 
     return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
 
-class OpenCVResizeTransform(Transform):
+class OpenCVResizeTransform(T.ResizeTransform):
     """detectron2's ``ResizeTransform`` with ``cv2.resize``, as MMDetection's ``Resize``."""
 
-    def __init__(self, h: int, w: int, new_h: int, new_w: int):
-        super().__init__()
-        self._set_attributes(locals())
-
-    def _resize(self, img: np.ndarray, interpolation: int) -> np.ndarray:
+    def apply_image(self, img: np.ndarray, interp=None) -> np.ndarray:
+        """(H, W[, C]) image -> (new_h, new_w[, C]); ``interp`` Image.NEAREST or bilinear."""
+        if img.dtype == bool:  # a mask: OpenCV does not resize boolean arrays
+            return self.apply_image(img.view(np.uint8), interp).view(bool)
         if img.shape[:2] != (self.h, self.w):
             raise ValueError(
                 f"OpenCVResizeTransform for {self.h}x{self.w} images got an image of shape "
                 f"{img.shape}"
             )
-        out = _cv2().resize(
-            np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=interpolation
-        )
-        if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel
-            out = out[:, :, None]
-        return out
-
-    def apply_image(self, img: np.ndarray) -> np.ndarray:
-        """(H, W) or (H, W, C) image (uint8 or float) -> (new_h, new_w[, C]), same dtype."""
-        return self._resize(img, _cv2().INTER_LINEAR)
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        """(H, W) label map or mask -> (new_h, new_w), nearest neighbour (as MMDetection)."""
-        if segmentation.dtype == bool:  # OpenCV does not resize boolean arrays
-            return self._resize(segmentation.view(np.uint8), _cv2().INTER_NEAREST).view(bool)
-        return self._resize(segmentation, _cv2().INTER_NEAREST)
-
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        """(N, 2) ``(x, y)`` points, scaled by ``new_w / w`` and ``new_h / h``."""
-        coords[:, 0] = coords[:, 0] * (self.new_w * 1.0 / self.w)
-        coords[:, 1] = coords[:, 1] * (self.new_h * 1.0 / self.h)
-        return coords
+        cv2 = _cv2()
+        mode = cv2.INTER_NEAREST if interp == Image.NEAREST else cv2.INTER_LINEAR
+        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=mode)
+        return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out  # a lost channel
 
     def inverse(self) -> "OpenCVResizeTransform":
         return OpenCVResizeTransform(self.new_h, self.new_w, self.h, self.w)
 
 
-class OpenCVResizeShortestEdge(T.Augmentation):
+class OpenCVResizeShortestEdge(T.ResizeShortestEdge):
     """MMDetection's keep-ratio resize, ``short`` drawn as detectron2's ``ResizeShortestEdge``."""
-
-    def __init__(
-        self,
-        short_edge_length: Union[int, Sequence[int]],
-        max_size: int = sys.maxsize,
-        sample_style: str = "range",
-    ):
-        super().__init__()
-        if sample_style not in ("range", "choice"):
-            raise ValueError(f"sample_style must be 'range' or 'choice', got {sample_style!r}")
-        if isinstance(short_edge_length, int):
-            short_edge_length = (short_edge_length, short_edge_length)
-        short_edge_length = tuple(short_edge_length)
-        if sample_style == "range" and len(short_edge_length) != 2:
-            raise ValueError(f"sample_style 'range' takes [min, max], got {short_edge_length}")
-        self._init(locals())
 
     def get_transform(self, image: np.ndarray) -> Transform:
         h, w = image.shape[:2]
-        if self.sample_style == "range":
+        if self.is_range:
             short = np.random.randint(self.short_edge_length[0], self.short_edge_length[1] + 1)
         else:
             short = np.random.choice(self.short_edge_length)
@@ -115,47 +81,30 @@ class OpenCVResizeShortestEdge(T.Augmentation):
         return OpenCVResizeTransform(h, w, new_h, new_w)
 
 
-def _backend(cfg) -> str:
+def _with_backend(cfg, augmentation: List[T.Augmentation]) -> List[T.Augmentation]:
+    """detectron2's ``build_augmentation``, its resize done by ``INPUT.DCNV2.RESIZE_BACKEND``."""
     backend = cfg.INPUT.get("DCNV2", {}).get("RESIZE_BACKEND", "pil")
     if backend not in RESIZE_BACKENDS:
         raise ResizeBackendError(
-            f"INPUT.DCNV2.RESIZE_BACKEND is {backend!r}; expected one of "
-            + ", ".join(repr(b) for b in RESIZE_BACKENDS)
+            f"INPUT.DCNV2.RESIZE_BACKEND is {backend!r}; expected one of 'pil', 'opencv'"
         )
     if backend == "opencv":
-        _cv2()
-    return backend
-
-
-def _resize(cfg, short: Sequence[int], max_size: int, sample_style: str) -> T.Augmentation:
-    if _backend(cfg) == "opencv":
-        return OpenCVResizeShortestEdge(short, max_size, sample_style)
-    return T.ResizeShortestEdge(short, max_size, sample_style)
+        _cv2()  # installed?
+        d2 = augmentation[0]
+        augmentation[0] = OpenCVResizeShortestEdge(
+            d2.short_edge_length, d2.max_size, d2.sample_style
+        )
+    return augmentation
 
 
 def build_test_augmentation(cfg) -> List[T.Augmentation]:
     """The test resize with ``INPUT.DCNV2.RESIZE_BACKEND``'s method."""
-    size = cfg.INPUT.MIN_SIZE_TEST
-    return [_resize(cfg, [size, size], cfg.INPUT.MAX_SIZE_TEST, "choice")]
+    return _with_backend(cfg, utils.build_augmentation(cfg, False))
 
 
 def build_train_augmentation(cfg) -> List[T.Augmentation]:
     """``DatasetMapper(cfg, True)``'s augmentation with ``INPUT.DCNV2.RESIZE_BACKEND``."""
-    augmentation = [
-        _resize(
-            cfg,
-            cfg.INPUT.MIN_SIZE_TRAIN,
-            cfg.INPUT.MAX_SIZE_TRAIN,
-            cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-        )
-    ]
-    if cfg.INPUT.RANDOM_FLIP != "none":
-        augmentation.append(
-            T.RandomFlip(
-                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
-            )
-        )
+    augmentation = _with_backend(cfg, utils.build_augmentation(cfg, True))
     if cfg.INPUT.CROP.ENABLED:
         augmentation.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
     return augmentation

@@ -1,7 +1,9 @@
 """Checks of COCO instances files, and one-line errors for any failure while a dataset is read.
 
 ``DATASETS.DCNV2.ON_BAD_DATA`` "fail" stops a run on a bad entry; "skip" (training sets only) drops
-them with a warning. :func:`reading_dataset` names the dataset and json of a loader's failure.
+them with a warning. Malformed polygons are dropped only where they must be, in one warning: a box
+model keeps the box, a mask model the valid polygons. :func:`reading_dataset` names the dataset and
+json of a loader's failure.
 """
 
 import contextlib
@@ -11,18 +13,27 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.build import (
+    filter_images_with_few_keypoints,
+    filter_images_with_only_crowd_annotations,
+    load_proposals_into_dataset,
+    print_instances_class_histogram,
+)
+from detectron2.data.datasets import load_coco_json
+from detectron2.data.detection_utils import check_metadata_consistency
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import AnnotationError, DCNv2Error
-from . import polygons
 
 __all__ = [
-    "BAD_DATA_MODES",
     "CocoReport",
     "check_mode",
+    "listed",
     "load_training_dicts",
+    "polygon_problem",
     "reading_dataset",
     "validate_coco_json",
     "validate_datasets",
@@ -30,9 +41,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BAD_DATA_MODES = ("fail", "skip")
-_MAX_LISTED = 10
-_OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
+OPTION = "DATASETS.DCNV2.ON_BAD_DATA"
+_COCO = "expected an object with 'images', 'annotations' and 'categories' lists (COCO instances)"
+
+
+def listed(items: Sequence, limit: int = 10, sep: str = ", ") -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, and how many more there are."""
+    more = f"{sep}... and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(map(str, items[:limit])) + more
 
 
 @dataclass
@@ -40,40 +56,34 @@ class CocoReport:
     """What :func:`validate_coco_json` found: problems, drops, malformed polygons."""
 
     json_file: str
+    data: dict
     problems: List[str] = field(default_factory=list)
     bad_image_ids: set = field(default_factory=set)
     bad_annotation_indices: set = field(default_factory=set)
-    polygon_issues: List[polygons.PolygonIssue] = field(default_factory=list)
-    data: Optional[dict] = None
+    polygon_issues: Dict[int, "PolygonIssue"] = field(default_factory=dict)  # by annotation index
 
-    def summary(self, dataset_name: str, limit: int = _MAX_LISTED) -> str:
+    def summary(self, dataset_name: str) -> str:
         n = len(self.problems)
-        lines = [f"Dataset {dataset_name!r}: {self.json_file} has {n} problem{'s' * (n != 1)}:"]
-        lines += [f"  {p}" for p in self.problems[:limit]]
-        if n > limit:
-            lines.append(f"  ... and {n - limit} more")
-        return "\n".join(lines)
+        head = f"Dataset {dataset_name!r}: {self.json_file} has {n} problem{'s' * (n != 1)}:"
+        return "\n  ".join([head, listed(self.problems, sep="\n  ")])
 
     def cleaned(self, mask_on: bool = True) -> dict:
         """The parsed JSON without the bad entries, malformed polygons fixed for ``mask_on``."""
-        data = dict(self.data)
-        data["images"] = [
-            im
-            for im in data["images"]
-            if isinstance(_id(im), (int, str)) and _id(im) not in self.bad_image_ids
-        ]
-        kept = {_id(im) for im in data["images"]}
-        issues = {issue.index: issue for issue in self.polygon_issues}
+        images = [im for im in self.data["images"] if _is_key(_id(im))]
+        images = [im for im in images if _id(im) not in self.bad_image_ids]
+        kept = {_id(im) for im in images}
         annotations = []
-        for i, a in enumerate(data["annotations"]):
+        for i, a in enumerate(self.data["annotations"]):
             if i in self.bad_annotation_indices or a.get("image_id") not in kept:
                 continue
-            if i in issues:
-                a = polygons.fix_annotation(a, issues[i], mask_on)
+            issue = self.polygon_issues.get(i)
+            if issue is not None and not mask_on:  # a box model keeps the box
+                a = {k: v for k, v in a.items() if k != "segmentation"}
+            elif issue is not None:  # a mask model keeps the valid polygons, if any
+                a = dict(a, segmentation=issue.valid) if issue.valid else None
             if a is not None:
                 annotations.append(a)
-        data["annotations"] = annotations
-        return data
+        return dict(self.data, images=images, annotations=annotations)
 
 
 def _id(entry):
@@ -84,16 +94,18 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_key(v) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_mode(mode: str) -> str:
     """``mode`` if it is a ``DATASETS.DCNV2.ON_BAD_DATA`` value, else an AnnotationError."""
-    if mode not in BAD_DATA_MODES:
-        raise AnnotationError(
-            f"{_OPTION} is {mode!r}; expected one of {', '.join(map(repr, BAD_DATA_MODES))}"
-        )
+    if mode not in ("fail", "skip"):
+        raise AnnotationError(f"{OPTION} is {mode!r}; expected one of 'fail', 'skip'")
     return mode
 
 
@@ -125,31 +137,20 @@ def reading_dataset(name: str):
 def _load_json(json_file: str) -> dict:
     try:
         with open(json_file, "rb") as f:
-            raw = f.read()
+            data = json.load(f)
     except OSError as e:
         raise AnnotationError(f"Cannot read annotation file {json_file}: {e.strerror}") from None
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         where = f" (line {e.lineno}, column {e.colno})" if hasattr(e, "lineno") else ""
         raise AnnotationError(
-            f"Annotation file {json_file} is not valid JSON{where}: {getattr(e, 'msg', e)}. "
-            "Expected a COCO instances file: an object with 'images', 'annotations' and "
-            "'categories' lists. A file cut short by an interrupted copy looks like this."
+            f"Annotation file {json_file} is not valid JSON{where}: {getattr(e, 'msg', e)} (cut "
+            f"short by an interrupted copy?); {_COCO}"
         ) from None
-    if not isinstance(data, dict):
-        raise AnnotationError(
-            f"Annotation file {json_file} holds a JSON {type(data).__name__}; expected an object "
-            "with 'images', 'annotations' and 'categories' lists (COCO instances format)"
-        )
-    missing = [
-        k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)
-    ]
+    keys = ("images", "annotations", "categories")
+    missing = [k for k in keys if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
         raise AnnotationError(
-            f"Annotation file {json_file} has no {' / '.join(repr(k) for k in missing)} list; "
-            "expected an object with 'images', 'annotations' and 'categories' lists "
-            "(COCO instances format)"
+            f"Annotation file {json_file} has no {' / '.join(map(repr, missing))} list; {_COCO}"
         )
     return data
 
@@ -164,9 +165,7 @@ def _category_ids(json_file: str, categories: list) -> set:
                 "string 'name'; expected 'categories' entries like {'id': 1, 'name': 'person'}"
             )
         if cid in cat_ids:
-            raise AnnotationError(
-                f"Annotation file {json_file}: category id {cid} appears twice in 'categories'"
-            )
+            raise AnnotationError(f"Annotation file {json_file}: category id {cid} appears twice")
         cat_ids.add(cid)
     if not cat_ids:
         raise AnnotationError(f"Annotation file {json_file}: 'categories' is empty")
@@ -176,7 +175,7 @@ def _category_ids(json_file: str, categories: list) -> set:
 def _image_problem(im, id_type, sizes) -> Optional[str]:
     """What is wrong with an ``images`` entry; a valid, new id goes into ``sizes``."""
     iid = _id(im)
-    if not isinstance(im, dict) or not isinstance(iid, (int, str)) or isinstance(iid, bool):
+    if not _is_key(iid):
         return f"image entry {im!r} has no integer or string 'id'"
     if type(iid) is not id_type:
         return (
@@ -199,13 +198,10 @@ def validate_coco_json(
 ) -> CocoReport:
     """Check a COCO instances file entry by entry (and, with ``check_files``, its image files)."""
     data = _load_json(json_file)
-    report = CocoReport(json_file=json_file, data=data)
-    problems = report.problems
+    report = CocoReport(json_file, data)
     cat_ids = _category_ids(json_file, data["categories"])
-
     sizes = {}  # image id -> (height, width)
-    first = _id(data["images"][0]) if data["images"] else None
-    id_type = str if isinstance(first, str) else int
+    id_type = str if data["images"] and isinstance(_id(data["images"][0]), str) else int
     for im in data["images"]:
         problem = _image_problem(im, id_type, sizes)
         if problem is None and check_files and image_root is not None:
@@ -213,122 +209,143 @@ def validate_coco_json(
             if not os.path.isfile(path):
                 problem = f"image id {im['id']}: file {path} not found"
         if problem is not None:
-            problems.append(problem)
-            iid = _id(im)
-            report.bad_image_ids.add(iid if isinstance(iid, (int, str)) else None)
+            report.problems.append(problem)
+            report.bad_image_ids.add(_id(im) if _is_key(_id(im)) else None)
 
     seen_ann_ids = set()
-    cats_text = _ids_text(cat_ids)
+    cats_text = listed(sorted(cat_ids), 12)
     for i, a in enumerate(data["annotations"]):
         aid = _id(a)
-        what = f"annotation id {aid}" if aid is not None else f"annotation #{i}"
         problem = _annotation_problem(a, sizes, cat_ids, cats_text)
         if problem is None and aid in seen_ann_ids:
             problem = "repeats an annotation id (detectron2 needs unique ids)"
-        if problem is not None:
-            img = a.get("image_id") if isinstance(a, dict) else None
-            problems.append(f"{what}{f' (image {img})' if img is not None else ''}: {problem}")
-            report.bad_annotation_indices.add(i)
-        else:
+        if problem is None:
             seen_ann_ids.add(aid)
-    report.polygon_issues = [
-        issue
-        for issue in polygons.find_polygon_issues(data["annotations"])
-        if issue.index not in report.bad_annotation_indices
-    ]
+            issue = _polygon_issue(a)
+            if issue is not None:
+                report.polygon_issues[i] = issue
+            continue
+        what = f"annotation id {aid}" if aid is not None else f"annotation #{i}"
+        img = a.get("image_id") if isinstance(a, dict) else None
+        report.problems.append(f"{what}{f' (image {img})' if img is not None else ''}: {problem}")
+        report.bad_annotation_indices.add(i)
     return report
-
-
-def _ids_text(ids: Iterable[int], limit: int = 12) -> str:
-    ids = sorted(ids)
-    text = ", ".join(str(i) for i in ids[:limit])
-    return text + (", ..." if len(ids) > limit else "")
 
 
 def _annotation_problem(a, sizes, cat_ids, cats_text) -> Optional[str]:
     if not isinstance(a, dict):
         return f"is a {type(a).__name__}, expected an object"
-    aid = a.get("id")
-    if not isinstance(aid, (int, str)) or isinstance(aid, bool):
+    aid, image_id, cid, box = (a.get(k) for k in ("id", "image_id", "category_id", "bbox"))
+    crowd, area, k = a.get("iscrowd", 0), a.get("area", 0), a.get("keypoints")
+    if not _is_key(aid):
         return f"'id' {aid!r} is not an integer or string (pycocotools indexes by it)"
-    image_id = a.get("image_id")
-    if not isinstance(image_id, (int, str)) or isinstance(image_id, bool) or image_id not in sizes:
-        return f"image_id {a.get('image_id')!r} is not in 'images'"
-    cid = a.get("category_id")
+    if not _is_key(image_id) or image_id not in sizes:
+        return f"image_id {image_id!r} is not in 'images'"
     if not _is_int(cid) or cid not in cat_ids:
         return f"category_id {cid!r} is not in 'categories' (ids {cats_text})"
-    box = a.get("bbox")
     if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
         return f"bbox {box!r} is not [x, y, width, height] with 4 finite numbers"
     if box[2] < 0 or box[3] < 0:
-        return f"bbox {list(box)} has a negative size; expected [x, y, width, height], w, h >= 0"
-    if a.get("iscrowd", 0) not in (0, 1) or type(a.get("iscrowd", 0)) not in (int, bool):
-        return f"iscrowd {a.get('iscrowd')!r} is not 0 or 1"
-    if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
-        return f"area {a['area']!r} is not a non-negative number"
+        return f"bbox {box} has a negative size; expected [x, y, width, height], w, h >= 0"
+    if crowd not in (0, 1) or type(crowd) not in (int, bool):
+        return f"iscrowd {crowd!r} is not 0 or 1"
+    if not (_is_number(area) and area >= 0):
+        return f"area {area!r} is not a non-negative number"
     if a.get("ignore", 0) not in (0, False):
         return "has 'ignore' set, which detectron2 does not support (use 'iscrowd': 1)"
-    problem = _segmentation_problem(a.get("segmentation"), sizes[a["image_id"]])
-    if problem is None and a.get("keypoints") is not None:
-        k = a["keypoints"]
-        if not (isinstance(k, list) and len(k) % 3 == 0 and all(map(_is_number, k))):
-            problem = f"keypoints {k!r} is not a list of [x, y, visibility] numbers"
-    return problem
-
-
-def _segmentation_problem(segmentation, size) -> Optional[str]:
-    """What is wrong with a ``segmentation``'s type; ``size``: its image's (height, width)."""
-    if segmentation is None or isinstance(segmentation, list):
-        return None
-    if not isinstance(segmentation, dict):
+    if k is not None and not (isinstance(k, list) and len(k) % 3 == 0 and all(map(_is_number, k))):
+        return f"keypoints {k!r} is not a list of [x, y, visibility] numbers"
+    seg, size = a.get("segmentation"), list(sizes[image_id])
+    if seg is None or isinstance(seg, list):
+        return None  # polygons: _polygon_issue
+    if not isinstance(seg, dict):
         return (
-            f"segmentation {segmentation!r} is neither a list of polygons nor an RLE "
+            f"segmentation {seg!r} is neither a list of polygons nor an RLE "
             "{'counts': ..., 'size': [height, width]}"
         )
-    counts, rle_size = segmentation.get("counts"), segmentation.get("size")
+    counts, rle_size = seg.get("counts"), seg.get("size")
     if not (isinstance(counts, str) or (isinstance(counts, list) and all(map(_is_int, counts)))):
         return f"RLE segmentation 'counts' {counts!r} is not a string or a list of integers"
     if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(map(_is_int, rle_size))):
         return f"RLE segmentation 'size' {rle_size!r} is not [height, width]"
-    if all(map(_is_int, size)) and rle_size != list(size):
-        return f"RLE segmentation 'size' {rle_size} differs from its image's {list(size)}"
+    if all(map(_is_int, size)) and rle_size != size:
+        return f"RLE segmentation 'size' {rle_size} differs from its image's {size}"
     return None
 
 
-def _coco_files(name: str):
-    """(json_file, image_root) of a dataset read by ``load_coco_json``, else Nones."""
+def polygon_problem(polygon) -> Optional[str]:
+    """What is wrong with one polygon, or None when it is a valid ``[x1, y1, ..., xn, yn]``."""
+    if not isinstance(polygon, (list, tuple)):
+        return f"a polygon is a {type(polygon).__name__}, not a list of coordinates"
+    numbers = [v for v in polygon if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) != len(polygon):
+        return f"a polygon holds {len(polygon) - len(numbers)} non-numeric value(s)"
+    if not all(math.isfinite(v) for v in numbers):
+        return "a polygon holds a non-finite coordinate (NaN or infinity)"
+    if len(polygon) % 2:
+        return f"a polygon has an odd count of numbers ({len(polygon)}); expected x, y pairs"
+    if len(polygon) < 6:
+        return f"a polygon has {len(polygon)} numbers; expected at least 6 (3 points)"
+    return None
+
+
+@dataclass
+class PolygonIssue:
+    """An annotation with malformed polygons: the first problem, the valid ones."""
+
+    annotation: dict
+    reason: str
+    valid: List[list]
+
+
+def _polygon_issue(a: dict) -> Optional[PolygonIssue]:
+    segmentation = a.get("segmentation")
+    if not isinstance(segmentation, list):
+        return None  # an RLE, or no mask
+    problems = [polygon_problem(p) for p in segmentation]
+    bad = [p for p in problems if p is not None]
+    if not bad:
+        return None
+    valid = [poly for poly, p in zip(segmentation, problems) if p is None]
+    many = f" ({len(bad)} of its {len(segmentation)} polygons)" if len(segmentation) > 1 else ""
+    return PolygonIssue(a, bad[0] + many, valid)
+
+
+def _polygon_warning(name: str, report: CocoReport, mask_on: bool) -> str:
+    """The one warning naming every annotation with malformed polygons, and what training does."""
+    files = {_id(im): im.get("file_name") for im in report.data["images"] if _is_key(_id(im))}
+    lines = []
+    for issue in report.polygon_issues.values():
+        if not mask_on:
+            action = "box kept without its segmentation"
+        elif issue.valid:
+            action = f"kept with its {len(issue.valid)} valid polygon(s)"
+        else:
+            action = "instance dropped (no valid polygon for its mask)"
+        image_id, aid = issue.annotation["image_id"], issue.annotation["id"]
+        image = files.get(image_id, image_id)
+        lines.append(f"image {image}, annotation id {aid}: {issue.reason}; {action}")
+    n = len(lines)
+    head = (
+        f"Dataset {name!r}: {report.json_file} has {n} annotation{'s' * (n != 1)} with malformed "
+        "polygons (expected [x1, y1, x2, y2, ...] with at least 3 points):"
+    )
+    tail = (
+        "MODEL.MASK_ON is True: an instance without a valid polygon has no mask to learn."
+        if mask_on
+        else "MODEL.MASK_ON is False: the boxes train as usual."
+    )
+    return "\n  ".join([head, listed(lines, sep="\n  ")]) + "\n" + tail
+
+
+def _report(name: str, check_files: bool = True) -> Optional[CocoReport]:
+    """The report of a dataset read by ``load_coco_json``, None for others or a missing json."""
     meta = MetadataCatalog.get(name)
-    if meta.get("evaluator_type", None) != "coco":
-        return None, None
-    return meta.get("json_file", None), meta.get("image_root", None)
-
-
-def _category_text(categories: List[tuple]) -> str:
-    text = ", ".join(f"{cid}:{name}" for cid, name in categories[:_MAX_LISTED])
-    return text + (f", ... ({len(categories)} in all)" if len(categories) > _MAX_LISTED else "")
-
-
-def _check_categories(
-    json_file: str,
-    categories: List[tuple],
-    num_classes: Dict[str, int],
-    first: Optional[tuple],
-) -> None:
-    """Check the categories fit the model's class count and equal the first dataset's."""
-    for key, value in num_classes.items():
-        if value != len(categories):
-            raise AnnotationError(
-                f"Annotation file {json_file} has {len(categories)} categories "
-                f"({_category_text(categories)}) but {key} is {value}; expected them equal. Set "
-                f"{key} {len(categories)} (a model trained with another count keeps a head of "
-                "the wrong size), or use a dataset with the model's categories."
-            )
-    if first is not None and categories != first[1]:
-        raise AnnotationError(
-            f"Annotation files {first[0]} and {json_file} list different categories "
-            f"({_category_text(first[1])} vs {_category_text(categories)}); expected the same "
-            "ids and names in every dataset of a run (class indices follow the sorted ids)."
-        )
+    json_file = meta.get("json_file", None)
+    if meta.get("evaluator_type", None) != "coco" or not os.path.isfile(json_file or ""):
+        return None  # not COCO-format, or check_datasets reports it
+    with reading_dataset(name):
+        return validate_coco_json(json_file, meta.get("image_root", None), check_files=check_files)
 
 
 def validate_datasets(
@@ -349,38 +366,48 @@ def validate_datasets(
         dict: dataset name -> report, for the datasets with problems (warned about).
     """
     check_mode(mode)
-    reports = {}
-    first_categories = None
+    reports, first = {}, None  # first: (json_file, categories, their text)
     for name in dict.fromkeys(list(train_names) + list(test_names)):
-        json_file, image_root = _coco_files(name)
-        if json_file is None or not os.path.isfile(json_file):
-            continue  # not COCO-format, or check_datasets reports it
-        with reading_dataset(name):
-            report = validate_coco_json(json_file, image_root)
-        categories = sorted((_id(c), c["name"]) for c in report.data["categories"])
-        _check_categories(json_file, categories, num_classes or {}, first_categories)
-        first_categories = first_categories or (json_file, categories)
+        report = _report(name)
+        if report is None:
+            continue
+        json_file = report.json_file
+        cats = sorted((_id(c), c["name"]) for c in report.data["categories"])
+        text = listed([f"{cid}:{cat}" for cid, cat in cats])
+        for key, value in (num_classes or {}).items():
+            if value != len(cats):
+                raise AnnotationError(
+                    f"Annotation file {json_file} has {len(cats)} categories ({text}) but {key} "
+                    f"is {value}; expected them equal. Set {key} {len(cats)} (a model trained "
+                    "with another count keeps a head of the wrong size), or use a dataset with "
+                    "the model's categories."
+                )
+        first = first or (json_file, cats, text)
+        if cats != first[1]:
+            raise AnnotationError(
+                f"Annotation files {first[0]} and {json_file} list different categories "
+                f"({first[2]} vs {text}); expected the same ids and names in every dataset of a "
+                "run (class indices follow the sorted ids)."
+            )
         if name in train_names and not report.data["annotations"]:
             raise AnnotationError(
-                f"Annotation file {json_file} (training set {name!r}) has no annotations "
-                "('annotations' is empty); expected at least one object to train on"
+                f"Annotation file {json_file} (training set {name!r}) has no annotations; "
+                "expected at least one object to train on"
             )
         if not report.problems:
             continue
         if name in test_names:
-            hint = (
-                "This dataset is evaluated on, and evaluation reads this file as ground truth: "
-                "fix the file."
+            raise AnnotationError(
+                report.summary(name) + "\nThis dataset is evaluated on, and evaluation reads "
+                "this file as ground truth: fix the file."
             )
-            raise AnnotationError(report.summary(name) + "\n" + hint)
         if mode == "fail":
             raise AnnotationError(
-                report.summary(name)
-                + f"\nFix the file, or set {_OPTION} skip to drop these entries with a warning "
-                "and train on the rest."
+                report.summary(name) + f"\nFix the file, or set {OPTION} skip to drop these "
+                "entries with a warning and train on the rest."
             )
         logger.warning(
-            report.summary(name) + f"\n{_OPTION} is 'skip': training without these entries."
+            report.summary(name) + f"\n{OPTION} is 'skip': training without these entries."
         )
         reports[name] = report
     return reports
@@ -398,84 +425,47 @@ def load_training_dicts(
     """Training dataset dicts as ``get_detection_dataset_dicts`` gives them, bad entries handled."""
     names = [names] if isinstance(names, str) else list(names)
     reports = validate_datasets(names, (), mode) if check_mode(mode) == "skip" else {}
-    reports.update(_polygon_reports([n for n in names if n not in reports]))
     per_dataset = []
     for name in names:
         report = reports.get(name)
+        if report is None:  # only its malformed polygons are handled
+            full = _report(name, check_files=False)
+            if full is not None and full.polygon_issues:
+                report = CocoReport(full.json_file, full.data, polygon_issues=full.polygon_issues)
         if report is not None and report.polygon_issues:
-            files = {_id(im): im.get("file_name") for im in report.data["images"]}
-            logger.warning(
-                polygons.warning(name, report.json_file, report.polygon_issues, files, mask_on)
-            )
+            logger.warning(_polygon_warning(name, report, mask_on))
         with reading_dataset(name):
             if report is None:
                 per_dataset.append(DatasetCatalog.get(name))
-            else:
-                per_dataset.append(_cleaned_dicts(name, report, mask_on))
+                continue
+            # What register_coco_instances's loader returns, read from the cleaned JSON.
+            with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+                json.dump(report.cleaned(mask_on), f)
+                f.flush()
+                image_root = MetadataCatalog.get(name).image_root
+                per_dataset.append(load_coco_json(f.name, image_root, name))
     return _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files)
-
-
-def _polygon_reports(names: Sequence[str]) -> Dict[str, CocoReport]:
-    """Reports, holding only malformed polygons, of the COCO-format sets among ``names``."""
-    reports = {}
-    for name in dict.fromkeys(names):
-        json_file, image_root = _coco_files(name)
-        if json_file is None or not os.path.isfile(json_file):
-            continue
-        with reading_dataset(name):
-            report = validate_coco_json(json_file, image_root, check_files=False)
-        if report.polygon_issues:
-            report.bad_image_ids.clear()
-            report.bad_annotation_indices.clear()
-            reports[name] = report
-    return reports
-
-
-def _cleaned_dicts(name: str, report: CocoReport, mask_on: bool = True) -> List[dict]:
-    # What register_coco_instances's loader returns, read from the cleaned JSON.
-    from detectron2.data.datasets import load_coco_json
-
-    with tempfile.TemporaryDirectory(prefix="dcnv2_clean_annotations_") as tmp:
-        clean_file = os.path.join(tmp, "annotations.json")
-        with open(clean_file, "w") as f:
-            json.dump(report.cleaned(mask_on), f)
-        return load_coco_json(clean_file, _coco_files(name)[1], name)
 
 
 def _prepare_dicts(names, per_dataset, filter_empty, min_keypoints, proposal_files):
     # detectron2's get_detection_dataset_dicts after DatasetCatalog.get (it takes names).
-    from detectron2.data.build import (
-        filter_images_with_few_keypoints,
-        filter_images_with_only_crowd_annotations,
-        load_proposals_into_dataset,
-        print_instances_class_histogram,
-    )
-    from detectron2.data.detection_utils import check_metadata_consistency
-    from torch.utils.data import ConcatDataset, Dataset
-
     if isinstance(per_dataset[0], Dataset):
         return per_dataset[0] if len(per_dataset) == 1 else ConcatDataset(per_dataset)
     for name, dicts in zip(names, per_dataset):
         if not len(dicts):
             raise AnnotationError(f"Dataset {name!r} has no image left to train on")
     if proposal_files is not None:
-        per_dataset = [
-            load_proposals_into_dataset(dicts, proposal_file)
-            for dicts, proposal_file in zip(per_dataset, proposal_files)
-        ]
+        per_dataset = list(map(load_proposals_into_dataset, per_dataset, proposal_files))
     dataset_dicts = [d for dicts in per_dataset for d in dicts]
-    has_instances = "annotations" in dataset_dicts[0]
-    if filter_empty and has_instances:
-        dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
-    if min_keypoints > 0 and has_instances:
-        dataset_dicts = filter_images_with_few_keypoints(dataset_dicts, min_keypoints)
-    if has_instances:
-        try:
+    if "annotations" in dataset_dicts[0]:
+        if filter_empty:
+            dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
+        if min_keypoints > 0:
+            dataset_dicts = filter_images_with_few_keypoints(dataset_dicts, min_keypoints)
+        with contextlib.suppress(AttributeError):  # class names are not available
             class_names = MetadataCatalog.get(names[0]).thing_classes
             check_metadata_consistency("thing_classes", names)
             print_instances_class_histogram(dataset_dicts, class_names)
-        except AttributeError:  # class names are not available for this dataset
-            pass
     if not dataset_dicts:
         raise AnnotationError(f"No image left to train on in {', '.join(names)}")
     return dataset_dicts
