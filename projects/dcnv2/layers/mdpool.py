@@ -47,20 +47,16 @@ def deform_roi_align(
     size = tuple(_pair(output_size))
     if features.dim() != 4 or not features.is_floating_point():
         raise ValueError(
-            f"features must be a floating-point (N, C, H, W) tensor, got {features.dtype} "
-            f"of shape {tuple(features.shape)}"
+            f"features must be float (N, C, H, W), got {features.dtype} {features.shape}"
         )
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"output_size must be a positive int or pair, got {size}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(
-            f"rois must be (R, 5) rows of (batch index, x0, y0, x1, y1), got {rois.shape}"
+            f"rois must be (R, 5) rows (batch index, x0, y0, x1, y1), got {rois.shape}"
         )
     if offset is not None and offset.shape != (rois.shape[0], 2, *size):
-        raise ValueError(
-            f"offset must be (R, 2, {size[0]}, {size[1]}) = (RoIs, (dx, dy), bins), got "
-            f"{tuple(offset.shape)} for {rois.shape[0]} RoIs"
-        )
+        raise ValueError(f"offset must be (R, 2, {size[0]}, {size[1]}), got {tuple(offset.shape)}")
     args = (size, float(spatial_scale), int(sampling_ratio), float(gamma), bool(aligned))
     if _use_kernels(features, rois, impl):
         offset = None if offset is None else offset.to(features.dtype)
@@ -113,20 +109,12 @@ class _DeformRoIAlign(torch.autograd.Function):
         grad_features, grad_offset = torch.ops.dcnv2_mdpool.backward(
             grad_out.contiguous(), features, rois, offset, *ctx.args, need_features, need_offset
         )
-        # Where not needed the kernels return empty tensors, which autograd drops; not for a
-        # None offset.
+        # Gradients not asked for come back empty and autograd drops them; a None offset gets None.
         return grad_features, None, grad_offset if need_offset else None, *[None] * 5
 
 
 def _deform_roi_align_torch(
-    features: Tensor,
-    rois: Tensor,
-    offset: Optional[Tensor],
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    gamma: float,
-    aligned: bool,
+    features, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, aligned
 ) -> Tensor:
     """``deform_roi_align`` in PyTorch ops, one ``grid_sample`` per (image, sample grid) group."""
     ph, pw = output_size
@@ -271,8 +259,12 @@ class ModulatedDeformRoIAlign(nn.Module):
         return out.to(features.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"output_size={self.output_size}, in_channels={self.in_channels}, "
-            f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
-            f"gamma={self.gamma}, aligned={self.aligned}"
+        names = (
+            "output_size",
+            "in_channels",
+            "spatial_scale",
+            "sampling_ratio",
+            "gamma",
+            "aligned",
         )
+        return ", ".join(f"{k}={getattr(self, k)}" for k in names)

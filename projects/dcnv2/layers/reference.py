@@ -4,6 +4,7 @@ Written from detectron2's CUDA kernels (bilinear sampling with ``floor`` held fi
 PyTorch ops, differentiated by autograd, independently of every backend; for small checks.
 """
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,9 +86,7 @@ def deform_conv_reference(
     return result
 
 
-def output_size(
-    size: Tuple[int, int], kernel: Tuple[int, int], stride, padding, dilation
-) -> Tuple[int, int]:
+def output_size(size, kernel, stride, padding, dilation) -> Tuple[int, int]:
     """(Ho, Wo) of a convolution of an (H, W) input."""
     return tuple(
         (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
@@ -103,11 +102,8 @@ def reference_cases(quick: bool = False) -> List[Dict]:
     """The checked cases ("random", "integer", "border"): float64 CPU arguments and geometry."""
     g = torch.Generator().manual_seed(0)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    def unit(*shape):
-        return torch.rand(*shape, generator=g, dtype=torch.float64)
+    rand = functools.partial(torch.randn, generator=g, dtype=torch.float64)
+    unit = functools.partial(torch.rand, generator=g, dtype=torch.float64)
 
     size = (7, 9) if quick else (9, 11)
     ho, wo = output_size((8, 10), (3, 3), (2, 2), (2, 2), (2, 2))
