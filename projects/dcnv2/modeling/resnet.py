@@ -52,8 +52,8 @@ class DCNv2BottleneckBlock(DeformBottleneckBlock):
         CNNBlockBase.__init__(self, in_channels, out_channels, stride)  # not detectron2's, above
         self.deform_modulated = deform_modulated
 
-        def conv_norm(conv_class, c_in, c_out, **kwargs):
-            return conv_class(c_in, c_out, bias=False, norm=get_norm(norm, c_out), **kwargs)
+        def conv_norm(conv_class, c_in, c_out, *args, **kwargs):
+            return conv_class(c_in, c_out, *args, bias=False, norm=get_norm(norm, c_out), **kwargs)
 
         self.shortcut = None
         if in_channels != out_channels:
