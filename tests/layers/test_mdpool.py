@@ -159,7 +159,11 @@ def test_empty_roi_lists_and_levels_without_rois():
 
 def test_shared_and_per_level_layouts():
     per_level, shared = _pooler(share=False), _pooler(share=True)
-    assert len(per_level.level_poolers) == 4 and len(shared.level_poolers) == 1
+    assert len(per_level.level_poolers) == 4 and len(shared.level_poolers) == 4
+    # The shared parameters are saved once, under level 0 (the per-level layout's level-0 keys).
+    assert list(shared.state_dict()) == [
+        k for k in per_level.state_dict() if k.startswith("level_poolers.0.")
+    ]
     one = sum(p.numel() for p in shared.parameters())
     assert sum(p.numel() for p in per_level.parameters()) == 4 * one
     # Same function when every level holds the shared weights, with each level's own scale.
@@ -274,7 +278,8 @@ def test_recipe_trains_one_step_on_cpu(name, opts, mdpool_heads):
     sum(losses.values()).backward()
     for head in mdpool_heads:
         pooler = getattr(model.roi_heads, head)
-        grads = [layer.mask_fc[-2].weight.grad for layer in pooler.level_poolers]
+        layers = [m for m in pooler.modules() if isinstance(m, ModulatedDeformRoIAlign)]
+        grads = [layer.mask_fc[-2].weight.grad for layer in layers]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
 

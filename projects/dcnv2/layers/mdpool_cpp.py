@@ -1,19 +1,16 @@
 """Compiled CPU kernels of modulated deformable RoI pooling (``csrc/mdpool_cpu.cpp``).
 
-Built on first use; without them :func:`.mdpool.deform_roi_align` uses PyTorch ops.
+Built on first use into ``torch.ops.dcnv2_mdpool``; without them
+:func:`.mdpool.deform_roi_align` uses PyTorch ops.
 """
 
 import logging
 import os
-from typing import Optional, Tuple
-
-import torch
+from typing import Optional
 
 from .extension import JitExtension
 
-__all__ = ["is_available", "error", "forward", "backward"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["is_available", "error"]
 
 _EXTENSION = JitExtension(
     name="dcnv2_mdpool_cpu",
@@ -21,7 +18,7 @@ _EXTENSION = JitExtension(
     probe="dcnv2_mdpool.forward",
     what="mdpool kernels",
     fallback="PyTorch-op implementation",
-    logger=logger,
+    logger=logging.getLogger(__name__),
 )
 
 
@@ -33,25 +30,3 @@ def is_available(warn: bool = True) -> bool:
 def error() -> Optional[str]:
     """Why the build failed, or None."""
     return _EXTENSION.error()
-
-
-def forward(features, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, aligned):
-    """(R, C, Ph, Pw) pooled features; arguments as ``deform_roi_align``'s, validated."""
-    return torch.ops.dcnv2_mdpool.forward(
-        features, rois, offset, *output_size, spatial_scale, sampling_ratio, gamma, aligned
-    )
-
-
-def backward(
-    grad_out, features, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, aligned,
-    need_features, need_offset,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
-    """Gradients for the features and the offsets, None where not asked for."""
-    grad_features, grad_offset = torch.ops.dcnv2_mdpool.backward(
-        grad_out.contiguous(), features, rois, offset, *output_size, spatial_scale,
-        sampling_ratio, gamma, aligned, need_features, need_offset,
-    )  # fmt: skip
-    return (
-        grad_features if need_features else None,
-        grad_offset if need_offset and offset is not None else None,
-    )

@@ -29,15 +29,12 @@ def _taps(xp, offset, mask, kernel, stride, padding, dilation, dg, positions) ->
     height, width = xp.shape[1] - 2, xp.shape[2] - 2
     kh, kw = kernel
     dtype, device = offset.dtype, offset.device
-    ar = torch.arange
-    base_h = (ar(kh, device=device) * dilation[0]).view(kh, 1, 1, 1) + (
-        ar(ho, device=device) * stride[0] - padding[0]
-    ).view(1, 1, ho, 1)
-    base_w = (ar(kw, device=device) * dilation[1]).view(1, kw, 1, 1) + (
-        ar(wo, device=device) * stride[1] - padding[1]
-    ).view(1, 1, 1, wo)
-    base_h = base_h.expand(kh, kw, ho, wo).reshape(kh * kw, ho * wo)[:, positions].t().to(dtype)
-    base_w = base_w.expand(kh, kw, ho, wo).reshape(kh * kw, ho * wo)[:, positions].t().to(dtype)
+    i, j = torch.meshgrid(*(torch.arange(k, device=device) for k in kernel), indexing="ij")
+    oh, ow = torch.meshgrid(*(torch.arange(k, device=device) for k in (ho, wo)), indexing="ij")
+    # (Pc, K) positions of every tap before the offsets.
+    base_h = (i * dilation[0]).reshape(-1, 1) + (oh * stride[0] - padding[0]).reshape(1, -1)
+    base_w = (j * dilation[1]).reshape(-1, 1) + (ow * stride[1] - padding[1]).reshape(1, -1)
+    base_h, base_w = (b[:, positions].t().to(dtype) for b in (base_h, base_w))
     # Offset channels of a group: (dy, dx) for tap 0, then tap 1, ...
     off = offset.view(n, dg, kh * kw, 2, ho * wo)[..., positions].permute(0, 4, 2, 1, 3)
     h = base_h[None, :, :, None] + off[..., 0]

@@ -1,11 +1,12 @@
-"""A float64 NumPy reference of the deformable convolution, forward and every gradient.
+"""A float64 reference of the deformable convolution, forward and every gradient.
 
-Written from detectron2's CUDA kernels independently of every backend; slow, for small checks.
+Written from detectron2's CUDA kernels (bilinear sampling with ``floor`` held fixed) in plain
+PyTorch ops, differentiated by autograd, independently of every backend; for small checks.
 """
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -16,12 +17,6 @@ __all__ = [
     "output_size",
     "reference_cases",
 ]
-
-_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
-
-
-def _corner_weights(lh: np.ndarray, lw: np.ndarray):
-    return ((1 - lh) * (1 - lw), (1 - lh) * lw, lh * (1 - lw), lh * lw)
 
 
 def deform_conv_reference(
@@ -51,72 +46,47 @@ def deform_conv_reference(
         ``{"out", "input", "offset", "mask", "weight", "bias"}``: float64 CPU tensors (None if not
         given).
     """
-    xs, off, w, go = (t.detach().double().cpu().numpy() for t in (x, offset, weight, grad_out))
-    m = None if mask is None else mask.detach().double().cpu().numpy()
-    n, c_in, height, width = xs.shape
-    c_out, cin_g, kh, kw = w.shape
-    ho, wo = off.shape[2:]
-    taps, cout_g = kh * kw, c_out // groups
-    oh, ow = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
-    out = np.zeros((n, c_out, ho, wo))
-    grad = {
-        "input": np.zeros_like(xs),
-        "offset": np.zeros_like(off),
-        "mask": None if m is None else np.zeros_like(m),
-        "weight": np.zeros_like(w),
+    given = dict(input=x, offset=offset, mask=mask, weight=weight, bias=bias)
+    leaves = {
+        k: t.detach().double().cpu().requires_grad_() for k, t in given.items() if t is not None
     }
-    for b in range(n):
-        for c in range(c_in):
-            g, grp = c // (c_in // dg), c // cin_g
-            outs = slice(grp * cout_g, (grp + 1) * cout_g)
-            plane = xs[b, c]
-            for i in range(kh):
-                for j in range(kw):
-                    k = i * kw + j
-                    dy_c, dx_c = g * 2 * taps + 2 * k, g * 2 * taps + 2 * k + 1
-                    h = oh * stride[0] - padding[0] + i * dilation[0] + off[b, dy_c]
-                    ww = ow * stride[1] - padding[1] + j * dilation[1] + off[b, dx_c]
-                    inside = (h > -1) & (h < height) & (ww > -1) & (ww < width)
-                    hl, wl = np.floor(h).astype(int), np.floor(ww).astype(int)
-                    lh, lw = h - hl, ww - wl
-                    values, valid = [], []
-                    for a, e in _CORNERS:
-                        y, xx = hl + a, wl + e
-                        ok = inside & (y >= 0) & (y < height) & (xx >= 0) & (xx < width)
-                        yc, xc = np.clip(y, 0, height - 1), np.clip(xx, 0, width - 1)
-                        values.append(np.where(ok, plane[yc, xc], 0.0))
-                        valid.append((ok, yc, xc))
-                    cw = _corner_weights(lh, lw)
-                    val = sum(c_w * v for c_w, v in zip(cw, values))
-                    mk = np.ones_like(h) if m is None else m[b, g * taps + k]
-                    col = val * mk
-                    wk = w[outs, c - grp * cin_g, i, j]  # (cout_g,)
-                    out[b, outs] += wk[:, None, None] * col
-                    grad["weight"][outs, c - grp * cin_g, i, j] += np.einsum(
-                        "ohw,hw->o", go[b, outs], col
-                    )
-                    top = np.einsum("o,ohw->hw", wk, go[b, outs])  # gradient of the column
-                    for c_w, (ok, yc, xc) in zip(cw, valid):
-                        np.add.at(grad["input"][b, c], (yc[ok], xc[ok]), (c_w * top * mk)[ok])
-                    v00, v01, v10, v11 = values
-                    coord_h = -(1 - lw) * v00 - lw * v01 + (1 - lw) * v10 + lw * v11
-                    coord_w = -(1 - lh) * v00 + (1 - lh) * v01 - lh * v10 + lh * v11
-                    grad["offset"][b, dy_c] += np.where(inside, coord_h * top * mk, 0.0)
-                    grad["offset"][b, dx_c] += np.where(inside, coord_w * top * mk, 0.0)
-                    if m is not None:
-                        grad["mask"][b, g * taps + k] += val * top
+    xs, off, w = leaves["input"], leaves["offset"], leaves["weight"]
+    n, c_in, height, width = xs.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = off.shape[2:]
+    i, j = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    oh, ow = torch.meshgrid(torch.arange(ho), torch.arange(wo), indexing="ij")
+    base_h = (i * dilation[0]).reshape(-1, 1) + (oh * stride[0] - padding[0]).reshape(1, -1)
+    base_w = (j * dilation[1]).reshape(-1, 1) + (ow * stride[1] - padding[1]).reshape(1, -1)
+    off = off.view(n, dg, kh * kw, 2, ho * wo)
+    h, ww = base_h + off[:, :, :, 0], base_w + off[:, :, :, 1]  # (N, dg, K, P)
+    inside = (h > -1) & (h < height) & (ww > -1) & (ww < width)
+    # floor() has a zero derivative: the corners stay fixed, as in detectron2's kernels.
+    hl, wl = h.floor(), ww.floor()
+    lh, lw = h - hl, ww - wl
+    planes = xs.view(n, dg, c_in // dg, height * width)
+    val = 0
+    for a, e in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        y, xx = hl.long() + a, wl.long() + e
+        ok = inside & (y >= 0) & (y < height) & (xx >= 0) & (xx < width)
+        index = (y.clamp(0, height - 1) * width + xx.clamp(0, width - 1)).view(n, dg, 1, -1)
+        corner = planes.gather(3, index.expand(-1, -1, c_in // dg, -1))
+        bilinear = (lh if a else 1 - lh) * (lw if e else 1 - lw) * ok
+        val = val + corner.view(n, dg, -1, kh * kw, ho * wo) * bilinear[:, :, None]
+    if mask is not None:
+        val = val * leaves["mask"].view(n, dg, 1, kh * kw, ho * wo)
+    cols = val.view(n, groups, c_in // groups, kh * kw, ho * wo)
+    out = torch.einsum("ngckp,gock->ngop", cols, w.view(groups, -1, c_in // groups, kh * kw))
+    out = out.reshape(n, c_out, ho, wo)
     if bias is not None:
-        out += bias.detach().double().cpu().numpy()[None, :, None, None]
-    result = {"out": torch.from_numpy(out)}
-    for name, value in grad.items():
-        result[name] = None if value is None else torch.from_numpy(value)
-    result["bias"] = None if bias is None else torch.from_numpy(go.sum(axis=(0, 2, 3)))
+        out = out + leaves["bias"][:, None, None]
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.detach().double().cpu())
+    result = {k: None for k in given}
+    result.update(zip(leaves, grads), out=out.detach())
     return result
 
 
-def output_size(
-    size: Tuple[int, int], kernel: Tuple[int, int], stride, padding, dilation
-) -> Tuple[int, int]:
+def output_size(size, kernel, stride, padding, dilation) -> Tuple[int, int]:
     """(Ho, Wo) of a convolution of an (H, W) input."""
     return tuple(
         (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
@@ -132,11 +102,8 @@ def reference_cases(quick: bool = False) -> List[Dict]:
     """The checked cases ("random", "integer", "border"): float64 CPU arguments and geometry."""
     g = torch.Generator().manual_seed(0)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    def unit(*shape):
-        return torch.rand(*shape, generator=g, dtype=torch.float64)
+    rand = functools.partial(torch.randn, generator=g, dtype=torch.float64)
+    unit = functools.partial(torch.rand, generator=g, dtype=torch.float64)
 
     size = (7, 9) if quick else (9, 11)
     ho, wo = output_size((8, 10), (3, 3), (2, 2), (2, 2), (2, 2))
@@ -171,26 +138,16 @@ def backend_errors(
     """Per tensor name: one backend's largest error on a case, over the largest reference value."""
     from .deform_conv import modulated_deform_conv
 
-    stride, padding, dilation, groups, dg = case["geometry"]
-    mask = case["mask"] if modulated else None
-    want = deform_conv_reference(
-        case["x"], case["offset"], mask, case["weight"], case["bias"], case["grad_out"],
-        stride, padding, dilation, groups, dg,
-    )  # fmt: skip
-    names = ["input", "offset"] + (["mask"] if modulated else []) + ["weight", "bias"]
-    sources = dict(input=case["x"], offset=case["offset"], mask=mask, weight=case["weight"],
-                   bias=case["bias"])  # fmt: skip
-    leaves = {k: sources[k].to(device, dtype).requires_grad_() for k in names}
-    out = modulated_deform_conv(
-        leaves["input"], leaves["offset"], leaves.get("mask"), leaves["weight"], leaves["bias"],
-        stride, padding, dilation, groups, dg, backend=backend,
-    )  # fmt: skip
-    grads = torch.autograd.grad(out, [leaves[k] for k in names], case["grad_out"].to(out))
-    got = dict(zip(names, grads), out=out)
+    given = dict(input=case["x"], offset=case["offset"], mask=case["mask"] if modulated else None,
+                 weight=case["weight"], bias=case["bias"])  # fmt: skip
+    want = deform_conv_reference(*given.values(), case["grad_out"], *case["geometry"])
+    leaves = {k: t.to(device, dtype).requires_grad_() for k, t in given.items() if t is not None}
+    out = modulated_deform_conv(*map(leaves.get, given), *case["geometry"], backend=backend)
+    grads = torch.autograd.grad(out, list(leaves.values()), case["grad_out"].to(out))
+    got = {"out": out, **dict(zip(leaves, grads))}
     return {
         k: (
-            (got[k].detach().double().cpu() - want[k]).abs().max()
-            / want[k].abs().max().clamp(min=1e-12)
+            (v.detach().double().cpu() - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-12)
         ).item()
-        for k in ["out"] + names
+        for k, v in got.items()
     }

@@ -1,7 +1,7 @@
 """Models: importing this module registers the backbones in detectron2's BACKBONE_REGISTRY."""
 
 from .fpn import build_dcnv2_resnet_fpn_backbone, build_dcnv2_retinanet_resnet_fpn_backbone
-from .mimic import MimicGeneralizedRCNN, MimicROIHeads, MimicROIHeadsMixin  # registers them
+from .mimic import MimicGeneralizedRCNN, MimicROIHeads  # registers them
 from .poolers import (  # registers the ROI heads
     DCNv2CascadeROIHeads,
     DCNv2StandardROIHeads,
@@ -17,7 +17,6 @@ __all__ = [
     "build_dcnv2_resnet_fpn_backbone",
     "build_dcnv2_retinanet_resnet_fpn_backbone",
     "MimicROIHeads",
-    "MimicROIHeadsMixin",
     "MimicGeneralizedRCNN",
     "DeformableROIPooler",
     "DeformablePoolingMixin",

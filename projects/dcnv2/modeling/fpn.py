@@ -43,31 +43,26 @@ def fpn_outputs(backbone: nn.Module, x: Tensor, names: Sequence[str]) -> Dict[st
     return {name: results[name] for name in names}
 
 
+def _resnet_fpn(cfg, input_shape: ShapeSpec, p6p7: bool) -> FPN:
+    bottom_up = build_dcnv2_resnet_backbone(cfg, input_shape)
+    fpn = cfg.MODEL.FPN
+    if p6p7:  # RetinaNet's P6 and P7, from res5
+        top_block = LastLevelP6P7(
+            bottom_up.output_shape()["res5"].channels, fpn.OUT_CHANNELS, "res5"
+        )
+    else:
+        top_block = LastLevelMaxPool()
+    return FPN(bottom_up=bottom_up, in_features=fpn.IN_FEATURES, out_channels=fpn.OUT_CHANNELS,
+               norm=fpn.NORM, top_block=top_block, fuse_type=fpn.FUSE_TYPE)  # fmt: skip
+
+
 @BACKBONE_REGISTRY.register()
 def build_dcnv2_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """Deformable ResNet + FPN (P2-P6) from ``MODEL.RESNETS`` and ``MODEL.FPN``."""
-    return FPN(
-        bottom_up=build_dcnv2_resnet_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return _resnet_fpn(cfg, input_shape, p6p7=False)
 
 
 @BACKBONE_REGISTRY.register()
 def build_dcnv2_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """Deformable ResNet + FPN for RetinaNet (P3-P7)."""
-    bottom_up = build_dcnv2_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(
-            bottom_up.output_shape()["res5"].channels, out_channels, in_feature="res5"
-        ),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return _resnet_fpn(cfg, input_shape, p6p7=True)

@@ -24,7 +24,6 @@ __all__ = [
     "sample_positives",
     "cosine_mimic_loss",
     "RCNNMimicBranch",
-    "MimicROIHeadsMixin",
     "MimicROIHeads",
     "MimicGeneralizedRCNN",
 ]
@@ -44,14 +43,8 @@ def crop_and_resize(
     """
     if len(boxes) != images.shape[0]:
         raise ValueError(f"got {len(boxes)} box lists for a batch of {images.shape[0]} images")
-    return roi_align(
-        images,
-        [b.to(images.dtype) for b in boxes],
-        output_size=(size, size),
-        spatial_scale=1.0,
-        sampling_ratio=sampling_ratio,
-        aligned=True,
-    )
+    boxes = [b.to(images.dtype) for b in boxes]
+    return roi_align(images, boxes, (size, size), 1.0, sampling_ratio, aligned=True)
 
 
 def sample_positives(
@@ -165,48 +158,40 @@ class RCNNMimicBranch(nn.Module):
 
         frcnn = box_head(box_pooler(list(features), [Boxes(b) for b in boxes]))
 
-        # Crops pool at the level the pooler picks for an S x S box (p4 for 224 with FPN).
         crops = crop_and_resize(images, boxes, self.crop_size, self.sampling_ratio)
-        s = float(self.crop_size)
-        whole = torch.tensor([[0.0, 0.0, s, s]], device=crops.device, dtype=crops.dtype)
-        crop_boxes = [Boxes(whole) for _ in range(crops.shape[0])]
-        pooled = box_pooler(self._crop_maps(crops, backbone, box_pooler, in_features), crop_boxes)
+        whole = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
+        maps = self._crop_maps(crops, backbone, box_pooler, in_features)
+        pooled = box_pooler(maps, [whole] * len(crops))
         rcnn = (self.box_head if self.box_head is not None else box_head)(pooled)
 
         teacher = rcnn.detach() if self.detach_teacher else rcnn
-        return {
-            "loss_mimic": self.loss_weight
-            * cosine_mimic_loss(frcnn.flatten(1), teacher.flatten(1)),
-            "loss_rcnn_cls": self.cls_loss_weight
-            * F.cross_entropy(self.cls_score(rcnn.flatten(1)), labels),
-        }
+        mimic = cosine_mimic_loss(frcnn.flatten(1), teacher.flatten(1))
+        cls = F.cross_entropy(self.cls_score(rcnn.flatten(1)), labels)
+        return {"loss_mimic": self.loss_weight * mimic, "loss_rcnn_cls": self.cls_loss_weight * cls}
 
     def _crop_maps(
         self, crops: Tensor, backbone: nn.Module, box_pooler: nn.Module, in_features: Sequence[str]
     ) -> List[Tensor]:
         """The maps ``in_features`` of the crops; levels the crops never sample are zeros."""
-        level = 0
-        if isinstance(box_pooler, ROIPooler) and len(in_features) > 1:
-            whole = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
-            level = int(
-                assign_boxes_to_levels(
-                    [whole],
-                    box_pooler.min_level,
-                    box_pooler.max_level,
-                    box_pooler.canonical_box_size,
-                    box_pooler.canonical_level,
-                )[0]
-            )
-        elif len(in_features) > 1:
+        if len(in_features) > 1 and not isinstance(box_pooler, ROIPooler):
             maps = fpn_outputs(backbone, crops, in_features)
             return [maps[f] for f in in_features]
+        level = 0
+        if len(in_features) > 1:  # the level the pooler picks for the crops' boxes (p4 for 224)
+            whole = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
+            p = box_pooler
+            levels = assign_boxes_to_levels(
+                [whole], p.min_level, p.max_level, p.canonical_box_size, p.canonical_level
+            )
+            level = int(levels[0])
         used = fpn_outputs(backbone, crops, [in_features[level]])[in_features[level]]
         placeholder = used.new_zeros(used.shape[:2] + (1, 1))
         return [used if i == level else placeholder for i in range(len(in_features))]
 
 
-class MimicROIHeadsMixin:
-    """Adds the R-CNN mimicking branch to a ``StandardROIHeads`` subclass (put it first).
+@ROI_HEADS_REGISTRY.register()
+class MimicROIHeads(DCNv2StandardROIHeads):
+    """``DCNv2StandardROIHeads`` with the training-only R-CNN feature-mimicking branch.
 
     With ``MODEL.DCNV2.MIMIC.ENABLED`` the heads need the backbone: build them inside
     :class:`MimicGeneralizedRCNN`.
@@ -252,21 +237,14 @@ class MimicROIHeadsMixin:
             )
         self._backbone = (backbone,)
 
-    def forward(
-        self,
-        images: ImageList,
-        features: Dict[str, Tensor],
-        proposals: List[Instances],
-        targets: Optional[List[Instances]] = None,
-    ):
+    def forward(self, images: ImageList, features: Dict[str, Tensor], proposals, targets=None):
         """The base heads' forward; in training also the R-CNN branch's losses."""
         out, losses = super().forward(images, features, proposals, targets)
         if self.training and self.mimic is not None:
             if not self._backbone:
                 raise RuntimeError(
-                    f"{type(self).__name__} with MODEL.DCNV2.MIMIC.ENABLED needs the backbone: "
-                    "use MODEL.META_ARCHITECTURE 'MimicGeneralizedRCNN' (or call "
-                    "attach_backbone(backbone))"
+                    "MODEL.DCNV2.MIMIC.ENABLED needs the MODEL.META_ARCHITECTURE "
+                    "'MimicGeneralizedRCNN' (it calls attach_backbone(backbone))"
                 )
             losses.update(
                 self.mimic.losses(
@@ -282,11 +260,6 @@ class MimicROIHeadsMixin:
         return out, losses
 
 
-@ROI_HEADS_REGISTRY.register()
-class MimicROIHeads(MimicROIHeadsMixin, DCNv2StandardROIHeads):
-    """``DCNv2StandardROIHeads`` with the training-only R-CNN feature-mimicking branch."""
-
-
 @META_ARCH_REGISTRY.register()
 class MimicGeneralizedRCNN(GeneralizedRCNN):
     """``GeneralizedRCNN`` whose ROI heads get its backbone (for the R-CNN mimicking branch)."""
@@ -294,7 +267,7 @@ class MimicGeneralizedRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(self.roi_heads, MimicROIHeadsMixin):
+        if not isinstance(self.roi_heads, MimicROIHeads):
             raise TypeError(
                 "MimicGeneralizedRCNN needs ROI heads with the mimicking branch "
                 f"(e.g. MODEL.ROI_HEADS.NAME 'MimicROIHeads'), got {type(self.roi_heads).__name__}"

@@ -4,32 +4,37 @@
 builds a :class:`DeformableROIPooler`.
 """
 
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 from detectron2.config import CfgNode
-from detectron2.layers import ShapeSpec, nonzero_tuple
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.poolers import (
-    ROIPooler,
-    assign_boxes_to_levels,
-    convert_boxes_to_pooler_format,
-)
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
-from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from ..layers.mdpool import ModulatedDeformRoIAlign
 
 __all__ = [
-    "MDPOOL_TYPE",
     "DeformableROIPooler",
-    "build_deformable_pooler",
     "DeformablePoolingMixin",
     "DCNv2StandardROIHeads",
     "DCNv2CascadeROIHeads",
 ]
 
 MDPOOL_TYPE = "ModulatedDeformROIAlign"
+
+
+class _SharedLevel(nn.Module):
+    """A pyramid level pooled by the layer of level 0 at this level's scale."""
+
+    def __init__(self, layer: ModulatedDeformRoIAlign, scale: float):
+        super().__init__()
+        # A tuple, not a child: the shared parameters are saved once, under level 0.
+        self.layer, self.scale = (layer,), scale
+
+    def forward(self, features: Tensor, rois: Tensor) -> Tensor:
+        return self.layer[0](features, rois, spatial_scale=self.scale)
 
 
 class DeformableROIPooler(ROIPooler):
@@ -41,93 +46,47 @@ class DeformableROIPooler(ROIPooler):
         scales: Sequence[float],
         sampling_ratio: int,
         *,
-        in_channels: int,
-        gamma: float = 0.1,
-        fc_dim: int = 1024,
-        num_offset_fc: int = 2,
-        num_mask_fc: int = 1,
         share_across_levels: bool = False,
         canonical_box_size: int = 224,
         canonical_level: int = 4,
+        **layer_kwargs,
     ):
         """Args:
-        in_channels: channels of every feature map.
-        gamma, fc_dim, num_offset_fc, num_mask_fc: see :class:`ModulatedDeformRoIAlign`.
-        share_across_levels: one set of branch parameters for all levels, or one per level.
+        share_across_levels: one set of branch parameters for all levels (saved under level 0),
+            or one per level.
+        layer_kwargs: ``in_channels`` (of every level) and optionally ``gamma``, ``fc_dim``,
+            ``num_offset_fc``, ``num_mask_fc`` of :class:`ModulatedDeformRoIAlign`.
         """
         # ROIAlignV2 only to reuse the parent's checks of the pyramid; replaced below.
         super().__init__(
-            output_size,
-            scales,
-            sampling_ratio,
-            "ROIAlignV2",
-            canonical_box_size=canonical_box_size,
-            canonical_level=canonical_level,
+            output_size, scales, sampling_ratio, "ROIAlignV2", canonical_box_size, canonical_level
         )
-        self.scales = [float(s) for s in scales]
-        self.share_across_levels = share_across_levels
-        self.level_poolers = nn.ModuleList(
-            ModulatedDeformRoIAlign(
-                output_size=self.output_size,
-                in_channels=in_channels,
-                spatial_scale=scale,
-                sampling_ratio=sampling_ratio,
-                gamma=gamma,
-                fc_dim=fc_dim,
-                num_offset_fc=num_offset_fc,
-                num_mask_fc=num_mask_fc,
-                aligned=True,
-            )
-            for scale in (self.scales[:1] if share_across_levels else self.scales)
-        )
-
-    def _pool(self, level: int, features: Tensor, rois: Tensor) -> Tensor:
-        pooler = self.level_poolers[0 if self.share_across_levels else level]
-        return pooler(features, rois, spatial_scale=self.scales[level])
-
-    def forward(self, x: List[Tensor], box_lists: List[Boxes]) -> Tensor:
-        """Args:
-            x (list[Tensor]): one (N, C, H_l, W_l) map per level, in the order of ``scales``.
-            box_lists (list[Boxes]): N lists of boxes in image coordinates.
-
-        Returns:
-            Tensor: (M, C, Ph, Pw), M the total number of boxes, in the order of ``box_lists``.
-        """
-        if not isinstance(x, list) or not isinstance(box_lists, list):
-            raise TypeError(
-                "DeformableROIPooler expects a list of feature maps and a list of Boxes"
-            )
-        if len(x) != len(self.scales):
-            raise ValueError(f"expected {len(self.scales)} feature maps, got {len(x)}")
-        if len(box_lists) != x[0].shape[0]:
-            raise ValueError(f"{len(box_lists)} box lists for a batch of {x[0].shape[0]} images")
-        channels = x[0].shape[1]
-        if len(box_lists) == 0:
-            return x[0].new_zeros((0, channels) + tuple(self.output_size))
-        rois = convert_boxes_to_pooler_format(box_lists)
-        if len(x) == 1:
-            return self._pool(0, x[0], rois)
-        levels = assign_boxes_to_levels(
-            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
-        )
-        output = x[0].new_zeros((rois.shape[0], channels) + tuple(self.output_size))
-        for level, features in enumerate(x):
-            inds = nonzero_tuple(levels == level)[0]
-            # Also run levels without RoIs, so that every parameter is in the graph (DDP).
-            output.index_put_((inds,), self._pool(level, features, rois[inds]))
-        return output
+        layers = [
+            ModulatedDeformRoIAlign(output_size=self.output_size, spatial_scale=scale,
+                                    sampling_ratio=sampling_ratio, **layer_kwargs)  # fmt: skip
+            for scale in (scales[:1] if share_across_levels else scales)
+        ]
+        layers += [_SharedLevel(layers[0], scale) for scale in scales[len(layers) :]]
+        # detectron2's forward runs every level, even without RoIs: DDP needs every parameter used.
+        self.level_poolers = nn.ModuleList(layers)
 
 
-def build_deformable_pooler(
-    cfg: CfgNode, input_shape: Dict[str, ShapeSpec], head: str
-) -> DeformableROIPooler:
-    """The mdpool pooler of ``head`` (``"ROI_BOX_HEAD"`` or ``"ROI_MASK_HEAD"``) from the config."""
+def _with_mdpool(init, cfg: CfgNode, input_shape: Dict[str, ShapeSpec], head: str, key: str):
+    """detectron2's ``init(cfg, input_shape)`` of ``head``, with the mdpool pooler if asked for."""
+    head_cfg, mdpool = cfg.MODEL[head], cfg.MODEL.DCNV2.MDPOOL
+    if head_cfg.POOLER_TYPE != MDPOOL_TYPE:
+        return init(cfg, input_shape)
+    plain = cfg.clone()  # detectron2's builders know only their own pooler types
+    plain.defrost()
+    plain.MODEL[head].POOLER_TYPE = "ROIAlignV2"
+    ret = init(plain, input_shape)
+    if key not in ret:  # no mask head without MODEL.MASK_ON
+        return ret
     in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
     channels = {input_shape[f].channels for f in in_features}
     if len(channels) != 1:
         raise ValueError(f"mdpool needs the same channels on every level, got {channels}")
-    head_cfg, mdpool = cfg.MODEL[head], cfg.MODEL.DCNV2.MDPOOL
-    return DeformableROIPooler(
+    ret[key] = DeformableROIPooler(
         output_size=head_cfg.POOLER_RESOLUTION,
         scales=[1.0 / input_shape[f].stride for f in in_features],
         sampling_ratio=head_cfg.POOLER_SAMPLING_RATIO,
@@ -138,14 +97,7 @@ def build_deformable_pooler(
         num_mask_fc=mdpool.NUM_MASK_FC,
         share_across_levels=mdpool.SHARE_ACROSS_LEVELS,
     )
-
-
-def _with_plain_pooler(cfg: CfgNode, head: str) -> CfgNode:
-    """A copy of ``cfg`` whose ``head`` uses ROIAlignV2, for detectron2's own builders."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL[head].POOLER_TYPE = "ROIAlignV2"
-    return cfg
+    return ret
 
 
 class DeformablePoolingMixin:
@@ -153,19 +105,12 @@ class DeformablePoolingMixin:
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
-        if cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE != MDPOOL_TYPE:
-            return super()._init_box_head(cfg, input_shape)
-        ret = super()._init_box_head(_with_plain_pooler(cfg, "ROI_BOX_HEAD"), input_shape)
-        ret["box_pooler"] = build_deformable_pooler(cfg, input_shape, "ROI_BOX_HEAD")
-        return ret
+        return _with_mdpool(super()._init_box_head, cfg, input_shape, "ROI_BOX_HEAD", "box_pooler")
 
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
-        if not cfg.MODEL.MASK_ON or cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE != MDPOOL_TYPE:
-            return super()._init_mask_head(cfg, input_shape)
-        ret = super()._init_mask_head(_with_plain_pooler(cfg, "ROI_MASK_HEAD"), input_shape)
-        ret["mask_pooler"] = build_deformable_pooler(cfg, input_shape, "ROI_MASK_HEAD")
-        return ret
+        init = super()._init_mask_head
+        return _with_mdpool(init, cfg, input_shape, "ROI_MASK_HEAD", "mask_pooler")
 
 
 @ROI_HEADS_REGISTRY.register()

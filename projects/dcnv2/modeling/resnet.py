@@ -51,58 +51,37 @@ class DCNv2BottleneckBlock(DeformBottleneckBlock):
     ):
         CNNBlockBase.__init__(self, in_channels, out_channels, stride)  # not detectron2's, above
         self.deform_modulated = deform_modulated
-        if in_channels != out_channels:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=False,
-                norm=get_norm(norm, out_channels),
-            )
-        else:
-            self.shortcut = None
 
+        def conv_norm(conv_class, c_in, c_out, *args, **kwargs):
+            return conv_class(c_in, c_out, *args, bias=False, norm=get_norm(norm, c_out), **kwargs)
+
+        self.shortcut = None
+        if in_channels != out_channels:
+            self.shortcut = conv_norm(Conv2d, in_channels, out_channels, 1, stride=stride)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = Conv2d(
-            in_channels,
-            bottleneck_channels,
-            kernel_size=1,
-            stride=stride_1x1,
-            bias=False,
-            norm=get_norm(norm, bottleneck_channels),
-        )
+        self.conv1 = conv_norm(Conv2d, in_channels, bottleneck_channels, 1, stride=stride_1x1)
         # Per deformable group: 18 offsets (dy, dx for 9 taps), plus 9 mask logits for DCNv2.
-        channels_per_group = 27 if deform_modulated else 18
         self.conv2_offset = Conv2d(
             bottleneck_channels,
-            channels_per_group * deform_num_groups,
+            (27 if deform_modulated else 18) * deform_num_groups,
             kernel_size=3,
             stride=stride_3x3,
             padding=dilation,
             dilation=dilation,
         )
-        conv_class = ModulatedDeformConv if deform_modulated else DeformConv
-        self.conv2 = conv_class(
+        self.conv2 = conv_norm(
+            ModulatedDeformConv if deform_modulated else DeformConv,
             bottleneck_channels,
             bottleneck_channels,
             kernel_size=3,
             stride=stride_3x3,
             padding=dilation,
-            bias=False,
             groups=num_groups,
             dilation=dilation,
             deformable_groups=deform_num_groups,
-            norm=get_norm(norm, bottleneck_channels),
             backend=backend,
         )
-        self.conv3 = Conv2d(
-            bottleneck_channels,
-            out_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-        )
+        self.conv3 = conv_norm(Conv2d, bottleneck_channels, out_channels, 1)
         for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
             if layer is not None:
                 weight_init.c2_msra_fill(layer)
@@ -147,31 +126,26 @@ def make_dcnv2_stages(
     if res5_dilation not in (1, 2):
         raise ValueError(f"res5_dilation must be 1 or 2, got {res5_dilation}")
     bottleneck_channels = num_groups * width_per_group
+    deform = dict(block_class=DCNv2BottleneckBlock, deform_modulated=deform_modulated,
+                  deform_num_groups=deform_num_groups, backend=backend)  # fmt: skip
     stages = []
     for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth]):
         dilation = res5_dilation if idx == 3 else 1
-        first_stride = 1 if idx == 0 or (idx == 3 and dilation == 2) else 2
-        kwargs = dict(
-            num_blocks=num_blocks,
-            stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-            in_channels=in_channels,
-            out_channels=out_channels,
-            bottleneck_channels=bottleneck_channels,
-            num_groups=num_groups,
-            norm=norm,
-            stride_in_1x1=stride_in_1x1,
-            dilation=dilation,
-        )
-        if deform_on_per_stage[idx]:
-            kwargs.update(
-                block_class=DCNv2BottleneckBlock,
-                deform_modulated=deform_modulated,
-                deform_num_groups=deform_num_groups,
-                backend=backend,
+        first_stride = 1 if idx == 0 or dilation == 2 else 2
+        stages.append(
+            ResNet.make_stage(
+                num_blocks=num_blocks,
+                stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+                in_channels=in_channels,
+                out_channels=out_channels,
+                bottleneck_channels=bottleneck_channels,
+                num_groups=num_groups,
+                norm=norm,
+                stride_in_1x1=stride_in_1x1,
+                dilation=dilation,
+                **(deform if deform_on_per_stage[idx] else dict(block_class=BottleneckBlock)),
             )
-        else:
-            kwargs["block_class"] = BottleneckBlock
-        stages.append(ResNet.make_stage(**kwargs))
+        )
         in_channels = out_channels
         out_channels *= 2
         bottleneck_channels *= 2
@@ -182,9 +156,7 @@ def make_dcnv2_stages(
 def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """detectron2's ResNet with deformable convs, from ``MODEL.RESNETS`` and ``MODEL.DCNV2``."""
     r = cfg.MODEL.RESNETS
-    stem = BasicStem(
-        in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
-    )
+    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, r.NORM)
     stages = make_dcnv2_stages(
         depth=r.DEPTH,
         deform_on_per_stage=r.DEFORM_ON_PER_STAGE,
