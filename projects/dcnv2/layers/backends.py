@@ -139,20 +139,12 @@ def _torchvision_backward(
 
     use_mask = mask is not None
     zeros = input.new_zeros(())
+    mask = mask.contiguous() if use_mask else zeros.expand(offset.shape[0], 0, *offset.shape[2:])
     grads = torch.ops.torchvision._deform_conv2d_backward(
-        grad_out.contiguous(),
-        input.contiguous(),
-        weight.contiguous(),
-        offset.contiguous(),
-        mask.contiguous() if use_mask else zeros.expand(offset.shape[0], 0, *offset.shape[2:]),
-        zeros.expand(weight.shape[0]).contiguous(),
-        *stride,
-        *padding,
-        *dilation,
-        groups,
-        dg,
+        grad_out.contiguous(), input.contiguous(), weight.contiguous(), offset.contiguous(), mask,
+        zeros.expand(weight.shape[0]).contiguous(), *stride, *padding, *dilation, groups, dg,
         use_mask,
-    )
+    )  # fmt: skip
     grad_input, grad_weight, grad_offset, grad_mask, grad_bias = grads
     ordered = [grad_input, grad_offset, grad_mask if use_mask else None, grad_weight, grad_bias]
     return [g if need else None for g, need in zip(ordered, needs)]

@@ -72,17 +72,13 @@ def _check_args(input, offset, mask, weight, bias, stride, padding, dilation, gr
             f"padding {padding}, dilation {dilation} and stride {stride}: output would be "
             f"{(ho, wo)}"
         )
-    expected = (n, 2 * dg * kh * kw, ho, wo)
-    if tuple(offset.shape) != expected:
-        raise ValueError(
-            f"offset has shape {tuple(offset.shape)}, expected {expected} "
-            f"(N, 2 * deformable_groups * kh * kw, Ho, Wo) with deformable_groups={dg}"
-        )
-    if mask is not None and tuple(mask.shape) != (n, dg * kh * kw, ho, wo):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected {(n, dg * kh * kw, ho, wo)} "
-            f"(N, deformable_groups * kh * kw, Ho, Wo) with deformable_groups={dg}"
-        )
+    for name, t, per_tap in (("offset", offset, 2), ("mask", mask, 1)):
+        expected = (n, per_tap * dg * kh * kw, ho, wo)
+        if t is not None and tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected {expected} with "
+                f"deformable_groups={dg} and kernel {(kh, kw)}"
+            )
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({c_out},)")
     for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):

@@ -335,14 +335,10 @@ def backward(
     key = ("backward_pass", tuple(weight.shape), (need_x, need_offset, need_mask, need_weight),
            x.dtype, torch.get_num_threads())  # fmt: skip
     _run_fastest(key, ways, outs, n * ho * wo * c_out * kh * kw * cg)
-    grad_x = None
-    if need_x:
-        # The padding collected corners outside the image, which detectron2 drops.
-        grad_x = kernels.crop_channels_first(grad_xp)
-    if need_offset:
-        grad_offset = grad_offset.view_as(offset)
-    if need_mask:
-        grad_mask = grad_mask.view_as(mask)
+    # The padding collected corners outside the image, which detectron2 drops.
+    grad_x = kernels.crop_channels_first(grad_xp) if need_x else None
+    grad_offset = grad_offset.view_as(offset) if need_offset else None
+    grad_mask = grad_mask.view_as(mask) if need_mask else None
     if need_weight:
         grad_w = grad_w.view(groups, cog, kh * kw, cg).transpose(2, 3).reshape_as(weight)
     grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
