@@ -30,9 +30,10 @@ IMPLS = ["torch"] + (["cpp"] if native_cpp.is_available() else [])
 def _native(
     x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, dg=1, impl="auto"
 ):
-    stride, padding, dilation = (tuple(_pair(v)) for v in (stride, padding, dilation))
-    return native.deform_conv2d(
-        x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, impl=impl
+    """The native backend through the custom operator, with its registered backward."""
+    stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
+    return torch.ops.dcnv2.deform_conv2d(
+        x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, "native", impl
     )
 
 

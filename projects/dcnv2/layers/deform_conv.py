@@ -4,6 +4,7 @@ detectron2's signatures (``detectron2.layers.deform_conv``) plus ``backend``
 (:mod:`dcnv2.layers.backends`).
 """
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from . import ops
-from .backends import OP_BACKENDS, resolve_backend, resolve_native_impl, traceable_backend
+from .backends import BACKENDS, resolve_backend, resolve_native_impl
 
 __all__ = ["modulated_deform_conv", "deform_conv", "ModulatedDeformConv", "DeformConv"]
 
@@ -33,6 +34,19 @@ def _check_tensor(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")
 
 
+def _check_groups(c_in: int, c_out: int, groups: int, dg: int) -> None:
+    for name, value in (("groups", groups), ("deformable_groups", dg)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if c_in % groups != 0 or c_out % groups != 0:
+        raise ValueError(
+            f"in_channels ({c_in}) and out_channels ({c_out}) must both be divisible by "
+            f"groups ({groups})"
+        )
+    if c_in % dg != 0:
+        raise ValueError(f"in_channels ({c_in}) must be divisible by deformable_groups ({dg})")
+
+
 def _check_args(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
     """Validate shapes; return the output spatial size (Ho, Wo)."""
     _check_tensor("input", input, 4, "(N, C_in, H, W)")
@@ -42,19 +56,9 @@ def _check_args(input, offset, mask, weight, bias, stride, padding, dilation, gr
         _check_tensor("mask", mask, 4, "(N, deformable_groups * kh * kw, Ho, Wo)")
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if not isinstance(dg, int) or dg < 1:
-        raise ValueError(f"deformable_groups must be a positive int, got {dg!r}")
     n, c_in, h, w = input.shape
     c_out, c_per_group, kh, kw = weight.shape
-    if c_in % groups != 0 or c_out % groups != 0:
-        raise ValueError(
-            f"in_channels ({c_in}) and out_channels ({c_out}) must both be divisible by "
-            f"groups ({groups})"
-        )
-    if c_in % dg != 0:
-        raise ValueError(f"in_channels ({c_in}) must be divisible by deformable_groups ({dg})")
+    _check_groups(c_in, c_out, groups, dg)
     if c_per_group * groups != c_in:
         raise ValueError(
             f"weight has shape {tuple(weight.shape)}, expected (C_out, {c_in // groups}, kh, kw) "
@@ -68,17 +72,13 @@ def _check_args(input, offset, mask, weight, bias, stride, padding, dilation, gr
             f"padding {padding}, dilation {dilation} and stride {stride}: output would be "
             f"{(ho, wo)}"
         )
-    expected = (n, 2 * dg * kh * kw, ho, wo)
-    if tuple(offset.shape) != expected:
-        raise ValueError(
-            f"offset has shape {tuple(offset.shape)}, expected {expected} "
-            f"(N, 2 * deformable_groups * kh * kw, Ho, Wo) with deformable_groups={dg}"
-        )
-    if mask is not None and tuple(mask.shape) != (n, dg * kh * kw, ho, wo):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected {(n, dg * kh * kw, ho, wo)} "
-            f"(N, deformable_groups * kh * kw, Ho, Wo) with deformable_groups={dg}"
-        )
+    for name, t, per_tap in (("offset", offset, 2), ("mask", mask, 1)):
+        expected = (n, per_tap * dg * kh * kw, ho, wo)
+        if t is not None and tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected {expected} with "
+                f"deformable_groups={dg} and kernel {(kh, kw)}"
+            )
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({c_out},)")
     for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
@@ -126,7 +126,7 @@ def modulated_deform_conv(
     )
     dtype = _result_dtype(input, offset, mask, weight, bias)
     device_type = input.device.type
-    autocast = _autocast_enabled(device_type)
+    autocast = torch.is_autocast_enabled(device_type)
     if autocast:
         dtype = torch.float32
     if input.shape[0] == 0:
@@ -136,8 +136,9 @@ def modulated_deform_conv(
             if t is not None and t.is_floating_point():
                 out = out + t.sum().to(dtype) * 0
         return out
-    name = resolve_backend(backend, input.device)
-    fn = _backend_call(name, resolve_native_impl(native_impl))
+    fn = functools.partial(
+        _run, resolve_backend(backend, input.device), resolve_native_impl(native_impl)
+    )
     # Half precision runs in float32: float16 sampling coordinates are off by up to a pixel on
     # large maps, and some kernels have no bfloat16 version.
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -150,20 +151,14 @@ def modulated_deform_conv(
     return fn(*tensors, stride, padding, dilation, groups, deformable_groups)
 
 
-def _backend_call(name: str, native_impl: str):
-    """fn(input, offset, ..., dg) running backend ``name`` (custom operator unless traced)."""
+def _run(backend, native_impl, input, offset, mask, weight, bias, *geometry):
+    """Run ``backend`` inside the custom operator ``torch.ops.dcnv2.deform_conv2d``, except
+    detectron2's (its backward needs autograd) and torchvision's under ``torch.jit.trace`` (a
+    traced file then loads with torchvision alone)."""
     tracing = torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-    if name in OP_BACKENDS and not tracing:
-
-        def op(input, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
-            return ops.deform_conv2d(
-                input, offset, mask, weight, bias, list(stride), list(padding), list(dilation),
-                groups, dg, name, native_impl,
-            )  # fmt: skip
-
-        return op
-    fn = traceable_backend(name)
-    return lambda *args: fn(*args, native_impl=native_impl)
+    if backend == "detectron2" or (backend == "torchvision" and tracing):
+        return BACKENDS[backend](input, offset, mask, weight, bias, *geometry, native_impl)
+    return ops.deform_conv2d(input, offset, mask, weight, bias, *geometry, backend, native_impl)
 
 
 def _result_dtype(input, offset, mask, weight, bias) -> torch.dtype:
@@ -181,15 +176,6 @@ def _result_dtype(input, offset, mask, weight, bias) -> torch.dtype:
         if t is not None and t.is_floating_point():
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has one query per device type
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def deform_conv(
@@ -213,6 +199,9 @@ def deform_conv(
 
 
 class _DeformConvBase(nn.Module):
+    # ``bias=None`` takes detectron2's default: True for ModulatedDeformConv, False for DeformConv.
+    default_bias: bool
+
     def __init__(
         self,
         in_channels: int,
@@ -223,7 +212,7 @@ class _DeformConvBase(nn.Module):
         dilation: IntOrPair = 1,
         groups: int = 1,
         deformable_groups: int = 1,
-        bias: bool = True,
+        bias: Optional[bool] = None,
         norm: Optional[nn.Module] = None,
         activation=None,
         backend: str = "auto",
@@ -231,24 +220,11 @@ class _DeformConvBase(nn.Module):
         native_impl: str = "auto",
     ):
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("groups", groups),
-            ("deformable_groups", deformable_groups),
-        ):
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if in_channels % groups != 0 or out_channels % groups != 0:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
-        if in_channels % deformable_groups != 0:
-            raise ValueError(
-                f"in_channels ({in_channels}) must be divisible by deformable_groups "
-                f"({deformable_groups})"
-            )
+        _check_groups(in_channels, out_channels, groups, deformable_groups)
+        bias = self.default_bias if bias is None else bias
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _as_pair("kernel_size", kernel_size, 1)
@@ -301,6 +277,8 @@ class ModulatedDeformConv(_DeformConvBase):
     ``forward(x, offset, mask)``: offset (N, 2*G*kh*kw, Ho, Wo), mask (N, G*kh*kw, Ho, Wo).
     """
 
+    default_bias = True
+
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._forward(x, offset, mask)
 
@@ -308,27 +286,7 @@ class ModulatedDeformConv(_DeformConvBase):
 class DeformConv(_DeformConvBase):
     """Deformable convolution (DCNv1), detectron2's constructor plus ``backend``."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntOrPair,
-        stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
-        dilation: IntOrPair = 1,
-        groups: int = 1,
-        deformable_groups: int = 1,
-        bias: bool = False,
-        norm: Optional[nn.Module] = None,
-        activation=None,
-        backend: str = "auto",
-        *,
-        native_impl: str = "auto",
-    ):
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            deformable_groups, bias, norm, activation, backend, native_impl=native_impl,
-        )  # fmt: skip
+    default_bias = False
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return self._forward(x, offset, None)

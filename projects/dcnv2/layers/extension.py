@@ -22,10 +22,6 @@ _CFLAGS = ["-O3", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
 def _source_files(sources: Sequence[str]) -> List[str]:
     """``sources`` and every local file they ``#include "..."``, transitively, in a fixed order."""
     seen, todo = [], [os.path.abspath(s) for s in sources]
@@ -60,7 +56,8 @@ def build_location(
     sources_hash = content.hexdigest()[:12]
     root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     python = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    env = f"dcnv2-{python}-{torch.__version__}-{_digest(sys.prefix.encode())}-{sources_hash}"
+    prefix_hash = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    env = f"dcnv2-{python}-{torch.__version__}-{prefix_hash}-{sources_hash}"
     return f"{name}_{sources_hash}", os.path.join(root, env, name)
 
 
@@ -92,9 +89,8 @@ class JitExtension:
         self.fallback = fallback
         self.logger = logger
         self._lock = threading.Lock()
-        self._loaded: Optional[bool] = None
+        self._tried = self._warned = False
         self._error: Optional[str] = None
-        self._warned = False
 
     def _build(self) -> Optional[str]:
         """Compiles and loads the library; returns why that failed, or None."""
@@ -118,29 +114,24 @@ class JitExtension:
             return f"{type(e).__name__}: {e}"
         return None
 
-    def _load(self) -> bool:
+    def error(self) -> Optional[str]:
+        """Why the build failed (``"ExceptionType: message"``), or None; builds on first call."""
         with self._lock:
-            if self._loaded is None:
-                self._error = self._build()
-                self._loaded = self._error is None
-            return self._loaded
+            if not self._tried:
+                self._error, self._tried = self._build(), True
+            return self._error
 
     def is_available(self, warn: bool = True) -> bool:
         """Whether the extension loads (building it on the first call); warns once on failure."""
-        ok = self._load()
-        if not ok and warn:
+        error = self.error()
+        if error is not None and warn:
             with self._lock:
                 first, self._warned = not self._warned, True
             if first:
                 self.logger.warning(
                     "dcnv2: could not build the compiled %s (%s); using the slower %s instead",
                     self.what,
-                    self._error,
+                    error,
                     self.fallback,
                 )
-        return ok
-
-    def error(self) -> Optional[str]:
-        """Why the build failed (``"ExceptionType: message"``), or None."""
-        self._load()
-        return self._error
+        return error is None

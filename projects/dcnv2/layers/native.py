@@ -10,17 +10,16 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import native_torch
+from .backends import resolve_native_impl
 
-__all__ = ["deform_conv2d", "forward", "backward", "chosen_ways", "IMPLS"]
+__all__ = ["forward", "backward", "chosen_ways"]
 
 Pair = Tuple[int, int]
 
 # Columns per chunk (16 MiB in float32): bounds memory and lets the allocator reuse buffers.
 _CHUNK_ELEMENTS = 1 << 22
-IMPLS = ("auto", "cpp", "torch")
 # Fastest way per (product, weight shape, dtype, threads); not per size, which varies in training.
 _FASTEST: Dict[Tuple, str] = {}
 # Smaller chunk products run the first way, unmeasured: too short to time or to matter.
@@ -37,8 +36,7 @@ def chosen_ways() -> Dict[str, str]:
 
 def _kernels(t: torch.Tensor, impl: str):
     """The column-kernel module to use for tensors like ``t``."""
-    if impl not in IMPLS:
-        raise ValueError(f"Unknown native implementation {impl!r}; expected one of {IMPLS}")
+    impl = resolve_native_impl(impl)
     cpp_ok = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
     if impl == "torch" or (impl == "auto" and not cpp_ok):
         return native_torch
@@ -54,49 +52,6 @@ def _kernels(t: torch.Tensor, impl: str):
             raise RuntimeError(f"The compiled native kernels failed to build: {native_cpp.error()}")
         return native_cpp
     return native_cpp if native_cpp.is_available() else native_torch
-
-
-def deform_conv2d(
-    input: torch.Tensor,
-    offset: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-    deformable_groups: int,
-    *,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """Modulated deformable convolution (DCNv1 when ``mask`` is None), arguments pre-validated.
-
-    Args:
-        input (Tensor): (N, C_in, H, W).
-        offset (Tensor): (N, 2*G*kh*kw, Ho, Wo), G = ``deformable_groups``.
-        mask (Tensor or None): (N, G*kh*kw, Ho, Wo).
-        weight (Tensor): (C_out, C_in // groups, kh, kw).
-        bias (Tensor or None): (C_out,).
-        impl (str): "auto" (compiled kernels on CPU if they build, else PyTorch), "cpp", "torch".
-
-    Returns:
-        Tensor: (N, C_out, Ho, Wo).
-    """
-    kernels = _kernels(input, impl)
-    return _DeformConv2d.apply(
-        input,
-        offset,
-        mask,
-        weight,
-        bias,
-        tuple(stride),
-        tuple(padding),
-        tuple(dilation),
-        groups,
-        deformable_groups,
-        kernels,
-    )
 
 
 def _chunks(n: int, rows: int, positions: int):
@@ -132,12 +87,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
-def _weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+def _addmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    out.addmm_(a, b)
+
+
+def _weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor, mm=_mm) -> None:
     """``out[b, group rows] = w[group] @ cols[b, :, group].T``: straight into the output."""
     groups, cog = w.shape[:2]
     for b in range(cols.shape[0]):
         for grp in range(groups):
-            _mm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
+            mm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
 
 
 def _columns_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
@@ -149,16 +108,6 @@ def _columns_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> No
     for grp in range(groups):
         _mm(rows[:, grp], w[grp].t(), prod[:, grp * cog : (grp + 1) * cog])
     out.copy_(prod.view(nc, pc, -1).transpose(1, 2))
-
-
-def _packed_weight_first(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
-    """The same product as :func:`_weight_first`, by the extension's packed AVX2 ``gemm``."""
-    from .native_cpp import gemm
-
-    groups, cog = w.shape[:2]
-    for b in range(cols.shape[0]):
-        for grp in range(groups):
-            gemm(w[grp], cols[b, :, grp].t(), out[b, grp * cog : (grp + 1) * cog])
 
 
 def _packed_gemm_ok(t: torch.Tensor, kernels) -> bool:
@@ -209,50 +158,28 @@ def _weight_times_columns(w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor
     """
     ways = {"weight_first": _weight_first, "columns_first": _columns_first}
     if _packed_gemm_ok(cols, kernels):
-        ways["packed"] = _packed_weight_first
+        ways["packed"] = functools.partial(_weight_first, mm=kernels.gemm)
     key = ("forward", tuple(w.shape), cols.dtype, torch.get_num_threads())
-    _run_fastest(
-        key,
-        {k: functools.partial(f, w, cols, out) for k, f in ways.items()},
-        [out],
-        cols.numel() * w.shape[1],
-    )
+    ways = {k: functools.partial(f, w, cols, out) for k, f in ways.items()}
+    _run_fastest(key, ways, [out], cols.numel() * w.shape[1])
 
 
-def _column_gradient(go, w, images: slice, p0: int, p1: int, grad_cols, kernels) -> None:
-    """``grad_cols[i, :, group] = go[b, group rows, p0:p1].T @ w[group]``, the fastest way."""
-    groups, cog = w.shape[:2]
+def _group_products(kind: str, w_shape, products: List[Tuple], out, macs: int, kernels, add=False):
+    """``c = a @ b`` (``c += a @ b`` when ``add``) for each ``(a, b, c)`` of ``products``, slices of
+    ``out``, by MKL or the packed gemm, whichever measures faster for ``(kind, w_shape)``."""
 
-    def mkl(target):
-        for i, b, grp, rows in _image_groups(images, groups, cog):
-            _mm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
+    def run(mm):
+        def way():
+            for a, b, c in products:
+                mm(a, b, c)
 
-    def packed(target):
-        for i, b, grp, rows in _image_groups(images, groups, cog):
-            kernels.gemm(go[b, rows, p0:p1].t(), w[grp], target[i, :, grp])
+        return way
 
-    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(w, kernels) else {"mkl": mkl}
-    key = ("column_gradient", tuple(w.shape), w.dtype, torch.get_num_threads())
-    ways = {k: functools.partial(f, grad_cols) for k, f in ways.items()}
-    _run_fastest(key, ways, [grad_cols], grad_cols.numel() * cog)
-
-
-def _add_weight_gradient(go, cols, images: slice, p0: int, p1: int, grad_w, kernels) -> None:
-    """``grad_w[group] += go[b, group rows, p0:p1] @ cols[i, :, group]``, the fastest way."""
-    groups, cog = grad_w.shape[:2]
-
-    def mkl(target):
-        for i, b, grp, rows in _image_groups(images, groups, cog):
-            target[grp].addmm_(go[b, rows, p0:p1], cols[i, :, grp])
-
-    def packed(target):
-        for i, b, grp, rows in _image_groups(images, groups, cog):
-            kernels.gemm(go[b, rows, p0:p1], cols[i, :, grp], target[grp], accumulate=True)
-
-    ways = {"mkl": mkl, "packed": packed} if _packed_gemm_ok(cols, kernels) else {"mkl": mkl}
-    key = ("weight_gradient", tuple(grad_w.shape), cols.dtype, torch.get_num_threads())
-    ways = {k: functools.partial(f, grad_w) for k, f in ways.items()}
-    _run_fastest(key, ways, [grad_w], cols.numel() * cog)
+    ways = {"mkl": run(_addmm if add else _mm)}
+    if _packed_gemm_ok(out, kernels):
+        ways["packed"] = run(functools.partial(kernels.gemm, accumulate=add))
+    key = (kind, tuple(w_shape), out.dtype, torch.get_num_threads())
+    _run_fastest(key, ways, [out], macs)
 
 
 def _image_groups(images: slice, groups: int, group_out: int):
@@ -262,28 +189,8 @@ def _image_groups(images: slice, groups: int, group_out: int):
             yield i, b, grp, slice(grp * group_out, (grp + 1) * group_out)
 
 
-class _DeformConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-        ctx.conf = (stride, padding, dilation, groups, dg, kernels)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, offset, mask, weight)
-        return _forward(
-            x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, offset, mask, weight = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:5])
-        needs[4] = needs[4] and ctx.has_bias
-        grads = _backward(grad_out, x, offset, mask, weight, *ctx.conf, needs)
-        return tuple(grads) + (None,) * 6
-
-
 def forward(
-    input: torch.Tensor,
+    x: torch.Tensor,
     offset: torch.Tensor,
     mask: Optional[torch.Tensor],
     weight: torch.Tensor,
@@ -292,49 +199,24 @@ def forward(
     padding: Pair,
     dilation: Pair,
     groups: int,
-    deformable_groups: int,
+    dg: int,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """:func:`deform_conv2d` without autograd; ``torch.ops.dcnv2.deform_conv2d`` calls it."""
-    kernels = _kernels(input, impl)
-    geometry = (tuple(stride), tuple(padding), tuple(dilation))
-    return _forward(
-        input, offset, mask, weight, bias, *geometry, groups, deformable_groups, kernels
-    )
-
-
-def backward(
-    grad_out: torch.Tensor,
-    input: torch.Tensor,
-    offset: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-    deformable_groups: int,
-    needs: Sequence[bool],
-    impl: str = "auto",
-) -> List[Optional[torch.Tensor]]:
-    """Gradients of :func:`forward`.
+    """Modulated deformable convolution (DCNv1 when ``mask`` is None), arguments pre-validated,
+    by the faster of the chunked and the fused way; ``torch.ops.dcnv2.deform_conv2d`` calls it.
 
     Args:
-        grad_out (Tensor): (N, C_out, Ho, Wo).
-        needs (5 bools): which of the gradients of input, offset, mask, weight, bias to compute.
+        x (Tensor): (N, C_in, H, W).
+        offset (Tensor): (N, 2*G*kh*kw, Ho, Wo), G = ``dg`` (deformable groups).
+        mask (Tensor or None): (N, G*kh*kw, Ho, Wo).
+        weight (Tensor): (C_out, C_in // groups, kh, kw).
+        bias (Tensor or None): (C_out,).
+        impl (str): "auto" (compiled kernels on CPU if they build, else PyTorch), "cpp", "torch".
 
     Returns:
-        list: [grad_input, grad_offset, grad_mask, grad_weight, grad_bias]; None where not needed.
+        Tensor: (N, C_out, Ho, Wo).
     """
-    kernels = _kernels(input, impl)
-    geometry = (tuple(stride), tuple(padding), tuple(dilation))
-    return _backward(
-        grad_out, input, offset, mask, weight, *geometry, groups, deformable_groups, kernels, needs
-    )
-
-
-def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg, kernels):
-    """The output (N, C_out, Ho, Wo), by the faster of the chunked and the fused way."""
+    kernels = _kernels(x, impl)
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     n, c = x.shape[:2]
@@ -368,9 +250,30 @@ def _forward(x, offset, mask, weight, bias, stride, padding, dilation, groups, d
     return out
 
 
-def _backward(
-    grad_out, x, offset, mask, weight, stride, padding, dilation, groups, dg, kernels, needs
-):
+def backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    dg: int,
+    needs: Sequence[bool],
+    impl: str = "auto",
+) -> List[Optional[torch.Tensor]]:
+    """Gradients of :func:`forward`.
+
+    Args:
+        grad_out (Tensor): (N, C_out, Ho, Wo).
+        needs (5 bools): which of the gradients of input, offset, mask, weight, bias to compute.
+
+    Returns:
+        list: [grad_input, grad_offset, grad_mask, grad_weight, grad_bias]; None where not needed.
+    """
+    kernels = _kernels(x, impl)
     need_x, need_offset, need_mask, need_weight, need_bias = needs
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
@@ -381,7 +284,7 @@ def _backward(
     ho, wo = offset.shape[2:]
     geometry = ((kh, kw), stride, padding, dilation, dg, groups)
     cog = c_out // groups
-    go_all = grad_out.contiguous().view(n, c_out, ho * wo)
+    go = grad_out.contiguous().view(n, c_out, ho * wo)
     xp = _pad_channels_last(x)
     grad_xp = torch.zeros_like(xp) if need_x else None
     grad_offset = offset.new_empty(n, offset.shape[1], ho * wo) if need_offset else None
@@ -395,20 +298,17 @@ def _backward(
             pc = p1 - p0
             if need_x or need_coord:
                 grad_cols = x.new_empty(sl.stop - sl.start, pc, groups, w.shape[2])
-                _column_gradient(go_all, w, sl, p0, p1, grad_cols, kernels)
+                products = [
+                    (go[b, rows, p0:p1].t(), w[grp], grad_cols[i, :, grp])
+                    for i, b, grp, rows in _image_groups(sl, groups, cog)
+                ]
+                macs = grad_cols.numel() * cog
+                _group_products("column_gradient", w.shape, products, grad_cols, macs, kernels)
                 g_offset, g_mask, cols = kernels.backward(
-                    xp[sl],
-                    offset[sl],
-                    m,
-                    grad_cols.view(grad_cols.shape[0], pc, -1),
-                    *geometry,
-                    p0,
-                    p1,
-                    grad_xp[sl] if need_x else None,
-                    need_coord,
-                    need_weight,
-                )
-                del grad_cols
+                    xp[sl], offset[sl], m, grad_cols.view(grad_cols.shape[0], pc, -1), *geometry,
+                    p0, p1, grad_xp[sl] if need_x else None, need_coord, need_weight,
+                )  # fmt: skip
+                del grad_cols, products
             elif need_weight:
                 cols = kernels.im2col(xp[sl], offset[sl], m, *geometry, p0, p1)
             if need_offset:
@@ -416,30 +316,29 @@ def _backward(
             if need_mask:
                 grad_mask[sl, :, p0:p1] = g_mask
             if need_weight:
-                _add_weight_gradient(
-                    go_all, cols.view(cols.shape[0], pc, groups, -1), sl, p0, p1, grad_w, kernels
-                )
-                del cols  # at most two column-sized tensors alive at once
+                cols = cols.view(cols.shape[0], pc, groups, -1)
+                products = [
+                    (go[b, rows, p0:p1], cols[i, :, grp], grad_w[grp])
+                    for i, b, grp, rows in _image_groups(sl, groups, cog)
+                ]
+                macs = cols.numel() * cog
+                _group_products("weight_gradient", w.shape, products, grad_w, macs, kernels, True)
+                del cols, products  # at most two column-sized tensors alive at once
 
     ways = {"chunked": chunked}
     if groups == 1 and _packed_gemm_ok(x, kernels):
         ways["fused"] = lambda: kernels.backward_packed(
-            xp, offset, mask, go_all, weight.contiguous(), *geometry[:-1], grad_xp, grad_offset,
-            grad_mask,
-            None if grad_w is None else grad_w[0],
+            xp, offset, mask, go, weight.contiguous(), *geometry[:-1], grad_xp, grad_offset,
+            grad_mask, None if grad_w is None else grad_w[0],
         )  # fmt: skip
     outs = [t for t in (grad_xp, grad_offset, grad_mask, grad_w) if t is not None]
     key = ("backward_pass", tuple(weight.shape), (need_x, need_offset, need_mask, need_weight),
            x.dtype, torch.get_num_threads())  # fmt: skip
     _run_fastest(key, ways, outs, n * ho * wo * c_out * kh * kw * cg)
-    grad_x = None
-    if need_x:
-        # The padding collected corners outside the image, which detectron2 drops.
-        grad_x = kernels.crop_channels_first(grad_xp)
-    if need_offset:
-        grad_offset = grad_offset.view_as(offset)
-    if need_mask:
-        grad_mask = grad_mask.view_as(mask)
+    # The padding collected corners outside the image, which detectron2 drops.
+    grad_x = kernels.crop_channels_first(grad_xp) if need_x else None
+    grad_offset = grad_offset.view_as(offset) if need_offset else None
+    grad_mask = grad_mask.view_as(mask) if need_mask else None
     if need_weight:
         grad_w = grad_w.view(groups, cog, kh * kw, cg).transpose(2, 3).reshape_as(weight)
     grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None

@@ -6,24 +6,11 @@ Same functions and layouts as :mod:`.native_torch` (CPU), plus a packed AVX2 :fu
 import functools
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .extension import JitExtension
-
-__all__ = [
-    "is_available",
-    "error",
-    "im2col",
-    "backward",
-    "crop_channels_first",
-    "gemm_supported",
-    "gemm",
-    "forward_packed",
-    "pack_rows16",
-    "backward_packed",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +43,10 @@ def im2col(xp, offset, mask, kernel, stride, padding, dilation, dg, groups, p_be
     )
 
 
-def backward(
-    xp, offset, mask, grad_cols, kernel, stride, padding, dilation, dg, groups, p_begin, p_end,
-    grad_xp, need_coord, need_cols,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
-    """As :func:`.native_torch.backward`: (offset gradient, mask gradient, columns)."""
-    grad_offset, grad_mask, cols = torch.ops.dcnv2_native.backward(
-        xp, offset, mask, grad_cols.contiguous(), kernel, stride, padding, dilation, dg, groups,
-        p_begin, p_end, grad_xp, need_coord, need_cols,
-    )  # fmt: skip
-    return (
-        grad_offset if need_coord else None,
-        grad_mask if need_coord and mask is not None else None,
-        cols if need_cols else None,
-    )
+def backward(xp, offset, mask, grad_cols, *args):
+    """As :func:`.native_torch.backward`: (offset gradient, mask gradient, columns); the
+    results not asked for are unspecified."""
+    return torch.ops.dcnv2_native.backward(xp, offset, mask, grad_cols.contiguous(), *args)
 
 
 def crop_channels_first(xp: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,10 @@ def deform_conv2d(
     backend: str,
     native_impl: str,
 ) -> Tensor:
-    geometry = (tuple(stride), tuple(padding), tuple(dilation))
-    fn = backends.BACKENDS[backend]
-    return fn(input, offset, mask, weight, bias, *geometry, groups, deformable_groups, native_impl)
+    return backends.BACKENDS[backend](
+        input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+        deformable_groups, native_impl,
+    )  # fmt: skip
 
 
 @deform_conv2d.register_fake
@@ -55,10 +56,9 @@ def deform_conv2d_backward(
     backend: str,
     native_impl: str,
 ) -> List[Tensor]:
-    geometry = (tuple(stride), tuple(padding), tuple(dilation))
     grads = backends.BACKWARDS[backend](
-        grad_out, input, offset, mask, weight, *geometry, groups, deformable_groups,
-        list(needs), native_impl,
+        grad_out, input, offset, mask, weight, tuple(stride), tuple(padding), tuple(dilation),
+        groups, deformable_groups, list(needs), native_impl,
     )  # fmt: skip
     return [input.new_empty(0) if g is None else g for g in grads]
 
@@ -75,18 +75,15 @@ def _deform_conv2d_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    input, offset, mask, weight, bias = inputs[:5]
-    ctx.save_for_backward(input, offset, mask, weight)
-    ctx.conf = inputs[5:10]
-    ctx.names = inputs[10:]
-    ctx.present = (True, True, mask is not None, True, bias is not None)
+    ctx.save_for_backward(*inputs[:4])  # input, offset, mask, weight
+    ctx.conf = inputs[5:]
 
 
 def _backward(ctx, grad_out):
-    input, offset, mask, weight = ctx.saved_tensors
-    needs = [bool(n and p) for n, p in zip(ctx.needs_input_grad[:5], ctx.present)]
+    # needs_input_grad is False for a None mask or bias.
+    needs = list(ctx.needs_input_grad[:5])
     grads = deform_conv2d_backward(
-        grad_out, input, offset, mask, weight, *ctx.conf, needs, *ctx.names
+        grad_out, *ctx.saved_tensors, *ctx.conf[:5], needs, *ctx.conf[5:]
     )
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 7
 

@@ -39,19 +39,16 @@ def _torchvision_shapes(inputs: List[Any], outputs: List[Any]) -> Tuple:
     return get_shape(x), get_shape(weight), get_shape(outputs[0]), bool(inputs[-1].toIValue())
 
 
-def _native_shapes(inputs: List[Any], outputs: List[Any]) -> Tuple:
-    # native _DeformConv2d.apply(input, offset, mask, weight, bias, ...): only the arguments
-    # that are tensors become node inputs, so a missing mask or bias shifts the rest. The
-    # 4-D tensors after the offset are (mask,) weight; a bias is 1-D.
-    shapes = [get_shape(v) for v in inputs]
-    four_d = [s for s in shapes[2:] if s is not None and len(s) == 4]
-    return shapes[0], four_d[-1], get_shape(outputs[0]), len(four_d) == 2
+def _op_shapes(inputs: List[Any], outputs: List[Any]) -> Tuple:
+    # dcnv2::deform_conv2d(input, offset, mask, weight, bias, ...); a missing mask is a None.
+    x, mask, weight = inputs[0], inputs[2], inputs[3]
+    return get_shape(x), get_shape(weight), get_shape(outputs[0]), get_shape(mask) is not None
 
 
 # op name as fvcore sees it -> function giving (input shape, weight shape, output shape, masked)
 DEFORM_CONV_OPS = {
     "torchvision::deform_conv2d": _torchvision_shapes,
-    "prim::PythonOp._DeformConv2d": _native_shapes,
+    "dcnv2::deform_conv2d": _op_shapes,
 }
 
 
