@@ -32,8 +32,8 @@ setup(
     # detectron2 is not on PyPI under its own name and must match the user's torch/CUDA build,
     # so it is not a requirement here: see README (tools/setup_env.sh installs it).
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.4",
+        "torchvision>=0.19",
         "numpy",
         "pillow",
         "pycocotools",
