@@ -133,7 +133,7 @@ def refuse_existing_outputs(paths: Sequence[str], force: bool, what: str = "outp
     if existing:
         raise UserInputError(
             f"{existing[0]!r} exists ({len(existing)} {what} would be overwritten); "
-            "pass --force to overwrite or choose another --output"
+            "pass --force to overwrite them, or write to another path"
         )
 
 
