@@ -1,7 +1,6 @@
-"""Processes started by ``torchrun`` or SLURM's ``srun``, one training process each: the place in
-the job from the launcher's variables, torch's ``env://`` rendezvous at ``MASTER_ADDR`` and
-``MASTER_PORT`` (``tools/slurm_train.sh`` exports them for srun), then what detectron2's
-``launch`` sets up in the processes it spawns."""
+"""Processes started by ``torchrun`` or SLURM's ``srun``: the place in the job from the
+launcher's variables, torch's ``env://`` rendezvous (``tools/slurm_train.sh`` exports
+``MASTER_ADDR`` and ``MASTER_PORT`` for srun), then what detectron2's ``launch`` sets up."""
 
 import os
 from dataclasses import dataclass
@@ -53,8 +52,7 @@ def _read(environ: Mapping[str, str], names, launcher: str, hint: str):
 
 def cluster_process(environ: Optional[Mapping[str, str]] = None) -> Optional[ClusterProcess]:
     """This process in a torchrun job (first) or in an ``srun`` step of several tasks, else None
-    (a batch script's own process has no ``SLURM_STEP_ID``). Raises ``LaunchError`` on bad values.
-    """
+    (a batch script's own process has no ``SLURM_STEP_ID``)."""
     environ = os.environ if environ is None else environ
     if any(n in environ for n in TORCHRUN):
         hint = "a process started by torchrun has all of them (or unset them)"
@@ -79,9 +77,8 @@ def cluster_process(environ: Optional[Mapping[str, str]] = None) -> Optional[Clu
 
 def resolve_launch(args, environ: Optional[Mapping[str, str]] = None):
     """:func:`cluster_process`, with ``args.num_gpus``, ``num_machines``, ``machine_rank`` (None
-    when not given) taken from the launcher (LaunchError if they contradict it), else 1, 1, 0.
-    Every process finds the same mistake: rank 0 raises it, the others exit with
-    ``USER_ERROR_EXIT`` after a wait, so that the job prints one error line."""
+    when not given) taken from the launcher, else 1, 1, 0. A mistake is raised by rank 0; the
+    other ranks exit with ``USER_ERROR_EXIT`` after a wait, so the job prints one error line."""
     environ = os.environ if environ is None else environ
     try:
         p = cluster_process(environ)
@@ -129,9 +126,8 @@ def _check_together(check: Callable, args) -> None:
 
 
 def run_in_cluster(p: ClusterProcess, main_func: Callable, args, *, check: Callable):
-    """Join the job's process group (NCCL when the config's device is CUDA, else gloo) as
-    detectron2's ``launch`` workers do, run ``check(args)`` once per machine
-    (:func:`dcnv2.engine.preflight.check_before_launch`), then ``main_func(args)``."""
+    """Join the job's process group (NCCL for a CUDA config, else gloo) as detectron2's
+    ``launch`` workers do, run ``check(args)`` once per machine, then ``main_func(args)``."""
     try:
         cfg = load_run_config(args.config_file, args.opts)
         on_gpu = torch.device(cfg_get(cfg, run_keys(cfg).device)).type == "cuda"
