@@ -40,9 +40,9 @@ import dcnv2
 from dcnv2.config import is_lazy_config
 from dcnv2.engine import Trainer, lazy
 from dcnv2.engine.eval_output import load_eval_weights
-from dcnv2.engine.launch import resolve_launch, run_in_cluster
+from dcnv2.engine.launch import report_user_errors, resolve_launch, run_in_cluster
 from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
-from dcnv2.engine.preflight import check_before_launch, report_user_errors
+from dcnv2.engine.preflight import check_before_launch
 from dcnv2.engine.setup import setup_run
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 

@@ -1,8 +1,11 @@
-"""Processes started by ``torchrun`` or SLURM's ``srun``: the place in the job from the
-launcher's variables, torch's ``env://`` rendezvous (``tools/slurm_train.sh`` exports
-``MASTER_ADDR`` and ``MASTER_PORT`` for srun), then what detectron2's ``launch`` sets up."""
+"""The processes of a run: one line per user error from them (:func:`report_user_errors`); and
+those started by ``torchrun`` or SLURM's ``srun``: their place in the job from the launcher's
+variables, torch's ``env://`` rendezvous (``tools/slurm_train.sh`` exports ``MASTER_ADDR`` and
+``MASTER_PORT`` for srun), then what detectron2's ``launch`` sets up."""
 
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -12,10 +15,18 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 from ..config import cfg_get, run_keys
-from ..errors import USER_ERROR_EXIT, USER_ERRORS, LaunchError
-from .preflight import leave_report_to_main_process, load_run_config
+from ..errors import (
+    USER_ERROR_EXIT,
+    USER_ERRORS,
+    LaunchError,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    report_user_error,
+)
+from .preflight import load_run_config
 
-__all__ = ["ClusterProcess", "cluster_process", "resolve_launch", "run_in_cluster"]
+__all__ = ["ClusterProcess", "cluster_process", "report_user_errors", "resolve_launch"]
+__all__ += ["run_in_cluster"]
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NODEID")
@@ -143,3 +154,32 @@ def run_in_cluster(p: ClusterProcess, main_func: Callable, args, *, check: Calla
         return main_func(args)
     finally:
         dist.destroy_process_group()
+
+
+# How long a process other than the main one waits before it exits on a user error that every
+# process finds: the main process prints it meanwhile (an earlier exit could make the launcher
+# stop the main process before it has printed anything).
+REPORT_GRACE_S = 5.0
+
+
+def leave_report_to_main_process() -> None:
+    time.sleep(REPORT_GRACE_S)
+
+
+def report_user_errors(prog: str, main_func: Callable, *args):
+    """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
+    ``<prog>: error: ...``, and the process exits with ``USER_ERROR_EXIT`` (the launcher then
+    stops the others). With one process it propagates to the caller, the launching process."""
+    try:
+        return main_func(*args)
+    except USER_ERRORS as e:
+        if comm.get_world_size() == 1:
+            raise
+        if not comm.is_main_process():
+            leave_report_to_main_process()
+            # Raised by every process together (they agree on it): the main one reports it.
+            if isinstance(e, TrainingInterrupted):
+                sys.exit(e.exit_status)
+            if isinstance(e, NonFiniteLossError) and not e.diverged:
+                sys.exit(USER_ERROR_EXIT)
+        sys.exit(report_user_error(prog, e))

@@ -1,18 +1,16 @@
-"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file
-(each problem one :class:`~dcnv2.errors.DCNv2Error`), and the reporting of user errors from worker
-processes."""
+"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file;
+each problem is one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected."""
 
 import logging
 import os
-import sys
 import tempfile
-import time
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.utils import comm
+from detectron2.modeling import build_model
 
+from ..checkpoint import build_checkpointer
 from ..checkpoint.atomic import last_checkpoint_pointer
 from ..checkpoint.integrity import check_weights_file
 from ..config import (
@@ -30,22 +28,11 @@ from ..data import build_test_augmentation, check_datasets
 from ..data.coco import register_config_datasets
 from ..data.test_loader import check_test_images
 from ..data.validation import validate_datasets
-from ..errors import (
-    USER_ERROR_EXIT,
-    USER_ERRORS,
-    ConfigError,
-    ConfigFileNotFoundError,
-    LaunchError,
-    NonFiniteLossError,
-    OutputDirError,
-    TrainingInterrupted,
-    WeightsError,
-    report_user_error,
-)
+from ..errors import ConfigError, ConfigFileNotFoundError, LaunchError, OutputDirError, WeightsError
 from .eval_output import check_eval_results
 
 __all__ = ["check_before_launch", "check_devices", "check_eval_weights", "check_weights"]
-__all__ += ["load_run_config", "preflight", "report_user_errors"]
+__all__ += ["load_run_config", "preflight"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +91,6 @@ def check_weights_fit(cfg) -> None:
     """Load ``MODEL.WEIGHTS`` into the config's model built on the CPU, as training will:
     tensors that do not fit raise :class:`~dcnv2.errors.WeightsError` before anything is written.
     """
-    from detectron2.modeling import build_model
-
-    from ..checkpoint import build_checkpointer
-
     cpu_cfg = cfg.clone()
     cpu_cfg.defrost()
     cpu_cfg.MODEL.DEVICE = "cpu"
@@ -263,32 +246,3 @@ def check_before_launch(args) -> None:
         opts=args.opts,
         force=getattr(args, "force", False),
     )
-
-
-# How long a process other than the main one waits before it exits on a user error that every
-# process finds: the main process prints it meanwhile (an earlier exit could make the launcher
-# stop the main process before it has printed anything).
-REPORT_GRACE_S = 5.0
-
-
-def leave_report_to_main_process() -> None:
-    time.sleep(REPORT_GRACE_S)
-
-
-def report_user_errors(prog: str, main_func: Callable, *args):
-    """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
-    ``<prog>: error: ...``, and the process exits with ``USER_ERROR_EXIT`` (the launcher then
-    stops the others). With one process it propagates to the caller, the launching process."""
-    try:
-        return main_func(*args)
-    except USER_ERRORS as e:
-        if comm.get_world_size() == 1:
-            raise
-        if not comm.is_main_process():
-            leave_report_to_main_process()
-            # Raised by every process together (they agree on it): the main one reports it.
-            if isinstance(e, TrainingInterrupted):
-                sys.exit(e.exit_status)
-            if isinstance(e, NonFiniteLossError) and not e.diverged:
-                sys.exit(USER_ERROR_EXIT)
-        sys.exit(report_user_error(prog, e))

@@ -29,8 +29,6 @@ from .solver import build_optimizer
 
 __all__ = ["Trainer", "build_training_loop", "create_ddp_model", "explain_nonfinite_stop"]
 
-logger = logging.getLogger(__name__)
-
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """detectron2's ``create_ddp_model`` that also accepts CPU models (DDP rejects the
