@@ -37,13 +37,11 @@ def _any_process(flag: bool, device: torch.device) -> bool:
 
 
 class NonFiniteGuard(HookBase):
-    """In ``after_backward`` (before detectron2's metrics write and the optimizer step), on every
-    process together: non-finite loss terms or gradients stop the run with
-    :class:`~dcnv2.errors.NonFiniteLossError`, the weights not updated; or, while fewer than
-    ``max_nonfinite_skips`` were skipped, the iteration's update is dropped (gradients cleared)
-    and its non-finite terms leave the metrics. Register it on the ``SimpleTrainer`` that runs
-    the step; ``keys`` name the config keys in its messages.
-    """
+    """In ``after_backward`` (before the metrics write and the optimizer step), on every process
+    together: non-finite loss terms or gradients stop the run with
+    :class:`~dcnv2.errors.NonFiniteLossError`, the weights not updated, or, while fewer than
+    ``max_nonfinite_skips`` were skipped, drop the iteration's update and its non-finite terms
+    from the metrics. ``keys`` name the config keys in its messages."""
 
     def __init__(self, model: torch.nn.Module, max_nonfinite_skips: int = 0, keys=YAML_KEYS):
         self.max_nonfinite_skips = int(max_nonfinite_skips)
@@ -84,12 +82,11 @@ class NonFiniteGuard(HookBase):
 
     def _on_nonfinite(self, it: int, losses, local_bad, local_grads) -> None:
         per_rank = comm.all_gather((local_bad, local_grads))
-        multi = len(per_rank) > 1
         bad_terms = {k for bad, _ in per_rank for k in bad}
         if bad_terms:
             what = "loss"
             detail = ", ".join(
-                f"{k}={v}" + (f" (process {rank})" if multi else "")
+                f"{k}={v}" + (f" (process {rank})" if len(per_rank) > 1 else "")
                 for rank, (bad, _) in enumerate(per_rank)
                 for k, v in bad.items()
             )

@@ -156,14 +156,10 @@ def run_in_cluster(p: ClusterProcess, main_func: Callable, args, *, check: Calla
         dist.destroy_process_group()
 
 
-# How long a process other than the main one waits before it exits on a user error that every
-# process finds: the main process prints it meanwhile (an earlier exit could make the launcher
-# stop the main process before it has printed anything).
-REPORT_GRACE_S = 5.0
-
-
 def leave_report_to_main_process() -> None:
-    time.sleep(REPORT_GRACE_S)
+    """Wait before exiting on a user error that every process finds: the main process prints it
+    meanwhile (an earlier exit could make the launcher stop it before it has printed)."""
+    time.sleep(5.0)
 
 
 def report_user_errors(prog: str, main_func: Callable, *args):

@@ -11,7 +11,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
-from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
@@ -141,9 +141,8 @@ class Trainer(DefaultTrainer):
         mode = cfg.DATASETS.DCNV2.ON_BAD_DATA
         proposal_file = None
         if cfg.MODEL.LOAD_PROPOSALS:
-            proposal_file = cfg.DATASETS.PROPOSAL_FILES_TEST[
-                list(cfg.DATASETS.TEST).index(dataset_name)
-            ]
+            index = list(cfg.DATASETS.TEST).index(dataset_name)
+            proposal_file = cfg.DATASETS.PROPOSAL_FILES_TEST[index]
         dicts = load_test_dicts(dataset_name, mode, proposal_file=proposal_file)
         mapper = DatasetMapper(cfg, False, augmentations=build_test_augmentation(cfg))
         workers = cfg.DATALOADER.NUM_WORKERS
@@ -156,9 +155,7 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_evaluator(
-        cls, cfg, dataset_name: str, output_folder: Optional[str] = None
-    ) -> DatasetEvaluator:
+    def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
