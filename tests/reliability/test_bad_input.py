@@ -356,6 +356,8 @@ def test_more_processes_than_gpus(rel, train_net, tiny_dataset, output_dir, monk
     with pytest.raises(LaunchError, match=r"--num-gpus 2 but this machine has 1 CUDA GPU\(s\)"):
         check_devices("cuda", 2)
     check_devices("cuda", 1)
+    with pytest.raises(LaunchError, match="MODEL.DEVICE is 'gpu0'; expected a torch device"):
+        check_devices("gpu0", 1)
     message = _error(train_net, _args(rel, output_dir, None, "DATASETS.DCNV2.ON_BAD_DATA", "warn"))
     assert "DATASETS.DCNV2.ON_BAD_DATA is 'warn'; expected one of 'fail', 'skip'" in message
     message = _error(train_net, _args(rel, output_dir, flags=["--num-gpus", "0"]))

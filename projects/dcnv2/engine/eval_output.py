@@ -38,13 +38,9 @@ def weights_identity(path: str) -> Dict:
 
 
 def check_eval_results(cfg, weights: str, *, force: bool) -> None:
-    """An eval-only run of ``weights`` may write its results: the results folder holds none, or
-    results of these same weights (recorded, or the folder's run's ``model_final.pth``), or
-    ``force`` (``--force``) is set.
-
-    Raises:
-        OutputDirError: results of other weights would be overwritten.
-    """
+    """Raise :class:`~dcnv2.errors.OutputDirError` unless an eval-only run of ``weights`` may
+    write its results: the folder holds none, or results of these same weights (recorded, or
+    the folder's run's ``model_final.pth``), or ``force`` (``--force``)."""
     folder = eval_results_dir(cfg)
     if force or folder is None:
         return

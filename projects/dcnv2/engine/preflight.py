@@ -101,6 +101,8 @@ def check_backend(cfg) -> None:
     """``MODEL.DCNV2.BACKEND`` is a deformable-conv backend usable on ``MODEL.DEVICE``."""
     from ..layers.backends import resolve_backend
 
+    if cfg.MODEL.DCNV2.BACKEND == "auto":
+        return  # a backend for every device, chosen (and loaded) by the workers
     try:
         resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device(cfg.MODEL.DEVICE))
     except (ValueError, RuntimeError) as e:
