@@ -210,11 +210,8 @@ def load_run_config(config_file: str, opts):
 def check_eval_weights(cfg, opts) -> None:
     """``--eval-only`` evaluates trained weights: with none (``MODEL.WEIGHTS`` empty, or an
     ImageNet backbone as the configs' default) it refuses, unless the command line (``opts``)
-    sets the weights itself; set empty there, a random model is evaluated, with a warning.
-
-    Raises:
-        WeightsError: no trained weights, and none set on the command line.
-    """
+    sets the weights itself (:class:`~dcnv2.errors.WeightsError`); set empty there, a random
+    model is evaluated, with a warning."""
     keys = run_keys(cfg)
     weights = cfg_get(cfg, keys.weights, "") or ""
     if keys is YAML_KEYS:

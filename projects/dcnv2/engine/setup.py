@@ -56,14 +56,9 @@ def environment_info(timeout: float = 300.0) -> str:
 
 
 def setup_run(cfg, args) -> None:
-    """Register the config's COCO datasets (in every process), then do what ``default_setup``
-    does: output folder, loggers, environment and command line logged, the config saved by the
-    main process, seeds (``SEED`` / ``train.seed`` plus the rank), cuDNN benchmarking.
-
-    Args:
-        cfg: a YAML ``CfgNode`` or a LazyConfig.
-        args: the parsed ``train_net.py`` command line.
-    """
+    """Register the COCO datasets of ``cfg`` (YAML or LazyConfig) in every process, then do what
+    ``default_setup`` does for ``train_net.py``'s parsed ``args``: output folder, loggers,
+    environment and command line logged, config saved, seeds plus the rank, cuDNN benchmarking."""
     register_config_datasets(cfg)
     keys = run_keys(cfg)
     output_dir = cfg_get(cfg, keys.output_dir)
