@@ -37,13 +37,12 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 import dcnv2
-from dcnv2.checkpoint import build_checkpointer
 from dcnv2.config import is_lazy_config
 from dcnv2.engine import Trainer, lazy
-from dcnv2.engine.eval_output import evaluated_weights, record_eval_weights
-from dcnv2.engine.launch import resolve_launch, run_in_cluster
+from dcnv2.engine.eval_output import load_eval_weights
+from dcnv2.engine.launch import report_user_errors, resolve_launch, run_in_cluster
 from dcnv2.engine.preemption import STOP_SIGNALS, forward_stop_signals
-from dcnv2.engine.preflight import check_before_launch, report_user_errors
+from dcnv2.engine.preflight import check_before_launch
 from dcnv2.engine.setup import setup_run
 from dcnv2.errors import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 
@@ -67,12 +66,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = build_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        if comm.is_main_process():
-            record_eval_weights(
-                cfg, evaluated_weights(checkpointer, cfg.MODEL.WEIGHTS, args.resume)
-            )
+        load_eval_weights(cfg, model, args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

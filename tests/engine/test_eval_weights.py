@@ -47,7 +47,6 @@ def test_trained_weights_or_a_checkpoint_to_resume_pass(tmp_path, caplog):
         check_eval_weights(
             load_config(LAZY, [f"train.init_checkpoint={out / 'model_final.pth'}"]),
             [],
-            resume=False,
         )
         with pytest.raises(WeightsError):
             _check(QUICK, tmp_path)
@@ -58,8 +57,8 @@ def test_trained_weights_or_a_checkpoint_to_resume_pass(tmp_path, caplog):
 def test_lazy_config_keys(caplog):
     cfg = load_config(LAZY)
     with pytest.raises(WeightsError, match="train.init_checkpoint is detectron2://ImageNet"):
-        check_eval_weights(cfg, [], resume=False)
+        check_eval_weights(cfg, [])
     cfg = load_config(LAZY, ['train.init_checkpoint=""'])
     with caplog.at_level(logging.WARNING, logger="dcnv2.engine.preflight"):
-        check_eval_weights(cfg, ['train.init_checkpoint=""'], resume=False)
+        check_eval_weights(cfg, ['train.init_checkpoint=""'])
     assert "train.init_checkpoint empty: evaluating a randomly initialised model" in caplog.text

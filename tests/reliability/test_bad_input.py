@@ -311,7 +311,11 @@ def test_resume_with_a_dangling_pointer(rel, train_net, tiny_dataset, output_dir
     (output_dir / "last_checkpoint").write_text("model_0000009.pth")
     before = _snapshot(output_dir)
     message = _error(train_net, _args(rel, output_dir, flags=["--resume"]))
-    assert f"names {output_dir / 'model_0000009.pth'}, which does not exist" in message
+    pointer = output_dir / "last_checkpoint"
+    assert (
+        f"Weights file {output_dir / 'model_0000009.pth'} (named by {pointer} (--resume)) does "
+        "not exist; the run that wrote the pointer may have been moved"
+    ) in message
     assert _snapshot(output_dir) == before
 
 
@@ -352,6 +356,8 @@ def test_more_processes_than_gpus(rel, train_net, tiny_dataset, output_dir, monk
     with pytest.raises(LaunchError, match=r"--num-gpus 2 but this machine has 1 CUDA GPU\(s\)"):
         check_devices("cuda", 2)
     check_devices("cuda", 1)
+    with pytest.raises(LaunchError, match="MODEL.DEVICE is 'gpu0'; expected a torch device"):
+        check_devices("gpu0", 1)
     message = _error(train_net, _args(rel, output_dir, None, "DATASETS.DCNV2.ON_BAD_DATA", "warn"))
     assert "DATASETS.DCNV2.ON_BAD_DATA is 'warn'; expected one of 'fail', 'skip'" in message
     message = _error(train_net, _args(rel, output_dir, flags=["--num-gpus", "0"]))
@@ -430,8 +436,8 @@ def test_unknown_backend_and_batch_that_does_not_split(rel, train_net, tiny_data
     before = _snapshot(output_dir)
     message = _error(train_net, _args(rel, output_dir, None, "MODEL.DCNV2.BACKEND", "cudnn"))
     assert (
-        "MODEL.DCNV2.BACKEND is 'cudnn'; expected one of 'auto', 'detectron2', 'native', "
-        "'torchvision'"
+        "MODEL.DCNV2.BACKEND: Unknown deformable-conv backend 'cudnn'; expected one of 'auto', "
+        "'detectron2', 'native', 'torchvision'"
     ) in message
     if not torch.cuda.is_available():
         message = _error(

@@ -1,6 +1,6 @@
-"""Mixed precision on every device: detectron2's ``AMPTrainer`` on CUDA (it asserts CUDA);
-elsewhere :class:`AutocastTrainer`, in bfloat16, whose float32 exponent range needs no loss
-scaling. The deformable op itself runs in float32 under autocast."""
+"""Mixed precision on every device: detectron2's ``AMPTrainer`` on CUDA (it asserts CUDA),
+elsewhere :class:`AutocastTrainer` in bfloat16, whose float32 exponent range needs no loss
+scaling."""
 
 import time
 
@@ -11,10 +11,8 @@ __all__ = ["AutocastTrainer", "amp_trainer"]
 
 
 class AutocastTrainer(SimpleTrainer):
-    """``SimpleTrainer`` whose forward pass runs under ``torch.autocast(device_type, precision)``.
-
-    Backward and the optimizer step run outside autocast, as PyTorch recommends. No gradient
-    scaling: meant for bfloat16 (float16 without a scaler can underflow gradients).
+    """``SimpleTrainer`` whose forward pass runs under ``torch.autocast(device_type, precision)``
+    (backward and the optimizer step outside it, as PyTorch recommends), without gradient scaling.
     """
 
     def __init__(
@@ -59,9 +57,7 @@ class AutocastTrainer(SimpleTrainer):
 
 
 def amp_trainer(model, data_loader, optimizer, **kwargs) -> SimpleTrainer:
-    """The mixed-precision training loop for the device of ``model``'s parameters: detectron2's
-    ``AMPTrainer`` (float16 with a ``GradScaler``) on CUDA, else :class:`AutocastTrainer` in
-    bfloat16. Extra keyword arguments go to the loop."""
+    """The mixed-precision training loop for the device of ``model``'s parameters."""
     device_type = next(model.parameters()).device.type
     if device_type == "cuda":
         return AMPTrainer(model, data_loader, optimizer, **kwargs)

@@ -17,8 +17,7 @@ logger = logging.getLogger(__name__)
 
 class EvaluatedImagesCOCOEvaluator(COCOEvaluator):
     """``COCOEvaluator`` whose metrics cover only the images passed to :meth:`process` (on all
-    processes together), through ``COCOEvaluator.evaluate(img_ids=...)``; the same as
-    ``COCOEvaluator`` when every image was evaluated. Takes ``COCOEvaluator``'s arguments."""
+    processes together), through ``COCOEvaluator.evaluate(img_ids=...)``."""
 
     def reset(self):
         super().reset()
@@ -29,35 +28,25 @@ class EvaluatedImagesCOCOEvaluator(COCOEvaluator):
         super().process(inputs, outputs)
 
     def evaluate(self, img_ids: Optional[List[int]] = None):
-        if img_ids is None:
-            img_ids = self._evaluated_subset()
-        return super().evaluate(img_ids=img_ids)
-
-    def _evaluated_subset(self) -> Optional[List[int]]:
-        """The evaluated image ids when they are not the whole dataset, else None (on the main
-        process; None elsewhere)."""
         seen = self._image_ids
         if self._distributed:
             seen = list(itertools.chain(*comm.gather(seen, dst=0)))
-            if not comm.is_main_process():
-                return None
-        every = set(self._coco_api.getImgIds())
-        seen = set(seen) & every
-        if seen == every:
-            return None
-        logger.warning(
-            f"Evaluated {len(seen)} of the {len(every)} images of {self._metadata.name}: the "
-            f"metrics below are over these {len(seen)} images only "
-            f"({len(every) - len(seen)} left out)"
-        )
-        return sorted(seen)
+        if img_ids is None and (comm.is_main_process() or not self._distributed):
+            every = set(self._coco_api.getImgIds())
+            seen = set(seen) & every
+            if seen != every:
+                logger.warning(
+                    f"Evaluated {len(seen)} of the {len(every)} images of {self._metadata.name}: "
+                    f"the metrics below are over these {len(seen)} images only "
+                    f"({len(every) - len(seen)} left out)"
+                )
+                img_ids = sorted(seen)
+        return super().evaluate(img_ids=img_ids)
 
 
 class NothingDetectedWarning(DatasetEvaluator):
-    """Counts the model's detections (``instances``); when there are none over all processes,
-    logs one warning on the main process that the model predicted nothing above its score
-    threshold. Put it before the metric evaluators (``DatasetEvaluators``); it returns no
-    results."""
+    """Warns once (main process) when the model detected nothing on any process. Put it before
+    the metric evaluators in ``DatasetEvaluators``; it returns no results."""
 
     def reset(self):
         self._images = self._detections = 0

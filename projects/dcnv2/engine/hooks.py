@@ -1,7 +1,6 @@
-"""Training hooks for runs that survive bad iterations and interruption: :class:`NonFiniteGuard`
-stops (or skips) an iteration whose loss or gradients are not finite, on every process together,
-before the optimizer step; :class:`ResumableDataHook` makes a resumed run continue the data
-order and random draws of an uninterrupted one."""
+"""Training hooks: :class:`NonFiniteGuard` stops (or skips) an iteration whose loss or gradients
+are not finite, on every process together, before the optimizer step; :class:`ResumableDataHook`
+makes a resumed run continue the data order and random draws of an uninterrupted one."""
 
 import logging
 import random
@@ -29,14 +28,6 @@ def usual_causes(keys: RunKeys) -> str:
     )
 
 
-def _nonfinite_terms(loss_dict: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    values = {k: float(v.detach().float().sum()) for k, v in loss_dict.items()}
-    bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-    if not bad and not np.isfinite(sum(values.values())):
-        bad["total_loss"] = sum(values.values())
-    return bad
-
-
 def _any_process(flag: bool, device: torch.device) -> bool:
     if comm.get_world_size() == 1:
         return flag
@@ -46,20 +37,11 @@ def _any_process(flag: bool, device: torch.device) -> bool:
 
 
 class NonFiniteGuard(HookBase):
-    """Check the loss terms and gradients in ``after_backward`` (before detectron2's metrics
-    write and the optimizer step) on every process together. A non-finite one stops the run with
-    :class:`~dcnv2.errors.NonFiniteLossError` naming the iteration and the terms (or parameters),
-    the weights not updated with it; or, while fewer than ``max_nonfinite_skips`` were skipped,
-    drops the iteration's update (gradients cleared) and its non-finite terms from the metrics
-    (its ``total_loss`` sums the finite ones).
-
-    Register it on the ``SimpleTrainer`` that runs the step (``DefaultTrainer._trainer``).
-
-    Args:
-        model: the trained model; a forward hook records its training losses.
-        max_nonfinite_skips: iterations to skip before stopping.
-        keys: the config keys its messages name.
-    """
+    """In ``after_backward`` (before the metrics write and the optimizer step), on every process
+    together: non-finite loss terms or gradients stop the run with
+    :class:`~dcnv2.errors.NonFiniteLossError`, the weights not updated, or, while fewer than
+    ``max_nonfinite_skips`` were skipped, drop the iteration's update and its non-finite terms
+    from the metrics. ``keys`` name the config keys in its messages."""
 
     def __init__(self, model: torch.nn.Module, max_nonfinite_skips: int = 0, keys=YAML_KEYS):
         self.max_nonfinite_skips = int(max_nonfinite_skips)
@@ -74,7 +56,10 @@ class NonFiniteGuard(HookBase):
 
     def after_backward(self):
         losses, self._losses = self._losses or {}, None
-        bad = _nonfinite_terms(losses)
+        values = {k: float(v.detach().float().sum()) for k, v in losses.items()}
+        bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+        if not bad and not np.isfinite(sum(values.values())):
+            bad["total_loss"] = sum(values.values())
         # A finite loss can still have non-finite gradients (a backward that overflows), which
         # the optimizer step would write into the weights; a GradScaler skips those steps itself.
         grads = {} if bad else self._nonfinite_gradients()
@@ -92,21 +77,16 @@ class NonFiniteGuard(HookBase):
         if not named:
             return {}
         norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in named])])
-        finite = torch.isfinite(norms)
-        if bool(finite.all()):
-            return {}
-        return {
-            named[i][0].removeprefix("module."): float(norms[i])
-            for i in torch.nonzero(~finite).flatten().tolist()
-        }
+        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+        return {named[i][0].removeprefix("module."): float(norms[i]) for i in bad}
 
     def _on_nonfinite(self, it: int, losses, local_bad, local_grads) -> None:
         per_rank = comm.all_gather((local_bad, local_grads))
-        multi = len(per_rank) > 1
-        if any(bad for bad, _ in per_rank):
+        bad_terms = {k for bad, _ in per_rank for k in bad}
+        if bad_terms:
             what = "loss"
             detail = ", ".join(
-                f"{k}={v}" + (f" (process {rank})" if multi else "")
+                f"{k}={v}" + (f" (process {rank})" if len(per_rank) > 1 else "")
                 for rank, (bad, _) in enumerate(per_rank)
                 for k, v in bad.items()
             )
@@ -116,9 +96,7 @@ class NonFiniteGuard(HookBase):
             # After DDP's all-reduce every process holds the same gradients: list them once.
             names = list(dict.fromkeys(n for _, grads in per_rank for n in grads))
             what = "gradients"
-            detail = ", ".join(names[:5]) + (
-                f" and {len(names) - 5} more" if len(names) > 5 else ""
-            )
+            detail = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if names[5:] else "")
             headline = (
                 f"Gradients became non-finite at iteration {it} while the loss was finite, in "
                 f"{len(names)} parameter(s): {detail}."
@@ -135,7 +113,7 @@ class NonFiniteGuard(HookBase):
                 f"Non-finite {what} at iteration {it}: {detail}. Skipped this iteration's update "
                 f"({len(self.skipped)} of {limit})."
             )
-            self._skip_update(losses, {k for bad, _ in per_rank for k in bad})
+            self._skip_update(losses, bad_terms)
             return
         earlier = (
             f" Iterations skipped before for the same reason: {self.skipped} ({limit})."
@@ -154,17 +132,15 @@ class NonFiniteGuard(HookBase):
             losses.clear()
         for name in bad_terms:
             losses.pop(name, None)
-        scaler = getattr(self.trainer, "grad_scaler", None)
-        if scaler is None:
-            # torch's optimizers leave parameters without a gradient alone (no momentum, no
-            # weight decay): the step updates nothing.
+        if getattr(self.trainer, "grad_scaler", None) is None:
+            # torch's optimizers leave parameters without a gradient alone: nothing is updated.
             self.trainer.optimizer.zero_grad(set_to_none=True)
-        else:
-            # A GradScaler skips a step whose gradients are not finite (and lowers its scale).
-            for group in self.trainer.optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
+            return
+        # A GradScaler skips a step whose gradients are not finite (and lowers its scale).
+        for group in self.trainer.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
 
     def state_dict(self):
         return {"skipped": list(self.skipped)}
@@ -173,18 +149,11 @@ class NonFiniteGuard(HookBase):
         self.skipped = list(state_dict.get("skipped", []))
 
 
-def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**32, iteration, rank, 1]).generate_state(1)[0])
-
-
 class ResumableDataHook(HookBase):
     """Seed the random generators from ``(seed, iteration, rank)`` before every step and start a
     :class:`~dcnv2.data.resumable.ResumableTrainLoader` at the iteration training starts from.
     The seed is saved in checkpoints, so a run with a random seed (``SEED -1``) resumes the same
     stream.
-
-    Args:
-        seed: seed of the data stream and of the per-iteration generators.
     """
 
     def __init__(self, seed: int):
@@ -201,7 +170,8 @@ class ResumableDataHook(HookBase):
             )
 
     def before_step(self):
-        s = _iteration_seed(self.seed, self.trainer.iter, comm.get_rank())
+        key = [self.seed % 2**32, self.trainer.iter, comm.get_rank(), 1]
+        s = int(np.random.SeedSequence(key).generate_state(1)[0])
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
@@ -213,16 +183,14 @@ class ResumableDataHook(HookBase):
         self.seed = int(state_dict["seed"])
 
 
-class _QuietUserErrors(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.exc_info and isinstance(record.exc_info[1], (DCNv2Error, FloatingPointError))
-        )
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    return not (
+        record.exc_info and isinstance(record.exc_info[1], (DCNv2Error, FloatingPointError))
+    )
 
 
 def quiet_user_error_tracebacks() -> None:
     """Stop detectron2's training loop from logging a traceback for a :class:`DCNv2Error`
     (its message is reported once, by ``train_net.py``)."""
-    loop_logger = logging.getLogger("detectron2.engine.train_loop")
-    if not any(isinstance(f, _QuietUserErrors) for f in loop_logger.filters):
-        loop_logger.addFilter(_QuietUserErrors())
+    # addFilter adds a filter once.
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_not_a_user_error)

@@ -1,9 +1,11 @@
-"""Processes started by ``torchrun`` or SLURM's ``srun``, one training process each: the place in
-the job from the launcher's variables, torch's ``env://`` rendezvous at ``MASTER_ADDR`` and
-``MASTER_PORT`` (``tools/slurm_train.sh`` exports them for srun), then what detectron2's
-``launch`` sets up in the processes it spawns."""
+"""The processes of a run: one line per user error from them (:func:`report_user_errors`); and
+those started by ``torchrun`` or SLURM's ``srun``: their place in the job from the launcher's
+variables, torch's ``env://`` rendezvous (``tools/slurm_train.sh`` exports ``MASTER_ADDR`` and
+``MASTER_PORT`` for srun), then what detectron2's ``launch`` sets up."""
 
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -13,10 +15,18 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 from ..config import cfg_get, run_keys
-from ..errors import USER_ERROR_EXIT, USER_ERRORS, LaunchError
-from .preflight import leave_report_to_main_process, load_run_config
+from ..errors import (
+    USER_ERROR_EXIT,
+    USER_ERRORS,
+    LaunchError,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    report_user_error,
+)
+from .preflight import load_run_config
 
-__all__ = ["ClusterProcess", "cluster_process", "resolve_launch", "run_in_cluster"]
+__all__ = ["ClusterProcess", "cluster_process", "report_user_errors", "resolve_launch"]
+__all__ += ["run_in_cluster"]
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NODEID")
@@ -53,8 +63,7 @@ def _read(environ: Mapping[str, str], names, launcher: str, hint: str):
 
 def cluster_process(environ: Optional[Mapping[str, str]] = None) -> Optional[ClusterProcess]:
     """This process in a torchrun job (first) or in an ``srun`` step of several tasks, else None
-    (a batch script's own process has no ``SLURM_STEP_ID``). Raises ``LaunchError`` on bad values.
-    """
+    (a batch script's own process has no ``SLURM_STEP_ID``)."""
     environ = os.environ if environ is None else environ
     if any(n in environ for n in TORCHRUN):
         hint = "a process started by torchrun has all of them (or unset them)"
@@ -79,9 +88,8 @@ def cluster_process(environ: Optional[Mapping[str, str]] = None) -> Optional[Clu
 
 def resolve_launch(args, environ: Optional[Mapping[str, str]] = None):
     """:func:`cluster_process`, with ``args.num_gpus``, ``num_machines``, ``machine_rank`` (None
-    when not given) taken from the launcher (LaunchError if they contradict it), else 1, 1, 0.
-    Every process finds the same mistake: rank 0 raises it, the others exit with
-    ``USER_ERROR_EXIT`` after a wait, so that the job prints one error line."""
+    when not given) taken from the launcher, else 1, 1, 0. A mistake is raised by rank 0; the
+    other ranks exit with ``USER_ERROR_EXIT`` after a wait, so the job prints one error line."""
     environ = os.environ if environ is None else environ
     try:
         p = cluster_process(environ)
@@ -129,9 +137,8 @@ def _check_together(check: Callable, args) -> None:
 
 
 def run_in_cluster(p: ClusterProcess, main_func: Callable, args, *, check: Callable):
-    """Join the job's process group (NCCL when the config's device is CUDA, else gloo) as
-    detectron2's ``launch`` workers do, run ``check(args)`` once per machine
-    (:func:`dcnv2.engine.preflight.check_before_launch`), then ``main_func(args)``."""
+    """Join the job's process group (NCCL for a CUDA config, else gloo) as detectron2's
+    ``launch`` workers do, run ``check(args)`` once per machine, then ``main_func(args)``."""
     try:
         cfg = load_run_config(args.config_file, args.opts)
         on_gpu = torch.device(cfg_get(cfg, run_keys(cfg).device)).type == "cuda"
@@ -147,3 +154,28 @@ def run_in_cluster(p: ClusterProcess, main_func: Callable, args, *, check: Calla
         return main_func(args)
     finally:
         dist.destroy_process_group()
+
+
+def leave_report_to_main_process() -> None:
+    """Wait before exiting on a user error that every process finds: the main process prints it
+    meanwhile (an earlier exit could make the launcher stop it before it has printed)."""
+    time.sleep(5.0)
+
+
+def report_user_errors(prog: str, main_func: Callable, *args):
+    """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
+    ``<prog>: error: ...``, and the process exits with ``USER_ERROR_EXIT`` (the launcher then
+    stops the others). With one process it propagates to the caller, the launching process."""
+    try:
+        return main_func(*args)
+    except USER_ERRORS as e:
+        if comm.get_world_size() == 1:
+            raise
+        if not comm.is_main_process():
+            leave_report_to_main_process()
+            # Raised by every process together (they agree on it): the main one reports it.
+            if isinstance(e, TrainingInterrupted):
+                sys.exit(e.exit_status)
+            if isinstance(e, NonFiniteLossError) and not e.diverged:
+                sys.exit(USER_ERROR_EXIT)
+        sys.exit(report_user_error(prog, e))

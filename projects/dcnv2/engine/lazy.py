@@ -1,8 +1,5 @@
 """Training and evaluation from a LazyConfig (``.py``): detectron2's ``lazyconfig_train_net.py``
-loop with the YAML ``Trainer``'s reliability (safe weights, atomic checkpoints, non-finite-loss
-guard, preemption, AMP on any device). ``instantiate`` builds exactly what the config names; a
-:class:`~dcnv2.data.resumable.ResumableTrainLoader` resumes its data stream exactly.
-"""
+with the YAML ``Trainer``'s checkpointer, training loop, non-finite guard and preemption hook."""
 
 import logging
 from typing import Optional
@@ -15,7 +12,7 @@ from detectron2.utils import comm
 from ..checkpoint import build_checkpointer
 from ..config import LAZY_KEYS, cfg_get, load_config
 from ..data.resumable import ResumableTrainLoader
-from .eval_output import evaluated_weights, record_eval_weights
+from .eval_output import load_eval_weights
 from .evaluation import NothingDetectedWarning
 from .hooks import ResumableDataHook, quiet_user_error_tracebacks
 from .preemption import PreemptionHook
@@ -28,12 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def do_test(cfg, model) -> Optional[dict]:
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``.
-
-    Returns:
-        The evaluator's results (``{"bbox": {"AP": ...}, ...}``), or None when the config
-        has no evaluator.
-    """
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (the
+    results; None when the config has no evaluator)."""
     if "evaluator" not in cfg.dataloader:
         return None
     evaluator = DatasetEvaluators([NothingDetectedWarning(), instantiate(cfg.dataloader.evaluator)])
@@ -43,14 +36,9 @@ def do_test(cfg, model) -> Optional[dict]:
 
 
 def do_train(cfg, args) -> None:
-    """Train ``cfg.model`` for ``cfg.train.max_iter`` iterations.
-
-    Args:
-        cfg: a LazyConfig with ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier`` and
-            ``train`` (detectron2's ``common/train.py`` keys, plus the optional
-            ``max_nonfinite_skips`` and ``allow_unsafe_weights``).
-        args: the command line of ``train_net.py``; only ``args.resume`` is read.
-    """
+    """Train ``cfg.model`` for ``cfg.train.max_iter`` iterations (detectron2's
+    ``common/train.py`` keys, plus the optional ``train.max_nonfinite_skips`` and
+    ``train.allow_unsafe_weights``), resuming with ``args.resume``."""
     quiet_user_error_tracebacks()
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
@@ -80,30 +68,16 @@ def do_train(cfg, args) -> None:
         keys=LAZY_KEYS,
     )
     checkpointer = build_checkpointer(cfg, model, cfg.train.output_dir, trainer=trainer)
-    main_process = comm.is_main_process()
-    trainer.register_hooks(
-        [
-            data_hook,
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            (
-                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-                if main_process
-                else None
-            ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
-                )
-                if main_process
-                else None
-            ),
-            # Last, so a checkpoint written on SIGTERM holds the whole iteration.
-            PreemptionHook(checkpointer),
-        ]
-    )
+    periodic = writer = None
+    if comm.is_main_process():
+        periodic = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+        writers = default_writers(cfg.train.output_dir, cfg.train.max_iter)
+        writer = hooks.PeriodicWriter(writers, period=cfg.train.log_period)
+    lr_hook = hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier))
+    eval_hook = hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
+    hook_list = [data_hook, hooks.IterationTimer(), lr_hook, periodic, eval_hook, writer]
+    # The preemption hook last, so a checkpoint written on SIGTERM holds the whole iteration.
+    trainer.register_hooks(hook_list + [PreemptionHook(checkpointer)])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint stores the iteration that just finished: go on from the next one.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
@@ -114,9 +88,8 @@ def do_train(cfg, args) -> None:
 
 
 def main(args):
-    """``train_net.py``'s entry point for a ``.py`` config (``--eval-only``, ``--resume``), in
-    each process; the launching process has checked the config, devices and datasets
-    (:func:`dcnv2.engine.preflight.check_before_launch`)."""
+    """``train_net.py``'s entry point for a ``.py`` config, in each process (checked before by
+    :func:`dcnv2.engine.preflight.check_before_launch`)."""
     cfg = load_config(args.config_file, args.opts)
     setup_run(cfg, args)
     if not args.eval_only:
@@ -124,9 +97,5 @@ def main(args):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    checkpointer = build_checkpointer(cfg, model, cfg.train.output_dir)
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    if comm.is_main_process():
-        weights = evaluated_weights(checkpointer, cfg.train.init_checkpoint, args.resume)
-        record_eval_weights(cfg, weights)
+    load_eval_weights(cfg, model, args.resume)
     return do_test(cfg, model)

@@ -14,20 +14,8 @@ __all__ = ["Predictor"]
 
 class Predictor:
     """detectron2's ``DefaultPredictor`` with this package's test-time augmentation
-    (:func:`dcnv2.data.build_test_augmentation`: the resize of ``INPUT.DCNV2.RESIZE_BACKEND``,
-    MMDetection's with the ``configs/mmdet`` files) and safe weight loading
-    (:func:`dcnv2.checkpoint.build_checkpointer`).
-
-    Args:
-        cfg: a detectron2 config with the dcnv2 keys; ``MODEL.WEIGHTS`` is loaded.
-
-    Attributes:
-        model: the detector, in eval mode.
-        augmentation: the test-time augmentations, applied in order.
-        metadata: the first test dataset's metadata (when ``DATASETS.TEST`` names one).
-
-    Raises:
-        ResizeBackendError: a bad ``INPUT.DCNV2.RESIZE_BACKEND`` (before the model is built).
+    (:func:`dcnv2.data.build_test_augmentation`) and safe weight loading of ``MODEL.WEIGHTS``
+    (:func:`dcnv2.checkpoint.build_checkpointer`); ``metadata`` is the first test dataset's.
     """
 
     def __init__(self, cfg):
@@ -43,13 +31,8 @@ class Predictor:
         self.input_format = cfg.INPUT.FORMAT
 
     def __call__(self, original_image: np.ndarray) -> dict:
-        """
-        Args:
-            original_image: (H, W, 3) uint8 image in BGR order.
-
-        Returns:
-            dict: the model's output for this image (``instances`` in its coordinates).
-        """
+        """The model's output for ``original_image``, (H, W, 3) uint8 in BGR order (``instances``
+        in its coordinates)."""
         with torch.no_grad():
             if self.input_format == "RGB":
                 original_image = original_image[:, :, ::-1]

@@ -1,18 +1,16 @@
-"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file
-(each problem one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected),
-and the reporting of such errors from worker processes."""
+"""Checks ``train_net.py`` runs in the launching process, before any worker, model or output file;
+each problem is one :class:`~dcnv2.errors.DCNv2Error` saying what is wrong and what was expected."""
 
 import logging
 import os
-import sys
 import tempfile
-import time
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.utils import comm
+from detectron2.modeling import build_model
 
+from ..checkpoint import build_checkpointer
 from ..checkpoint.atomic import last_checkpoint_pointer
 from ..checkpoint.integrity import check_weights_file
 from ..config import (
@@ -30,44 +28,20 @@ from ..data import build_test_augmentation, check_datasets
 from ..data.coco import register_config_datasets
 from ..data.test_loader import check_test_images
 from ..data.validation import validate_datasets
-from ..errors import (
-    USER_ERROR_EXIT,
-    USER_ERRORS,
-    ConfigError,
-    ConfigFileNotFoundError,
-    LaunchError,
-    NonFiniteLossError,
-    OutputDirError,
-    TrainingInterrupted,
-    WeightsError,
-    report_user_error,
-)
+from ..errors import ConfigError, ConfigFileNotFoundError, LaunchError, OutputDirError, WeightsError
 from .eval_output import check_eval_results
 
-__all__ = [
-    "check_backend",
-    "check_batch_size",
-    "check_before_launch",
-    "check_devices",
-    "check_eval_weights",
-    "check_output_dir",
-    "check_weights",
-    "check_weights_fit",
-    "load_run_config",
-    "model_num_classes",
-    "preflight",
-    "report_user_errors",
-]
+__all__ = ["check_before_launch", "check_devices", "check_eval_weights", "check_weights"]
+__all__ += ["load_run_config", "preflight"]
 
 logger = logging.getLogger(__name__)
 
 
 def check_devices(device: str, num_gpus: int, keys: RunKeys = YAML_KEYS) -> None:
-    """``--num-gpus`` processes on ``device`` fit this machine (``keys.device`` names it).
+    """``--num-gpus`` processes on ``device`` (the value of ``keys.device``) fit this machine.
 
     Raises:
-        LaunchError: fewer than 1 process, a CUDA device without CUDA, or more processes than
-            visible GPUs.
+        LaunchError: fewer than 1 process, a bad device, or more CUDA processes than GPUs.
     """
     if num_gpus < 1:
         raise LaunchError(f"--num-gpus is {num_gpus}; expected at least 1 (processes per machine)")
@@ -75,97 +49,68 @@ def check_devices(device: str, num_gpus: int, keys: RunKeys = YAML_KEYS) -> None
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise LaunchError(
-            f"{key} is {device!r}; expected a torch device such as 'cuda' or 'cpu'"
-        ) from None
+        raise LaunchError(f"{key} is {device!r}; expected a torch device such as 'cuda'") from None
+    if kind != "cuda":
+        return
+    count = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     note = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
-    if kind == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise LaunchError(
-                f"{key} is {device!r} but no CUDA GPU is visible{note}. To train on the "
-                f"CPU add {key} cpu (--num-gpus then counts CPU processes)."
-            )
-        if num_gpus > count:
-            raise LaunchError(
-                f"--num-gpus {num_gpus} but this machine has {count} CUDA GPU(s){note}; expected "
-                f"--num-gpus <= {count}. Scale SOLVER.IMS_PER_BATCH and SOLVER.BASE_LR with the "
-                "number of GPUs (see the README)."
-            )
-    elif kind == "cpu" and num_gpus > (os.cpu_count() or 1):
-        logger.warning(
-            f"--num-gpus {num_gpus} CPU processes on {os.cpu_count()} cores: they will share them"
+    if count == 0:
+        raise LaunchError(
+            f"{key} is {device!r} but no CUDA GPU is visible{note}. To train on the "
+            f"CPU add {key} cpu (--num-gpus then counts CPU processes)."
+        )
+    if num_gpus > count:
+        raise LaunchError(
+            f"--num-gpus {num_gpus} but this machine has {count} CUDA GPU(s){note}; expected "
+            f"--num-gpus <= {count}. Scale SOLVER.IMS_PER_BATCH and SOLVER.BASE_LR with the "
+            "number of GPUs (see the README)."
         )
 
 
 def check_output_dir(output_dir: str, keys: RunKeys = YAML_KEYS) -> None:
     """``output_dir`` exists, or can be created, and a file can be created in it (by trying:
     permission bits do not tell for root, read-only mounts or quotas)."""
-    option = keys.output_dir
-    if not output_dir:
-        return
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir, prefix=".dcnv2_write_test_"):
             pass
     except OSError as e:
-        reason = e.strerror or str(e)
         raise OutputDirError(
-            f"{option} {os.path.abspath(output_dir)} is not writable ({reason}); expected a "
-            f"folder this user can create files in. Point {option} elsewhere."
+            f"{keys.output_dir} {os.path.abspath(output_dir)} is not writable "
+            f"({e.strerror or e}); expected a folder this user can create files in"
         ) from None
 
 
 def check_weights(weights: str, keys: RunKeys = YAML_KEYS) -> None:
-    """A local weights path names a file that can be a checkpoint (URLs are fetched later):
-    not a folder or device, readable, not empty, not text, not cut short
-    (:func:`dcnv2.checkpoint.integrity.check_weights_file`)."""
+    """A local weights path names a file that can be a checkpoint (URLs are fetched later)."""
     check_weights_file(weights, f"given by {keys.weights}", resuming=False)
 
 
 def check_weights_fit(cfg) -> None:
-    """Load ``MODEL.WEIGHTS`` into the config's model built on the CPU, as training will: a
-    truncated file, tensors of the wrong shape or a file that fits nothing raise
-    :class:`~dcnv2.errors.WeightsError` here, before the run writes anything."""
-    if not cfg.MODEL.WEIGHTS:
-        return
-    from detectron2.modeling import build_model
-
-    from ..checkpoint import build_checkpointer
-
+    """Load ``MODEL.WEIGHTS`` into the config's model built on the CPU, as training will:
+    tensors that do not fit raise :class:`~dcnv2.errors.WeightsError` before anything is written.
+    """
     cpu_cfg = cfg.clone()
     cpu_cfg.defrost()
     cpu_cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cpu_cfg)
-    build_checkpointer(cpu_cfg, model).load(cfg.MODEL.WEIGHTS)
+    build_checkpointer(cpu_cfg, build_model(cpu_cfg)).load(cfg.MODEL.WEIGHTS)
 
 
 def check_backend(cfg) -> None:
-    """``MODEL.DCNV2.BACKEND`` names a deformable-conv backend usable on ``MODEL.DEVICE``.
+    """``MODEL.DCNV2.BACKEND`` is a deformable-conv backend usable on ``MODEL.DEVICE``."""
+    from ..layers.backends import resolve_backend
 
-    Raises:
-        ConfigError: an unknown name (listing the valid ones), or one this machine cannot run.
-    """
-    from ..layers.backends import BACKEND_NAMES, resolve_backend
-
-    backend = cfg.MODEL.DCNV2.BACKEND
-    if backend not in BACKEND_NAMES:
-        raise ConfigError(
-            f"MODEL.DCNV2.BACKEND is {backend!r}; expected one of "
-            f"{', '.join(map(repr, BACKEND_NAMES))}"
-        )
-    if backend == "auto":
-        return  # a backend for every device
+    if cfg.MODEL.DCNV2.BACKEND == "auto":
+        return  # a backend for every device, chosen (and loaded) by the workers
     try:
-        resolve_backend(backend, torch.device(cfg.MODEL.DEVICE))
+        resolve_backend(cfg.MODEL.DCNV2.BACKEND, torch.device(cfg.MODEL.DEVICE))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"MODEL.DCNV2.BACKEND: {e}") from None
 
 
 def check_batch_size(cfg, keys: RunKeys, processes: int) -> None:
-    """The training batch (``SOLVER.IMS_PER_BATCH`` / ``dataloader.train.total_batch_size``)
-    splits evenly over ``processes`` (``--num-gpus`` x ``--num-machines``).
+    """The training batch splits evenly over ``processes`` (``--num-gpus`` x ``--num-machines``).
 
     Raises:
         LaunchError: it does not.
@@ -182,9 +127,7 @@ def check_batch_size(cfg, keys: RunKeys, processes: int) -> None:
 
 
 def model_num_classes(cfg, keys: RunKeys) -> Dict[str, int]:
-    """The model's class count(s) a dataset's categories must equal, by config key: the box
-    head's (``MODEL.ROI_HEADS.NUM_CLASSES``) or RetinaNet's (``MODEL.RETINANET.NUM_CLASSES``);
-    in a LazyConfig ``model.roi_heads.num_classes`` and ``model.num_classes`` where present."""
+    """The model's class count(s) a dataset's categories must equal, by config key."""
     if keys is YAML_KEYS:
         retina = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
         names = ["MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"]
@@ -195,8 +138,9 @@ def model_num_classes(cfg, keys: RunKeys) -> Dict[str, int]:
 
 
 def _resume_file(output_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` loads (``last_checkpoint`` names it), or None."""
     pointer = last_checkpoint_pointer(output_dir)
-    if not os.path.isfile(pointer):
+    if not output_dir or not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
         return os.path.join(output_dir, f.read().strip())
@@ -212,55 +156,46 @@ def preflight(
     opts=(),
     force: bool = False,
 ) -> None:
-    """Every check above, cheapest first, in the launching process, for a YAML config or a
-    LazyConfig (:func:`load_run_config`); the datasets are checked (and the synthetic ones
-    generated) here only. The keyword arguments are ``train_net.py``'s options (``opts``: its
-    overrides); with ``eval_only`` the training sets are not read and trained weights are
-    required (:func:`check_eval_weights`); with ``resume`` the checkpoint ``last_checkpoint``
-    names, if any, replaces the initial weights."""
+    """Every check above, cheapest first, for a YAML config or a LazyConfig
+    (:func:`load_run_config`) and ``train_net.py``'s options (``opts``: its overrides). The
+    datasets are checked (and the synthetic ones generated) here only."""
     keys = run_keys(cfg)
+    yaml = isinstance(cfg, CfgNode)
     if not eval_only:
         check_solver(cfg)
-    if isinstance(cfg, CfgNode):
+    if yaml:
         build_test_augmentation(cfg)  # INPUT.DCNV2.RESIZE_BACKEND known, OpenCV there if named
     train, test = datasets_used(cfg)
-    if eval_only:
-        train = ()
     output_dir = cfg_get(cfg, keys.output_dir, "")
     check_devices(cfg_get(cfg, keys.device), num_gpus, keys)
-    if isinstance(cfg, CfgNode):
+    if yaml:
         check_backend(cfg)
     if not eval_only:
         check_batch_size(cfg, keys, num_gpus * num_machines)
-    resume_file = _resume_file(output_dir) if resume and output_dir else None
+    resume_file = _resume_file(output_dir) if resume else None
     if resume_file is not None:
         pointer = last_checkpoint_pointer(output_dir)
-        if not os.path.exists(resume_file):
-            raise WeightsError(
-                f"--resume: {pointer} names {resume_file}, "
-                "which does not exist; restore it, or start without --resume"
-            )
         check_weights_file(resume_file, f"named by {pointer} (--resume)", resuming=True)
     else:
         if eval_only:
-            check_eval_weights(cfg, opts, resume=False)
+            check_eval_weights(cfg, opts)
         check_weights(cfg_get(cfg, keys.weights, ""), keys)
     if eval_only:
-        evaluated = resume_file or cfg_get(cfg, keys.weights, "") or ""
-        check_eval_results(cfg, evaluated, force=force)
+        train = ()
+        check_eval_results(cfg, resume_file or cfg_get(cfg, keys.weights, "") or "", force=force)
     check_datasets(test + train)
     on_bad_data = cfg_get(cfg, keys.on_bad_data, "fail")
     validate_datasets(train, test, on_bad_data, num_classes=model_num_classes(cfg, keys))
     check_test_images(test, on_bad_data)  # read by evaluation, after training or instead of it
-    check_output_dir(output_dir, keys)
-    if resume_file is None and isinstance(cfg, CfgNode):
+    if output_dir:
+        check_output_dir(output_dir, keys)
+    if resume_file is None and yaml and cfg.MODEL.WEIGHTS:
         check_weights_fit(cfg)
 
 
 def load_run_config(config_file: str, opts):
-    """The config ``train_net.py``'s command line names: a YAML config (``CfgNode``) or a
-    LazyConfig, with the command line's overrides; the COCO datasets it names
-    (:mod:`dcnv2.data.coco`) are registered."""
+    """The YAML config (``CfgNode``) or LazyConfig ``train_net.py``'s command line names, with
+    its overrides; the COCO datasets it names (:mod:`dcnv2.data.coco`) are registered."""
     if not is_lazy_config(config_file):
         cfg = get_cfg(config_file, opts)
     else:
@@ -272,47 +207,24 @@ def load_run_config(config_file: str, opts):
     return cfg
 
 
-def _weights_on_command_line(opts, keys: RunKeys) -> Optional[str]:
-    """The weights the command line's overrides set (the last one wins), or None."""
-    found = None
-    if keys.weights == YAML_KEYS.weights:
-        for key, value in zip(opts[::2], opts[1::2]):
-            if key == keys.weights:
-                found = value
-        return found
-    for opt in opts:
-        key, sep, value = opt.partition("=")
-        if sep and key.strip().lstrip("+") == keys.weights:
-            found = value.strip().strip("'\"")
-    return found
-
-
-def check_eval_weights(cfg, opts, *, resume: bool) -> None:
+def check_eval_weights(cfg, opts) -> None:
     """``--eval-only`` evaluates trained weights: with none (``MODEL.WEIGHTS`` empty, or an
-    ImageNet backbone as the configs' default) it refuses, unless the command line itself sets
-    ``MODEL.WEIGHTS ""`` (``train.init_checkpoint=""``); then a random model is evaluated, with
-    a warning.
-
-    Args:
-        cfg: the run's config (:func:`load_run_config`).
-        opts: the command line's overrides.
-        resume: ``--resume`` with a ``last_checkpoint`` in the output folder loads that instead.
-
-    Raises:
-        WeightsError: no trained weights, and no explicit empty ``MODEL.WEIGHTS``.
-    """
+    ImageNet backbone as the configs' default) it refuses, unless the command line (``opts``)
+    sets the weights itself (:class:`~dcnv2.errors.WeightsError`); set empty there, a random
+    model is evaluated, with a warning."""
     keys = run_keys(cfg)
-    output_dir = cfg_get(cfg, keys.output_dir, "")
-    if resume and output_dir and _resume_file(output_dir) is not None:
-        return
     weights = cfg_get(cfg, keys.weights, "") or ""
-    given = _weights_on_command_line(list(opts), keys)
-    if given is not None and not given:
-        logger.warning(
-            f"--eval-only with {keys.weights} empty: evaluating a randomly initialised model"
-        )
+    if keys is YAML_KEYS:
+        given = list(opts)[::2]
+    else:
+        given = [opt.partition("=")[0].strip().lstrip("+") for opt in opts]
+    if keys.weights in given:
+        if not weights:
+            logger.warning(
+                f"--eval-only with {keys.weights} empty: evaluating a randomly initialised model"
+            )
         return
-    if given is None and (not weights or "imagenetpretrained" in weights.lower()):
+    if not weights or "imagenetpretrained" in weights.lower():
         what = f"is {weights}, ImageNet backbone weights" if weights else "is empty"
         raise WeightsError(
             f"--eval-only but {keys.weights} {what}: there is no trained detector to evaluate. "
@@ -324,9 +236,8 @@ def check_eval_weights(cfg, opts, *, resume: bool) -> None:
 
 def check_before_launch(args) -> None:
     """:func:`preflight` for ``train_net.py``'s command line."""
-    cfg = load_run_config(args.config_file, args.opts)
     preflight(
-        cfg,
+        load_run_config(args.config_file, args.opts),
         num_gpus=args.num_gpus,
         resume=args.resume,
         eval_only=args.eval_only,
@@ -334,37 +245,3 @@ def check_before_launch(args) -> None:
         opts=args.opts,
         force=getattr(args, "force", False),
     )
-
-
-# How long a process other than the main one waits before it exits on a user error that every
-# process of a run finds: the main process prints the error meanwhile, and its exit makes the
-# launcher stop this one (an earlier exit could make the launcher stop the main process before
-# it has printed anything).
-REPORT_GRACE_S = 5.0
-
-
-def leave_report_to_main_process() -> None:
-    """Wait :data:`REPORT_GRACE_S`, in a process that leaves a user error's report to the main
-    process (see :func:`report_user_errors`)."""
-    time.sleep(REPORT_GRACE_S)
-
-
-def report_user_errors(prog: str, main_func: Callable, *args):
-    """``main_func(*args)`` in a worker process of ``launch``: a user error is printed once, as
-    ``<prog>: error: ...`` (:func:`dcnv2.errors.report_user_error`), and the process exits with
-    status ``USER_ERROR_EXIT`` (the launcher then stops the others). With one process it
-    propagates to the caller, the launching process."""
-    try:
-        return main_func(*args)
-    except USER_ERRORS as e:
-        if comm.get_world_size() == 1:
-            raise
-        if not comm.is_main_process():
-            # Most such errors happen on every process: leave the report to the main one.
-            leave_report_to_main_process()
-            # Raised by every process together (they agree on it): the main one reports it.
-            if isinstance(e, TrainingInterrupted):
-                sys.exit(e.exit_status)
-            if isinstance(e, NonFiniteLossError) and not e.diverged:
-                sys.exit(USER_ERROR_EXIT)
-        sys.exit(report_user_error(prog, e))

@@ -1,9 +1,9 @@
-"""``setup_run``: detectron2's ``default_setup`` (logger, config backup, seeds) for YAML configs and
-LazyConfigs, saving an eval-only run's config as ``config_eval.yaml`` and logging a shipped config
-given by name. detectron2 built with CUDA 13's nvcc crashes in ``collect_env_info``: with its CUDA
-ops loaded, the environment report comes from a child process, or is one warning line.
-"""
+"""``setup_run``: detectron2's ``default_setup`` for YAML configs and LazyConfigs, except that an
+eval-only run saves its config as ``config_eval.yaml``, a shipped config given by name is logged,
+and with detectron2's CUDA ops loaded the environment report comes from a child process
+(detectron2 built with CUDA 13's nvcc crashes in ``collect_env_info``)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,13 +28,7 @@ ENV_SCRIPT = "from detectron2.utils.collect_env import collect_env_info; print(c
 
 
 def _detectron2_cuda_ops_loaded() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from detectron2 import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return torch.cuda.is_available() and importlib.util.find_spec("detectron2._C") is not None
 
 
 def environment_info(timeout: float = 300.0) -> str:
@@ -62,37 +56,32 @@ def environment_info(timeout: float = 300.0) -> str:
 
 
 def setup_run(cfg, args) -> None:
-    """Register the config's COCO datasets (in every process), then what detectron2's
-    ``default_setup`` does: output folder, loggers, environment and command line logged, the
-    config saved by the main process (``config.yaml``, or :data:`.eval_output.EVAL_CONFIG` for
-    ``--eval-only``), seeds (``SEED`` / ``train.seed`` plus the rank), cuDNN benchmarking.
-
-    Args:
-        cfg: a YAML ``CfgNode`` or a LazyConfig.
-        args: the parsed ``train_net.py`` command line.
-    """
+    """Register the COCO datasets of ``cfg`` (YAML or LazyConfig) in every process, then do what
+    ``default_setup`` does for ``train_net.py``'s parsed ``args``: output folder, loggers,
+    environment and command line logged, config saved, seeds plus the rank, cuDNN benchmarking."""
     register_config_datasets(cfg)
     keys = run_keys(cfg)
     output_dir = cfg_get(cfg, keys.output_dir)
-    if comm.is_main_process() and output_dir:
+    eval_only = getattr(args, "eval_only", False)
+    writes = comm.is_main_process() and output_dir
+    if writes:
         PathManager.mkdirs(output_dir)
     rank = comm.get_rank()
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     logger = setup_logger(output_dir, distributed_rank=rank)
     logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
     info = environment_info()
-    log = logger.warning if info.startswith("unavailable") else logger.info
-    log("Environment info:\n" + info)
+    (logger.warning if info.startswith("unavailable") else logger.info)(
+        "Environment info:\n" + info
+    )
     logger.info(f"Command line arguments: {args}")
     if getattr(args, "config_file", ""):
-        # A name of a shipped config is resolved as the config was (dcnv2.get_cfg).
-        path = resolve_config_file(args.config_file)
+        path = resolve_config_file(args.config_file)  # a shipped config's name, as get_cfg does
         with PathManager.open(path, "r") as f:
             logger.info(f"Contents of args.config_file={args.config_file} ({path}):\n{f.read()}")
-    if comm.is_main_process() and output_dir:
+    if writes:
         # An eval-only run keeps the training run's config.yaml, which the tools read.
-        name = EVAL_CONFIG if getattr(args, "eval_only", False) else "config.yaml"
-        path = os.path.join(output_dir, name)
+        path = os.path.join(output_dir, EVAL_CONFIG if eval_only else "config.yaml")
         if isinstance(cfg, CfgNode):
             logger.info(f"Running with full config:\n{cfg.dump()}")
             with PathManager.open(path, "w") as f:
@@ -102,6 +91,5 @@ def setup_run(cfg, args) -> None:
         logger.info(f"Full config saved to {path}")
     seed = cfg_get(cfg, keys.seed, -1)
     seed_all_rng(None if seed is None or seed < 0 else seed + rank)
-    if not getattr(args, "eval_only", False):
-        benchmark = cfg_get(cfg, keys.cudnn_benchmark, False)
-        torch.backends.cudnn.benchmark = benchmark
+    if not eval_only:
+        torch.backends.cudnn.benchmark = cfg_get(cfg, keys.cudnn_benchmark, False)

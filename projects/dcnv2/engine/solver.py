@@ -1,7 +1,6 @@
-"""detectron2's SGD with its own learning rate for the offset convs (``conv2_offset`` in every
-deformable block): ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER`` (the DCNv2 paper 0.1, MMDetection's
-``dcn_offset_lr_mult`` and detectron2 1.0, as the shipped configs), applied through
-``get_default_optimizer_params(lr_factor_func=...)``, so every other rule stays detectron2's."""
+"""detectron2's SGD with ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER`` as the learning-rate factor of the
+offset convs (the DCNv2 paper 0.1; MMDetection and detectron2 1.0, as the shipped configs), through
+``get_default_optimizer_params(lr_factor_func=...)``."""
 
 import functools
 from typing import Callable
@@ -11,8 +10,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 __all__ = ["OFFSET_PARAM_KEY", "offset_lr_factor_func", "build_optimizer"]
 
-# Name of the offset/mask-predicting conv in DCNv2BottleneckBlock (and detectron2's
-# DeformBottleneckBlock); a parameter is an offset parameter when this is one of its name parts.
+# The offset/mask conv of DCNv2BottleneckBlock (and detectron2's DeformBottleneckBlock).
 OFFSET_PARAM_KEY = "conv2_offset"
 
 
@@ -21,18 +19,9 @@ def _offset_lr_factor(name: str, multiplier: float) -> float:
 
 
 def offset_lr_factor_func(multiplier: float) -> Callable[[str], float]:
-    """An ``lr_factor_func`` for detectron2's ``get_default_optimizer_params``.
-
-    Usable in a LazyConfig: ``optimizer.params.lr_factor_func =
-    L(offset_lr_factor_func)(multiplier=0.1)`` (``optimizer.params.base_lr`` must be set).
-
-    Args:
-        multiplier: learning-rate factor of ``*conv2_offset*`` parameters (>= 0).
-
-    Returns:
-        A function of a full parameter name (``"backbone.bottom_up.res3.0.conv2_offset.weight"``)
-        returning ``multiplier`` for offset parameters and 1.0 for every other one.
-    """
+    """An ``lr_factor_func`` for ``get_default_optimizer_params``: ``multiplier`` (>= 0) for the
+    parameters of ``conv2_offset`` modules, 1.0 for every other one. In a LazyConfig:
+    ``optimizer.params.lr_factor_func = L(offset_lr_factor_func)(multiplier=0.1)``."""
     multiplier = float(multiplier)
     if not multiplier >= 0:  # also rejects NaN
         raise ValueError(
@@ -43,13 +32,8 @@ def offset_lr_factor_func(multiplier: float) -> Callable[[str], float]:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """detectron2's SGD from ``cfg.SOLVER``, with ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER`` applied.
-
-    Same optimizer as ``detectron2.solver.build_optimizer`` (momentum, nesterov, weight decay,
-    ``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``, gradient clipping); with
-    the default multiplier 1.0 the parameter groups are exactly detectron2's. If
-    ``BIAS_LR_FACTOR`` is not 1, it sets the lr of every bias, offset-conv biases included.
-    """
+    """``detectron2.solver.build_optimizer``'s SGD with ``MODEL.DCNV2.OFFSET_LR_MULTIPLIER``
+    applied (a ``BIAS_LR_FACTOR`` other than 1 sets the lr of every bias, offsets' included)."""
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,

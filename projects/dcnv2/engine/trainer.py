@@ -11,11 +11,11 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
-from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import build_checkpointer
-from ..config import YAML_KEYS, RunKeys, cfg_get
+from ..config import YAML_KEYS, RunKeys
 from ..data import build_test_augmentation
 from ..data.mapper import DatasetMapper
 from ..data.resumable import build_resumable_train_loader
@@ -29,15 +29,10 @@ from .solver import build_optimizer
 
 __all__ = ["Trainer", "build_training_loop", "create_ddp_model", "explain_nonfinite_stop"]
 
-logger = logging.getLogger(__name__)
-
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    """detectron2's ``create_ddp_model`` that also accepts CPU models.
-
-    detectron2 always passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
-    for a module whose parameters are on the CPU (multi-process CPU training with gloo).
-    """
+    """detectron2's ``create_ddp_model`` that also accepts CPU models (DDP rejects the
+    ``device_ids=[local_rank]`` detectron2 passes for them)."""
     if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
         kwargs["device_ids"] = None
     return d2_create_ddp_model(model, **kwargs)
@@ -53,13 +48,8 @@ def build_training_loop(
     keys: RunKeys = YAML_KEYS,
 ) -> SimpleTrainer:
     """The training loop of the YAML :class:`Trainer`, the LazyConfig loop and the benchmarks:
-    detectron2's ``SimpleTrainer``, or with ``amp`` the mixed-precision loop for the model's
-    device (:func:`~dcnv2.engine.amp.amp_trainer`), over any iterable of batches, with a
-    :class:`~dcnv2.engine.hooks.NonFiniteGuard` (none when ``max_nonfinite_skips`` is None:
-    nothing checked or synchronised per step; ``keys`` name the config keys in its messages).
-    Run it with ``loop.train(start_iter, max_iter)``, or ``loop.run_step()`` in an
-    ``EventStorage``.
-    """
+    detectron2's ``SimpleTrainer`` (with ``amp``: :func:`~dcnv2.engine.amp.amp_trainer`) with a
+    :class:`~dcnv2.engine.hooks.NonFiniteGuard`, none when ``max_nonfinite_skips`` is None."""
     loop = (amp_trainer if amp else SimpleTrainer)(model, data_loader, optimizer)
     if max_nonfinite_skips is not None:
         loop.register_hooks([NonFiniteGuard(model, max_nonfinite_skips, keys)])
@@ -69,11 +59,9 @@ def build_training_loop(
 def explain_nonfinite_stop(
     error: FloatingPointError, checkpointer, keys: RunKeys = YAML_KEYS, iteration: int = -1
 ) -> NonFiniteLossError:
-    """A :class:`~dcnv2.errors.NonFiniteLossError` for a run stopped by ``error``, saying what the
-    run left behind: the last checkpoint to ``--resume`` from (and whether it may hold diverged
-    weights), or that none was written. A ``FloatingPointError`` of detectron2's (its RPN finds
-    non-finite predictions in the forward pass of ``iteration``) means the weights diverged in an
-    earlier update whose loss was still finite."""
+    """A :class:`~dcnv2.errors.NonFiniteLossError` for a run stopped by ``error`` that names the
+    last checkpoint to ``--resume`` from. detectron2's own ``FloatingPointError`` (non-finite RPN
+    predictions in the forward pass of ``iteration``) means the weights diverged earlier."""
     if not isinstance(error, NonFiniteLossError):
         error = NonFiniteLossError(
             f"The model's outputs became non-finite at iteration {iteration} ({error}): the "
@@ -95,11 +83,8 @@ def explain_nonfinite_stop(
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` for dcnv2 models: COCO evaluation over the evaluated images, DDP on CPU
-    too, mixed precision on any device, the offset-conv learning rate, safe weight loading and
-    atomic checkpoints, exact resume (:class:`~dcnv2.engine.hooks.ResumableDataHook`), the
-    non-finite guard (``SOLVER.DCNV2.MAX_NONFINITE_SKIPS``), a clean stop with a checkpoint on
-    SIGTERM/SIGINT, and ``DATASETS.DCNV2.ON_BAD_DATA`` in training and evaluation."""
+    """``DefaultTrainer`` with dcnv2's training loop, checkpointer, data loaders, optimizer and
+    evaluator, exact resume, and a clean stop with a checkpoint on SIGTERM/SIGINT."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, written out with dcnv2's DDP wrapper, training loop and
@@ -116,16 +101,11 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
 
         model = create_ddp_model(model, broadcast_buffers=False)
+        skips = cfg.SOLVER.DCNV2.MAX_NONFINITE_SKIPS
         self._trainer = build_training_loop(
-            model,
-            data_loader,
-            optimizer,
-            amp=cfg.SOLVER.AMP.ENABLED,
-            max_nonfinite_skips=cfg_get(cfg, YAML_KEYS.max_nonfinite_skips, 0),
-            keys=YAML_KEYS,
+            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, max_nonfinite_skips=skips
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        # Checkpoints are saved with the logs and statistics, in OUTPUT_DIR.
         self.checkpointer = build_checkpointer(
             cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
@@ -157,23 +137,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
-        """detectron2's test loader of ``dataset_name`` with ``DATASETS.DCNV2.ON_BAD_DATA``'s
-        handling of bad images (:mod:`dcnv2.data.test_loader`)."""
+        """detectron2's test loader with ``DATASETS.DCNV2.ON_BAD_DATA``'s handling of bad images."""
         mode = cfg.DATASETS.DCNV2.ON_BAD_DATA
         proposal_file = None
         if cfg.MODEL.LOAD_PROPOSALS:
-            proposal_file = cfg.DATASETS.PROPOSAL_FILES_TEST[
-                list(cfg.DATASETS.TEST).index(dataset_name)
-            ]
+            index = list(cfg.DATASETS.TEST).index(dataset_name)
+            proposal_file = cfg.DATASETS.PROPOSAL_FILES_TEST[index]
         dicts = load_test_dicts(dataset_name, mode, proposal_file=proposal_file)
-        # The resize of INPUT.DCNV2.RESIZE_BACKEND (MMDetection's with the configs/mmdet files).
         mapper = DatasetMapper(cfg, False, augmentations=build_test_augmentation(cfg))
+        workers = cfg.DATALOADER.NUM_WORKERS
         return build_checked_test_loader(
-            dicts,
-            mapper,
-            dataset_name=dataset_name,
-            mode=mode,
-            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            dicts, mapper, dataset_name=dataset_name, mode=mode, num_workers=workers
         )
 
     @classmethod
@@ -181,9 +155,7 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_evaluator(
-        cls, cfg, dataset_name: str, output_folder: Optional[str] = None
-    ) -> DatasetEvaluator:
+    def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
