@@ -314,7 +314,7 @@ def test_resume_with_a_dangling_pointer(rel, train_net, tiny_dataset, output_dir
     pointer = output_dir / "last_checkpoint"
     assert (
         f"Weights file {output_dir / 'model_0000009.pth'} (named by {pointer} (--resume)) does "
-        "not exist; the run that wrote the pointer may have been moved"
+        "not exist; restore it, or start without --resume"
     ) in message
     assert _snapshot(output_dir) == before
 

@@ -9,6 +9,7 @@ from typing import Dict, List, Sequence
 import torch
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
+from torch import nn
 
 from ..errors import UserInputError
 from ..layers.mdpool import deform_roi_align
@@ -34,19 +35,28 @@ def random_boxes(num: int, height: int, width: int, seed: int = 0) -> torch.Tens
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
-class FixedOffsetPooler(DeformableROIPooler):
-    """The mdpool op alone: ``deform_roi_align`` with given offsets (one row per RoI of the
-    level) at every level; the parent's offset branches go unused."""
+class FixedOffsetLevel(nn.Module):
+    """The mdpool op alone at one pyramid level: ``deform_roi_align`` with given offsets (one
+    row per RoI of the level)."""
 
-    def __init__(self, offsets: List[torch.Tensor], impl: str):
-        super().__init__(7, SCALES, 0, in_channels=1, fc_dim=1)
-        self.offsets, self.impl = offsets, impl
+    def __init__(self, offset: torch.Tensor, scale: float, impl: str):
+        super().__init__()
+        self.offset, self.scale, self.impl = offset, scale, impl
 
-    def _pool(self, level: int, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        offset, scale = self.offsets[level], SCALES[level]
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         return deform_roi_align(
-            features, rois, offset, output_size=7, spatial_scale=scale, impl=self.impl
+            features, rois, self.offset, output_size=7, spatial_scale=self.scale, impl=self.impl
         )
+
+
+def fixed_offset_pooler(offsets: List[torch.Tensor], impl: str) -> ROIPooler:
+    """detectron2's ROIPooler (level assignment, output layout) with the mdpool op at every
+    level."""
+    pooler = ROIPooler(7, SCALES, 0, "ROIAlignV2")
+    pooler.level_poolers = nn.ModuleList(
+        FixedOffsetLevel(o, s, impl) for o, s in zip(offsets, SCALES)
+    )
+    return pooler
 
 
 def benchmark_mdpool(
@@ -84,8 +94,8 @@ def benchmark_mdpool(
     leaves = [t.requires_grad_() for t in maps + offsets]
     poolers = {
         "ROIAlignV2": ROIPooler(7, SCALES, 0, "ROIAlignV2"),
-        "mdpool op (torch)": FixedOffsetPooler(offsets, "torch"),
-        "mdpool op (cpp)": FixedOffsetPooler(offsets, "cpp"),
+        "mdpool op (torch)": fixed_offset_pooler(offsets, "torch"),
+        "mdpool op (cpp)": fixed_offset_pooler(offsets, "cpp"),
         "mdpool layer (cpp)": layer,
     }
     workers = {}
