@@ -112,7 +112,7 @@ def is_lazy_config(config_file: str) -> bool:
 def load_config(config_file: str, opts: Sequence[str] = ()):
     """Load a LazyConfig file (a path or a name under ``configs/``), apply ``key=value`` opts."""
     if not is_lazy_config(config_file):
-        raise ValueError(f"{config_file!r} is not a LazyConfig file: expected a .py file")
+        raise ConfigError(f"{config_file!r} is not a LazyConfig file: expected a .py file")
     cfg = LazyConfig.load(resolve_config_file(config_file))
     return LazyConfig.apply_overrides(cfg, check_override_keys(cfg, opts))
 
